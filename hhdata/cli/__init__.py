@@ -1,0 +1,45 @@
+"""The `hhdata` command: one entry point, one module per group of verbs.
+
+Each module in COMMAND_MODULES has `register(subparsers)`, which adds its verbs and sets
+`func` on each parser; `func(args)` returns the exit code: 0 ok, 1 the data has problems
+(reported), 2 usage or I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hhdata import __version__
+from hhdata.errors import HhDataError
+
+COMMAND_MODULES = ("hhdata.cli.data",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hhdata",
+        description="Validate, deduplicate, release and load human preference data (HH-RLHF).",
+    )
+    parser.add_argument("--version", action="version", version=f"hhdata {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HhDataError as error:
+        print(f"hhdata {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
