@@ -1,0 +1,278 @@
+"""Build a release directory from kept pair rows: Parquet per subset and split, plus metadata.
+
+```
+<out>/<version>/
+  README.md        dataset card (YAML configs + dataset_info), rendered by hhdata.card
+  manifest.json    hhdata.manifest; checksums of every data file
+  CHANGELOG.md     hhdata.diff against the previous release
+  croissant.json   hhdata.croissant
+  lengths.png      length distribution shown in the card
+  data/<subset>/<split>-00000-of-00001.parquet
+```
+
+Byte-reproducible: rows keep their input order inside each (subset, split) file, files are
+written with the pinned ParquetSettings, and nothing depends on the clock. The directory
+is assembled under a hidden staging name and renamed into place only when complete, so a
+crash never leaves a half-built version, and an existing version is never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import hhdata
+from hhdata import card, croissant, diff
+from hhdata.errors import ReleaseError, VersionError
+from hhdata.manifest import (
+    MANIFEST_VERSION,
+    PAIR_SCHEMA_VERSION,
+    file_entry,
+    flag_counts,
+    length_stats,
+    write_manifest,
+)
+from hhdata.schema import HARMLESS, HELPFUL, PAIR_SCHEMA
+
+PLOT_NAME = "lengths.png"
+DEFAULT_NAME = "hh-rlhf"
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class ParquetSettings:
+    """Pinned Parquet writer settings; they go into the manifest.
+
+    Chosen by measurement (bench/release_build.md): zstd level 3 is ~40% smaller than
+    snappy at a similar write time; row groups of 10,000 rows (~25 MB of text) let the Hub
+    viewer page without reading a whole file; content-defined chunking keeps page
+    boundaries where they were when rows are added, so a new version re-uploads only the
+    pages that changed (Xet deduplicates the rest).
+    """
+
+    compression: str = "zstd"
+    compression_level: int = 3
+    row_group_size: int = 10_000
+    data_page_size: int = 1 << 20
+    write_page_index: bool = True
+    use_content_defined_chunking: bool = True
+    cdc_min_chunk_size: int = 256 * 1024
+    cdc_max_chunk_size: int = 1024 * 1024
+    cdc_norm_level: int = 0
+
+    def write_options(self) -> dict:
+        """Keyword arguments for pyarrow.parquet.write_table."""
+        cdc = False
+        if self.use_content_defined_chunking:
+            cdc = {
+                "min_chunk_size": self.cdc_min_chunk_size,
+                "max_chunk_size": self.cdc_max_chunk_size,
+                "norm_level": self.cdc_norm_level,
+            }
+        return {
+            "compression": self.compression,
+            "compression_level": self.compression_level,
+            "row_group_size": self.row_group_size,
+            "data_page_size": self.data_page_size,
+            "write_page_index": self.write_page_index,
+            "use_content_defined_chunking": cdc,
+            "write_statistics": True,
+            "version": "2.6",
+        }
+
+
+@dataclass(frozen=True)
+class Release:
+    """A built release: its directory, manifest, and the diff against the previous one."""
+
+    path: Path
+    manifest: dict
+    diff: diff.ReleaseDiff | None
+
+
+def data_file(subset: str, split: str) -> str:
+    """Relative path of the Parquet file of one subset and split."""
+    return f"data/{subset}/{split}-00000-of-00001.parquet"
+
+
+def write_release(
+    pairs: pa.Table,
+    out: str | Path,
+    version: str,
+    *,
+    sources: list[dict],
+    accounting: dict,
+    settings: dict,
+    previous: str | Path | None = None,
+    allow_version_mismatch: bool = False,
+    parquet: ParquetSettings = ParquetSettings(),
+    name: str = DEFAULT_NAME,
+) -> Release:
+    """Write ``<out>/<version>/`` from kept pair rows and return it.
+
+    ``pairs`` holds canonical pair rows (extra columns such as ``cluster_id`` are dropped);
+    ``sources`` lists the raw files read (path, sha256, bytes), ``accounting`` the row
+    counts by fate (see hhdata.pipeline), ``settings`` the pipeline settings. With
+    ``previous`` (the directory of the last version) the change is classified and a version
+    number that contradicts it raises VersionError unless ``allow_version_mismatch``.
+    """
+    diff.parse_version(version)
+    final = Path(out) / version
+    if final.exists():
+        raise VersionError(
+            f"{final} already exists and versions are immutable; pick the next version "
+            "number, or delete that directory if it was never published"
+        )
+    staging = Path(out) / f".{version}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        manifest, change = _build(pairs, staging, version, sources, accounting, settings,
+                                  previous, allow_version_mismatch, parquet, name)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Release(final, manifest, change)
+
+
+def _build(pairs, staging, version, sources, accounting, settings, previous,
+           allow_version_mismatch, parquet, name):
+    rows = canonical_rows(pairs)
+    files = write_data_files(rows, staging, parquet)
+    files[PLOT_NAME] = _plot(rows, staging)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "name": name,
+        "version": version,
+        "schema_version": PAIR_SCHEMA_VERSION,
+        "tool": {"name": "hhdata", "version": hhdata.__version__, "pyarrow": pa.__version__},
+        "sources": sorted(sources, key=lambda source: source["path"]),
+        "subsets": subset_families(rows),
+        "configs": config_views(rows),
+        "accounting": accounting,
+        "flags": flag_counts(rows),
+        "lengths": length_stats(rows),
+        "settings": {**settings, "parquet": dataclasses.asdict(parquet)},
+        "files": files,
+        "previous": None,
+    }
+    change = None
+    history = ""
+    if previous is not None:
+        change = diff.diff_releases(previous, staging, new_manifest=manifest)
+        manifest["previous"] = diff.check_version(change, allow_version_mismatch)
+        history = diff.read_changelog_entries(previous)
+    write_manifest(staging, manifest)
+    (staging / "CHANGELOG.md").write_text(diff.changelog(manifest, change, history), "utf-8")
+    croissant.write_croissant(staging, manifest)
+    (staging / "README.md").write_text(card.render_card(manifest), encoding="utf-8")
+    return manifest, change
+
+
+def canonical_rows(pairs: pa.Table) -> pa.Table:
+    """The PAIR_SCHEMA columns of a table, in schema order; raises ReleaseError if any is missing."""
+    missing = [column for column in PAIR_SCHEMA.names if column not in pairs.column_names]
+    if missing:
+        raise ReleaseError(
+            f"the pair table lacks columns {missing}; build it with hhdata.pairs.build_pairs "
+            "so every row follows hhdata.schema.PAIR_SCHEMA"
+        )
+    return pairs.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+
+
+def subset_families(rows: pa.Table) -> dict[str, str]:
+    """Each subset in the table and its family, subsets in alphabetical order."""
+    pairs = rows.group_by(["subset", "family"]).aggregate([]).to_pylist()
+    families: dict[str, str] = {}
+    for pair in sorted(pairs, key=lambda p: p["subset"]):
+        if pair["subset"] in families:
+            raise ReleaseError(
+                f"subset {pair['subset']!r} has rows in both families; a subset belongs "
+                "to one family (declare it once when reading a new batch)"
+            )
+        families[pair["subset"]] = pair["family"]
+    return families
+
+
+def write_data_files(rows: pa.Table, root: Path, parquet: ParquetSettings) -> dict[str, dict]:
+    """Write one Parquet file per (subset, split), rows in input order; returns file entries."""
+    files = {}
+    options = parquet.write_options()
+    for subset, split in _subset_splits(rows):
+        mask = pc.and_(pc.equal(rows["subset"], subset), pc.equal(rows["split"], split))
+        part = rows.filter(mask)
+        relative = data_file(subset, split)
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part, root / relative, **options)
+        files[relative] = file_entry(root, relative, part)
+    return files
+
+
+def _subset_splits(rows: pa.Table) -> list[tuple[str, str]]:
+    keys = rows.group_by(["subset", "split"]).aggregate([]).to_pylist()
+    return sorted((key["subset"], key["split"]) for key in keys)
+
+
+def config_views(rows: pa.Table) -> dict[str, dict]:
+    """Configs as views over the subset files: all (default), helpful, harmless, each subset."""
+    families = subset_families(rows)
+    members = {ALL: sorted(families)}
+    for family in (HELPFUL, HARMLESS):
+        chosen = [subset for subset, f in families.items() if f == family]
+        if chosen:
+            members[family] = chosen
+    for subset in families:
+        members[subset] = [subset]
+    counts = {(k["subset"], k["split"]): k["id_count"]
+              for k in rows.group_by(["subset", "split"]).aggregate([("id", "count")]).to_pylist()}
+    configs = {}
+    for config, subsets in members.items():
+        splits = {}
+        for split in sorted({split for (subset, split) in counts if subset in subsets},
+                            key=_split_order):
+            parts = [subset for subset in subsets if (subset, split) in counts]
+            splits[split] = {
+                "rows": sum(counts[(subset, split)] for subset in parts),
+                "files": [data_file(subset, split) for subset in parts],
+            }
+        configs[config] = {"default": config == ALL, "splits": splits}
+    return configs
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    return ({"train": 0, "validation": 1, "test": 2}.get(split, 3), split)
+
+
+def _plot(rows: pa.Table, root: Path) -> dict:
+    """Write the length-distribution PNG (deterministic: no software/date metadata)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from hhdata.manifest import text_lengths
+
+    figure, axes = plt.subplots(figsize=(7, 3.2), dpi=100)
+    bins = np.logspace(0, 5, 51)
+    for column, colour in (("prompt", "#4c72b0"), ("chosen", "#55a868"), ("rejected", "#c44e52")):
+        lengths = np.maximum(text_lengths(rows, column), 1)
+        axes.hist(lengths, bins=bins, histtype="step", linewidth=1.5, color=colour,
+                  label=f"{column} (median {int(np.median(lengths)) if len(lengths) else 0})")
+    axes.set_xscale("log")
+    axes.set_xlabel("characters")
+    axes.set_ylabel("pairs")
+    axes.set_title("Length distribution: prompt turns and final replies")
+    axes.legend(frameon=False)
+    figure.tight_layout()
+    figure.savefig(root / PLOT_NAME, format="png", metadata={"Software": None})
+    plt.close(figure)
+    return file_entry(root, PLOT_NAME)
