@@ -1,0 +1,579 @@
+"""Train a reward (preference) model on an HH-RLHF release with the Bradley-Terry loss.
+
+The model reads a conversation and returns one scalar: a backbone plus a linear head read at
+the last token of the assistant's final reply. Trained on pairs with the pairwise loss
+-log sigmoid(r_chosen - r_rejected) (Bai et al. 2022, section 2.2; Ouyang et al. 2022 eq. 1).
+
+Prefix sharing: chosen and rejected share the whole prompt, so each pair is packed into one
+sequence `prompt | chosen reply | rejected reply`. An attention mask keeps the two replies
+from seeing each other and the position ids of the rejected reply restart after the prompt,
+so every token sees exactly what it would see in its own `prompt | reply` sequence, and the
+prompt is computed once instead of twice. This is exact only for causal decoders; in a
+bidirectional encoder the prompt tokens attend to the reply, so encoders run the two
+sequences separately (see docs/reward_model.md).
+
+Run `python -m training.reward_model --help`; the run directory layout is in docs/reward_model.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hhdata.errors import HhDataError
+from hhdata.transcript import ASSISTANT_TAG, render_transcript
+from training import models
+from training.common import load_pairs, parse_args
+
+FAMILIES = ("helpful", "harmless")
+
+
+@dataclass(frozen=True)
+class Args:
+    data: str | None = None
+    """pair rows: a local release directory, a Hub repo id, a .parquet file of pair rows, or
+    (when omitted) the bundled harmless-base sample"""
+    version: str | None = None
+    """release version to pin when --data is a Hub repo"""
+    train_config: Literal["all", "helpful", "harmless"] = "all"
+    """which family to train on; evaluation always covers every family and subset"""
+    model: str = "tiny"
+    """tiny, minilm, smollm2-135m, a local model directory or a Hub id"""
+    run_dir: str = "runs/reward-model"
+    """where settings, checkpoints, the final model, metrics and plots go"""
+    seed: int = 1
+    """seed of the weights (tiny), the head, the data order and dropout"""
+    max_length: int = 256
+    """most tokens of prompt + one reply; prompts are cut from the left, replies from the right"""
+    batch_size: int = 16
+    """pairs per optimizer step, over all processes"""
+    learning_rate: float = 5e-4
+    """peak AdamW learning rate, after linear warm-up, then linear decay to zero"""
+    warmup_fraction: float = 0.1
+    """fraction of the steps spent warming the learning rate up from zero"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradients are clipped to this global norm"""
+    epochs: int = 1
+    """passes over the training pairs"""
+    max_steps: int | None = None
+    """stop after this many optimizer steps (the schedule is sized to it)"""
+    max_train_pairs: int | None = None
+    """use only the first N training pairs (after the family filter)"""
+    max_eval_pairs: int | None = None
+    """evaluate on only the first N held-out pairs"""
+    eval_fraction: float = 0.2
+    """held-out share, chosen by pair id, when the release has no test split beside train"""
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
+    """pack prompt|chosen|rejected in one sequence; auto = on for decoders, off for encoders"""
+    chat_template: bool = True
+    """render with the tokenizer's chat template when it has one (else the Human/Assistant format)"""
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    """mixed precision, passed to accelerate"""
+    eval_batch_size: int = 32
+    """pairs per evaluation batch"""
+    save_every: int = 50
+    """save a resumable checkpoint every N steps (and at the end)"""
+    resume: bool = False
+    """continue from the latest checkpoint in run_dir (same settings required)"""
+    stop_after: int | None = None
+    """exit after saving the checkpoint of step N, as if killed (for testing resume)"""
+    calibration_bins: int = 10
+    """bins of the reliability diagram and the expected calibration error"""
+
+
+class RewardModel(nn.Module):
+    """A backbone and a scalar head read at chosen token positions."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.score = nn.Linear(hidden, 1)
+        # a small head so initial rewards are near zero (lm-human-preference-details)
+        nn.init.normal_(self.score.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids, read_at):
+        """Rewards at positions `read_at` (shape [batch, k]) -> shape [batch, k]."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # shape: [batch, seq, hidden]
+        picked = hidden.gather(1, read_at[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.score(picked).squeeze(-1).float()  # shape: [batch, k]
+
+
+# ---- turning rows into token ids -------------------------------------------------------
+
+
+def uses_chat_template(tokenizer, chat_template: bool) -> bool:
+    return chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer, prompt: list[dict], reply: list[dict], chat: bool) -> tuple[str, str]:
+    """The text of the prompt and of the reply after it; their concatenation is the transcript.
+
+    >>> render(None, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], False)
+    ('\\n\\nHuman: Hi\\n\\nAssistant:', ' Yo')
+    """
+    if not chat:
+        return render_transcript(prompt) + ASSISTANT_TAG, render_transcript(reply)[len(ASSISTANT_TAG) :]
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+    if not whole.startswith(head):
+        raise HhDataError(
+            f"the chat template of {tokenizer.name_or_path!r} renders the prompt differently "
+            "with and without the reply; run with --no-chat-template"
+        )
+    return head, whole[len(head) :]
+
+
+def encode_pair(tokenizer, row: dict, max_length: int, chat: bool) -> tuple[list[int], ...]:
+    """Token ids of (prompt, chosen reply, rejected reply), truncated to fit max_length.
+
+    The start token (bos/cls) opens the prompt and the end token (eos/sep) closes each reply,
+    unless a chat template already supplies them. Replies keep at least max_length // 2 tokens
+    and their end token; the prompt loses its oldest tokens first.
+    """
+    start = end = []
+    if not chat:
+        start = [t for t in (tokenizer.cls_token_id or tokenizer.bos_token_id,) if t is not None]
+        end = [t for t in (tokenizer.sep_token_id or tokenizer.eos_token_id,) if t is not None]
+    ids = []
+    for reply in (row["chosen"], row["rejected"]):
+        prompt_text, reply_text = render(tokenizer, row["prompt"], reply, chat)
+        ids.append(tokenizer(reply_text, add_special_tokens=False)["input_ids"])
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    cap = max(max_length - len(start) - len(prompt), max_length // 2) - len(end)
+    chosen, rejected = (reply[:cap] + end for reply in ids)
+    room = max_length - len(start) - max(len(chosen), len(rejected))
+    prompt = start + (prompt[len(prompt) - room :] if room > 0 else [])
+    return prompt, chosen, rejected
+
+
+# ---- batches: packed (prefix shared) or naive (two sequences per pair) -----------------
+
+
+def packed_batch(pairs: list[tuple[list[int], ...]], pad_id: int, dtype=torch.float32) -> dict:
+    """One sequence per pair, prompt|chosen|rejected, with a 4D mask and restarting positions.
+
+    Token i may attend to token j when j <= i in the packed order and j is in the prompt or in
+    i's own reply. Padding attends only to itself, so no softmax row is empty.
+    """
+    length = max(len(p) + len(c) + len(r) for p, c, r in pairs)
+    ids = torch.full((len(pairs), length), pad_id)
+    positions = torch.zeros((len(pairs), length), dtype=torch.long)
+    segment = torch.full((len(pairs), length), -1)  # -1 pad, 0 prompt, 1 chosen, 2 rejected
+    read_at = torch.zeros((len(pairs), 2), dtype=torch.long)
+    for row, (prompt, chosen, rejected) in enumerate(pairs):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected)
+        positions[row, : p + c] = torch.arange(p + c)
+        positions[row, p + c : p + c + r] = torch.arange(p, p + r)  # restart after the prompt
+        segment[row, :p], segment[row, p : p + c], segment[row, p + c : p + c + r] = 0, 1, 2
+        read_at[row] = torch.tensor([p + c - 1, p + c + r - 1])
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # shape: [seq, seq]
+    query, key = segment[:, :, None], segment[:, None, :]  # shape: [batch, seq, 1], [batch, 1, seq]
+    allowed = causal & (key != -1) & ((key == 0) | (key == query))
+    allowed |= torch.eye(length, dtype=torch.bool) & (query == -1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask[:, None],  # shape: [batch, 1, seq, seq]
+        "position_ids": positions,
+        "read_at": read_at,
+    }
+
+
+def naive_batch(pairs: list[tuple[list[int], ...]], pad_id: int) -> dict:
+    """Two right-padded sequences per pair: all the chosen ones, then all the rejected ones."""
+    sequences = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    length = max(map(len, sequences))
+    ids = torch.full((len(sequences), length), pad_id)
+    attention = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention[row, : len(sequence)] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "position_ids": torch.arange(length).expand(len(sequences), -1),
+        "read_at": torch.tensor([len(s) - 1 for s in sequences])[:, None],
+    }
+
+
+def pair_rewards(model, pairs, pad_id: int, share_prefix: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and rejected replies of `pairs`, each of shape [batch]."""
+    if share_prefix:
+        batch = packed_batch(pairs, pad_id)
+        rewards = model(**{k: v.to(device) for k, v in batch.items()})  # shape: [batch, 2]
+        return rewards[:, 0], rewards[:, 1]
+    batch = naive_batch(pairs, pad_id)
+    rewards = model(**{k: v.to(device) for k, v in batch.items()})[:, 0]  # shape: [2 * batch]
+    return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected), averaged over pairs."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+# ---- the run directory: checkpoints, final model --------------------------------------
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, log_lines: list[str]) -> None:
+    """Weights, optimizer moments and the RNG state as safetensors; scalars as JSON."""
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value for index, moments in state["state"].items() for name, value in moments.items()}
+    tensors["torch_rng_state"] = torch.get_rng_state()
+    save_file(tensors, folder / "optimizer.safetensors")
+    (folder / "state.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"]}))
+    (folder / "train_log.jsonl").write_text("".join(log_lines))
+    for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-2]:  # keep the last two
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    complete = [c for c in sorted((run_dir / "checkpoints").glob("step-*")) if (c / "train_log.jsonl").exists()]
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list[str]]:
+    """Restore what save_checkpoint wrote; returns the step and the training log so far."""
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    tensors = load_file(folder / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("torch_rng_state"))
+    scalars = json.loads((folder / "state.json").read_text())
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": scalars["param_groups"]})
+    log = (folder / "train_log.jsonl").read_text().splitlines(keepends=True)
+    return scalars["step"], log
+
+
+def save_reward_model(model: RewardModel, tokenizer, folder: Path, settings: dict) -> None:
+    """A self-contained model directory: backbone (save_pretrained), tokenizer, head, settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.score.state_dict().items()}, folder / "reward_head.safetensors")
+    (folder / "reward_model.json").write_text(json.dumps(settings, indent=2))
+
+
+def load_reward_model(run_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The trained reward model of a run directory (or of its model/ folder), and its tokenizer.
+
+    Returns (model, tokenizer, settings); `settings` holds max_length and whether the chat
+    template was used, which `score` needs. Loads safetensors and JSON only.
+
+    >>> model, tokenizer, settings = load_reward_model("runs/reward-model")  # doctest: +SKIP
+    >>> score(model, tokenizer, settings, [prompt_turns], [[{"role": "assistant", "content": "..."}]])  # doctest: +SKIP
+    tensor([0.83])
+    """
+    folder = Path(run_dir)
+    folder = folder / "model" if (folder / "model").is_dir() else folder
+    if not (folder / "reward_head.safetensors").is_file():
+        raise HhDataError(f"{folder}: no reward_head.safetensors; is this a finished reward-model run?")
+    tokenizer = models.load_tokenizer(str(folder))
+    model = RewardModel(models.load_backbone(str(folder), tokenizer, dtype=dtype))
+    model.score.load_state_dict(load_file(folder / "reward_head.safetensors"))
+    return model.eval(), tokenizer, json.loads((folder / "reward_model.json").read_text())
+
+
+@torch.no_grad()
+def score(model, tokenizer, settings: dict, prompts: list[list[dict]], replies: list[list[dict]]) -> torch.Tensor:
+    """Rewards of `replies` (each a list with one assistant turn) after `prompts`, shape [n]."""
+    pairs = [
+        encode_pair(tokenizer, {"prompt": p, "chosen": r, "rejected": r}, settings["max_length"], settings["chat_template"])
+        for p, r in zip(prompts, replies)
+    ]
+    device = next(model.parameters()).device
+    return pair_rewards(model, pairs, tokenizer.pad_token_id, False, device)[0].cpu()
+
+
+# ---- evaluation: accuracy, margin, calibration ------------------------------------------
+
+
+def summarize(margins: torch.Tensor, bins: int) -> dict:
+    """Accuracy, mean margin and expected calibration error of r_chosen - r_rejected values.
+
+    The model's probability that the chosen reply is preferred is sigmoid(margin); a pair is
+    counted right when the margin is positive (a tie counts half).
+
+    >>> summarize(torch.tensor([2.0, -1.0, 3.0, 0.0]), bins=5)["accuracy"]
+    0.625
+    """
+    correct = (margins > 0).float() + 0.5 * (margins == 0).float()
+    return {
+        "pairs": len(margins),
+        "accuracy": correct.mean().item(),
+        "mean_margin": margins.mean().item(),
+        "ece": reliability(margins, bins)[0],
+    }
+
+
+def reliability(margins: torch.Tensor, bins: int) -> tuple[float, list[dict]]:
+    """Expected calibration error and the reliability table, over confidence max(p, 1 - p).
+
+    Confidence lies in [0.5, 1]; each bin compares the mean confidence with the share of
+    pairs whose more likely reply was the chosen one (Guo et al. 2017, eq. 3).
+    """
+    probability = torch.sigmoid(margins.double())
+    confidence = torch.maximum(probability, 1 - probability)
+    correct = ((margins > 0).double() + 0.5 * (margins == 0).double())
+    which = ((confidence - 0.5) * 2 * bins).long().clamp(max=bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            mean_confidence = confidence[inside].mean().item()
+            accuracy = correct[inside].mean().item()
+            ece += inside.double().mean().item() * abs(accuracy - mean_confidence)
+            table.append({"low": 0.5 + b / (2 * bins), "high": 0.5 + (b + 1) / (2 * bins), "pairs": int(inside.sum()), "confidence": mean_confidence, "accuracy": accuracy})
+    return ece, table
+
+
+def evaluation_metrics(rows: list[dict], margins: torch.Tensor, bins: int) -> dict:
+    """metrics.json's evaluation part: overall, per family (config) and per subset."""
+    groups: dict[str, dict[str, list[int]]] = {"family": {}, "subset": {}}
+    for index, row in enumerate(rows):
+        for key in groups:
+            groups[key].setdefault(row[key], []).append(index)
+    return {
+        "overall": summarize(margins, bins),
+        "by_family": {name: summarize(margins[i], bins) for name, i in sorted(groups["family"].items())},
+        "by_subset": {name: summarize(margins[i], bins) for name, i in sorted(groups["subset"].items())},
+        "reliability": reliability(margins, bins)[1],
+    }
+
+
+def save_plots(run_dir: Path, margins: torch.Tensor, rows: list[dict], metrics: dict, log: list[dict]) -> None:
+    """reliability.png, margins.png (per family) and loss.png in the run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    table = metrics["reliability"]
+    axis.plot([0.5, 1], [0.5, 1], "--", color="gray", label="perfectly calibrated")
+    axis.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], "o-", label="model")
+    axis.set(xlabel="predicted probability of the preferred reply", ylabel="frequency it was preferred", title=f"ECE {metrics['overall']['ece']:.3f}")
+    axis.legend()
+    figure.savefig(run_dir / "reliability.png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for family in sorted({row["family"] for row in rows}):
+        axis.hist([m for m, row in zip(margins.tolist(), rows) if row["family"] == family], bins=40, alpha=0.6, label=family)
+    axis.set(xlabel="r_chosen - r_rejected", ylabel="pairs", title="held-out margins")
+    axis.legend()
+    figure.savefig(run_dir / "margins.png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([r["step"] for r in log], [r["loss"] for r in log])
+    axis.set(xlabel="step", ylabel="training loss", title="-log sigmoid(r_chosen - r_rejected)")
+    figure.savefig(run_dir / "loss.png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+@torch.no_grad()
+def held_out_margins(model, pairs, pad_id: int, share_prefix: bool, batch_size: int, accelerator) -> torch.Tensor:
+    """r_chosen - r_rejected for every pair, each process scoring every world_size-th pair."""
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    padded = pairs + pairs[-1:] * (-len(pairs) % world)  # equal shares, trimmed after gather
+    mine = padded[rank::world]
+    margins = []
+    for start in range(0, len(mine), batch_size):
+        chosen, rejected = pair_rewards(model, mine[start : start + batch_size], pad_id, share_prefix, accelerator.device)
+        margins.append(chosen - rejected)
+    gathered = accelerator.gather(torch.cat(margins))  # shape: [world * share], process-major
+    model.train()
+    return gathered.view(world, -1).t().reshape(-1)[: len(pairs)].cpu()
+
+
+def split_held_out(splits: dict[str, list[dict]], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): the release's own splits, or a split by pair id."""
+    if "train" in splits and "test" in splits:
+        return splits["train"], splits["test"]
+    rows = [row for split in splits.values() for row in split]
+    held = {row["id"] for row in rows if int(row["id"][:8], 16) % 1000 < eval_fraction * 1000}
+    return [r for r in rows if r["id"] not in held], [r for r in rows if r["id"] in held]
+
+
+def learning_rate(step: int, total: int, args: Args) -> float:
+    """Linear warm-up to the peak, then linear decay to zero at the last step."""
+    warmup = int(args.warmup_fraction * total)
+    if step < warmup:
+        return args.learning_rate * (step + 1) / warmup
+    return args.learning_rate * (total - step) / max(1, total - warmup)
+
+
+def write_card(run_dir: Path, settings: dict, metrics: dict) -> None:
+    """model/README.md from hhdata/cards/model_card.md."""
+    template = (Path(__file__).resolve().parent.parent / "hhdata/cards/model_card.md").read_text()
+    lines = ["| held-out part | pairs | accuracy | mean margin | ECE |", "|---|---|---|---|---|"]
+    for name, part in [("all", metrics["overall"])] + [(f"family {k}", v) for k, v in metrics["by_family"].items()] + [(f"subset {k}", v) for k, v in metrics["by_subset"].items()]:
+        lines.append(f"| {name} | {part['pairs']} | {part['accuracy']:.3f} | {part['mean_margin']:.3f} | {part['ece']:.3f} |")
+    args = settings["args"]
+    card = template.format(
+        model=args["model"],
+        train_config=args["train_config"],
+        source=settings["provenance"]["source"],
+        provenance=json.dumps(settings["provenance"]),
+        train_pairs=settings["train_pairs"],
+        eval_pairs=settings["eval_pairs"],
+        prefix_sharing=settings["share_prefix"],
+        chat_template=settings["chat_template"],
+        metrics_table="\n".join(lines),
+        settings=json.dumps(args, indent=2),
+        command=settings["command"],
+    )
+    (run_dir / "model" / "README.md").write_text(card)
+
+
+# ---- the run --------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict:
+    """Train, evaluate and save a reward model; returns the metrics written to metrics.json."""
+    run_dir = Path(args.run_dir)
+    accelerator = Accelerator(mixed_precision=args.precision)
+    torch.manual_seed(args.seed)
+    if args.batch_size % accelerator.num_processes:
+        raise HhDataError(f"--batch-size {args.batch_size} is not divisible by the {accelerator.num_processes} processes; pick a multiple")
+
+    # 1. data: the release's pairs, the family to train on, the held-out pairs
+    splits, provenance = load_pairs(args.data, args.version)
+    train_rows, eval_rows = split_held_out(splits, args.eval_fraction)
+    train_rows = [r for r in train_rows if args.train_config in ("all", r["family"])][: args.max_train_pairs]
+    eval_rows = eval_rows[: args.max_eval_pairs]
+    steps_per_epoch = len(train_rows) // args.batch_size
+    if steps_per_epoch == 0 or not eval_rows:
+        raise HhDataError(f"{provenance['source']}: {len(train_rows)} training and {len(eval_rows)} held-out pairs for --train-config {args.train_config}; need at least --batch-size {args.batch_size} and 1")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+    # 2. the run directory: a fresh one, or the same settings when resuming
+    checkpoint = latest_checkpoint(run_dir) if args.resume else None
+    if not args.resume and (run_dir / "checkpoints").exists():
+        raise HhDataError(f"{run_dir} already holds a run; pass --resume to continue it or pick another --run-dir")
+    comparable = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}
+    if checkpoint is not None:
+        saved = json.loads((run_dir / "settings.json").read_text())["args"]
+        changed = {k for k in comparable if saved.get(k) != comparable[k]}
+        if changed:
+            raise HhDataError(f"{run_dir}: cannot resume with changed settings {sorted(changed)}; resume with the saved ones (settings.json)")
+
+    # 3. tokenizer and model; the tiny tokenizer is trained once and kept with the run
+    if args.model == models.TINY:
+        if checkpoint is not None:
+            tokenizer = models.load_tokenizer(str(run_dir / "tokenizer"))
+        else:
+            tokenizer = models.load_tokenizer(models.TINY, texts=[t for r in train_rows for t in (r["chosen_text"], r["rejected_text"])])
+    else:
+        tokenizer = models.load_tokenizer(args.model)
+    model = RewardModel(models.load_backbone(args.model, tokenizer, seed=args.seed))
+    encoder = models.is_encoder(model.backbone.config)
+    if args.prefix_sharing == "on" and encoder:
+        raise HhDataError(f"--model {args.model} is a bidirectional encoder: its prompt tokens attend to the reply, so sharing the prompt is not exact; use --prefix-sharing auto or off")
+    share_prefix = args.prefix_sharing == "on" or (args.prefix_sharing == "auto" and not encoder)
+    chat = uses_chat_template(tokenizer, args.chat_template)
+    settings = {
+        "args": comparable,
+        "command": " ".join(["python -m training.reward_model"] + sys.argv[1:]) if __name__ == "__main__" else "training.reward_model.main(Args(...))",
+        "provenance": provenance,
+        "train_pairs": len(train_rows),
+        "eval_pairs": len(eval_rows),
+        "total_steps": total_steps,
+        "share_prefix": share_prefix,
+        "chat_template": chat,
+        "processes": accelerator.num_processes,
+        "versions": {"torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
+    }
+    if accelerator.is_main_process and checkpoint is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "settings.json").write_text(json.dumps(settings, indent=2))
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+
+    train_pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in train_rows]
+    eval_pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in eval_rows]
+    pad_id = tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    start_step, log_lines = 0, []
+    if checkpoint is not None:
+        start_step, log_lines = load_checkpoint(checkpoint, model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1)
+
+    # 4. train: each step takes the next batch of a seeded per-epoch permutation
+    model.train()
+    started, trained = time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+        batch = order[index * args.batch_size : (index + 1) * args.batch_size].tolist()
+        mine = batch[accelerator.process_index :: accelerator.num_processes]
+        lr = learning_rate(step, total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        chosen, rejected = pair_rewards(model, [train_pairs[i] for i in mine], pad_id, share_prefix, accelerator.device)
+        loss = preference_loss(chosen, rejected)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        trained += len(batch)
+        margin = accelerator.gather(chosen.detach() - rejected.detach())
+        record = {"step": step + 1, "loss": accelerator.reduce(loss.detach(), "mean").item(), "accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(), "lr": lr, "grad_norm": float(grad_norm)}
+        log_lines.append(json.dumps(record) + "\n")
+        if writer is not None:
+            for key in ("loss", "accuracy", "margin", "lr", "grad_norm"):
+                writer.add_scalar(f"train/{key}", record[key], step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == total_steps or step + 1 == args.stop_after:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, step + 1, accelerator.unwrap_model(model), optimizer, log_lines)
+        if step + 1 == args.stop_after:
+            return {"stopped_after": step + 1}
+    seconds = time.perf_counter() - started
+
+    # 5. evaluate on every family and subset of the held-out pairs; save model, metrics, card
+    margins = held_out_margins(model, eval_pairs, pad_id, share_prefix, args.eval_batch_size, accelerator)
+    metrics = evaluation_metrics(eval_rows, margins, args.calibration_bins)
+    metrics["train"] = {"steps": total_steps, "pairs_per_second": trained / seconds if trained else None, "final_loss": json.loads(log_lines[-1])["loss"]}
+    if accelerator.is_main_process:
+        save_reward_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model", {"max_length": args.max_length, "chat_template": chat, "base_model": args.model})
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_plots(run_dir, margins, eval_rows, metrics, [json.loads(line) for line in log_lines])
+        write_card(run_dir, settings, metrics)
+        writer.add_scalar("eval/accuracy", metrics["overall"]["accuracy"], total_steps)
+        writer.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))
