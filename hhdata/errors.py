@@ -48,3 +48,7 @@ class IntegrityError(ReleaseError):
 
 class HubError(HhDataError):
     """The Hub refused a request or could not be reached."""
+
+
+class SynthError(HhDataError, ValueError):
+    """Settings of the synthetic generator (hhdata.synth) are out of range."""
