@@ -1,0 +1,75 @@
+"""`hhdata build` (raw files -> a release directory) and `hhdata diff` (compare two releases)."""
+
+from __future__ import annotations
+
+import argparse
+
+from hhdata import diff, pipeline
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `build` and `diff` verbs."""
+    build = subparsers.add_parser(
+        "build",
+        help="build a versioned Parquet release from raw JSONL(.gz) files",
+        description="Read, validate, parse and deduplicate raw files, then write "
+        "OUT/VERSION/ with Parquet per subset and split, README.md (dataset card), "
+        "manifest.json, CHANGELOG.md and croissant.json.",
+    )
+    build.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="a folder in the upstream layout <subset>/<split>.jsonl[.gz], files, or globs")
+    build.add_argument("--version", required=True, metavar="X.Y.Z", help="the release's version")
+    build.add_argument("--out", required=True, metavar="DIR", help="releases folder; writes DIR/X.Y.Z/")
+    build.add_argument("--previous", metavar="DIR",
+                       help="the previous release's folder: the change is diffed against it and "
+                       "a version number that contradicts the change is refused")
+    build.add_argument("--allow-version-mismatch", action="store_true",
+                       help="release under --version even if it contradicts the change")
+    build.add_argument("--include-synthetic", action="append", default=[], metavar="SUBSET",
+                       help="let this synthetic subset (synth-*) into the release; repeat per subset")
+    build.set_defaults(func=run_build)
+
+    compare = subparsers.add_parser(
+        "diff",
+        help="pair ids added, removed and edited between two releases, and the version kind",
+        description="Compare two release folders config by config and say whether the "
+        "change is a patch, minor or major version.",
+    )
+    compare.add_argument("old", metavar="OLD", help="the older release's folder")
+    compare.add_argument("new", metavar="NEW", help="the newer release's folder")
+    compare.add_argument("--ids", action="store_true", help="also list the ids of config `all`")
+    compare.set_defaults(func=run_diff)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Build one release and print where it is and what it holds."""
+    built = pipeline.build_release(
+        args.sources, version=args.version, out=args.out, previous=args.previous,
+        allow_version_mismatch=args.allow_version_mismatch,
+        include_synthetic=args.include_synthetic, progress=None,
+    )
+    manifest = built.manifest
+    print(f"built {built.path}")
+    for name, view in manifest["configs"].items():
+        splits = "  ".join(f"{split} {s['rows']}" for split, s in view["splits"].items())
+        print(f"  {name:<28} {splits}")
+    accounting = manifest["accounting"]
+    left = "  ".join(f"{fate} {sum(accounting[fate].values())}"
+                     for fate in ("quarantined", "removed", "filtered"))
+    print(f"read {accounting['read']}  kept {accounting['kept']}  {left}")
+    if built.diff is not None:
+        print(built.diff.summary())
+    return 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    """Print the change between two releases."""
+    change = diff.diff_releases(args.old, args.new)
+    print(change.summary())
+    if args.ids:
+        everything = change.configs.get("all", diff.ConfigDiff())
+        for label, ids in (("added", everything.added), ("removed", everything.removed),
+                           ("edited", everything.edited)):
+            for pair_id in ids:
+                print(f"{label}\t{pair_id}")
+    return 0
