@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from hhdata import diff, pipeline
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build one release and print where it is and what it holds."""
+    from hhdata import pipeline  # imported here so other verbs start without the build stack
+
     built = pipeline.build_release(
         args.sources, version=args.version, out=args.out, previous=args.previous,
         allow_version_mismatch=args.allow_version_mismatch,
@@ -64,6 +65,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_diff(args: argparse.Namespace) -> int:
     """Print the change between two releases."""
+    from hhdata import diff
+
     change = diff.diff_releases(args.old, args.new)
     print(change.summary())
     if args.ids:
