@@ -1,0 +1,168 @@
+"""The whole flow, raw files to a release directory, in a few readable lines.
+
+```
+read_raw  ->  build_pairs  ->  deduplicate  ->  (configs)  ->  write_release
+   │ quarantine     │ quarantine     │ drops (removed / filtered, by reason)
+```
+
+Every row that leaves the flow leaves with a reason, and the counts must reconcile:
+``read = kept + quarantined + removed + filtered`` (each by reason). run_pipeline checks
+that and raises ReleaseError when it does not hold, so a release can never hide rows.
+Synthetic subsets (``synth-*``) are refused unless asked for by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+
+from hhdata import dedup, pairs, read, release
+from hhdata.errors import ReleaseError
+from hhdata.manifest import file_digest
+from hhdata.schema import is_synthetic
+
+DUPLICATE_MARK = "duplicate"
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """The kept pair rows, everything that left with its reason, and the accounting."""
+
+    pairs: pa.Table
+    quarantine: pa.Table
+    drops: pa.Table
+    accounting: dict
+    sources: list[dict]
+    settings: dict
+    dedup_report: dict
+
+
+def run_pipeline(
+    sources: str | Path | Iterable[str | Path],
+    *,
+    dedup_settings: dedup.DedupSettings | None = None,
+    include_synthetic: Iterable[str] = (),
+    progress: bool | None = False,
+) -> PipelineResult:
+    """Read, parse and deduplicate raw files; returns kept rows and the full accounting.
+
+    ``sources`` are files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``,
+    or globs. Raises ReleaseError when a synthetic subset is read without being named in
+    ``include_synthetic``, or when the counts do not reconcile.
+    """
+    dedup_settings = dedup_settings or dedup.DedupSettings()
+    raw = read.read_raw(sources, progress=progress)
+    _refuse_synthetic(raw.table, raw.quarantine, set(include_synthetic))
+    pair_rows, unparsable = pairs.build_pairs(raw.table)
+    deduplicated = dedup.deduplicate(pair_rows, dedup_settings)
+    quarantine = pa.concat_tables([raw.quarantine, unparsable], promote_options="permissive")
+    accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
+    return PipelineResult(
+        pairs=deduplicated.kept,
+        quarantine=quarantine,
+        drops=deduplicated.drops,
+        accounting=accounting,
+        sources=describe_sources(raw.report.files, sources),
+        settings={"dedup": _jsonable(deduplicated.settings),
+                  "include_synthetic": sorted(include_synthetic)},
+        dedup_report=deduplicated.report,
+    )
+
+
+def build_release(
+    sources: str | Path | Iterable[str | Path],
+    *,
+    version: str,
+    out: str | Path,
+    previous: str | Path | None = None,
+    allow_version_mismatch: bool = False,
+    include_synthetic: Iterable[str] = (),
+    dedup_settings: dedup.DedupSettings | None = None,
+    parquet: release.ParquetSettings = release.ParquetSettings(),
+    progress: bool | None = False,
+) -> release.Release:
+    """Raw files to ``<out>/<version>/``: the whole pipeline, then the release directory.
+
+    >>> built = build_release([read.bundled_sample_path()], version="1.0.0", out="out")  # doctest: +SKIP
+    >>> built.path, built.manifest["configs"]["harmless"]["splits"]["test"]["rows"]  # doctest: +SKIP
+    (PosixPath('out/1.0.0'), 2312)
+    """
+    result = run_pipeline(sources, dedup_settings=dedup_settings,
+                          include_synthetic=include_synthetic, progress=progress)
+    return release.write_release(
+        result.pairs, out, version,
+        sources=result.sources, accounting=result.accounting, settings=result.settings,
+        previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
+    )
+
+
+def reconcile(report: read.ReadReport, quarantine: pa.Table, drops: pa.Table, kept: int) -> dict:
+    """The accounting of a run; raises ReleaseError unless read = kept + everything that left."""
+    records = report.lines - report.blank
+    removed, filtered = Counter(), Counter()
+    for reason in drops["reason"].to_pylist():
+        (removed if DUPLICATE_MARK in reason else filtered)[reason] += 1
+    quarantined = Counter(quarantine["reason"].to_pylist())
+    accounting = {
+        "read": records,
+        "kept": kept,
+        "quarantined": dict(sorted(quarantined.items())),
+        "removed": dict(sorted(removed.items())),
+        "filtered": dict(sorted(filtered.items())),
+    }
+    left = sum(quarantined.values()) + sum(removed.values()) + sum(filtered.values())
+    if records != kept + left:
+        raise ReleaseError(
+            f"counts do not reconcile: read {records} records but kept {kept} + quarantined "
+            f"{sum(quarantined.values())} + removed {sum(removed.values())} + filtered "
+            f"{sum(filtered.values())} = {kept + left}; a stage lost or invented rows "
+            "(this is a bug in hhdata: please report it with the input files)"
+        )
+    return accounting
+
+
+def _refuse_synthetic(table: pa.Table, quarantine: pa.Table, allowed: set[str]) -> None:
+    found = set(table["subset"].unique().to_pylist())
+    if "subset" in quarantine.column_names:
+        found |= set(quarantine["subset"].drop_null().unique().to_pylist())
+    refused = sorted(s for s in found if s and is_synthetic(s) and s not in allowed)
+    if refused:
+        names = " ".join(f"--include-synthetic {name}" for name in refused)
+        raise ReleaseError(
+            f"the sources hold synthetic subsets {refused}, which never enter a release of "
+            f"real data by accident; remove them from the sources, or ask for them by name: {names}"
+        )
+
+
+def describe_sources(files: list[str], given) -> list[dict]:
+    """Path (relative to the folder given, so manifests agree across machines), sha256, bytes."""
+    roots = [Path(g) for g in ([given] if isinstance(given, (str, Path)) else given)]
+    described = []
+    for name in files:
+        path = Path(name)
+        digest, size = file_digest(path)
+        described.append({"path": _relative(path, roots), "sha256": digest, "bytes": size})
+    return described
+
+
+def _relative(path: Path, roots: list[Path]) -> str:
+    for root in roots:
+        if root.is_dir():
+            try:
+                return path.resolve().relative_to(root.resolve()).as_posix()
+            except ValueError:
+                continue
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _jsonable(settings) -> dict:
+    """Settings as plain JSON values (tuples become lists), as they will read back."""
+    if dataclasses.is_dataclass(settings):
+        settings = dataclasses.asdict(settings)
+    return json.loads(json.dumps(settings))

@@ -1,0 +1,170 @@
+"""The release directory: layout, configs as views, byte reproducibility, immutability."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from hhdata.errors import ReleaseError, SchemaError, VersionError
+from hhdata.manifest import read_manifest, validate_manifest
+from hhdata.pairs import build_pairs
+from hhdata.read import bundled_sample_path, read_raw
+from hhdata.release import ParquetSettings, data_file, write_release
+from hhdata.schema import PAIR_SCHEMA
+
+
+def sample_pairs() -> pa.Table:
+    """The bundled real sample as canonical pair rows (2,312 harmless-base test pairs)."""
+    pairs, _ = build_pairs(read_raw(bundled_sample_path()).table)
+    return pairs
+
+
+def two_subsets(pairs: pa.Table) -> pa.Table:
+    """The sample with its first 600 rows relabelled as a helpful-base train split."""
+    relabelled = pairs.slice(0, 600)
+    relabelled = relabelled.set_column(1, "subset", pa.array(["helpful-base"] * 600))
+    relabelled = relabelled.set_column(2, "family", pa.array(["helpful"] * 600))
+    relabelled = relabelled.set_column(3, "split", pa.array(["train"] * 600))
+    return pa.concat_tables([relabelled, pairs.slice(600)])
+
+
+def accounting_for(table: pa.Table) -> dict:
+    return {"read": table.num_rows, "kept": table.num_rows, "quarantined": {}, "removed": {},
+            "filtered": {}}
+
+
+def build(table: pa.Table, out: Path, version: str = "1.0.0", **options):
+    return write_release(table, out, version, sources=[], accounting=accounting_for(table),
+                         settings={"note": "test"}, **options)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> pa.Table:
+    return two_subsets(sample_pairs())
+
+
+@pytest.fixture(scope="module")
+def release(pairs, tmp_path_factory):
+    return build(pairs, tmp_path_factory.mktemp("releases"))
+
+
+def test_layout_has_every_file(release):
+    names = sorted(p.relative_to(release.path).as_posix() for p in release.path.rglob("*") if p.is_file())
+    assert names == [
+        "CHANGELOG.md", "README.md", "croissant.json",
+        data_file("harmless-base", "test"), data_file("helpful-base", "train"),
+        "lengths.png", "manifest.json",
+    ]
+
+
+def test_manifest_counts_rows_per_config_and_split(release, pairs):
+    manifest = read_manifest(release.path)
+    configs = manifest["configs"]
+    assert list(configs) == ["all", "helpful", "harmless", "harmless-base", "helpful-base"]
+    assert [name for name, view in configs.items() if view["default"]] == ["all"]
+    assert configs["all"]["splits"]["train"]["rows"] == 600
+    assert configs["all"]["splits"]["test"]["rows"] == pairs.num_rows - 600
+    assert configs["helpful"]["splits"] == {
+        "train": {"rows": 600, "files": [data_file("helpful-base", "train")]}
+    }
+    assert "train" not in configs["harmless"]["splits"]
+    assert manifest["subsets"] == {"harmless-base": "harmless", "helpful-base": "helpful"}
+    assert manifest["accounting"]["kept"] == pairs.num_rows
+
+
+def test_every_file_checksum_is_in_the_manifest(release):
+    import hashlib
+
+    manifest = read_manifest(release.path)
+    for relative, entry in manifest["files"].items():
+        data = (release.path / relative).read_bytes()
+        assert entry == {**entry, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert manifest["files"][data_file("helpful-base", "train")]["rows"] == 600
+
+
+def test_data_files_keep_input_order_and_the_pair_schema(release, pairs):
+    table = pq.read_table(release.path / data_file("harmless-base", "test"))
+    assert table.schema.remove_metadata() == PAIR_SCHEMA
+    assert table["id"].to_pylist() == pairs.slice(600)["id"].to_pylist()
+    assert table.equals(pairs.slice(600).select(PAIR_SCHEMA.names))
+
+
+def test_parquet_writer_settings_are_pinned(release):
+    metadata = pq.ParquetFile(release.path / data_file("harmless-base", "test")).metadata
+    settings = ParquetSettings()
+    assert metadata.row_group(0).column(0).compression == settings.compression.upper()
+    assert all(metadata.row_group(i).num_rows <= settings.row_group_size
+               for i in range(metadata.num_row_groups))
+    assert read_manifest(release.path)["settings"]["parquet"]["use_content_defined_chunking"]
+
+
+def test_same_inputs_give_byte_identical_releases(pairs, release, tmp_path):
+    again = build(pairs, tmp_path)
+    first = {p.relative_to(release.path): p.read_bytes() for p in release.path.rglob("*") if p.is_file()}
+    second = {p.relative_to(again.path): p.read_bytes() for p in again.path.rglob("*") if p.is_file()}
+    assert first.keys() == second.keys()
+    different = [str(name) for name in first if first[name] != second[name]]
+    assert different == []
+
+
+def test_a_built_version_is_never_overwritten(pairs, release):
+    before = (release.path / "manifest.json").read_bytes()
+    with pytest.raises(VersionError, match="already exists and versions are immutable"):
+        build(pairs.slice(0, 10), release.path.parent, "1.0.0")
+    assert (release.path / "manifest.json").read_bytes() == before
+
+
+def test_a_failed_build_leaves_no_partial_version(tmp_path, pairs):
+    with pytest.raises(ReleaseError, match=r"lacks columns \['flags'\]"):
+        build(pairs.drop_columns(["flags"]), tmp_path, "1.0.0")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("version", ["1.0", "v1.0.0", "1.0.0-rc1", "01.0.0"])
+def test_a_version_must_be_major_minor_patch(tmp_path, pairs, version):
+    with pytest.raises(VersionError, match="is not MAJOR.MINOR.PATCH"):
+        build(pairs.slice(0, 5), tmp_path, version)
+
+
+def test_a_subset_in_two_families_is_refused(tmp_path, pairs):
+    mixed = pairs.set_column(2, "family", pc.if_else(
+        pc.equal(pc.modulo(pa.array(range(pairs.num_rows)), 2), 0), "helpful", "harmless"))
+    with pytest.raises(ReleaseError, match="has rows in both families"):
+        build(mixed, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m.update(version="1.0"), "version"),
+        (lambda m: m["files"][next(iter(m["files"]))].update(sha256="abc"), "sha256"),
+        (lambda m: m.pop("accounting"), "accounting"),
+        (lambda m: m["configs"].pop("all"), "all"),
+        (lambda m: m["files"].update({"../escape.parquet": {"sha256": "0" * 64, "bytes": 1}}), "escape"),
+    ],
+)
+def test_the_schema_rejects_a_broken_manifest(release, edit, field):
+    manifest = copy.deepcopy(read_manifest(release.path))
+    validate_manifest(manifest)
+    edit(manifest)
+    with pytest.raises(SchemaError, match=field):
+        validate_manifest(manifest)
+
+
+def test_reading_a_folder_that_is_not_a_release_names_the_fix(tmp_path):
+    with pytest.raises(ReleaseError, match="not a release directory; pass the folder of one version"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(SchemaError, match="line 1: not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_manifest_is_deterministic_json(release):
+    text = (release.path / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, ensure_ascii=False) + "\n"
