@@ -46,6 +46,10 @@ class IntegrityError(ReleaseError):
     """A data file's checksum or size does not match its manifest."""
 
 
+class LoadError(HhDataError, ValueError):
+    """A load() request names a config, split or version that its source does not have."""
+
+
 class HubError(HhDataError):
     """The Hub refused a request or could not be reached."""
 

@@ -168,7 +168,10 @@ def _source_of(path: Path, subset: str | None, split: str | None, family: str | 
     try:
         return subset, split, family_of(subset, family)
     except ValueError as error:
-        raise SourceError(f"{path}: {error}") from None
+        raise SourceError(
+            f"{path}: {error}: pass family= or a known subset= (on the command line "
+            "--family or --subset)"
+        ) from None
 
 
 def _read_file(path, source, max_line_bytes, report, advance):
@@ -357,3 +360,20 @@ class _Chunks:
             yield rest
         if not stream.eof:
             self.failure = (q.TRUNCATED_FILE, "truncated: its gzip stream ends")
+
+
+def read_pairs(paths: str | Path | Iterable[str | Path], **read_args) -> ReadResult:
+    """read_raw, then hhdata.pairs.build_pairs: a ReadResult whose table holds pair rows.
+
+    The quarantine holds the bad lines and the pairs whose prompt cannot be determined;
+    the report's counts still reconcile (accepted = pair rows).
+    """
+    from hhdata.pairs import build_pairs
+
+    result = read_raw(paths, **read_args)
+    pairs, unsplit = build_pairs(result.table)
+    quarantine = q.concat([result.quarantine, unsplit])
+    report = result.report
+    report.accepted = pairs.num_rows
+    report.quarantined = q.reason_counts(quarantine)
+    return ReadResult(pairs, quarantine, report)

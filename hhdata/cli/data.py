@@ -1,0 +1,141 @@
+"""Data verbs: ``hhdata validate``, ``hhdata stats``, ``hhdata show``.
+
+Thin commands over hhdata.read, hhdata.pairs and hhdata.stats. Exit codes: 0 every
+record was accepted (flags are reported, not failures), 1 some record was quarantined,
+2 usage or I/O error (raised as HhDataError and printed by hhdata.cli.main).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+import pyarrow as pa
+
+from hhdata import quarantine as q
+from hhdata.read import MAX_LINE_BYTES, ReadResult, read_pairs
+from hhdata.stats import format_stats, pair_stats
+from hhdata.transcript import FLAGS
+
+_SHOWN_CHARS = 400
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the validate, stats and show verbs."""
+    validate = subparsers.add_parser(
+        "validate", help="check raw JSONL(.gz) files and report every bad record",
+        description="Read raw HH-RLHF files, parse every pair and report what was quarantined, "
+        "per reason, with the first examples as file:line. Exit 0 when every record was "
+        "accepted, 1 when any was quarantined, 2 on a usage or I/O error.",
+    )
+    validate.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or globs")
+    validate.add_argument("--quarantine", metavar="FILE", help="write the bad records here as JSONL")
+    validate.add_argument("--examples", type=int, default=3, metavar="N", help="examples shown per reason (3)")
+    _source_arguments(validate)
+    validate.set_defaults(func=run_validate)
+
+    stats = subparsers.add_parser(
+        "stats", help="rows, turns, lengths and flags per subset",
+        description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled sample.",
+    )
+    stats.add_argument("paths", nargs="*", metavar="PATH", help="files, folders or globs (default: the bundled sample)")
+    _source_arguments(stats)
+    stats.set_defaults(func=run_stats)
+
+    show = subparsers.add_parser(
+        "show", help="print a few parsed pairs, readably",
+        description="Print parsed pairs: prompt turns, then the chosen and rejected replies.",
+    )
+    show.add_argument("paths", nargs="*", metavar="PATH", help="files, folders or globs (default: the bundled sample)")
+    show.add_argument("-n", type=int, default=3, metavar="N", help="how many pairs (3)")
+    show.add_argument("--skip", type=int, default=0, metavar="K", help="start after the first K pairs")
+    _source_arguments(show)
+    show.set_defaults(func=run_show)
+
+
+def _source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subset", help="subset of files not in the <subset>/<split>.jsonl.gz layout")
+    parser.add_argument("--split", choices=("train", "test"), help="split of such files")
+    parser.add_argument("--family", choices=("helpful", "harmless"), help="family of a new subset")
+    parser.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, metavar="N",
+                        help=f"longest line accepted, in bytes ({MAX_LINE_BYTES})")
+
+
+def _read(args) -> ReadResult:
+    return read_pairs(args.paths, subset=args.subset, split=args.split, family=args.family,
+                      max_line_bytes=args.max_line_bytes, progress=None)
+
+
+def run_validate(args) -> int:
+    """Report a validation; 0 when nothing was quarantined, else 1."""
+    result = _read(args)
+    print(validation_report(result, args.examples))
+    if args.quarantine:
+        written = q.write_jsonl(result.quarantine, args.quarantine)
+        print(f"wrote {written:,} quarantined records to {args.quarantine}")
+    return 1 if result.quarantine.num_rows else 0
+
+
+def validation_report(result: ReadResult, examples: int = 3) -> str:
+    """The text ``hhdata validate`` prints: counts, reasons with file:line examples, flags."""
+    report = result.report
+    quarantined = sum(report.quarantined.values())
+    files = f"{len(report.files)} file" + ("s" if len(report.files) != 1 else "")
+    lines = [f"read {files}: {report.lines:,} lines, {report.blank:,} blank, "
+             f"{report.accepted:,} accepted, {quarantined:,} quarantined"]
+    if quarantined:
+        lines.append("quarantined per reason:")
+        reasons = result.quarantine.column("reason").to_pylist()
+        for reason, count in report.quarantined.items():
+            lines.append(f"  {reason}: {count:,}")
+            shown = [i for i, r in enumerate(reasons) if r == reason][:examples]
+            for row in result.quarantine.take(pa.array(shown, pa.int64())).to_pylist():
+                lines.append(f"    {row['file']}:{row['line']}: {row['message']}")
+    flags = pair_stats(result.table)["all"]["flags"] if result.table.num_rows else {}
+    if flags:
+        counted = ", ".join(f"{flag} {flags[flag]:,}" for flag in FLAGS if flag in flags)
+        lines.append(f"flags (reported, not failures): {counted}")
+    lines += [f"note: {notice}" for notice in report.notices]
+    lines.append("ok: every record was accepted" if not quarantined
+                 else "FAILED: some records were quarantined (use --quarantine FILE to save them)")
+    return "\n".join(lines)
+
+
+def _pairs(args) -> pa.Table:
+    if args.paths:
+        return _read(args).table
+    from hhdata.load import _bundled_table
+
+    return _bundled_table()
+
+
+def run_stats(args) -> int:
+    """Print statistics of the parsed pairs."""
+    print(format_stats(pair_stats(_pairs(args))))
+    return 0
+
+
+def run_show(args) -> int:
+    """Print a few parsed pairs."""
+    pairs = _pairs(args)
+    chosen = pairs.slice(args.skip, max(args.n, 0)).to_pylist()
+    for number, row in enumerate(chosen, start=args.skip + 1):
+        print(format_pair(row, number, pairs.num_rows))
+    return 0
+
+
+def format_pair(row: dict, number: int, total: int) -> str:
+    """One pair row as readable text: header, prompt turns, then the two replies."""
+    flags = ", ".join(row["flags"]) or "none"
+    lines = [f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | flags: {flags}"]
+    for turn in row["prompt"]:
+        lines.append(_turn(turn["role"], turn["content"]))
+    lines.append(_turn("CHOSEN", row["chosen"][0]["content"]))
+    lines.append(_turn("REJECTED", row["rejected"][0]["content"]))
+    return "\n".join(lines) + "\n"
+
+
+def _turn(label: str, content: str) -> str:
+    text = content if len(content) <= _SHOWN_CHARS else content[:_SHOWN_CHARS] + f" [... {len(content) - _SHOWN_CHARS:,} more chars]"
+    body = textwrap.indent(text.strip("\n") or "(empty)", "    ")
+    return f"  {label}:\n{body}"

@@ -1,0 +1,146 @@
+"""One-line load: ``hhdata.load()`` and its dispatch by source.
+
+- ``load()`` : the bundled real sample (harmless-base test), offline. The first call reads
+  and parses it and caches the pair table as an Arrow file keyed by the sample's sha256 and
+  the hhdata version; later calls memory-map that file (well under a second).
+- ``load("path/to/release/1.0.0")`` : a local release (a folder with manifest.json), read by
+  hhdata.release_load.load_release; ``load("path/to/releases", version="1.0.0")`` too.
+- ``load("org/name", version="1.0.0")`` : a release on the Hub, by hhdata.hub.load_from_hub.
+- ``load("raw/folder")`` or a raw file or glob : read and parsed on the spot (not cached).
+
+The release and Hub loaders are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hhdata.errors import LoadError, SourceError
+from hhdata.schema import HARMLESS, HELPFUL, PAIR_SCHEMA
+
+if TYPE_CHECKING:  # datasets is imported on first use: `import hhdata` stays fast
+    import datasets
+
+CACHE_ENV = "HHDATA_CACHE"
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+ALL = "all"
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    config: str | None = None,
+    split: str | None = None,
+    version: str | None = None,
+) -> datasets.DatasetDict | datasets.Dataset:
+    """Load HH-RLHF pair rows: a DatasetDict of splits, or one Dataset when split is given.
+
+    config is ``all`` (default), ``helpful``, ``harmless`` or a subset name.
+
+    >>> ds = load()
+    >>> ds["test"].num_rows, ds["test"][0]["subset"]
+    (2312, 'harmless-base')
+    """
+    if source is None:
+        if version is not None:
+            raise LoadError(
+                f"version={version!r} names a release, but no source was given; the bundled "
+                "sample has no versions (pass a release folder or a Hub repo id)"
+            )
+        return _select({"test": _bundled_table()}, config, split, "the bundled sample")
+    path = Path(source)
+    if version is not None and (path / version / "manifest.json").is_file():
+        path = path / version
+    if (path / "manifest.json").is_file():
+        from hhdata.release_load import load_release
+
+        return load_release(path, config, split)
+    if path.exists() or any(char in str(source) for char in "*?["):
+        if version is not None:
+            raise LoadError(f"{source} is raw data, not a release; drop version={version!r}")
+        return _select(_raw_tables(source), config, split, str(source))
+    if _REPO_ID.fullmatch(str(source)):
+        from hhdata.hub import load_from_hub
+
+        return load_from_hub(str(source), config, split, version)
+    raise SourceError(
+        f"{source} is neither a local path nor a Hub repo id ('org/name'); check the spelling"
+    )
+
+
+def cache_dir() -> Path:
+    """Where load() keeps parsed tables: $HHDATA_CACHE, else ~/.cache/hhdata."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hhdata")
+
+
+def _bundled_table() -> pa.Table:
+    """The bundled sample's pair table, from the cache (memory-mapped) or built once."""
+    from hhdata import __version__
+    from hhdata.read import bundled_sample_path
+
+    sample = bundled_sample_path()
+    digest = hashlib.sha256(sample.read_bytes()).hexdigest()[:16]
+    cached = cache_dir() / f"sample-{__version__}-{digest}" / "test.arrow"
+    if not cached.is_file():
+        table = _build(sample)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, PAIR_SCHEMA) as out:
+                out.write_table(table)
+            os.replace(partial, cached)
+        except OSError as error:
+            raise SourceError(
+                f"cannot write the load cache at {cached.parent}: {error.strerror}; "
+                f"set {CACHE_ENV} to a folder you can write to"
+            ) from None
+        return table
+    # the table's buffers point into the map, which stays open as long as they live
+    return pa.ipc.open_stream(pa.memory_map(str(cached))).read_all()
+
+
+def _build(*paths) -> pa.Table:
+    from hhdata.pairs import build_pairs
+    from hhdata.read import read_raw
+
+    pairs, _ = build_pairs(read_raw(list(paths)).table)
+    return pairs
+
+
+def _raw_tables(source) -> dict[str, pa.Table]:
+    pairs = _build(source)
+    return {name: pairs.filter(pc.equal(pairs["split"], name)) for name in pc.unique(pairs["split"]).to_pylist()}
+
+
+def _select(tables: dict[str, pa.Table], config, split, where: str):
+    """Filter by config and pick a split; errors name what the source holds."""
+    import datasets
+
+    config = config or ALL
+    if config != ALL:
+        column = "family" if config in (HELPFUL, HARMLESS) else "subset"
+        subsets = sorted({s for table in tables.values() for s in pc.unique(table["subset"]).to_pylist()})
+        tables = {name: table.filter(pc.equal(table[column], config)) for name, table in tables.items()}
+        if not any(table.num_rows for table in tables.values()):
+            raise LoadError(
+                f"config {config!r} selects no rows of {where}, which holds the subsets "
+                f"{subsets}; pass 'all', 'helpful', 'harmless' or one of those subsets"
+            )
+    if split is not None:
+        if split not in tables:
+            raise LoadError(f"{where} has no split {split!r}; it has {sorted(tables)}")
+        return _dataset(tables[split], split)
+    return datasets.DatasetDict({name: _dataset(table, name) for name, table in tables.items()})
+
+
+def _dataset(table: pa.Table, split: str) -> datasets.Dataset:
+    import datasets
+    from datasets.table import InMemoryTable
+
+    return datasets.Dataset(InMemoryTable(table), split=datasets.NamedSplit(split))

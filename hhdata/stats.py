@@ -1,0 +1,87 @@
+"""Descriptive statistics of a pair table: rows, turns, lengths and flags, per subset.
+
+All computed column-wise with pyarrow.compute; ``format_stats`` prints them as a table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hhdata.transcript import FLAGS
+
+ALL = "all"
+
+
+def pair_stats(pairs: pa.Table) -> dict[str, dict]:
+    """Statistics of a pair table, for all rows and for each subset (split by split).
+
+    >>> from hhdata.load import load
+    >>> stats = pair_stats(load(split="test").data.table)
+    >>> stats["all"]["rows"], stats["harmless-base"]["splits"]
+    (2312, {'test': 2312})
+    """
+    result = {ALL: _stats(pairs)}
+    for subset in sorted(pc.unique(pairs["subset"]).to_pylist()):
+        result[subset] = _stats(pairs.filter(pc.equal(pairs["subset"], subset)))
+    return result
+
+
+def _stats(pairs: pa.Table) -> dict:
+    rows = pairs.num_rows
+    turns = pc.list_value_length(pairs["prompt"]).to_numpy(zero_copy_only=False) + 1
+    prompt_chars = np.zeros(rows, dtype=np.int64)
+    if rows:
+        prompt = pairs["prompt"].combine_chunks()
+        contents = pc.utf8_length(pc.list_flatten(prompt).field("content")).to_numpy(zero_copy_only=False)
+        prompt_chars = np.bincount(pc.list_parent_indices(prompt).to_numpy(), contents, minlength=rows)
+    flags = {c["values"]: c["counts"] for c in pc.value_counts(pc.list_flatten(pairs["flags"])).to_pylist()}
+    return {
+        "rows": rows,
+        "splits": dict(sorted((c["values"], c["counts"]) for c in pc.value_counts(pairs["split"]).to_pylist())),
+        "turns": _summary(turns),
+        "prompt_chars": _summary(prompt_chars),
+        "chosen_chars": _summary(_reply_lengths(pairs["chosen"])),
+        "rejected_chars": _summary(_reply_lengths(pairs["rejected"])),
+        "flags": {flag: flags[flag] for flag in FLAGS if flag in flags},
+    }
+
+
+def _reply_lengths(replies: pa.ChunkedArray) -> np.ndarray:
+    contents = pc.struct_field(pc.list_flatten(replies.combine_chunks()), "content")
+    return pc.utf8_length(contents).to_numpy(zero_copy_only=False)
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    """mean, median, 95th percentile and max of a column (zeros when it is empty)."""
+    if len(values) == 0:
+        return {"mean": 0.0, "median": 0.0, "p95": 0.0, "max": 0}
+    return {
+        "mean": round(float(values.mean()), 1),
+        "median": float(np.median(values)),
+        "p95": float(np.percentile(values, 95)),
+        "max": int(values.max()),
+    }
+
+
+def format_stats(stats: dict[str, dict]) -> str:
+    """The statistics as a plain-text table, one column per subset and one for all."""
+    names = [name for name in stats if name != ALL] + [ALL]
+    lines = [("", *names)]
+    lines.append(("rows", *(f"{stats[n]['rows']:,}" for n in names)))
+    splits = sorted({s for n in names for s in stats[n]["splits"]})
+    for split in splits:
+        lines.append((f"  {split}", *(f"{stats[n]['splits'].get(split, 0):,}" for n in names)))
+    for key, label in (("turns", "turns"), ("prompt_chars", "prompt chars"),
+                       ("chosen_chars", "chosen chars"), ("rejected_chars", "rejected chars")):
+        for measure in ("mean", "median", "p95", "max"):
+            lines.append((f"{label} {measure}", *(f"{stats[n][key][measure]:,g}" for n in names)))
+    flags = [flag for flag in FLAGS if any(flag in stats[n]["flags"] for n in names)]
+    for flag in flags:
+        lines.append((f"flag {flag}", *(f"{stats[n]['flags'].get(flag, 0):,}" for n in names)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line)).rstrip()
+        for line in lines
+    )
