@@ -58,7 +58,7 @@ class ParquetSettings:
     """
 
     compression: str = "zstd"
-    compression_level: int = 3
+    compression_level: int | None = 3
     row_group_size: int = 10_000
     data_page_size: int = 1 << 20
     write_page_index: bool = True
