@@ -14,7 +14,7 @@ import sys
 from hhdata import __version__
 from hhdata.errors import HhDataError
 
-COMMAND_MODULES = ("hhdata.cli.data", "hhdata.cli.release")
+COMMAND_MODULES = ("hhdata.cli.data", "hhdata.cli.release", "hhdata.cli.hub")
 
 
 def build_parser() -> argparse.ArgumentParser:

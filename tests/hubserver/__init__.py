@@ -163,7 +163,6 @@ class LocalHub:
             "HF_HOME": str(hf_home),
             "HF_HUB_CACHE": str(hf_home / "hub"),
             "HF_DATASETS_CACHE": str(hf_home / "datasets"),
-            "HF_TOKEN": self.token,
             "HF_HUB_DISABLE_TELEMETRY": "1",
         }
 

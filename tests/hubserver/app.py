@@ -90,6 +90,7 @@ class HubHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def body(self) -> bytes:
+        self.body_read = True
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def user(self) -> str | None:
@@ -119,6 +120,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def dispatch(self) -> None:
         path = urlsplit(self.path).path
+        self.body_read = False
         try:
             if self.command != "GET" or not path.startswith("/api/whoami"):
                 self.user()
@@ -131,6 +133,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     return
             self.proxy()
         except GitStoreError as error:
+            if not self.body_read:
+                self.body()  # drain it, or the next request on this keep-alive connection breaks
             self.reply(error.status, {"error": str(error)}, error.error_code)
 
     def fault(self, route: str, when: str) -> None:
@@ -179,13 +183,16 @@ class HubHandler(BaseHTTPRequestHandler):
         if "/" not in repo_id:
             repo_id = f"{self.writer()}/{repo_id}"
         repo = self.state.repo(kind, repo_id)
+        prefix = "" if kind == "models" else f"{kind}/"
+        url = f"{self.base_url()}/{prefix}{repo_id}"
         with repo.lock:
             if repo.exists():
-                raise GitStoreError(409, f"You already created this {kind[:-1]} repo: {repo_id}")
+                # like the Hub: 409 with the repo's url, which create_repo(exist_ok=True) returns
+                self.reply(409, {"error": f"You already created this {kind[:-1]} repo: {repo_id}", "url": url})
+                return
             repo.path.mkdir(parents=True, exist_ok=True)
         repo.init()
-        prefix = "" if kind == "models" else f"{kind}/"
-        self.reply(200, {"url": f"{self.base_url()}/{prefix}{repo_id}", "name": repo_id})
+        self.reply(200, {"url": url, "name": repo_id})
 
     def do_route_delete_repo(self) -> None:
         self.writer()
@@ -244,6 +251,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def do_route_lfs_upload(self, kind: str, repo: str, oid: str) -> None:
         store = self.existing(kind, repo)
+        self.body_read = True
         store.store_lfs(oid, self.rfile, int(self.headers.get("Content-Length") or 0))
         self.reply(200, {})
 

@@ -1,0 +1,58 @@
+"""Small real releases for the Hub tests, built with hhdata.release from the bundled sample.
+
+Rows come from the bundled harmless-base test split. So that a release has both families,
+the second half of the rows is filed under a test-only subset ``helpful-fixture`` declared
+``helpful``: the rows are real transcripts, only the label is made up for the test.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from hhdata.errors import PairError
+from hhdata.release import write_release
+from hhdata.schema import PAIR_SCHEMA, pair_id
+from hhdata.transcript import split_pair
+
+SAMPLE = Path(__file__).resolve().parents[2] / "hhdata" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+
+
+def sample_pairs(count: int, offset: int = 0) -> pa.Table:
+    """`count` canonical pair rows from the bundled sample, starting at record `offset`."""
+    rows = []
+    with gzip.open(SAMPLE, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if number < offset:
+                continue
+            if len(rows) == count:
+                break
+            record = json.loads(line)
+            try:
+                pair = split_pair(record["chosen"], record["rejected"])
+            except PairError:
+                continue
+            helpful = len(rows) >= count // 2
+            rows.append({
+                "id": pair_id(record["chosen"], record["rejected"]),
+                "subset": "helpful-fixture" if helpful else "harmless-base",
+                "family": "helpful" if helpful else "harmless",
+                "split": "train" if len(rows) % 4 else "test",
+                "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                "chosen_text": record["chosen"], "rejected_text": record["rejected"],
+                "flags": list(pair.flags),
+            })
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+
+
+def build_release(out: Path, version: str, count: int = 24, offset: int = 0, previous: Path | None = None) -> Path:
+    """Write ``<out>/<version>/`` with `count` rows and return its path."""
+    pairs = sample_pairs(count, offset)
+    accounting = {"read": pairs.num_rows, "kept": pairs.num_rows, "quarantined": {}, "removed": {}, "filtered": {}}
+    sources = [{"path": "harmless-base/test.jsonl.gz", "sha256": "0" * 64, "bytes": SAMPLE.stat().st_size}]
+    release = write_release(pairs, out, version, sources=sources, accounting=accounting, settings={},
+                            previous=previous, allow_version_mismatch=previous is None)
+    return release.path
