@@ -187,7 +187,7 @@ def packed_batch(pairs: list[tuple[list[int], ...]], pad_id: int, dtype=torch.fl
         read_at[row] = torch.tensor([p + c - 1, p + c + r - 1])
     causal = torch.ones(length, length, dtype=torch.bool).tril()  # shape: [seq, seq]
     query, key = segment[:, :, None], segment[:, None, :]  # shape: [batch, seq, 1], [batch, 1, seq]
-    allowed = causal & (key != -1) & ((key == 0) | (key == query))
+    allowed = causal & (query != -1) & (key != -1) & ((key == 0) | (key == query))
     allowed |= torch.eye(length, dtype=torch.bool) & (query == -1)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return {
