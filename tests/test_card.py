@@ -1,0 +1,124 @@
+"""The dataset card and the Croissant metadata: rendered from the manifest, consistent with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from hhdata.card import card_metadata, render_card
+from hhdata.croissant import CONFORMS_TO
+from hhdata.manifest import read_manifest
+from hhdata.pairs import build_pairs
+from hhdata.read import bundled_sample_path, read_raw
+from hhdata.release import write_release
+
+SECTIONS = ["## Dataset details", "## Uses", "**Out-of-scope use.**", "## Dataset structure",
+            "## Dataset creation", "## Bias, risks and limitations", "## Citation"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    table, _ = build_pairs(read_raw(bundled_sample_path()).table)
+    helpful = table.slice(0, 400)
+    helpful = helpful.set_column(1, "subset", pa.array(["helpful-base"] * 400))
+    helpful = helpful.set_column(2, "family", pa.array(["helpful"] * 400))
+    table = pa.concat_tables([helpful, table.slice(400)])
+    accounting = {"read": 2400, "kept": table.num_rows, "quarantined": {"invalid_json": 50},
+                  "removed": {"exact_duplicate": 38}, "filtered": {}}
+    sources = [{"path": "harmless-base/test.jsonl.gz", "sha256": "ab" * 32, "bytes": 742801}]
+    return write_release(table, tmp_path_factory.mktemp("out"), "1.0.0", sources=sources,
+                         accounting=accounting, settings={"dedup": {"threshold": 0.8}})
+
+
+@pytest.fixture(scope="module")
+def card(release):
+    return (release.path / "README.md").read_text()
+
+
+def header(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_header_declares_license_and_one_config_per_view(card, release):
+    meta = header(card)
+    assert meta["license"] == "mit"
+    names = [config["config_name"] for config in meta["configs"]]
+    assert names == list(release.manifest["configs"])
+    assert [c["config_name"] for c in meta["configs"] if c.get("default")] == ["all"]
+    helpful = next(c for c in meta["configs"] if c["config_name"] == "helpful")
+    assert helpful["data_files"] == [{"split": "test",
+                          "path": ["data/helpful-base/test-00000-of-00001.parquet"]}]
+    for config in meta["configs"]:
+        for files in config["data_files"]:
+            assert all((release.path / path).is_file() for path in files["path"])
+
+
+def test_dataset_info_matches_the_manifest(card, release):
+    infos = {info["config_name"]: info for info in header(card)["dataset_info"]}
+    for name, view in release.manifest["configs"].items():
+        splits = {s["name"]: s["num_examples"] for s in infos[name]["splits"]}
+        assert splits == {split: s["rows"] for split, s in view["splits"].items()}
+    assert infos["all"]["splits"][0]["num_examples"] == 2312
+    assert [f["name"] for f in infos["all"]["features"]][:4] == ["id", "subset", "family", "split"]
+
+
+def test_body_has_the_dataset_card_sections_in_order(card):
+    positions = [card.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+
+
+def test_body_carries_warning_license_and_citation(card):
+    assert "**Content warning.**" in card.split("## Dataset details")[0]
+    assert "**License:** MIT" in card
+    assert "eprint = {2204.05862}" in card and "arXiv:2204.05862" in card
+    assert "Bai" in card
+
+
+def test_numbers_come_from_the_manifest(card, release):
+    manifest = release.manifest
+    assert "| read |  | 2400 |" in card
+    assert "| quarantined | `invalid_json` | 50 |" in card
+    assert "| removed | `exact_duplicate` | 38 |" in card
+    assert "| `helpful` | 400 | helpful-base |" in card
+    lengths = manifest["lengths"]["chosen"]
+    assert f"| `chosen` | {lengths['mean']} | {lengths['p50']} |" in card
+    for flag, count in manifest["flags"].items():
+        assert f"| `{flag}` | {count} |" in card
+    assert f"`{'ab' * 32}`" in card
+    assert '"threshold": 0.8' in card
+
+
+def test_the_length_plot_is_shipped_and_shown(card, release):
+    assert "![Length distribution of prompts and final replies](lengths.png)" in card
+    assert (release.path / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "lengths.png" in release.manifest["files"]
+
+
+def test_card_is_rendered_only_from_the_manifest(card, release):
+    assert render_card(read_manifest(release.path)) == card
+    assert card_metadata(release.manifest)["size_categories"] == ["1K<n<10K"]
+
+
+def test_croissant_lists_every_data_file_with_its_checksum(release):
+    document = json.loads((release.path / "croissant.json").read_text())
+    assert document["conformsTo"] == CONFORMS_TO
+    assert document["@type"] == "sc:Dataset" and document["version"] == "1.0.0"
+    objects = {d["@id"]: d for d in document["distribution"] if d["@type"] == "cr:FileObject"}
+    parquet = [path for path in release.manifest["files"] if path.endswith(".parquet")]
+    assert sorted(objects) == sorted(parquet)
+    for path, entry in objects.items():
+        data = (release.path / path).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["contentSize"] == f"{len(data)} B"
+    record_sets = {r["@id"]: r for r in document["recordSet"]}
+    assert set(record_sets) == set(release.manifest["configs"])
+    fields = {f["name"]: f for f in record_sets["helpful"]["field"]}
+    assert fields["prompt"]["repeated"] is True
+    assert [sub["name"] for sub in fields["prompt"]["subField"]] == ["role", "content"]
+    file_sets = {d["@id"]: d for d in document["distribution"] if d["@type"] == "cr:FileSet"}
+    assert file_sets["files-helpful"]["includes"] == ["data/helpful-base/test-00000-of-00001.parquet"]
