@@ -52,7 +52,7 @@ def test_header_declares_license_and_one_config_per_view(card, release):
     assert [c["config_name"] for c in meta["configs"] if c.get("default")] == ["all"]
     helpful = next(c for c in meta["configs"] if c["config_name"] == "helpful")
     assert helpful["data_files"] == [{"split": "test",
-                          "path": ["data/helpful-base/test-00000-of-00001.parquet"]}]
+                                      "path": ["data/helpful-base/test-00000-of-00001.parquet"]}]
     for config in meta["configs"]:
         for files in config["data_files"]:
             assert all((release.path / path).is_file() for path in files["path"])
