@@ -43,6 +43,7 @@ def hermetic(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HHDATA_CACHE", str(tmp_path / "hhdata"))
 
 
 def synthetic_rows(count: int, seed: int) -> list[dict]:

@@ -1,13 +1,9 @@
 """What both trainers need and nothing more: a CLI from a documented dataclass, and pair rows
 from a release with the provenance to record.
 
->>> from dataclasses import dataclass
->>> @dataclass(frozen=True)
-... class Args:
-...     seed: int = 1
-...     '''random seed'''
->>> parse_args(Args, ["--seed", "3"])
-Args(seed=3)
+>>> from training.reward_model import Args
+>>> parse_args(Args, ["--seed", "3", "--no-chat-template"]).seed
+3
 """
 
 from __future__ import annotations
@@ -15,10 +11,8 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import gzip
 import hashlib
 import inspect
-import json
 import textwrap
 import types
 import typing
@@ -26,11 +20,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hhdata.errors import HhDataError, PairError, SourceError
-from hhdata.schema import family_of, pair_id
-from hhdata.transcript import split_pair
+from hhdata.manifest import MANIFEST_NAME, read_manifest
+from hhdata.read import bundled_sample_path
 
-BUNDLED = Path(__file__).resolve().parent.parent / "hhdata/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -86,71 +78,49 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _bundled_rows() -> list[dict]:
-    rows = []
-    with gzip.open(BUNDLED, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            try:
-                pair = split_pair(record["chosen"], record["rejected"])
-            except PairError:
-                continue  # the few pairs without a determinable prompt cannot be trained on
-            rows.append(
-                {
-                    "id": pair_id(record["chosen"], record["rejected"]),
-                    "subset": "harmless-base",
-                    "family": family_of("harmless-base"),
-                    "split": "test",
-                    "prompt": pair.prompt,
-                    "chosen": pair.chosen,
-                    "rejected": pair.rejected,
-                    "chosen_text": record["chosen"],
-                    "rejected_text": record["rejected"],
-                    "flags": pair.flags,
-                }
-            )
-    return rows
-
-
-def _by_split(rows: list[dict]) -> dict[str, list[dict]]:
-    splits: dict[str, list[dict]] = {}
-    for row in rows:
-        splits.setdefault(row["split"], []).append(row)
-    return splits
+def _rows(dataset) -> dict[str, list[dict]]:
+    return {name: dataset[name].to_list() for name in dataset}
 
 
 def load_pairs(data: str | None, version: str | None = None) -> tuple[dict[str, list[dict]], dict]:
     """Canonical pair rows by split, and the provenance a run records.
 
     `data` is None (the bundled harmless-base sample), a ``.parquet`` file of pair rows, a
-    local release directory, or a Hub repo id (pinned with `version`). Provenance holds the
-    source, the release version and the sha256 of its manifest.json for a release, or the
-    sha256 of the file read otherwise.
+    local release directory (or a folder of releases with `version`), a Hub repo id of a
+    release (pinned with `version`, default the latest), or raw files hhdata.load parses.
+    Provenance holds the release version and the sha256 of its manifest.json for a release,
+    the sha256 of the file read otherwise.
+
+    >>> splits, provenance = load_pairs(None)
+    >>> len(splits["test"]), provenance["file"]
+    (2312, 'test.jsonl.gz')
     """
-    if data is None:
-        try:
-            import hhdata
-
-            dataset = hhdata.load()
-        except AttributeError:  # hhdata.load not there yet: read the bundled file directly
-            splits = _by_split(_bundled_rows())
-        else:
-            splits = {name: dataset[name].to_list() for name in dataset}
-        return splits, {"source": "bundled", "file": BUNDLED.name, "sha256": sha256_file(BUNDLED)}
-    path = Path(data)
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise SourceError(f"{path}: pair rows are read from .parquet files; convert it first")
-        rows = pq.read_table(path).to_pylist()
-        return _by_split(rows), {"source": str(path), "sha256": sha256_file(path)}
     import hhdata
+    from hhdata.release_load import load_release
 
-    if not hasattr(hhdata, "load"):
-        raise HhDataError(f"{data}: loading a release needs hhdata.load, which is not installed")
-    dataset = hhdata.load(data, version=version) if version else hhdata.load(data)
-    provenance = {"source": data, "version": version}
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        provenance["version"] = json.loads(manifest.read_text())["version"]
-        provenance["manifest_sha256"] = sha256_file(manifest)
-    return {name: dataset[name].to_list() for name in dataset}, provenance
+    if data is None:
+        bundled = bundled_sample_path()
+        return _rows(hhdata.load()), {"source": "bundled", "file": bundled.name, "sha256": sha256_file(bundled)}
+    path = Path(data)
+    if path.is_file() and path.suffix == ".parquet":
+        rows = pq.read_table(path).to_pylist()
+        splits: dict[str, list[dict]] = {}
+        for row in rows:
+            splits.setdefault(row["split"], []).append(row)
+        return splits, {"source": str(path), "sha256": sha256_file(path)}
+    if version is not None and (path / version / MANIFEST_NAME).is_file():
+        path = path / version
+    if not (path / MANIFEST_NAME).is_file():
+        if path.exists():  # raw files: parsed on the spot, no release to pin
+            digest = sha256_file(path) if path.is_file() else None
+            return _rows(hhdata.load(data)), {"source": data, "raw": True, "sha256": digest}
+        from hhdata.hub import download_release
+
+        path = download_release(data, version)
+    manifest = read_manifest(path)
+    provenance = {
+        "source": data,
+        "version": manifest["version"],
+        "manifest_sha256": sha256_file(path / MANIFEST_NAME),
+    }
+    return _rows(load_release(path)), provenance
