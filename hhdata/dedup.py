@@ -1,0 +1,386 @@
+"""Deduplicate pair rows: degenerate pairs, exact duplicates, near duplicates, one drop log.
+
+Three stages run in this order over a table of canonical pair rows
+(hhdata.schema.PAIR_SCHEMA), each seeing only what the previous one kept:
+
+1. **Degenerate pairs** (hhdata.degenerate): dropped or flagged, per reason.
+2. **Exact duplicates**: two rows are the same pair when their chosen and rejected texts
+   are equal after normalisation (Unicode NFC, lower case, whitespace runs collapsed to one
+   space and trimmed; each switchable). Since a transcript is its prompt followed by its
+   final reply, this compares the prompt and both replies; by default the replies may come
+   in either order (a pair with chosen and rejected swapped is the same comparison).
+3. **Near duplicates** (hhdata.minhash): rows whose prompts (or whole pairs) have word-
+   shingle Jaccard similarity at or above the threshold. Rows are visited in survivor
+   order; a row similar to an already kept row is dropped with that row's id as kept_id.
+
+Which copy survives is a setting: ``first`` (input order), ``train_first`` (a train copy
+beats a test copy, so a duplicate never leaks a training pair into test; then input order)
+or ``subset_order`` (subsets ranked by ``subset_order``, then input order).
+
+Every input row ends up in exactly one of ``kept`` and ``drops``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hhdata import degenerate, minhash
+from hhdata.errors import HhDataError
+from hhdata.schema import PAIR_SCHEMA
+
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+SURVIVORS = ("first", "train_first", "subset_order")
+DROPS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("kept_id", pa.string()),
+        ("subset", pa.string()),
+        ("split", pa.string()),
+        ("similarity", pa.float64()),
+    ]
+)
+
+
+class DedupSettingsError(HhDataError, ValueError):
+    """A DedupSettings value is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    """Everything that decides what deduplicate drops; JSON-serialisable for the manifest.
+
+    Defaults were chosen by measurement on the 170k-pair synthetic corpus (docs/dedup.md).
+    """
+
+    unicode_nfc: bool = True
+    """exact: compare texts in Unicode NFC form"""
+    lowercase: bool = True
+    """exact: compare texts lower-cased"""
+    collapse_whitespace: bool = True
+    """exact: collapse every whitespace run to one space and trim the ends"""
+    reply_order_matters: bool = False
+    """exact: False counts the same prompt with the two replies swapped as a duplicate"""
+    survivor: str = "train_first"
+    """which copy is kept: 'first', 'train_first' or 'subset_order'"""
+    subset_order: tuple[str, ...] = ()
+    """for survivor='subset_order': subsets, most preferred first; others rank last"""
+    near: bool = True
+    """run near-duplicate detection at all"""
+    near_scope: str = "pair"
+    """'prompt': shingle the prompt's turns; 'pair': the prompt and both replies"""
+    near_action: str = "drop"
+    """'drop': drop near duplicates of a kept row; 'cluster': keep them, sharing a cluster_id"""
+    shingle_size: int = 5
+    """words per shingle"""
+    num_perm: int = 128
+    """MinHash permutations"""
+    bands: int = 32
+    """LSH bands; bands x rows must not exceed num_perm"""
+    rows: int = 4
+    """MinHash values per band"""
+    threshold: float = 0.7
+    """Jaccard similarity at or above which two rows are near duplicates"""
+    verify: str = "exact"
+    """'exact': confirm candidates with the exact Jaccard; 'estimate': the MinHash estimate"""
+    seed: int = 1
+    """seed of the MinHash permutations"""
+    degenerate: dict = field(default_factory=lambda: dict(degenerate.DEFAULT_POLICY))
+    """per degenerate reason: 'drop' or 'flag'"""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.survivor not in SURVIVORS:
+            problems.append(f"survivor={self.survivor!r} is not one of {list(SURVIVORS)}")
+        if self.near_scope not in ("prompt", "pair"):
+            problems.append(f"near_scope={self.near_scope!r} must be 'prompt' or 'pair'")
+        if self.near_action not in ("drop", "cluster"):
+            problems.append(f"near_action={self.near_action!r} must be 'drop' or 'cluster'")
+        if self.verify not in ("exact", "estimate"):
+            problems.append(f"verify={self.verify!r} must be 'exact' or 'estimate'")
+        if self.bands * self.rows > self.num_perm:
+            problems.append(
+                f"bands x rows = {self.bands * self.rows} exceeds num_perm={self.num_perm}"
+            )
+        if not 0.0 < self.threshold <= 1.0:
+            problems.append(f"threshold={self.threshold} must be in (0, 1]")
+        try:
+            degenerate.check_policy(self.degenerate)
+        except ValueError as error:
+            problems.append(str(error))
+        if problems:
+            raise DedupSettingsError("bad dedup settings: " + "; ".join(problems))
+
+    def to_json(self) -> dict:
+        """The settings as a plain dict (what the release manifest records)."""
+        settings = dataclasses.asdict(self)
+        settings["subset_order"] = list(self.subset_order)
+        settings["degenerate"] = {**degenerate.DEFAULT_POLICY, **self.degenerate}
+        return settings
+
+    @classmethod
+    def from_json(cls, settings: dict) -> DedupSettings:
+        """Settings from a dict written by to_json (unknown keys are an error)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise DedupSettingsError(
+                f"unknown dedup settings {unknown}; the settings are {sorted(known)}"
+            )
+        values = dict(settings)
+        if "subset_order" in values:
+            values["subset_order"] = tuple(values["subset_order"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    """Kept rows (with cluster_id), the drop log, a JSON report, and the settings used."""
+
+    kept: pa.Table
+    drops: pa.Table
+    report: dict
+    settings: DedupSettings
+
+
+def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
+    """Texts as the exact-duplicate stage compares them.
+
+    >>> normalized(pa.array(["  Hello\\n\\nWORLD "]), DedupSettings()).to_pylist()
+    ['hello world']
+    """
+    if settings.unicode_nfc:
+        texts = pc.utf8_normalize(texts, "NFC")
+    if settings.lowercase:
+        texts = pc.utf8_lower(texts)
+    if settings.collapse_whitespace:
+        texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"\s+", " "))
+    return texts
+
+
+def survivor_order(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
+    """Row indices, most preferred survivor first."""
+    position = np.arange(pairs.num_rows)
+    if settings.survivor == "first":
+        return position
+    if settings.survivor == "train_first":
+        rank = pc.not_equal(pairs["split"], "train").to_numpy(zero_copy_only=False)
+    else:
+        ranks = {subset: r for r, subset in enumerate(settings.subset_order)}
+        rank = np.array(
+            [ranks.get(s, len(ranks)) for s in pairs["subset"].to_pylist()], dtype=np.int64
+        )
+    return np.lexsort((position, rank))
+
+
+def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
+    """One int64 key per row; equal keys are exact duplicates under the settings."""
+    chosen = normalized(pairs["chosen_text"].combine_chunks(), settings)
+    rejected = normalized(pairs["rejected_text"].combine_chunks(), settings)
+    # one dictionary for both columns, so a text has the same code on either side
+    codes = pa.concat_arrays([chosen, rejected]).dictionary_encode().indices.to_numpy()
+    first, second = codes[: pairs.num_rows].astype(np.int64), codes[pairs.num_rows :].astype(np.int64)
+    if not settings.reply_order_matters:
+        first, second = np.minimum(first, second), np.maximum(first, second)
+    return first * (2 * pairs.num_rows + 1) + second
+
+
+def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
+    """What near-duplicate detection shingles: the prompt turns' contents joined by spaces,
+    then (scope 'pair') both final replies."""
+    parts = [degenerate._joined_contents(pairs["prompt"].combine_chunks(), " ")]
+    if scope == "pair":
+        parts += [degenerate._joined_contents(pairs[side].combine_chunks(), " ")
+                  for side in ("chosen", "rejected")]
+    return pc.binary_join_element_wise(*parts, " ") if len(parts) > 1 else parts[0]
+
+
+def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings):
+    """(dropped row -> (kept row, similarity)) in drop mode, and the similar pairs of kept rows.
+
+    Rows with the same text are similar (1.0); each distinct text is shingled once.
+    """
+    texts = near_texts(pairs, settings.near_scope)
+    encoded = texts.dictionary_encode()
+    unique_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    unique_pairs, similarity = minhash.similar_pairs(
+        encoded.dictionary,
+        shingle_size=settings.shingle_size,
+        num_perm=settings.num_perm,
+        bands=settings.bands,
+        rows=settings.rows,
+        threshold=settings.threshold,
+        verify=settings.verify,
+        seed=settings.seed,
+    )
+    neighbours: dict[int, list[tuple[int, float]]] = {}
+    for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
+        neighbours.setdefault(u, []).append((v, sim))
+        neighbours.setdefault(v, []).append((u, sim))
+    rows_per_unique = np.bincount(unique_of_row, minlength=len(encoded.dictionary))
+    kept_row_of_unique: dict[int, int] = {}
+    dropped: dict[int, tuple[int, float]] = {}
+    same_text: list[tuple[int, int]] = []
+    touched = (rows_per_unique[unique_of_row] > 1) | np.isin(unique_of_row, list(neighbours))
+    for row in order[touched[order]].tolist():
+        unique = int(unique_of_row[row])
+        if unique in kept_row_of_unique:
+            if settings.near_action == "drop":
+                dropped[row] = (kept_row_of_unique[unique], 1.0)
+            else:
+                same_text.append((kept_row_of_unique[unique], row))
+            continue
+        matches = [(sim, v) for v, sim in neighbours.get(unique, ()) if v in kept_row_of_unique]
+        if matches and settings.near_action == "drop":
+            sim, v = max(matches, key=lambda match: match[0])
+            dropped[row] = (kept_row_of_unique[v], sim)
+        else:
+            kept_row_of_unique[unique] = row
+    row_edges = [
+        (kept_row_of_unique.get(u), kept_row_of_unique.get(v)) for u, v in unique_pairs.tolist()
+    ]
+    return dropped, same_text + [(a, b) for a, b in row_edges if a is not None and b is not None]
+
+
+def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> DedupResult:
+    """Drop degenerate pairs, exact and near duplicates; every input row is kept or logged.
+
+    Returns kept rows (PAIR_SCHEMA plus ``cluster_id``: the id of the cluster's
+    representative, the row's own id for a singleton), a drop log (id, reason, kept_id,
+    subset, split, similarity), a report and the settings.
+    """
+    missing = [name for name in PAIR_SCHEMA.names if name not in pairs.column_names]
+    if missing:
+        raise HhDataError(
+            f"deduplicate needs the canonical pair columns; missing {missing}. Build the table "
+            "with hhdata.pairs.build_pairs so it follows hhdata.schema.PAIR_SCHEMA"
+        )
+    pairs = pairs.select(PAIR_SCHEMA.names).combine_chunks()
+    ids = pairs["id"].to_numpy(zero_copy_only=False)
+    n = pairs.num_rows
+    reason = np.full(n, None, dtype=object)
+    kept_index = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan)
+    cluster = np.arange(n)
+
+    # 1. degenerate pairs
+    masks = degenerate.find_degenerate(pairs) if n else {r: np.zeros(0, bool) for r in degenerate.REASONS}
+    policy = {**degenerate.DEFAULT_POLICY, **settings.degenerate}
+    flagged = {}
+    for code in degenerate.REASONS:
+        if policy[code] == degenerate.DROP:
+            reason[masks[code] & (reason == None)] = code  # noqa: E711 (element-wise)
+        else:
+            flagged[code] = masks[code]
+    alive = reason == None  # noqa: E711
+
+    # 2. exact duplicates, first survivor of each key in survivor order
+    order = survivor_order(pairs, settings)
+    order = order[alive[order]]
+    keys = exact_keys(pairs, settings)
+    _, first_in_order, group = np.unique(keys[order], return_index=True, return_inverse=True)
+    survivor_of = order[first_in_order][group]
+    duplicate = survivor_of != order
+    reason[order[duplicate]] = EXACT_DUPLICATE
+    kept_index[order[duplicate]] = survivor_of[duplicate]
+    similarity[order[duplicate]] = 1.0
+    cluster[order] = survivor_of
+
+    # 3. near duplicates among the exact survivors
+    order = order[~duplicate]
+    edges: list[tuple[int, int]] = []
+    if settings.near and len(order):
+        survivors = pairs.take(pa.array(order))
+        dropped, edges = _near_duplicates(survivors, np.arange(len(order)), settings)
+        for local, (kept_local, sim) in dropped.items():
+            row = order[local]
+            reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim
+            cluster[row] = order[kept_local]
+        edges = [(int(order[a]), int(order[b])) for a, b in edges]
+    if edges:  # cluster mode: kept near duplicates share their component's best survivor
+        rank = np.empty(n, dtype=np.int64)
+        rank[survivor_order(pairs, settings)] = np.arange(n)
+        by_rank = survivor_order(pairs, settings)
+        ranked_edges = np.array([(rank[a], rank[b]) for a, b in edges], dtype=np.int64)
+        component = minhash.connected_components(n, ranked_edges)
+        root_row = by_rank[component[rank]]
+        # exact copies follow their survivor into its component
+        cluster = root_row[cluster]
+
+    keep = reason == None  # noqa: E711
+    flags = degenerate.add_flags(pairs["flags"].combine_chunks(), {c: m & keep for c, m in flagged.items()})
+    kept = pairs.set_column(PAIR_SCHEMA.get_field_index("flags"), "flags", flags)
+    kept = kept.filter(pa.array(keep)).append_column(
+        "cluster_id", pa.array(ids[cluster][keep].tolist(), pa.string())
+    )
+    gone = np.flatnonzero(~keep)
+    drops = pa.table(
+        {
+            "id": pa.array(ids[gone].tolist(), pa.string()),
+            "reason": pa.array(reason[gone].tolist(), pa.string()),
+            "kept_id": pa.array(
+                [ids[k] if k >= 0 else None for k in kept_index[gone].tolist()], pa.string()
+            ),
+            "subset": pairs["subset"].take(pa.array(gone)),
+            "split": pairs["split"].take(pa.array(gone)),
+            "similarity": pa.array(similarity[gone], pa.float64(), from_pandas=True),
+        },
+        schema=DROPS_SCHEMA,
+    )
+    report = dedup_report(pairs, kept, drops, settings, {c: int(m.sum()) for c, m in masks.items()})
+    return DedupResult(kept=kept, drops=drops, report=report, settings=settings)
+
+
+def dedup_report(pairs, kept, drops, settings, degenerate_found, examples: int = 3) -> dict:
+    """Counts per reason, cluster sizes and side-by-side examples of each kind of drop."""
+    dropped_per_kept = Counter(k for k in drops["kept_id"].to_pylist() if k is not None)
+    cluster_sizes = Counter(kept["cluster_id"].to_pylist())
+    for kept_id, count in dropped_per_kept.items():
+        cluster_sizes[kept_id] += count
+    histogram = Counter(cluster_sizes.values())
+    by_id = {}
+    for row in pairs.select(["id", "subset", "split", "prompt"]).to_pylist():
+        by_id.setdefault(row["id"], row)
+    side_by_side = {}
+    for reason_code in sorted(set(drops["reason"].to_pylist())):
+        rows = drops.filter(pc.equal(drops["reason"], reason_code)).slice(0, examples).to_pylist()
+        side_by_side[reason_code] = [
+            {
+                "dropped": _example(by_id[row["id"]]),
+                "kept": _example(by_id[row["kept_id"]]) if row["kept_id"] else None,
+                "similarity": None if row["similarity"] != row["similarity"] else row["similarity"],
+            }
+            for row in rows
+        ]
+    return {
+        "settings": settings.to_json(),
+        "input": pairs.num_rows,
+        "kept": kept.num_rows,
+        "dropped": drops.num_rows,
+        "dropped_by_reason": dict(sorted(Counter(drops["reason"].to_pylist()).items())),
+        "degenerate_found": degenerate_found,
+        "clusters": len(cluster_sizes),
+        "cluster_size_histogram": {str(size): count for size, count in sorted(histogram.items())},
+        "examples": side_by_side,
+    }
+
+
+def _example(row: dict) -> dict:
+    last_user = next((t["content"] for t in reversed(row["prompt"]) if t["role"] == "user"), "")
+    return {"id": row["id"], "subset": row["subset"], "split": row["split"],
+            "turns": len(row["prompt"]), "last_user_turn": last_user[:300]}
+
+
+def write_report(report: dict, path) -> None:
+    """Write a report as indented, key-sorted JSON."""
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(report, out, indent=1, sort_keys=True, ensure_ascii=False)
+        out.write("\n")

@@ -1,0 +1,311 @@
+"""Near duplicates: word shingles, MinHash signatures, LSH banding, verification, clusters.
+
+The whole corpus is processed at once, in numpy, so no Python code runs per shingle:
+
+1. **Shingles.** Texts are lower-cased and split on whitespace (``pyarrow.compute``). Every
+   distinct word gets a stable 64-bit hash (blake2b of its UTF-8 bytes, computed once per
+   word of the vocabulary), so a text hashes the same whatever corpus it sits in. A shingle
+   is ``k`` consecutive words, hashed by folding the word hashes and mixing with the
+   splitmix64 finaliser. A text shorter than ``k`` words is one shingle of all its words;
+   an empty text has none and never matches anything.
+2. **MinHash.** Permutation ``i`` is the universal hash ``(a_i * s + b_i) mod 2**64`` with
+   seeded odd ``a_i``; the signature keeps the top 32 bits of each minimum. Shingles are
+   processed in blocks of whole documents as a (shingles x permutations) array reduced
+   with ``np.minimum.reduceat``.
+3. **LSH.** The signature is cut into ``bands`` bands of ``rows`` values; documents whose
+   band values are all equal in some band become candidates.
+4. **Verification.** Candidates are kept only if their Jaccard similarity reaches the
+   threshold: the MinHash estimate first, then (by default) the exact Jaccard of the two
+   shingle sets. Texts that share a long prefix but differ later have a low Jaccard
+   similarity and fail here even when a band collides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_MASK32 = np.uint64(32)
+_FOLD = np.uint64(0x9E3779B97F4A7C15)
+# Shingles per block of the (shingles x permutations) array: keeps it near 16 MiB at 128 perms.
+_BLOCK_SHINGLES = 16384
+
+
+@dataclass(frozen=True)
+class Shingles:
+    """The shingle hashes of many texts: ``hashes[offsets[d]:offsets[d + 1]]`` belong to text d.
+
+    A text's hashes are in text order and may repeat (a repeated phrase); MinHash ignores
+    repeats and exact_jaccard takes the distinct ones.
+    """
+
+    hashes: np.ndarray  # uint64
+    offsets: np.ndarray  # int64, len(texts) + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def counts(self) -> np.ndarray:
+        """Number of shingles of each text (repeats included)."""
+        return np.diff(self.offsets)
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic)."""
+    z = values.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def _string_hashes(strings: pa.Array) -> np.ndarray:
+    """A stable 64-bit hash of each non-empty string: a polynomial over its UTF-8 bytes
+    (wrapping mod 2**64), mixed with its length by splitmix64. Vectorised over all strings.
+    """
+    strings = strings.cast(pa.large_string())
+    _, offsets_buffer, data_buffer = strings.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
+        strings.offset : strings.offset + len(strings) + 1
+    ]
+    data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)
+    # weight of byte j of a string of length n is P**(n - 1 - j): Horner's rule, all at once
+    powers = np.ones(max(int(lengths.max(initial=0)), 1), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(1, len(powers)):
+            powers[i] = powers[i - 1] * _FOLD
+        from_end = np.repeat(offsets[1:], lengths) - 1 - np.arange(len(data))
+        terms = (data.astype(np.uint64) + np.uint64(1)) * powers[from_end]
+        sums = np.add.reduceat(terms, offsets[:-1]) if len(data) else np.zeros(0, np.uint64)
+        return _splitmix64(sums ^ (lengths.astype(np.uint64) << np.uint64(56)))
+
+
+def word_shingles(texts, k: int = 3) -> Shingles:
+    """Hash the k-word shingles of each text (lower-cased, split on whitespace).
+
+    >>> s = word_shingles(["a b c d", "a b c d", "", "x"], k=3)
+    >>> s.counts().tolist()
+    [2, 2, 0, 1]
+    """
+    if k < 1:
+        raise ValueError(f"shingle size must be at least 1, not {k}")
+    array = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    words = pc.utf8_split_whitespace(pc.utf8_lower(array.fill_null("")))
+    # an empty text splits into one empty word: drop empty words, then re-base the offsets
+    nonempty = pc.utf8_length(words.values).to_numpy(zero_copy_only=False) > 0
+    kept_before = np.concatenate([[0], np.cumsum(nonempty)])
+    word_offsets = kept_before[words.offsets.to_numpy().astype(np.int64)]
+    encoded = words.values.filter(pa.array(nonempty)).dictionary_encode()
+    vocabulary = _string_hashes(encoded.dictionary)
+    tokens = vocabulary[encoded.indices.to_numpy(zero_copy_only=False)]
+    counts = np.diff(word_offsets)
+    n_words = len(tokens)
+
+    # folded[i] after step j covers tokens[i], ..., tokens[i + j - 1]; padding keeps every
+    # start in range. A text of c < k words keeps the fold of step c at its first word.
+    padded = np.concatenate([tokens, np.zeros(k - 1, dtype=np.uint64)])
+    folded = padded[:n_words].copy()
+    short = (counts > 0) & (counts < k)
+    short_starts, short_counts = word_offsets[:-1][short], counts[short]
+    short_values = np.zeros(len(short_starts), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(1, k + 1):
+            if j > 1:
+                folded = folded * _FOLD + padded[j - 1 : j - 1 + n_words]
+            done = short_counts == j
+            short_values[done] = folded[short_starts[done]]
+    # a start is kept if a whole shingle fits in its text, or it begins a short text
+    doc_end = np.repeat(word_offsets[1:], counts)
+    keep = np.arange(n_words) + k <= doc_end
+    folded[short_starts] = short_values
+    keep[short_starts] = True
+    shingle_counts = np.where(short, 1, np.maximum(counts - k + 1, 0))
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(shingle_counts, out=offsets[1:])
+    return Shingles(hashes=_splitmix64(folded[keep]), offsets=offsets)
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded coefficients (a, b) of the universal hashes; every ``a`` is odd."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    a = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def signatures(shingles: Shingles, num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """MinHash signatures, shape (texts, num_perm), uint32; empty texts get all 0xFFFFFFFF.
+
+    >>> sig = signatures(word_shingles(["a b c d e", "a b c d e"]), num_perm=8)
+    >>> sig.shape, bool((sig[0] == sig[1]).all())
+    ((2, 8), True)
+    """
+    a, b = permutations(num_perm, seed)
+    n_docs = len(shingles)
+    result = np.full((num_perm, n_docs), np.iinfo(np.uint64).max, dtype=np.uint64)
+    offsets, hashes = shingles.offsets, shingles.hashes
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    # blocks of whole texts, each about _BLOCK_SHINGLES shingles (one big text stays whole);
+    # layout (permutations, shingles) so each minimum runs over a contiguous segment
+    cuts = np.searchsorted(
+        offsets[nonempty], np.arange(0, offsets[-1], _BLOCK_SHINGLES), side="left"
+    )
+    cuts = np.unique(np.append(cuts, len(nonempty)))
+    with np.errstate(over="ignore"):
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            docs = nonempty[start:stop]
+            first, last = offsets[docs[0]], offsets[docs[-1] + 1]
+            block = a[:, None] * hashes[None, first:last]
+            block += b[:, None]
+            result[:, docs] = np.minimum.reduceat(block, offsets[docs] - first, axis=1)
+    return np.ascontiguousarray((result >> _MASK32).astype(np.uint32).T)
+
+
+def band_candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
+    """Candidate pairs (i, j), i < j, whose signatures agree on every row of some band.
+
+    Only the first ``max_bucket`` members of a bucket are paired with every other member,
+    so a huge bucket costs at most ``max_bucket`` pairs per member. Empty texts (all-max
+    signatures) are never candidates.
+    """
+    if bands * rows > sig.shape[1]:
+        raise ValueError(
+            f"{bands} bands x {rows} rows need {bands * rows} permutations, "
+            f"but the signatures have {sig.shape[1]}"
+        )
+    usable = np.flatnonzero(sig[:, 0] != np.iinfo(np.uint32).max)
+    pairs = []
+    for band in range(bands):
+        block = np.ascontiguousarray(sig[usable, band * rows : (band + 1) * rows])
+        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, len(keys)])
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+            members = np.sort(usable[order[start : start + size]])
+            heads = members[: min(size, max_bucket)]
+            left = np.repeat(heads, size)
+            right = np.tile(members, len(heads))
+            keep = left < right
+            pairs.append(np.stack([left[keep], right[keep]], axis=1))
+    if not pairs:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(pairs).astype(np.int64), axis=0)
+
+
+def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """MinHash estimate of the Jaccard similarity of each candidate pair."""
+    if len(pairs) == 0:
+        return np.empty(0)
+    return (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
+
+
+def _distinct(pair_index: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort (pair, hash) entries and drop repeats."""
+    order = np.lexsort((hashes, pair_index))
+    pair_index, hashes = pair_index[order], hashes[order]
+    first = np.ones(len(hashes), dtype=bool)
+    first[1:] = (pair_index[1:] != pair_index[:-1]) | (hashes[1:] != hashes[:-1])
+    return pair_index[first], hashes[first]
+
+
+def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
+    """Exact Jaccard similarity of the shingle sets of each pair, all pairs at once.
+
+    Two empty texts have similarity 1.
+    """
+    if len(pairs) == 0:
+        return np.empty(0)
+    counts = shingles.counts()
+    sides, sizes = [], []
+    for column in (0, 1):
+        docs = pairs[:, column]
+        lengths = counts[docs]
+        pair_index = np.repeat(np.arange(len(pairs)), lengths)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        side = _distinct(pair_index, shingles.hashes[np.repeat(shingles.offsets[docs], lengths) + within])
+        sides.append(side)
+        sizes.append(np.bincount(side[0], minlength=len(pairs)))
+    pair_index = np.concatenate([sides[0][0], sides[1][0]])
+    hashes = np.concatenate([sides[0][1], sides[1][1]])
+    order = np.lexsort((hashes, pair_index))
+    pair_index, hashes = pair_index[order], hashes[order]
+    # each side is a set now, so an equal neighbour within a pair is one shared shingle
+    shared = (pair_index[1:] == pair_index[:-1]) & (hashes[1:] == hashes[:-1])
+    intersection = np.bincount(pair_index[1:][shared], minlength=len(pairs))
+    union = sizes[0] + sizes[1] - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+
+
+def similar_pairs(
+    texts,
+    *,
+    shingle_size: int = 3,
+    num_perm: int = 128,
+    bands: int = 16,
+    rows: int = 8,
+    threshold: float = 0.7,
+    verify: str = "exact",
+    seed: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of texts (i, j), i < j, whose word-shingle Jaccard similarity is >= threshold.
+
+    Returns (pairs, similarity). ``verify="estimate"`` keeps candidates by the MinHash
+    estimate alone; ``"exact"`` (default) then confirms each with the exact Jaccard of the
+    shingle sets, dropping candidates whose estimate is more than 0.15 below the threshold
+    without computing it.
+
+    >>> text = "how do i bake a loaf of bread at home without a bread machine"
+    >>> pairs, sim = similar_pairs([text, text + " please", "dogs bark"])
+    >>> pairs.tolist()
+    [[0, 1]]
+    """
+    if verify not in ("exact", "estimate"):
+        raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
+    shingles = word_shingles(texts, shingle_size)
+    sig = signatures(shingles, num_perm, seed)
+    candidates = band_candidates(sig, bands, rows)
+    estimate = estimated_jaccard(sig, candidates)
+    if verify == "estimate":
+        keep = estimate >= threshold
+        return candidates[keep], estimate[keep]
+    candidates = candidates[estimate >= threshold - 0.15]
+    similarity = exact_jaccard(shingles, candidates)
+    keep = similarity >= threshold
+    return candidates[keep], similarity[keep]
+
+
+def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Component label of each of n items under the given edges: the smallest member index.
+
+    >>> connected_components(4, np.array([[1, 3]])).tolist()
+    [0, 1, 2, 1]
+    """
+    parent: dict[int, int] = {}
+
+    def root(i: int) -> int:
+        while parent.get(i, i) != i:
+            parent[i] = parent.get(parent[i], parent[i])
+            i = parent[i]
+        return i
+
+    for i, j in np.asarray(pairs, dtype=np.int64).reshape(-1, 2).tolist():
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    labels = np.arange(n, dtype=np.int64)
+    for i in list(parent):
+        labels[i] = root(i)
+    return labels
