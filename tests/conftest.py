@@ -1,0 +1,33 @@
+"""Shared fixtures. Every test runs with its caches in a temp dir (hermetic, no network)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from hhdata.read import bundled_sample_path
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_caches(tmp_path_factory, monkeypatch):
+    """hhdata's load cache and the Hugging Face caches live in a temp dir per test session."""
+    root = tmp_path_factory.getbasetemp() / "caches"
+    monkeypatch.setenv("HHDATA_CACHE", str(root / "hhdata"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "hf" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def sample_path() -> Path:
+    """The bundled real sample: harmless-base/test.jsonl.gz, 2,312 pairs."""
+    return bundled_sample_path()
+
+
+@pytest.fixture(scope="session")
+def sample_records(sample_path) -> list[dict]:
+    """The bundled sample's records, read the plain way (json.loads per line)."""
+    with gzip.open(sample_path, "rt", encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines]

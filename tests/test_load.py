@@ -1,0 +1,103 @@
+"""hhdata.load: the bundled sample offline and cached, config and split selection, dispatch."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+
+import hhdata
+from hhdata.errors import LoadError, SourceError
+from hhdata.load import cache_dir
+from hhdata.schema import PAIR_SCHEMA
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HHDATA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_load_returns_the_bundled_sample_as_canonical_pair_rows(fresh_cache, sample_records):
+    ds = hhdata.load()
+    assert isinstance(ds, datasets.DatasetDict) and list(ds) == ["test"]
+    test = ds["test"]
+    assert test.num_rows == 2312
+    assert test.data.table.schema.remove_metadata() == PAIR_SCHEMA
+    assert test.features["prompt"] == datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    first = test[0]
+    assert (first["chosen_text"], first["rejected_text"]) == (sample_records[0]["chosen"], sample_records[0]["rejected"])
+    assert (first["subset"], first["family"], first["split"]) == ("harmless-base", "harmless", "test")
+
+
+def test_the_second_load_reads_the_cache_well_under_a_second(fresh_cache):
+    hhdata.load()
+    [cached] = list(fresh_cache.glob("sample-*/test.arrow"))
+    assert cached.parent.name.startswith(f"sample-{hhdata.__version__}-")
+    stamp = cached.stat().st_mtime_ns
+    started = time.perf_counter()
+    ds = hhdata.load()
+    elapsed = time.perf_counter() - started
+    assert ds["test"].num_rows == 2312
+    assert elapsed < 1.0, f"cached load took {elapsed:.2f} s"
+    assert cached.stat().st_mtime_ns == stamp
+
+
+def test_the_cache_location_follows_the_environment(fresh_cache, monkeypatch):
+    assert cache_dir() == fresh_cache
+    monkeypatch.delenv("HHDATA_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "hhdata"
+
+
+def test_config_and_split_select_rows(fresh_cache):
+    assert hhdata.load(config="harmless", split="test").num_rows == 2312
+    assert hhdata.load(config="harmless-base")["test"].num_rows == 2312
+    assert isinstance(hhdata.load(split="test"), datasets.Dataset)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"config": "helpful"}, "config 'helpful' selects no rows of the bundled sample, which holds the subsets "
+         "['harmless-base']; pass 'all', 'helpful', 'harmless' or one of those subsets"),
+        ({"split": "train"}, "the bundled sample has no split 'train'; it has ['test']"),
+        ({"version": "1.0.0"}, "version='1.0.0' names a release, but no source was given; the bundled sample "
+         "has no versions (pass a release folder or a Hub repo id)"),
+    ],
+)
+def test_requests_the_sample_cannot_meet_are_refused(fresh_cache, kwargs, message):
+    with pytest.raises(LoadError) as raised:
+        hhdata.load(**kwargs)
+    assert str(raised.value) == message
+
+
+def test_raw_files_load_by_split(tmp_path, fresh_cache):
+    folder = tmp_path / "helpful-base"
+    folder.mkdir()
+    for split in ("train", "test"):
+        lines = [json.dumps({"chosen": f"\n\nHuman: {split} {n}\n\nAssistant: a", "rejected": f"\n\nHuman: {split} {n}\n\nAssistant: b"}) for n in range(3)]
+        (folder / f"{split}.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    ds = hhdata.load(tmp_path)
+    assert sorted(ds) == ["test", "train"] and ds["train"].num_rows == 3
+    assert ds["train"][0]["prompt"] == [{"role": "user", "content": "train 0"}]
+    assert hhdata.load(tmp_path, "helpful", split="test").num_rows == 3
+
+
+def test_an_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SourceError) as raised:
+        hhdata.load(str(tmp_path / "no" / "such" / "place"))
+    assert str(raised.value).endswith("is neither a local path nor a Hub repo id ('org/name'); check the spelling")
+
+
+def test_a_local_release_folder_goes_to_the_release_loader(tmp_path, fresh_cache, sample_path):
+    pipeline = pytest.importorskip("hhdata.pipeline")
+    pipeline.build_release([sample_path], version="1.0.0", out=tmp_path / "releases")
+    by_path = hhdata.load(tmp_path / "releases" / "1.0.0", "harmless", split="test")
+    by_version = hhdata.load(tmp_path / "releases", split="test", version="1.0.0")
+    sample_ids = set(hhdata.load(split="test")["id"])
+    assert set(by_path["id"]) == set(by_version["id"]) and set(by_path["id"]) <= sample_ids
+    assert by_path.num_rows > 2000

@@ -1,0 +1,193 @@
+"""read_raw survives every kind of bad input, reports it with file:line, and counts reconcile."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from hhdata.cli import main
+from hhdata.errors import SourceError
+from hhdata.read import MAX_LINE_BYTES, RAW_SCHEMA, read_raw
+
+
+def record(n: int) -> dict:
+    return {"chosen": f"\n\nHuman: q{n}\n\nAssistant: yes {n}", "rejected": f"\n\nHuman: q{n}\n\nAssistant: no {n}"}
+
+
+def good(n: int) -> bytes:
+    return json.dumps(record(n)).encode()
+
+
+HUGE = json.dumps({"chosen": "x" * (MAX_LINE_BYTES + 10), "rejected": "y"}).encode()
+
+# (case, bad line, reason, exact message)
+BAD_LINES = [
+    ("invalid json", b'{"chosen": "x", ', "invalid_json",
+     "Expecting property name enclosed in double quotes at column 17; fix or remove the line"),
+    ("invalid utf-8", b'{"chosen": "caf\xe9", "rejected": "b"}', "invalid_utf8",
+     "byte 15 of the line (b'\\xe9') is not valid UTF-8; re-encode the file as UTF-8"),
+    ("lone surrogate", b'{"chosen": "\\ud800", "rejected": "b"}', "invalid_utf8",
+     "'chosen' escapes a lone surrogate (\\ud800-\\udfff), which is not valid Unicode; fix the escape sequence"),
+    ("array", b'["a", "b"]', "not_an_object",
+     'the line is a JSON array, not an object; each line must be {"chosen": "...", "rejected": "..."}'),
+    ("string", b'"text"', "not_an_object",
+     'the line is a JSON string, not an object; each line must be {"chosen": "...", "rejected": "..."}'),
+    ("missing key", json.dumps({"chosen": "a"}).encode(), "missing_key",
+     "'rejected' is a required property; each line needs both 'chosen' and 'rejected'"),
+    ("extra key", json.dumps({**record(9), "score": 1}).encode(), "extra_key",
+     "Additional properties are not allowed ('score' was unexpected); remove the other keys or "
+     "convert the file to the HH-RLHF format first"),
+    ("wrong type", b'{"chosen": 5, "rejected": "b"}', "wrong_type",
+     "at 'chosen': 5 is not of type 'string'; both values must be JSON strings (not null)"),
+    ("null", b'{"chosen": "a", "rejected": null}', "wrong_type",
+     "at 'rejected': None is not of type 'string'; both values must be JSON strings (not null)"),
+    ("empty string", b'{"chosen": "", "rejected": "b"}', "empty_string",
+     "at 'chosen': '' should be non-empty; both transcripts must hold text"),
+    ("chosen == rejected", json.dumps({"chosen": "same", "rejected": "same"}).encode(), "chosen_equals_rejected",
+     "chosen and rejected are the same text, so the record states no preference; fix the "
+     "rejected transcript or drop the line"),
+    ("huge line", HUGE, "line_too_long",
+     f"the line is {len(HUGE)} bytes, over the limit of {MAX_LINE_BYTES} bytes "
+     "(hhdata.read.MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"),
+]
+
+
+@pytest.fixture
+def layout(tmp_path):
+    folder = tmp_path / "harmless-base"
+    folder.mkdir()
+    return folder
+
+
+@pytest.mark.parametrize(("case", "bad", "reason", "message"), BAD_LINES, ids=[c[0] for c in BAD_LINES])
+@pytest.mark.parametrize("compress", [False, True], ids=["jsonl", "gz"])
+def test_a_bad_line_is_quarantined_and_the_good_lines_are_read(layout, capsys, case, bad, reason, message, compress):
+    data = b"\n".join([good(1), good(2), bad, good(3)]) + b"\n"
+    path = layout / ("train.jsonl.gz" if compress else "train.jsonl")
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+    result = read_raw(path)
+
+    assert result.table["line"].to_pylist() == [1, 2, 4]
+    assert result.table["chosen"].to_pylist() == [record(n)["chosen"] for n in (1, 2, 3)]
+    assert result.table.schema == RAW_SCHEMA
+    [row] = result.quarantine.to_pylist()
+    assert (row["file"], row["line"], row["reason"], row["message"]) == (str(path), 3, reason, message)
+    if reason != "line_too_long":
+        assert row["raw"] == bad or json.loads(row["raw"]) == json.loads(bad)
+    report = result.report
+    assert (report.lines, report.blank, report.accepted, report.quarantined) == (4, 0, 3, {reason: 1})
+    assert report.reconciles()
+
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"  {reason}: 1\n    {path}:3: {message}\n" in out
+    assert "read 1 file: 4 lines, 0 blank, 3 accepted, 1 quarantined" in out
+
+
+def test_a_truncated_gzip_keeps_the_records_before_the_cut(layout):
+    whole = gzip.compress(b"".join(good(n) + b"\n" for n in range(400)))
+    path = layout / "test.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+
+    result = read_raw(path)
+
+    kept = result.report.accepted
+    assert 0 < kept < 400
+    assert result.table["chosen"].to_pylist() == [record(n)["chosen"] for n in range(kept)]
+    [row] = result.quarantine.to_pylist()
+    assert (row["line"], row["reason"]) == (kept + 1, "truncated_file")
+    assert row["message"] == (
+        f"{path} is truncated: its gzip stream ends after line {kept} (the last complete line); "
+        f"the {kept} lines before the cut were read; re-download or re-compress the file"
+    )
+    assert good(kept).startswith(row["raw"])
+    assert result.report.reconciles()
+
+
+def test_a_corrupt_gzip_is_reported_and_counts_reconcile(layout):
+    whole = bytearray(gzip.compress(b"".join(good(n) + b"\n" for n in range(400))))
+    whole[len(whole) // 2: len(whole) // 2 + 40] = bytes(40)
+    path = layout / "test.jsonl.gz"
+    path.write_bytes(bytes(whole))
+
+    result = read_raw(path)
+
+    assert "corrupt_file" in result.report.quarantined
+    assert result.report.reconciles()
+
+
+def test_bom_crlf_and_blank_lines_are_read_and_noted(layout):
+    path = layout / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good(1) + b"\r\n\r\n" + good(2) + b"\r\n  \n" + good(3))
+
+    result = read_raw(path)
+
+    assert result.table["line"].to_pylist() == [1, 3, 5]
+    assert result.quarantine.num_rows == 0
+    assert (result.report.lines, result.report.blank, result.report.accepted) == (5, 2, 3)
+    assert result.report.notices == [
+        f"{path}: starts with a UTF-8 byte order mark; ignored",
+        f"{path}: 3 lines end with CRLF (\\r\\n); read as LF",
+    ]
+
+
+def test_a_huge_line_without_newline_at_the_end_of_a_file(layout):
+    path = layout / "train.jsonl"
+    path.write_bytes(good(1) + b"\n" + b"x" * 3000)
+    result = read_raw(path, max_line_bytes=1000)
+    [row] = result.quarantine.to_pylist()
+    assert (row["line"], row["reason"], len(row["raw"])) == (2, "line_too_long", 1024)  # the first KiB is kept
+    assert "the line is 3000 bytes, over the limit of 1000 bytes" in row["message"]
+
+
+def test_folders_globs_and_the_upstream_layout(tmp_path):
+    for subset, split in (("helpful-base", "train"), ("harmless-base", "test")):
+        (tmp_path / subset).mkdir()
+        (tmp_path / subset / f"{split}.jsonl.gz").write_bytes(gzip.compress(good(1) + b"\n" + good(2)))
+    by_folder = read_raw(tmp_path)
+    assert by_folder.table.select(["subset", "split", "family"]).to_pylist()[::2] == [
+        {"subset": "harmless-base", "split": "test", "family": "harmless"},
+        {"subset": "helpful-base", "split": "train", "family": "helpful"},
+    ]
+    by_glob = read_raw(str(tmp_path / "*" / "train.jsonl.gz"))
+    assert by_glob.report.files == [str(tmp_path / "helpful-base" / "train.jsonl.gz")]
+
+
+def test_arguments_name_the_subset_and_split_of_other_paths(tmp_path):
+    path = tmp_path / "batch-7.jsonl"
+    path.write_bytes(good(1))
+    with pytest.raises(SourceError) as raised:
+        read_raw(path)
+    assert str(raised.value) == (
+        f"cannot tell the split of {path}: its name is not train.jsonl[.gz] or test.jsonl[.gz]; "
+        "put it at <subset>/<split>.jsonl.gz or pass the split"
+    )
+    with pytest.raises(SourceError, match="declare its family"):
+        read_raw(path, subset="batch-7", split="train")
+    table = read_raw(path, subset="batch-7", split="train", family="helpful").table
+    assert table.select(["subset", "split", "family"]).to_pylist() == [
+        {"subset": "batch-7", "split": "train", "family": "helpful"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("nowhere.jsonl", "{tmp}/nowhere.jsonl does not exist; check the path"),
+        ("*.nothing", "no file matches {tmp}/*.nothing; check the pattern"),
+        ("empty", "{tmp}/empty holds no *.jsonl or *.jsonl.gz file; point at the files"),
+    ],
+)
+def test_paths_that_hold_nothing_are_usage_errors(tmp_path, given, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError) as raised:
+        read_raw(tmp_path / given if given != "*.nothing" else f"{tmp_path}/{given}")
+    assert str(raised.value) == message.format(tmp=tmp_path)
+
+
+def test_the_bundled_sample_reads_whole(sample_path):
+    result = read_raw(sample_path)
+    assert (result.report.lines, result.report.accepted, result.quarantine.num_rows) == (2312, 2312, 0)
