@@ -25,11 +25,15 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import httpx
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from hhdata.errors import HubError, IntegrityError, ReleaseError, VersionError
+
+try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    import httpx as _http
 
 REPO_TYPE = "dataset"
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -82,7 +86,7 @@ def _status(error: BaseException) -> int | None:
 
 
 def _is_transient(error: BaseException) -> bool:
-    if isinstance(error, (httpx.TransportError, ConnectionError, TimeoutError)):
+    if isinstance(error, (_http.TransportError, ConnectionError, TimeoutError)):
         return True
     return isinstance(error, HfHubHTTPError) and _status(error) in TRANSIENT_STATUS
 
@@ -118,7 +122,7 @@ def _retrying(call, *, retries: int, backoff: float, repo_id: str, doing: str):
     for attempt in range(retries + 1):
         try:
             return call()
-        except (HfHubHTTPError, httpx.HTTPError, ConnectionError, TimeoutError) as error:
+        except (HfHubHTTPError, _http.HTTPError, ConnectionError, TimeoutError) as error:
             if not _is_transient(error) or attempt == retries:
                 raise _hub_error(error, repo_id, doing) from None
             time.sleep(backoff * 2**attempt)

@@ -10,7 +10,7 @@ import hashlib
 import subprocess
 import uuid
 
-import httpx
+import httpx2 as httpx
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError

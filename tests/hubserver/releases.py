@@ -1,7 +1,7 @@
 """Small real releases for the Hub tests, built with hhdata.release from the bundled sample.
 
 Rows come from the bundled harmless-base test split. So that a release has both families,
-the second half of the rows is filed under a test-only subset ``helpful-fixture`` declared
+every odd record is filed under a test-only subset ``helpful-fixture`` declared
 ``helpful``: the rows are real transcripts, only the label is made up for the test.
 """
 
@@ -35,12 +35,12 @@ def sample_pairs(count: int, offset: int = 0) -> pa.Table:
                 pair = split_pair(record["chosen"], record["rejected"])
             except PairError:
                 continue
-            helpful = len(rows) >= count // 2
+            helpful = number % 2 == 1  # fixed per record, so a bigger count only adds rows
             rows.append({
                 "id": pair_id(record["chosen"], record["rejected"]),
                 "subset": "helpful-fixture" if helpful else "harmless-base",
                 "family": "helpful" if helpful else "harmless",
-                "split": "train" if len(rows) % 4 else "test",
+                "split": "test" if number % 4 < 2 else "train",
                 "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
                 "chosen_text": record["chosen"], "rejected_text": record["rejected"],
                 "flags": list(pair.flags),

@@ -1,0 +1,207 @@
+"""Publish to and load from a local Hub end to end, faults included (hhdata.hub, hhdata.cli.hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from huggingface_hub import CommitOperationAdd, HfApi
+
+import hhdata
+from hhdata import hub
+from hhdata.cli import main as cli_main
+from hhdata.errors import HubError, IntegrityError, VersionError
+from hhdata.release_load import load_release
+from tests.conftest_hub import local_hub  # noqa: F401 - the fixture
+from tests.hubserver.releases import SAMPLE, build_release
+
+FAST = {"retries": 1, "backoff": 0.01}
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    out = tmp_path_factory.mktemp("releases")
+    first = build_release(out, "1.0.0", count=24)
+    second = build_release(out, "1.1.0", count=28, previous=first)
+    return first, second
+
+
+@pytest.fixture
+def repo_id():
+    return f"org/hh-{uuid.uuid4().hex[:8]}"
+
+
+def commits_on_main(local_hub, repo_id) -> list[str]:
+    out = subprocess.run(["git", "--git-dir", str(local_hub.repo_path(repo_id) / ".git"), "log", "--format=%H %s", "main"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def test_publish_is_one_commit_then_a_tag_and_loads_back(local_hub, releases, repo_id, tmp_path):
+    first, second = releases
+    result = hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    assert (result.tag, result.reused_commit) == ("v1.0.0", False)
+    assert [line.split(" ", 1)[1] for line in commits_on_main(local_hub, repo_id)] == ["Release 1.0.0", "initial commit"]
+    api = HfApi(endpoint=local_hub.endpoint)
+    files = sorted(api.list_repo_files(repo_id, repo_type="dataset", revision="v1.0.0"))
+    assert files == sorted([".gitattributes"] + [path for path, _ in hub.release_files(first)])
+
+    later = hub.publish(second, repo_id, token=local_hub.token, **FAST)
+    versions = hub.list_versions(repo_id)
+    assert [(v.version, v.commit) for v in versions] == [("1.0.0", result.commit), ("1.1.0", later.commit)]
+    assert all(v.date and v.date.startswith("20") for v in versions)
+
+    local = load_release(first, "helpful", split="train")
+    loaded = hhdata.load(repo_id, "helpful", split="train", version="1.0.0")
+    assert loaded.num_rows == local.num_rows > 0
+    assert loaded["id"] == local["id"] and set(loaded["family"]) == {"helpful"}
+    latest = hub.load_from_hub(repo_id, "harmless", cache_dir=tmp_path / "cache")
+    assert latest["test"].num_rows == load_release(second, "harmless", split="test").num_rows
+
+
+def test_plain_datasets_load_dataset_reads_the_tagged_release(local_hub, releases, repo_id, tmp_path):
+    first, _ = releases
+    hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    code = (
+        "import datasets, json, sys\n"
+        f"ds = datasets.load_dataset({repo_id!r}, 'helpful', revision='v1.0.0')\n"
+        "print(json.dumps({s: ds[s].num_rows for s in ds} | {'family': sorted(set(ds['train']['family']))}))\n"
+    )
+    env = {**os.environ, **local_hub.env(tmp_path / "hf-home")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    local = load_release(first, "helpful")
+    assert got == {"train": local["train"].num_rows, "test": local["test"].num_rows, "family": ["helpful"]}
+
+
+def test_existing_tag_is_refused_and_nothing_is_committed(local_hub, releases, repo_id):
+    first, _ = releases
+    hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    before = commits_on_main(local_hub, repo_id)
+    with pytest.raises(VersionError, match=r"tag v1\.0\.0 already exists .* immutable"):
+        hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    assert commits_on_main(local_hub, repo_id) == before
+
+
+def test_stale_parent_commit_refuses_the_release_and_tags_nothing(local_hub, releases, repo_id):
+    first, second = releases
+    reviewed = hub.publish(first, repo_id, token=local_hub.token, **FAST).commit
+    HfApi(endpoint=local_hub.endpoint, token=local_hub.token).create_commit(
+        repo_id, [CommitOperationAdd("NOTES.md", b"someone else's commit\n")], repo_type="dataset",
+        commit_message="concurrent edit")
+    with pytest.raises(HubError, match="branch moved since commit .* nothing was tagged"):
+        hub.publish(second, repo_id, token=local_hub.token, parent_commit=reviewed, **FAST)
+    assert [v.version for v in hub.list_versions(repo_id)] == ["1.0.0"]
+
+
+def test_bad_token_is_a_clear_error_that_never_shows_the_token(local_hub, releases, repo_id):
+    first, _ = releases
+    with pytest.raises(HubError) as caught:
+        hub.publish(first, repo_id, token=local_hub.bad_token, **FAST)
+    assert "401" in str(caught.value) and "HF_TOKEN" in str(caught.value)
+    assert local_hub.bad_token not in str(caught.value)
+
+
+def test_cli_publish_and_versions_never_print_the_token(local_hub, releases, repo_id, capsys, monkeypatch):
+    first, _ = releases
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    assert cli_main(["publish", str(first), "--repo", repo_id, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "dry run: would publish" in dry and "data/helpful-fixture/train-00000-of-00001.parquet" in dry
+    assert not local_hub.repo_path(repo_id).exists()  # a dry run sends nothing
+
+    assert cli_main(["publish", str(first), "--repo", repo_id]) == 0
+    assert cli_main(["versions", repo_id]) == 0
+    assert cli_main(["publish", str(first), "--repo", repo_id]) == 2
+    monkeypatch.setenv("HF_TOKEN", local_hub.bad_token)
+    assert cli_main(["publish", str(first), "--repo", f"{repo_id}-b", "--retries", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert f"published {repo_id} v1.0.0" in out and "\tv1.0.0\t" in out
+    assert "already exists" in err and "401" in err
+    for token in (local_hub.token, local_hub.bad_token):
+        assert token not in out + err
+
+
+def test_transient_server_errors_are_retried(local_hub, releases, repo_id):
+    first, _ = releases
+    local_hub.arm_faults([{"route": "preupload", "action": "status", "status": 503, "times": 2},
+                          {"route": "create_tag", "action": "status", "status": 502, "times": 1}])
+    result = hub.publish(first, repo_id, token=local_hub.token, retries=3, backoff=0.01)
+    assert [v.tag for v in hub.list_versions(repo_id)] == [result.tag]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_server_killed_mid_publish_then_a_clean_rerun_completes(local_hub, releases, repo_id, when):
+    """The server dies on the commit request: before writing it, or after (reply lost)."""
+    first, _ = releases
+    local_hub.arm_faults([{"route": "commit", "action": "exit", "when": when, "times": 1}])
+    try:
+        with pytest.raises(HubError, match="re-run the same command"):
+            hub.publish(first, repo_id, token=local_hub.token, **FAST)
+        assert not local_hub.front_alive()
+    finally:
+        local_hub.start_front()
+    assert hub.list_versions(repo_id) == []  # no tag until the commit is complete
+    result = hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    assert result.reused_commit is (when == "after")
+    subjects = [line.split(" ", 1)[1] for line in commits_on_main(local_hub, repo_id)]
+    assert subjects == ["Release 1.0.0", "initial commit"]
+    assert hub.load_from_hub(repo_id, "all", split="test", version="1.0.0").num_rows > 0
+
+
+def test_tampered_file_on_the_hub_is_refused_on_load(local_hub, releases, repo_id, tmp_path):
+    first, _ = releases
+    hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    manifest = json.loads((first / "manifest.json").read_text())
+    target = "data/helpful-fixture/train-00000-of-00001.parquet"
+    stored = local_hub.lfs_object(repo_id, manifest["files"][target]["sha256"])
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"{target}: sha256 .* does not match manifest"):
+        hub.load_from_hub(repo_id, "helpful", split="train", version="1.0.0", cache_dir=tmp_path / "c")
+
+
+def test_unknown_version_lists_the_published_ones(local_hub, releases, repo_id):
+    hub.publish(releases[0], repo_id, token=local_hub.token, **FAST)
+    with pytest.raises(VersionError, match="no version 9.9.9; published versions: 1.0.0"):
+        hub.load_from_hub(repo_id, "all", version="9.9.9")
+
+
+def test_upstream_layout_is_fetched_and_checked_against_its_checksums(local_hub, tmp_path):
+    upstream = "Anthropic/hh-rlhf"
+    api = HfApi(endpoint=local_hub.endpoint, token=local_hub.token)
+    if not local_hub.repo_path(upstream).exists():
+        api.create_repo(upstream, repo_type="dataset")
+        api.create_commit(upstream, [CommitOperationAdd("harmless-base/test.jsonl.gz", str(SAMPLE)),
+                                     CommitOperationAdd("README.md", b"# hh-rlhf\n")],
+                          repo_type="dataset", commit_message="upstream layout")
+    fetched = hub.fetch_upstream(upstream, cache_dir=tmp_path / "c")
+    assert (fetched.verified, fetched.unverified) == (["harmless-base/test.jsonl.gz"], [])
+    raw = hhdata.load(upstream, "harmless-base", split="test")
+    assert raw.num_rows == 2312 and set(raw.column_names) == {"chosen", "rejected"}
+
+    forged = tmp_path / "forged.jsonl.gz"
+    shutil.copy(SAMPLE, forged)
+    with open(forged, "ab") as handle:
+        handle.write(b"\0")
+    api.create_commit(upstream, [CommitOperationAdd("harmless-base/test.jsonl.gz", str(forged))],
+                      repo_type="dataset", commit_message="not the upstream bytes")
+    with pytest.raises(IntegrityError, match="UPSTREAM_MANIFEST.md records 742801 bytes"):
+        hub.fetch_upstream(upstream, cache_dir=tmp_path / "c2")
+
+
+def test_dry_run_needs_no_token_and_lists_every_file(releases):
+    first, _ = releases
+    result = hub.publish(first, "org/never-sent", dry_run=True, endpoint="http://127.0.0.1:9")
+    assert result.dry_run and result.commit is None
+    assert [path for path, _ in result.files] == [path for path, _ in hub.release_files(first)]
+    assert result.bytes == sum((first / path).stat().st_size for path, _ in result.files)
+    assert {"README.md", "manifest.json", "CHANGELOG.md", "croissant.json"} <= {p for p, _ in result.files}
