@@ -1,0 +1,144 @@
+"""The whole flow: raw files -> release, with every row accounted for."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from hhdata import pipeline, synth
+from hhdata.cli import main
+from hhdata.errors import ReleaseError
+from hhdata.quarantine import quarantine_table
+from hhdata.read import ReadReport, bundled_sample_path
+
+SAMPLE_LINES = gzip.decompress(bundled_sample_path().read_bytes()).splitlines()
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """An upstream-layout folder: 300 real harmless pairs, 200 as helpful-base train, plus
+    known trouble: 2 broken lines, 1 pair with no human turn, 2 exact copies, 1 blank line."""
+    root = tmp_path_factory.mktemp("upstream")
+    harmless = list(SAMPLE_LINES[:300])
+    harmless += [b'{"chosen": "oops"', b"", SAMPLE_LINES[0], SAMPLE_LINES[1]]
+    no_human = {"chosen": "\n\nAssistant: hi there", "rejected": "\n\nAssistant: go away"}
+    harmless.append(json.dumps(no_human).encode())
+    (root / "harmless-base").mkdir()
+    (root / "harmless-base" / "test.jsonl").write_bytes(b"\n".join(harmless) + b"\n")
+    helpful = list(SAMPLE_LINES[300:500]) + [b"[1, 2]"]
+    (root / "helpful-base").mkdir()
+    (root / "helpful-base" / "train.jsonl.gz").write_bytes(gzip.compress(b"\n".join(helpful), mtime=0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(upstream, tmp_path_factory):
+    return pipeline.build_release([upstream], version="1.0.0", out=tmp_path_factory.mktemp("out"))
+
+
+def independent_count(root: Path) -> int:
+    """Non-blank lines of every raw file, counted without hhdata."""
+    total = 0
+    for path in root.rglob("*.jsonl*"):
+        data = path.read_bytes()
+        data = gzip.decompress(data) if path.suffix == ".gz" else data
+        total += sum(1 for line in data.splitlines() if line.strip())
+    return total
+
+
+def test_every_row_read_is_kept_or_leaves_with_a_reason(built, upstream):
+    accounting = built.manifest["accounting"]
+    assert accounting["read"] == independent_count(upstream) == 505
+    assert accounting["quarantined"] == {"invalid_json": 1, "no_human_turn": 1, "not_an_object": 1}
+    assert accounting["removed"]["exact_duplicate"] == 2
+    left = sum(sum(accounting[fate].values()) for fate in ("quarantined", "removed", "filtered"))
+    assert accounting["kept"] + left == accounting["read"]
+    rows = sum(s["rows"] for s in built.manifest["configs"]["all"]["splits"].values())
+    assert rows == accounting["kept"]
+
+
+def test_configs_follow_the_subsets_read(built):
+    configs = built.manifest["configs"]
+    assert list(configs) == ["all", "helpful", "harmless", "harmless-base", "helpful-base"]
+    assert configs["helpful"]["splits"]["train"]["files"] == [
+        "data/helpful-base/train-00000-of-00001.parquet"]
+    assert configs["all"]["splits"]["train"]["rows"] + configs["all"]["splits"]["test"]["rows"] \
+        == built.manifest["accounting"]["kept"]
+
+
+def test_sources_are_recorded_relative_with_checksums(built, upstream):
+    sources = {s["path"]: s for s in built.manifest["sources"]}
+    assert sorted(sources) == ["harmless-base/test.jsonl", "helpful-base/train.jsonl.gz"]
+    data = (upstream / "helpful-base" / "train.jsonl.gz").read_bytes()
+    assert sources["helpful-base/train.jsonl.gz"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert built.manifest["settings"]["dedup"]["threshold"] > 0
+
+
+def test_the_whole_pipeline_is_byte_reproducible(built, upstream, tmp_path):
+    again = pipeline.build_release([upstream], version="1.0.0", out=tmp_path)
+    for path in built.path.rglob("*"):
+        if path.is_file():
+            assert (again.path / path.relative_to(built.path)).read_bytes() == path.read_bytes(), path
+
+
+def test_bundled_sample_accounting_matches_an_independent_count(tmp_path):
+    result = pipeline.run_pipeline([bundled_sample_path()])
+    assert result.accounting["read"] == len(SAMPLE_LINES) == 2312
+    assert result.accounting["quarantined"] == {}
+    removed = Counter(result.drops["reason"].to_pylist())
+    assert result.accounting["kept"] == 2312 - sum(removed.values())
+    assert set(result.pairs["id"].to_pylist()).isdisjoint(result.drops["id"].to_pylist())
+
+
+def test_counts_that_do_not_reconcile_are_refused():
+    report = ReadReport(lines=10, blank=1, accepted=9)
+    drops = pa.table({"reason": pa.array(["exact_duplicate"], pa.string())})
+    with pytest.raises(ReleaseError, match=r"read 9 records but kept 7 \+ quarantined 0 \+ "
+                                           r"removed 1 \+ filtered 0 = 8"):
+        pipeline.reconcile(report, quarantine_table([]), drops, kept=7)
+    assert pipeline.reconcile(report, quarantine_table([]), drops, kept=8)["removed"] == {
+        "exact_duplicate": 1}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    synth.write_corpus(root, 400, seed=3)
+    return root
+
+
+def test_synthetic_subsets_are_refused_unless_named(synthetic, tmp_path):
+    subsets = sorted(p.parent.name for p in synthetic.rglob("*.jsonl.gz"))
+    assert subsets and all(name.startswith("synth-") for name in subsets)
+    with pytest.raises(ReleaseError, match="--include-synthetic synth-harmless-base"):
+        pipeline.build_release([synthetic], version="1.0.0", out=tmp_path)
+    with pytest.raises(ReleaseError, match=r"\['synth-helpful-base'"):
+        pipeline.build_release([synthetic], version="1.0.0", out=tmp_path,
+                               include_synthetic=["synth-harmless-base"])
+    assert list(tmp_path.iterdir()) == []
+    built = pipeline.build_release([synthetic], version="1.0.0", out=tmp_path,
+                                   include_synthetic=sorted(set(subsets)))
+    assert built.manifest["subsets"]["synth-harmless-base"] == "harmless"
+    assert built.manifest["settings"]["include_synthetic"] == sorted(set(subsets))
+
+
+def test_cli_build_then_a_contradicting_version(upstream, tmp_path, capsys):
+    out = tmp_path / "releases"
+    assert main(["build", str(upstream), "--version", "1.0.0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"built {out / '1.0.0'}\n")
+    assert "read 505  kept" in printed
+    code = main(["build", str(upstream), "--version", "1.1.0", "--out", str(out),
+                 "--previous", str(out / "1.0.0")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "the change from 1.0.0 is patch" in error and "must be 1.0.1, not 1.1.0" in error
+    assert main(["build", str(upstream), "--version", "1.1.0", "--out", str(out),
+                 "--previous", str(out / "1.0.0"), "--allow-version-mismatch"]) == 0
+    assert "1.0.0 -> 1.1.0: patch change" in capsys.readouterr().out
