@@ -10,6 +10,8 @@ import pytest
 
 from hhdata.read import bundled_sample_path
 
+pytest_plugins = ["tests.conftest_hub"]  # the local_hub fixture (a Hub on 127.0.0.1)
+
 
 @pytest.fixture(autouse=True)
 def _hermetic_caches(tmp_path_factory, monkeypatch):

@@ -18,7 +18,6 @@ from hhdata import hub
 from hhdata.cli import main as cli_main
 from hhdata.errors import HubError, IntegrityError, VersionError
 from hhdata.release_load import load_release
-from tests.conftest_hub import local_hub  # noqa: F401 - the fixture
 from tests.hubserver.releases import SAMPLE, build_release
 
 FAST = {"retries": 1, "backoff": 0.01}
