@@ -210,6 +210,10 @@ def sweep(v1, v2, work: Path) -> None:
         "zstd 3, 1k rows, CDC": ParquetSettings(row_group_size=1_000),
         "zstd 3, 100k rows, CDC": ParquetSettings(row_group_size=100_000),
         "zstd 9, 10k rows, CDC": ParquetSettings(compression_level=9),
+        "zstd 3, 10k rows, CDC pages 64-256 KiB": ParquetSettings(
+            cdc_min_chunk_size=64 * 1024, cdc_max_chunk_size=256 * 1024),
+        "zstd 3, 2k rows, CDC pages 64-256 KiB": ParquetSettings(
+            row_group_size=2_000, cdc_min_chunk_size=64 * 1024, cdc_max_chunk_size=256 * 1024),
     }
     print("\n| parquet settings | data bytes | write s (1.0.0) | re-upload by chunk | % |\n|---|---:|---:|---:|---:|")
     for label, settings in candidates.items():
