@@ -19,9 +19,11 @@ Run it: ``python -m hhdata.synth --pairs 170000 --seed 0 --out /tmp/synth``.
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import gzip
 import json
+import os
 import re
 import sys
 import time
@@ -370,6 +372,24 @@ class _Sources:
         self.order = [index for index in self.order if not self.used[index]]
         return taken
 
+    def take_each(self, needs: list[int]) -> list[int]:
+        """One source per need with at least that many prompt words; -1 where none is left."""
+        pending = sorted(range(len(needs)), key=needs.__getitem__)
+        pending_needs = [needs[item] for item in pending]
+        taken = [-1] * len(needs)
+        for index in self.order:
+            if not pending:
+                break
+            # give the source to the largest need it meets
+            position = bisect.bisect_right(pending_needs, self.words[index]) - 1
+            if self.used[index] or position < 0:
+                continue
+            pending_needs.pop(position)
+            taken[pending.pop(position)] = index
+            self.used[index] = True
+        self.order = [index for index in self.order if not self.used[index]]
+        return taken
+
 
 def _words_for(model: TextModel, rng: np.random.Generator, observed_chars: np.ndarray) -> list[str]:
     chars = int(rng.choice(observed_chars))
@@ -386,50 +406,72 @@ def _case_whitespace_variant(draft: Draft, transform: str) -> Draft:
     return Draft(prompt, change(draft.chosen), change(draft.rejected))
 
 
-def _near_duplicate(draft: Draft, model: TextModel, rng: np.random.Generator) -> dict:
-    """Edit prompt words one at a time until the shingle Jaccard drops to a drawn target."""
+def _words_needed(target: float) -> int:
+    """Prompt words for which one substitution (breaking SHINGLE_SIZE shingles) stays above target.
+
+    n shingles keep (n - k) / (n + k) >= target when n >= k (1 + target) / (1 - target).
+    """
+    return SHINGLE_SIZE - 1 + int(np.ceil(SHINGLE_SIZE * (1 + target) / (1 - target)))
+
+
+def _near_duplicate(draft: Draft, target: float, model: TextModel, rng: np.random.Generator) -> dict:
+    """Edit prompt words (substitute, insert, delete) until the shingle Jaccard drops to target.
+
+    k scattered edits leave about (n - 5k) / (n + 5k) of n shingles: a first batch of 60% of
+    that estimate cannot overshoot, then one edit at a time lands just below target.
+    """
     words = [content.split(" ") for _, content in draft.prompt]
     original = shingles(draft.tokens())
-    # the most similar one edit can leave: a substitution that breaks SHINGLE_SIZE shingles
-    highest = max(0.0, (len(original) - SHINGLE_SIZE) / (len(original) + SHINGLE_SIZE))
-    target = float(rng.uniform(0.5, max(0.5, highest)))
+    n = len(original)
+    highest = (n - SHINGLE_SIZE) / (n + SHINGLE_SIZE)
+    target = min(target, highest)  # a prompt too short for the drawn target
+    batch = max(1, int(0.6 * n * (1 - target) / (SHINGLE_SIZE * (1 + target))))
     edits, similarity = 0, 1.0
-    while similarity > target or edits == 0:
-        turn = int(rng.choice(len(words), p=np.array([len(w) for w in words]) / sum(map(len, words))))
-        position = int(rng.integers(len(words[turn])))
-        operation = ("substitute", "insert", "delete")[int(rng.integers(3))]
-        if operation == "delete" and len(words[turn]) > 1:
-            del words[turn][position]
-        elif operation == "insert":
-            words[turn].insert(position, model.words(rng, 1)[0])
-        else:
-            old = words[turn][position].lower()
-            while (new := model.words(rng, 1)[0]).lower() == old:
-                pass
-            words[turn][position] = new
-        edits += 1
-        prompt = [(role, " ".join(w)) for (role, _), w in zip(draft.prompt, words)]
+    while similarity > target:
+        for _ in range(batch):
+            _edit_word(words, model, rng)
+        edits, batch = edits + batch, 1
+        prompt = [(role, " ".join(turn)) for (role, _), turn in zip(draft.prompt, words)]
         edited = Draft(prompt, draft.chosen, draft.rejected)
         similarity = jaccard(original, shingles(edited.tokens()))
-    return {"draft": edited, "target_jaccard": round(target, 4), "jaccard": similarity, "edits": edits}
+    return {"draft": edited, "target_jaccard": target, "jaccard": similarity, "edits": edits}
+
+
+def _edit_word(words: list[list[str]], model: TextModel, rng: np.random.Generator) -> None:
+    """Substitute, insert or delete one word at a random place (no turn is left empty)."""
+    sizes = np.array([len(turn) for turn in words])
+    turn = int(rng.choice(len(words), p=sizes / sizes.sum()))
+    position = int(rng.integers(len(words[turn])))
+    operation = ("substitute", "insert", "delete")[int(rng.integers(3))]
+    if operation == "delete" and len(words[turn]) > 1:
+        del words[turn][position]
+    elif operation == "insert":
+        words[turn].insert(position, model.words(rng, 1)[0])
+    else:
+        old = words[turn][position].lower()
+        while (new := model.words(rng, 1)[0]).lower() == old:
+            pass
+        words[turn][position] = new
 
 
 def _hard_negative(draft: Draft, model: TextModel, rng: np.random.Generator) -> dict:
-    """Keep 40-60% of the prompt's words, write the rest afresh, until Jaccard < 0.5."""
+    """Keep 45-70% of the prompt's words, write the rest afresh, until Jaccard < 0.5."""
     lengths = [len(content.split(" ")) for _, content in draft.prompt]
-    keep = max(1, round(float(rng.uniform(0.4, 0.6)) * sum(lengths)))
+    keep = max(1, round(float(rng.uniform(0.45, 0.7)) * sum(lengths)))
     prompt, kept = [], 0
     for (role, content), length in zip(draft.prompt, lengths):
         shared = content.split(" ")[: max(0, keep - kept)]
         kept += len(shared)
-        fresh = model.words(rng, max(1, length - len(shared)))
+        fresh = model.words(rng, length - len(shared))
         prompt.append((role, " ".join(shared + fresh)))
     replies = [" ".join(_words_for(model, rng, model.reply_chars)) for _ in range(2)]
     negative = Draft(prompt, *replies)
     while (similarity := jaccard(shingles(draft.tokens()), shingles(negative.tokens()))) >= 0.5:
         role, content = negative.prompt[-1]
         negative.prompt[-1] = (role, " ".join([content, *model.words(rng, SHINGLE_SIZE)]))
-    return {"draft": negative, "jaccard": similarity}
+    ours, theirs = negative.texts()[0], draft.texts()[0]
+    shared = len(os.path.commonprefix([ours, theirs]))
+    return {"draft": negative, "jaccard": similarity, "shared_prefix_chars": shared}
 
 
 def _make_irregular(draft: Draft, kind: str, variant: int, model: TextModel, rng) -> list[str]:
@@ -543,7 +585,12 @@ def write_corpus(
     sources = _Sources(rng, base)
     plans = {name: sources.take(planned[name]) for name in ("exact_duplicate", "swapped_duplicate",
                                                             "case_whitespace_variant")}
-    plans["near_duplicate"] = sources.take(planned["near_duplicate"], min_words=20)
+    # near duplicates: targets uniform in [0.5, 0.95], each on a prompt long enough for it
+    targets = rng.uniform(0.5, 0.95, planned["near_duplicate"]).tolist()
+    near = sources.take_each([max(40, _words_needed(target + 0.02)) for target in targets])
+    short = iter(sources.take(near.count(-1), min_words=_words_needed(0.5)))
+    plans["near_duplicate"] = [(index if index >= 0 else next(short, -1), target)
+                               for index, target in zip(near, targets)]  # fmt: skip
     plans["hard_negative"] = sources.take(planned["hard_negative"], min_words=30)
     irregular = []
     for kind in ("empty_reply", "tag_in_reply", "consecutive_assistant"):
@@ -574,8 +621,10 @@ def write_corpus(
             transform = "trailing_whitespace"  # nothing to lowercase
         variant = _case_whitespace_variant(base[index], transform)
         plant("case_whitespace_variants", index, variant.texts(), transform=transform)
-    for index in plans["near_duplicate"]:
-        edit = _near_duplicate(base[index], model, rng)
+    for index, target in plans["near_duplicate"]:
+        if index < 0:
+            continue  # a corpus too small to hold this many near duplicates
+        edit = _near_duplicate(base[index], target, model, rng)
         plant("near_duplicates", index, edit.pop("draft").texts(), **edit)
     for index in plans["hard_negative"]:
         negative = _hard_negative(base[index], model, rng)
