@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ import pyarrow as pa
 from hhdata import dedup, pairs, read, release
 from hhdata.errors import ReleaseError
 from hhdata.manifest import file_digest
-from hhdata.schema import is_synthetic
+from hhdata.schema import SUBSET_FAMILIES, is_synthetic
 
 DUPLICATE_MARK = "duplicate"
+HUB_PREFIX = "hf://"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ def run_pipeline(
     ``include_synthetic``, or when the counts do not reconcile.
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
+    sources = resolve_sources(sources)
     raw = read.read_raw(sources, progress=progress)
     _refuse_synthetic(raw.table, raw.quarantine, set(include_synthetic))
     pair_rows, unparsable = pairs.build_pairs(raw.table)
@@ -100,6 +103,27 @@ def build_release(
         sources=result.sources, accounting=result.accounting, settings=result.settings,
         previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
     )
+
+
+def resolve_sources(sources: str | Path | Iterable[str | Path]) -> list[str | Path]:
+    """Sources as local paths: ``hf://ORG/NAME[@REVISION]`` is fetched from the Hub first.
+
+    The upstream layout is downloaded with hhdata.hub.fetch_upstream, which checks every
+    file against the checksums recorded in UPSTREAM_MANIFEST.md.
+    """
+    given = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    resolved = []
+    for source in given:
+        if isinstance(source, str) and source.startswith(HUB_PREFIX):
+            from hhdata.hub import fetch_upstream
+
+            repo_id, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
+            # preference subsets only: red-team attempts are not pairs (their own schema)
+            upstream = fetch_upstream(repo_id, sorted(SUBSET_FAMILIES), revision=revision or "main")
+            resolved.append(upstream.folder)
+        else:
+            resolved.append(source)
+    return resolved
 
 
 def reconcile(report: read.ReadReport, quarantine: pa.Table, drops: pa.Table, kept: int) -> dict:
@@ -155,7 +179,8 @@ def _relative(path: Path, roots: list[Path]) -> str:
     for root in roots:
         if root.is_dir():
             try:
-                return path.resolve().relative_to(root.resolve()).as_posix()
+                # absolute, not resolved: Hub snapshots are symlinks into a blob store
+                return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
             except ValueError:
                 continue
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "manifest.json, CHANGELOG.md and croissant.json.",
     )
     build.add_argument("sources", nargs="+", metavar="SOURCE",
-                       help="a folder in the upstream layout <subset>/<split>.jsonl[.gz], files, or globs")
+                       help="a folder in the upstream layout <subset>/<split>.jsonl[.gz], files, globs, "
+                       "or hf://ORG/NAME[@REVISION] for the upstream layout on the Hub")
     build.add_argument("--version", required=True, metavar="X.Y.Z", help="the release's version")
     build.add_argument("--out", required=True, metavar="DIR", help="releases folder; writes DIR/X.Y.Z/")
     build.add_argument("--previous", metavar="DIR",
