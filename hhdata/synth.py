@@ -67,7 +67,7 @@ BAD_REASONS = (
     "null_value",
     "empty_string",
     "chosen_equals_rejected",
-    "not_object",
+    "not_an_object",
     "blank_line",
 )
 
@@ -516,7 +516,7 @@ def _bad_line(reason: str, draft: Draft) -> bytes:
         "null_value": {"chosen": None, "rejected": rejected},
         "empty_string": {"chosen": chosen, "rejected": ""},
         "chosen_equals_rejected": {"chosen": chosen, "rejected": chosen},
-        "not_object": [chosen, rejected],
+        "not_an_object": [chosen, rejected],
     }
     if reason in objects:
         return json.dumps(objects[reason], ensure_ascii=False).encode()

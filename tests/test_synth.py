@@ -59,7 +59,7 @@ def classify(line: bytes) -> str:
     except json.JSONDecodeError:
         return "invalid_json"
     if not isinstance(record, dict):
-        return "not_object"
+        return "not_an_object"
     if set(record) < {"chosen", "rejected"}:
         return "missing_key"
     if set(record) > {"chosen", "rejected"}:
@@ -323,3 +323,26 @@ def test_command_line(tmp_path, capsys):
     )  # fmt: skip
     assert "wrote 50 pairs" in done.stdout
     assert (tmp_path / "c" / "synth-harmless-base" / "train.jsonl.gz").exists()
+
+
+def test_the_reader_sees_exactly_the_planted_truth(corpus):
+    """hhdata.read and hhdata.pairs agree with planted.json on every bad line and flag."""
+    from hhdata.pairs import build_pairs
+    from hhdata.read import read_raw
+
+    out, truth = corpus
+    raw = read_raw(out)
+    quarantined = {
+        f"{Path(row['file']).relative_to(out).as_posix()}:{row['line']}": row["reason"]
+        for row in raw.quarantine.to_pylist()
+    }
+    bad = {item["location"]: item["reason"] for item in truth.bad_records}
+    assert quarantined == {loc: reason for loc, reason in bad.items() if reason != "blank_line"}
+    assert raw.report.blank == Counter(bad.values())["blank_line"]
+    assert raw.report.accepted == N_PAIRS
+    pairs, pair_quarantine = build_pairs(raw.table)
+    assert pair_quarantine.num_rows == 0
+    flagged = {row["id"]: row["flags"] for row in pairs.select(["id", "flags"]).to_pylist() if row["flags"]}
+    assert flagged == {item["id"]: item["flags"] for item in truth.irregular}
+    assert {row["subset"] for row in pairs.select(["subset"]).to_pylist()} == {
+        f"{SYNTHETIC_PREFIX}{subset}" for subset in SUBSET_FAMILIES}  # fmt: skip
