@@ -142,3 +142,19 @@ def test_cli_build_then_a_contradicting_version(upstream, tmp_path, capsys):
     assert main(["build", str(upstream), "--version", "1.1.0", "--out", str(out),
                  "--previous", str(out / "1.0.0"), "--allow-version-mismatch"]) == 0
     assert "1.0.0 -> 1.1.0: patch change" in capsys.readouterr().out
+
+
+def test_the_upstream_layout_on_the_hub_is_a_source(local_hub, tmp_path):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=local_hub.endpoint, token=local_hub.token)
+    repo = "Anthropic/hh-rlhf"
+    if not local_hub.repo_path(repo).exists():
+        api.create_repo(repo, repo_type="dataset")
+    api.create_commit(repo, [CommitOperationAdd("harmless-base/test.jsonl.gz", str(bundled_sample_path()))],
+                      repo_type="dataset", commit_message="upstream layout")
+    built = pipeline.build_release([f"hf://{repo}"], version="1.0.0", out=tmp_path)
+    digest = hashlib.sha256(bundled_sample_path().read_bytes()).hexdigest()
+    assert built.manifest["sources"] == [
+        {"path": "harmless-base/test.jsonl.gz", "sha256": digest, "bytes": 742801}]
+    assert built.manifest["accounting"]["read"] == 2312
