@@ -17,15 +17,18 @@ the Hub login (``hf auth login``). Tokens never appear in messages or results.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token, snapshot_download
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from hhdata.errors import HubError, IntegrityError, ReleaseError, VersionError
@@ -52,12 +55,21 @@ class PublishResult:
     commit: str | None
     files: list[tuple[str, int]]
     deleted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
     dry_run: bool = False
     reused_commit: bool = False
 
     @property
     def bytes(self) -> int:
+        """Size of the release."""
         return sum(size for _, size in self.files)
+
+    @property
+    def uploaded_bytes(self) -> int:
+        """Bytes sent: files the branch did not already hold byte for byte (0 when a commit was reused)."""
+        if self.reused_commit:
+            return 0
+        return sum(size for path, size in self.files if path not in set(self.unchanged))
 
 
 @dataclass(frozen=True)
@@ -107,8 +119,11 @@ def _explain(error: BaseException, repo_id: str, doing: str) -> HubError:
         )
     if status == 403:
         return HubError(f"{repo_id}: the token may not write to this repo while {doing} (403); use a token with write access")
-    if isinstance(error, RepositoryNotFoundError):
-        return HubError(f"{repo_id}: no such dataset repo on the Hub while {doing}; check the name and the endpoint")
+    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)) or status == 404:
+        return HubError(
+            f"{repo_id}: not found on the Hub while {doing} (404); check the repo name, the version "
+            "and the endpoint (HF_ENDPOINT)"
+        )
     if _is_transient(error):
         return HubError(
             f"{repo_id}: the Hub is unreachable or failing while {doing} ({type(error).__name__}"
@@ -178,12 +193,24 @@ def _holds_release(remote: dict, local_ids: dict[str, str]) -> bool:
     """True when a commit holds exactly the release's files, byte for byte (by hash)."""
     if set(remote) - KEEP_ON_HUB != set(local_ids):
         return False
-    for path, wanted in local_ids.items():
-        item = remote[path]
-        have = item.lfs.sha256 if item.lfs is not None else item.blob_id
-        if have != wanted:
-            return False
-    return True
+    return all(_remote_id(remote[path]) == wanted for path, wanted in local_ids.items())
+
+
+def _remote_id(item) -> str:
+    return item.lfs.sha256 if item.lfs is not None else item.blob_id
+
+
+@contextlib.contextmanager
+def _quiet_unless_terminal():
+    """huggingface_hub's progress bars on a terminal only; quiet in pipes and logs."""
+    if sys.stderr.isatty() or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def publish(
@@ -230,13 +257,16 @@ def publish(
     remote = call(lambda: _remote_files(api, repo_id, head), "listing the branch")
     local_ids = _local_ids(release_dir, files, remote)
     deleted = sorted(set(remote) - KEEP_ON_HUB - set(local_ids))
+    unchanged = sorted(path for path, wanted in local_ids.items() if path in remote and _remote_id(remote[path]) == wanted)
 
-    if _holds_release(remote, local_ids) and parent_commit in (None, head):
-        commit, reused = head, True  # a previous run committed but crashed before tagging
-    else:
-        commit, reused = _commit(api, call, release_dir, repo_id, version, files, deleted, parent_commit or head), False
-    _tag(api, call, repo_id, tag, commit, version)
-    return PublishResult(repo_id, version, tag, commit, files, deleted, reused_commit=reused)
+    with _quiet_unless_terminal():
+        if _holds_release(remote, local_ids) and parent_commit in (None, head):
+            commit, reused = head, True  # a previous run committed but crashed before tagging
+        else:
+            commit = _commit(api, call, release_dir, repo_id, version, files, deleted, parent_commit or head)
+            reused = False
+        _tag(api, call, repo_id, tag, commit, version)
+    return PublishResult(repo_id, version, tag, commit, files, deleted, unchanged, reused_commit=reused)
 
 
 def _refuse_existing_tag(refs, tag: str, repo_id: str) -> None:
@@ -394,7 +424,8 @@ def load_from_hub(
 
     if repo_id == UPSTREAM_REPO:
         return _load_upstream(repo_id, config, split, version, token=token, endpoint=endpoint, cache_dir=cache_dir)
-    folder = download_release(repo_id, version, config, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    with _quiet_unless_terminal():
+        folder = download_release(repo_id, version, config, token=token, endpoint=endpoint, cache_dir=cache_dir)
     try:
         return load_release(folder, config, split)
     except IntegrityError as error:
@@ -480,8 +511,9 @@ def _load_upstream(repo_id, config, split, version, *, token, endpoint, cache_di
     import datasets
 
     revision = version or "main"
-    fetched = fetch_upstream(repo_id, [config] if config else None, revision=revision,
-                             token=token, endpoint=endpoint, cache_dir=cache_dir)
+    with _quiet_unless_terminal():
+        fetched = fetch_upstream(repo_id, [config] if config else None, revision=revision,
+                                 token=token, endpoint=endpoint, cache_dir=cache_dir)
     by_split: dict[str, list[str]] = {}
     for path in fetched.files(config):
         name = path.name.split(".")[0]

@@ -27,7 +27,7 @@ FAST = {"retries": 1, "backoff": 0.01}
 def releases(tmp_path_factory):
     out = tmp_path_factory.mktemp("releases")
     first = build_release(out, "1.0.0", count=24)
-    second = build_release(out, "1.1.0", count=28, previous=first)
+    second = build_release(out, "1.1.0", count=24, previous=first, added=6)  # a minor: one new subset
     return first, second
 
 
@@ -52,6 +52,10 @@ def test_publish_is_one_commit_then_a_tag_and_loads_back(local_hub, releases, re
     assert files == sorted([".gitattributes"] + [path for path, _ in hub.release_files(first)])
 
     later = hub.publish(second, repo_id, token=local_hub.token, **FAST)
+    same = [path for path, _ in hub.release_files(second)
+            if (first / path).is_file() and (first / path).read_bytes() == (second / path).read_bytes()]
+    assert later.unchanged == same and any(path.startswith("data/harmless-base/") for path in same)
+    assert later.uploaded_bytes == later.bytes - sum((second / path).stat().st_size for path in same)
     versions = hub.list_versions(repo_id)
     assert [(v.version, v.commit) for v in versions] == [("1.0.0", result.commit), ("1.1.0", later.commit)]
     assert all(v.date and v.date.startswith("20") for v in versions)

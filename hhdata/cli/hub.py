@@ -49,7 +49,8 @@ def run_publish(args: argparse.Namespace) -> int:
             print(f"  {size:>12}  {path}")
         return 0
     how = "tagged the commit a previous run left" if result.reused_commit else "committed"
-    print(f"published {result.repo_id} {result.tag}: {how} {result.commit} ({len(result.files)} files, {result.bytes} bytes)")
+    print(f"published {result.repo_id} {result.tag}: {how} {result.commit} "
+          f"({len(result.files)} files, {result.bytes} bytes; {result.uploaded_bytes} bytes new to the branch)")
     for path in result.deleted:
         print(f"  removed {path}")
     return 0

@@ -48,9 +48,19 @@ def sample_pairs(count: int, offset: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
 
 
-def build_release(out: Path, version: str, count: int = 24, offset: int = 0, previous: Path | None = None) -> Path:
-    """Write ``<out>/<version>/`` with `count` rows and return its path."""
-    pairs = sample_pairs(count, offset)
+def build_release(out: Path, version: str, count: int = 24, previous: Path | None = None, added: int = 0) -> Path:
+    """Write ``<out>/<version>/`` with `count` rows and return its path.
+
+    `added` more records, taken after the first `count`, go into a new subset
+    ``harmless-added``, so the files of the other subsets stay byte-identical to a release
+    built with the same `count` (a minor version that only adds a batch).
+    """
+    pairs = sample_pairs(count)
+    if added:
+        extra = sample_pairs(added, offset=count + 8).to_pylist()
+        for row in extra:
+            row.update(subset="harmless-added", family="harmless")
+        pairs = pa.concat_tables([pairs, pa.Table.from_pylist(extra, schema=PAIR_SCHEMA)])
     accounting = {"read": pairs.num_rows, "kept": pairs.num_rows, "quarantined": {}, "removed": {}, "filtered": {}}
     sources = [{"path": "harmless-base/test.jsonl.gz", "sha256": "0" * 64, "bytes": SAMPLE.stat().st_size}]
     release = write_release(pairs, out, version, sources=sources, accounting=accounting, settings={},
