@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from tests.hubserver.gitstore import GitStoreError, Repo, git_blob_id
+from tests.hubserver.gitstore import GitStoreError, Repo
 
 TYPES = "models|datasets|spaces"
 REPO = r"(?P<repo>[^/]+/[^/]+)"
@@ -352,4 +352,3 @@ def make_server(
     return server
 
 
-__all__ = ["make_server", "git_blob_id"]

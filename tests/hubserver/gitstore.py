@@ -201,7 +201,3 @@ class Repo:
                 raise GitStoreError(404, f"{ref} not found", "RevisionNotFound")
             self.git("update-ref", "-d", ref)
 
-
-def git_blob_id(content: bytes) -> str:
-    """The git blob id (sha1) of some content, as the Hub reports for regular files."""
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
