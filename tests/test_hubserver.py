@@ -56,6 +56,18 @@ def test_commit_with_regular_and_lfs_files_is_a_real_git_commit(local_hub, api, 
     assert open(got, "rb").read() == PARQUET_LIKE
 
 
+def test_received_bytes_count_what_crossed_the_wire(local_hub, api, repo):
+    before = local_hub.received_bytes()
+    api.create_commit(repo, [CommitOperationAdd("d/y.parquet", PARQUET_LIKE[::-1])], repo_type="dataset",
+                      commit_message="y")
+    again = api.create_commit(repo, [CommitOperationAdd("d/z.parquet", PARQUET_LIKE[::-1])], repo_type="dataset",
+                              commit_message="same bytes, new path")
+    after = local_hub.received_bytes()
+    assert after["lfs_upload"] - before.get("lfs_upload", 0) == len(PARQUET_LIKE)  # stored once
+    assert after["commit"] > before.get("commit", 0)
+    assert api.list_repo_files(repo, repo_type="dataset", revision=again.oid)[-2:] == ["d/y.parquet", "d/z.parquet"]
+
+
 def test_unchanged_files_are_skipped_and_deletions_commit(api, repo):
     first = api.create_commit(repo, [CommitOperationAdd("a.txt", b"a"), CommitOperationAdd("b.txt", b"b")],
                               repo_type="dataset", commit_message="two")

@@ -13,6 +13,7 @@ JSON line ``{"endpoint": ..., "token": ...}`` and serves until interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -146,13 +147,17 @@ class LocalHub:
         `action` is "exit" (the process dies, no reply) or "status" (answer `status`),
         `when` is "before" (default) or "after" (commit only: after the git commit is written).
         """
-        import json
-
         request = urllib.request.Request(
             f"{self.endpoint}/_hubserver/faults", data=json.dumps(faults).encode(), method="POST",
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         urllib.request.urlopen(request, timeout=10).read()
+
+    def received_bytes(self) -> dict[str, int]:
+        """Request body bytes the write server received so far, by route (lfs_upload, commit, ...)."""
+        request = urllib.request.Request(f"{self.endpoint}/_hubserver/stats",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        return json.loads(urllib.request.urlopen(request, timeout=10).read())["received_bytes"]
 
     def env(self, hf_home: Path | str) -> dict[str, str]:
         """Environment variables that point huggingface_hub and datasets at this Hub."""

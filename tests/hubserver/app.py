@@ -7,7 +7,8 @@ info, tree, paths-info, refs, commits, resolve) is forwarded to an olah server t
 the same git repositories in offline local-mirror mode.
 
 Bearer tokens: a request that carries a token not in ``tokens`` gets 401 on any endpoint;
-writes without a token get 401. Faults for tests are set with ``POST /_hubserver/faults``.
+writes without a token get 401. Faults for tests are set with ``POST /_hubserver/faults``;
+``GET /_hubserver/stats`` reports the request bytes received per route (for benchmarks).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class HubState:
         self.faults_lock = threading.Lock()
         self.repos: dict[str, Repo] = {}
         self.repos_lock = threading.Lock()
+        self.received: dict[str, int] = {}  # request body bytes by route, for benchmarks
 
     def repo(self, kind: str, repo_id: str) -> Repo:
         with self.repos_lock:
@@ -121,6 +123,7 @@ class HubHandler(BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         path = urlsplit(self.path).path
         self.body_read = False
+        self.count_received(path)
         try:
             if self.command != "GET" or not path.startswith("/api/whoami"):
                 self.user()
@@ -136,6 +139,13 @@ class HubHandler(BaseHTTPRequestHandler):
             if not self.body_read:
                 self.body()  # drain it, or the next request on this keep-alive connection breaks
             self.reply(error.status, {"error": str(error)}, error.error_code)
+
+    def count_received(self, path: str) -> None:
+        route = next((h.__name__.removeprefix("do_route_") for m, pattern, h in ROUTES
+                      if m == self.command and re.fullmatch(pattern, path)), "read")
+        with self.state.faults_lock:
+            received = self.state.received
+            received[route] = received.get(route, 0) + int(self.headers.get("Content-Length") or 0)
 
     def fault(self, route: str, when: str) -> None:
         fault = self.state.take_fault(route, when)
@@ -316,6 +326,11 @@ class HubHandler(BaseHTTPRequestHandler):
         self.reply(200, {})
 
     # -- test control ---------------------------------------------------------------------
+    def do_route_stats(self) -> None:
+        self.writer()
+        with self.state.faults_lock:
+            self.reply(200, {"received_bytes": dict(self.state.received)})
+
     def do_route_faults(self) -> None:
         self.writer()
         with self.state.faults_lock:
@@ -339,6 +354,7 @@ ROUTES = [
     ("POST", rf"/api/(?P<kind>{TYPES})/{REPO}/branch/(?P<rev>[^/]+)", H.do_route_create_branch),
     ("DELETE", rf"/api/(?P<kind>{TYPES})/{REPO}/branch/(?P<rev>[^/]+)", H.do_route_delete_branch),
     ("POST", r"/_hubserver/faults", H.do_route_faults),
+    ("GET", r"/_hubserver/stats", H.do_route_stats),
 ]
 
 
