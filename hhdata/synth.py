@@ -214,7 +214,8 @@ def prompt_tokens(prompt: list[dict[str, str]]) -> list[str]:
 
     Speaker tags are not words. This is the definition behind every Jaccard in planted.json.
 
-    >>> prompt_tokens([{"role": "user", "content": "Hi  there"}, {"role": "assistant", "content": "Yes?"}])
+    >>> prompt_tokens([{"role": "user", "content": "Hi  there"},
+    ...                {"role": "assistant", "content": "Yes?"}])
     ['hi', 'there', 'yes?']
     """
     return " ".join(turn["content"] for turn in prompt).lower().split()
@@ -289,7 +290,7 @@ def _make_unique(drafts: list[Draft], model: TextModel, rng: np.random.Generator
             role, content = draft.prompt[0]
             draft.prompt[0] = (role, f"{content} {model.words(rng, 1)[0]}")
         seen.add(key)
-        while len(draft.chosen) == len(draft.rejected) and draft.chosen.lower() == draft.rejected.lower():
+        while draft.chosen.lower() == draft.rejected.lower():
             draft.rejected = f"{draft.rejected} {model.words(rng, 1)[0]}"
 
 
@@ -414,7 +415,7 @@ def _words_needed(target: float) -> int:
     return SHINGLE_SIZE - 1 + int(np.ceil(SHINGLE_SIZE * (1 + target) / (1 - target)))
 
 
-def _near_duplicate(draft: Draft, target: float, model: TextModel, rng: np.random.Generator) -> dict:
+def _near_duplicate(draft: Draft, target: float, model: TextModel, rng) -> dict:
     """Edit prompt words (substitute, insert, delete) until the shingle Jaccard drops to target.
 
     k scattered edits leave about (n - 5k) / (n + 5k) of n shingles: a first batch of 60% of
@@ -568,48 +569,92 @@ def write_corpus(
     included; bad lines (``bad_rate``, default ``rates.bad_record`` = 0) come on top. The same
     seed gives byte-identical files (gzip mtime 0, no file name). gzip level 1 by default:
     8x faster than level 6 on this text for files 15% larger.
+
+    >>> import tempfile
+    >>> truth = write_corpus(tempfile.mkdtemp(), 1000, seed=1)
+    >>> len(truth.exact_duplicates), truth.near_duplicates[0]["jaccard"] < 1
+    (10, True)
     """
     if bad_rate is not None:
         rates = Rates(**{**asdict(rates), "bad_record": bad_rate})
     _check(n_pairs, rates)
-    rng = np.random.default_rng(seed)
-    model = text_model()
+    rng, model = np.random.default_rng(seed), text_model()
     planned = {name: round(value * n_pairs) for name, value in asdict(rates).items()}
-    copies = ("exact_duplicate", "swapped_duplicate", "case_whitespace_variant",
-              "near_duplicate", "hard_negative")  # fmt: skip
-    n_base = n_pairs - sum(planned[name] for name in copies)
+    n_base = n_pairs - sum(planned[name] for name in _COPIES)
     drafts = _drafts(n_base + planned["bad_record"], rng)
     base, material = drafts[:n_base], drafts[n_base:]
-    truth = Truth(seed=seed, n_pairs=n_pairs, rates=asdict(rates))
+    plans = _choose_sources(_Sources(rng, base), planned, rng)
+    irregular = [  # edits base drafts in place, before they are rendered
+        (index, kind, _make_irregular(base[index], kind, variant, model, rng))
+        for kind in ("empty_reply", "tag_in_reply", "consecutive_assistant")
+        for variant, index in enumerate(plans[kind])
+    ]
+    weights = np.array(list(UPSTREAM_COUNTS.values()), dtype=np.float64)
+    corpus = _Corpus(rng, weights / weights.sum())
+    files = np.repeat(np.arange(len(FILES)), _allocate(n_base, corpus.weights))
+    for index, file in enumerate(rng.permutation(files).tolist()):
+        corpus.add(file, base[index].texts())  # base pairs are the corpus' first records
 
-    sources = _Sources(rng, base)
-    plans = {name: sources.take(planned[name]) for name in ("exact_duplicate", "swapped_duplicate",
-                                                            "case_whitespace_variant")}
+    truth = Truth(seed=seed, n_pairs=n_pairs, rates=asdict(rates))
+    items = _plant_copies(corpus, base, plans, model, rng, truth)
+    for index, kind, flags in irregular:
+        item = {"id": pair_id(*corpus.content[index]), "kind": kind, "flags": flags}
+        items.append((truth.irregular, {**item, "record": index}))
+    for number, draft in enumerate(material):
+        reason = BAD_REASONS[number % len(BAD_REASONS)]
+        record = corpus.add(corpus.some_file(), _bad_line(reason, draft))
+        items.append((truth.bad_records, {"reason": reason, "record": record}))
+
+    per_file, location = corpus.lay_out()
+    for target, item in items:  # record numbers become "file:line" locations
+        for key, name in (("original", "original"), ("copy", "copy"), ("record", "location")):
+            if key in item:
+                item[name] = location[item.pop(key)]
+        target.append(item)
+    _write_files(Path(out_dir), corpus, per_file, truth, compresslevel)
+    truth.save(Path(out_dir) / "planted.json")
+    return truth
+
+
+_COPIES = (
+    "exact_duplicate",
+    "swapped_duplicate",
+    "case_whitespace_variant",
+    "near_duplicate",
+    "hard_negative",
+)
+
+
+def _choose_sources(sources: _Sources, planned: dict[str, int], rng) -> dict[str, list]:
+    """Distinct base pairs for every plant; near duplicates get (index, target Jaccard)."""
+    plans = {
+        kind: sources.take(planned[kind])
+        for kind in ("exact_duplicate", "swapped_duplicate", "case_whitespace_variant")
+    }
     # near duplicates: targets uniform in [0.5, 0.95], each on a prompt long enough for it
     targets = rng.uniform(0.5, 0.95, planned["near_duplicate"]).tolist()
     near = sources.take_each([max(40, _words_needed(target + 0.02)) for target in targets])
-    short = iter(sources.take(near.count(-1), min_words=_words_needed(0.5)))
-    plans["near_duplicate"] = [(index if index >= 0 else next(short, -1), target)
-                               for index, target in zip(near, targets)]  # fmt: skip
+    shorter = iter(sources.take(near.count(-1), min_words=_words_needed(0.5)))
+    plans["near_duplicate"] = [
+        (index if index >= 0 else next(shorter, -1), target)
+        for index, target in zip(near, targets)
+    ]
     plans["hard_negative"] = sources.take(planned["hard_negative"], min_words=30)
-    irregular = []
     for kind in ("empty_reply", "tag_in_reply", "consecutive_assistant"):
-        for variant, index in enumerate(sources.take(planned[kind])):
-            irregular.append((index, kind, _make_irregular(base[index], kind, variant, model, rng)))
+        plans[kind] = sources.take(planned[kind])
+    return plans
 
-    weights = np.array(list(UPSTREAM_COUNTS.values()), dtype=np.float64)
-    weights /= weights.sum()
-    corpus = _Corpus(rng, weights)
-    for index, file in enumerate(rng.permutation(np.repeat(np.arange(len(FILES)), _allocate(n_base, weights)))):
-        corpus.add(int(file), base[index].texts())
-    items: list[tuple[list, dict]] = []  # (truth list, item); record indexes become locations
+
+def _plant_copies(
+    corpus: _Corpus, base: list[Draft], plans: dict, model: TextModel, rng, truth: Truth
+) -> list[tuple[list, dict]]:
+    """Add the planted copies to the corpus; return (truth list, item) with record numbers."""
+    items = []
 
     def plant(kind: str, index: int, texts: tuple[str, str], **extra) -> None:
-        original = corpus.content[index]  # base pairs are the corpus' first records
         copy = corpus.add(corpus.copy_file(index), texts)
-        item = {"id": pair_id(*texts), "original_id": pair_id(*original),
-                "original": index, "copy": copy, **extra}  # fmt: skip
-        items.append((getattr(truth, kind), item))
+        ids = {"id": pair_id(*texts), "original_id": pair_id(*corpus.content[index])}
+        items.append((getattr(truth, kind), {**ids, "original": index, "copy": copy, **extra}))
 
     for index in plans["exact_duplicate"]:
         plant("exact_duplicates", index, corpus.content[index])
@@ -617,38 +662,23 @@ def write_corpus(
         plant("swapped_duplicates", index, corpus.content[index][::-1])
     for number, index in enumerate(plans["case_whitespace_variant"]):
         transform = ("lowercase", "double_space", "trailing_whitespace")[number % 3]
-        if transform == "lowercase" and corpus.content[index][0] == corpus.content[index][0].lower():
+        chosen = corpus.content[index][0]
+        if transform == "lowercase" and chosen == chosen.lower():
             transform = "trailing_whitespace"  # nothing to lowercase
         variant = _case_whitespace_variant(base[index], transform)
         plant("case_whitespace_variants", index, variant.texts(), transform=transform)
     for index, target in plans["near_duplicate"]:
-        if index < 0:
-            continue  # a corpus too small to hold this many near duplicates
-        edit = _near_duplicate(base[index], target, model, rng)
-        plant("near_duplicates", index, edit.pop("draft").texts(), **edit)
+        if index >= 0:  # -1: a corpus too small to hold this many near duplicates
+            edit = _near_duplicate(base[index], target, model, rng)
+            plant("near_duplicates", index, edit.pop("draft").texts(), **edit)
     for index in plans["hard_negative"]:
         negative = _hard_negative(base[index], model, rng)
         plant("hard_negatives", index, negative.pop("draft").texts(), **negative)
-    for index, kind, flags in irregular:
-        item = {"id": pair_id(*corpus.content[index]), "kind": kind, "flags": flags, "record": index}
-        items.append((truth.irregular, item))
-    for number, draft in enumerate(material):
-        reason = BAD_REASONS[number % len(BAD_REASONS)]
-        record = corpus.add(corpus.some_file(), _bad_line(reason, draft))
-        items.append((truth.bad_records, {"reason": reason, "record": record}))
-
-    per_file, location = corpus.lay_out()
-    for target, item in items:
-        for key in ("original", "copy", "record"):
-            if key in item:
-                item[key if key != "record" else "location"] = location[item.pop(key)]
-        target.append(item)
-    _write_files(Path(out_dir), corpus, per_file, truth, compresslevel)
-    truth.save(Path(out_dir) / "planted.json")
-    return truth
+    return items
 
 
-def _write_files(out: Path, corpus: _Corpus, per_file: list[list[int]], truth: Truth, level: int) -> None:
+def _write_files(out: Path, corpus: _Corpus, per_file: list[list[int]], truth: Truth,
+                 level: int) -> None:
     def write(path: Path, data: bytes) -> None:
         path.write_bytes(gzip.compress(data, compresslevel=level, mtime=0))
 
@@ -661,7 +691,8 @@ def _write_files(out: Path, corpus: _Corpus, per_file: list[list[int]], truth: T
                 content = corpus.content[record]
                 lines.append(content if isinstance(content, bytes) else _json_line(*content))
             (out / name).parent.mkdir(parents=True, exist_ok=True)
-            writes.append(pool.submit(write, out / name, b"\n".join(lines) + b"\n" if lines else b""))
+            data = b"\n".join(lines) + b"\n" if lines else b""
+            writes.append(pool.submit(write, out / name, data))
             bad = sum(isinstance(corpus.content[record], bytes) for record in records)
             truth.files[name] = {"lines": len(records), "records": len(records) - bad, "bad": bad}
         for done in writes:
@@ -677,18 +708,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=170_000, help="valid records (default 170000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--bad-rate", type=float, default=0.0,
-                        help="bad lines per pair, added on top (default 0)")  # fmt: skip
+    parser.add_argument(
+        "--bad-rate", type=float, default=0.0, help="bad lines per pair, added on top (default 0)"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
         truth = write_corpus(args.out, args.pairs, seed=args.seed, bad_rate=args.bad_rate)
-    except SynthError as error:
+    except (SynthError, OSError) as error:
         print(f"python -m hhdata.synth: error: {error}", file=sys.stderr)
         return 2
+    seconds = time.perf_counter() - started
     planted = {name: len(value) for name, value in asdict(truth).items() if isinstance(value, list)}
-    print(f"wrote {args.pairs} pairs to {args.out} in {time.perf_counter() - started:.1f} s; "
-          f"planted: {json.dumps(planted)}")  # fmt: skip
+    print(f"wrote {args.pairs} pairs to {args.out} in {seconds:.1f} s; "
+          f"planted: {json.dumps(planted)}")
     return 0
 
 
