@@ -152,18 +152,13 @@ class DedupResult:
 
 
 def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
-    """Texts as the exact-duplicate stage compares them.
+    """Texts as the exact-duplicate stage compares them (hhdata.degenerate.normalize).
 
     >>> normalized(pa.array(["  Hello\\n\\nWORLD "]), DedupSettings()).to_pylist()
     ['hello world']
     """
-    if settings.unicode_nfc:
-        texts = pc.utf8_normalize(texts, "NFC")
-    if settings.lowercase:
-        texts = pc.utf8_lower(texts)
-    if settings.collapse_whitespace:
-        texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"\s+", " "))
-    return texts
+    return degenerate.normalize(texts, nfc=settings.unicode_nfc, lowercase=settings.lowercase,
+                                whitespace=settings.collapse_whitespace)
 
 
 def survivor_order(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:

@@ -8,8 +8,8 @@ A pair row is degenerate for one or more of these reasons:
 ``empty_reply``
     the chosen or the rejected final reply is empty or only whitespace.
 ``prompt_disagrees``
-    the prompt turns do not render to the start of both original transcripts, so the row's
-    structure and its texts tell different stories.
+    the prompt and reply turns do not render back to both original transcripts, so the
+    row's structure and its texts tell different stories.
 ``non_alternating``
     the prompt does not alternate user/assistant turns starting and ending with the user,
     or a final reply holds a second assistant turn.
@@ -19,6 +19,9 @@ log with that reason), ``"flag"`` keeps it and adds the reason code to its ``fla
 """
 
 from __future__ import annotations
+
+import functools
+import unicodedata
 
 import numpy as np
 import pyarrow as pa
@@ -57,9 +60,65 @@ def _joined_contents(turns: pa.Array, separator: str) -> pa.Array:
     return pc.binary_join(pa.ListArray.from_arrays(turns.offsets, contents), separator)
 
 
-def _loose(text: pa.Array) -> pa.Array:
-    """Lower-cased, whitespace runs collapsed to one space, trimmed."""
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(text), r"\s+", " "))
+# Whitespace for normalisation: RE2's \s (space, \t, \n, \f, \r), \v and the no-break space.
+_WS = r"[\s\v\x{a0}]"
+_MESSY_WS = rf"{_WS}{_WS}|[\t\n\r\v\f\x{{a0}}]|^{_WS}|{_WS}$"
+
+
+@functools.lru_cache(maxsize=1)
+def _nfc_unstable_class() -> str:
+    """A regex class of the characters NFC can change or compose with the one before.
+
+    Below U+0300 every character is NFC-stable. Above, a character is in the class when it
+    is a combining mark, has a canonical decomposition, is the second half of one, or is a
+    Hangul jamo; a text with none of them is already in NFC.
+    """
+    found = set(range(0x1100, 0x1200))
+    for code in range(0x300, 0x30000):
+        char = chr(code)
+        decomposition = unicodedata.decomposition(char)
+        canonical = bool(decomposition) and not decomposition.startswith("<")
+        if unicodedata.combining(char) or canonical:
+            found.add(code)
+        if canonical and len(decomposition.split()) == 2:
+            found.add(int(decomposition.split()[1], 16))
+    ranges: list[list[int]] = []
+    for code in sorted(found):
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges) + "]"
+
+
+def _fix_rows(texts: pa.Array, pattern: str, fix) -> pa.Array:
+    """Apply fix only to the texts matching pattern (most texts need nothing)."""
+    mask = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
+    if not pc.any(mask).as_py():
+        return texts
+    return pc.replace_with_mask(texts, mask, fix(texts.filter(mask)))
+
+
+def normalize(texts: pa.Array, *, nfc: bool = True, lowercase: bool = True,
+              whitespace: bool = True) -> pa.Array:
+    """Texts in a comparable form: Unicode NFC, lower case, whitespace runs as one space, trimmed.
+
+    Whitespace is space, tab, newline, carriage return, vertical tab, form feed and the
+    no-break space. The expensive steps run only on the texts that need them.
+
+    >>> normalize(pa.array(["  Hello\\n\\n  WORLD ", "Cafe\\u0301"])).to_pylist()
+    ['hello world', 'café']
+    """
+    if nfc:
+        texts = _fix_rows(texts, _nfc_unstable_class(), lambda t: pc.utf8_normalize(t, "NFC"))
+    if lowercase:
+        texts = pc.utf8_lower(texts)
+    if whitespace:
+        # every transcript turn starts with a blank line: collapse those in one cheap pass
+        texts = pc.utf8_trim(pc.replace_substring(texts, "\n\n", " "), " ")
+        texts = _fix_rows(texts, _MESSY_WS, lambda t: pc.utf8_trim(
+            pc.replace_substring_regex(t, f"{_WS}+", " "), " "))
+    return texts
 
 
 def _rendered_prompts(prompt: pa.Array) -> pa.Array:
@@ -104,15 +163,17 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
         return pairs[name].combine_chunks()
 
     replies = [_joined_contents(column(side), "\n") for side in ("chosen", "rejected")]
-    chosen, rejected = _loose(replies[0]), _loose(replies[1])
+    chosen, rejected = normalize(replies[0], nfc=False), normalize(replies[1], nfc=False)
     empty = pc.or_(pc.equal(pc.utf8_length(chosen), 0), pc.equal(pc.utf8_length(rejected), 0))
-    prefixes = _rendered_prompts(column("prompt")).to_pylist()
-    chosen_texts, rejected_texts = column("chosen_text").to_pylist(), column("rejected_text").to_pylist()
-    disagrees = np.array(
-        [not (c.startswith(p) and r.startswith(p))
-         for p, c, r in zip(prefixes, chosen_texts, rejected_texts)],
-        dtype=bool,
-    )
+    prompts = _rendered_prompts(column("prompt"))
+    disagrees = np.zeros(pairs.num_rows, dtype=bool)
+    for side, reply in zip(("chosen_text", "rejected_text"), replies):
+        text = column(side)
+        # the reply follows its tag after one space, or directly when the text has none
+        spaced = pc.binary_join_element_wise(prompts, reply, " ")
+        unspaced = pc.binary_join_element_wise(prompts, reply, "")
+        agrees = pc.or_(pc.equal(text, spaced), pc.equal(text, unspaced))
+        disagrees |= ~pc.fill_null(agrees, False).to_numpy(zero_copy_only=False)
     return {
         IDENTICAL_REPLIES: pc.equal(chosen, rejected).to_numpy(zero_copy_only=False),
         EMPTY_REPLY: empty.to_numpy(zero_copy_only=False),

@@ -172,6 +172,20 @@ def signatures(shingles: Shingles, num_perm: int = 128, seed: int = 1) -> np.nda
     return np.ascontiguousarray((result >> _MASK32).astype(np.uint32).T)
 
 
+def band_keys(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """One 64-bit key per text for a band: its ``rows`` values folded and mixed.
+
+    Distinct values may collide on a key with probability about 2**-64; a collision only
+    adds a candidate, which verification then rejects.
+    """
+    values = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
+    key = np.full(len(sig), band, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in range(rows):
+            key = _splitmix64(key * _FOLD + values[:, column])
+    return key
+
+
 def band_candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
     """Candidate pairs (i, j), i < j, whose signatures agree on every row of some band.
 
@@ -185,24 +199,24 @@ def band_candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64
             f"but the signatures have {sig.shape[1]}"
         )
     usable = np.flatnonzero(sig[:, 0] != np.iinfo(np.uint32).max)
+    sig = sig[usable]
     pairs = []
     for band in range(bands):
-        block = np.ascontiguousarray(sig[usable, band * rows : (band + 1) * rows])
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
-        order = np.argsort(keys, kind="stable")
+        keys = band_keys(sig, band, rows)
+        order = np.argsort(keys)
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         sizes = np.diff(np.r_[starts, len(keys)])
-        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            members = np.sort(usable[order[start : start + size]])
+        twos = starts[sizes == 2]  # the common case, all at once
+        pairs.append(np.stack([order[twos], order[twos + 1]], axis=1))
+        for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
+            members = np.sort(order[start : start + size])
             heads = members[: min(size, max_bucket)]
-            left = np.repeat(heads, size)
-            right = np.tile(members, len(heads))
-            keep = left < right
-            pairs.append(np.stack([left[keep], right[keep]], axis=1))
-    if not pairs:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(pairs).astype(np.int64), axis=0)
+            left, right = np.repeat(heads, size), np.tile(members, len(heads))
+            pairs.append(np.stack([left[left < right], right[left < right]], axis=1))
+    found = np.concatenate(pairs).astype(np.int64) if pairs else np.empty((0, 2), np.int64)
+    found = usable[np.sort(found, axis=1)]
+    return np.unique(found, axis=0) if len(found) else found.reshape(0, 2)
 
 
 def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
