@@ -139,3 +139,8 @@ def test_creating_an_existing_repo_is_409(api, repo):
         api.create_repo(repo, repo_type="dataset")
     assert caught.value.response.status_code == 409
     assert api.create_repo(repo, repo_type="dataset", exist_ok=True).repo_id == repo
+
+
+def test_repo_info_without_revision_reads_main(local_hub, api, repo):
+    head = api.create_commit(repo, [CommitOperationAdd("a.txt", b"a")], repo_type="dataset", commit_message="a")
+    assert api.dataset_info(repo).sha == head.oid  # GET /api/datasets/{repo}, no revision

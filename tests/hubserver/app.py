@@ -164,12 +164,12 @@ class HubHandler(BaseHTTPRequestHandler):
         data = self.body() if self.command in ("POST", "PUT") else None
         conn = http.client.HTTPConnection(*self.state.olah, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
-        conn.request(self.command, self.path, body=data, headers=headers)
+        conn.request(self.command, olah_path(self.path), body=data, headers=headers)
         response = conn.getresponse()
         payload = response.read()
         self.send_response(response.status)
         for key, value in response.getheaders():
-            if key.lower() not in HOP_HEADERS:
+            if key.lower() not in HOP_HEADERS | {"server", "date"}:
                 self.send_header(key, value)
         length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(payload))
         self.send_header("Content-Length", length or "0")
@@ -356,6 +356,19 @@ ROUTES = [
     ("POST", r"/_hubserver/faults", H.do_route_faults),
     ("GET", r"/_hubserver/stats", H.do_route_stats),
 ]
+
+
+def olah_path(path: str) -> str:
+    """The request path to send to olah.
+
+    olah 0.5.4 answers repo info without a revision (``/api/datasets/org/name``, which
+    datasets' push_to_hub calls) by asking huggingface.co for the latest commit, even in
+    offline mode, so it reports 401 RepoNotFound for local repos; ask for ``main`` instead.
+    """
+    split = urlsplit(path)
+    if re.fullmatch(rf"/api/(?:{TYPES})/[^/]+/[^/]+", split.path):
+        return f"{split.path}/revision/main" + (f"?{split.query}" if split.query else "")
+    return path
 
 
 def make_server(
