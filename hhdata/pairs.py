@@ -9,13 +9,13 @@ first Assistant tag after each text's last Human tag:
    ``"\\n\\nAssistant:"``; if both texts give the same two prompt pieces, the prompt ends
    there. (The shared prefix then holds that prompt and no later Human tag, so the
    reference's shared-prefix rule finds the same end.)
-2. parse the prompt's turns by replacing each separator with a one-byte sentinel and a
-   role letter, then ``split_pattern`` on the sentinel.
+2. parse the prompt's turns with two ``split_pattern`` passes, at the Human separator
+   and then at the Assistant separator, and read each turn's role from its position.
 3. flags from vectorised string tests; the two regex flags with a lookbehind are
    pre-filtered in Arrow and confirmed with Python's ``re`` on the few candidates.
 
-Every other row (no shared prompt piece, a text holding the sentinel, a prompt that does
-not start with a separator) goes through ``split_pair`` itself, so the result is exact.
+Every other row (no shared prompt piece, or a prompt that does not start with a
+separator) goes through ``split_pair`` itself, so the result is exact.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from hhdata import transcript as t
 from hhdata.errors import PairError, SchemaError
 from hhdata.schema import PAIR_SCHEMA, TURN, TURNS, pair_id
 
-SENTINEL = "\x1e"  # ASCII record separator; rows whose text holds it take the slow path
-_ROLE_LETTER = {t.USER: "u", t.ASSISTANT: "a"}
 _PYTHON_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
 _ALL_SPACE_RE = "^[" + "".join(f"\\x{{{ord(c):04x}}}" for c in _PYTHON_SPACE) + "]*$"
 _RAW_COLUMNS = ("subset", "split", "family", "chosen", "rejected")
@@ -55,6 +53,7 @@ def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
         raise SchemaError(f"the raw table lacks the columns {missing}; read it with hhdata.read.read_raw")
     if raw.num_rows == 0:
         return PAIR_SCHEMA.empty_table(), q.quarantine_table([])
+    original = raw
     chosen = raw["chosen"].combine_chunks()
     rejected = raw["rejected"].combine_chunks()
     if chosen.null_count or rejected.null_count:
@@ -63,25 +62,28 @@ def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     prompt, parsed = _parse_prompts(prompt_text)
     fast &= parsed
     index = np.flatnonzero(fast)
-    take = pa.array(index)
-    prompt = prompt.filter(pa.array(fast))
-    reply_c, reply_r = reply_c.take(take), reply_r.take(take)
+    if len(index) < len(fast):
+        take = pa.array(index)
+        raw, chosen, rejected = raw.take(take), chosen.take(take), rejected.take(take)
+        prompt, reply_c, reply_r = prompt.take(take), reply_c.take(take), reply_r.take(take)
     fast_table = pa.table(
         {
-            "id": _ids(chosen.take(take), rejected.take(take)),
-            "subset": raw["subset"].take(take),
-            "family": raw["family"].take(take),
-            "split": raw["split"].take(take),
+            "id": _ids(chosen, rejected),
+            "subset": raw["subset"],
+            "family": raw["family"],
+            "split": raw["split"],
             "prompt": prompt,
             "chosen": _one_reply(reply_c),
             "rejected": _one_reply(reply_r),
-            "chosen_text": chosen.take(take),
-            "rejected_text": rejected.take(take),
+            "chosen_text": chosen,
+            "rejected_text": rejected,
             "flags": _flags(prompt, reply_c, reply_r),
         },
         schema=PAIR_SCHEMA,
     )
-    slow_rows, slow_index, bad = _split_slow(raw, np.flatnonzero(~fast))
+    if len(index) == len(fast):
+        return fast_table, q.quarantine_table([])
+    slow_rows, slow_index, bad = _split_slow(original, np.flatnonzero(~fast))
     slow_table = pa.Table.from_pylist(slow_rows, PAIR_SCHEMA)
     order = np.argsort(np.concatenate([index, slow_index]), kind="stable")
     pairs = pa.concat_tables([fast_table, slow_table]).take(pa.array(order))
@@ -92,30 +94,26 @@ def _split_fast(chosen: pa.Array, rejected: pa.Array):
     """Mask of rows the fast path can split, their prompt text (+ " "), and both replies."""
     pieces = []
     for text in (chosen, rejected):
-        by_human = pc.split_pattern(text, t.HUMAN_TAG, max_splits=1, reverse=True)
-        after = pc.list_element(_pad(by_human), 1)
-        by_assistant = _pad(pc.split_pattern(after, t.ASSISTANT_TAG, max_splits=1))
-        ok = pc.and_(pc.equal(pc.list_value_length(by_human), 2),
-                     pc.equal(pc.list_value_length(by_assistant), 2))
-        before = pc.list_element(_pad(by_human), 0)
-        human = pc.list_element(by_assistant, 0)
-        reply = pc.list_element(by_assistant, 1)
-        pieces.append((ok, before, human, reply))
-    (ok_c, before_c, human_c, reply_c), (ok_r, before_r, human_r, reply_r) = pieces
+        before, after = _two_pieces(pc.split_pattern(text, t.HUMAN_TAG, max_splits=1, reverse=True))
+        human, reply = _two_pieces(pc.split_pattern(after, t.ASSISTANT_TAG, max_splits=1))
+        pieces.append((before, human, reply))
+    (before_c, human_c, reply_c), (before_r, human_r, reply_r) = pieces
+    # null where a text lacks a tag, so `same` is null (not fast) there
     same = pc.and_(pc.equal(before_c, before_r), pc.equal(human_c, human_r))
-    clean = pc.invert(pc.or_(pc.match_substring(chosen, SENTINEL), pc.match_substring(rejected, SENTINEL)))
-    fast = pc.fill_null(pc.and_(pc.and_(ok_c, ok_r), pc.and_(same, clean)), False)
+    fast = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
     # before + "\n\nHuman:" + human + "\n\nAssistant: " (the last argument is the joiner)
     prompt_text = pc.binary_join_element_wise(
         pc.binary_join_element_wise(before_c, human_c, t.HUMAN_TAG), t.SEPARATORS[t.ASSISTANT], ""
     )
-    return fast.to_numpy(zero_copy_only=False), prompt_text, _strip_space(reply_c), _strip_space(reply_r)
+    return fast, prompt_text, _strip_space(reply_c), _strip_space(reply_r)
 
 
-def _pad(lists: pa.Array) -> pa.Array:
-    """Lists of at least two strings (missing ones null), so list_element(.., 1) never fails."""
-    short = pc.less(pc.list_value_length(lists), 2)
-    return pc.if_else(short, pa.scalar([None, None], lists.type), lists)
+def _two_pieces(lists: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Elements 0 and 1 of lists of one or two strings; both null where there is one."""
+    offsets = lists.offsets.to_numpy()
+    two = np.diff(offsets) == 2
+    first = pa.array(offsets[:-1].astype(np.int64), mask=~two)
+    return lists.values.take(first), lists.values.take(pc.add(first, 1))
 
 
 def _strip_space(reply: pa.Array) -> pa.Array:
@@ -126,29 +124,36 @@ def _strip_space(reply: pa.Array) -> pa.Array:
 def _parse_prompts(prompt_text: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Prompt turns (list<struct<role, content>>) and a mask of the texts that parsed.
 
-    Each prompt text ends with the final ``"\\n\\nAssistant: "`` separator, whose empty turn
-    is dropped, as split_pair does. A text that does not start with a separator did not
+    Split at every ``"\n\nHuman: "``, then each piece at every ``"\n\nAssistant: "``: the
+    first content of a piece after a Human separator is a user turn, every other content
+    an assistant turn (the two separators cannot overlap, so this is the reference's
+    regex split). Each prompt text ends with ``"\n\nAssistant: "``, whose empty turn is
+    dropped as split_pair drops it; a text that does not start with a separator did not
     parse (the slow path raises bad_transcript_start for it).
     """
-    marked = prompt_text
-    for role, separator in t.SEPARATORS.items():
-        marked = pc.replace_substring(marked, separator, SENTINEL + _ROLE_LETTER[role])
-    pieces = pc.split_pattern(pc.fill_null(marked, ""), SENTINEL)
-    offsets = pieces.offsets.to_numpy()
-    flat = pieces.values
-    parsed = pc.fill_null(pc.equal(pc.list_element(pieces, 0), ""), False).to_numpy(zero_copy_only=False)
-    parsed &= np.diff(offsets) >= 2
-    # keep pieces 1 .. n-2 of every list: the empty piece before the first separator and
-    # the final assistant turn are dropped
-    counts = np.where(parsed, np.diff(offsets) - 2, 0)
-    new_offsets = np.zeros(len(counts) + 1, dtype=np.int32)
-    np.cumsum(counts, out=new_offsets[1:])
-    starts = np.repeat(offsets[:-1] + 1 - new_offsets[:-1], counts)
-    keep = np.arange(new_offsets[-1], dtype=np.int64) + starts
-    turns = flat.take(pa.array(keep))
-    role = pc.if_else(pc.starts_with(turns, "u"), t.USER, t.ASSISTANT)
-    content = pc.utf8_slice_codeunits(turns, 1)
-    structs = pa.StructArray.from_arrays([role, content], fields=list(TURN))
+    rows = len(prompt_text)
+    by_human = pc.split_pattern(pc.fill_null(prompt_text, ""), t.SEPARATORS[t.USER])
+    by_assistant = pc.split_pattern(by_human.values, t.SEPARATORS[t.ASSISTANT])
+    row_offsets = by_human.offsets.to_numpy()  # row -> its pieces
+    piece_offsets = by_assistant.offsets.to_numpy()  # piece -> its contents
+    contents = by_assistant.values
+    piece_of = np.repeat(np.arange(len(piece_offsets) - 1), np.diff(piece_offsets))
+    row_of = np.repeat(np.arange(rows), np.diff(row_offsets))[piece_of]
+    is_user = np.zeros(len(contents), dtype=bool)
+    is_user[piece_offsets[:-1]] = True  # first content of each piece (split never gives none)
+    is_user[piece_offsets[row_offsets[:-1]]] = False  # ...but the text before the first Human tag
+    preamble = piece_offsets[row_offsets[:-1]]  # shape: [rows]
+    final = piece_offsets[row_offsets[1:]] - 1  # the empty turn after the last separator
+    parsed = (pc.utf8_length(contents.take(pa.array(preamble))).to_numpy(zero_copy_only=False) == 0)
+    parsed &= final > preamble
+    keep = parsed[row_of]
+    keep[preamble] = False
+    keep[final] = False
+    new_offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(np.bincount(row_of[keep], minlength=rows), out=new_offsets[1:])
+    kept = pa.array(np.flatnonzero(keep))
+    role = pc.if_else(pa.array(is_user[keep]), t.USER, t.ASSISTANT)
+    structs = pa.StructArray.from_arrays([role, contents.take(kept)], fields=list(TURN))
     return pa.ListArray.from_arrays(pa.array(new_offsets), structs, type=TURNS), parsed
 
 

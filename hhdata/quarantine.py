@@ -30,6 +30,7 @@ CORRUPT_FILE = "corrupt_file"
 MISSING_KEY = "missing_key"
 EXTRA_KEY = "extra_key"
 WRONG_TYPE = "wrong_type"
+NULL_VALUE = "null_value"
 EMPTY_STRING = "empty_string"
 SCHEMA_VIOLATION = "schema_violation"
 CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"
@@ -44,6 +45,7 @@ REASONS = (
     MISSING_KEY,
     EXTRA_KEY,
     WRONG_TYPE,
+    NULL_VALUE,
     EMPTY_STRING,
     SCHEMA_VIOLATION,
     CHOSEN_EQUALS_REJECTED,

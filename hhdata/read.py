@@ -20,10 +20,13 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import msgspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 from tqdm import tqdm
 
 from hhdata import quarantine as q
@@ -33,7 +36,6 @@ from hhdata.validate import explain_raw_record, validate_raw_table
 
 MAX_LINE_BYTES = 4 * 2**20
 _READ_SIZE = 1 << 20
-_BATCH_ROWS = 65_536
 _BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
 _RAW_HEAD = 1024  # bytes of an over-long line kept in the quarantine
@@ -176,60 +178,154 @@ def _source_of(path: Path, subset: str | None, split: str | None, family: str | 
 
 def _read_file(path, source, max_line_bytes, report, advance):
     """One file's accepted records as a table, and its quarantine."""
-    name = str(path)
-    columns = {"line": [], "chosen": [], "rejected": []}
-    batches, bad = [], []
-    blank = crlf = 0
-    for number, line in _lines(path, max_line_bytes, report, advance):
-        report.lines += 1
-        if isinstance(line, q.Problem):
-            bad.append((name, number, line.reason, line.message, line.raw))
-            continue
-        if line.endswith(b"\r"):
-            crlf += 1
-            line = line[:-1]
+    rows = _Rows(str(path), source)
+    crlf = 0
+    for item in _blocks(path, max_line_bytes, report, advance):
+        if isinstance(item, _Block):
+            crlf += _read_block(item, rows, max_line_bytes)
+        else:
+            number, problem = item
+            rows.quarantine(number, problem)
+    report.lines += rows.lines
+    report.blank += rows.blank
+    if crlf:
+        report.notices.append(f"{path}: {crlf} lines end with CRLF (\\r\\n); read as LF")
+    return rows.table(), q.quarantine_table(rows.bad)
+
+
+class _Rows:
+    """Accepted records of one file, in line order: Arrow tables and single decoded lines."""
+
+    def __init__(self, name: str, source: tuple[str, str, str]):
+        self.name, self.source = name, source
+        self.tables: list[pa.Table] = []
+        self.single: dict[str, list] = {"line": [], "chosen": [], "rejected": []}
+        self.bad: list[tuple] = []
+        self.lines = self.blank = 0
+
+    def add_table(self, lines: np.ndarray, records: pa.Table) -> None:
+        self._flush()
+        self.lines += len(lines)
+        self.tables.append(self._with_source(pa.array(lines, pa.int64()), records["chosen"], records["rejected"]))
+
+    def add_line(self, number: int, line: bytes) -> None:
+        """A line the bulk reader did not take: blank, bad, or fine by the slow path."""
+        self.lines += 1
         if not line.strip(b" \t\r"):
-            blank += 1
-            continue
+            self.blank += 1
+            return
         try:
             record = _DECODER.decode(line)
             chosen, rejected = record.chosen, record.rejected
         except (msgspec.DecodeError, msgspec.ValidationError):
             problem, record = _explain_line(line)
             if problem:
-                bad.append((name, number, *problem, line))
-                continue
+                self.bad.append((self.name, number, *problem, line))
+                return
             chosen, rejected = record["chosen"], record["rejected"]
-        columns["line"].append(number)
-        columns["chosen"].append(chosen)
-        columns["rejected"].append(rejected)
-        if len(columns["line"]) == _BATCH_ROWS:
-            batches.append(_batch(name, source, columns))
-    batches.append(_batch(name, source, columns))
-    report.blank += blank
-    if crlf:
-        report.notices.append(f"{name}: {crlf} lines end with CRLF (\\r\\n); read as LF")
-    return pa.Table.from_batches(batches, RAW_SCHEMA), q.quarantine_table(bad)
+        for key, value in zip(self.single, (number, chosen, rejected)):
+            self.single[key].append(value)
+
+    def quarantine(self, number: int, problem: q.Problem) -> None:
+        self.lines += 1
+        self.bad.append((self.name, number, *problem))
+
+    def table(self) -> pa.Table:
+        self._flush()
+        return pa.concat_tables([RAW_SCHEMA.empty_table(), *self.tables])
+
+    def _flush(self) -> None:
+        if self.single["line"]:
+            columns = [pa.array(self.single[key], type) for key, type in
+                       (("line", pa.int64()), ("chosen", pa.string()), ("rejected", pa.string()))]
+            self.tables.append(self._with_source(*columns))
+            for column in self.single.values():
+                column.clear()
+
+    def _with_source(self, lines, chosen, rejected) -> pa.Table:
+        rows = len(lines)
+        constant = [pa.repeat(pa.scalar(value, pa.string()), rows) for value in (self.name, *self.source)]
+        return pa.Table.from_arrays([constant[0], lines, *constant[1:], chosen, rejected], schema=RAW_SCHEMA)
 
 
-def _batch(name, source, columns) -> pa.RecordBatch:
-    rows = len(columns["line"])
-    subset, split, family = source
-    batch = pa.record_batch(
-        [
-            pa.array([name] * rows, pa.string()),
-            pa.array(columns["line"], pa.int64()),
-            pa.array([subset] * rows, pa.string()),
-            pa.array([split] * rows, pa.string()),
-            pa.array([family] * rows, pa.string()),
-            pa.array(columns["chosen"], pa.string()),
-            pa.array(columns["rejected"], pa.string()),
-        ],
-        schema=RAW_SCHEMA,
-    )
-    for column in columns.values():
-        column.clear()
-    return batch
+class _Block(NamedTuple):
+    """Complete lines in a buffer: line i is buffer[starts[i]:ends[i]], numbered first + i."""
+
+    buffer: bytes
+    starts: np.ndarray
+    ends: np.ndarray
+    first: int
+
+
+_JSON_OPTIONS = pa_json.ParseOptions(
+    explicit_schema=pa.schema([("chosen", pa.string()), ("rejected", pa.string())]),
+    unexpected_field_behavior="error",
+)
+
+
+def _read_block(block: _Block, rows: _Rows, max_line_bytes: int) -> int:
+    """Read a block: runs of plain lines in bulk with Arrow's JSON reader, the rest one by
+    one. Returns how many lines end with CRLF."""
+    data = np.frombuffer(block.buffer, np.uint8)
+    starts, ends = block.starts, block.ends
+    filled = ends > starts
+    crlf = filled & (data[np.maximum(ends - 1, 0)] == 13)
+    ends = ends - crlf
+    filled = ends > starts
+    plain = filled & (ends - starts <= max_line_bytes)
+    plain &= (data[np.minimum(starts, len(data) - 1)] == 123) & (data[np.maximum(ends - 1, 0)] == 125)  # {...}
+    # segments of equal plainness: bulk-read the plain ones, decode the others line by line
+    cuts = np.flatnonzero(np.diff(plain.astype(np.int8))) + 1
+    for low, high in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(plain)]])):
+        if plain[low]:
+            _read_run(block, starts, ends, low, high, rows)
+        else:
+            for index in range(low, high):
+                _read_line(block, starts, ends, index, rows, max_line_bytes)
+    return int(crlf.sum())
+
+
+def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows) -> None:
+    """Lines low..high-1 with Arrow's JSON reader; on any doubt, halve the run."""
+    view = memoryview(block.buffer)[starts[low]: ends[high - 1]]
+    longest = int((ends[low:high] - starts[low:high]).max())
+    try:
+        records = pa_json.read_json(
+            pa.py_buffer(view),
+            read_options=pa_json.ReadOptions(block_size=max(1 << 20, 2 * longest + 16)),
+            parse_options=_JSON_OPTIONS,
+        )
+        records.validate(full=True)  # Arrow's JSON reader does not check UTF-8 inside strings
+        exact = records.num_rows == high - low
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        exact = False
+    if not exact:
+        if high - low == 1:
+            _read_line(block, starts, ends, low, rows, None)
+        else:
+            middle = (low + high) // 2
+            _read_run(block, starts, ends, low, middle, rows)
+            _read_run(block, starts, ends, middle, high, rows)
+        return
+    complete = pc.and_(records["chosen"].is_valid(), records["rejected"].is_valid())
+    if pc.all(complete).as_py():
+        rows.add_table(np.arange(low, high) + block.first, records)
+        return
+    # a missing key or a null: quarantined by the slow path, with jsonschema's words
+    keep = complete.to_numpy(zero_copy_only=False)
+    for index in np.flatnonzero(~keep) + low:
+        _read_line(block, starts, ends, index, rows, None)
+    lines = np.arange(low, high)[keep] + block.first
+    rows.add_table(lines, records.filter(pa.array(keep)))
+
+
+def _read_line(block: _Block, starts, ends, index: int, rows: _Rows, max_line_bytes: int | None) -> None:
+    number = block.first + index
+    line = block.buffer[starts[index]: ends[index]]
+    if max_line_bytes is not None and len(line) > max_line_bytes:
+        rows.quarantine(number, _too_long(line[:_RAW_HEAD], len(line), max_line_bytes))
+    else:
+        rows.add_line(number, line)
 
 
 def _explain_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
@@ -259,47 +355,40 @@ def _explain_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
     return None, record
 
 
-def _lines(path: Path, max_line_bytes: int, report: ReadReport, advance) -> Iterator:
-    """(1-based line number, bytes without the newline, or a q.Problem) for every line."""
+def _blocks(path: Path, max_line_bytes: int, report: ReadReport, advance) -> Iterator:
+    """_Block of complete lines, or (line number, q.Problem) for an over-long or cut line."""
     number = 0
     pending = b""
     skipping = 0  # bytes of an over-long line seen so far, 0 when not in one
-    first = True
     chunks = _Chunks(path, advance)
-    for chunk in chunks:
-        if first:
-            first = False
-            if chunk.startswith(_BOM):
-                chunk = chunk[len(_BOM):]
-                report.notices.append(f"{path}: starts with a UTF-8 byte order mark; ignored")
-        pieces = chunk.split(b"\n")
-        for index, piece in enumerate(pieces):
-            last = index == len(pieces) - 1
-            if skipping:
-                skipping += len(piece)
-                if not last:
-                    number += 1
-                    yield number, _too_long(pending, skipping, max_line_bytes)
-                    skipping, pending = 0, b""
+    for index, chunk in enumerate(chunks):
+        if index == 0 and chunk.startswith(_BOM):
+            chunk = chunk[len(_BOM):]
+            report.notices.append(f"{path}: starts with a UTF-8 byte order mark; ignored")
+        if skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                skipping += len(chunk)
                 continue
-            if last:
-                pending += piece
-                if len(pending) > max_line_bytes:
-                    skipping, pending = len(pending), pending[:_RAW_HEAD]
-                continue
-            line = pending + piece if pending else piece
-            pending = b""
             number += 1
-            if len(line) > max_line_bytes:
-                yield number, _too_long(line[:_RAW_HEAD], len(line), max_line_bytes)
-            else:
-                yield number, line
+            yield number, _too_long(pending, skipping + newline, max_line_bytes)
+            skipping, pending, chunk = 0, b"", chunk[newline + 1:]
+        buffer = pending + chunk if pending else chunk
+        last = buffer.rfind(b"\n")
+        if last >= 0:
+            ends = np.flatnonzero(np.frombuffer(buffer, np.uint8, count=last + 1) == 10)
+            starts = np.concatenate([[0], ends[:-1] + 1])
+            yield _Block(buffer, starts, ends, number + 1)
+            number += len(ends)
+        pending = buffer[last + 1:]
+        if len(pending) > max_line_bytes:
+            skipping, pending = len(pending), pending[:_RAW_HEAD]
     if skipping:
         number += 1
         yield number, _too_long(pending, skipping, max_line_bytes)
     elif chunks.failure is None and pending:
+        yield _Block(pending + b"\n", np.array([0]), np.array([len(pending)]), number + 1)
         number += 1
-        yield number, pending
     if chunks.failure is not None:
         reason, what = chunks.failure
         yield number + 1, q.Problem(reason, (

@@ -35,7 +35,8 @@ _REASON_OF_KEYWORD = {
 _FIX_OF_REASON = {
     q.MISSING_KEY: "each line needs both 'chosen' and 'rejected'",
     q.EXTRA_KEY: "remove the other keys or convert the file to the HH-RLHF format first",
-    q.WRONG_TYPE: "both values must be JSON strings (not null)",
+    q.WRONG_TYPE: "both values must be JSON strings",
+    q.NULL_VALUE: "both values must be JSON strings, not null",
     q.EMPTY_STRING: "both transcripts must hold text",
 }
 
@@ -70,6 +71,8 @@ def explain_raw_record(record: object) -> tuple[str, str] | None:
     if errors:
         error = errors[0]
         reason = _REASON_OF_KEYWORD.get(error.validator, q.SCHEMA_VIOLATION)
+        if reason == q.WRONG_TYPE and error.instance is None:
+            reason = q.NULL_VALUE
         where = f"at '{error.path[0]}': " if error.path else ""
         fix = _FIX_OF_REASON.get(reason, "see schemas/raw_record.schema.json")
         return reason, f"{where}{error.message}; {fix}"

@@ -97,7 +97,7 @@ def hh_pairs(draw):
     return chosen, rejected
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(hh_pairs(), min_size=1, max_size=8))
 def test_agrees_with_split_pair_on_generated_pairs(pairs):
     assert_agrees_with_reference(pairs)

@@ -40,9 +40,9 @@ BAD_LINES = [
      "Additional properties are not allowed ('score' was unexpected); remove the other keys or "
      "convert the file to the HH-RLHF format first"),
     ("wrong type", b'{"chosen": 5, "rejected": "b"}', "wrong_type",
-     "at 'chosen': 5 is not of type 'string'; both values must be JSON strings (not null)"),
-    ("null", b'{"chosen": "a", "rejected": null}', "wrong_type",
-     "at 'rejected': None is not of type 'string'; both values must be JSON strings (not null)"),
+     "at 'chosen': 5 is not of type 'string'; both values must be JSON strings"),
+    ("null", b'{"chosen": "a", "rejected": null}', "null_value",
+     "at 'rejected': None is not of type 'string'; both values must be JSON strings, not null"),
     ("empty string", b'{"chosen": "", "rejected": "b"}', "empty_string",
      "at 'chosen': '' should be non-empty; both transcripts must hold text"),
     ("chosen == rejected", json.dumps({"chosen": "same", "rejected": "same"}).encode(), "chosen_equals_rejected",
