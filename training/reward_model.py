@@ -81,7 +81,7 @@ class Args:
     """pack prompt|chosen|rejected in one sequence; auto = on for decoders, off for encoders"""
     chat_template: bool = True
     """render with the tokenizer's chat template when it has one (else the Human/Assistant format)"""
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    precision: Literal["no", "bf16"] = "no"
     """mixed precision, passed to accelerate"""
     eval_batch_size: int = 32
     """pairs per evaluation batch"""

@@ -1,0 +1,204 @@
+"""Benchmark training.reward_model against TRL 1.16's RewardTrainer, side by side in one run, CPU.
+
+throughput: the same initial weights (our seeded model; TRL gets the same backbone and head
+    in an AutoModelForSequenceClassification), the same token ids (our truncation, handed to
+    TRL pre-tokenized), the same batches in the same order, batch size, max length, optimizer,
+    learning-rate schedule and fp32 precision. Reports pairs per second of the training loop
+    and the largest per-step loss difference (the same math should give the same curve).
+
+cv: 5-fold cross-validation on the real harmless-base test split with the minilm backbone:
+    train on four folds, test on the fifth, one epoch at the same budget for both tools.
+
+    python bench/reward_model.py throughput --model tiny --steps 40
+    python bench/reward_model.py cv --folds 5
+
+Not part of `make test`; results and exact commands go to bench/reward_model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, TrainerCallback
+from trl import RewardConfig, RewardTrainer
+
+from hhdata.schema import PAIR_SCHEMA
+from training import models
+from training.common import load_pairs
+from training.reward_model import Args, RewardModel, encode_pair, main, split_held_out
+
+
+class LossLog(TrainerCallback):
+    """Collects TRL's per-step training loss and times the training loop alone."""
+
+    def __init__(self):
+        self.losses, self.seconds = [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.started
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def trl_config(out: str, args: Args, steps: int, seed: int) -> RewardConfig:
+    return RewardConfig(
+        output_dir=out,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=int(args.warmup_fraction * steps),
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        max_steps=steps,
+        max_length=None,  # the ids are already truncated exactly as ours
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",  # we hand over the batches in our order
+        disable_dropout=False,
+        bf16=args.precision == "bf16",  # TRL turns bf16 on by default; compare at one precision
+        fp16=False,
+    )
+
+
+def trl_dataset(pairs) -> Dataset:
+    return Dataset.from_dict({"chosen_ids": [p + c for p, c, _ in pairs], "rejected_ids": [p + r for p, _, r in pairs]})
+
+
+def throughput(options) -> dict:
+    """Our trainer (prefix sharing on, then off) and TRL on identical batches."""
+    work = Path(tempfile.mkdtemp(prefix="bench-rm-"))
+    args = Args(model=options.model, max_length=options.max_length, batch_size=options.batch_size, max_steps=options.steps,
+                learning_rate=options.learning_rate, warmup_fraction=0.0, max_eval_pairs=options.batch_size, save_every=10**9, seed=options.seed)
+    results = {}
+    for sharing in ("on", "off"):
+        metrics = main(replace(args, prefix_sharing=sharing, run_dir=str(work / f"ours-{sharing}")))
+        log = (work / f"ours-{sharing}/checkpoints/step-{options.steps:07d}/train_log.jsonl").read_text().splitlines()
+        results[f"ours, prefix sharing {sharing}"] = {"pairs_per_second": metrics["train"]["pairs_per_second"], "losses": [json.loads(line)["loss"] for line in log]}
+
+    # rebuild what main() trained on: the same rows, tokenizer, ids, order and initial weights
+    splits, _ = load_pairs(None)
+    train_rows, _ = split_held_out(splits, args.eval_fraction)
+    tokenizer = models.load_tokenizer(str(work / "ours-on/tokenizer")) if args.model == models.TINY else models.load_tokenizer(args.model)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in train_rows]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1_000_003))
+    ordered = [pairs[i] for i in order[: options.steps * args.batch_size].tolist()]
+    torch.manual_seed(args.seed)
+    ours = RewardModel(models.load_backbone(args.model, tokenizer, seed=args.seed))
+    config = ours.backbone.config
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    model = AutoModelForSequenceClassification.from_config(config)
+    getattr(model, model.base_model_prefix).load_state_dict(ours.backbone.state_dict())
+    with torch.no_grad():
+        model.score.weight.copy_(ours.score.weight)  # the bias cancels in r_chosen - r_rejected
+    log = LossLog()
+    trainer = RewardTrainer(model=model, args=trl_config(str(work / "trl"), args, options.steps, args.seed), train_dataset=trl_dataset(ordered), processing_class=tokenizer, callbacks=[log])
+    trainer.train()
+    results["TRL 1.16 RewardTrainer"] = {"pairs_per_second": options.steps * args.batch_size / log.seconds, "losses": log.losses}
+    return results
+
+
+def fold_rows(rows: list[dict], folds: int, seed: int) -> list[list[dict]]:
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [[rows[i] for i in order[k::folds]] for k in range(folds)]
+
+
+@torch.no_grad()
+def trl_accuracy(model, pairs, pad_id: int, batch_size: int = 32) -> float:
+    model.eval()
+    right = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        sequences = [p + c for p, c, _ in chunk] + [p + r for p, _, r in chunk]
+        length = max(map(len, sequences))
+        ids = torch.full((len(sequences), length), pad_id)
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)], mask[row, : len(sequence)] = torch.tensor(sequence), 1
+        rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        margin = rewards[: len(chunk)] - rewards[len(chunk) :]
+        right += ((margin > 0).float() + 0.5 * (margin == 0).float()).sum().item()
+    return right / len(pairs)
+
+
+def cross_validation(options) -> dict:
+    """k-fold accuracy of both tools with the minilm backbone on the real harmless-base test split."""
+    work = Path(tempfile.mkdtemp(prefix="bench-rm-cv-"))
+    splits, _ = load_pairs(None)
+    folds = fold_rows(splits["test"], options.folds, options.seed)
+    tokenizer = models.load_tokenizer(models.MINILM)
+    results = {"ours": [], "TRL 1.16 RewardTrainer": [], "seconds": {"ours": 0.0, "TRL 1.16 RewardTrainer": 0.0}}
+    for k in range(options.folds):
+        if options.only_fold is not None and k != options.only_fold:
+            continue
+        train_rows = [row for j, fold in enumerate(folds) if j != k for row in fold]
+        test_rows = folds[k]
+        path = work / f"fold-{k}.parquet"
+        rows = [{**row, "split": "train"} for row in train_rows] + [{**row, "split": "test"} for row in test_rows]
+        pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), path)
+        steps = options.epochs * (len(train_rows) // options.batch_size)
+        args = Args(data=str(path), model=models.MINILM, run_dir=str(work / f"ours-{k}"), max_length=options.max_length, batch_size=options.batch_size,
+                    epochs=options.epochs, learning_rate=options.learning_rate, save_every=10**9, seed=options.seed)
+        started = time.perf_counter()
+        results["ours"].append(main(args)["overall"]["accuracy"])
+        results["seconds"]["ours"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        train_pairs = [encode_pair(tokenizer, row, options.max_length, False) for row in train_rows]
+        order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(options.seed)).tolist()
+        torch.manual_seed(options.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(str(models.minilm_dir()), num_labels=1)
+        trainer = RewardTrainer(model=model, args=replace(trl_config(str(work / f"trl-{k}"), args, steps, options.seed), train_sampling_strategy="random", disable_dropout=True),
+                                train_dataset=trl_dataset([train_pairs[i] for i in order]), processing_class=tokenizer)
+        trainer.train()
+        test_pairs = [encode_pair(tokenizer, row, options.max_length, False) for row in test_rows]
+        results["TRL 1.16 RewardTrainer"].append(trl_accuracy(trainer.model, test_pairs, tokenizer.pad_token_id))
+        results["seconds"]["TRL 1.16 RewardTrainer"] += time.perf_counter() - started
+        print(json.dumps({"fold": k, "ours": results["ours"][-1], "trl": results["TRL 1.16 RewardTrainer"][-1]}), flush=True)
+    return results
+
+
+def describe() -> dict:
+    return {"machine": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["throughput", "cv"])
+    parser.add_argument("--model", default=models.TINY)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--only-fold", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    options = parser.parse_args()
+    results = throughput(options) if options.what == "throughput" else cross_validation(options)
+    results["machine"] = describe()
+    text = json.dumps(results, indent=1)
+    print(text)
+    if options.out:
+        Path(options.out).write_text(text)
