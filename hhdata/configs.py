@@ -1,0 +1,197 @@
+"""Configs (all / helpful / harmless / one per subset), train-test leakage, group-aware re-split.
+
+A config is a view over pair rows: ``all`` holds every row, ``helpful`` and ``harmless``
+the rows of that family (``family`` column, set from the subset by hhdata.schema.family_of),
+and each subset is a config of its own. Red-team attempts are not pairs: they have their
+own schema and config in hhdata.redteam and are refused here.
+
+Leakage is a test prompt that also appears in train, exactly (after normalisation) or
+nearly (in the same near-duplicate cluster of prompts, hhdata.minhash). ``resplit`` fixes it:
+whole clusters go to one side, chosen with a seed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hhdata import dedup, minhash
+from hhdata.errors import HhDataError
+from hhdata.schema import HARMLESS, HELPFUL, RED_TEAM_SUBSET, family_of
+
+ALL = "all"
+
+
+class ConfigError(HhDataError, ValueError):
+    """A config name that does not exist, or a table that cannot be split into configs."""
+
+
+def config_names(subsets) -> list[str]:
+    """The config names of a set of subsets: all, the families present, then each subset.
+
+    >>> config_names(["helpful-base", "harmless-base"])
+    ['all', 'helpful', 'harmless', 'harmless-base', 'helpful-base']
+    """
+    subsets = sorted(set(subsets))
+    if RED_TEAM_SUBSET in subsets:
+        raise ConfigError(
+            f"{RED_TEAM_SUBSET!r} holds red-team transcripts, not preference pairs; load them "
+            "with hhdata.redteam.read_redteam, which gives them their own config"
+        )
+    families = {dedup_family(subset) for subset in subsets}
+    return [ALL] + [f for f in (HELPFUL, HARMLESS) if f in families] + subsets
+
+
+def dedup_family(subset: str) -> str | None:
+    """The family of a known subset, or None for a new batch (it carries its own)."""
+    try:
+        return family_of(subset)
+    except ValueError:
+        return None
+
+
+def select_config(table: pa.Table, name: str) -> pa.Table:
+    """The rows of one config (a view: no row is copied or changed).
+
+    Raises ConfigError naming the configs that exist when ``name`` is not one of them.
+    """
+    subsets = table["subset"].unique().to_pylist()
+    if RED_TEAM_SUBSET in subsets:
+        config_names(subsets)  # raises with the fix
+    if name == ALL:
+        return table
+    if name in (HELPFUL, HARMLESS):
+        return table.filter(pc.equal(table["family"], name))
+    if name in subsets:
+        return table.filter(pc.equal(table["subset"], name))
+    raise ConfigError(
+        f"no config {name!r} in this table; its configs are {config_names(subsets)}"
+    )
+
+
+def prompt_clusters(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupSettings()):
+    """Near-duplicate clusters of prompts: per row, the index of its cluster's first row.
+
+    Prompts equal after normalisation are in one cluster; prompts whose word-shingle Jaccard
+    reaches ``settings.threshold`` are joined, transitively (connected components).
+    """
+    texts = dedup.near_texts(table, "prompt")
+    exact = dedup.normalized(texts, settings).dictionary_encode()
+    unique_of_row = exact.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    pairs, _ = minhash.similar_pairs(
+        exact.dictionary, shingle_size=settings.shingle_size, num_perm=settings.num_perm,
+        bands=settings.bands, rows=settings.rows, threshold=settings.threshold,
+        verify=settings.verify, seed=settings.seed,
+    )
+    unique_cluster = minhash.connected_components(len(exact.dictionary), pairs)
+    # the first row of each cluster names it
+    cluster_of_row = unique_cluster[unique_of_row]
+    first_row = np.full(len(exact.dictionary), table.num_rows, dtype=np.int64)
+    np.minimum.at(first_row, cluster_of_row, np.arange(table.num_rows))
+    return first_row[cluster_of_row], unique_of_row
+
+
+def _leaks(table: pa.Table, groups: np.ndarray) -> dict:
+    """Test rows whose group also holds train rows, within a subset and across subsets."""
+    split = np.asarray(table["split"].to_pylist(), dtype=object)
+    subset = np.asarray(table["subset"].to_pylist(), dtype=object)
+    train_subsets: dict[int, set] = {}
+    for group, sub in zip(groups[split == "train"].tolist(), subset[split == "train"].tolist()):
+        train_subsets.setdefault(group, set()).add(sub)
+    within, across, rows = Counter(), Counter(), []
+    for row in np.flatnonzero(split == "test").tolist():
+        found = train_subsets.get(int(groups[row]))
+        if not found:
+            continue
+        rows.append(row)
+        if subset[row] in found:
+            within[subset[row]] += 1
+        for other in sorted(found - {subset[row]}):
+            across[f"{other} (train) -> {subset[row]} (test)"] += 1
+    both = {int(groups[row]) for row in rows}
+    return {
+        "test_rows": len(rows),
+        "groups_on_both_sides": len(both),
+        "within_subset": dict(sorted(within.items())),
+        "across_subsets": dict(sorted(across.items())),
+        "_rows": rows,
+    }
+
+
+def leakage_report(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupSettings(),
+                   examples: int = 3) -> dict:
+    """Prompts in both train and test, exact and near, per subset and across subsets.
+
+    ``exact`` counts test rows whose normalised prompt equals a train row's prompt; ``near``
+    counts test rows in a near-duplicate cluster that also holds train rows (exact ones
+    included). ``within_subset`` is keyed by subset, ``across_subsets`` by
+    "train subset -> test subset" (one test row can leak from several subsets).
+    """
+    clusters, exact_groups = prompt_clusters(table, settings)
+    exact, near = _leaks(table, exact_groups), _leaks(table, clusters)
+    ids, prompts = table["id"].to_pylist(), dedup.near_texts(table, "prompt").to_pylist()
+    split = table["split"].to_pylist()
+    side_by_side = []
+    for row in [r for r in near["_rows"] if r not in set(exact["_rows"])][:examples]:
+        partner = next(r for r in np.flatnonzero(clusters == clusters[row]).tolist()
+                       if split[r] == "train")
+        side_by_side.append({"test": {"id": ids[row], "prompt": prompts[row][:300]},
+                             "train": {"id": ids[partner], "prompt": prompts[partner][:300]}})
+    for part in (exact, near):
+        del part["_rows"]
+    return {
+        "settings": {key: settings.to_json()[key] for key in
+                     ("shingle_size", "num_perm", "bands", "rows", "threshold", "verify", "seed")},
+        "rows": {"train": split.count("train"), "test": split.count("test")},
+        "exact": exact,
+        "near": near,
+        "near_examples": side_by_side,
+    }
+
+
+def resplit(table: pa.Table, *, seed: int, test_fraction: float,
+            settings: dedup.DedupSettings = dedup.DedupSettings()) -> pa.Table:
+    """Assign train/test again so that every prompt cluster lies on one side.
+
+    Clusters are visited in a seeded random order; a cluster goes to test while the test
+    rows of its largest subset are below ``test_fraction`` of that subset, else to train.
+    The same seed and rows give the same split; split_sizes reports the resulting sizes.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be between 0 and 1, not {test_fraction}")
+    clusters, _ = prompt_clusters(table, settings)
+    subset = np.asarray(table["subset"].to_pylist(), dtype=object)
+    target = {s: test_fraction * n for s, n in Counter(subset.tolist()).items()}
+    test_rows = Counter()
+    is_test = np.zeros(table.num_rows, dtype=bool)
+    names, members = np.unique(clusters, return_inverse=True)
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(len(names))
+    rows_of = np.argsort(members, kind="stable")
+    starts = np.searchsorted(members[rows_of], np.arange(len(names) + 1))
+    for cluster in order.tolist():
+        rows = rows_of[starts[cluster] : starts[cluster + 1]]
+        counts = Counter(subset[rows].tolist())
+        main = max(sorted(counts), key=counts.__getitem__)
+        if test_rows[main] < target[main]:
+            is_test[rows] = True
+            test_rows.update(counts)
+    split = pa.array(np.where(is_test, "test", "train").tolist(), pa.string())
+    return table.set_column(table.schema.get_field_index("split"), "split", split)
+
+
+def split_sizes(table: pa.Table) -> dict:
+    """Rows per subset and split, and the test fraction of each subset.
+
+    >>> split_sizes(pa.table({"subset": ["a", "a", "b"], "split": ["train", "test", "train"]}))
+    {'a': {'train': 1, 'test': 1, 'test_fraction': 0.5}, 'b': {'train': 1, 'test': 0, 'test_fraction': 0.0}}
+    """
+    counts = Counter(zip(table["subset"].to_pylist(), table["split"].to_pylist()))
+    sizes = {}
+    for subset in sorted({s for s, _ in counts}):
+        train, test = counts[(subset, "train")], counts[(subset, "test")]
+        sizes[subset] = {"train": train, "test": test,
+                         "test_fraction": round(test / (train + test), 4)}
+    return sizes
