@@ -207,3 +207,24 @@ def test_dry_run_needs_no_token_and_lists_every_file(releases):
     assert [path for path, _ in result.files] == [path for path, _ in hub.release_files(first)]
     assert result.bytes == sum((first / path).stat().st_size for path, _ in result.files)
     assert {"README.md", "manifest.json", "CHANGELOG.md", "croissant.json"} <= {p for p, _ in result.files}
+
+
+def test_lost_commit_reply_is_not_committed_twice(local_hub, releases, repo_id):
+    """The commit lands but the client sees a 503: the retry finds it on the branch and tags it."""
+    first, _ = releases
+    local_hub.arm_faults([{"route": "commit", "action": "status", "status": 503, "when": "after", "times": 1}])
+    result = hub.publish(first, repo_id, token=local_hub.token, retries=2, backoff=0.01)
+    assert [line.split(" ", 1)[1] for line in commits_on_main(local_hub, repo_id)] == ["Release 1.0.0", "initial commit"]
+    assert [(v.tag, v.commit) for v in hub.list_versions(repo_id)] == [("v1.0.0", result.commit)]
+
+
+def test_a_tampered_local_release_is_not_published(local_hub, releases, repo_id, tmp_path, capsys):
+    copy = tmp_path / "1.0.0"
+    shutil.copytree(releases[0], copy)
+    target = copy / "data" / "harmless-base" / "test-00000-of-00001.parquet"
+    target.write_bytes(target.read_bytes()[:-10])
+    with pytest.raises(IntegrityError, match="truncated"):
+        hub.publish(copy, repo_id, token=local_hub.token, **FAST)
+    assert cli_main(["publish", str(copy), "--repo", repo_id, "--token", local_hub.token]) == 1
+    assert "test-00000-of-00001.parquet" in capsys.readouterr().err
+    assert not local_hub.repo_path(repo_id).exists()
