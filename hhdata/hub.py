@@ -61,7 +61,7 @@ class PublishResult:
 
     @property
     def uploaded_bytes(self) -> int:
-        """Bytes sent: files the branch did not already hold byte for byte (0 when a commit was reused)."""
+        """Bytes of the files the commit added or changed (0 when an earlier run's commit was reused)."""
         if self.reused_commit:
             return 0
         return sum(size for path, size in self.files if path not in set(self.unchanged))
@@ -248,7 +248,7 @@ def publish(
     call(lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, exist_ok=True), "creating the repo")
     refs = call(lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE), "reading refs")
     _refuse_existing_tag(refs, tag, repo_id)
-    head = next(ref.target_commit for ref in refs.branches if ref.name == constants.DEFAULT_REVISION)
+    head = _branch_head(refs, repo_id)
     remote = call(lambda: _remote_files(api, repo_id, head), "listing the branch")
     local_ids = _local_ids(release_dir, files, remote)
     deleted = sorted(set(remote) - KEEP_ON_HUB - set(local_ids))
@@ -262,6 +262,13 @@ def publish(
             reused = False
         _tag(api, call, repo_id, tag, commit, version)
     return PublishResult(repo_id, version, tag, commit, files, deleted, unchanged, reused_commit=reused)
+
+
+def _branch_head(refs, repo_id: str) -> str:
+    for ref in refs.branches:
+        if ref.name == constants.DEFAULT_REVISION:
+            return ref.target_commit
+    raise HubError(f"{repo_id}: the repo has no {constants.DEFAULT_REVISION} branch to publish on; create it first")
 
 
 def _refuse_existing_tag(refs, tag: str, repo_id: str) -> None:
@@ -281,7 +288,7 @@ def _commit(api, call, release_dir, repo_id, version, files, deleted, parent) ->
         operations += [CommitOperationDelete(path) for path in deleted]
         # After a lost reply the commit may already be there: retry only from the same parent.
         refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
-        head = next(ref.target_commit for ref in refs.branches if ref.name == constants.DEFAULT_REVISION)
+        head = _branch_head(refs, repo_id)
         if head != parent:
             remote = _remote_files(api, repo_id, head)
             if _holds_release(remote, _local_ids(release_dir, files, remote)):
