@@ -277,13 +277,12 @@ def _draft_chunk(model: TextModel, rng: np.random.Generator, n: int) -> list[Dra
     return drafts
 
 
-def _make_unique(drafts: list[Draft], model: TextModel, rng: np.random.Generator) -> None:
+def _make_unique(drafts: list[Draft], model: TextModel, rng, seen: set[str]) -> None:
     """Lengthen the rare drafts whose prompt or replies collide after normalisation.
 
     Accidental duplicates would blur the planted truth, so no two generated prompts are
     equal up to case and whitespace, and no chosen reply equals its rejected one.
     """
-    seen: set[str] = set()
     for draft in drafts:
         # generated contents are words joined by single spaces: this is " ".join(tokens)
         while (key := " ".join(content for _, content in draft.prompt).lower()) in seen:
@@ -294,12 +293,13 @@ def _make_unique(drafts: list[Draft], model: TextModel, rng: np.random.Generator
             draft.rejected = f"{draft.rejected} {model.words(rng, 1)[0]}"
 
 
-def _drafts(n: int, rng: np.random.Generator) -> list[Draft]:
+def _drafts(n: int, rng: np.random.Generator, seen: set[str] | None = None) -> list[Draft]:
+    """n distinct regular drafts; seen holds the prompt keys of earlier drafts to avoid."""
     model = text_model()
     drafts: list[Draft] = []
     for start in range(0, n, _CHUNK_PAIRS):
         drafts.extend(_draft_chunk(model, rng, min(_CHUNK_PAIRS, n - start)))
-    _make_unique(drafts, model, rng)
+    _make_unique(drafts, model, rng, set() if seen is None else seen)
     return drafts
 
 
@@ -581,9 +581,14 @@ def write_corpus(
     rng, model = np.random.default_rng(seed), text_model()
     planned = {name: round(value * n_pairs) for name, value in asdict(rates).items()}
     n_base = n_pairs - sum(planned[name] for name in _COPIES)
-    drafts = _drafts(n_base + planned["bad_record"], rng)
+    seen: set[str] = set()
+    drafts = _drafts(n_base + planned["bad_record"], rng, seen)
     base, material = drafts[:n_base], drafts[n_base:]
     plans = _choose_sources(_Sources(rng, base), planned, rng)
+    # too few long prompts for every near duplicate or hard negative: regular pairs fill in
+    missing = sum(planned[kind] - len(plans[kind]) for kind in _COPIES)
+    missing += sum(index < 0 for index, _ in plans["near_duplicate"])
+    base += _drafts(missing, rng, seen)
     irregular = [  # edits base drafts in place, before they are rendered
         (index, kind, _make_irregular(base[index], kind, variant, model, rng))
         for kind in ("empty_reply", "tag_in_reply", "consecutive_assistant")
@@ -591,7 +596,7 @@ def write_corpus(
     ]
     weights = np.array(list(UPSTREAM_COUNTS.values()), dtype=np.float64)
     corpus = _Corpus(rng, weights / weights.sum())
-    files = np.repeat(np.arange(len(FILES)), _allocate(n_base, corpus.weights))
+    files = np.repeat(np.arange(len(FILES)), _allocate(len(base), corpus.weights))
     for index, file in enumerate(rng.permutation(files).tolist()):
         corpus.add(file, base[index].texts())  # base pairs are the corpus' first records
 

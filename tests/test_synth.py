@@ -197,6 +197,15 @@ def test_rates_are_configurable(tmp_path):
     assert truth.rates["near_duplicate"] == 0.05
 
 
+def test_regular_pairs_fill_in_when_too_few_prompts_are_long_enough(tmp_path):
+    rates = synth.Rates(near_duplicate=0.2, hard_negative=0.2)
+    truth = synth.write_corpus(tmp_path, 100, seed=0, rates=rates)
+    assert len(truth.near_duplicates) + len(truth.hard_negatives) < 40  # short of the plan
+    lines = read_lines(tmp_path)
+    assert len(lines) == sum(file["records"] for file in truth.files.values()) == 100
+    assert all(classify(line) == "ok" for line in lines.values())
+
+
 def test_duplicates_are_what_the_truth_says(corpus):
     out, truth = corpus
     lines = read_lines(out)
