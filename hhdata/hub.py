@@ -122,7 +122,8 @@ def _explain(error: BaseException, repo_id: str, doing: str) -> HubError:
     if _is_transient(error):
         return HubError(
             f"{repo_id}: the Hub is unreachable or failing while {doing} ({type(error).__name__}"
-            f"{f' {status}' if status else ''}); nothing was tagged, re-run the same command to resume"
+            f"{f' {status}' if status else ''}); re-run the same command: a publish resumes safely and tags "
+            "only a complete commit"
         )
     return HubError(f"{repo_id}: the Hub refused {doing}: {str(error).splitlines()[0]}")
 
@@ -301,7 +302,7 @@ def _commit(api, call, release_dir, repo_id, version, files, deleted, parent) ->
     try:
         return call(attempt, f"committing release {version}")
     except HubError as error:
-        if error.status == 412:
+        if getattr(error, "status", None) == 412:
             raise HubError(
                 f"{repo_id}: the branch moved since commit {parent[:12]}, so the release commit was "
                 "refused and nothing was tagged; review the new commits, then re-run publish"
