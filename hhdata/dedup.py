@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata import degenerate, minhash
-from hhdata.errors import HhDataError
+from hhdata.errors import HhDataError, SchemaError
 from hhdata.schema import PAIR_SCHEMA
 
 EXACT_DUPLICATE = "exact_duplicate"
@@ -97,6 +97,9 @@ class DedupSettings:
     """per degenerate reason: 'drop' or 'flag'"""
 
     def __post_init__(self) -> None:
+        # a partial policy means "these reasons differ from the defaults": store it whole
+        object.__setattr__(self, "degenerate", {**degenerate.DEFAULT_POLICY, **self.degenerate})
+        object.__setattr__(self, "subset_order", tuple(self.subset_order))
         problems = []
         if self.survivor not in SURVIVORS:
             problems.append(f"survivor={self.survivor!r} is not one of {list(SURVIVORS)}")
@@ -123,7 +126,7 @@ class DedupSettings:
         """The settings as a plain dict (what the release manifest records)."""
         settings = dataclasses.asdict(self)
         settings["subset_order"] = list(self.subset_order)
-        settings["degenerate"] = {**degenerate.DEFAULT_POLICY, **self.degenerate}
+        settings["degenerate"] = dict(self.degenerate)
         return settings
 
     @classmethod
@@ -254,7 +257,7 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     """
     missing = [name for name in PAIR_SCHEMA.names if name not in pairs.column_names]
     if missing:
-        raise HhDataError(
+        raise SchemaError(
             f"deduplicate needs the canonical pair columns; missing {missing}. Build the table "
             "with hhdata.pairs.build_pairs so it follows hhdata.schema.PAIR_SCHEMA"
         )
@@ -268,7 +271,7 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
 
     # 1. degenerate pairs
     masks = degenerate.find_degenerate(pairs) if n else {r: np.zeros(0, bool) for r in degenerate.REASONS}
-    policy = {**degenerate.DEFAULT_POLICY, **settings.degenerate}
+    policy = settings.degenerate
     flagged = {}
     for code in degenerate.REASONS:
         if policy[code] == degenerate.DROP:
@@ -300,6 +303,13 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim
             cluster[row] = order[kept_local]
         edges = [(int(order[a]), int(order[b])) for a, b in edges]
+        # an exact copy of a row dropped as a near duplicate points at what that row points at
+        exact_rows = np.flatnonzero(reason == EXACT_DUPLICATE)
+        via = kept_index[exact_rows]
+        chained = reason[via] == NEAR_DUPLICATE
+        kept_index[exact_rows[chained]] = kept_index[via[chained]]
+        similarity[exact_rows[chained]] = similarity[via[chained]]
+        cluster = cluster[cluster]
     if edges:  # cluster mode: kept near duplicates share their component's best survivor
         rank = np.empty(n, dtype=np.int64)
         rank[survivor_order(pairs, settings)] = np.arange(n)

@@ -1,0 +1,275 @@
+"""hhdata.dedup: planted duplicates with known outcomes, laws, and the real harmless-base split."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from importlib import resources
+
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from hhdata import dedup, pairs, synth
+from hhdata.dedup import DedupSettings, DedupSettingsError, deduplicate
+from hhdata.errors import SchemaError
+from hhdata.schema import family_of
+from hhdata.transcript import parse_transcript, split_pair
+
+
+def pair_table(records) -> pa.Table:
+    """Canonical pair rows from (chosen, rejected, subset, split) records, via build_pairs."""
+    raw = pa.table({
+        "subset": [r[2] for r in records],
+        "split": [r[3] for r in records],
+        "family": [family_of(r[2]) for r in records],
+        "chosen": [r[0] for r in records],
+        "rejected": [r[1] for r in records],
+    })
+    table, quarantine = pairs.build_pairs(raw)
+    assert quarantine.num_rows == 0
+    return table
+
+
+def long_records(n: int, min_words: int = 40, seed: int = 7) -> list[tuple[str, str]]:
+    """n distinct generated pairs whose prompts have at least min_words words."""
+    found = []
+    for record in synth.generate(20 * n, seed=seed):
+        prompt = split_pair(record["chosen"], record["rejected"]).prompt
+        if sum(len(t["content"].split()) for t in prompt) >= min_words:
+            found.append((record["chosen"], record["rejected"]))
+        if len(found) == n:
+            return found
+    raise AssertionError("not enough long generated prompts")
+
+
+def shout(text: str) -> str:
+    """The transcript upper-cased, speaker tags left as they are."""
+    return text.upper().replace("\n\nHUMAN:", "\n\nHuman:").replace("\n\nASSISTANT:", "\n\nAssistant:")
+
+
+def edit_prompt_word(texts: tuple[str, str], word_index: int, new_word: str) -> tuple[str, str]:
+    """Replace one word of the first Human turn in both transcripts (a near duplicate)."""
+    chosen, rejected = texts
+    first = parse_transcript(chosen)[0]["content"]
+    words = first.split(" ")
+    words[word_index % len(words)] = new_word
+    edited = " ".join(words)
+    return chosen.replace(first, edited, 1), rejected.replace(first, edited, 1)
+
+
+def hard_negative(texts: tuple[str, str], fresh: tuple[str, str]) -> tuple[str, str]:
+    """The first 60% of the prompt text, then the ending and replies of another pair."""
+    pair = split_pair(*texts)
+    prompt_text = "".join(f"\n\n{'Human' if t['role'] == 'user' else 'Assistant'}: {t['content']}"
+                          for t in pair.prompt)
+    cut = prompt_text.rfind(" ", 0, int(len(prompt_text) * 0.6))
+    other = split_pair(*fresh)
+    tail = " ".join(t["content"] for t in other.prompt)
+    new_prompt = prompt_text[:cut] + " " + tail + "\n\nAssistant: "
+    return new_prompt + other.chosen[0]["content"], new_prompt + other.rejected[0]["content"]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    base = long_records(8)
+    c, r = base[0]
+    records = [(*texts, "helpful-base", "train") for texts in base[:6]]
+    cases = {
+        "exact": (c, r, "helpful-base", "train"),
+        "swapped": (r, c, "helpful-online", "train"),
+        "case_space": (shout(c).replace(" ", "  "), shout(r).replace(" ", "  "), "helpful-base", "train"),
+        "near": (*edit_prompt_word(base[1], 5, "zebra"), "helpful-base", "train"),
+        "hard_negative": (*hard_negative(base[2], base[6]), "helpful-base", "train"),
+    }
+    records += list(cases.values())
+    table = pair_table(records)
+    ids = table["id"].to_pylist()
+    return table, {name: ids[6 + i] for i, name in enumerate(cases)}, ids
+
+
+def test_planted_duplicates_have_known_outcomes(planted):
+    table, case_ids, ids = planted
+    result = deduplicate(table)
+    drops = {row["id"]: row for row in result.drops.to_pylist()}
+    assert drops[case_ids["swapped"]]["reason"] == "exact_duplicate"
+    assert drops[case_ids["swapped"]]["kept_id"] == ids[0]
+    assert drops[case_ids["case_space"]]["reason"] == "exact_duplicate"
+    assert drops[case_ids["near"]]["reason"] == "near_duplicate"
+    assert drops[case_ids["near"]]["kept_id"] == ids[1]
+    assert 0.7 <= drops[case_ids["near"]]["similarity"] < 1.0
+    assert case_ids["hard_negative"] not in drops
+    # the exact copy has the same id as its original: one of the two is dropped, pointing at it
+    assert Counter(result.drops["reason"].to_pylist()) == {"exact_duplicate": 3, "near_duplicate": 1}
+    assert result.report["dropped_by_reason"] == {"exact_duplicate": 3, "near_duplicate": 1}
+    assert result.report["cluster_size_histogram"] == {"1": 5, "2": 1, "4": 1}
+
+
+def test_prompt_scope_also_finds_the_near_duplicate_and_not_the_hard_negative(planted):
+    table, case_ids, _ = planted
+    result = deduplicate(table, DedupSettings(near_scope="prompt", threshold=0.5))
+    dropped = set(result.drops["id"].to_pylist())
+    assert case_ids["near"] in dropped and case_ids["hard_negative"] not in dropped
+
+
+def test_switches_change_what_counts_as_exact(planted):
+    table, case_ids, _ = planted
+    strict = DedupSettings(lowercase=False, collapse_whitespace=False, reply_order_matters=True, near=False)
+    dropped = set(deduplicate(table, strict).drops["id"].to_pylist())
+    assert case_ids["swapped"] not in dropped and case_ids["case_space"] not in dropped
+    assert case_ids["exact"] in dropped
+
+
+def test_cluster_mode_keeps_near_duplicates_under_one_cluster_id(planted):
+    table, case_ids, ids = planted
+    result = deduplicate(table, DedupSettings(near_action="cluster"))
+    kept = {row["id"]: row["cluster_id"] for row in result.kept.select(["id", "cluster_id"]).to_pylist()}
+    assert kept[case_ids["near"]] == ids[1] == kept[ids[1]]
+    assert "near_duplicate" not in result.drops["reason"].to_pylist()
+
+
+@pytest.mark.parametrize(
+    "survivor, order, expected_kept",
+    [
+        ("first", (), ("helpful-base", "test")),
+        ("train_first", (), ("helpful-online", "train")),
+        ("subset_order", ("helpful-online",), ("helpful-online", "train")),
+        ("subset_order", ("helpful-base",), ("helpful-base", "test")),
+    ],
+)
+def test_which_copy_survives(survivor, order, expected_kept):
+    c, r = long_records(1)[0]
+    table = pair_table([(c, r, "helpful-base", "test"), (c, r, "helpful-online", "train")])
+    result = deduplicate(table, DedupSettings(survivor=survivor, subset_order=order))
+    kept = result.kept.to_pylist()
+    assert len(kept) == 1 and (kept[0]["subset"], kept[0]["split"]) == expected_kept
+    assert result.drops["reason"].to_pylist() == ["exact_duplicate"]
+
+
+def test_settings_round_trip_through_json():
+    settings = DedupSettings(survivor="subset_order", subset_order=("helpful-base",), threshold=0.8,
+                             degenerate={"empty_reply": "drop"})
+    text = json.dumps(settings.to_json())
+    assert DedupSettings.from_json(json.loads(text)) == settings
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"survivor": "last"}, "survivor='last' is not one of"),
+        ({"bands": 40, "rows": 4}, "bands x rows = 160 exceeds num_perm=128"),
+        ({"threshold": 0.0}, "threshold=0.0 must be in (0, 1]"),
+        ({"degenerate": {"empty_reply": "ignore"}}, "it must be 'drop' or 'flag'"),
+        ({"degenerate": {"too_short": "drop"}}, "unknown degenerate reason 'too_short'"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_fix(changes, message):
+    with pytest.raises(DedupSettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DedupSettings(**changes)
+
+
+def test_missing_columns_are_named():
+    with pytest.raises(SchemaError, match=r"missing \['subset', 'family', 'split', 'prompt'"):
+        deduplicate(pa.table({"id": ["x"]}))
+
+
+# ---------------------------------------------------------------- laws (Hypothesis)
+
+POOL = long_records(4, min_words=10, seed=11)
+VARIANTS = {
+    "same": lambda c, r: (c, r),
+    "swapped": lambda c, r: (r, c),
+    "upper": lambda c, r: (shout(c), shout(r)),
+    "spaced": lambda c, r: (c.replace(" ", "   ") + " ", r.replace(" ", "   ")),
+    "edited": lambda c, r: edit_prompt_word((c, r), 3, "quokka"),
+}
+rows_strategy = st.lists(
+    st.tuples(st.integers(0, len(POOL) - 1), st.sampled_from(sorted(VARIANTS)),
+              st.sampled_from(["helpful-base", "harmless-base"]), st.sampled_from(["train", "test"])),
+    min_size=1, max_size=14,
+)
+
+
+def build(rows):
+    return pair_table([(*VARIANTS[kind](*POOL[i]), subset, split) for i, kind, subset, split in rows])
+
+
+@hsettings(max_examples=25, deadline=None)
+@given(rows=rows_strategy, survivor=st.sampled_from(["first", "train_first"]),
+       scope=st.sampled_from(["prompt", "pair"]))
+def test_laws_accounting_and_idempotence(rows, survivor, scope):
+    table = build(rows)
+    settings = DedupSettings(survivor=survivor, near_scope=scope)
+    result = deduplicate(table, settings)
+    # kept + dropped = input, as multisets of ids
+    assert Counter(result.kept["id"].to_pylist()) + Counter(result.drops["id"].to_pylist()) == Counter(
+        table["id"].to_pylist())
+    # every duplicate points at a kept row
+    kept_ids = set(result.kept["id"].to_pylist())
+    assert set(result.drops["kept_id"].drop_null().to_pylist()) <= kept_ids
+    # idempotent: a second pass keeps everything
+    again = deduplicate(result.kept.drop_columns(["cluster_id"]), settings)
+    assert again.drops.num_rows == 0
+    assert again.kept["id"].to_pylist() == result.kept["id"].to_pylist()
+
+
+# ---------------------------------------------------------------- the real harmless-base test split
+
+
+def real_records():
+    sample = resources.files("hhdata").joinpath("data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+    with gzip.open(sample.open("rb"), "rt", encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def shingle_set(words: list[str], size: int = 5) -> set:
+    if len(words) < size:
+        return {tuple(words)} if words else set()
+    return {tuple(words[i:i + size]) for i in range(len(words) - size + 1)}
+
+
+def test_report_matches_an_independent_count_on_real_harmless_base():
+    records = real_records()
+    table = pair_table([(r["chosen"], r["rejected"], "harmless-base", "test") for r in records])
+    result = deduplicate(table)
+    report = result.report
+
+    # independent count, plain Python. Exact: (chosen, rejected) in either order, lower-cased,
+    # whitespace collapsed. Near: word 5-shingles of the prompt contents and both replies,
+    # Jaccard >= 0.7 against any earlier kept row (every pair compared; sets whose sizes
+    # differ by more than the threshold allows cannot reach it)
+    seen, exact, near, kept_sets = set(), 0, 0, []
+    for r in records:
+        key = frozenset([" ".join(r["chosen"].lower().split()), " ".join(r["rejected"].lower().split())])
+        if key in seen:
+            exact += 1
+            continue
+        seen.add(key)
+        pair = split_pair(r["chosen"], r["rejected"])
+        words = " ".join(t["content"] for t in pair.prompt + pair.chosen + pair.rejected).lower().split()
+        mine = shingle_set(words)
+        if any(0.7 * len(other) <= len(mine) <= len(other) / 0.7
+               and len(mine & other) >= 0.7 * len(mine | other) for other in kept_sets):
+            near += 1
+        else:
+            kept_sets.append(mine)
+    # degenerate: empty replies, identical replies, turns that do not alternate
+    empty = identical = non_alternating = 0
+    for r in records:
+        pair = split_pair(r["chosen"], r["rejected"])
+        chosen, rejected = pair.chosen[0]["content"], pair.rejected[0]["content"]
+        empty += not chosen.strip() or not rejected.strip()
+        identical += " ".join(chosen.lower().split()) == " ".join(rejected.lower().split())
+        roles = [t["role"] for t in pair.prompt]
+        alternates = roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
+        non_alternating += (not alternates or len(roles) % 2 == 0
+                            or "\n\nAssistant: " in chosen or "\n\nAssistant: " in rejected)
+
+    assert report["input"] == len(records) == 2312
+    assert report["dropped_by_reason"].get("exact_duplicate", 0) == exact
+    assert report["dropped_by_reason"].get("near_duplicate", 0) == near
+    assert report["degenerate_found"] == {"identical_replies": identical, "empty_reply": empty,
+                                          "prompt_disagrees": 0, "non_alternating": non_alternating}
+    assert report["kept"] == len(records) - exact - near
+    assert sum(int(size) * count for size, count in report["cluster_size_histogram"].items()) == report["input"]
