@@ -9,8 +9,13 @@ throughput: the same initial weights (our seeded model; TRL gets the same backbo
 cv: 5-fold cross-validation on the real harmless-base test split with the minilm backbone:
     train on four folds, test on the fifth, one epoch at the same budget for both tools.
 
+crosstable: the paper's helpful-vs-harmless table (train on one config, evaluate on every
+    family) on a synthetic release whose families prefer different things: a helpful chosen
+    reply carries "certainly", a harmless chosen reply carries "sorry".
+
     python bench/reward_model.py throughput --model tiny --steps 40
     python bench/reward_model.py cv --folds 5
+    python bench/reward_model.py crosstable
 
 Not part of `make test`; results and exact commands go to bench/reward_model.md.
 """
@@ -32,7 +37,8 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from hhdata.schema import PAIR_SCHEMA
+from hhdata.schema import PAIR_SCHEMA, pair_id
+from hhdata.transcript import render_transcript
 from training import models
 from training.common import load_pairs
 from training.reward_model import Args, RewardModel, encode_pair, main, split_held_out
@@ -178,13 +184,47 @@ def cross_validation(options) -> dict:
     return results
 
 
+def family_marker_rows(count: int, seed: int) -> list[dict]:
+    """Synthetic pairs whose preferred reply depends on the family, as helpful/harmless do."""
+    rng = torch.Generator().manual_seed(seed)
+    words = "the a cat dog tree house river blue green quick slow happy run jump sing read".split()
+    text = lambda n: " ".join(words[i] for i in torch.randint(len(words), (n,), generator=rng).tolist())  # noqa: E731
+    rows = []
+    for index in range(count):
+        family = "helpful" if index % 2 else "harmless"
+        marker = "certainly" if family == "helpful" else "sorry"
+        prompt = [{"role": "user", "content": text(12)}]
+        chosen, rejected = f"{text(4)} {marker} {text(4)}", text(9)
+        chosen_text = render_transcript(prompt + [{"role": "assistant", "content": chosen}])
+        rejected_text = render_transcript(prompt + [{"role": "assistant", "content": rejected}])
+        rows.append({"id": pair_id(chosen_text, rejected_text), "subset": f"synth-{family}-base", "family": family,
+                     "split": "test" if index % 5 == 0 else "train", "prompt": prompt,
+                     "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}],
+                     "chosen_text": chosen_text, "rejected_text": rejected_text, "flags": []})
+    return rows
+
+
+def cross_table(options) -> dict:
+    """Held-out accuracy per family of a tiny model trained on each config."""
+    work = Path(tempfile.mkdtemp(prefix="bench-rm-cross-"))
+    path = work / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(family_marker_rows(1200, options.seed), schema=PAIR_SCHEMA), path)
+    table = {}
+    for config in ("helpful", "harmless", "all"):
+        args = Args(data=str(path), train_config=config, run_dir=str(work / config), max_length=64, batch_size=16, epochs=2,
+                    learning_rate=3e-3, save_every=10**9, seed=options.seed)
+        metrics = main(args)
+        table[config] = {family: part["accuracy"] for family, part in metrics["by_family"].items()}
+    return table
+
+
 def describe() -> dict:
     return {"machine": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["throughput", "cv"])
+    parser.add_argument("what", choices=["throughput", "cv", "crosstable"])
     parser.add_argument("--model", default=models.TINY)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -196,7 +236,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     options = parser.parse_args()
-    results = throughput(options) if options.what == "throughput" else cross_validation(options)
+    results = {"throughput": throughput, "cv": cross_validation, "crosstable": cross_table}[options.what](options)
     results["machine"] = describe()
     text = json.dumps(results, indent=1)
     print(text)

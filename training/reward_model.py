@@ -349,7 +349,13 @@ def reliability(margins: torch.Tensor, bins: int) -> tuple[float, list[dict]]:
             mean_confidence = confidence[inside].mean().item()
             accuracy = correct[inside].mean().item()
             ece += inside.double().mean().item() * abs(accuracy - mean_confidence)
-            table.append({"low": 0.5 + b / (2 * bins), "high": 0.5 + (b + 1) / (2 * bins), "pairs": int(inside.sum()), "confidence": mean_confidence, "accuracy": accuracy})
+            table.append({
+                "low": 0.5 + b / (2 * bins),
+                "high": 0.5 + (b + 1) / (2 * bins),
+                "pairs": int(inside.sum()),
+                "confidence": mean_confidence,
+                "accuracy": accuracy,
+            })
     return ece, table
 
 
@@ -433,8 +439,14 @@ def write_card(run_dir: Path, settings: dict, metrics: dict) -> None:
     """model/README.md from hhdata/cards/model_card.md."""
     template = (Path(__file__).resolve().parent.parent / "hhdata/cards/model_card.md").read_text()
     lines = ["| held-out part | pairs | accuracy | mean margin | ECE |", "|---|---|---|---|---|"]
-    for name, part in [("all", metrics["overall"])] + [(f"family {k}", v) for k, v in metrics["by_family"].items()] + [(f"subset {k}", v) for k, v in metrics["by_subset"].items()]:
-        lines.append(f"| {name} | {part['pairs']} | {part['accuracy']:.3f} | {part['mean_margin']:.3f} | {part['ece']:.3f} |")
+    parts = [("all", metrics["overall"])]
+    parts += [(f"family {name}", part) for name, part in metrics["by_family"].items()]
+    parts += [(f"subset {name}", part) for name, part in metrics["by_subset"].items()]
+    for name, part in parts:
+        lines.append(
+            f"| {name} | {part['pairs']} | {part['accuracy']:.3f} "
+            f"| {part['mean_margin']:.3f} | {part['ece']:.3f} |"
+        )
     args = settings["args"]
     card = template.format(
         model=args["model"],
@@ -461,46 +473,66 @@ def main(args: Args) -> dict:
     accelerator = Accelerator(mixed_precision=args.precision)
     torch.manual_seed(args.seed)
     if args.batch_size % accelerator.num_processes:
-        raise HhDataError(f"--batch-size {args.batch_size} is not divisible by the {accelerator.num_processes} processes; pick a multiple")
+        raise HhDataError(
+            f"--batch-size {args.batch_size} is not divisible by the "
+            f"{accelerator.num_processes} processes; pick a multiple"
+        )
 
     # 1. data: the release's pairs, the family to train on, the held-out pairs
     splits, provenance = load_pairs(args.data, args.version)
     train_rows, eval_rows = split_held_out(splits, args.eval_fraction)
-    train_rows = [r for r in train_rows if args.train_config in ("all", r["family"])][: args.max_train_pairs]
+    train_rows = [r for r in train_rows if args.train_config in ("all", r["family"])]
+    train_rows = train_rows[: args.max_train_pairs]
     eval_rows = eval_rows[: args.max_eval_pairs]
     steps_per_epoch = len(train_rows) // args.batch_size
     if steps_per_epoch == 0 or not eval_rows:
-        raise HhDataError(f"{provenance['source']}: {len(train_rows)} training and {len(eval_rows)} held-out pairs for --train-config {args.train_config}; need at least --batch-size {args.batch_size} and 1")
+        raise HhDataError(
+            f"{provenance['source']}: {len(train_rows)} training and {len(eval_rows)} held-out "
+            f"pairs for --train-config {args.train_config}; need at least --batch-size "
+            f"{args.batch_size} and 1"
+        )
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
     # 2. the run directory: a fresh one, or the same settings when resuming
     checkpoint = latest_checkpoint(run_dir) if args.resume else None
     if not args.resume and (run_dir / "checkpoints").exists():
-        raise HhDataError(f"{run_dir} already holds a run; pass --resume to continue it or pick another --run-dir")
-    comparable = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}
+        raise HhDataError(
+            f"{run_dir} already holds a run; pass --resume to continue it or pick another --run-dir"
+        )
+    comparable = dataclasses.asdict(args)
+    del comparable["resume"], comparable["stop_after"]
     if checkpoint is not None:
         saved = json.loads((run_dir / "settings.json").read_text())["args"]
         changed = {k for k in comparable if saved.get(k) != comparable[k]}
         if changed:
-            raise HhDataError(f"{run_dir}: cannot resume with changed settings {sorted(changed)}; resume with the saved ones (settings.json)")
+            raise HhDataError(
+                f"{run_dir}: cannot resume with changed settings {sorted(changed)}; "
+                "resume with the saved ones (settings.json)"
+            )
 
     # 3. tokenizer and model; the tiny tokenizer is trained once and kept with the run
     if args.model == models.TINY:
         if checkpoint is not None:
             tokenizer = models.load_tokenizer(str(run_dir / "tokenizer"))
         else:
-            tokenizer = models.load_tokenizer(models.TINY, texts=[t for r in train_rows for t in (r["chosen_text"], r["rejected_text"])])
+            texts = [text for r in train_rows for text in (r["chosen_text"], r["rejected_text"])]
+            tokenizer = models.load_tokenizer(models.TINY, texts=texts)
     else:
         tokenizer = models.load_tokenizer(args.model)
     model = RewardModel(models.load_backbone(args.model, tokenizer, seed=args.seed))
     encoder = models.is_encoder(model.backbone.config)
     if args.prefix_sharing == "on" and encoder:
-        raise HhDataError(f"--model {args.model} is a bidirectional encoder: its prompt tokens attend to the reply, so sharing the prompt is not exact; use --prefix-sharing auto or off")
+        raise HhDataError(
+            f"--model {args.model} is a bidirectional encoder: its prompt tokens attend to the "
+            "reply, so sharing the prompt is not exact; use --prefix-sharing auto or off"
+        )
     share_prefix = args.prefix_sharing == "on" or (args.prefix_sharing == "auto" and not encoder)
     chat = uses_chat_template(tokenizer, args.chat_template)
     settings = {
         "args": comparable,
-        "command": " ".join(["python -m training.reward_model"] + sys.argv[1:]) if __name__ == "__main__" else "training.reward_model.main(Args(...))",
+        "command": " ".join(["python -m training.reward_model", *sys.argv[1:]])
+        if __name__ == "__main__"
+        else "training.reward_model.main(Args(...))",
         "provenance": provenance,
         "train_pairs": len(train_rows),
         "eval_pairs": len(eval_rows),
@@ -508,7 +540,10 @@ def main(args: Args) -> dict:
         "share_prefix": share_prefix,
         "chat_template": chat,
         "processes": accelerator.num_processes,
-        "versions": {"torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": sys.modules["transformers"].__version__,
+        },
     }
     if accelerator.is_main_process and checkpoint is None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -518,7 +553,9 @@ def main(args: Args) -> dict:
     train_pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in train_rows]
     eval_pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in eval_rows]
     pad_id = tokenizer.pad_token_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     start_step, log_lines = 0, []
     if checkpoint is not None:
         start_step, log_lines = load_checkpoint(checkpoint, model, optimizer)
@@ -534,13 +571,16 @@ def main(args: Args) -> dict:
     started, trained = time.perf_counter(), 0
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train_pairs), generator=generator)
         batch = order[index * args.batch_size : (index + 1) * args.batch_size].tolist()
         mine = batch[accelerator.process_index :: accelerator.num_processes]
         lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        chosen, rejected = pair_rewards(model, [train_pairs[i] for i in mine], pad_id, share_prefix, accelerator.device)
+        chosen, rejected = pair_rewards(
+            model, [train_pairs[i] for i in mine], pad_id, share_prefix, accelerator.device
+        )
         loss = preference_loss(chosen, rejected)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -548,12 +588,19 @@ def main(args: Args) -> dict:
         optimizer.zero_grad()
         trained += len(batch)
         margin = accelerator.gather(chosen.detach() - rejected.detach())
-        record = {"step": step + 1, "loss": accelerator.reduce(loss.detach(), "mean").item(), "accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(), "lr": lr, "grad_norm": float(grad_norm)}
+        record = {
+            "step": step + 1,
+            "loss": accelerator.reduce(loss.detach(), "mean").item(),
+            "accuracy": (margin > 0).float().mean().item(),
+            "margin": margin.mean().item(),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+        }
         log_lines.append(json.dumps(record) + "\n")
         if writer is not None:
             for key in ("loss", "accuracy", "margin", "lr", "grad_norm"):
                 writer.add_scalar(f"train/{key}", record[key], step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == total_steps or step + 1 == args.stop_after:
+        if (step + 1) % args.save_every == 0 or step + 1 in (total_steps, args.stop_after):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, step + 1, accelerator.unwrap_model(model), optimizer, log_lines)
@@ -562,11 +609,18 @@ def main(args: Args) -> dict:
     seconds = time.perf_counter() - started
 
     # 5. evaluate on every family and subset of the held-out pairs; save model, metrics, card
-    margins = held_out_margins(model, eval_pairs, pad_id, share_prefix, args.eval_batch_size, accelerator)
+    margins = held_out_margins(
+        model, eval_pairs, pad_id, share_prefix, args.eval_batch_size, accelerator
+    )
     metrics = evaluation_metrics(eval_rows, margins, args.calibration_bins)
-    metrics["train"] = {"steps": total_steps, "pairs_per_second": trained / seconds if trained else None, "final_loss": json.loads(log_lines[-1])["loss"]}
+    metrics["train"] = {
+        "steps": total_steps,
+        "pairs_per_second": trained / seconds if trained else None,
+        "final_loss": json.loads(log_lines[-1])["loss"],
+    }
     if accelerator.is_main_process:
-        save_reward_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model", {"max_length": args.max_length, "chat_template": chat, "base_model": args.model})
+        saved = {"max_length": args.max_length, "chat_template": chat, "base_model": args.model}
+        save_reward_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model", saved)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_plots(run_dir, margins, eval_rows, metrics, [json.loads(line) for line in log_lines])
         write_card(run_dir, settings, metrics)
