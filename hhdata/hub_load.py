@@ -166,14 +166,17 @@ def fetch_upstream(
     ``unverified``. The folder can be passed to ``hhdata build`` as a SOURCE.
     """
     api = hub_api(token, endpoint)
-    listed = _retrying(lambda: api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision),
+    # one commit for the listing and the download, even if the branch moves meanwhile
+    commit = _retrying(lambda: api.dataset_info(repo_id, revision=revision).sha,
+                       retries=2, backoff=0.5, repo_id=repo_id, doing=f"resolving {revision}")
+    listed = _retrying(lambda: api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=commit),
                        retries=2, backoff=0.5, repo_id=repo_id, doing="listing files")
     wanted = [p for p in listed if re.fullmatch(r"[^/]+/[^/]+\.jsonl(\.gz)?", p)
               and (subsets is None or p.split("/")[0] in subsets)]
     if not wanted:
         raise HubError(f"{repo_id}@{revision}: no <subset>/<file>.jsonl.gz files{f' for {subsets}' if subsets else ''}")
-    folder = Path(_retrying(
-        lambda: snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, allow_patterns=wanted,
+    snapshot = Path(_retrying(
+        lambda: snapshot_download(repo_id, repo_type=REPO_TYPE, revision=commit, allow_patterns=wanted,
                                   endpoint=api.endpoint, token=api.token, cache_dir=_cache_dir(cache_dir)),
         retries=2, backoff=0.5, repo_id=repo_id, doing="downloading upstream files"))
     sums = upstream_checksums()
@@ -183,7 +186,7 @@ def fetch_upstream(
         if expected is None:
             unverified.append(relative)
             continue
-        data = (folder / relative).read_bytes()
+        data = (snapshot / relative).read_bytes()
         actual = (len(data), hashlib.sha256(data).hexdigest())
         if actual != expected:
             raise IntegrityError(
@@ -192,7 +195,22 @@ def fetch_upstream(
                 "this is not the upstream file, do not build from it"
             )
         verified.append(relative)
-    return UpstreamFiles(folder, verified, unverified)
+    return UpstreamFiles(_selection_folder(snapshot, wanted, cache_dir), verified, unverified)
+
+
+def _selection_folder(snapshot: Path, wanted: list[str], cache_dir) -> Path:
+    """A folder holding exactly `wanted` (links into the snapshot), so a build reads nothing else.
+
+    The snapshot folder may hold more: files an earlier, wider download put there.
+    """
+    key = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
+    folder = Path(_cache_dir(cache_dir)) / "hhdata-upstream" / f"{snapshot.name}-{key}"
+    for relative in wanted:
+        link = folder / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to((snapshot / relative).resolve())
+    return folder
 
 
 def _load_upstream(repo_id, config, split, version, *, token, endpoint, cache_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 
 import hhdata
-from hhdata import hub
+from hhdata import hub, pipeline
 from hhdata.cli import main as cli_main
 from hhdata.errors import HubError, IntegrityError, VersionError
 from hhdata.release_load import load_release
@@ -182,13 +183,23 @@ def test_upstream_layout_is_fetched_and_checked_against_its_checksums(local_hub,
     api = HfApi(endpoint=local_hub.endpoint, token=local_hub.token)
     if not local_hub.repo_path(upstream).exists():
         api.create_repo(upstream, repo_type="dataset")
+        red_team = gzip.compress(b'{"transcript": "\\n\\nHuman: hi", "rating": 0}\n', mtime=0)
         api.create_commit(upstream, [CommitOperationAdd("harmless-base/test.jsonl.gz", str(SAMPLE)),
+                                     CommitOperationAdd("red-team-attempts/red_team_attempts.jsonl.gz", red_team),
                                      CommitOperationAdd("README.md", b"# hh-rlhf\n")],
                           repo_type="dataset", commit_message="upstream layout")
-    fetched = hub.fetch_upstream(upstream, cache_dir=tmp_path / "c")
+    everything = hub.fetch_upstream(upstream, cache_dir=tmp_path / "c")
+    assert everything.verified == ["harmless-base/test.jsonl.gz"]
+    assert everything.unverified == ["red-team-attempts/red_team_attempts.jsonl.gz"]  # no checksum recorded
+    fetched = hub.fetch_upstream(upstream, ["harmless-base"], cache_dir=tmp_path / "c")
     assert (fetched.verified, fetched.unverified) == (["harmless-base/test.jsonl.gz"], [])
+    on_disk = sorted(p.relative_to(fetched.folder).as_posix() for p in fetched.folder.rglob("*.gz"))
+    assert on_disk == ["harmless-base/test.jsonl.gz"]  # the wider download is not in this folder
+    assert (fetched.folder / on_disk[0]).read_bytes() == SAMPLE.read_bytes()
     raw = hhdata.load(upstream, "harmless-base", split="test")
     assert raw.num_rows == 2312 and set(raw.column_names) == {"chosen", "rejected"}
+    built = pipeline.build_release(f"hf://{upstream}", version="1.0.0", out=tmp_path / "out")
+    assert built.manifest["accounting"]["read"] == 2312  # red-team attempts are not read as pairs
 
     forged = tmp_path / "forged.jsonl.gz"
     shutil.copy(SAMPLE, forged)
