@@ -1,0 +1,108 @@
+"""hhdata.minhash: shingles, signatures, banding and verification against plain Python sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hhdata import minhash
+
+WORDS = st.lists(st.sampled_from(["a", "b", "c", "d", "e", "Ä", "x"]), min_size=0, max_size=12)
+
+
+def python_shingles(text: str, k: int) -> set:
+    words = text.lower().split()
+    if not words:
+        return set()
+    if len(words) < k:
+        return {tuple(words)}
+    return {tuple(words[i:i + k]) for i in range(len(words) - k + 1)}
+
+
+def python_jaccard(a: str, b: str, k: int) -> float:
+    sa, sb = python_shingles(a, k), python_shingles(b, k)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(WORDS.map(" ".join), min_size=2, max_size=6), k=st.integers(1, 4))
+def test_shingle_counts_and_exact_jaccard_match_python_sets(texts, k):
+    shingles = minhash.word_shingles(texts, k)
+    for index, text in enumerate(texts):
+        distinct = np.unique(shingles.hashes[shingles.offsets[index]:shingles.offsets[index + 1]])
+        assert len(distinct) == len(python_shingles(text, k))
+    pairs = np.array([(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))])
+    got = minhash.exact_jaccard(shingles, pairs)
+    expected = [python_jaccard(texts[i], texts[j], k) for i, j in pairs.tolist()]
+    assert np.allclose(got, expected)
+
+
+def test_hashes_do_not_depend_on_the_rest_of_the_corpus():
+    alone = minhash.word_shingles(["the quick brown fox jumps"], 3)
+    among = minhash.word_shingles(["zebra crossing here", "the quick brown fox jumps", ""], 3)
+    assert alone.hashes.tolist() == among.hashes[among.offsets[1]:among.offsets[2]].tolist()
+
+
+def test_case_and_spacing_do_not_change_shingles():
+    shingles = minhash.word_shingles(["Hello  big\nWorld", "hello big world"], 2)
+    assert shingles.hashes[:2].tolist() == shingles.hashes[2:].tolist()
+
+
+def test_estimate_is_close_to_exact_jaccard():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 500, 200).astype(str).tolist()
+    edited = list(base)
+    for position in rng.choice(200, 20, replace=False):
+        edited[position] = "new"
+    texts = [" ".join(base), " ".join(edited)]
+    shingles = minhash.word_shingles(texts, 3)
+    exact = minhash.exact_jaccard(shingles, np.array([[0, 1]]))[0]
+    estimate = minhash.estimated_jaccard(minhash.signatures(shingles, 512), np.array([[0, 1]]))[0]
+    assert 0.3 < exact < 0.8
+    assert abs(estimate - exact) < 0.06  # 512 permutations: standard error about 0.022
+
+
+def test_empty_texts_are_never_candidates():
+    shingles = minhash.word_shingles(["", "   ", "a b c"], 3)
+    sig = minhash.signatures(shingles, 16)
+    assert minhash.band_candidates(sig, 4, 4).tolist() == []
+
+
+def test_long_shared_prefix_is_a_candidate_but_not_verified():
+    rng = np.random.default_rng(1)
+    prefix = " ".join(rng.integers(0, 10_000, 150).astype(str))
+    endings = [" ".join(rng.integers(0, 10_000, 150).astype(str)) for _ in range(2)]
+    texts = [prefix + " " + endings[0], prefix + " " + endings[1], prefix + " " + endings[0] + " ok"]
+    # loose banding (many bands of one row) makes the hard negative a candidate
+    shingles = minhash.word_shingles(texts, 5)
+    candidates = minhash.band_candidates(minhash.signatures(shingles, 64), 64, 1)
+    assert [0, 1] in candidates.tolist()
+    for verify in ("exact", "estimate"):
+        pairs, similarity = minhash.similar_pairs(texts, shingle_size=5, num_perm=64, bands=64, rows=1,
+                                                  threshold=0.7, verify=verify)
+        assert pairs.tolist() == [[0, 2]] and similarity[0] > 0.9
+
+
+def test_bucket_larger_than_max_bucket_still_links_every_member():
+    sig = np.zeros((100, 4), dtype=np.uint32)
+    pairs = minhash.band_candidates(sig, 1, 4, max_bucket=3)
+    components = minhash.connected_components(100, pairs)
+    assert set(components.tolist()) == {0}
+    assert len(pairs) < 100 * 99 // 2
+
+
+def test_band_shape_is_checked():
+    with pytest.raises(ValueError, match="8 bands x 4 rows need 32 permutations, but the signatures have 16"):
+        minhash.band_candidates(np.zeros((2, 16), dtype=np.uint32), 8, 4)
+
+
+def test_signatures_are_seeded():
+    shingles = minhash.word_shingles(["one two three four", "five six seven"], 2)
+    assert (minhash.signatures(shingles, 8, seed=3) == minhash.signatures(shingles, 8, seed=3)).all()
+    assert (minhash.signatures(shingles, 8, seed=3) != minhash.signatures(shingles, 8, seed=4)).any()
+
+
+def test_connected_components_label_by_smallest_member():
+    labels = minhash.connected_components(6, np.array([[4, 5], [2, 4], [0, 1]]))
+    assert labels.tolist() == [0, 0, 2, 3, 2, 2]
