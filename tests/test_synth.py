@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hhdata import synth
 from hhdata.errors import HhDataError, SynthError
@@ -25,6 +27,13 @@ from hhdata.transcript import split_pair
 
 N_PAIRS = 3000
 BAD_RATE = 0.01
+COPY_KINDS = (
+    "exact_duplicates",
+    "swapped_duplicates",
+    "case_whitespace_variants",
+    "near_duplicates",
+    "hard_negatives",
+)
 RATES = synth.Rates(empty_reply=0.002, tag_in_reply=0.003, consecutive_assistant=0.002)
 
 
@@ -81,7 +90,8 @@ def texts_at(lines: dict[str, bytes], location: str) -> tuple[str, str]:
 
 
 def prompt_shingles(chosen: str, rejected: str) -> set[tuple[str, ...]]:
-    words = " ".join(turn["content"] for turn in split_pair(chosen, rejected).prompt).lower().split()
+    prompt = split_pair(chosen, rejected).prompt
+    words = " ".join(turn["content"] for turn in prompt).lower().split()
     if len(words) < 5:
         return {tuple(words)}
     return {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
@@ -123,8 +133,11 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
 
 def test_layout_is_upstream_with_the_synthetic_prefix(corpus):
     out, truth = corpus
-    expected = {f"{SYNTHETIC_PREFIX}{subset}/{split}.jsonl.gz" for subset in SUBSET_FAMILIES
-                for split in ("train", "test")}  # fmt: skip
+    expected = {
+        f"{SYNTHETIC_PREFIX}{subset}/{split}.jsonl.gz"
+        for subset in SUBSET_FAMILIES
+        for split in ("train", "test")
+    }
     found = {path.relative_to(out).as_posix() for path in out.glob("*/*")}
     assert found == expected
     assert sorted(path.name for path in out.iterdir() if path.is_file()) == ["planted.json"]
@@ -192,7 +205,8 @@ def test_planted_counts_follow_the_rates(corpus, kind, rate):
 
 
 def test_rates_are_configurable(tmp_path):
-    truth = synth.write_corpus(tmp_path, 1000, seed=1, rates=synth.Rates(near_duplicate=0.05, exact_duplicate=0))
+    rates = synth.Rates(near_duplicate=0.05, exact_duplicate=0)
+    truth = synth.write_corpus(tmp_path, 1000, seed=1, rates=rates)
     assert len(truth.near_duplicates) == 50 and truth.exact_duplicates == []
     assert truth.rates["near_duplicate"] == 0.05
 
@@ -209,8 +223,7 @@ def test_regular_pairs_fill_in_when_too_few_prompts_are_long_enough(tmp_path):
 def test_duplicates_are_what_the_truth_says(corpus):
     out, truth = corpus
     lines = read_lines(out)
-    for kind in ("exact_duplicates", "swapped_duplicates", "case_whitespace_variants",
-                 "near_duplicates", "hard_negatives"):  # fmt: skip
+    for kind in COPY_KINDS:
         for item in getattr(truth, kind):
             original, copy = texts_at(lines, item["original"]), texts_at(lines, item["copy"])
             assert item["original_id"] == pair_id(*original) and item["id"] == pair_id(*copy)
@@ -224,8 +237,8 @@ def test_duplicates_are_what_the_truth_says(corpus):
         assert original != copy
         assert [normalised(text) for text in original] == [normalised(text) for text in copy]
         assert split_pair(*copy).flags == []
-    assert {item["transform"] for item in truth.case_whitespace_variants} == {
-        "lowercase", "double_space", "trailing_whitespace"}  # fmt: skip
+    transforms = {item["transform"] for item in truth.case_whitespace_variants}
+    assert transforms == {"lowercase", "double_space", "trailing_whitespace"}
 
 
 def test_near_duplicate_and_hard_negative_jaccard_is_exact(corpus):
@@ -276,8 +289,7 @@ def test_nothing_similar_is_left_unplanted(corpus):
                     similar.add(frozenset((a, b)))
     planted = {
         frozenset((item["original"], item["copy"]))
-        for kind in ("exact_duplicates", "swapped_duplicates", "case_whitespace_variants",
-                     "near_duplicates", "hard_negatives")  # fmt: skip
+        for kind in COPY_KINDS
         for item in getattr(truth, kind)
         if item.get("jaccard", 1.0) >= 0.2
     }
@@ -311,7 +323,10 @@ def test_truth_round_trips_through_planted_json(corpus):
     [
         ({"n_pairs": 0}, "n_pairs=0; ask for at least one pair"),
         ({"bad_rate": 1.5}, "rate bad_record=1.5 is outside [0, 1); pass a fraction of n_pairs"),
-        ({"rates": synth.Rates(exact_duplicate=0.3, near_duplicate=0.3)}, "planted rates add up to 0.617"),
+        (
+            {"rates": synth.Rates(exact_duplicate=0.3, near_duplicate=0.3)},
+            "planted rates add up to 0.617",
+        ),
     ],
 )
 def test_out_of_range_settings_are_refused(tmp_path, kwargs, message):
@@ -321,15 +336,15 @@ def test_out_of_range_settings_are_refused(tmp_path, kwargs, message):
 
 
 def test_command_line(tmp_path, capsys):
-    assert synth.main(["--pairs", "200", "--seed", "2", "--out", str(tmp_path / "a"), "--bad-rate", "0.05"]) == 0
+    out = str(tmp_path / "a")
+    arguments = ["--pairs", "200", "--seed", "2", "--out", out, "--bad-rate", "0.05"]
+    assert synth.main(arguments) == 0
     assert "wrote 200 pairs to" in capsys.readouterr().out
     assert len(synth.Truth.load(tmp_path / "a" / "planted.json").bad_records) == 10
     assert synth.main(["--pairs", "-1", "--out", str(tmp_path / "b")]) == 2
     assert "n_pairs=-1; ask for at least one pair" in capsys.readouterr().err
-    done = subprocess.run(
-        [sys.executable, "-m", "hhdata.synth", "--pairs", "50", "--out", str(tmp_path / "c")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "hhdata.synth", "--pairs", "50", "--out", str(tmp_path / "c")]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "wrote 50 pairs" in done.stdout
     assert (tmp_path / "c" / "synth-harmless-base" / "train.jsonl.gz").exists()
 
@@ -351,7 +366,45 @@ def test_the_reader_sees_exactly_the_planted_truth(corpus):
     assert raw.report.accepted == N_PAIRS
     pairs, pair_quarantine = build_pairs(raw.table)
     assert pair_quarantine.num_rows == 0
-    flagged = {row["id"]: row["flags"] for row in pairs.select(["id", "flags"]).to_pylist() if row["flags"]}
+    rows = pairs.select(["id", "flags"]).to_pylist()
+    flagged = {row["id"]: row["flags"] for row in rows if row["flags"]}
     assert flagged == {item["id"]: item["flags"] for item in truth.irregular}
-    assert {row["subset"] for row in pairs.select(["subset"]).to_pylist()} == {
-        f"{SYNTHETIC_PREFIX}{subset}" for subset in SUBSET_FAMILIES}  # fmt: skip
+    subsets = set(pairs.column("subset").to_pylist())
+    assert subsets == {f"{SYNTHETIC_PREFIX}{subset}" for subset in SUBSET_FAMILIES}
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**32 - 1), n_pairs=st.integers(60, 400))
+def test_any_seed_gives_a_consistent_truth(tmp_path_factory, seed, n_pairs):
+    """High rates on small corpora: the short-prompt fallbacks are exercised too."""
+    out = tmp_path_factory.mktemp("law")
+    rates = synth.Rates(
+        exact_duplicate=0.05,
+        swapped_duplicate=0.05,
+        case_whitespace_variant=0.05,
+        near_duplicate=0.1,
+        hard_negative=0.1,
+        empty_reply=0.02,
+        tag_in_reply=0.02,
+        consecutive_assistant=0.02,
+        bad_record=0.05,
+    )
+    truth = synth.write_corpus(out, n_pairs, seed=seed, rates=rates)
+    lines = read_lines(out)
+    verdicts = {location: classify(line) for location, line in lines.items()}
+    bad = {item["location"]: item["reason"] for item in truth.bad_records}
+    assert {location: verdict for location, verdict in verdicts.items() if verdict != "ok"} == bad
+    good = [location for location, verdict in verdicts.items() if verdict == "ok"]
+    flagged = {location: split_pair(*texts_at(lines, location)).flags for location in good}
+    irregular = {item["location"]: item["flags"] for item in truth.irregular}
+    assert {location: flags for location, flags in flagged.items() if flags} == irregular
+    assert len(flagged) == n_pairs
+    for item in truth.exact_duplicates:
+        assert lines[item["original"]] == lines[item["copy"]]
+    for item in truth.near_duplicates + truth.hard_negatives:
+        original = prompt_shingles(*texts_at(lines, item["original"]))
+        copy = prompt_shingles(*texts_at(lines, item["copy"]))
+        assert item["jaccard"] == len(original & copy) / len(original | copy)
+    assert all(item["jaccard"] < 0.5 for item in truth.hard_negatives)
