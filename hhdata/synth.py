@@ -571,7 +571,8 @@ def write_corpus(
     8x faster than level 6 on this text for files 15% larger.
 
     >>> import tempfile
-    >>> truth = write_corpus(tempfile.mkdtemp(), 1000, seed=1)
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     truth = write_corpus(out, 1000, seed=1)
     >>> len(truth.exact_duplicates), truth.near_duplicates[0]["jaccard"] < 1
     (10, True)
     """
