@@ -84,7 +84,15 @@ def hub_api(token: str | None = None, endpoint: str | None = None) -> HfApi:
     if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in {"1", "TRUE", "YES", "ON"}:
         # huggingface_hub reads this once at import; honour a value set later (tests, demo).
         constants.HF_HUB_DISABLE_XET = True
-    return HfApi(endpoint=endpoint.rstrip("/"), token=token or os.environ.get("HF_TOKEN") or get_token())
+    return HfApi(endpoint=endpoint.rstrip("/"), token=token or os.environ.get("HF_TOKEN") or _login_token())
+
+
+def _login_token() -> str | None:
+    """The token `hf auth login` stored, from HF_TOKEN_PATH or HF_HOME as they are now."""
+    path = os.environ.get("HF_TOKEN_PATH") or (os.path.join(os.environ["HF_HOME"], "token") if os.environ.get("HF_HOME") else None)
+    if path and os.path.isfile(path):
+        return Path(path).read_text().strip() or None
+    return get_token()  # huggingface_hub's own lookup (paths fixed at its import)
 
 
 def _status(error: BaseException) -> int | None:

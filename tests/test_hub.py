@@ -132,6 +132,14 @@ def test_cli_publish_and_versions_never_print_the_token(local_hub, releases, rep
         assert token not in out + err
 
 
+def test_token_from_the_hub_login(local_hub, releases, repo_id, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "token").write_text(local_hub.token + "\n")  # what `hf auth login` stores
+    assert hub.publish(releases[0], repo_id, **FAST).tag == "v1.0.0"
+
+
 def test_transient_server_errors_are_retried(local_hub, releases, repo_id):
     first, _ = releases
     local_hub.arm_faults([{"route": "preupload", "action": "status", "status": 503, "times": 2},

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     publish.add_argument("--repo", required=True, metavar="ORG/NAME", help="the Hub dataset repo")
     publish.add_argument("--dry-run", action="store_true", help="list what would be uploaded; send nothing")
     publish.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else huggingface.co)")
-    publish.add_argument("--token", default=None, help="write token (default: HF_TOKEN, else the Hub login)")
+    publish.add_argument("--token", default=None,
+                         help="write token (default: HF_TOKEN, else the Hub login; prefer those, a token "
+                         "on the command line shows in process lists)")
     publish.add_argument("--retries", type=int, default=4, help="retries of transient failures (default: 4)")
     publish.set_defaults(func=run_publish)
 
