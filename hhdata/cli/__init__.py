@@ -14,7 +14,7 @@ import sys
 from hhdata import __version__
 from hhdata.errors import HhDataError
 
-COMMAND_MODULES = ("hhdata.cli.data", "hhdata.cli.release", "hhdata.cli.hub")
+COMMAND_MODULES = ("hhdata.cli.data", "hhdata.cli.release", "hhdata.cli.hub", "hhdata.cli.dedup")
 
 
 def build_parser() -> argparse.ArgumentParser:
