@@ -144,3 +144,10 @@ def test_creating_an_existing_repo_is_409(api, repo):
 def test_repo_info_without_revision_reads_main(local_hub, api, repo):
     head = api.create_commit(repo, [CommitOperationAdd("a.txt", b"a")], repo_type="dataset", commit_message="a")
     assert api.dataset_info(repo).sha == head.oid  # GET /api/datasets/{repo}, no revision
+
+
+def test_malformed_commit_is_400_and_the_server_keeps_serving(local_hub, api, repo):
+    bad = httpx.post(f"{local_hub.endpoint}/api/datasets/{repo}/commit/main", content=b"not json\n",
+                     headers={"Authorization": f"Bearer {local_hub.token}"})
+    assert bad.status_code == 400 and "malformed" in bad.json()["error"]
+    assert api.list_repo_refs(repo, repo_type="dataset").branches[0].name == "main"

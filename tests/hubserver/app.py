@@ -135,7 +135,9 @@ class HubHandler(BaseHTTPRequestHandler):
                     handler(self, **match.groupdict())
                     return
             self.proxy()
-        except GitStoreError as error:
+        except (GitStoreError, KeyError, ValueError, TypeError) as error:
+            if not isinstance(error, GitStoreError):  # a malformed request body
+                error = GitStoreError(400, f"malformed request: {type(error).__name__}: {error}")
             if not self.body_read:
                 self.body()  # drain it, or the next request on this keep-alive connection breaks
             self.reply(error.status, {"error": str(error)}, error.error_code)
@@ -286,7 +288,10 @@ class HubHandler(BaseHTTPRequestHandler):
             elif item["key"] == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
             elif item["key"] == "lfsFile":
-                lfs_files[value["path"]] = (value["oid"], value.get("size") or store.lfs_path(value["oid"]).stat().st_size)
+                oid = value["oid"]
+                if not store.has_lfs(oid):
+                    raise GitStoreError(422, f"LFS object {oid} for {value['path']} was never uploaded; upload it first")
+                lfs_files[value["path"]] = (oid, store.lfs_path(oid).stat().st_size)
             elif item["key"] in ("deletedFile", "deletedFolder"):
                 deletions.append(value["path"])
             else:
