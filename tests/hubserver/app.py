@@ -44,7 +44,7 @@ class HubState:
         self.tokens = tokens  # token -> user name
         self.olah = olah
         self.faults: list[dict] = []
-        self.faults_lock = threading.Lock()
+        self.lock = threading.Lock()  # guards faults and received
         self.repos: dict[str, Repo] = {}
         self.repos_lock = threading.Lock()
         self.received: dict[str, int] = {}  # request body bytes by route, for benchmarks
@@ -58,7 +58,7 @@ class HubState:
 
     def take_fault(self, route: str, when: str) -> dict | None:
         """The first armed fault for this route and moment, counting it down."""
-        with self.faults_lock:
+        with self.lock:
             for fault in self.faults:
                 if fault["route"] == route and fault.get("when", "before") == when and fault["times"] > 0:
                     fault["times"] -= 1
@@ -145,7 +145,7 @@ class HubHandler(BaseHTTPRequestHandler):
     def count_received(self, path: str) -> None:
         route = next((h.__name__.removeprefix("do_route_") for m, pattern, h in ROUTES
                       if m == self.command and re.fullmatch(pattern, path)), "read")
-        with self.state.faults_lock:
+        with self.state.lock:
             received = self.state.received
             received[route] = received.get(route, 0) + int(self.headers.get("Content-Length") or 0)
 
@@ -333,12 +333,12 @@ class HubHandler(BaseHTTPRequestHandler):
     # -- test control ---------------------------------------------------------------------
     def do_route_stats(self) -> None:
         self.writer()
-        with self.state.faults_lock:
+        with self.state.lock:
             self.reply(200, {"received_bytes": dict(self.state.received)})
 
     def do_route_faults(self) -> None:
         self.writer()
-        with self.state.faults_lock:
+        with self.state.lock:
             self.state.faults = json.loads(self.body())
         self.reply(200, {"armed": len(self.state.faults)})
 
