@@ -89,6 +89,9 @@ class DedupSettings:
     """MinHash values per band"""
     threshold: float = 0.7
     """Jaccard similarity at or above which two rows are near duplicates"""
+    same_turn_count: bool = True
+    """near duplicates must have as many prompt turns: a conversation taken further is a
+    different comparison, even when most of its words are shared"""
     verify: str = "exact"
     """'exact': confirm candidates with the exact Jaccard; 'estimate': the MinHash estimate"""
     seed: int = 1
@@ -219,6 +222,13 @@ def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings
         verify=settings.verify,
         seed=settings.seed,
     )
+    if settings.same_turn_count and len(unique_pairs):
+        turns = pc.list_value_length(pairs["prompt"].combine_chunks()).to_numpy(zero_copy_only=False)
+        first_row = np.full(len(encoded.dictionary), len(turns), dtype=np.int64)
+        np.minimum.at(first_row, unique_of_row, np.arange(len(turns)))
+        turns_of_unique = turns[first_row]
+        same = turns_of_unique[unique_pairs[:, 0]] == turns_of_unique[unique_pairs[:, 1]]
+        unique_pairs, similarity = unique_pairs[same], similarity[same]
     neighbours: dict[int, list[tuple[int, float]]] = {}
     for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
         neighbours.setdefault(u, []).append((v, sim))

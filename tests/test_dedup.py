@@ -237,7 +237,8 @@ def test_report_matches_an_independent_count_on_real_harmless_base():
 
     # independent count, plain Python. Exact: (chosen, rejected) in either order, lower-cased,
     # whitespace collapsed. Near: word 5-shingles of the prompt contents and both replies,
-    # Jaccard >= 0.7 against any earlier kept row (every pair compared; sets whose sizes
+    # Jaccard >= 0.7 against any earlier kept row with as many prompt turns (every pair
+    # compared; sets whose sizes
     # differ by more than the threshold allows cannot reach it)
     seen, exact, near, kept_sets = set(), 0, 0, []
     for r in records:
@@ -249,11 +250,12 @@ def test_report_matches_an_independent_count_on_real_harmless_base():
         pair = split_pair(r["chosen"], r["rejected"])
         words = " ".join(t["content"] for t in pair.prompt + pair.chosen + pair.rejected).lower().split()
         mine = shingle_set(words)
-        if any(0.7 * len(other) <= len(mine) <= len(other) / 0.7
-               and len(mine & other) >= 0.7 * len(mine | other) for other in kept_sets):
+        turns = len(pair.prompt)
+        if any(turns == other_turns and 0.7 * len(other) <= len(mine) <= len(other) / 0.7
+               and len(mine & other) >= 0.7 * len(mine | other) for other, other_turns in kept_sets):
             near += 1
         else:
-            kept_sets.append(mine)
+            kept_sets.append((mine, turns))
     # degenerate: empty replies, identical replies, turns that do not alternate
     empty = identical = non_alternating = 0
     for r in records:
