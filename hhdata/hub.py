@@ -174,13 +174,16 @@ def _read_release(release_dir: Path) -> dict:
 def _local_ids(release_dir: Path, files: list[tuple[str, int]], remote: dict) -> dict[str, str]:
     """For each local file, the id the Hub would report for it: LFS sha256 or git blob sha1."""
     ids = {}
-    for relative, _ in files:
-        data = (release_dir / relative).read_bytes()
+    for relative, size in files:
         entry = remote.get(relative)
         if entry is not None and entry.lfs is None:
-            ids[relative] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            digest = hashlib.sha1(b"blob %d\0" % size)  # git's blob id: header, then the bytes
         else:
-            ids[relative] = hashlib.sha256(data).hexdigest()
+            digest = hashlib.sha256()
+        with open(release_dir / relative, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        ids[relative] = digest.hexdigest()
     return ids
 
 
