@@ -248,12 +248,31 @@ def reply_positions(query_lengths: torch.Tensor, response_length: int, width: in
 
 
 def reply_logprobs(model, ids, mask, at, responses, temperature: float):
-    """Log-probabilities of the reply tokens and the entropy at each step, shape [batch, response_length]."""
-    logits = model(input_ids=ids, attention_mask=mask).logits  # shape: [batch, seq, vocab]
-    logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1])) / temperature
+    """Log-probabilities of the reply tokens and the entropy at each step, shape [batch, response_length].
+
+    Only the reply's positions go through the output layer: the vocabulary projection is the
+    costliest layer of a small model, and the prompt's logits are never used. (Models that
+    post-process logits, e.g. Gemma 2's soft-capping, would need it applied here.)
+    """
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # shape: [batch, seq, hidden]
+    hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # shape: [batch, response_length, hidden]
+    logits = model.get_output_embeddings()(hidden) / temperature
     logprobs = F.log_softmax(logits.float(), dim=-1)  # shape: [batch, response_length, vocab]
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     return logprobs.gather(2, responses[..., None]).squeeze(2), entropy
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value model as one module, so one `accelerator.prepare` (DDP) wraps both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, ids, mask, at, responses, temperature: float):
+        """Reply log-probabilities, entropies and values, each of shape [batch, response_length]."""
+        logprobs, entropy = reply_logprobs(self.policy, ids, mask, at, responses, temperature)
+        return logprobs, entropy, per_token_values(self.value_model, ids, mask, at)
 
 
 def per_token_values(value_model, ids, mask, at) -> torch.Tensor:
@@ -488,12 +507,13 @@ def main(args: Args, score_fn=None) -> dict:
         sft_settings = Path(args.policy) / "args.json"
         chat = json.loads(sft_settings.read_text()).get("chat_template", False) if sft_settings.is_file() else uses_chat_template(tokenizer, True)
         value_model = RewardModel(copy.deepcopy(policy.get_decoder()))
+        torch.nn.init.zeros_(value_model.score.weight)  # no reward model to start from: values start at 0
     reference.requires_grad_(False)
     # 2. dropout off in every model, so the log-probabilities of rollout and update agree (Ziegler et al. 2019; N+)
-    for model in (policy, reference, value_model, reward_model):
-        if model is not None:
-            disable_dropout(model)
-            model.eval()
+    for each in (policy, reference, value_model, reward_model):
+        if each is not None:
+            disable_dropout(each)
+            each.eval()
     reference.to(device)
     if reward_model is not None:
         reward_model.to(device)
@@ -504,15 +524,15 @@ def main(args: Args, score_fn=None) -> dict:
     eval_queries = [encode(row) for row in eval_rows]
 
     # 3. Adam with eps 1e-5 over policy and value (CleanRL ppo.py; N+ "Adam epsilon")
-    optimizer = torch.optim.Adam([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, eps=args.adam_eps)
+    model = PolicyAndValue(policy, value_model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + accelerator.process_index)
     kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
     state = {"update": 0, "history": [], "reward_mean": 0.0, "reward_std": 1.0}
     if args.resume:
         state = load_checkpoint(checkpoint, policy, value_model, optimizer, generator)
         kl_controller.value = state["kl_coef"]
-    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
-    unwrapped_policy = accelerator.unwrap_model(policy)
+    model, optimizer = accelerator.prepare(model, optimizer)
     settings = {
         "args": comparable, "data": provenance, "updates": num_updates, "chat_template": chat,
         "reward": "rule (score_fn)" if score_fn is not None else args.reward_model,
@@ -557,13 +577,13 @@ def main(args: Args, score_fn=None) -> dict:
         with torch.no_grad():
             # 5. left padding for generation, right padding for scoring (N+ "padding"): all replies
             # start in the same column while sampling; scoring sees plain positions 0..n
-            batch = rollout(unwrapped_policy, [train_queries[i] for i in mine], args, pad_id, stop_id, generator, device)
+            batch = rollout(policy, [train_queries[i] for i in mine], args, pad_id, stop_id, generator, device)
             mask = batch.response_mask.float()  # shape: [batch, response_length]
             # 6. logits divided by the sampling temperature when scoring, so the log-probabilities
             # are those of the distribution that sampled (N+ "temperature")
-            logprobs, entropy = reply_logprobs(policy, batch.ids, batch.mask, batch.at, batch.responses, args.temperature)
+            logprobs, entropy, values = model(batch.ids, batch.mask, batch.at, batch.responses, args.temperature)
             ref_logprobs, _ = reply_logprobs(reference, batch.ids, batch.mask, batch.at, batch.responses, args.temperature)
-            values = per_token_values(value_model, batch.ids, batch.mask, batch.at) * mask
+            values = values * mask
             raw_scores = score(batch)
             scores = (raw_scores - state["reward_mean"]) / state["reward_std"]
             # 7. truncation at the stop token (above, in rollout) and a penalty for replies that never
@@ -586,14 +606,13 @@ def main(args: Args, score_fn=None) -> dict:
             permutation = torch.randperm(args.batch_size, generator=generator, device=device)
             for first in range(0, args.batch_size, mini_batch_size):
                 i = permutation[first : first + mini_batch_size]
-                new_logprobs, _ = reply_logprobs(policy, batch.ids[i], batch.mask[i], batch.at[i], batch.responses[i], args.temperature)
-                new_values = per_token_values(value_model, batch.ids[i], batch.mask[i], batch.at[i])
+                new_logprobs, _, new_values = model(batch.ids[i], batch.mask[i], batch.at[i], batch.responses[i], args.temperature)
                 pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef)
                 # 10. value clipping around the rollout's values (N+ "value function loss clipping")
                 vf_loss, vf_clipfrac = value_loss(new_values, values[i], returns[i], mask[i], args.vf_clip_coef)
                 loss = pg_loss + args.vf_coef * vf_loss
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], args.max_grad_norm)
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
                 for name, value in zip(stats, (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac, approx_kl)):
@@ -629,21 +648,21 @@ def main(args: Args, score_fn=None) -> dict:
         if (update + 1) % args.save_every == 0 or update + 1 in (num_updates, args.stop_after):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint, accelerator.unwrap_model(policy), accelerator.unwrap_model(value_model), optimizer, generator, state)
+                save_checkpoint(checkpoint, policy, value_model, optimizer, generator, state)
         if update + 1 == args.stop_after:
             return {"stopped_after": update + 1, "history": state["history"]}
 
     # The held-out judgement: final policy against the reference, same prompts, same judge.
-    evaluation = evaluate(unwrapped_policy, reference, score, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
+    evaluation = evaluate(policy, reference, score, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
     metrics = {"history": state["history"], "evaluation": evaluation, "reward_mean": state["reward_mean"], "reward_std": state["reward_std"]}
     if state["history"]:
         seconds = state["history"][-1]["seconds"]
         metrics["episodes_per_second"] = (num_updates - (state["history"][0]["update"] - 1)) * args.batch_size / seconds if seconds else None
     if accelerator.is_main_process:
         final = output_dir / "policy"
-        unwrapped_policy.save_pretrained(final, safe_serialization=True)
+        policy.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
-        save_model(accelerator.unwrap_model(value_model), output_dir / "value.safetensors")
+        save_model(value_model, output_dir / "value.safetensors")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_plots(output_dir, state["history"])
         write_card(final, settings, evaluation)

@@ -1,0 +1,264 @@
+"""PPO: the math against plain reference loops, learning on a known-answer reward, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hhdata.errors import HhDataError
+from training import models
+from training.ppo import (
+    AdaptiveKLController,
+    Args,
+    compute_gae,
+    main,
+    masked_whiten,
+    policy_loss,
+    right_pad,
+    truncate_at_stop,
+    value_loss,
+)
+from training.reward_model import RewardModel, save_reward_model
+
+# ---- the math against plain loops over Python floats ---------------------------------------
+
+
+def gae_loop(rewards, values, gamma, lam):
+    """GAE written straight from Schulman et al. 2016, eq. 16, one reply at a time."""
+    advantages = []
+    for r, v in zip(rewards, values):
+        steps = len(r)
+        row = []
+        for t in range(steps):
+            total = 0.0
+            for k in range(t, steps):
+                next_value = v[k + 1] if k + 1 < steps else 0.0
+                delta = r[k] + gamma * next_value - v[k]
+                total += (gamma * lam) ** (k - t) * delta
+            row.append(total)
+        advantages.append(row)
+    return advantages
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0), (1.0, 0.0)])
+def test_gae_matches_the_plain_sum(gamma, lam):
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    values = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    advantages, returns = compute_gae(rewards, values, gamma, lam)
+    expected = torch.tensor(gae_loop(rewards.tolist(), values.tolist(), gamma, lam), dtype=torch.float64)
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, expected + values)
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    advantages, returns = compute_gae(rewards, values, 1.0, 1.0)
+    assert returns.tolist() == [[2.0, 2.0, 2.0]]
+    assert advantages.tolist() == [[1.5, 1.0, 0.5]]
+
+
+def test_policy_loss_matches_a_loop():
+    generator = torch.Generator().manual_seed(1)
+    new = torch.randn(4, 5, generator=generator, dtype=torch.float64) * 0.3
+    old = torch.randn(4, 5, generator=generator, dtype=torch.float64) * 0.3
+    advantages = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    mask = torch.rand(4, 5, generator=generator) > 0.3
+    loss, clipfrac, approx_kl = policy_loss(new, old, advantages, mask.double(), 0.2)
+    losses, clipped_count, kls = [], 0, []
+    for i in range(4):
+        for t in range(5):
+            if not mask[i, t]:
+                continue
+            ratio = math.exp(new[i, t] - old[i, t])
+            a = float(advantages[i, t])
+            plain, clipped = -a * ratio, -a * min(max(ratio, 0.8), 1.2)
+            losses.append(max(plain, clipped))
+            clipped_count += clipped > plain
+            kls.append(ratio - 1 - math.log(ratio))
+    assert loss.item() == pytest.approx(sum(losses) / len(losses))
+    assert clipfrac.item() == pytest.approx(clipped_count / len(losses))
+    assert approx_kl.item() == pytest.approx(sum(kls) / len(kls))
+    assert 0 < clipped_count < len(losses)  # the example exercises both branches
+
+
+def test_value_loss_matches_a_loop():
+    generator = torch.Generator().manual_seed(2)
+    new = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    old = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    returns = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    mask = torch.rand(3, 6, generator=generator) > 0.2
+    loss, clipfrac = value_loss(new, old, returns, mask.double(), 0.2)
+    terms, clipped_count = [], 0
+    for i in range(3):
+        for t in range(6):
+            if mask[i, t]:
+                v, v_old, g = float(new[i, t]), float(old[i, t]), float(returns[i, t])
+                v_clipped = v_old + min(max(v - v_old, -0.2), 0.2)
+                terms.append(0.5 * max((v - g) ** 2, (v_clipped - g) ** 2))
+                clipped_count += (v_clipped - g) ** 2 > (v - g) ** 2
+    assert loss.item() == pytest.approx(sum(terms) / len(terms))
+    assert clipfrac.item() == pytest.approx(clipped_count / len(terms))
+
+
+def test_adaptive_kl_controller_follows_ziegler_et_al():
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    beta = 0.1
+    for kl in [12.0, 7.0, 6.0, 3.0, 0.0, 100.0]:
+        controller.update(kl, n_steps=500)
+        error = min(max(kl / 6.0 - 1, -0.2), 0.2)
+        beta *= 1 + error * 500 / 10000
+        assert controller.value == pytest.approx(beta)
+    rising = AdaptiveKLController(0.1, 6.0, 100)
+    rising.update(20.0, 10)
+    falling = AdaptiveKLController(0.1, 6.0, 100)
+    falling.update(1.0, 10)
+    assert falling.value < 0.1 < rising.value
+
+
+def test_masked_whiten_ignores_padding():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    whitened = masked_whiten(values, mask)
+    assert whitened[0, :3].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-3)
+    kept = masked_whiten(values, mask, shift_mean=False)
+    assert kept[0, :3].mean().item() == pytest.approx(2.0)
+
+
+def test_truncation_at_the_stop_token_and_right_padding():
+    stop = 9
+    responses = torch.tensor([[5, 9, 6, 9], [4, 4, 4, 4]])
+    mask, has_stop = truncate_at_stop(responses, stop)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    assert has_stop.tolist() == [True, False]
+    queries = torch.tensor([[0, 0, 7], [8, 8, 8]])  # left-padded with 0
+    query_mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    ids, ids_mask, lengths = right_pad(queries, query_mask, responses, mask)
+    assert ids[0, :3].tolist() == [7, 5, 9] and ids_mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert ids[1].tolist() == [8, 8, 8, 4, 4, 4, 4] and ids_mask[1].tolist() == [1] * 7
+    assert lengths.tolist() == [1, 3]
+
+
+# ---- runs on the tiny model ----------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on two shared cores, more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A tiny random policy (standing in for an SFT run) and an untrained reward model on its vocabulary."""
+    from training.common import load_pairs
+
+    root = tmp_path_factory.mktemp("runs")
+    rows = load_pairs(None)[0]["test"][:300]
+    tokenizer = models.train_tiny_tokenizer([r["chosen_text"] for r in rows], vocab_size=512)
+    policy = models.load_causal_lm(models.TINY, tokenizer, seed=3)
+    policy.save_pretrained(root / "sft")
+    tokenizer.save_pretrained(root / "sft")
+    reward = RewardModel(models.load_backbone(models.TINY, tokenizer, seed=4))
+    save_reward_model(reward, tokenizer, root / "rm" / "model", {"max_length": 128, "chat_template": False, "base_model": "tiny"})
+    return root
+
+
+def even_token_share(responses, response_mask):
+    """Known answer: the share of the reply's tokens whose id is even."""
+    even = (responses % 2 == 0) & response_mask
+    return even.sum(1).float() / response_mask.sum(1).float()
+
+
+SMALL = dict(
+    total_episodes=256, batch_size=32, num_mini_batches=2, num_ppo_epochs=4, learning_rate=1e-2,
+    query_length=24, response_length=6, temperature=1.0, missing_stop_penalty=0.0,
+    normalize_reward=False, kl_coef=0.02, eval_prompts=16, num_samples_shown=2,
+)
+
+
+def test_ppo_learns_a_known_answer_reward_with_bounded_kl(tiny_runs, tmp_path):
+    args = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "ppo"), **SMALL)
+    metrics = main(args, score_fn=even_token_share)
+    history = metrics["history"]
+    first, last = history[0], history[-1]
+    # the noise of one batch's mean: a share of 6 tokens has std <= 0.5 / sqrt(6) per reply
+    noise = 0.5 / math.sqrt(args.response_length) / math.sqrt(args.batch_size)
+    assert first["score"] == pytest.approx(0.5, abs=5 * noise)  # the random policy starts at chance
+    final = (history[-1]["score"] + history[-2]["score"]) / 2
+    assert final - first["score"] > 4 * noise, [h["score"] for h in history]
+    assert metrics["evaluation"]["win_rate"] > 0.65
+    assert 0 < last["kl"] < 5.0  # moved away from the reference, but not unboundedly
+    for name in ("entropy", "reply_length", "pg_clipfrac", "vf_clipfrac", "value_loss", "sqrt_kl"):
+        assert all(math.isfinite(h[name]) for h in history)
+    saved = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
+    assert saved["history"] == history
+    for name in ("training.png", "reward_vs_sqrt_kl.png", "settings.json", "policy/model.safetensors", "policy/README.md"):
+        assert (tmp_path / "ppo" / name).is_file(), name
+
+
+def test_resume_equals_uninterrupted(tiny_runs, tmp_path):
+    settings = dict(SMALL, total_episodes=48, batch_size=16, eval_prompts=8)
+    whole = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "whole"), **settings)
+    main(whole, score_fn=even_token_share)
+    halves = dataclasses.replace(whole, output_dir=str(tmp_path / "halves"), stop_after=2)
+    assert main(halves, score_fn=even_token_share)["stopped_after"] == 2
+    assert not (tmp_path / "halves" / "policy").exists()
+    main(dataclasses.replace(halves, stop_after=0, resume=True), score_fn=even_token_share)
+    for name in ("policy/model.safetensors", "value.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "halves" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    drop_time = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    halves_metrics = json.loads((tmp_path / "halves" / "metrics.json").read_text())
+    assert drop_time(whole_metrics["history"]) == drop_time(halves_metrics["history"])
+    assert whole_metrics["evaluation"] == halves_metrics["evaluation"]
+
+
+def test_resume_refuses_changed_settings(tiny_runs, tmp_path):
+    args = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "run"), stop_after=1, **dict(SMALL, total_episodes=64))
+    main(args, score_fn=even_token_share)
+    with pytest.raises(HhDataError, match=r"changed settings \['learning_rate'\]"):
+        main(dataclasses.replace(args, resume=True, learning_rate=1.0), score_fn=even_token_share)
+    with pytest.raises(HhDataError, match="pass --resume"):
+        main(args, score_fn=even_token_share)
+
+
+def test_runs_against_a_reward_model_with_value_model_from_it(tiny_runs, tmp_path):
+    settings = dict(SMALL, total_episodes=32, batch_size=16, eval_prompts=8, normalize_reward=True, reward_norm_samples=16, missing_stop_penalty=1.0)
+    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(tiny_runs / "rm"), output_dir=str(tmp_path / "ppo"), **settings)
+    metrics = main(args)
+    assert metrics["reward_std"] > 0 and len(metrics["history"]) == 2
+    evaluation = metrics["evaluation"]
+    assert set(evaluation["by_family"]) == {"harmless"} and evaluation["prompts"] == 8
+    assert len(evaluation["samples"]) == 2
+    value = load_file(tmp_path / "ppo" / "value.safetensors")
+    reward = load_file(tiny_runs / "rm" / "model" / "reward_head.safetensors")
+    assert value["score.weight"].shape == reward["weight"].shape  # the value head is the reward head, trained on
+    card = (tmp_path / "ppo" / "policy" / "README.md").read_text()
+    assert "win rate" in card and str(tiny_runs / "rm") in card
+
+
+def test_refuses_a_reward_model_with_another_vocabulary(tiny_runs, tmp_path):
+    other = models.train_tiny_tokenizer([f"word{i} other{i}" for i in range(200)], vocab_size=300)
+    reward = RewardModel(models.load_backbone(models.TINY, other, seed=0))
+    save_reward_model(reward, other, tmp_path / "rm" / "model", {"max_length": 64, "chat_template": False, "base_model": "tiny"})
+    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(tmp_path / "rm"), output_dir=str(tmp_path / "ppo"))
+    with pytest.raises(HhDataError, match="tokenize differently; train the SFT policy with --tokenizer"):
+        main(args)
+
+
+def test_batch_sizes_must_divide():
+    with pytest.raises(HhDataError, match="16 is not divisible by 3"):
+        main(Args(batch_size=16, num_mini_batches=3, total_episodes=32))
