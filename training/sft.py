@@ -81,7 +81,9 @@ def encode_prompt(tokenizer, prompt: list[dict[str, str]], chat: bool) -> tuple[
     text, _ = render(tokenizer, prompt, [{"role": "assistant", "content": ""}], chat)
     start = [tokenizer.bos_token_id] if not chat and tokenizer.bos_token_id is not None else []
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans, cursor = [], 0  # character spans of the assistant turns' words, found in order
+    # character spans of the assistant turns' words, found in order; a token that overlaps one
+    # is a target (e.g. " Are", whose space belongs to the tag but whose word is the reply's)
+    spans, cursor = [], 0
     for turn in prompt:
         found = text.find(turn["content"], cursor)
         if found >= 0:
@@ -89,7 +91,7 @@ def encode_prompt(tokenizer, prompt: list[dict[str, str]], chat: bool) -> tuple[
             if turn["role"] == "assistant":
                 spans.append((found, cursor))
     labels = [
-        token if any(low <= first and last <= high for low, high in spans) else IGNORE_INDEX
+        token if any(first < high and low < last for low, high in spans) else IGNORE_INDEX
         for token, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"])
     ]
     return start + encoded["input_ids"], [IGNORE_INDEX] * len(start) + labels
