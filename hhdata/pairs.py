@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +36,7 @@ from hhdata.schema import PAIR_SCHEMA, TURN, TURNS, pair_id
 
 _PYTHON_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
 _ALL_SPACE_RE = "^[" + "".join(f"\\x{{{ord(c):04x}}}" for c in _PYTHON_SPACE) + "]*$"
+_BATCH_ROWS = 4096
 _RAW_COLUMNS = ("subset", "split", "family", "chosen", "rejected")
 
 
@@ -51,8 +54,19 @@ def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     missing = [name for name in _RAW_COLUMNS if name not in raw.column_names]
     if missing:
         raise SchemaError(f"the raw table lacks the columns {missing}; read it with hhdata.read.read_raw")
-    if raw.num_rows == 0:
-        return PAIR_SCHEMA.empty_table(), q.quarantine_table([])
+    # batches of rows small enough to stay in the CPU cache, in parallel threads
+    # (pyarrow.compute and numpy release the GIL)
+    batches = [raw.slice(start, _BATCH_ROWS) for start in range(0, raw.num_rows, _BATCH_ROWS)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(batches), os.cpu_count() or 1, 8))) as pool:
+        results = list(pool.map(_build_batch, batches))
+    return (
+        pa.concat_tables([PAIR_SCHEMA.empty_table(), *(pairs for pairs, _ in results)]),
+        q.concat([bad for _, bad in results]),
+    )
+
+
+def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """build_pairs on one batch of rows."""
     original = raw
     chosen = raw["chosen"].combine_chunks()
     rejected = raw["rejected"].combine_chunks()

@@ -6,6 +6,8 @@ import gzip
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hhdata.cli import main
 from hhdata.errors import SourceError
@@ -191,3 +193,63 @@ def test_paths_that_hold_nothing_are_usage_errors(tmp_path, given, message):
 def test_the_bundled_sample_reads_whole(sample_path):
     result = read_raw(sample_path)
     assert (result.report.lines, result.report.accepted, result.quarantine.num_rows) == (2312, 2312, 0)
+
+
+def is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def reference_verdicts(data: bytes) -> dict[int, object]:
+    """Line number -> (chosen, rejected) or reason, the plain way: json.loads per line."""
+    from hhdata.validate import explain_raw_record
+
+    verdicts = {}
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if number == data.count(b"\n") + 1 and not line:
+            break  # the empty piece after a final newline is not a line
+        line = line.removesuffix(b"\r")
+        if not line.strip(b" \t\r"):
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            verdicts[number] = "invalid_utf8"
+            continue
+        except ValueError:
+            verdicts[number] = "invalid_json"
+            continue
+        problem = explain_raw_record(record)
+        if problem is None and not all(is_unicode(value) for value in record.values()):
+            problem = ("invalid_utf8", "a lone surrogate")
+        verdicts[number] = problem[0] if problem else (record["chosen"], record["rejected"])
+    return verdicts
+
+
+_LINES = st.one_of(
+    st.builds(lambda n: good(n), st.integers(0, 50)),
+    st.sampled_from([bad for _, bad, reason, _ in BAD_LINES if reason != "line_too_long"]),
+    st.sampled_from([b"", b"  ", b"{}", b"{ }", b"null", b"{" + good(1)[1:] + b" ", good(2) + good(3), b'{"chosen":"a","chosen":"b","rejected":"c"}']),
+    st.builds(lambda n, cut: good(n)[:cut], st.integers(0, 5), st.integers(1, 40)),
+    st.builds(lambda n, at, byte: good(n)[:at] + bytes([byte]) + good(n)[at:], st.integers(0, 5), st.integers(0, 60), st.integers(0, 255)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_LINES, min_size=1, max_size=300), st.booleans())
+def test_bulk_reading_agrees_with_json_loads_line_by_line(tmp_path_factory, lines, crlf):
+    data = (b"\r\n" if crlf else b"\n").join(lines) + b"\n"
+    path = tmp_path_factory.mktemp("hyp") / "harmless-base" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(data)
+
+    result = read_raw(path)
+
+    expected = reference_verdicts(data)
+    got = {row["line"]: row["reason"] for row in result.quarantine.to_pylist()}
+    got |= {row["line"]: (row["chosen"], row["rejected"]) for row in result.table.to_pylist()}
+    assert got == expected
+    assert result.report.reconciles()

@@ -1,0 +1,211 @@
+"""Benchmark: read + validate + parse 170k synthetic HH-RLHF pairs, hhdata vs the usual way.
+
+The usual way: gzip line by line, ``json.loads`` per line, ``jsonschema`` validation of
+each record against the same schema (schemas/raw_record.schema.json), and a Python split
+of each transcript (hhdata.transcript.split_pair, the correct rule). hhdata: read_raw
+(msgspec + vectorised schema checks) then build_pairs (pyarrow.compute).
+
+Each side runs in its own subprocess, one after the other in one run, so its peak memory
+(ru_maxrss) is its own. Both write a verdict per line (accepted, or the reason) and a
+digest of every accepted pair's content; the run fails unless both agree on every record.
+
+    .venv/bin/python bench/read_validate_parse.py            # 170k pairs, corpus cached
+    .venv/bin/python bench/read_validate_parse.py --pairs 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def corpus(pairs: int, seed: int, bad_rate: float) -> Path:
+    """The synthetic corpus (hhdata.synth), written once into bench/.cache."""
+    from hhdata.synth import write_corpus
+
+    folder = HERE / ".cache" / f"synth-{pairs}-seed{seed}-bad{bad_rate}"
+    if not (folder / "planted.json").is_file():
+        write_corpus(folder, pairs, seed=seed, bad_rate=bad_rate)
+    return folder
+
+
+def files_of(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.jsonl.gz"))
+
+
+def run_hhdata(folder: Path) -> tuple[dict, list]:
+    """hhdata: read_raw + build_pairs. Returns verdicts by (file, line) and accepted rows."""
+    import pyarrow.compute as pc
+
+    from hhdata.pairs import build_pairs
+    from hhdata.read import read_raw
+
+    raw = read_raw(files_of(folder))
+    pairs, unsplit = build_pairs(raw.table)
+    verdicts = {}
+    for quarantine in (raw.quarantine, unsplit):
+        for file, line, reason in zip(*(quarantine[c].to_pylist() for c in ("file", "line", "reason"))):
+            verdicts[(file, line)] = reason
+    unsplit_keys = pc.binary_join_element_wise(unsplit["file"], pc.cast(unsplit["line"], "string"), ":")
+    raw_keys = pc.binary_join_element_wise(raw.table["file"], pc.cast(raw.table["line"], "string"), ":")
+    accepted = raw.table.select(["file", "line"]).filter(pc.invert(pc.is_in(raw_keys, unsplit_keys)))
+    return verdicts, [accepted, pairs]
+
+
+def run_baseline(folder: Path) -> tuple[dict, list]:
+    """The usual way, one record at a time."""
+    import gzip
+
+    from jsonschema import Draft202012Validator
+
+    from hhdata.errors import PairError
+    from hhdata.schema import pair_id
+    from hhdata.transcript import split_pair
+
+    schema = json.loads((HERE.parent / "schemas" / "raw_record.schema.json").read_text())
+    validator = Draft202012Validator(schema)
+    reason_of = {"required": "missing_key", "additionalProperties": "extra_key", "type": "wrong_type",
+                 "minLength": "empty_string"}
+    verdicts, rows = {}, []
+    for path in files_of(folder):
+        with gzip.open(path, "rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                key = (str(path), number)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    verdicts[key] = "invalid_utf8"
+                    continue
+                if not text.strip(" \t\r\n"):
+                    continue
+                try:
+                    record = json.loads(text)
+                except ValueError:
+                    verdicts[key] = "invalid_json"
+                    continue
+                if not isinstance(record, dict):
+                    verdicts[key] = "not_an_object"
+                    continue
+                errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
+                if errors:
+                    reason = reason_of.get(errors[0].validator, "schema_violation")
+                    verdicts[key] = "null_value" if reason == "wrong_type" and errors[0].instance is None else reason
+                    continue
+                if record["chosen"] == record["rejected"]:
+                    verdicts[key] = "chosen_equals_rejected"
+                    continue
+                try:
+                    pair = split_pair(record["chosen"], record["rejected"])
+                except PairError as error:
+                    verdicts[key] = error.reason
+                    continue
+                rows.append((key, record, pair, pair_id(record["chosen"], record["rejected"])))
+    return verdicts, rows
+
+
+def digest_hhdata(accepted_and_pairs: list) -> tuple[int, str]:
+    accepted, pairs = accepted_and_pairs
+    digest = hashlib.sha256()
+    columns = ["prompt", "chosen", "rejected", "flags", "chosen_text", "rejected_text", "id"]
+    for start in range(0, pairs.num_rows, 20_000):
+        keys = accepted.slice(start, 20_000).to_pylist()
+        for key, row in zip(keys, pairs.select(columns).slice(start, 20_000).to_pylist()):
+            digest.update(json.dumps([key["file"], key["line"], *row.values()]).encode())
+    return pairs.num_rows, digest.hexdigest()
+
+
+def digest_baseline(rows: list) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    for (file, line), record, pair, row_id in rows:
+        values = [pair.prompt, pair.chosen, pair.rejected, pair.flags, record["chosen"], record["rejected"], row_id]
+        digest.update(json.dumps([file, line, *values]).encode())
+    return len(rows), digest.hexdigest()
+
+
+def peak_rss_kib() -> int:
+    """Peak resident memory of this process since exec (VmHWM; ru_maxrss would include
+    the parent's memory at fork time)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def worker(mode: str, folder: Path, verdict_file: Path) -> None:
+    """Run one side, then print its timing, peak memory and digest as JSON."""
+    import hhdata.read  # noqa: F401  (imports are not timed on either side)
+    import hhdata.pairs  # noqa: F401
+    import jsonschema  # noqa: F401
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    verdicts, result = (run_hhdata if mode == "hhdata" else run_baseline)(folder)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    peak_kib = peak_rss_kib()
+    accepted, digest = (digest_hhdata if mode == "hhdata" else digest_baseline)(result)
+    verdict_file.write_text(json.dumps(sorted([f, n, r] for (f, n), r in verdicts.items())))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_kib / 1024, "accepted": accepted,
+                      "quarantined": len(verdicts), "digest": digest}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=170_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bad-rate", type=float, default=0.002, help="bad lines per pair, planted by hhdata.synth")
+    parser.add_argument("--worker", choices=("hhdata", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--verdicts", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.data, args.verdicts)
+        return 0
+
+    started = time.perf_counter()
+    folder = corpus(args.pairs, args.seed, args.bad_rate)
+    print(f"corpus {folder} ({time.perf_counter() - started:.1f} s, "
+          f"{sum(p.stat().st_size for p in files_of(folder)) / 2**20:.1f} MiB gzip)", file=sys.stderr)
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    results, verdicts = {}, {}
+    for mode in ("hhdata", "baseline"):
+        verdict_file = HERE / ".cache" / f"verdicts-{mode}.json"
+        command = [sys.executable, __file__, "--worker", mode, "--data", str(folder), "--verdicts", str(verdict_file)]
+        completed = subprocess.run(command, check=True, capture_output=True, text=True)
+        results[mode] = json.loads(completed.stdout)
+        verdicts[mode] = json.loads(verdict_file.read_text())
+        print(f"{mode}: {results[mode]}", file=sys.stderr)
+    same_verdicts = verdicts["hhdata"] == verdicts["baseline"]
+    same_pairs = results["hhdata"]["digest"] == results["baseline"]["digest"]
+    fast, slow = results["hhdata"], results["baseline"]
+    print("| side | wall s | CPU s | peak RSS (MiB) | pairs accepted | records quarantined |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode, label in (("baseline", "json.loads + jsonschema + split_pair + pair_id, per record"),
+                        ("hhdata", "hhdata read_raw + build_pairs")):
+        r = results[mode]
+        print(f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | "
+              f"{r['accepted']:,} | {r['quarantined']:,} |")
+    print(f"\nspeed-up, wall {slow['seconds'] / fast['seconds']:.1f}x, CPU "
+          f"{slow['cpu_seconds'] / fast['cpu_seconds']:.1f}x; peak memory ratio (hhdata / baseline) "
+          f"{fast['peak_mib'] / slow['peak_mib']:.2f}; same verdict on every record: {same_verdicts}; "
+          f"same pair rows (content digest): {same_pairs}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, load average before the run "
+          f"{load_before}, Python {platform.python_version()}")
+    if not (same_verdicts and same_pairs):
+        mismatched = [v for v in verdicts["hhdata"] if v not in verdicts["baseline"]][:5]
+        print(f"MISMATCH, first verdicts only hhdata gave: {mismatched}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
