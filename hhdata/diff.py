@@ -13,12 +13,13 @@ subset, family or split, its parsed turns, or its flags.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hhdata.errors import VersionError
@@ -111,16 +112,17 @@ def diff_releases(old: str | Path, new: str | Path, *, new_manifest: dict | None
     if new_manifest is None:
         new_manifest = read_manifest(new)
         verify_files(new, new_manifest)
-    old_rows = _fingerprints(Path(old), old_manifest)
-    new_rows = _fingerprints(Path(new), new_manifest)
+    old_ids, old_rows = _read_rows(Path(old), old_manifest)
+    new_ids, new_rows = _read_rows(Path(new), new_manifest)
+    edited_anywhere = edited_ids(old_rows, new_rows)
     configs = {}
     for name in _union(old_manifest["configs"], new_manifest["configs"]):
-        before = _config_rows(old_manifest, name, old_rows)
-        after = _config_rows(new_manifest, name, new_rows)
+        before = _config_ids(old_manifest, name, old_ids)
+        after = _config_ids(new_manifest, name, new_ids)
         configs[name] = ConfigDiff(
-            added=sorted(after.keys() - before.keys()),
-            removed=sorted(before.keys() - after.keys()),
-            edited=sorted(i for i in after.keys() & before.keys() if after[i] != before[i]),
+            added=sorted(after - before),
+            removed=sorted(before - after),
+            edited=sorted(edited_anywhere & before & after),
         )
     changed = sorted(
         path for path in _union(old_manifest["files"], new_manifest["files"])
@@ -134,33 +136,54 @@ def _union(first: dict, second: dict) -> list[str]:
     return list(first) + [key for key in second if key not in first]
 
 
-def _fingerprints(root: Path, manifest: dict) -> dict[str, dict[str, bytes]]:
-    """For each data file: id -> digest of the row's content columns."""
-    result = {}
-    data_files = {path for config in manifest["configs"].values()
-                  for split in config["splits"].values() for path in split["files"]}
-    for path in sorted(data_files):
+def _read_rows(root: Path, manifest: dict) -> tuple[dict[str, set[str]], pa.Table]:
+    """The ids of each data file, and every row's id and content columns in one table."""
+    data_files = sorted({path for config in manifest["configs"].values()
+                         for split in config["splits"].values() for path in split["files"]})
+    ids, tables = {}, []
+    for path in data_files:
         table = pq.read_table(root / path, columns=["id", *_CONTENT_COLUMNS])
-        ids = table["id"].to_pylist()
-        content = table.select(list(_CONTENT_COLUMNS)).to_pylist()
-        result[path] = {
-            row_id: hashlib.blake2b(
-                json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode(), digest_size=16
-            ).digest()
-            for row_id, row in zip(ids, content)
-        }
-    return result
+        ids[path] = set(table["id"].to_pylist())
+        tables.append(table)
+    return ids, pa.concat_tables(tables) if tables else None
 
 
-def _config_rows(manifest: dict, name: str, rows: dict) -> dict[str, bytes]:
-    config = manifest["configs"].get(name)
-    if config is None:
-        return {}
-    merged: dict[str, bytes] = {}
-    for split in config["splits"].values():
-        for path in split["files"]:
-            merged.update(rows[path])
-    return merged
+def _config_ids(manifest: dict, name: str, ids: dict[str, set[str]]) -> set[str]:
+    config = manifest["configs"].get(name, {"splits": {}})
+    return set().union(*(ids[path] for split in config["splits"].values() for path in split["files"]))
+
+
+def edited_ids(old: pa.Table | None, new: pa.Table | None) -> set[str]:
+    """Ids present in both tables whose content columns differ, compared column by column."""
+    if old is None or new is None:
+        return set()
+    before = old.filter(pc.is_in(old["id"], value_set=new["id"])).sort_by("id")
+    after = new.filter(pc.is_in(new["id"], value_set=old["id"])).sort_by("id")
+    changed = np.zeros(before.num_rows, dtype=bool)
+    for column in _CONTENT_COLUMNS:
+        changed |= _differs(before[column].combine_chunks(), after[column].combine_chunks())
+    return set(pc.filter(before["id"], pa.array(changed)).to_pylist())
+
+
+def _differs(left: pa.Array, right: pa.Array) -> np.ndarray:
+    """Per row: does ``left`` differ from ``right``? Recurses through lists and structs."""
+    if pa.types.is_list(left.type):
+        left_lengths = pc.list_value_length(left).to_numpy(zero_copy_only=False)
+        right_lengths = pc.list_value_length(right).to_numpy(zero_copy_only=False)
+        differs = left_lengths != right_lengths
+        same = np.flatnonzero(~differs)
+        elements = _differs(left.take(same).flatten(), right.take(same).flatten())
+        owner = np.repeat(same, left_lengths[same])  # element -> its row
+        differs[owner[elements]] = True
+        return differs
+    if pa.types.is_struct(left.type):
+        differs = np.zeros(len(left), dtype=bool)
+        for left_field, right_field in zip(left.flatten(), right.flatten()):
+            differs |= _differs(left_field, right_field)
+        return differs
+    unequal = pc.fill_null(pc.not_equal(left, right), False).to_numpy(zero_copy_only=False)
+    return unequal | (left.is_null().to_numpy(zero_copy_only=False)
+                      != right.is_null().to_numpy(zero_copy_only=False))
 
 
 def check_version(change: ReleaseDiff, allow_mismatch: bool = False) -> dict:

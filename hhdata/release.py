@@ -183,14 +183,26 @@ def _build(pairs, staging, version, sources, accounting, settings, previous,
 
 
 def canonical_rows(pairs: pa.Table) -> pa.Table:
-    """The PAIR_SCHEMA columns of a table, in schema order; raises ReleaseError if any is missing."""
+    """The PAIR_SCHEMA columns of a table, in schema order.
+
+    Raises ReleaseError when a column is missing or a pair id repeats.
+    """
     missing = [column for column in PAIR_SCHEMA.names if column not in pairs.column_names]
     if missing:
         raise ReleaseError(
             f"the pair table lacks columns {missing}; build it with hhdata.pairs.build_pairs "
             "so every row follows hhdata.schema.PAIR_SCHEMA"
         )
-    return pairs.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+    rows = pairs.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+    counts = pc.value_counts(rows["id"])
+    repeated = pc.filter(counts, pc.greater(pc.struct_field(counts, "counts"), 1))
+    if len(repeated):
+        first = repeated[0].as_py()
+        raise ReleaseError(
+            f"pair id {first['values']} appears {first['counts']} times ({len(repeated)} ids "
+            "repeat); a release holds each pair once: deduplicate first (hhdata.dedup)"
+        )
+    return rows
 
 
 def subset_families(rows: pa.Table) -> dict[str, str]:

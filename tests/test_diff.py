@@ -126,3 +126,18 @@ def test_cli_diff_prints_counts_and_ids(v1, pairs, tmp_path, capsys):
     assert out.startswith("1.0.0 -> 1.1.0: minor change")
     assert "  all            +100 added  -0 removed  ~0 edited" in out
     assert out.count("added\t") == 100
+
+
+def test_edited_ids_look_inside_the_turns(pairs):
+    rows = pairs.slice(0, 50).select(["id", "subset", "family", "split", "prompt", "chosen",
+                                      "rejected", "flags"])
+    prompts = rows["prompt"].to_pylist()
+    ids = rows["id"].to_pylist()
+    prompts[4][0]["content"] += "!"                      # one character in a turn
+    prompts[9][-1]["role"] = "assistant"                  # a role
+    prompts[17].append({"role": "user", "content": "x"})  # one more turn
+    changed = rows.set_column(rows.schema.get_field_index("prompt"), "prompt",
+                              pa.array(prompts, rows.schema.field("prompt").type))
+    shuffled = changed.take(pa.array(list(range(49, -1, -1))))  # order does not matter
+    assert diff.edited_ids(rows, shuffled) == {ids[4], ids[9], ids[17]}
+    assert diff.edited_ids(rows, rows.take(pa.array(list(range(49, -1, -1))))) == set()

@@ -168,3 +168,10 @@ def test_reading_a_folder_that_is_not_a_release_names_the_fix(tmp_path):
 def test_manifest_is_deterministic_json(release):
     text = (release.path / "manifest.json").read_text()
     assert text == json.dumps(json.loads(text), indent=2, ensure_ascii=False) + "\n"
+
+
+def test_a_repeated_pair_id_is_refused(tmp_path, pairs):
+    doubled = pa.concat_tables([pairs.slice(0, 3), pairs.slice(1, 1)])
+    with pytest.raises(ReleaseError, match=rf"pair id {pairs['id'][1].as_py()} appears 2 times "
+                                           r"\(1 ids repeat\).*deduplicate first"):
+        build(doubled, tmp_path)
