@@ -51,10 +51,11 @@ class LossLog(TrainerCallback):
         self.losses, self.seconds = [], None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = time.perf_counter() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -90,16 +91,38 @@ def trl_dataset(pairs) -> Dataset:
     return Dataset.from_dict({"chosen_ids": [p + c for p, c, _ in pairs], "rejected_ids": [p + r for p, _, r in pairs]})
 
 
+def base_model(work: Path, options) -> str:
+    """A randomly initialised Llama decoder (--hidden, --layers) with a BPE tokenizer trained on
+    the bundled sample's training pairs, saved to a folder both tools load."""
+    from transformers import LlamaConfig, LlamaModel
+
+    splits, _ = load_pairs(None)
+    train_rows, _ = split_held_out(splits, Args.eval_fraction)
+    tokenizer = models.train_tiny_tokenizer(t for r in train_rows for t in (r["chosen_text"], r["rejected_text"]))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=options.hidden, intermediate_size=3 * options.hidden,
+                         num_hidden_layers=options.layers, num_attention_heads=options.hidden // 64, num_key_value_heads=options.hidden // 64,
+                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(options.seed)
+    folder = work / "base-model"
+    LlamaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def throughput(options) -> dict:
     """Our trainer (prefix sharing on, then off) and TRL on identical batches."""
     work = Path(tempfile.mkdtemp(prefix="bench-rm-"))
-    args = Args(model=options.model, max_length=options.max_length, batch_size=options.batch_size, max_steps=options.steps,
+    model_name = base_model(work, options) if options.model == "llama" else options.model
+    args = Args(model=model_name, max_length=options.max_length, batch_size=options.batch_size, max_steps=options.steps,
                 learning_rate=options.learning_rate, warmup_fraction=0.0, max_eval_pairs=options.batch_size, save_every=10**9, seed=options.seed)
     results = {}
     for sharing in ("on", "off"):
         metrics = main(replace(args, prefix_sharing=sharing, run_dir=str(work / f"ours-{sharing}")))
         log = (work / f"ours-{sharing}/checkpoints/step-{options.steps:07d}/train_log.jsonl").read_text().splitlines()
-        results[f"ours, prefix sharing {sharing}"] = {"pairs_per_second": metrics["train"]["pairs_per_second"], "losses": [json.loads(line)["loss"] for line in log]}
+        results[f"ours, prefix sharing {sharing}"] = {"pairs_per_second": metrics["train"]["pairs_per_second"],
+                                                      "pairs_per_cpu_second": options.steps * args.batch_size / metrics["train"]["cpu_seconds"],
+                                                      "losses": [json.loads(line)["loss"] for line in log]}
 
     # rebuild what main() trained on: the same rows, tokenizer, ids, order and initial weights
     splits, _ = load_pairs(None)
@@ -120,7 +143,8 @@ def throughput(options) -> dict:
     log = LossLog()
     trainer = RewardTrainer(model=model, args=trl_config(str(work / "trl"), args, options.steps, args.seed), train_dataset=trl_dataset(ordered), processing_class=tokenizer, callbacks=[log])
     trainer.train()
-    results["TRL 1.16 RewardTrainer"] = {"pairs_per_second": options.steps * args.batch_size / log.seconds, "losses": log.losses}
+    results["TRL 1.16 RewardTrainer"] = {"pairs_per_second": options.steps * args.batch_size / log.seconds,
+                                         "pairs_per_cpu_second": options.steps * args.batch_size / log.cpu_seconds, "losses": log.losses}
     return results
 
 
@@ -157,13 +181,13 @@ def cross_validation(options) -> dict:
     for k in range(options.folds):
         if options.only_fold is not None and k != options.only_fold:
             continue
-        train_rows = [row for j, fold in enumerate(folds) if j != k for row in fold]
+        train_rows = [row for j, fold in enumerate(folds) if j != k for row in fold][: options.max_train_pairs]
         test_rows = folds[k]
         path = work / f"fold-{k}.parquet"
         rows = [{**row, "split": "train"} for row in train_rows] + [{**row, "split": "test"} for row in test_rows]
         pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), path)
         steps = options.epochs * (len(train_rows) // options.batch_size)
-        args = Args(data=str(path), model=models.MINILM, run_dir=str(work / f"ours-{k}"), max_length=options.max_length, batch_size=options.batch_size,
+        args = Args(data=str(path), model=models.MINILM, max_train_pairs=options.max_train_pairs, run_dir=str(work / f"ours-{k}"), max_length=options.max_length, batch_size=options.batch_size,
                     epochs=options.epochs, learning_rate=options.learning_rate, save_every=10**9, seed=options.seed)
         started = time.perf_counter()
         results["ours"].append(main(args)["overall"]["accuracy"])
@@ -225,13 +249,16 @@ def describe() -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["throughput", "cv", "crosstable"])
-    parser.add_argument("--model", default=models.TINY)
+    parser.add_argument("--model", default=models.TINY, help="tiny, llama (random decoder of --hidden/--layers), or any --model value")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--max-train-pairs", type=int, default=None, help="cv: train on the first N pairs of the four folds")
     parser.add_argument("--only-fold", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")

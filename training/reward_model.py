@@ -568,7 +568,7 @@ def main(args: Args) -> dict:
 
     # 4. train: each step takes the next batch of a seeded per-epoch permutation
     model.train()
-    started, trained = time.perf_counter(), 0
+    started, cpu_started, trained = time.perf_counter(), time.process_time(), 0
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
@@ -606,7 +606,7 @@ def main(args: Args) -> dict:
                 save_checkpoint(run_dir, step + 1, accelerator.unwrap_model(model), optimizer, log_lines)
         if step + 1 == args.stop_after:
             return {"stopped_after": step + 1}
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
     # 5. evaluate on every family and subset of the held-out pairs; save model, metrics, card
     margins = held_out_margins(
@@ -616,6 +616,7 @@ def main(args: Args) -> dict:
     metrics["train"] = {
         "steps": total_steps,
         "pairs_per_second": trained / seconds if trained else None,
+        "cpu_seconds": cpu_seconds,  # this process, all threads: steadier than wall time on a busy machine
         "final_loss": json.loads(log_lines[-1])["loss"],
     }
     if accelerator.is_main_process:
