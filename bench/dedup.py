@@ -1,0 +1,253 @@
+"""Near-duplicate detection on the synthetic corpus: hhdata.minhash vs datasketch vs rensa.
+
+Every tool gets the same prompts (the turn contents of each pair's prompt, as
+hhdata.synth.prompt_tokens defines them), the same 5-word shingles, the same permutations,
+bands and rows, and the same threshold; each runs end to end (shingling included) in a
+fresh child process, so its peak memory is its own. Recall is measured on the planted near
+duplicates whose prompt Jaccard is >= the threshold; a merged hard negative is a planted
+hard-negative pair reported as similar.
+
+    python -m hhdata.synth --pairs 170000 --seed 0 --out /tmp/synth170k
+    python bench/dedup.py --corpus /tmp/synth170k --md bench/dedup.md
+
+Also times exact deduplication (hhdata.dedup with near=False) of the whole pair table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOOLS = ("hhdata", "hhdata-estimate", "datasketch", "rensa")
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- preparation (parent)
+
+
+def prepare(corpus: Path, work: Path) -> dict:
+    """Prompts of every pair (Parquet) and the planted truth as row-index pairs."""
+    from hhdata import dedup
+    from hhdata.read import read_pairs
+
+    work.mkdir(parents=True, exist_ok=True)
+    result = read_pairs([corpus], progress=False)
+    pairs = result.table
+    pq.write_table(pairs, work / "pairs.parquet")
+    prompts = dedup.near_texts(pairs, "prompt")
+    pq.write_table(pa.table({"text": prompts}), work / "prompts.parquet")
+    rows_of: dict[str, list[int]] = {}
+    for row, pair_id in enumerate(pairs["id"].to_pylist()):
+        rows_of.setdefault(pair_id, []).append(row)
+    truth = json.loads((corpus / "planted.json").read_text())
+    planted = {}
+    for kind in ("near_duplicates", "hard_negatives"):
+        planted[kind] = [
+            {"copies": rows_of[item["id"]], "originals": rows_of[item["original_id"]],
+             "jaccard": item["jaccard"]}
+            for item in truth[kind]
+        ]
+    return {"rows": pairs.num_rows, "planted": planted}
+
+
+# ---------------------------------------------------------------- one tool (child)
+
+
+def shingle_strings(texts: list[str], k: int) -> list[list[str]]:
+    """The same shingles as hhdata.minhash, as strings: k lower-cased words joined by a space."""
+    sets = []
+    for text in texts:
+        words = text.lower().split()
+        if len(words) < k:
+            sets.append([" ".join(words)] if words else [])
+        else:
+            sets.append(list({" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}))
+    return sets
+
+
+def run_hhdata(texts: pa.Array, args, verify: str) -> np.ndarray:
+    from hhdata import minhash
+
+    pairs, _ = minhash.similar_pairs(texts, shingle_size=args.shingle_size, num_perm=args.num_perm,
+                                     bands=args.bands, rows=args.rows, threshold=args.threshold,
+                                     verify=verify, seed=1)
+    return pairs
+
+
+def run_datasketch(texts: list[str], args) -> np.ndarray:
+    from datasketch import MinHash, MinHashLSH
+
+    sets = shingle_strings(texts, args.shingle_size)
+    minhashes = MinHash.bulk([[s.encode("utf-8") for s in shingles] for shingles in sets],
+                             num_perm=args.num_perm, seed=1)
+    lsh = MinHashLSH(threshold=args.threshold, num_perm=args.num_perm, params=(args.bands, args.rows))
+    with lsh.insertion_session() as session:
+        for key, (shingles, mh) in enumerate(zip(sets, minhashes)):
+            if shingles:
+                session.insert(key, mh)
+    found = []
+    for key, (shingles, mh) in enumerate(zip(sets, minhashes)):
+        if not shingles:
+            continue
+        for other in lsh.query(mh):
+            if other > key and mh.jaccard(minhashes[other]) >= args.threshold:
+                found.append((key, other))
+    return np.array(found, dtype=np.int64).reshape(-1, 2)
+
+
+def run_rensa(texts: list[str], args) -> np.ndarray:
+    from rensa import RMinHash, RMinHashLSH
+
+    sets = shingle_strings(texts, args.shingle_size)
+    keys = [key for key, shingles in enumerate(sets) if shingles]
+    minhashes = RMinHash.from_token_sets([sets[key] for key in keys], args.num_perm, 1)
+    lsh = RMinHashLSH(args.threshold, args.num_perm, args.bands)
+    lsh.insert_pairs(list(zip(keys, minhashes)))
+    by_key = dict(zip(keys, minhashes))
+    found = []
+    for key, candidates in zip(keys, lsh.query_all(minhashes)):
+        for other in candidates:
+            if other > key and by_key[key].jaccard(by_key[other]) >= args.threshold:
+                found.append((key, other))
+    return np.array(found, dtype=np.int64).reshape(-1, 2)
+
+
+def child(args) -> None:
+    texts = pq.read_table(Path(args.work) / "prompts.parquet")["text"].combine_chunks()
+    if args.tool not in ("hhdata", "hhdata-estimate"):
+        texts = texts.to_pylist()
+    baseline = peak_mib()
+    start = time.perf_counter()
+    if args.tool == "hhdata":
+        pairs = run_hhdata(texts, args, "exact")
+    elif args.tool == "hhdata-estimate":
+        pairs = run_hhdata(texts, args, "estimate")
+    elif args.tool == "datasketch":
+        pairs = run_datasketch(texts, args)
+    else:
+        pairs = run_rensa(texts, args)
+    seconds = time.perf_counter() - start
+    np.save(Path(args.work) / f"pairs-{args.tool}.npy", pairs)
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), "baseline_mib": baseline,
+                      "pairs": len(pairs)}))
+
+
+# ---------------------------------------------------------------- scoring and the table (parent)
+
+
+def score(found: np.ndarray, planted: dict, threshold: float) -> dict:
+    pairs = {(int(a), int(b)) for a, b in found.tolist()}
+
+    def hit(item) -> bool:
+        return any((min(c, o), max(c, o)) in pairs for c in item["copies"] for o in item["originals"])
+
+    near = [item for item in planted["near_duplicates"] if item["jaccard"] >= threshold]
+    return {
+        "recall": sum(map(hit, near)) / max(len(near), 1),
+        "near_planted": len(near),
+        "near_found": sum(map(hit, near)),
+        "hard_negatives_merged": sum(map(hit, planted["hard_negatives"])),
+    }
+
+
+def time_exact(work: Path) -> dict:
+    from hhdata import dedup
+
+    pairs = pq.read_table(work / "pairs.parquet")
+    settings = dedup.DedupSettings(near=False)
+    start = time.perf_counter()
+    keys = dedup.exact_keys(pairs, settings)
+    _, first = np.unique(keys, return_index=True)
+    keys_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = dedup.deduplicate(pairs, settings)
+    return {"exact_keys_seconds": keys_seconds, "duplicates": pairs.num_rows - len(first),
+            "deduplicate_seconds": time.perf_counter() - start,
+            "dropped": result.report["dropped_by_reason"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", help="a corpus written by hhdata.synth (with planted.json)")
+    parser.add_argument("--work", default="/tmp/hhdata-bench-dedup", help="scratch folder")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
+    parser.add_argument("--shingle-size", type=int, default=5)
+    parser.add_argument("--num-perm", type=int, default=128)
+    parser.add_argument("--bands", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--threshold", type=float, default=0.7)
+    parser.add_argument("--reuse", action="store_true", help="reuse the prepared prompts in --work")
+    parser.add_argument("--no-exact", action="store_true", help="skip timing exact deduplication")
+    parser.add_argument("--md", help="append the result table to this Markdown file")
+    parser.add_argument("--tool", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tool:
+        return child(args)
+
+    work = Path(args.work)
+    if args.reuse and (work / "prepared.json").is_file():
+        prepared = json.loads((work / "prepared.json").read_text())
+    else:
+        prepared = prepare(Path(args.corpus), work)
+        (work / "prepared.json").write_text(json.dumps(prepared))
+    command = [sys.executable, __file__, "--work", str(work), "--shingle-size", str(args.shingle_size),
+               "--num-perm", str(args.num_perm), "--bands", str(args.bands), "--rows", str(args.rows),
+               "--threshold", str(args.threshold)]
+    results = {}
+    for tool in args.tools.split(","):
+        output = subprocess.run(command + ["--tool", tool], check=True, capture_output=True, text=True)
+        measured = json.loads(output.stdout.strip().splitlines()[-1])
+        measured.update(score(np.load(work / f"pairs-{tool}.npy"), prepared["planted"], args.threshold))
+        results[tool] = measured
+        print(tool, json.dumps(measured), flush=True)
+    exact = None if args.no_exact else time_exact(work)
+    print("exact", json.dumps(exact), flush=True)
+
+    rows = prepared["rows"]
+    lines = [
+        f"\n### {rows:,} pairs, shingles of {args.shingle_size} words, {args.num_perm} permutations, "
+        f"{args.bands} bands x {args.rows} rows, threshold {args.threshold}\n",
+        f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, Python "
+        f"{platform.python_version()}; one run, tools one after another in fresh processes.\n",
+        "| tool | seconds | pairs/s | vs datasketch | vs rensa | recall (J >= threshold) | hard negatives merged | similar pairs | peak RSS MiB (before start) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for tool, m in results.items():
+        versus = {base: (f"{results[base]['seconds'] / m['seconds']:.2f}x" if base in results else "-")
+                  for base in ("datasketch", "rensa")}
+        lines.append(
+            f"| {tool} | {m['seconds']:.1f} | {rows / m['seconds']:,.0f} | {versus['datasketch']} | "
+            f"{versus['rensa']} | {m['recall']:.4f} ({m['near_found']}/{m['near_planted']}) | "
+            f"{m['hard_negatives_merged']} | {m['pairs']:,} | {m['peak_mib']:,.0f} ({m['baseline_mib']:,.0f}) |"
+        )
+    if exact is not None:
+        lines.append(
+            f"\nExact deduplication of all {rows:,} pairs: keys (normalise + encode) "
+            f"{exact['exact_keys_seconds']:.2f} s, whole `deduplicate(near=False)` (with degenerate "
+            f"checks and the report) {exact['deduplicate_seconds']:.2f} s; dropped {exact['dropped']}.\n"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.md:
+        with open(args.md, "a", encoding="utf-8") as out:
+            out.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
