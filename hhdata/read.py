@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - isal is a dependency, zlib the fallbac
     _inflate = zlib
 
 MAX_LINE_BYTES = 4 * 2**20
-_RUN_LINES = 128  # lines per call of Arrow's JSON reader; a run with a bad line is redone line by line
+_RUN_LINES = 1024  # lines per call of Arrow's JSON reader
+_RETRY_LINES = 32  # a run with a bad line is redone in runs this long, then line by line
 _READ_SIZE = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -303,11 +304,12 @@ def _read_block(block: _Block, rows: _Rows, max_line_bytes: int) -> int:
     return int(crlf.sum())
 
 
-def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows) -> None:
-    """Lines low..high-1 with Arrow's JSON reader, _RUN_LINES at a time; a run it refuses,
-    or reads into a different number of rows, is redone line by line."""
-    for start in range(low, high, _RUN_LINES):
-        stop = min(start + _RUN_LINES, high)
+def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows, size: int = _RUN_LINES) -> None:
+    """Lines low..high-1 with Arrow's JSON reader, ``size`` at a time. A run it refuses, or
+    reads into a different number of rows, is redone in runs of _RETRY_LINES, then line
+    by line."""
+    for start in range(low, high, size):
+        stop = min(start + size, high)
         view = memoryview(block.buffer)[starts[start]: ends[stop - 1]]
         try:
             records = pa_json.read_json(
@@ -320,8 +322,11 @@ def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows) -> 
         except (pa.ArrowInvalid, UnicodeDecodeError):
             exact = False
         if not exact:
-            for index in range(start, stop):
-                _read_line(block, starts, ends, index, rows, None)
+            if size > _RETRY_LINES:
+                _read_run(block, starts, ends, start, stop, rows, _RETRY_LINES)
+            else:
+                for index in range(start, stop):
+                    _read_line(block, starts, ends, index, rows, None)
             continue
         if records["chosen"].null_count or records["rejected"].null_count:
             # a missing key or a null: quarantined by the slow path, with jsonschema's words
