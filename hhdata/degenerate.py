@@ -66,12 +66,12 @@ _MESSY_WS = rf"{_WS}{_WS}|[\t\n\r\v\f\x{{a0}}]|^{_WS}|{_WS}$"
 
 
 @functools.lru_cache(maxsize=1)
-def _nfc_unstable_class() -> str:
-    """A regex class of the characters NFC can change or compose with the one before.
+def _nfc_unstable() -> np.ndarray:
+    """Sorted code points NFC can change or compose with the one before.
 
-    Below U+0300 every character is NFC-stable. Above, a character is in the class when it
-    is a combining mark, has a canonical decomposition, is the second half of one, or is a
-    Hangul jamo; a text with none of them is already in NFC.
+    Below U+0300 every character is NFC-stable. Above, a character is listed when it is a
+    combining mark, has a canonical decomposition, is the second half of one, or is a Hangul
+    jamo; a text with none of them is already in NFC.
     """
     found = set(range(0x1100, 0x1200))
     for code in range(0x300, 0x30000):
@@ -82,21 +82,36 @@ def _nfc_unstable_class() -> str:
             found.add(code)
         if canonical and len(decomposition.split()) == 2:
             found.add(int(decomposition.split()[1], 16))
-    ranges: list[list[int]] = []
-    for code in sorted(found):
-        if ranges and ranges[-1][1] == code - 1:
-            ranges[-1][1] = code
-        else:
-            ranges.append([code, code])
-    return "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges) + "]"
+    return np.array(sorted(found), dtype=np.int64)
 
 
-def _fix_rows(texts: pa.Array, pattern: str, fix) -> pa.Array:
-    """Apply fix only to the texts matching pattern (most texts need nothing)."""
-    mask = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
-    if not pc.any(mask).as_py():
+def _rows_with_code_points(texts: pa.Array, code_points: np.ndarray) -> np.ndarray:
+    """Which texts hold any of the sorted code points (all >= U+0300), from the UTF-8 bytes."""
+    texts = texts.cast(pa.large_string())
+    _, offsets_buffer, data_buffer = texts.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    # lead bytes from 0xCC on start the code points from U+0300 on (continuations are < 0xC0)
+    lead = np.flatnonzero(data >= 0xCC)
+    padded = np.concatenate([data, np.zeros(3, np.uint8)]).astype(np.int64)
+    b0, b1, b2, b3 = (padded[lead + i] for i in range(4))
+    code = np.where(b0 < 0xE0, ((b0 & 0x1F) << 6) | (b1 & 0x3F),
+                    np.where(b0 < 0xF0, ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F),
+                             ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F)))
+    position = np.searchsorted(code_points, code)
+    hit = code_points[np.minimum(position, len(code_points) - 1)] == code
+    rows = np.searchsorted(offsets, lead[hit], side="right") - 1
+    mask = np.zeros(len(texts), dtype=bool)
+    mask[rows] = True
+    return mask
+
+
+def _fix_rows(texts: pa.Array, mask: np.ndarray, fix) -> pa.Array:
+    """Apply fix only to the texts the mask selects (most texts need nothing)."""
+    if not mask.any():
         return texts
-    return pc.replace_with_mask(texts, mask, fix(texts.filter(mask)))
+    selected = pa.array(mask)
+    return pc.replace_with_mask(texts, selected, fix(texts.filter(selected)))
 
 
 def normalize(texts: pa.Array, *, nfc: bool = True, lowercase: bool = True,
@@ -110,13 +125,15 @@ def normalize(texts: pa.Array, *, nfc: bool = True, lowercase: bool = True,
     ['hello world', 'café']
     """
     if nfc:
-        texts = _fix_rows(texts, _nfc_unstable_class(), lambda t: pc.utf8_normalize(t, "NFC"))
+        unstable = _rows_with_code_points(texts, _nfc_unstable())
+        texts = _fix_rows(texts, unstable, lambda t: pc.utf8_normalize(t, "NFC"))
     if lowercase:
         texts = pc.utf8_lower(texts)
     if whitespace:
         # every transcript turn starts with a blank line: collapse those in one cheap pass
         texts = pc.utf8_trim(pc.replace_substring(texts, "\n\n", " "), " ")
-        texts = _fix_rows(texts, _MESSY_WS, lambda t: pc.utf8_trim(
+        messy = pc.fill_null(pc.match_substring_regex(texts, _MESSY_WS), False)
+        texts = _fix_rows(texts, messy.to_numpy(zero_copy_only=False), lambda t: pc.utf8_trim(
             pc.replace_substring_regex(t, f"{_WS}+", " "), " "))
     return texts
 

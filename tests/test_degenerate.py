@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from hhdata import degenerate
 from hhdata.dedup import DedupSettings, deduplicate
@@ -97,3 +101,14 @@ def test_normalize_switches_are_independent():
     texts = pa.array(["Cafe\u0301  X"])
     assert degenerate.normalize(texts, nfc=False, lowercase=False).to_pylist() == ["Cafe\u0301 X"]
     assert degenerate.normalize(texts, whitespace=False).to_pylist() == ["café  x"]
+
+
+ALPHABET = "aB \t\n\r\x0b\x0c\u00a0eE\u0301\u0308\u00e9\u00c5\u212b\u2126\u1100\u1161\u11a8\uac00\u2019x"
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(st.text(alphabet=ALPHABET, max_size=12), min_size=1, max_size=8))
+def test_normalize_agrees_with_plain_python(texts):
+    expected = [" ".join(w for w in re.split("[ \t\n\r\x0b\x0c\u00a0]+", unicodedata.normalize("NFC", t).lower()) if w)
+                for t in texts]
+    assert degenerate.normalize(pa.array(texts)).to_pylist() == expected
