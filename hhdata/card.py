@@ -129,4 +129,20 @@ def render_card(manifest: dict) -> str:
                               for s in manifest["sources"]]),
         settings=json.dumps(manifest["settings"], indent=2),
         citation=CITATION_BIBTEX,
+        leakage=_leakage(manifest.get("leakage")),
+    )
+
+
+def _leakage(leakage: dict | None) -> str:
+    """One sentence on train/test prompt overlap, from the manifest."""
+    if leakage is None:
+        return "Train/test prompt leakage was not checked for this release."
+    exact, near = leakage["exact"], leakage["near"]
+    where = "; ".join(f"{name}: {count}" for name, count in
+                      {**near["within_subset"], **near["across_subsets"]}.items())
+    return (
+        f"Train/test leakage: {exact['test_rows']} test pairs have a prompt that is also a "
+        f"train prompt (after normalisation) and {near['test_rows']} share a near-duplicate "
+        f"prompt cluster with train pairs{f' ({where})' if where else ''}. "
+        "`hhdata.configs.resplit` makes a group-aware split that keeps each cluster on one side."
     )

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from hhdata import dedup, pairs, read, release
+from hhdata import configs, dedup, pairs, read, release
 from hhdata.errors import ReleaseError
 from hhdata.manifest import file_digest
 from hhdata.schema import SUBSET_FAMILIES, is_synthetic
@@ -43,6 +43,7 @@ class PipelineResult:
     sources: list[dict]
     settings: dict
     dedup_report: dict
+    leakage: dict | None
 
 
 def run_pipeline(
@@ -50,12 +51,15 @@ def run_pipeline(
     *,
     dedup_settings: dedup.DedupSettings | None = None,
     include_synthetic: Iterable[str] = (),
+    check_leakage: bool = True,
     progress: bool | None = False,
 ) -> PipelineResult:
     """Read, parse and deduplicate raw files; returns kept rows and the full accounting.
 
     ``sources`` are files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``,
-    or globs. Raises ReleaseError when a synthetic subset is read without being named in
+    or globs (or ``hf://ORG/NAME`` for the upstream layout on the Hub). With
+    ``check_leakage`` the kept rows' prompts shared by train and test (exact and near) are
+    counted (hhdata.configs.leakage_report) for the manifest and the card. Raises ReleaseError when a synthetic subset is read without being named in
     ``include_synthetic``, or when the counts do not reconcile.
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
@@ -66,6 +70,10 @@ def run_pipeline(
     deduplicated = dedup.deduplicate(pair_rows, dedup_settings)
     quarantine = pa.concat_tables([raw.quarantine, unparsable], promote_options="permissive")
     accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
+    leakage = None
+    if check_leakage:
+        report = configs.leakage_report(deduplicated.kept, dedup_settings, examples=0)
+        leakage = {kind: report[kind] for kind in ("exact", "near")}
     return PipelineResult(
         pairs=deduplicated.kept,
         quarantine=quarantine,
@@ -75,6 +83,7 @@ def run_pipeline(
         settings={"dedup": _jsonable(deduplicated.settings),
                   "include_synthetic": sorted(include_synthetic)},
         dedup_report=deduplicated.report,
+        leakage=leakage,
     )
 
 
@@ -87,6 +96,7 @@ def build_release(
     allow_version_mismatch: bool = False,
     include_synthetic: Iterable[str] = (),
     dedup_settings: dedup.DedupSettings | None = None,
+    check_leakage: bool = True,
     parquet: release.ParquetSettings = release.ParquetSettings(),
     progress: bool | None = False,
 ) -> release.Release:
@@ -96,11 +106,11 @@ def build_release(
     >>> built.path, built.manifest["configs"]["harmless"]["splits"]["test"]["rows"]  # doctest: +SKIP
     (PosixPath('out/1.0.0'), 2312)
     """
-    result = run_pipeline(sources, dedup_settings=dedup_settings,
-                          include_synthetic=include_synthetic, progress=progress)
+    result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
+                          check_leakage=check_leakage, progress=progress)
     return release.write_release(
-        result.pairs, out, version,
-        sources=result.sources, accounting=result.accounting, settings=result.settings,
+        result.pairs, out, version, sources=result.sources, accounting=result.accounting,
+        settings=result.settings, leakage=result.leakage,
         previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
     )
 

@@ -115,6 +115,7 @@ def write_release(
     sources: list[dict],
     accounting: dict,
     settings: dict,
+    leakage: dict | None = None,
     previous: str | Path | None = None,
     allow_version_mismatch: bool = False,
     parquet: ParquetSettings = ParquetSettings(),
@@ -124,7 +125,8 @@ def write_release(
 
     ``pairs`` holds canonical pair rows (extra columns such as ``cluster_id`` are dropped);
     ``sources`` lists the raw files read (path, sha256, bytes), ``accounting`` the row
-    counts by fate (see hhdata.pipeline), ``settings`` the pipeline settings. With
+    counts by fate (see hhdata.pipeline), ``settings`` the pipeline settings, ``leakage``
+    the train/test prompt overlap (hhdata.configs.leakage_report's exact and near parts). With
     ``previous`` (the directory of the last version) the change is classified and a version
     number that contradicts it raises VersionError unless ``allow_version_mismatch``.
     """
@@ -139,8 +141,10 @@ def write_release(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        manifest, change = _build(pairs, staging, version, sources, accounting, settings,
-                                  previous, allow_version_mismatch, parquet, name)
+        metadata = {"sources": sources, "accounting": accounting, "settings": settings,
+                    "leakage": leakage, "name": name}
+        manifest, change = _build(pairs, staging, version, metadata, previous,
+                                  allow_version_mismatch, parquet)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -148,27 +152,28 @@ def write_release(
     return Release(final, manifest, change)
 
 
-def _build(pairs, staging, version, sources, accounting, settings, previous,
-           allow_version_mismatch, parquet, name):
+def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, parquet):
     rows = canonical_rows(pairs)
     files = write_data_files(rows, staging, parquet)
     files[PLOT_NAME] = _plot(rows, staging)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
-        "name": name,
+        "name": metadata["name"],
         "version": version,
         "schema_version": PAIR_SCHEMA_VERSION,
         "tool": {"name": "hhdata", "version": hhdata.__version__, "pyarrow": pa.__version__},
-        "sources": sorted(sources, key=lambda source: source["path"]),
+        "sources": sorted(metadata["sources"], key=lambda source: source["path"]),
         "subsets": subset_families(rows),
         "configs": config_views(rows),
-        "accounting": accounting,
+        "accounting": metadata["accounting"],
         "flags": flag_counts(rows),
         "lengths": length_stats(rows),
-        "settings": {**settings, "parquet": dataclasses.asdict(parquet)},
+        "settings": {**metadata["settings"], "parquet": dataclasses.asdict(parquet)},
         "files": files,
         "previous": None,
     }
+    if metadata["leakage"] is not None:
+        manifest["leakage"] = metadata["leakage"]
     change = None
     history = ""
     if previous is not None:

@@ -13,6 +13,7 @@ import pytest
 
 from hhdata import pipeline, synth
 from hhdata.cli import main
+from hhdata.dedup import DedupSettings
 from hhdata.errors import ReleaseError
 from hhdata.quarantine import quarantine_table
 from hhdata.read import ReadReport, bundled_sample_path
@@ -158,3 +159,25 @@ def test_the_upstream_layout_on_the_hub_is_a_source(local_hub, tmp_path):
     assert built.manifest["sources"] == [
         {"path": "harmless-base/test.jsonl.gz", "sha256": digest, "bytes": 742801}]
     assert built.manifest["accounting"]["read"] == 2312
+
+
+def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
+    """The same real conversation in train and test is a leak; counted independently here."""
+    root = tmp_path / "leaky"
+    (root / "harmless-base").mkdir(parents=True)
+    (root / "harmless-base" / "train.jsonl").write_bytes(b"\n".join(SAMPLE_LINES[:40]) + b"\n")
+    shared = [json.loads(line) for line in SAMPLE_LINES[:3]]
+    other_reply = [{"chosen": r["chosen"], "rejected": r["rejected"] + " (asked again)"} for r in shared]
+    test_lines = [json.dumps(r).encode() for r in other_reply] + list(SAMPLE_LINES[100:120])
+    (root / "harmless-base" / "test.jsonl").write_bytes(b"\n".join(test_lines) + b"\n")
+    # by default the test copies go as near duplicates of their train prompts ...
+    deduplicated = pipeline.run_pipeline([root])
+    assert deduplicated.accounting["removed"] == {"near_duplicate": 3}
+    assert deduplicated.leakage["exact"]["test_rows"] == 0
+    # ... without near dedup they stay, and the leak is reported
+    built = pipeline.build_release([root], version="1.0.0", out=tmp_path / "out",
+                                   dedup_settings=DedupSettings(near=False))
+    exact = built.manifest["leakage"]["exact"]
+    assert exact["test_rows"] == 3 and exact["within_subset"] == {"harmless-base": 3}
+    card = (built.path / "README.md").read_text()
+    assert "Train/test leakage: 3 test pairs have a prompt that is also a train prompt" in card
