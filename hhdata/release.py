@@ -153,6 +153,8 @@ def write_release(
 
 
 def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, parquet):
+    """Data files and plot, then the manifest, the diff and version check, the changelog,
+    croissant.json and the card: each later file is made from the manifest."""
     rows = canonical_rows(pairs)
     files = write_data_files(rows, staging, parquet)
     files[PLOT_NAME] = _plot(rows, staging)
