@@ -209,15 +209,16 @@ def _read_file(path, source, max_line_bytes, report, advance):
     report.blank += rows.blank
     if crlf:
         report.notices.append(f"{path}: {crlf} lines end with CRLF (\\r\\n); read as LF")
-    return rows.table().combine_chunks(), q.quarantine_table(rows.bad)
+    return rows.table(), q.quarantine_table(rows.bad)
 
 
 class _Rows:
-    """Accepted records of one file, in line order: Arrow tables and single decoded lines."""
+    """Accepted records of one file, in line order: Arrow chunks and single decoded lines."""
 
     def __init__(self, name: str, source: tuple[str, str, str]):
         self.name, self.source = name, source
-        self.tables: list[pa.Table] = []
+        self.numbers: list[np.ndarray] = []
+        self.chunks: dict[str, list[pa.Array]] = {"chosen": [], "rejected": []}
         self.single: dict[str, list] = {"line": [], "chosen": [], "rejected": []}
         self.bad: list[tuple] = []
         self.lines = self.blank = 0
@@ -225,7 +226,9 @@ class _Rows:
     def add_table(self, lines: np.ndarray, records: pa.Table) -> None:
         self._flush()
         self.lines += len(lines)
-        self.tables.append(self._with_source(pa.array(lines, pa.int64()), records["chosen"], records["rejected"]))
+        self.numbers.append(lines)
+        for key, chunks in self.chunks.items():
+            chunks += records[key].chunks
 
     def add_line(self, number: int, line: bytes) -> None:
         """A line the bulk reader did not take: blank, bad, or fine by the slow path."""
@@ -250,21 +253,20 @@ class _Rows:
         self.bad.append((self.name, number, *problem))
 
     def table(self) -> pa.Table:
+        """The file's records: text columns chunked as read (no copy), the rest constant."""
         self._flush()
-        return pa.concat_tables([RAW_SCHEMA.empty_table(), *self.tables])
+        lines = np.concatenate([np.zeros(0, np.int64), *self.numbers])
+        constant = [pa.repeat(pa.scalar(value, pa.string()), len(lines)) for value in (self.name, *self.source)]
+        text = [pa.chunked_array(self.chunks[key], pa.string()) for key in ("chosen", "rejected")]
+        return pa.Table.from_arrays([constant[0], pa.array(lines), *constant[1:], *text], schema=RAW_SCHEMA)
 
     def _flush(self) -> None:
         if self.single["line"]:
-            columns = [pa.array(self.single[key], type) for key, type in
-                       (("line", pa.int64()), ("chosen", pa.string()), ("rejected", pa.string()))]
-            self.tables.append(self._with_source(*columns))
+            self.numbers.append(np.array(self.single["line"], np.int64))
+            for key in self.chunks:
+                self.chunks[key].append(pa.array(self.single[key], pa.string()))
             for column in self.single.values():
                 column.clear()
-
-    def _with_source(self, lines, chosen, rejected) -> pa.Table:
-        rows = len(lines)
-        constant = [pa.repeat(pa.scalar(value, pa.string()), rows) for value in (self.name, *self.source)]
-        return pa.Table.from_arrays([constant[0], lines, *constant[1:], chosen, rejected], schema=RAW_SCHEMA)
 
 
 class _Block(NamedTuple):
