@@ -93,8 +93,7 @@ def _rows_with_code_points(texts: pa.Array, code_points: np.ndarray) -> np.ndarr
     data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
     # lead bytes from 0xCC on start the code points from U+0300 on (continuations are < 0xC0)
     lead = np.flatnonzero(data >= 0xCC)
-    padded = np.concatenate([data, np.zeros(3, np.uint8)]).astype(np.int64)
-    b0, b1, b2, b3 = (padded[lead + i] for i in range(4))
+    b0, b1, b2, b3 = (data[np.minimum(lead + i, len(data) - 1)].astype(np.int64) for i in range(4))
     code = np.where(b0 < 0xE0, ((b0 & 0x1F) << 6) | (b1 & 0x3F),
                     np.where(b0 < 0xF0, ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F),
                              ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F)))
