@@ -54,6 +54,14 @@ def run_hhdata(folder: Path) -> tuple:
     return raw, pairs, unsplit
 
 
+def run_inflate(folder: Path) -> tuple[dict, list]:
+    """The floor of any reader of these files: inflating them (ISA-L, as hhdata does)."""
+    from isal import isal_zlib
+
+    size = sum(len(isal_zlib.decompress(path.read_bytes(), wbits=31)) for path in files_of(folder))
+    return {}, [size]
+
+
 def hhdata_verdicts(raw, pairs, unsplit) -> tuple[dict, list]:
     """Verdicts by (file, line) and the accepted rows' (file, line), outside the timing."""
     import pyarrow.compute as pc
@@ -154,11 +162,14 @@ def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     import jsonschema  # noqa: F401
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = (run_hhdata if mode == "hhdata" else run_baseline)(folder)
+    result = {"hhdata": run_hhdata, "baseline": run_baseline, "inflate": run_inflate}[mode](folder)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_kib = peak_rss_kib()
     verdicts, result = hhdata_verdicts(*result) if mode == "hhdata" else result
-    accepted, digest = (digest_hhdata if mode == "hhdata" else digest_baseline)(result)
+    if mode == "inflate":
+        accepted, digest = 0, f"{result[0]} bytes"
+    else:
+        accepted, digest = (digest_hhdata if mode == "hhdata" else digest_baseline)(result)
     verdict_file.write_text(json.dumps(sorted([f, n, r] for (f, n), r in verdicts.items())))
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_kib / 1024, "accepted": accepted,
                       "quarantined": len(verdicts), "digest": digest}))
@@ -169,7 +180,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=170_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bad-rate", type=float, default=0.002, help="bad lines per pair, planted by hhdata.synth")
-    parser.add_argument("--worker", choices=("hhdata", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("hhdata", "baseline", "inflate"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--verdicts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,7 +194,7 @@ def main() -> int:
           f"{sum(p.stat().st_size for p in files_of(folder)) / 2**20:.1f} MiB gzip)", file=sys.stderr)
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     results, verdicts = {}, {}
-    for mode in ("hhdata", "baseline"):
+    for mode in ("hhdata", "baseline", "inflate"):
         verdict_file = HERE / ".cache" / f"verdicts-{mode}.json"
         command = [sys.executable, __file__, "--worker", mode, "--data", str(folder), "--verdicts", str(verdict_file)]
         completed = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -196,10 +207,12 @@ def main() -> int:
     print("| side | wall s | CPU s | peak RSS (MiB) | pairs accepted | records quarantined |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, label in (("baseline", "json.loads + jsonschema + split_pair + pair_id, per record"),
-                        ("hhdata", "hhdata read_raw + build_pairs")):
+                        ("hhdata", "hhdata read_raw + build_pairs"),
+                        ("inflate", "floor: inflating the files only (ISA-L)")):
         r = results[mode]
-        print(f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | "
-              f"{r['accepted']:,} | {r['quarantined']:,} |")
+        counts = (f"{r['accepted']:,} | {r['quarantined']:,}" if mode != "inflate"
+                  else f"({r['digest']}) | ")
+        print(f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | {counts} |")
     print(f"\nspeed-up, wall {slow['seconds'] / fast['seconds']:.1f}x, CPU "
           f"{slow['cpu_seconds'] / fast['cpu_seconds']:.1f}x; peak memory ratio (hhdata / baseline) "
           f"{fast['peak_mib'] / slow['peak_mib']:.2f}; same verdict on every record: {same_verdicts}; "
