@@ -563,10 +563,13 @@ def main(args: Args, score_fn=None) -> dict:
         raw = accelerator.gather(raw)
         state["reward_mean"], state["reward_std"] = raw.mean().item(), max(raw.std().item(), 1e-6)
 
-    episodes_per_epoch = len(train_queries) // (args.batch_size * accelerator.num_processes)
+    batches_per_epoch = len(train_queries) // (args.batch_size * accelerator.num_processes)
+    if batches_per_epoch == 0:
+        raise HhDataError(f"{provenance['source']}: {len(train_queries)} training prompts, fewer than one batch of "
+                          f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or --eval-prompts")
     started = time.perf_counter()
     for update in range(state["update"], num_updates):
-        epoch, index = divmod(update, episodes_per_epoch)
+        epoch, index = divmod(update, batches_per_epoch)
         order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed * 7 + epoch))
         width = args.batch_size * accelerator.num_processes
         mine = order[index * width : (index + 1) * width][accelerator.process_index :: accelerator.num_processes]
