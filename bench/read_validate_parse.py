@@ -175,11 +175,48 @@ def worker(mode: str, folder: Path, verdict_file: Path) -> None:
                       "quarantined": len(verdicts), "digest": digest}))
 
 
+def phases(folder: Path) -> dict[str, float]:
+    """CPU seconds of hhdata's parts, single-threaded, by wrapping its functions."""
+    import functools
+
+    os.cpu_count = lambda: 1  # one thread for reading and for pairs
+    from hhdata import pairs, read
+
+    spent: dict[str, float] = {}
+
+    def timed(owner, name):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - started
+
+        setattr(owner, name, wrapper)
+
+    timed(read.pa_json, "read_json")
+    for name in ("_split_fast", "_parse_prompts", "_ids", "_flags"):
+        timed(pairs, name)
+    for _ in range(2):  # the second run is reported: warm caches and kernels
+        spent.clear()
+        started = time.process_time()
+        raw = read.read_raw(files_of(folder))
+        spent["read_raw"] = time.process_time() - started
+        started = time.process_time()
+        pairs.build_pairs(raw.table)
+        spent["build_pairs"] = time.process_time() - started
+    return spent
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=170_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bad-rate", type=float, default=0.002, help="bad lines per pair, planted by hhdata.synth")
+    parser.add_argument("--phases", action="store_true", help="print CPU seconds of hhdata's parts instead")
     parser.add_argument("--worker", choices=("hhdata", "baseline", "inflate"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--verdicts", type=Path, help=argparse.SUPPRESS)
@@ -190,6 +227,10 @@ def main() -> int:
 
     started = time.perf_counter()
     folder = corpus(args.pairs, args.seed, args.bad_rate)
+    if args.phases:
+        for name, seconds in phases(folder).items():
+            print(f"| {name} | {seconds:.2f} |")
+        return 0
     print(f"corpus {folder} ({time.perf_counter() - started:.1f} s, "
           f"{sum(p.stat().st_size for p in files_of(folder)) / 2**20:.1f} MiB gzip)", file=sys.stderr)
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
