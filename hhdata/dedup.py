@@ -321,9 +321,9 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
         similarity[exact_rows[chained]] = similarity[via[chained]]
         cluster = cluster[cluster]
     if edges:  # cluster mode: kept near duplicates share their component's best survivor
-        rank = np.empty(n, dtype=np.int64)
-        rank[survivor_order(pairs, settings)] = np.arange(n)
         by_rank = survivor_order(pairs, settings)
+        rank = np.empty(n, dtype=np.int64)
+        rank[by_rank] = np.arange(n)
         ranked_edges = np.array([(rank[a], rank[b]) for a, b in edges], dtype=np.int64)
         component = minhash.connected_components(n, ranked_edges)
         root_row = by_rank[component[rank]]

@@ -3,8 +3,9 @@
 The whole corpus is processed at once, in numpy, so no Python code runs per shingle:
 
 1. **Shingles.** Texts are lower-cased and split on whitespace (``pyarrow.compute``). Every
-   distinct word gets a stable 64-bit hash (blake2b of its UTF-8 bytes, computed once per
-   word of the vocabulary), so a text hashes the same whatever corpus it sits in. A shingle
+   distinct word gets a stable 64-bit hash (a polynomial over its UTF-8 bytes mixed by
+   splitmix64, computed once per word of the vocabulary, vectorised), so a text hashes the
+   same whatever corpus it sits in. A shingle
    is ``k`` consecutive words, hashed by folding the word hashes and mixing with the
    splitmix64 finaliser. A text shorter than ``k`` words is one shingle of all its words;
    an empty text has none and never matches anything.
@@ -22,7 +23,6 @@ The whole corpus is processed at once, in numpy, so no Python code runs per shin
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
