@@ -18,6 +18,7 @@ from hhdata.errors import HhDataError
 from hhdata.schema import PAIR_SCHEMA, pair_id
 from hhdata.transcript import render_transcript
 from training import models
+from training.common import sha256_file
 from training.reward_model import (
     Args,
     RewardModel,
@@ -83,6 +84,22 @@ def synthetic_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist(synthetic_rows(500, seed=0), schema=PAIR_SCHEMA), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_release(tmp_path_factory):
+    """The same pairs as a real release (raw JSONL -> hhdata pipeline -> release 1.0.0)."""
+    from hhdata.pipeline import build_release
+
+    raw = tmp_path_factory.mktemp("raw")
+    for row in synthetic_rows(500, seed=0):
+        path = raw / row["subset"] / f"{row['split']}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(json.dumps({"chosen": row["chosen_text"], "rejected": row["rejected_text"]}) + "\n")
+    out = tmp_path_factory.mktemp("releases")
+    subsets = ["synth-helpful-base", "synth-harmless-base"]
+    return build_release(raw, version="1.0.0", out=out, include_synthetic=subsets).path
 
 
 def tiny_reward_model(rows, seed=0):
@@ -165,9 +182,9 @@ def test_calibration_metrics_by_hand():
     assert ece == pytest.approx(0.25 * abs(1 - low) + 0.75 * abs(2 / 3 - top))
 
 
-def test_tiny_model_learns_the_marker_per_family(tmp_path, synthetic_file):
+def test_tiny_model_learns_the_marker_per_family_from_a_release(tmp_path, synthetic_release):
     run_dir = tmp_path / "run"
-    args = Args(data=str(synthetic_file), run_dir=str(run_dir), max_length=64, batch_size=16, epochs=2, learning_rate=3e-3, save_every=1000)
+    args = Args(data=str(synthetic_release), run_dir=str(run_dir), max_length=64, batch_size=16, epochs=2, learning_rate=3e-3, save_every=1000)
     metrics = main(args)
     assert metrics["overall"]["accuracy"] > 0.9, metrics["overall"]
     assert set(metrics["by_family"]) == {"helpful", "harmless"}
@@ -180,7 +197,8 @@ def test_tiny_model_learns_the_marker_per_family(tmp_path, synthetic_file):
     assert list((run_dir / "tensorboard").iterdir())
     settings = json.loads((run_dir / "settings.json").read_text())
     assert settings["share_prefix"] is True and settings["train_pairs"] == 400
-    assert len(settings["provenance"]["sha256"]) == 64
+    assert settings["provenance"]["version"] == "1.0.0"
+    assert settings["provenance"]["manifest_sha256"] == sha256_file(synthetic_release / "manifest.json")
     assert "| family helpful |" in (run_dir / "model/README.md").read_text()
 
     model, tokenizer, saved = load_reward_model(run_dir)
@@ -195,6 +213,7 @@ def test_train_config_filters_training_but_evaluation_covers_every_family(tmp_pa
     metrics = main(args)
     settings = json.loads((tmp_path / "run/settings.json").read_text())
     assert settings["train_pairs"] == 200
+    assert settings["provenance"]["sha256"] == sha256_file(synthetic_file)
     assert set(metrics["by_family"]) == {"helpful", "harmless"}
     with pytest.raises(HhDataError, match="already holds a run"):
         main(args)
