@@ -121,6 +121,14 @@ def test_a_corrupt_gzip_is_reported_and_counts_reconcile(layout):
     assert result.report.reconciles()
 
 
+def test_concatenated_gzip_members_and_empty_files_are_read(layout):
+    (layout / "train.jsonl.gz").write_bytes(gzip.compress(good(1) + b"\n" + good(2) + b"\n") + gzip.compress(good(3)))
+    (layout / "test.jsonl").write_bytes(b"")
+    result = read_raw(layout)
+    assert result.table["chosen"].to_pylist() == [record(n)["chosen"] for n in (1, 2, 3)]
+    assert (result.report.lines, result.quarantine.num_rows) == (3, 0)
+
+
 def test_bom_crlf_and_blank_lines_are_read_and_noted(layout):
     path = layout / "train.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + good(1) + b"\r\n\r\n" + good(2) + b"\r\n  \n" + good(3))
