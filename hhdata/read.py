@@ -1,10 +1,12 @@
 """Read raw HH-RLHF JSONL(.gz) files into an Arrow table, quarantining what is broken.
 
 ``read_raw`` takes files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``
-and globs. It streams each file (gzip detected by its magic bytes), decodes every line
-with msgspec against the record's shape, and sends any line that fails to the slow path:
-``json.loads`` and the ``jsonschema`` validator word the exact reason. Nothing disappears
-without a count: ``lines == blank + accepted + sum(quarantined.values())`` for every read.
+and globs, several files at once in threads. It streams each file (gzip detected by its
+magic bytes, inflated with ISA-L), finds the lines with numpy and reads runs of plain
+lines with Arrow's JSON reader against the record's shape. A run it refuses is redone in
+shorter runs, then line by line (msgspec), and a line that still fails takes the slow
+path: ``json.loads`` and the ``jsonschema`` validator word the exact reason. Nothing
+disappears without a count: ``lines == blank + accepted + sum(quarantined.values())``.
 
 Limits: a line longer than MAX_LINE_BYTES (4 MiB; the longest real record is about 16 KB)
 is quarantined as ``line_too_long`` without being held in memory. A gzip stream that ends
@@ -14,7 +16,6 @@ early keeps the records before the cut and quarantines the cut line as ``truncat
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 import zlib
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from hhdata import quarantine as q
 from hhdata.errors import SourceError
 from hhdata.schema import SPLITS, family_of
-from hhdata.validate import explain_raw_record, validate_raw_table
+from hhdata.validate import explain_raw_line, validate_raw_table
 
 try:  # ISA-L inflates gzip about twice as fast as zlib, with the same interface
     from isal import isal_zlib as _inflate
@@ -240,7 +241,7 @@ class _Rows:
             record = _DECODER.decode(line)
             chosen, rejected = record.chosen, record.rejected
         except (msgspec.DecodeError, msgspec.ValidationError):
-            problem, record = _explain_line(line)
+            problem, record = explain_raw_line(line)
             if problem:
                 self.bad.append((self.name, number, *problem, line))
                 return
@@ -348,33 +349,6 @@ def _read_line(block: _Block, starts, ends, index: int, rows: _Rows, max_line_by
         rows.quarantine(number, _too_long(line[:_RAW_HEAD], len(line), max_line_bytes))
     else:
         rows.add_line(number, line)
-
-
-def _explain_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
-    """The slow path for a line msgspec refused: (reason, message), or the record if fine."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return (q.INVALID_UTF8, (
-            f"byte {error.start} of the line ({line[error.start:error.start + 1]!r}) is not "
-            "valid UTF-8; re-encode the file as UTF-8"
-        )), None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        return (q.INVALID_JSON, f"{error.msg} at column {error.colno}; fix or remove the line"), None
-    problem = explain_raw_record(record)
-    if problem:
-        return problem, None
-    for key in ("chosen", "rejected"):
-        try:
-            record[key].encode("utf-8")
-        except UnicodeEncodeError:
-            return (q.INVALID_UTF8, (
-                f"'{key}' escapes a lone surrogate (\\ud800-\\udfff), which is not valid "
-                "Unicode; fix the escape sequence"
-            )), None
-    return None, record
 
 
 def _blocks(path: Path, max_line_bytes: int, report: ReadReport, advance) -> Iterator:

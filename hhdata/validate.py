@@ -84,6 +84,37 @@ def explain_raw_record(record: object) -> tuple[str, str] | None:
     return None
 
 
+def explain_raw_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
+    """The slow path for one line: ((reason, message), None), or (None, record) if fine.
+
+    >>> explain_raw_line(b'{"chosen": "a"')[0][0]
+    'invalid_json'
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return (q.INVALID_UTF8, (
+            f"byte {error.start} of the line ({line[error.start:error.start + 1]!r}) is not "
+            "valid UTF-8; re-encode the file as UTF-8"
+        )), None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        return (q.INVALID_JSON, f"{error.msg} at column {error.colno}; fix or remove the line"), None
+    problem = explain_raw_record(record)
+    if problem:
+        return problem, None
+    for key in ("chosen", "rejected"):
+        try:
+            record[key].encode("utf-8")
+        except UnicodeEncodeError:
+            return (q.INVALID_UTF8, (
+                f"'{key}' escapes a lone surrogate (\\ud800-\\udfff), which is not valid "
+                "Unicode; fix the escape sequence"
+            )), None
+    return None, record
+
+
 def _json_type(value: object) -> str:
     names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
