@@ -1,6 +1,7 @@
 """Benchmark: build a release of N synthetic pairs, hhdata vs the usual datasets route.
 
 Usage: .venv/bin/python bench/release_build.py [--pairs 170000] [--work DIR] [--sweep]
+       .venv/bin/python bench/release_build.py --work DIR --sweep-only
 
 1. End to end, same corpus, same machine, one run:
    - hhdata: ``hhdata.pipeline.build_release`` (read + validate + parse + exact and near
@@ -14,7 +15,8 @@ Usage: .venv/bin/python bench/release_build.py [--pairs 170000] [--work DIR] [--
    and by content-defined chunk (Xet-style dedup: a gear-hash chunker, 8/64/128 KiB
    min/target/max, chunks already in the old release are not re-sent).
 3. ``--sweep``: the Parquet settings behind ParquetSettings' defaults, each measured for
-   size, write time and re-upload cost on the same two versions.
+   size, write time and re-upload cost of two changes to the same rows: the 1% append,
+   and 1% of the rows removed from the middle (what a major version does).
 """
 
 from __future__ import annotations
@@ -171,7 +173,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=170_000)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--sweep", action="store_true", help="also measure Parquet settings")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only the settings sweep, on the releases already in --work")
     args = parser.parse_args()
+    if args.sweep_only:
+        sweep(args.work / "releases" / "1.0.0", args.work / "releases" / "1.1.0", args.work)
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="hhdata-bench-"))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -223,41 +230,47 @@ def main() -> None:
     print(f"| (release size) | {sent['release_bytes']} | 100% |")
 
     if args.sweep:
-        sweep(v1, v2, work)
+        sweep(v1.path, v2.path, work)
 
 
-def sweep(v1, v2, work: Path) -> None:
-    """Data files only, each setting on both versions' kept rows: size, time, re-upload."""
+def sweep(v1: Path, v2: Path, work: Path) -> None:
+    """Data files only, each setting on the same rows: size, write time, and re-upload for
+    two changes: the 1.1.0 append, and 1% of 1.0.0's rows removed (every 100th row)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = []
-    for version in (v1, v2):
-        files = [version.path / p for p in version.manifest["files"] if p.endswith(".parquet")]
-        tables.append(pa.concat_tables(pq.read_table(f) for f in sorted(files)))
+    def rows(release: Path) -> pa.Table:
+        return pa.concat_tables(pq.read_table(f) for f in sorted(release.glob("data/*/*.parquet")))
+
+    base, appended = rows(v1), rows(v2)
+    removed = base.filter(pa.array(np.arange(base.num_rows) % 100 != 50))
     candidates = {
         "defaults (zstd 3, 1k rows, CDC 256 KiB-1 MiB pages)": ParquetSettings(),
         "zstd 3, 1k rows, no CDC": ParquetSettings(use_content_defined_chunking=False),
         "zstd 1, 1k rows, CDC": ParquetSettings(compression_level=1),
         "snappy, 1k rows, CDC": ParquetSettings(compression="snappy", compression_level=None),
         "zstd 3, 10k rows, CDC": ParquetSettings(row_group_size=10_000),
-        "zstd 3, 10k rows, CDC 64-256 KiB pages": ParquetSettings(
-            row_group_size=10_000, cdc_min_chunk_size=64 * 1024, cdc_max_chunk_size=256 * 1024),
+        "zstd 3, 10k rows, no CDC": ParquetSettings(row_group_size=10_000, use_content_defined_chunking=False),
         "zstd 3, 100k rows, CDC": ParquetSettings(row_group_size=100_000),
     }
-    print("\n| parquet settings | data bytes | write s (1.0.0) | re-upload by chunk | % |\n|---|---:|---:|---:|---:|")
+    print("\n| parquet settings | data bytes | write s | re-upload, 1% appended | re-upload, 1% removed |"
+          "\n|---|---:|---:|---:|---:|")
     for label, settings in candidates.items():
-        roots = [work / "sweep" / label.replace(" ", "_").replace(",", "") / v for v in ("a", "b")]
-        timings = []
-        for root, table in zip(roots, tables):
+        folder = work / "sweep" / "".join(c if c.isalnum() else "_" for c in label)
+        shutil.rmtree(folder, ignore_errors=True)
+        roots = {name: folder / name for name in ("base", "appended", "removed")}
+        seconds = {}
+        for (name, root), table in zip(roots.items(), (base, appended, removed)):
             root.mkdir(parents=True)
             started = time.perf_counter()
             write_data_files(table, root, settings)
-            timings.append(time.perf_counter() - started)
-        seconds = timings[0]
-        sent = reupload(*roots)
-        print(f"| {label} | {sent['release_bytes']} | {seconds:.1f} | {sent['by_chunk']} | "
-              f"{100 * sent['by_chunk'] / sent['release_bytes']:.2f}% |")
+            seconds[name] = time.perf_counter() - started
+        cells = []
+        for change in ("appended", "removed"):
+            sent = reupload(roots["base"], roots[change])
+            cells.append(f"{sent['by_chunk']} ({100 * sent['by_chunk'] / sent['release_bytes']:.2f}%)")
+        size = sum(p.stat().st_size for p in roots["base"].rglob("*.parquet"))
+        print(f"| {label} | {size} | {seconds['base']:.1f} | {cells[0]} | {cells[1]} |")
     print(json.dumps(dataclasses.asdict(ParquetSettings())))
 
 
