@@ -75,7 +75,7 @@ def explain_raw_record(record: object) -> tuple[str, str] | None:
             reason = q.NULL_VALUE
         where = f"at '{error.path[0]}': " if error.path else ""
         fix = _FIX_OF_REASON.get(reason, "see schemas/raw_record.schema.json")
-        return reason, f"{where}{error.message}; {fix}"
+        return reason, f"{where}{_short(error)}; {fix}"
     if record["chosen"] == record["rejected"]:
         return q.CHOSEN_EQUALS_REJECTED, (
             "chosen and rejected are the same text, so the record states no preference; "
@@ -100,7 +100,7 @@ def explain_raw_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
-        return (q.INVALID_JSON, f"{error.msg} at column {error.colno}; fix or remove the line"), None
+        return (q.INVALID_JSON, f"{error.msg}: column {error.colno}; fix or remove the line"), None
     problem = explain_raw_record(record)
     if problem:
         return problem, None
@@ -113,6 +113,15 @@ def explain_raw_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
                 "Unicode; fix the escape sequence"
             )), None
     return None, record
+
+
+def _short(error) -> str:
+    """jsonschema's message, with a long offending value cut to its first 60 characters."""
+    shown = repr(error.instance)
+    if len(shown) > 80 and error.message.startswith(shown):
+        cut = f"{shown[:60]}... ({len(shown):,} characters)"
+        return cut + error.message[len(shown):]
+    return error.message
 
 
 def _json_type(value: object) -> str:
@@ -160,7 +169,7 @@ def pair_table_problems(table: pa.Table) -> list[tuple[str, str]]:
         row = table.slice(index, 1).to_pylist()[0]
         for error in validator(PAIR_ROW).iter_errors(row):
             where = "/".join(map(str, error.absolute_path)) or "row"
-            problems.append((str(row.get("id")), f"{where}: {error.message}"))
+            problems.append((str(row.get("id")), f"{where}: {_short(error)}"))
     return problems
 
 

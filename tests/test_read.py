@@ -27,7 +27,7 @@ HUGE = json.dumps({"chosen": "x" * (MAX_LINE_BYTES + 10), "rejected": "y"}).enco
 # (case, bad line, reason, exact message)
 BAD_LINES = [
     ("invalid json", b'{"chosen": "x", ', "invalid_json",
-     "Expecting property name enclosed in double quotes at column 17; fix or remove the line"),
+     "Expecting property name enclosed in double quotes: column 17; fix or remove the line"),
     ("invalid utf-8", b'{"chosen": "caf\xe9", "rejected": "b"}', "invalid_utf8",
      "byte 15 of the line (b'\\xe9') is not valid UTF-8; re-encode the file as UTF-8"),
     ("lone surrogate", b'{"chosen": "\\ud800", "rejected": "b"}', "invalid_utf8",
@@ -43,6 +43,8 @@ BAD_LINES = [
      "convert the file to the HH-RLHF format first"),
     ("wrong type", b'{"chosen": 5, "rejected": "b"}', "wrong_type",
      "at 'chosen': 5 is not of type 'string'; both values must be JSON strings"),
+    ("long value", json.dumps({"chosen": ["x" * 100], "rejected": "b"}).encode(), "wrong_type",
+     f"at 'chosen': ['{'x' * 58}... (104 characters) is not of type 'string'; both values must be JSON strings"),
     ("null", b'{"chosen": "a", "rejected": null}', "null_value",
      "at 'rejected': None is not of type 'string'; both values must be JSON strings, not null"),
     ("empty string", b'{"chosen": "", "rejected": "b"}', "empty_string",
