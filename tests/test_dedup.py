@@ -275,3 +275,36 @@ def test_report_matches_an_independent_count_on_real_harmless_base():
                                           "prompt_disagrees": 0, "non_alternating": non_alternating}
     assert report["kept"] == len(records) - exact - near
     assert sum(int(size) * count for size, count in report["cluster_size_histogram"].items()) == report["input"]
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_dedup_and_leakage(tmp_path, capsys, planted):
+    from hhdata.cli import main
+
+    sample = resources.files("hhdata").joinpath("data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+    assert main(["dedup", str(sample), "--report", str(tmp_path / "r.json"), "--drops", str(tmp_path / "d.parquet")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("read 2,312 records: kept 2,312, quarantined 0, dropped 0\n")
+    assert json.loads((tmp_path / "r.json").read_text())["input"] == 2312
+
+    table, case_ids, _ = planted
+    leaky = table.set_column(table.schema.get_field_index("split"), "split",
+                             pa.array(["train"] * (table.num_rows - 1) + ["test"]))
+    import pyarrow.parquet as pq
+    pq.write_table(leaky, tmp_path / "pairs.parquet")
+    assert main(["dedup", str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "kept.parquet")]) == 0
+    assert "exact_duplicate: 3\n  near_duplicate: 1\n" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "kept.parquet").num_rows == table.num_rows - 4
+    # the hard negative (last row) is in test; its prompt shares only a prefix with train
+    assert main(["leakage", str(tmp_path / "pairs.parquet")]) == 0
+    swapped = leaky.set_column(leaky.schema.get_field_index("split"), "split",
+                               pa.array(["test"] + ["train"] * (table.num_rows - 1)))
+    pq.write_table(swapped, tmp_path / "leaky.parquet")
+    assert main(["leakage", str(tmp_path / "leaky.parquet")]) == 1
+    assert main(["leakage", str(tmp_path / "leaky.parquet"), "--resplit-seed", "0", "--test-fraction", "0.2",
+                 "--out", str(tmp_path / "fixed.parquet")]) == 0
+    fixed = pq.read_table(tmp_path / "fixed.parquet")
+    assert main(["leakage", str(tmp_path / "fixed.parquet")]) == 0
+    assert fixed.num_rows == table.num_rows
