@@ -247,14 +247,16 @@ def reply_positions(query_lengths: torch.Tensor, response_length: int, width: in
     return (query_lengths[:, None] - 1 + steps).clamp(max=width - 1)
 
 
-def reply_logprobs(model, ids, mask, at, responses, temperature: float):
+def reply_logprobs(model, ids, at, responses, temperature: float):
     """Log-probabilities of the reply tokens and the entropy at each step, shape [batch, response_length].
 
-    Only the reply's positions go through the output layer: the vocabulary projection is the
-    costliest layer of a small model, and the prompt's logits are never used. (Models that
-    post-process logits, e.g. Gemma 2's soft-capping, would need it applied here.)
+    `ids` are right-padded, so causal attention never reaches the padding from a real token:
+    no attention mask is needed, and attention takes its plain causal path. Only the reply's
+    positions go through the output layer: the vocabulary projection is the costliest layer of
+    a small model, and the prompt's logits are never used. (Models that post-process logits,
+    e.g. Gemma 2's soft-capping, would need it applied here.)
     """
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # shape: [batch, seq, hidden]
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # shape: [batch, seq, hidden]
     hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # shape: [batch, response_length, hidden]
     logits = model.get_output_embeddings()(hidden) / temperature
     logprobs = F.log_softmax(logits.float(), dim=-1)  # shape: [batch, response_length, vocab]
@@ -271,19 +273,25 @@ class PolicyAndValue(torch.nn.Module):
 
     def forward(self, ids, mask, at, responses, temperature: float):
         """Reply log-probabilities, entropies and values, each of shape [batch, response_length]."""
-        logprobs, entropy = reply_logprobs(self.policy, ids, mask, at, responses, temperature)
+        logprobs, entropy = reply_logprobs(self.policy, ids, at, responses, temperature)
         return logprobs, entropy, per_token_values(self.value_model, ids, mask, at)
+
+
+def scoring_mask(model, mask):
+    """The attention mask a scoring model needs on right-padded ids: none for a causal decoder."""
+    return mask if models.is_encoder(model.backbone.config) else None
 
 
 def per_token_values(value_model, ids, mask, at) -> torch.Tensor:
     """The value model's prediction before each reply token, shape [batch, response_length]."""
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    return value_model(input_ids=ids, attention_mask=mask, position_ids=positions, read_at=at)
+    return value_model(input_ids=ids, attention_mask=scoring_mask(value_model, mask), position_ids=positions, read_at=at)
 
 
 def reward_model_scores(reward_model, ids, mask, last) -> torch.Tensor:
     """The reward model's score read at each reply's last token, shape [batch]."""
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    mask = scoring_mask(reward_model, mask)
     return reward_model(input_ids=ids, attention_mask=mask, position_ids=positions, read_at=last[:, None])[:, 0]
 
 
@@ -585,7 +593,7 @@ def main(args: Args, score_fn=None) -> dict:
             # 6. logits divided by the sampling temperature when scoring, so the log-probabilities
             # are those of the distribution that sampled (N+ "temperature")
             logprobs, entropy, values = model(batch.ids, batch.mask, batch.at, batch.responses, args.temperature)
-            ref_logprobs, _ = reply_logprobs(reference, batch.ids, batch.mask, batch.at, batch.responses, args.temperature)
+            ref_logprobs, _ = reply_logprobs(reference, batch.ids, batch.at, batch.responses, args.temperature)
             values = values * mask
             raw_scores = score(batch)
             scores = (raw_scores - state["reward_mean"]) / state["reward_std"]
