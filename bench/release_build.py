@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/release_build.py [--pairs 170000] [--work DIR] [--sweep]
        .venv/bin/python bench/release_build.py --work DIR --sweep-only
+       .venv/bin/python bench/release_build.py --work DIR --stages
 
 1. End to end, same corpus, same machine, one run:
    - hhdata: ``hhdata.pipeline.build_release`` (read + validate + parse + exact and near
@@ -175,7 +176,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also measure Parquet settings")
     parser.add_argument("--sweep-only", action="store_true",
                         help="only the settings sweep, on the releases already in --work")
+    parser.add_argument("--stages", action="store_true",
+                        help="only seconds per stage, on the corpus already in --work")
     args = parser.parse_args()
+    if args.stages:
+        stage_timings(args.work / "corpus", args.work / "stages")
+        return
     if args.sweep_only:
         sweep(args.work / "releases" / "1.0.0", args.work / "releases" / "1.1.0", args.work)
         return
@@ -231,6 +237,29 @@ def main() -> None:
 
     if args.sweep:
         sweep(v1.path, v2.path, work)
+
+
+def stage_timings(corpus: Path, out: Path) -> None:
+    """Seconds per stage of build_release, each stage run once on the same corpus."""
+    from hhdata import configs, dedup
+
+    def timed(label, call):
+        started = time.perf_counter()
+        result = call()
+        print(f"| {label} | {time.perf_counter() - started:.1f} |")
+        return result
+
+    print("\n| stage | seconds |\n|---|---:|")
+    raw = timed("read_raw (read + validate)", lambda: read_raw([corpus]))
+    pair_rows, _ = timed("build_pairs (parse)", lambda: build_pairs(raw.table))
+    timed("deduplicate, exact only", lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)))
+    kept = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows)).kept
+    timed("leakage_report", lambda: configs.leakage_report(kept, examples=0))
+    accounting = {"read": kept.num_rows, "kept": kept.num_rows, "quarantined": {}, "removed": {},
+                  "filtered": {}}
+    shutil.rmtree(out, ignore_errors=True)
+    timed("write_release (Parquet, plot, manifest, card, croissant)",
+          lambda: write_release(kept, out, "1.0.0", sources=[], accounting=accounting, settings={}))
 
 
 def sweep(v1: Path, v2: Path, work: Path) -> None:

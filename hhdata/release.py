@@ -302,7 +302,7 @@ def _plot(rows: pa.Table, root: Path) -> dict:
     axes.set_ylabel("pairs")
     axes.set_title("Length distribution: prompt turns and final replies")
     axes.legend(frameon=False)
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.09, right=0.98, top=0.9, bottom=0.15)  # fixed: no layout pass
     figure.savefig(root / PLOT_NAME, format="png", metadata={"Software": None})
     plt.close(figure)
     return file_entry(root, PLOT_NAME)
