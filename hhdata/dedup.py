@@ -350,24 +350,32 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
         },
         schema=DROPS_SCHEMA,
     )
-    report = dedup_report(pairs, kept, drops, settings, {c: int(m.sum()) for c, m in masks.items()})
+    clustered = keep | np.isin(reason, [EXACT_DUPLICATE, NEAR_DUPLICATE])
+    report = dedup_report(pairs, kept, drops, settings, {c: int(m.sum()) for c, m in masks.items()},
+                          ids[cluster][clustered].tolist())
     return DedupResult(kept=kept, drops=drops, report=report, settings=settings)
 
 
-def dedup_report(pairs, kept, drops, settings, degenerate_found, examples: int = 3) -> dict:
-    """Counts per reason, cluster sizes and side-by-side examples of each kind of drop."""
-    dropped_per_kept = Counter(k for k in drops["kept_id"].to_pylist() if k is not None)
-    cluster_sizes = Counter(kept["cluster_id"].to_pylist())
-    for kept_id, count in dropped_per_kept.items():
-        cluster_sizes[kept_id] += count
+def dedup_report(pairs, kept, drops, settings, degenerate_found, cluster_of_rows,
+                 examples: int = 3) -> dict:
+    """Counts per reason, cluster sizes and side-by-side examples of each kind of drop.
+
+    ``cluster_of_rows`` holds the cluster id of every row that is kept or dropped as a
+    duplicate (degenerate drops belong to no cluster).
+    """
+    cluster_sizes = Counter(cluster_of_rows)
     histogram = Counter(cluster_sizes.values())
+    shown = {
+        code: drops.filter(pc.equal(drops["reason"], code)).slice(0, examples).to_pylist()
+        for code in sorted(set(drops["reason"].to_pylist()))
+    }
+    wanted = {row[key] for rows in shown.values() for row in rows for key in ("id", "kept_id")}
     by_id = {}
-    for row in pairs.select(["id", "subset", "split", "prompt"]).to_pylist():
+    chosen = pairs.filter(pc.is_in(pairs["id"], pa.array(sorted(i for i in wanted if i), pa.string())))
+    for row in chosen.select(["id", "subset", "split", "prompt"]).to_pylist():
         by_id.setdefault(row["id"], row)
-    side_by_side = {}
-    for reason_code in sorted(set(drops["reason"].to_pylist())):
-        rows = drops.filter(pc.equal(drops["reason"], reason_code)).slice(0, examples).to_pylist()
-        side_by_side[reason_code] = [
+    side_by_side = {
+        code: [
             {
                 "dropped": _example(by_id[row["id"]]),
                 "kept": _example(by_id[row["kept_id"]]) if row["kept_id"] else None,
@@ -375,6 +383,8 @@ def dedup_report(pairs, kept, drops, settings, degenerate_found, examples: int =
             }
             for row in rows
         ]
+        for code, rows in shown.items()
+    }
     return {
         "settings": settings.to_json(),
         "input": pairs.num_rows,

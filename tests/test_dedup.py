@@ -127,6 +127,7 @@ def test_cluster_mode_keeps_near_duplicates_under_one_cluster_id(planted):
     kept = {row["id"]: row["cluster_id"] for row in result.kept.select(["id", "cluster_id"]).to_pylist()}
     assert kept[case_ids["near"]] == ids[1] == kept[ids[1]]
     assert "near_duplicate" not in result.drops["reason"].to_pylist()
+    assert result.report["cluster_size_histogram"] == {"1": 5, "2": 1, "4": 1}
 
 
 @pytest.mark.parametrize(
