@@ -61,7 +61,7 @@ class LocalHub:
     """
 
     def __init__(self, root: Path | str, token: str | None = None, startup_timeout: float = 60.0):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # the servers run in other working directories
         self.token = token or f"hf_local_{secrets.token_hex(12)}"
         self.bad_token = f"hf_bad_{secrets.token_hex(12)}"
         self.port = free_port()
