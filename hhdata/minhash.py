@@ -57,12 +57,13 @@ class Shingles:
 def _splitmix64(values: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic)."""
     z = values.astype(np.uint64, copy=True)
+    shifted = np.empty_like(z)
     with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+        for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+            np.right_shift(z, np.uint64(shift), out=shifted)
+            np.bitwise_xor(z, shifted, out=z)
+            if multiplier is not None:
+                np.multiply(z, np.uint64(multiplier), out=z)
     return z
 
 
@@ -122,7 +123,8 @@ def word_shingles(texts, k: int = 3) -> Shingles:
     with np.errstate(over="ignore"):
         for j in range(1, k + 1):
             if j > 1:
-                folded = folded * _FOLD + padded[j - 1 : j - 1 + n_words]
+                np.multiply(folded, _FOLD, out=folded)
+                np.add(folded, padded[j - 1 : j - 1 + n_words], out=folded)
             done = short_counts == j
             short_values[done] = folded[short_starts[done]]
     # a start is kept if a whole shingle fits in its text, or it begins a short text
