@@ -204,7 +204,8 @@ def sample(model, ids, mask, response_length: int, temperature: float, stop_id: 
     which truncation masks out anyway.
     """
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: the first real token is position 0
-    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # logits_to_keep=1: only the last prompt position samples, so only it needs the output layer
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     tokens = torch.full((ids.shape[0], response_length), stop_id, device=ids.device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     position = positions[:, -1:]
@@ -260,7 +261,8 @@ def reply_logprobs(model, ids, at, responses, temperature: float):
     hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # shape: [batch, response_length, hidden]
     logits = model.get_output_embeddings()(hidden) / temperature
     logprobs = F.log_softmax(logits.float(), dim=-1)  # shape: [batch, response_length, vocab]
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    with torch.no_grad():  # entropy is reported, never optimised
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
     return logprobs.gather(2, responses[..., None]).squeeze(2), entropy
 
 
@@ -575,7 +577,7 @@ def main(args: Args, score_fn=None) -> dict:
     if batches_per_epoch == 0:
         raise HhDataError(f"{provenance['source']}: {len(train_queries)} training prompts, fewer than one batch of "
                           f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or --eval-prompts")
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     for update in range(state["update"], num_updates):
         epoch, index = divmod(update, batches_per_epoch)
         order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed * 7 + epoch))
@@ -647,7 +649,8 @@ def main(args: Args, score_fn=None) -> dict:
         # 11. adaptive KL controller, updated with this batch's KL per reply (Ziegler et al. 2019)
         if args.adaptive_kl:
             kl_controller.update(sequence_kl, args.batch_size * accelerator.num_processes)
-        record["seconds"] = time.perf_counter() - started
+        record["seconds"] = time.perf_counter() - started  # wall clock since this process's first update
+        record["cpu_seconds"] = time.process_time() - started_cpu  # this process's CPU time, steadier on a shared machine
         state["history"].append(record)
         if accelerator.is_main_process:
             print(f"ppo update {record['update']}/{num_updates} score {record['score']:.3f} kl {record['kl']:.3f} "
