@@ -295,7 +295,11 @@ def _read_block(block: _Block, rows: _Rows, max_line_bytes: int) -> int:
     ends = ends - crlf
     filled = ends > starts
     plain = filled & (ends - starts <= max_line_bytes)
-    plain &= (data[np.minimum(starts, len(data) - 1)] == 123) & (data[np.maximum(ends - 1, 0)] == 125)  # {...}
+    # {..."}: an object whose last value is a string, as upstream writes every line. The
+    # other lines (extra keys like "score": 1, a list for a reply, a cut record) would make
+    # Arrow refuse the whole run, so they go line by line from the start.
+    last = data[np.maximum(ends - 1, 0)], data[np.maximum(ends - 2, 0)]
+    plain &= (data[np.minimum(starts, len(data) - 1)] == 123) & (last[0] == 125) & (last[1] == 34)
     # segments of equal plainness: bulk-read the plain ones, decode the others line by line
     cuts = np.flatnonzero(np.diff(plain.astype(np.int8))) + 1
     for low, high in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(plain)]])):
@@ -320,7 +324,6 @@ def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows, siz
                 read_options=pa_json.ReadOptions(use_threads=False, block_size=len(view) + 1),
                 parse_options=_JSON_OPTIONS,
             )
-            records.validate(full=True)  # Arrow's JSON reader leaves UTF-8 inside strings unchecked
             exact = records.num_rows == stop - start
         except (pa.ArrowInvalid, UnicodeDecodeError):
             exact = False
@@ -331,15 +334,36 @@ def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows, siz
                 for index in range(start, stop):
                     _read_line(block, starts, ends, index, rows, None)
             continue
+        # Lines Arrow read but the rules refuse take the slow path, which words the reason:
+        # a missing key or a null (jsonschema's words), and bytes that are not UTF-8 (Arrow's
+        # JSON reader leaves UTF-8 inside strings unchecked). The rest of the run stays bulk.
+        keep = np.ones(stop - start, dtype=bool)
         if records["chosen"].null_count or records["rejected"].null_count:
-            # a missing key or a null: quarantined by the slow path, with jsonschema's words
             complete = pc.and_(records["chosen"].is_valid(), records["rejected"].is_valid())
-            keep = complete.to_numpy(zero_copy_only=False)
-            for index in np.flatnonzero(~keep) + start:
-                _read_line(block, starts, ends, index, rows, None)
-            rows.add_table(np.arange(start, stop)[keep] + block.first, records.filter(pa.array(keep)))
-        else:
+            keep &= complete.to_numpy(zero_copy_only=False)
+        keep[_invalid_utf8_rows(records)] = False
+        if keep.all():
             rows.add_table(np.arange(start, stop) + block.first, records)
+            continue
+        for index in np.flatnonzero(~keep) + start:
+            _read_line(block, starts, ends, index, rows, None)
+        rows.add_table(np.arange(start, stop)[keep] + block.first, records.filter(pa.array(keep)))
+
+
+def _invalid_utf8_rows(records: pa.Table, first: int = 0) -> np.ndarray:
+    """Rows of a table whose strings are not valid UTF-8, found by halving the table (a
+    full validation is cheap next to parsing, and bad rows are rare)."""
+    try:
+        records.validate(full=True)
+        return np.zeros(0, dtype=np.int64)
+    except pa.ArrowInvalid:
+        if records.num_rows == 1:
+            return np.array([first])
+    half = records.num_rows // 2
+    return np.concatenate([
+        _invalid_utf8_rows(records.slice(0, half), first),
+        _invalid_utf8_rows(records.slice(half), first + half),
+    ])
 
 
 def _read_line(block: _Block, starts, ends, index: int, rows: _Rows, max_line_bytes: int | None) -> None:
