@@ -35,7 +35,14 @@ TOOLS = ("hhdata", "hhdata-estimate", "datasketch", "rensa")
 
 
 def peak_mib() -> float:
+    """This process's peak resident set so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------- preparation (parent)
@@ -82,6 +89,7 @@ def shingle_strings(texts: list[str], k: int) -> list[list[str]]:
 
 
 def run_hhdata(texts: pa.Array, args, verify: str) -> np.ndarray:
+    """hhdata.minhash.similar_pairs over the prompt texts."""
     from hhdata import minhash
 
     pairs, _ = minhash.similar_pairs(texts, shingle_size=args.shingle_size, num_perm=args.num_perm,
@@ -91,6 +99,7 @@ def run_hhdata(texts: pa.Array, args, verify: str) -> np.ndarray:
 
 
 def run_datasketch(texts: list[str], args) -> np.ndarray:
+    """datasketch: MinHash.bulk, MinHashLSH with the same bands x rows, estimate-verified."""
     from datasketch import MinHash, MinHashLSH
 
     sets = shingle_strings(texts, args.shingle_size)
@@ -112,6 +121,7 @@ def run_datasketch(texts: list[str], args) -> np.ndarray:
 
 
 def run_rensa(texts: list[str], args) -> np.ndarray:
+    """rensa: RMinHash.from_token_sets, RMinHashLSH with the same bands, estimate-verified."""
     from rensa import RMinHash, RMinHashLSH
 
     sets = shingle_strings(texts, args.shingle_size)
@@ -129,10 +139,12 @@ def run_rensa(texts: list[str], args) -> np.ndarray:
 
 
 def child(args) -> None:
+    """Run one tool on the prepared prompts; print its time, memory and pair count as JSON."""
     texts = pq.read_table(Path(args.work) / "prompts.parquet")["text"].combine_chunks()
     if args.tool not in ("hhdata", "hhdata-estimate"):
         texts = texts.to_pylist()
     baseline = peak_mib()
+    cpu_start = cpu_seconds()
     start = time.perf_counter()
     if args.tool == "hhdata":
         pairs = run_hhdata(texts, args, "exact")
@@ -143,8 +155,9 @@ def child(args) -> None:
     else:
         pairs = run_rensa(texts, args)
     seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_start
     np.save(Path(args.work) / f"pairs-{args.tool}.npy", pairs)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), "baseline_mib": baseline,
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mib": peak_mib(), "baseline_mib": baseline,
                       "pairs": len(pairs)}))
 
 
@@ -152,6 +165,7 @@ def child(args) -> None:
 
 
 def score(found: np.ndarray, planted: dict, threshold: float) -> dict:
+    """Recall on planted near duplicates at >= threshold; hard negatives reported as similar."""
     pairs = {(int(a), int(b)) for a, b in found.tolist()}
 
     def hit(item) -> bool:
@@ -167,6 +181,7 @@ def score(found: np.ndarray, planted: dict, threshold: float) -> dict:
 
 
 def time_exact(work: Path) -> dict:
+    """Time exact-duplicate keys alone and deduplicate(near=False) on the whole pair table."""
     from hhdata import dedup
 
     pairs = pq.read_table(work / "pairs.parquet")
@@ -182,7 +197,39 @@ def time_exact(work: Path) -> dict:
             "dropped": result.report["dropped_by_reason"]}
 
 
+def run_stage(work: Path, corpus: Path, scope: str) -> str:
+    """The whole deduplicate() stage at its defaults (near_scope as given), scored on planted.json."""
+    from hhdata import dedup
+
+    pairs = pq.read_table(work / "pairs.parquet")
+    truth = json.loads((corpus / "planted.json").read_text())
+    settings = dedup.DedupSettings(near_scope=scope)
+    start = time.perf_counter()
+    result = dedup.deduplicate(pairs, settings)
+    seconds = time.perf_counter() - start
+    drops = {row["id"]: row for row in result.drops.to_pylist()}
+
+    def caught(item) -> bool:  # the copy dropped onto its original, or the other way round
+        return (drops.get(item["id"], {}).get("kept_id") == item["original_id"]
+                or drops.get(item["original_id"], {}).get("kept_id") == item["id"])
+
+    lines = [f"\n`deduplicate(pairs, DedupSettings(near_scope={scope!r}))` on {pairs.num_rows:,} pairs: "
+             f"{seconds:.1f} s, dropped {result.report['dropped_by_reason']}\n",
+             "| planted | count | dropped onto its original |", "|---|---:|---:|"]
+    for kind in ("exact_duplicates", "swapped_duplicates", "case_whitespace_variants"):
+        lines.append(f"| {kind} | {len(truth[kind])} | {sum(map(caught, truth[kind]))} |")
+    near = truth["near_duplicates"]
+    high = [item for item in near if item["jaccard"] >= settings.threshold]
+    lines.append(f"| near_duplicates, prompt J >= {settings.threshold} | {len(high)} | {sum(map(caught, high))} |")
+    lines.append(f"| near_duplicates, all | {len(near)} | {sum(map(caught, near))} |")
+    negatives = truth["hard_negatives"]
+    merged = sum(1 for item in negatives if item["id"] in drops or item["original_id"] in drops)
+    lines.append(f"| hard_negatives (either side dropped) | {len(negatives)} | {merged} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    """Prepare once, run each tool in a child process, score, print (and append) the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", help="a corpus written by hhdata.synth (with planted.json)")
     parser.add_argument("--work", default="/tmp/hhdata-bench-dedup", help="scratch folder")
@@ -194,6 +241,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.7)
     parser.add_argument("--reuse", action="store_true", help="reuse the prepared prompts in --work")
     parser.add_argument("--no-exact", action="store_true", help="skip timing exact deduplication")
+    parser.add_argument("--stage", choices=("prompt", "pair"),
+                        help="instead: time and score the whole deduplicate() stage with this near_scope")
     parser.add_argument("--md", help="append the result table to this Markdown file")
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,6 +258,13 @@ def main() -> None:
     command = [sys.executable, __file__, "--work", str(work), "--shingle-size", str(args.shingle_size),
                "--num-perm", str(args.num_perm), "--bands", str(args.bands), "--rows", str(args.rows),
                "--threshold", str(args.threshold)]
+    if args.stage:
+        text = run_stage(work, Path(args.corpus), args.stage)
+        print(text)
+        if args.md:
+            with open(args.md, "a", encoding="utf-8") as out:
+                out.write(text)
+        return
     results = {}
     for tool in args.tools.split(","):
         output = subprocess.run(command + ["--tool", tool], check=True, capture_output=True, text=True)
@@ -225,14 +281,15 @@ def main() -> None:
         f"{args.bands} bands x {args.rows} rows, threshold {args.threshold}\n",
         f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, Python "
         f"{platform.python_version()}; one run, tools one after another in fresh processes.\n",
-        "| tool | seconds | pairs/s | vs datasketch | vs rensa | recall (J >= threshold) | hard negatives merged | similar pairs | peak RSS MiB (before start) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tool | wall s | CPU s | pairs/s (wall) | vs datasketch (wall, CPU) | vs rensa (wall, CPU) | recall (J >= threshold) | hard negatives merged | similar pairs | peak RSS MiB (before start) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, m in results.items():
-        versus = {base: (f"{results[base]['seconds'] / m['seconds']:.2f}x" if base in results else "-")
+        versus = {base: (f"{results[base]['seconds'] / m['seconds']:.2f}x, "
+                         f"{results[base]['cpu_seconds'] / m['cpu_seconds']:.2f}x" if base in results else "-")
                   for base in ("datasketch", "rensa")}
         lines.append(
-            f"| {tool} | {m['seconds']:.1f} | {rows / m['seconds']:,.0f} | {versus['datasketch']} | "
+            f"| {tool} | {m['seconds']:.1f} | {m['cpu_seconds']:.1f} | {rows / m['seconds']:,.0f} | {versus['datasketch']} | "
             f"{versus['rensa']} | {m['recall']:.4f} ({m['near_found']}/{m['near_planted']}) | "
             f"{m['hard_negatives_merged']} | {m['pairs']:,} | {m['peak_mib']:,.0f} ({m['baseline_mib']:,.0f}) |"
         )
