@@ -205,6 +205,8 @@ def cross_validation(options) -> dict:
         results["TRL 1.16 RewardTrainer"].append(trl_accuracy(trainer.model, test_pairs, tokenizer.pad_token_id))
         results["seconds"]["TRL 1.16 RewardTrainer"] += time.perf_counter() - started
         print(json.dumps({"fold": k, "ours": results["ours"][-1], "trl": results["TRL 1.16 RewardTrainer"][-1]}), flush=True)
+        if options.out:  # keep finished folds if the run is cut short
+            Path(options.out).write_text(json.dumps(results, indent=1))
     return results
 
 
