@@ -120,6 +120,7 @@ class RewardModel(nn.Module):
 
 
 def uses_chat_template(tokenizer, chat_template: bool) -> bool:
+    """Whether rows are rendered with the tokenizer's chat template (asked for, and it has one)."""
     return chat_template and bool(getattr(tokenizer, "chat_template", None))
 
 
