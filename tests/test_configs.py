@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from hhdata import configs
 from hhdata.configs import ConfigError
-from tests.test_dedup import POOL, edit_prompt_word, long_records, pair_table
+from test_dedup import POOL, edit_prompt_word, long_records, pair_table
 
 
 @pytest.fixture(scope="module")
