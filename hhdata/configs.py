@@ -41,11 +41,11 @@ def config_names(subsets) -> list[str]:
             f"{RED_TEAM_SUBSET!r} holds red-team transcripts, not preference pairs; load them "
             "with hhdata.redteam.read_redteam, which gives them their own config"
         )
-    families = {dedup_family(subset) for subset in subsets}
+    families = {_known_family(subset) for subset in subsets}
     return [ALL] + [f for f in (HELPFUL, HARMLESS) if f in families] + subsets
 
 
-def dedup_family(subset: str) -> str | None:
+def _known_family(subset: str) -> str | None:
     """The family of a known subset, or None for a new batch (it carries its own)."""
     try:
         return family_of(subset)
