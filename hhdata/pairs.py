@@ -1,20 +1,22 @@
 """Build canonical pair rows (hhdata.schema.PAIR_SCHEMA) from a raw table, vectorised.
 
 hhdata.transcript.split_pair is the reference; this module applies the same rules to a
-whole Arrow table with pyarrow.compute and agrees with it on every record (tested on the
-real split and with Hypothesis). The fast path, for a pair whose texts agree up to the
-first Assistant tag after each text's last Human tag:
+whole Arrow table at once and agrees with it on every record (tested on the real split
+and with Hypothesis). Rather than splitting and searching the texts again for each rule,
+it finds every speaker tag once (``_find_tags``: each ``Human:`` and ``Assistant:`` of a
+column, with its row, and whether a blank line comes before it and a space after it) and
+reads all of the rules off that one list of positions:
 
-1. split each text at its last ``"\\n\\nHuman:"`` and the part after it at its first
-   ``"\\n\\nAssistant:"``; if both texts give the same two prompt pieces, the prompt ends
-   there. (The shared prefix then holds that prompt and no later Human tag, so the
-   reference's shared-prefix rule finds the same end.)
-2. parse the prompt's turns with two ``split_pattern`` passes, at the Human separator
-   and then at the Assistant separator, and read each turn's role from its position.
-3. flags from vectorised string tests; the two regex flags with a lookbehind are
-   pre-filtered in Arrow and confirmed with Python's ``re`` on the few candidates.
+1. the prompt ends at the first ``"\n\nAssistant:"`` after the chosen text's last
+   ``"\n\nHuman:"``; the pair takes the fast path when the rejected text starts with the
+   same bytes and has no later Human tag (the shared-prefix rule then gives that end);
+2. the prompt's turns lie between its separators (turn tags followed by a space), the
+   replies after its end: all of them cut from the texts' own bytes by offsets;
+3. flags: a tag without a blank line before it marks a row as a candidate for a speaker
+   tag inside a turn, confirmed with the reference's regex on the few such rows; a reply
+   is a candidate for "empty" only when its first byte is a space or not ASCII.
 
-Every other row (no shared prompt piece, or a prompt that does not start with a
+Every other row (no Human tag, prompts that differ, a prompt that does not start with a
 separator) goes through ``split_pair`` itself, so the result is exact.
 """
 
@@ -24,6 +26,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,10 +37,15 @@ from hhdata import transcript as t
 from hhdata.errors import PairError, SchemaError
 from hhdata.schema import PAIR_SCHEMA, TURN, TURNS, pair_id
 
-_PYTHON_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
-_ALL_SPACE_RE = "^[" + "".join(f"\\x{{{ord(c):04x}}}" for c in _PYTHON_SPACE) + "]*$"
 _BATCH_ROWS = 4096
 _RAW_COLUMNS = ("subset", "split", "family", "chosen", "rejected")
+# first bytes of a reply that may be all whitespace (Python's str.isspace): ASCII spaces and
+# every multi-byte character; any other first byte means the reply is not empty
+_MAYBE_SPACE = np.zeros(256, dtype=bool)
+_MAYBE_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+_MAYBE_SPACE[128:] = True
+_WORDS = {True: b"Human", False: b"Assistant"}  # key: is the user's tag
+_FINAL_TAG_BYTES = len(t.ASSISTANT_TAG) - 2  # "Assistant:" after the blank line
 
 
 def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -67,108 +75,201 @@ def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     """build_pairs on one batch of rows."""
-    original = raw
     chosen = raw["chosen"].combine_chunks()
     rejected = raw["rejected"].combine_chunks()
     if chosen.null_count or rejected.null_count:
         raise SchemaError("the raw table has null transcripts; read it with hhdata.read.read_raw")
-    fast, prompt_text, reply_c, reply_r = _split_fast(chosen, rejected)
-    prompt, parsed = _parse_prompts(prompt_text)
-    fast &= parsed
-    index = np.flatnonzero(fast)
-    if len(index) < len(fast):
-        take = pa.array(index)
-        raw, chosen, rejected = raw.take(take), chosen.take(take), rejected.take(take)
-        prompt, reply_c, reply_r = prompt.take(take), reply_c.take(take), reply_r.take(take)
+    c, r = _Texts.of(chosen), _Texts.of(rejected)
+    c_tags, r_tags = _find_tags(c), _find_tags(r)
+    split = _split_fast(c, r, c_tags, r_tags)
+    turns, roles, turn_row = _prompt_turns(c, c_tags, split)  # drops rows from split.fast
+    index = np.flatnonzero(split.fast)
+    take = pa.array(index)
+    reply_c = _cut(c, split.reply_c).take(pa.array(2 * index + 1))
+    reply_r = _cut(r, split.reply_r).take(pa.array(2 * index + 1))
+    turn_counts = np.bincount(turn_row, minlength=len(c.starts))[index]
+    prompt_offsets = np.zeros(len(index) + 1, dtype=np.int32)
+    np.cumsum(turn_counts, out=prompt_offsets[1:])
+    role = pc.if_else(pa.array(roles), t.USER, t.ASSISTANT)
+    prompt = pa.ListArray.from_arrays(
+        pa.array(prompt_offsets), pa.StructArray.from_arrays([role, turns], fields=list(TURN)), type=TURNS
+    )
+    fast_raw = raw if len(index) == len(split.fast) else raw.take(take)
+    chosen_text = chosen if len(index) == len(split.fast) else chosen.take(take)
+    rejected_text = rejected if len(index) == len(split.fast) else rejected.take(take)
+    flags = _flags(c, r, c_tags, r_tags, split, index, prompt, roles, turn_row, (reply_c, reply_r))
     fast_table = pa.table(
         {
-            "id": _ids(chosen, rejected),
-            "subset": raw["subset"],
-            "family": raw["family"],
-            "split": raw["split"],
+            "id": _ids(chosen_text, rejected_text),
+            "subset": fast_raw["subset"],
+            "family": fast_raw["family"],
+            "split": fast_raw["split"],
             "prompt": prompt,
             "chosen": _one_reply(reply_c),
             "rejected": _one_reply(reply_r),
-            "chosen_text": chosen,
-            "rejected_text": rejected,
-            "flags": _flags(prompt, reply_c, reply_r),
+            "chosen_text": chosen_text,
+            "rejected_text": rejected_text,
+            "flags": flags,
         },
         schema=PAIR_SCHEMA,
     )
-    if len(index) == len(fast):
+    if len(index) == len(split.fast):
         return fast_table, q.quarantine_table([])
-    slow_rows, slow_index, bad = _split_slow(original, np.flatnonzero(~fast))
+    slow_rows, slow_index, bad = _split_slow(raw, np.flatnonzero(~split.fast))
     slow_table = pa.Table.from_pylist(slow_rows, PAIR_SCHEMA)
     order = np.argsort(np.concatenate([index, slow_index]), kind="stable")
     pairs = pa.concat_tables([fast_table, slow_table]).take(pa.array(order))
     return pairs, q.quarantine_table(bad)
 
 
-def _split_fast(chosen: pa.Array, rejected: pa.Array):
-    """Mask of rows the fast path can split, their prompt text (+ " "), and both replies."""
-    pieces = []
-    for text in (chosen, rejected):
-        before, after = _two_pieces(pc.split_pattern(text, t.HUMAN_TAG, max_splits=1, reverse=True))
-        human, reply = _two_pieces(pc.split_pattern(after, t.ASSISTANT_TAG, max_splits=1))
-        pieces.append((before, human, reply))
-    (before_c, human_c, reply_c), (before_r, human_r, reply_r) = pieces
-    # null where a text lacks a tag, so `same` is null (not fast) there
-    same = pc.and_(pc.equal(before_c, before_r), pc.equal(human_c, human_r))
-    fast = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
-    # before + "\n\nHuman:" + human + "\n\nAssistant: " (the last argument is the joiner)
-    prompt_text = pc.binary_join_element_wise(
-        pc.binary_join_element_wise(before_c, human_c, t.HUMAN_TAG), t.SEPARATORS[t.ASSISTANT], ""
-    )
-    return fast, prompt_text, _strip_space(reply_c), _strip_space(reply_r)
+class _Texts(NamedTuple):
+    """A string column's UTF-8 bytes and row bounds: row i is data[starts[i]:ends[i]]."""
+
+    array: pa.Array
+    data: np.ndarray  # shape: [bytes], uint8
+    starts: np.ndarray  # shape: [rows], int64
+    ends: np.ndarray  # shape: [rows], int64
+
+    @classmethod
+    def of(cls, array: pa.Array) -> _Texts:
+        array = array.cast(pa.string())
+        offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset: array.offset + len(array) + 1]
+        offsets = offsets.astype(np.int64)
+        data = np.frombuffer(array.buffers()[2] or b"", np.uint8)
+        return cls(array, data, offsets[:-1], offsets[1:])
 
 
-def _two_pieces(lists: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """Elements 0 and 1 of lists of one or two strings; both null where there is one."""
-    offsets = lists.offsets.to_numpy()
-    two = np.diff(offsets) == 2
-    first = pa.array(offsets[:-1].astype(np.int64), mask=~two)
-    return lists.values.take(first), lists.values.take(pc.add(first, 1))
+class _Tags(NamedTuple):
+    """Every ``Human:`` and ``Assistant:`` of a column, in order of position."""
+
+    start: np.ndarray  # where the word starts in _Texts.data
+    row: np.ndarray
+    user: np.ndarray  # the word is Human (else Assistant)
+    blank_before: np.ndarray  # "\n\n" just before: a turn tag
+    space_after: np.ndarray  # " " just after the colon: a turn separator, with blank_before
 
 
-def _strip_space(reply: pa.Array) -> pa.Array:
-    """The reply less the one space after its tag (hhdata.transcript._reply)."""
-    return pc.if_else(pc.starts_with(reply, " "), pc.utf8_slice_codeunits(reply, 1), reply)
+def _find_tags(texts: _Texts) -> _Tags:
+    """All speaker tags of a column: every colon, kept where the word before it is a tag.
 
-
-def _parse_prompts(prompt_text: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Prompt turns (list<struct<role, content>>) and a mask of the texts that parsed.
-
-    Split at every ``"\n\nHuman: "``, then each piece at every ``"\n\nAssistant: "``: the
-    first content of a piece after a Human separator is a user turn, every other content
-    an assistant turn (the two separators cannot overlap, so this is the reference's
-    regex split). Each prompt text ends with ``"\n\nAssistant: "``, whose empty turn is
-    dropped as split_pair drops it; a text that does not start with a separator did not
-    parse (the slow path raises bad_transcript_start for it).
+    One numpy comparison over the bytes finds the colons; the few letters before each are
+    then checked with gathers, which cost little as colons are rare.
     """
-    rows = len(prompt_text)
-    by_human = pc.split_pattern(pc.fill_null(prompt_text, ""), t.SEPARATORS[t.USER])
-    by_assistant = pc.split_pattern(by_human.values, t.SEPARATORS[t.ASSISTANT])
-    row_offsets = by_human.offsets.to_numpy()  # row -> its pieces
-    piece_offsets = by_assistant.offsets.to_numpy()  # piece -> its contents
-    contents = by_assistant.values
-    piece_of = np.repeat(np.arange(len(piece_offsets) - 1), np.diff(piece_offsets))
-    row_of = np.repeat(np.arange(rows), np.diff(row_offsets))[piece_of]
-    is_user = np.zeros(len(contents), dtype=bool)
-    is_user[piece_offsets[:-1]] = True  # first content of each piece (split never gives none)
-    is_user[piece_offsets[row_offsets[:-1]]] = False  # ...but the text before the first Human tag
-    preamble = piece_offsets[row_offsets[:-1]]  # shape: [rows]
-    final = piece_offsets[row_offsets[1:]] - 1  # the empty turn after the last separator
-    parsed = (pc.utf8_length(contents.take(pa.array(preamble))).to_numpy(zero_copy_only=False) == 0)
-    parsed &= final > preamble
-    keep = parsed[row_of]
-    keep[preamble] = False
-    keep[final] = False
-    new_offsets = np.zeros(rows + 1, dtype=np.int32)
-    np.cumsum(np.bincount(row_of[keep], minlength=rows), out=new_offsets[1:])
-    kept = pa.array(np.flatnonzero(keep))
-    role = pc.if_else(pa.array(is_user[keep]), t.USER, t.ASSISTANT)
-    structs = pa.StructArray.from_arrays([role, contents.take(kept)], fields=list(TURN))
-    return pa.ListArray.from_arrays(pa.array(new_offsets), structs, type=TURNS), parsed
+    data, starts, ends = texts.data, texts.starts, texts.ends
+    low, high = (int(starts[0]), int(ends[-1])) if len(starts) else (0, 0)
+    colon = np.flatnonzero(data[low:high] == ord(":")) + low
+    found = []
+    for user, word in _WORDS.items():
+        at = colon[colon - low >= len(word)]
+        for back, letter in enumerate(reversed(word), start=1):
+            at = at[data[at - back] == letter]
+        found.append((at - len(word), np.full(len(at), user)))
+    start = np.concatenate([found[0][0], found[1][0]])
+    order = np.argsort(start, kind="stable")
+    start, user = start[order], np.concatenate([found[0][1], found[1][1]])[order]
+    row = np.searchsorted(starts, start, side="right") - 1  # the last row starting at or before
+    colon = start + np.where(user, len(_WORDS[True]), len(_WORDS[False]))
+    inside = colon < ends[row]  # the word and its colon lie in one row
+    start, row, user, colon = start[inside], row[inside], user[inside], colon[inside]
+    row_start, row_end = starts[row], ends[row]
+    blank_before = (start - 2 >= row_start) & (_byte_at(data, start - 1) == 10) & (_byte_at(data, start - 2) == 10)
+    space_after = (colon + 1 < row_end) & (_byte_at(data, colon + 1) == 32)
+    return _Tags(start, row, user, blank_before, space_after)
+
+
+class _Split(NamedTuple):
+    """Where each pair splits; positions are offsets into the texts' data buffers."""
+
+    fast: np.ndarray  # rows the fast path splits (the rest go through split_pair)
+    final: np.ndarray  # the prompt's final "Assistant" word in the chosen text, -1 if none
+    reply_c: np.ndarray  # first byte of the chosen reply
+    reply_r: np.ndarray  # first byte of the rejected reply
+
+
+def _split_fast(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags) -> _Split:
+    """The prompt end of every pair by the shared-prefix rule, where it is clear-cut."""
+    rows = len(c.starts)
+    last_human = _last_of_row(c_tags, c_tags.user & c_tags.blank_before, rows)
+    after = ~c_tags.user & c_tags.blank_before & (c_tags.start > last_human[c_tags.row])
+    final = _first_of_row(c_tags, after & (last_human[c_tags.row] >= 0), rows)
+    fast = final >= 0
+    length = np.where(fast, final + _FINAL_TAG_BYTES - c.starts, 0)  # prompt bytes, tag included
+    # the rejected text holds the same prompt bytes and no Human tag after them (the last
+    # Human tag in the same place): then the common prefix ends the prompt in the same place
+    r_last_human = _last_of_row(r_tags, r_tags.user & r_tags.blank_before, rows)
+    fast &= (r.ends - r.starts >= length) & (r_last_human - r.starts == last_human - c.starts)
+    length = np.where(fast, length, 0)
+    same = pc.equal(_cut(c, c.starts + length), _cut(r, r.starts + length)).to_numpy(zero_copy_only=False)
+    fast &= same[0::2]
+    length = np.where(fast, length, 0)
+    reply_c, reply_r = c.starts + length, r.starts + length
+    # the reply is what follows the tag, less the one space after it (transcript._reply)
+    reply_c += fast & (reply_c < c.ends) & (_byte_at(c.data, reply_c) == 32)
+    reply_r += fast & (reply_r < r.ends) & (_byte_at(r.data, reply_r) == 32)
+    return _Split(fast, np.where(fast, final, -1), reply_c, reply_r)
+
+
+def _byte_at(data: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """data[at], with positions out of range clipped (callers mask those rows out)."""
+    if not len(data):
+        return np.zeros(len(at), dtype=np.uint8)
+    return data[np.clip(at, 0, len(data) - 1)]
+
+
+def _last_of_row(tags: _Tags, mask: np.ndarray, rows: int) -> np.ndarray:
+    """Start of the last masked tag of each row, -1 where there is none."""
+    start, row = tags.start[mask], tags.row[mask]
+    last = np.append(row[1:] != row[:-1], True) if len(row) else np.zeros(0, dtype=bool)
+    found = np.full(rows, -1, dtype=np.int64)
+    found[row[last]] = start[last]
+    return found
+
+
+def _first_of_row(tags: _Tags, mask: np.ndarray, rows: int) -> np.ndarray:
+    """Start of the first masked tag of each row, -1 where there is none."""
+    start, row = tags.start[mask], tags.row[mask]
+    first = np.insert(row[1:] != row[:-1], 0, True) if len(row) else np.zeros(0, dtype=bool)
+    found = np.full(rows, -1, dtype=np.int64)
+    found[row[first]] = start[first]
+    return found
+
+
+def _cut(texts: _Texts, cuts: np.ndarray, ends: np.ndarray | None = None) -> pa.Array:
+    """Each row cut in two at cuts, as one zero-copy string array: [head 0, tail 0, head 1,
+    tail 1, ...]. With ends, the pieces are [cuts[i], ends[i]) and the gaps between them."""
+    bounds = np.empty(2 * len(cuts) + 1, dtype=np.int32)
+    if ends is None:
+        bounds[0:-1:2], bounds[1::2] = texts.starts, cuts
+        bounds[-1] = texts.ends[-1] if len(cuts) else 0
+    else:
+        bounds[0:-1:2], bounds[1::2] = cuts, ends
+        bounds = bounds[:-1]
+    if len(bounds) < 2:
+        return pa.array([], pa.string())
+    data = texts.array.buffers()[2] or pa.py_buffer(b"")
+    return pa.Array.from_buffers(pa.string(), len(bounds) - 1, [None, pa.py_buffer(bounds), data])
+
+
+def _prompt_turns(c: _Texts, c_tags: _Tags, split: _Split) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Contents, roles and rows of the prompt turns of the fast rows, in order.
+
+    The prompt's separators are its turn tags with a space after, and its final tag (the
+    reference parses the prompt text plus one space). A prompt that does not start with a
+    separator leaves the fast path (``split.fast`` is updated), as split_pair quarantines it.
+    """
+    final = split.final[c_tags.row]
+    separator = c_tags.blank_before & (c_tags.space_after | (c_tags.start == final)) & (c_tags.start <= final)
+    start, row, user = c_tags.start[separator], c_tags.row[separator], c_tags.user[separator]
+    first = np.insert(row[1:] != row[:-1], 0, True) if len(row) else np.zeros(0, dtype=bool)
+    split.fast[row[first][start[first] - 2 != c.starts[row[first]]]] = False
+    keep = split.fast[row]
+    start, row, user = start[keep], row[keep], user[keep]
+    # a turn runs from after its separator to the next one; the final separator opens none
+    opens = np.append(row[1:] == row[:-1], False) if len(row) else np.zeros(0, dtype=bool)
+    content_start = start + np.where(user, len(_WORDS[True]), len(_WORDS[False])) + 2
+    content_end = np.append(start[1:] - 2, 0)
+    contents = _cut(c, content_start[opens], content_end[opens])
+    return contents.take(pa.array(np.arange(0, len(contents), 2))), user[opens], row[opens]
 
 
 def _one_reply(reply: pa.Array) -> pa.Array:
@@ -178,40 +279,48 @@ def _one_reply(reply: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(len(reply) + 1, dtype=np.int32)), structs, type=TURNS)
 
 
-def _flags(prompt: pa.Array, reply_c: pa.Array, reply_r: pa.Array) -> pa.Array:
-    """The flags of every row (hhdata.transcript.pair_flags), in the order of FLAGS."""
-    rows = len(prompt)
-    found = {flag: np.zeros(rows, dtype=bool) for flag in t.FLAGS}
-    for reply, empty, inline in ((reply_c, t.EMPTY_CHOSEN, t.TAG_IN_CHOSEN), (reply_r, t.EMPTY_REJECTED, t.TAG_IN_REJECTED)):
-        found[empty] |= _mask(pc.match_substring_regex(reply, _ALL_SPACE_RE))
-        found[t.CONSECUTIVE_ASSISTANT] |= _mask(pc.match_substring(reply, t.SEPARATORS[t.ASSISTANT]))
-        found[inline] |= _inline_tags(reply)
-    turns = pc.list_flatten(prompt)
-    parents = pc.list_parent_indices(prompt).to_numpy()
-    np.logical_or.at(found[t.TAG_IN_PROMPT], parents[_inline_tags(turns.field("content"))], True)
-    is_user = _mask(pc.equal(turns.field("role"), t.USER))
-    repeat = (is_user[1:] == is_user[:-1]) & (parents[1:] == parents[:-1])
-    np.logical_or.at(found[t.CONSECUTIVE_USER], parents[1:][repeat & is_user[1:]], True)
-    np.logical_or.at(found[t.CONSECUTIVE_ASSISTANT], parents[1:][repeat & ~is_user[1:]], True)
-    matrix = np.stack([found[flag] for flag in t.FLAGS], axis=1)  # shape: [rows, flags]
-    names = np.tile(np.arange(len(t.FLAGS)), rows)[matrix.ravel()]
-    offsets = np.zeros(rows + 1, dtype=np.int32)
+def _flags(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags, split: _Split, index: np.ndarray,
+           prompt: pa.Array, turn_user: np.ndarray, turn_row: np.ndarray, replies: tuple[pa.Array, pa.Array]) -> pa.Array:
+    """The flags of the fast rows (hhdata.transcript.pair_flags), in the order of FLAGS.
+
+    Tag positions settle most rows at once; the reference's own tests run only on the few
+    candidates (a tag without a blank line before it, a reply that starts with a space or
+    a multi-byte character), so Unicode whitespace and word boundaries stay exact.
+    """
+    found = {flag: np.zeros(len(split.fast), dtype=bool) for flag in t.FLAGS}  # by batch row
+    position = np.full(len(split.fast), -1)
+    position[index] = np.arange(len(index))
+    sides = ((c, c_tags, split.reply_c, replies[0], t.EMPTY_CHOSEN, t.TAG_IN_CHOSEN),
+             (r, r_tags, split.reply_r, replies[1], t.EMPTY_REJECTED, t.TAG_IN_REJECTED))
+    for texts, tags, reply_start, reply, empty, inline in sides:
+        begins = reply_start[tags.row]
+        separator = ~tags.user & tags.blank_before & tags.space_after & (tags.start - 2 >= begins)
+        found[t.CONSECUTIVE_ASSISTANT][tags.row[separator]] = True
+        maybe_inline = tags.row[~tags.blank_before & (tags.start >= begins)]
+        _confirm(found[inline], maybe_inline, position, reply, lambda text: t._INLINE_TAG_RE.search(text))
+        maybe_empty = np.flatnonzero((reply_start >= texts.ends) | _MAYBE_SPACE[_byte_at(texts.data, reply_start)])
+        _confirm(found[empty], maybe_empty, position, reply, lambda text: not text.strip())
+    final = split.final[c_tags.row]
+    maybe_in_prompt = c_tags.row[~c_tags.blank_before & (c_tags.start < final)]
+    _confirm(found[t.TAG_IN_PROMPT], maybe_in_prompt, position, prompt,
+             lambda turns: any(t._INLINE_TAG_RE.search(turn["content"]) for turn in turns))
+    repeat = (turn_user[1:] == turn_user[:-1]) & (turn_row[1:] == turn_row[:-1])
+    found[t.CONSECUTIVE_USER][turn_row[1:][repeat & turn_user[1:]]] = True
+    found[t.CONSECUTIVE_ASSISTANT][turn_row[1:][repeat & ~turn_user[1:]]] = True
+    matrix = np.stack([found[flag][index] for flag in t.FLAGS], axis=1)  # shape: [rows, flags]
+    names = np.tile(np.arange(len(t.FLAGS)), len(index))[matrix.ravel()]
+    offsets = np.zeros(len(index) + 1, dtype=np.int32)
     np.cumsum(matrix.sum(axis=1), out=offsets[1:])
     values = pa.array(np.array(t.FLAGS, dtype=object)[names], pa.string())
     return pa.ListArray.from_arrays(pa.array(offsets), values, type=pa.list_(pa.string()))
 
 
-def _inline_tags(texts: pa.Array) -> np.ndarray:
-    """Mask of texts with a speaker tag that is not a turn separator (transcript rule)."""
-    candidates = np.flatnonzero(_mask(pc.match_substring_regex(texts, "Human:|Assistant:")))
-    found = np.zeros(len(texts), dtype=bool)
-    for index, text in zip(candidates, texts.take(pa.array(candidates)).to_pylist()):
-        found[index] = t._INLINE_TAG_RE.search(text) is not None
-    return found
-
-
-def _mask(result: pa.Array) -> np.ndarray:
-    return pc.fill_null(result, False).to_numpy(zero_copy_only=False)
+def _confirm(flag: np.ndarray, rows: np.ndarray, position: np.ndarray, values: pa.Array, test) -> None:
+    """Set flag[row] for the candidate rows of the fast path whose value passes test."""
+    rows = np.unique(rows)
+    rows = rows[position[rows] >= 0]
+    for row, value in zip(rows, values.take(pa.array(position[rows])).to_pylist()):
+        flag[row] = bool(test(value))
 
 
 def _ids(chosen: pa.Array, rejected: pa.Array) -> pa.Array:
