@@ -4,11 +4,11 @@ Three stages run in this order over a table of canonical pair rows
 (hhdata.schema.PAIR_SCHEMA), each seeing only what the previous one kept:
 
 1. **Degenerate pairs** (hhdata.degenerate): dropped or flagged, per reason.
-2. **Exact duplicates**: two rows are the same pair when their chosen and rejected texts
-   are equal after normalisation (Unicode NFC, lower case, whitespace runs collapsed to one
-   space and trimmed; each switchable). Since a transcript is its prompt followed by its
-   final reply, this compares the prompt and both replies; by default the replies may come
-   in either order (a pair with chosen and rejected swapped is the same comparison).
+2. **Exact duplicates**: two rows are the same pair when their prompt turns (role and
+   content, in order) and their two final replies are equal after normalisation (Unicode
+   NFC, lower case, whitespace runs collapsed to one space and trimmed; each switchable).
+   By default the replies may come in either order (a pair with chosen and rejected
+   swapped is the same comparison).
 3. **Near duplicates** (hhdata.minhash): rows whose prompts (or whole pairs) have word-
    shingle Jaccard similarity at or above the threshold. Rows are visited in survivor
    order; a row similar to an already kept row is dropped with that row's id as kept_id.
@@ -182,24 +182,58 @@ def survivor_order(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     return np.lexsort((position, rank))
 
 
+def _sequence_hashes(codes: np.ndarray, offsets: np.ndarray, multiplier: int) -> np.ndarray:
+    """A 64-bit polynomial hash of each row's sequence of codes (rows cut by offsets)."""
+    lengths = np.diff(offsets)
+    position = np.arange(len(codes)) - np.repeat(offsets[:-1], lengths)
+    powers = np.ones(max(int(lengths.max(initial=0)), 1), dtype=np.uint64)
+    sums = np.zeros(len(lengths), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(1, len(powers)):
+            powers[i] = powers[i - 1] * np.uint64(multiplier)
+        terms = minhash._splitmix64(codes.astype(np.uint64) + np.uint64(1)) * powers[position]
+        nonempty = lengths > 0
+        if nonempty.any():
+            sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
+    return minhash._splitmix64(sums ^ lengths.astype(np.uint64))
+
+
 def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
-    """One int64 key per row; equal keys are exact duplicates under the settings."""
-    chosen = normalized(pairs["chosen_text"].combine_chunks(), settings)
-    rejected = normalized(pairs["rejected_text"].combine_chunks(), settings)
-    # one dictionary for both columns, so a text has the same code on either side
-    codes = pa.concat_arrays([chosen, rejected]).dictionary_encode().indices.to_numpy()
+    """One int64 label per row; equal labels are exact duplicates under the settings.
+
+    A row is its prompt turns (role and normalised content, in order) and its two
+    normalised replies. Turn contents and replies are dictionary-encoded exactly; a prompt's
+    sequence of turn codes is identified by two independent 64-bit hashes (a false match
+    needs both to collide: about n**2 / 2**129 for n rows).
+    """
+    prompt = pairs["prompt"].combine_chunks()
+    turns = prompt.values
+    contents = normalized(pc.struct_field(turns, "content"), settings)
+    is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
+    turn_codes = contents.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    turn_codes = turn_codes * 2 + is_user
+    offsets = prompt.offsets.to_numpy().astype(np.int64)
+    prompt_hashes = [_sequence_hashes(turn_codes, offsets, multiplier).view(np.int64)
+                     for multiplier in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)]
+    replies = [normalized(degenerate.joined_contents(pairs[side].combine_chunks(), "\n"), settings)
+               for side in ("chosen", "rejected")]
+    # one dictionary for both replies, so a reply has the same code on either side
+    codes = pa.concat_arrays(replies).dictionary_encode().indices.to_numpy(zero_copy_only=False)
     first, second = codes[: pairs.num_rows].astype(np.int64), codes[pairs.num_rows :].astype(np.int64)
     if not settings.reply_order_matters:
         first, second = np.minimum(first, second), np.maximum(first, second)
-    return first * (2 * pairs.num_rows + 1) + second
+    if pairs.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, label = np.unique(np.stack([*prompt_hashes, first, second], axis=1), axis=0, return_inverse=True)
+    return label.ravel().astype(np.int64)
 
 
 def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
     """What near-duplicate detection shingles: the prompt turns' contents joined by spaces,
     then (scope 'pair') both final replies."""
-    parts = [degenerate._joined_contents(pairs["prompt"].combine_chunks(), " ")]
+    parts = [degenerate.joined_contents(pairs["prompt"].combine_chunks(), " ")]
     if scope == "pair":
-        parts += [degenerate._joined_contents(pairs[side].combine_chunks(), " ")
+        parts += [degenerate.joined_contents(pairs[side].combine_chunks(), " ")
                   for side in ("chosen", "rejected")]
     return pc.binary_join_element_wise(*parts, " ") if len(parts) > 1 else parts[0]
 

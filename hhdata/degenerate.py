@@ -54,7 +54,7 @@ def check_policy(policy: dict[str, str]) -> None:
             )
 
 
-def _joined_contents(turns: pa.Array, separator: str) -> pa.Array:
+def joined_contents(turns: pa.Array, separator: str) -> pa.Array:
     """Each row's turn contents joined into one string."""
     contents = pc.struct_field(turns.values, "content")
     return pc.binary_join(pa.ListArray.from_arrays(turns.offsets, contents), separator)
@@ -178,7 +178,7 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
     def column(name: str) -> pa.Array:
         return pairs[name].combine_chunks()
 
-    replies = [_joined_contents(column(side), "\n") for side in ("chosen", "rejected")]
+    replies = [joined_contents(column(side), "\n") for side in ("chosen", "rejected")]
     chosen, rejected = normalize(replies[0], nfc=False), normalize(replies[1], nfc=False)
     empty = pc.or_(pc.equal(pc.utf8_length(chosen), 0), pc.equal(pc.utf8_length(rejected), 0))
     prompts = _rendered_prompts(column("prompt"))
