@@ -186,10 +186,14 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
     for side, reply in zip(("chosen_text", "rejected_text"), replies):
         text = column(side)
         # the reply follows its tag after one space, or directly when the text has none
-        spaced = pc.binary_join_element_wise(prompts, reply, " ")
-        unspaced = pc.binary_join_element_wise(prompts, reply, "")
-        agrees = pc.or_(pc.equal(text, spaced), pc.equal(text, unspaced))
-        disagrees |= ~pc.fill_null(agrees, False).to_numpy(zero_copy_only=False)
+        spaced = pc.equal(text, pc.binary_join_element_wise(prompts, reply, " "))
+        differs = ~pc.fill_null(spaced, False).to_numpy(zero_copy_only=False)
+        if differs.any():  # only those rows can be the unspaced form
+            rows = pa.array(np.flatnonzero(differs))
+            unspaced = pc.equal(text.take(rows), pc.binary_join_element_wise(
+                prompts.take(rows), reply.take(rows), ""))
+            differs[differs] = ~pc.fill_null(unspaced, False).to_numpy(zero_copy_only=False)
+        disagrees |= differs
     return {
         IDENTICAL_REPLIES: pc.equal(chosen, rejected).to_numpy(zero_copy_only=False),
         EMPTY_REPLY: empty.to_numpy(zero_copy_only=False),
