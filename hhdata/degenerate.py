@@ -62,7 +62,9 @@ def joined_contents(turns: pa.Array, separator: str) -> pa.Array:
 
 # Whitespace for normalisation: RE2's \s (space, \t, \n, \f, \r), \v and the no-break space.
 _WS = r"[\s\v\x{a0}]"
-_MESSY_WS = rf"{_WS}{_WS}|[\t\n\r\v\f\x{{a0}}]|^{_WS}|{_WS}$"
+_SPACES = " \t\n\r\v\f\u00a0"
+# after trimming, a text needs the regex only if it has a run or a space other than " "
+_MESSY_WS = rf"{_WS}{_WS}|[\t\n\r\v\f\x{{a0}}]"
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,11 +131,10 @@ def normalize(texts: pa.Array, *, nfc: bool = True, lowercase: bool = True,
     if lowercase:
         texts = pc.utf8_lower(texts)
     if whitespace:
-        # every transcript turn starts with a blank line: collapse those in one cheap pass
-        texts = pc.utf8_trim(pc.replace_substring(texts, "\n\n", " "), " ")
+        texts = pc.utf8_trim(texts, _SPACES)
         messy = pc.fill_null(pc.match_substring_regex(texts, _MESSY_WS), False)
-        texts = _fix_rows(texts, messy.to_numpy(zero_copy_only=False), lambda t: pc.utf8_trim(
-            pc.replace_substring_regex(t, f"{_WS}+", " "), " "))
+        texts = _fix_rows(texts, messy.to_numpy(zero_copy_only=False),
+                          lambda t: pc.replace_substring_regex(t, f"{_WS}+", " "))
     return texts
 
 
