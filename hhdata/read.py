@@ -119,28 +119,39 @@ def read_raw(
     report = ReadReport(files=[str(path) for path in files])
     tables, quarantines = [], []
     show = sys.stderr.isatty() if progress is None else progress
-    total = sum(path.stat().st_size for path in files)
-    with tqdm(total=total, unit="B", unit_scale=True, disable=not show, desc="read") as bar:
+    sizes = [path.stat().st_size for path in files]
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="read") if show else None
 
-        def read_one(path_and_source):
-            path, source = path_and_source
-            part = ReadReport()
-            table, bad = _read_file(path, source, max_line_bytes, part, bar.update)
-            table, invalid = validate_raw_table(table)
-            return table, q.concat([bad, invalid]).sort_by("line"), part
+    def read_one(index: int):
+        part = ReadReport()
+        table, bad = _read_file(files[index], sources[index], max_line_bytes, part, bar.update if bar else _ignore)
+        table, invalid = validate_raw_table(table)
+        return table, q.concat([bad, invalid]).sort_by("line"), part
 
-        # files in parallel threads: inflating, Arrow's JSON reader and numpy release the GIL
-        with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
-            for table, bad, part in pool.map(read_one, zip(files, sources)):
+    # files in parallel threads: inflating, Arrow's JSON reader and numpy release the GIL.
+    # The largest files start first, so the threads finish together; results keep file order.
+    workers = max(1, min(len(files), os.cpu_count() or 1, 8))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {index: pool.submit(read_one, index) for index in sorted(range(len(files)), key=lambda i: -sizes[i])}
+            for index in range(len(files)):
+                table, bad, part = futures[index].result()
                 tables.append(table)
                 quarantines.append(bad)
                 report.lines += part.lines
                 report.blank += part.blank
                 report.notices += part.notices
+    finally:
+        if bar:
+            bar.close()
     quarantine = q.concat(quarantines)
     report.accepted = sum(table.num_rows for table in tables)
     report.quarantined = q.reason_counts(quarantine)
     return ReadResult(pa.concat_tables([RAW_SCHEMA.empty_table(), *tables]), quarantine, report)
+
+
+def _ignore(_: int) -> None:
+    """Progress callback when no bar is shown."""
 
 
 def bundled_sample_path() -> Path:
