@@ -104,15 +104,37 @@ def build_release(
 
     >>> built = build_release([read.bundled_sample_path()], version="1.0.0", out="out")  # doctest: +SKIP
     >>> built.path, built.manifest["configs"]["harmless"]["splits"]["test"]["rows"]  # doctest: +SKIP
-    (PosixPath('out/1.0.0'), 2312)
+    (PosixPath('out/1.0.0'), 2292)
     """
     result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
                           check_leakage=check_leakage, progress=progress)
+    return release_from(result, version=version, out=out, previous=previous,
+                        allow_version_mismatch=allow_version_mismatch, parquet=parquet)
+
+
+def release_from(
+    result: PipelineResult,
+    *,
+    version: str,
+    out: str | Path,
+    previous: str | Path | None = None,
+    allow_version_mismatch: bool = False,
+    parquet: release.ParquetSettings = release.ParquetSettings(),
+) -> release.Release:
+    """Write the release directory of a pipeline run (see hhdata.release.write_release)."""
     return release.write_release(
         result.pairs, out, version, sources=result.sources, accounting=result.accounting,
         settings=result.settings, leakage=result.leakage,
         previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
     )
+
+
+def write_drops(drops: pa.Table, path: str | Path) -> int:
+    """Write the drop log (id, reason, kept_id, subset, split, similarity) as JSON Lines."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in drops.to_pylist():
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return drops.num_rows
 
 
 def resolve_sources(sources: str | Path | Iterable[str | Path]) -> list[str | Path]:

@@ -181,3 +181,31 @@ def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
     assert exact["test_rows"] == 3 and exact["within_subset"] == {"harmless-base": 3}
     card = (built.path / "README.md").read_text()
     assert "Train/test leakage: 3 test pairs have a prompt that is also a train prompt" in card
+
+
+def test_cli_build_writes_the_quarantine_and_the_drop_log(upstream, tmp_path, capsys):
+    quarantine, drops = tmp_path / "quarantine.jsonl", tmp_path / "drops.jsonl"
+    assert main(["build", str(upstream), "--version", "1.0.0", "--out", str(tmp_path / "out"),
+                 "--quarantine", str(quarantine), "--drops", str(drops)]) == 0
+    assert f"wrote 3 quarantined records to {quarantine}" in capsys.readouterr().out
+    bad = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert sorted(r["reason"] for r in bad) == ["invalid_json", "no_human_turn", "not_an_object"]
+    assert {r["line"] for r in bad if r["reason"] == "invalid_json"} == {301}
+    logged = [json.loads(line) for line in drops.read_text().splitlines()]
+    copies = [r for r in logged if r["reason"] == "exact_duplicate"]
+    assert len(copies) == 2 and all(r["kept_id"] for r in copies)
+
+
+def test_every_build_and_diff_option_is_documented():
+    import argparse
+
+    from hhdata.cli import build_parser
+
+    docs = (Path(__file__).parent.parent / "docs" / "releases.md").read_text()
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for verb in ("build", "diff"):
+        assert f"hhdata {verb} " in docs
+        for action in subparsers.choices[verb]._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert option in docs, f"hhdata {verb} {option} is not in docs/releases.md"

@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="release under --version even if it contradicts the change")
     build.add_argument("--include-synthetic", action="append", default=[], metavar="SUBSET",
                        help="let this synthetic subset (synth-*) into the release; repeat per subset")
+    build.add_argument("--quarantine", metavar="FILE",
+                       help="write the records that could not be read or split, as JSON Lines")
+    build.add_argument("--drops", metavar="FILE",
+                       help="write the drop log (id, reason, kept_id, ...) of deduplication, as JSON Lines")
     build.set_defaults(func=run_build)
 
     compare = subparsers.add_parser(
@@ -44,12 +48,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Build one release and print where it is and what it holds."""
     from hhdata import pipeline  # imported here so other verbs start without the build stack
+    from hhdata.quarantine import write_jsonl
 
-    built = pipeline.build_release(
-        args.sources, version=args.version, out=args.out, previous=args.previous,
-        allow_version_mismatch=args.allow_version_mismatch,
-        include_synthetic=args.include_synthetic, progress=None,
-    )
+    result = pipeline.run_pipeline(args.sources, include_synthetic=args.include_synthetic,
+                                   progress=None)
+    if args.quarantine:
+        print(f"wrote {write_jsonl(result.quarantine, args.quarantine)} quarantined records "
+              f"to {args.quarantine}")
+    if args.drops:
+        print(f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}")
+    built = pipeline.release_from(result, version=args.version, out=args.out,
+                                  previous=args.previous,
+                                  allow_version_mismatch=args.allow_version_mismatch)
     manifest = built.manifest
     print(f"built {built.path}")
     for name, view in manifest["configs"].items():
