@@ -9,9 +9,10 @@ Three stages run in this order over a table of canonical pair rows
    NFC, lower case, whitespace runs collapsed to one space and trimmed; each switchable).
    By default the replies may come in either order (a pair with chosen and rejected
    swapped is the same comparison).
-3. **Near duplicates** (hhdata.minhash): rows whose prompts (or whole pairs) have word-
-   shingle Jaccard similarity at or above the threshold. Rows are visited in survivor
-   order; a row similar to an already kept row is dropped with that row's id as kept_id.
+3. **Near duplicates** (hhdata.minhash): rows whose whole pairs (or prompts) have word-
+   shingle Jaccard similarity at or above the threshold and, by default, as many prompt
+   turns. Rows are visited in survivor order; a row similar to an already kept row is
+   dropped with that row's id as kept_id.
 
 Which copy survives is a setting: ``first`` (input order), ``train_first`` (a train copy
 beats a test copy, so a duplicate never leaks a training pair into test; then input order)
