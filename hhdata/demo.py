@@ -22,6 +22,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 WORK = Path(".demo")
 REPO_ID = "demo/hh-rlhf"
 VERSION = "1.0.0"
@@ -56,23 +58,40 @@ def step_load() -> None:
 
 def step_validate() -> None:
     from hhdata import synth
+    from hhdata.dedup import deduplicate
     from hhdata.quarantine import reason_counts
-    from hhdata.read import read_raw
+    from hhdata.read import read_pairs
+    from hhdata.transcript import common_prefix_length
 
-    banner("2. Validate raw files with planted faults:  hhdata validate .demo/synth")
-    truth = synth.write_corpus(WORK / "synth", n_pairs=2000, seed=0, bad_rate=0.005)
-    result = read_raw([WORK / "synth"])
+    banner("2. Validate and deduplicate raw files with planted faults:  hhdata validate / hhdata dedup .demo/synth")
+    truth = synth.write_corpus(WORK / "synth", n_pairs=3000, seed=0, bad_rate=0.005)
+    result = read_pairs([WORK / "synth"])
     report = result.report
     print(f"synthetic corpus (subsets named synth-*): {report.lines:,} lines read, "
-          f"{report.blank:,} blank, {report.accepted:,} accepted, {result.quarantine.num_rows:,} quarantined")
+          f"{report.blank:,} blank, {report.accepted:,} pairs, {result.quarantine.num_rows:,} quarantined")
     for reason, count in sorted(reason_counts(result.quarantine).items()):
-        print(f"  {reason:<22} {count}")
-    first = result.quarantine.slice(0, 3).to_pylist()
-    for record in first:
+        print(f"  quarantined {reason:<22} {count}")
+    for record in result.quarantine.slice(0, 3).to_pylist():
         print(f"  e.g. {record['file']}:{record['line']}: {clip(record['message'], 70)}")
     planted = sum(1 for item in truth.bad_records if item["reason"] != "blank_line")
     print(f"planted bad records: {planted}; quarantined: {result.quarantine.num_rows}; "
           f"counts reconcile: {report.reconciles()}")
+
+    deduped = deduplicate(result.table)
+    dropped = deduped.report["dropped_by_reason"]
+    print(f"\ndedup: {result.table.num_rows:,} pairs -> {deduped.kept.num_rows:,} kept, "
+          f"{deduped.drops.num_rows:,} dropped {dropped}")
+    print(f"planted: {len(truth.exact_duplicates)} exact, {len(truth.swapped_duplicates)} swapped, "
+          f"{len(truth.case_whitespace_variants)} case/whitespace copies, {len(truth.near_duplicates)} near "
+          f"duplicates (any Jaccard), {len(truth.hard_negatives)} hard negatives that must stay")
+    near = deduped.drops.filter(pc.equal(deduped.drops["reason"], "near_duplicate")).slice(0, 1).to_pylist()
+    if near:
+        by_id = dict(zip(result.table["id"].to_pylist(), result.table["chosen_text"].to_pylist()))
+        kept, dropped = by_id[near[0]["kept_id"]], by_id[near[0]["id"]]
+        start = max(0, common_prefix_length(kept, dropped) - 30)
+        print(f"a near duplicate (Jaccard {near[0]['similarity']:.2f}), side by side from character {start}:")
+        print(f"  kept    {near[0]['kept_id']}: ...{clip(kept[start:], 62)}")
+        print(f"  dropped {near[0]['id']}: ...{clip(dropped[start:], 62)}")
 
 
 def step_build() -> Path:
