@@ -5,6 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hhdata import diff
 from hhdata.errors import VersionError
@@ -141,3 +143,34 @@ def test_edited_ids_look_inside_the_turns(pairs):
     shuffled = changed.take(pa.array(list(range(49, -1, -1))))  # order does not matter
     assert diff.edited_ids(rows, shuffled) == {ids[4], ids[9], ids[17]}
     assert diff.edited_ids(rows, rows.take(pa.array(list(range(49, -1, -1))))) == set()
+
+
+MUTATIONS = ("content", "role", "extra_turn", "flags", "split", "subset")
+
+
+def mutate(row: dict, kind: str) -> dict:
+    row = {**row, "prompt": [dict(turn) for turn in row["prompt"]], "flags": list(row["flags"])}
+    if kind == "content":
+        row["prompt"][-1]["content"] += "."
+    elif kind == "role":
+        row["prompt"][0]["role"] = "assistant"
+    elif kind == "extra_turn":
+        row["chosen"] = row["chosen"] + [{"role": "user", "content": ""}]
+    elif kind == "flags":
+        row["flags"] = row["flags"] + ["tag_in_prompt"]
+    elif kind == "split":
+        row["split"] = "train"
+    else:
+        row["subset"] = "helpful-base"
+    return row
+
+
+@settings(max_examples=25, deadline=None)
+@given(edits=st.dictionaries(st.integers(0, 29), st.sampled_from(MUTATIONS), max_size=8),
+       order=st.permutations(list(range(30))))
+def test_edited_ids_are_exactly_the_rows_changed(pairs, edits, order):
+    rows = pairs.slice(0, 30).select(["id", *diff._CONTENT_COLUMNS])
+    listed = rows.to_pylist()
+    changed = [mutate(row, edits[i]) if i in edits else row for i, row in enumerate(listed)]
+    after = pa.Table.from_pylist([changed[i] for i in order], schema=rows.schema)
+    assert diff.edited_ids(rows, after) == {listed[i]["id"] for i in edits}
