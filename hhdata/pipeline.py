@@ -103,9 +103,10 @@ def build_release(
     """Raw files to ``<out>/<version>/``: the whole pipeline, then the release directory.
 
     >>> built = build_release([read.bundled_sample_path()], version="1.0.0", out="out")  # doctest: +SKIP
-    >>> built.path, built.manifest["configs"]["harmless"]["splits"]["test"]["rows"]  # doctest: +SKIP
-    (PosixPath('out/1.0.0'), 2292)
+    >>> built.path, list(built.manifest["configs"])  # doctest: +SKIP
+    (PosixPath('out/1.0.0'), ['all', 'harmless', 'harmless-base'])
     """
+    release.new_version_dir(out, version)  # fail before the work, not after
     result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
                           check_leakage=check_leakage, progress=progress)
     return release_from(result, version=version, out=out, previous=previous,

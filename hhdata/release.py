@@ -130,13 +130,7 @@ def write_release(
     ``previous`` (the directory of the last version) the change is classified and a version
     number that contradicts it raises VersionError unless ``allow_version_mismatch``.
     """
-    diff.parse_version(version)
-    final = Path(out) / version
-    if final.exists():
-        raise VersionError(
-            f"{final} already exists and versions are immutable; pick the next version "
-            "number, or delete that directory if it was never published"
-        )
+    final = new_version_dir(out, version)
     staging = Path(out) / f".{version}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -150,6 +144,18 @@ def write_release(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Release(final, manifest, change)
+
+
+def new_version_dir(out: str | Path, version: str) -> Path:
+    """``<out>/<version>``, after checking the version is MAJOR.MINOR.PATCH and not built yet."""
+    diff.parse_version(version)
+    final = Path(out) / version
+    if final.exists():
+        raise VersionError(
+            f"{final} already exists and versions are immutable; pick the next version "
+            "number, or delete that directory if it was never published"
+        )
+    return final
 
 
 def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, parquet):

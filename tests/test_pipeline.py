@@ -14,7 +14,7 @@ import pytest
 from hhdata import pipeline, synth
 from hhdata.cli import main
 from hhdata.dedup import DedupSettings
-from hhdata.errors import ReleaseError
+from hhdata.errors import ReleaseError, SourceError, VersionError
 from hhdata.quarantine import quarantine_table
 from hhdata.read import ReadReport, bundled_sample_path
 
@@ -209,3 +209,13 @@ def test_every_build_and_diff_option_is_documented():
             for option in action.option_strings:
                 if option.startswith("--") and option != "--help":
                     assert option in docs, f"hhdata {verb} {option} is not in docs/releases.md"
+
+
+def test_an_existing_version_is_refused_before_any_work(built, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-folder")  # reading it would raise SourceError
+    with pytest.raises(VersionError, match="already exists and versions are immutable"):
+        pipeline.build_release([missing], version="1.0.0", out=built.path.parent)
+    assert main(["build", missing, "--version", "1.0.0", "--out", str(built.path.parent)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SourceError, match="does not exist"):
+        pipeline.build_release([missing], version="1.0.1", out=built.path.parent)
