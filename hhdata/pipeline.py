@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from hhdata import configs, dedup, pairs, read, release
 from hhdata.errors import ReleaseError
-from hhdata.manifest import file_digest
+from hhdata.manifest import file_digest, read_manifest
 from hhdata.schema import SUBSET_FAMILIES, is_synthetic
 
 DUPLICATE_MARK = "duplicate"
@@ -106,11 +106,18 @@ def build_release(
     >>> built.path, list(built.manifest["configs"])  # doctest: +SKIP
     (PosixPath('out/1.0.0'), ['all', 'harmless', 'harmless-base'])
     """
-    release.new_version_dir(out, version)  # fail before the work, not after
+    check_targets(out, version, previous)
     result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
                           check_leakage=check_leakage, progress=progress)
     return release_from(result, version=version, out=out, previous=previous,
                         allow_version_mismatch=allow_version_mismatch, parquet=parquet)
+
+
+def check_targets(out: str | Path, version: str, previous: str | Path | None) -> None:
+    """Fail before any work when the version exists or ``previous`` is not a release."""
+    release.new_version_dir(out, version)
+    if previous is not None:
+        read_manifest(previous)
 
 
 def release_from(

@@ -219,3 +219,5 @@ def test_an_existing_version_is_refused_before_any_work(built, tmp_path, capsys)
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SourceError, match="does not exist"):
         pipeline.build_release([missing], version="1.0.1", out=built.path.parent)
+    with pytest.raises(ReleaseError, match="not a release directory"):
+        pipeline.build_release([missing], version="1.0.1", out=built.path.parent, previous=tmp_path)

@@ -47,10 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build one release and print where it is and what it holds."""
-    from hhdata import pipeline, release  # imported here so other verbs start without them
+    from hhdata import pipeline  # imported here so other verbs start without the build stack
     from hhdata.quarantine import write_jsonl
 
-    release.new_version_dir(args.out, args.version)  # fail before the work, not after
+    pipeline.check_targets(args.out, args.version, args.previous)  # fail before the work
     result = pipeline.run_pipeline(args.sources, include_synthetic=args.include_synthetic,
                                    progress=None)
     if args.quarantine:
