@@ -1,9 +1,12 @@
 """The whole flow, raw files to a release directory, in a few readable lines.
 
 ```
-read_raw  ->  build_pairs  ->  deduplicate  ->  (configs)  ->  write_release
+read_raw  ->  build_pairs  ->  deduplicate  ->  leakage_report  ->  write_release
    │ quarantine     │ quarantine     │ drops (removed / filtered, by reason)
 ```
+
+Configs (all, helpful, harmless, one per subset) are views over the per-subset files that
+write_release lays out; no stage copies rows into them.
 
 Every row that leaves the flow leaves with a reason, and the counts must reconcile:
 ``read = kept + quarantined + removed + filtered`` (each by reason). run_pipeline checks
@@ -59,7 +62,8 @@ def run_pipeline(
     ``sources`` are files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``,
     or globs (or ``hf://ORG/NAME`` for the upstream layout on the Hub). With
     ``check_leakage`` the kept rows' prompts shared by train and test (exact and near) are
-    counted (hhdata.configs.leakage_report) for the manifest and the card. Raises ReleaseError when a synthetic subset is read without being named in
+    counted (hhdata.configs.leakage_report) for the manifest and the card. Raises
+    ReleaseError when a synthetic subset is read without being named in
     ``include_synthetic``, or when the counts do not reconcile.
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
