@@ -3,7 +3,8 @@
 The usual way: gzip line by line, ``json.loads`` per line, ``jsonschema`` validation of
 each record against the same schema (schemas/raw_record.schema.json), and a Python split
 of each transcript (hhdata.transcript.split_pair, the correct rule). hhdata: read_raw
-(msgspec + vectorised schema checks) then build_pairs (pyarrow.compute).
+(Arrow's JSON reader + vectorised schema checks) then build_pairs (speaker tags found once
+with numpy, pieces cut by offsets), in threads (one per CPU) and again in one thread.
 
 Each side runs in its own subprocess, one after the other in one run, so its peak memory
 (ru_maxrss) is its own. Both write a verdict per line (accepted, or the reason) and a
@@ -161,15 +162,23 @@ def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     import hhdata.pairs  # noqa: F401
     import jsonschema  # noqa: F401
 
+    if mode.startswith("hhdata"):
+        try:  # pyarrow imports pandas (0.2-0.3 s) on its first pa.array of Python objects
+            import pandas  # noqa: F401
+        except ImportError:
+            pass
+    if mode == "hhdata-1thread":
+        os.cpu_count = lambda: 1  # hhdata sizes its thread pools by the CPU count
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = {"hhdata": run_hhdata, "baseline": run_baseline, "inflate": run_inflate}[mode](folder)
+    run = {"hhdata": run_hhdata, "hhdata-1thread": run_hhdata, "baseline": run_baseline, "inflate": run_inflate}[mode]
+    result = run(folder)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_kib = peak_rss_kib()
-    verdicts, result = hhdata_verdicts(*result) if mode == "hhdata" else result
+    verdicts, result = hhdata_verdicts(*result) if mode.startswith("hhdata") else result
     if mode == "inflate":
         accepted, digest = 0, f"{result[0]} bytes"
     else:
-        accepted, digest = (digest_hhdata if mode == "hhdata" else digest_baseline)(result)
+        accepted, digest = (digest_hhdata if mode.startswith("hhdata") else digest_baseline)(result)
     verdict_file.write_text(json.dumps(sorted([f, n, r] for (f, n), r in verdicts.items())))
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_kib / 1024, "accepted": accepted,
                       "quarantined": len(verdicts), "digest": digest}))
@@ -198,7 +207,8 @@ def phases(folder: Path) -> dict[str, float]:
         setattr(owner, name, wrapper)
 
     timed(read.pa_json, "read_json")
-    for name in ("_split_fast", "_parse_prompts", "_ids", "_flags"):
+    timed(read, "_invalid_utf8_rows")
+    for name in ("_find_tags", "_split_fast", "_prompt_turns", "_flags", "_ids"):
         timed(pairs, name)
     for _ in range(2):  # the second run is reported: warm caches and kernels
         spent.clear()
@@ -217,7 +227,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bad-rate", type=float, default=0.002, help="bad lines per pair, planted by hhdata.synth")
     parser.add_argument("--phases", action="store_true", help="print CPU seconds of hhdata's parts instead")
-    parser.add_argument("--worker", choices=("hhdata", "baseline", "inflate"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("hhdata", "hhdata-1thread", "baseline", "inflate"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--verdicts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,31 +245,34 @@ def main() -> int:
           f"{sum(p.stat().st_size for p in files_of(folder)) / 2**20:.1f} MiB gzip)", file=sys.stderr)
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     results, verdicts = {}, {}
-    for mode in ("hhdata", "baseline", "inflate"):
+    for mode in ("hhdata", "hhdata-1thread", "baseline", "inflate"):
         verdict_file = HERE / ".cache" / f"verdicts-{mode}.json"
         command = [sys.executable, __file__, "--worker", mode, "--data", str(folder), "--verdicts", str(verdict_file)]
         completed = subprocess.run(command, check=True, capture_output=True, text=True)
         results[mode] = json.loads(completed.stdout)
         verdicts[mode] = json.loads(verdict_file.read_text())
         print(f"{mode}: {results[mode]}", file=sys.stderr)
-    same_verdicts = verdicts["hhdata"] == verdicts["baseline"]
-    same_pairs = results["hhdata"]["digest"] == results["baseline"]["digest"]
-    fast, slow = results["hhdata"], results["baseline"]
+    same_verdicts = verdicts["hhdata"] == verdicts["baseline"] == verdicts["hhdata-1thread"]
+    same_pairs = results["hhdata"]["digest"] == results["baseline"]["digest"] == results["hhdata-1thread"]["digest"]
+    fast, one, slow = results["hhdata"], results["hhdata-1thread"], results["baseline"]
     print("| side | wall s | CPU s | peak RSS (MiB) | pairs accepted | records quarantined |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, label in (("baseline", "json.loads + jsonschema + split_pair + pair_id, per record"),
-                        ("hhdata", "hhdata read_raw + build_pairs"),
+                        ("hhdata", f"hhdata read_raw + build_pairs, {os.cpu_count()} threads"),
+                        ("hhdata-1thread", "hhdata read_raw + build_pairs, 1 thread"),
                         ("inflate", "floor: inflating the files only (ISA-L)")):
         r = results[mode]
         counts = (f"{r['accepted']:,} | {r['quarantined']:,}" if mode != "inflate"
                   else f"({r['digest']}) | ")
         print(f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | {counts} |")
     print(f"\nspeed-up, wall {slow['seconds'] / fast['seconds']:.1f}x, CPU "
-          f"{slow['cpu_seconds'] / fast['cpu_seconds']:.1f}x; peak memory ratio (hhdata / baseline) "
+          f"{slow['cpu_seconds'] / fast['cpu_seconds']:.1f}x; in one thread: wall "
+          f"{slow['seconds'] / one['seconds']:.1f}x, CPU {slow['cpu_seconds'] / one['cpu_seconds']:.1f}x; "
+          f"peak memory ratio (hhdata / baseline) "
           f"{fast['peak_mib'] / slow['peak_mib']:.2f}; same verdict on every record: {same_verdicts}; "
           f"same pair rows (content digest): {same_pairs}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, load average before the run "
-          f"{load_before}, Python {platform.python_version()}")
+          f"{load_before}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}, Python {platform.python_version()}")
     if not (same_verdicts and same_pairs):
         mismatched = [v for v in verdicts["hhdata"] if v not in verdicts["baseline"]][:5]
         print(f"MISMATCH, first verdicts only hhdata gave: {mismatched}", file=sys.stderr)

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from hhdata import quarantine as q
 from hhdata import transcript as t
 from hhdata.errors import PairError, SchemaError
+from hhdata.read import ARROW_POOL
 from hhdata.schema import PAIR_SCHEMA, TURN, TURNS, pair_id
 
 _BATCH_ROWS = 4096
@@ -75,8 +76,7 @@ def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     """build_pairs on one batch of rows."""
-    chosen = raw["chosen"].combine_chunks()
-    rejected = raw["rejected"].combine_chunks()
+    chosen, rejected = _one_buffer(raw["chosen"]), _one_buffer(raw["rejected"])
     if chosen.null_count or rejected.null_count:
         raise SchemaError("the raw table has null transcripts; read it with hhdata.read.read_raw")
     c, r = _Texts.of(chosen), _Texts.of(rejected)
@@ -84,9 +84,8 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     split = _split_fast(c, r, c_tags, r_tags)
     turns, roles, turn_row = _prompt_turns(c, c_tags, split)  # drops rows from split.fast
     index = np.flatnonzero(split.fast)
-    take = pa.array(index)
-    reply_c = _cut(c, split.reply_c).take(pa.array(2 * index + 1))
-    reply_r = _cut(r, split.reply_r).take(pa.array(2 * index + 1))
+    reply_c = _take(_cut(c, split.reply_c), 2 * index + 1)
+    reply_r = _take(_cut(r, split.reply_r), 2 * index + 1)
     turn_counts = np.bincount(turn_row, minlength=len(c.starts))[index]
     prompt_offsets = np.zeros(len(index) + 1, dtype=np.int32)
     np.cumsum(turn_counts, out=prompt_offsets[1:])
@@ -94,9 +93,9 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     prompt = pa.ListArray.from_arrays(
         pa.array(prompt_offsets), pa.StructArray.from_arrays([role, turns], fields=list(TURN)), type=TURNS
     )
-    fast_raw = raw if len(index) == len(split.fast) else raw.take(take)
-    chosen_text = chosen if len(index) == len(split.fast) else chosen.take(take)
-    rejected_text = rejected if len(index) == len(split.fast) else rejected.take(take)
+    fast_raw = raw if len(index) == len(split.fast) else _take(raw, index)
+    chosen_text = chosen if len(index) == len(split.fast) else _take(chosen, index)
+    rejected_text = rejected if len(index) == len(split.fast) else _take(rejected, index)
     flags = _flags(c, r, c_tags, r_tags, split, index, prompt, roles, turn_row, (reply_c, reply_r))
     fast_table = pa.table(
         {
@@ -120,6 +119,11 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     order = np.argsort(np.concatenate([index, slow_index]), kind="stable")
     pairs = pa.concat_tables([fast_table, slow_table]).take(pa.array(order))
     return pairs, q.quarantine_table(bad)
+
+
+def _one_buffer(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array (combine_chunks, but from ARROW_POOL, which it ignores)."""
+    return pa.concat_arrays(column.chunks, memory_pool=ARROW_POOL) if column.num_chunks else pa.array([], column.type)
 
 
 class _Texts(NamedTuple):
@@ -269,12 +273,17 @@ def _prompt_turns(c: _Texts, c_tags: _Tags, split: _Split) -> tuple[pa.Array, np
     content_start = start + np.where(user, len(_WORDS[True]), len(_WORDS[False])) + 2
     content_end = np.append(start[1:] - 2, 0)
     contents = _cut(c, content_start[opens], content_end[opens])
-    return contents.take(pa.array(np.arange(0, len(contents), 2))), user[opens], row[opens]
+    return _take(contents, np.arange(0, len(contents), 2)), user[opens], row[opens]
+
+
+def _take(values: pa.Array | pa.Table, index: np.ndarray) -> pa.Array | pa.Table:
+    """values.take(index), allocated from hhdata.read.ARROW_POOL."""
+    return pc.take(values, pa.array(index, pa.int64()), memory_pool=ARROW_POOL)
 
 
 def _one_reply(reply: pa.Array) -> pa.Array:
     """Each reply as a one-turn assistant list."""
-    role = pa.array(np.full(len(reply), t.ASSISTANT, dtype=object), pa.string())
+    role = pa.repeat(pa.scalar(t.ASSISTANT, pa.string()), len(reply), memory_pool=ARROW_POOL)
     structs = pa.StructArray.from_arrays([role, reply.cast(pa.string())], fields=list(TURN))
     return pa.ListArray.from_arrays(pa.array(np.arange(len(reply) + 1, dtype=np.int32)), structs, type=TURNS)
 

@@ -70,6 +70,23 @@ class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 _DECODER = msgspec.json.Decoder(_Record)
 
 
+def _arrow_pool() -> pa.MemoryPool:
+    """jemalloc, else the system allocator: the pool for hhdata's large Arrow buffers.
+
+    pyarrow's default mimalloc pool costs 2-3 s of kernel CPU time at 170k pairs on Linux
+    with transparent huge pages in madvise mode (perf: zeroing huge pages under
+    mi_page_free_list_extend), against 0.6 s with jemalloc or malloc, for the same user time
+    (measured; bench/read_validate_parse.md).
+    """
+    try:
+        return pa.jemalloc_memory_pool()
+    except NotImplementedError:  # pragma: no cover - a pyarrow built without jemalloc
+        return pa.system_memory_pool()
+
+
+ARROW_POOL = _arrow_pool()
+
+
 @dataclass
 class ReadReport:
     """What a read saw: every line is blank, accepted or quarantined (with a reason)."""
@@ -268,7 +285,8 @@ class _Rows:
         """The file's records: text columns chunked as read (no copy), the rest constant."""
         self._flush()
         lines = np.concatenate([np.zeros(0, np.int64), *self.numbers])
-        constant = [pa.repeat(pa.scalar(value, pa.string()), len(lines)) for value in (self.name, *self.source)]
+        constant = [pa.repeat(pa.scalar(value, pa.string()), len(lines), memory_pool=ARROW_POOL)
+                    for value in (self.name, *self.source)]
         text = [pa.chunked_array(self.chunks[key], pa.string()) for key in ("chosen", "rejected")]
         return pa.Table.from_arrays([constant[0], pa.array(lines), *constant[1:], *text], schema=RAW_SCHEMA)
 
@@ -334,6 +352,7 @@ def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows, siz
                 pa.py_buffer(view),
                 read_options=pa_json.ReadOptions(use_threads=False, block_size=len(view) + 1),
                 parse_options=_JSON_OPTIONS,
+                memory_pool=ARROW_POOL,
             )
             exact = records.num_rows == stop - start
         except (pa.ArrowInvalid, UnicodeDecodeError):
