@@ -202,6 +202,7 @@ def test_ppo_learns_a_known_answer_reward_with_bounded_kl(tiny_runs, tmp_path):
         assert all(math.isfinite(h[name]) for h in history)
     saved = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert saved["history"] == history
+    assert saved["reward_vs_sqrt_kl"]["slope"] > 0  # more reward was bought with more KL
     for name in ("training.png", "reward_vs_sqrt_kl.png", "settings.json", "policy/model.safetensors", "policy/README.md"):
         assert (tmp_path / "ppo" / name).is_file(), name
 
@@ -262,3 +263,30 @@ def test_refuses_a_reward_model_with_another_vocabulary(tiny_runs, tmp_path):
 def test_batch_sizes_must_divide():
     with pytest.raises(HhDataError, match="16 is not divisible by 3"):
         main(Args(batch_size=16, num_mini_batches=3, total_episodes=32))
+
+
+def test_evaluation_reports_each_family(tiny_runs, tmp_path):
+    """Harmless prompts from the bundled sample and helpful ones from hhdata.synth, in one parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hhdata.schema import PAIR_SCHEMA, family_of, pair_id
+    from hhdata.synth import generate
+    from hhdata.transcript import split_pair
+    from training.common import load_pairs
+
+    rows = [dict(row) for row in load_pairs(None)[0]["test"][:80]]
+    for record in generate(80, seed=5):
+        pair = split_pair(record["chosen"], record["rejected"])
+        subset = "synth-helpful-base"
+        rows.append({"id": pair_id(record["chosen"], record["rejected"]), "subset": subset, "family": family_of(subset),
+                     "split": "test", "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                     "chosen_text": record["chosen"], "rejected_text": record["rejected"], "flags": pair.flags})
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), tmp_path / "pairs.parquet")
+    settings = dict(SMALL, total_episodes=16, batch_size=16, eval_prompts=40)
+    args = Args(policy=str(tiny_runs / "sft"), data=str(tmp_path / "pairs.parquet"), output_dir=str(tmp_path / "ppo"), **settings)
+    evaluation = main(args, score_fn=even_token_share)["evaluation"]
+    by_family = evaluation["by_family"]
+    assert set(by_family) == {"helpful", "harmless"}
+    assert by_family["helpful"]["prompts"] + by_family["harmless"]["prompts"] == evaluation["prompts"] == 40
+    assert min(part["prompts"] for part in by_family.values()) > 5

@@ -433,14 +433,27 @@ def save_plots(output_dir: Path, history: list[dict]) -> None:
     y = np.array([record["score"] for record in history])
     figure, axis = plt.subplots(figsize=(5, 4))
     axis.scatter(x, y, c=updates, cmap="viridis", label="updates")
-    if len(history) >= 2 and np.ptp(x) > 0:
-        slope, intercept = np.polyfit(x, y, 1)
+    fit = sqrt_kl_fit(history)
+    if fit is not None:
+        slope, intercept = fit["slope"], fit["intercept"]
         axis.plot(x, slope * x + intercept, "r--", label=f"fit: {slope:.3f} sqrt(KL) + {intercept:.3f}")
     axis.set(xlabel="sqrt(KL to the reference) (sqrt nats)", ylabel="reward-model score", title="reward vs sqrt(KL)")
     axis.legend()
     figure.tight_layout()
     figure.savefig(output_dir / "reward_vs_sqrt_kl.png", dpi=90)
     plt.close(figure)
+
+
+def sqrt_kl_fit(history: list[dict]) -> dict | None:
+    """Least-squares line score = slope * sqrt(KL) + intercept over the updates (Bai et al. 2022, fig. 4)."""
+    import numpy as np
+
+    x = np.array([record["sqrt_kl"] for record in history])
+    y = np.array([record["score"] for record in history])
+    if len(history) < 2 or np.ptp(x) == 0:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    return {"slope": float(slope), "intercept": float(intercept)}
 
 
 def write_card(folder: Path, settings: dict, evaluation: dict) -> None:
@@ -669,6 +682,7 @@ def main(args: Args, score_fn=None) -> dict:
     # The held-out judgement: final policy against the reference, same prompts, same judge.
     evaluation = evaluate(policy, reference, score, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
     metrics = {"history": state["history"], "evaluation": evaluation, "reward_mean": state["reward_mean"], "reward_std": state["reward_std"]}
+    metrics["reward_vs_sqrt_kl"] = sqrt_kl_fit(state["history"])
     if state["history"]:
         seconds = state["history"][-1]["seconds"]
         metrics["episodes_per_second"] = (num_updates - (state["history"][0]["update"] - 1)) * args.batch_size / seconds if seconds else None
