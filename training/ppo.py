@@ -491,6 +491,8 @@ def main(args: Args, score_fn=None) -> dict:
     output_dir = Path(args.output_dir)
     num_updates = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     mini_batch_size = exact_div(args.batch_size, args.num_mini_batches, "--batch-size / --num-mini-batches")
+    if num_updates < 1:
+        raise HhDataError(f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size}; raise it")
     torch.manual_seed(args.seed)
     comparable = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}
     checkpoint = output_dir / "checkpoint"
@@ -695,13 +697,16 @@ def main(args: Args, score_fn=None) -> dict:
         save_plots(output_dir, state["history"])
         write_card(final, settings, evaluation)
         writer.close()
-        print(summary(evaluation))
+        print(summary(evaluation, state["history"]))
     return metrics
 
 
-def summary(evaluation: dict) -> str:
-    """The printed end of a run: win rate overall and per family, and replies side by side."""
-    lines = [f"held-out: policy wins {evaluation['win_rate']:.1%} of {evaluation['prompts']} prompts against the reference "
+def summary(evaluation: dict, history: list[dict]) -> str:
+    """The printed end of a run: training's course, win rate overall and per family, replies side by side."""
+    first, last = history[0], history[-1]
+    lines = [f"ppo: {last['update']} updates, {last['episodes']} episodes; batch score {first['score']:.3f} -> {last['score']:.3f} "
+             f"at KL {last['kl']:.2f} nats per reply to the reference",
+             f"held-out: policy wins {evaluation['win_rate']:.1%} of {evaluation['prompts']} prompts against the reference "
              f"(score {evaluation['policy_score']:.3f} vs {evaluation['reference_score']:.3f})"]
     for family, part in evaluation["by_family"].items():
         lines.append(f"  {family}: win rate {part['win_rate']:.1%} over {part['prompts']} prompts, score {part['policy_score']:.3f} vs {part['reference_score']:.3f}")
