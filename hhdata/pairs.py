@@ -93,26 +93,28 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     prompt = pa.ListArray.from_arrays(
         pa.array(prompt_offsets), pa.StructArray.from_arrays([role, turns], fields=list(TURN)), type=TURNS
     )
-    fast_raw = raw if len(index) == len(split.fast) else _take(raw, index)
-    chosen_text = chosen if len(index) == len(split.fast) else _take(chosen, index)
-    rejected_text = rejected if len(index) == len(split.fast) else _take(rejected, index)
+    everything = len(index) == len(split.fast)
+    # the original texts are the raw table's own buffers; the one-buffer copies above are
+    # scratch, freed with the batch (and their memory reused by the next one)
+    fast_raw = raw if everything else _take(raw, index)
+    ids = _ids(chosen, rejected) if everything else _take(_ids(chosen, rejected), index)
     flags = _flags(c, r, c_tags, r_tags, split, index, prompt, roles, turn_row, (reply_c, reply_r))
     fast_table = pa.table(
         {
-            "id": _ids(chosen_text, rejected_text),
+            "id": ids,
             "subset": fast_raw["subset"],
             "family": fast_raw["family"],
             "split": fast_raw["split"],
             "prompt": prompt,
             "chosen": _one_reply(reply_c),
             "rejected": _one_reply(reply_r),
-            "chosen_text": chosen_text,
-            "rejected_text": rejected_text,
+            "chosen_text": fast_raw["chosen"],
+            "rejected_text": fast_raw["rejected"],
             "flags": flags,
         },
         schema=PAIR_SCHEMA,
     )
-    if len(index) == len(split.fast):
+    if everything:
         return fast_table, q.quarantine_table([])
     slow_rows, slow_index, bad = _split_slow(raw, np.flatnonzero(~split.fast))
     slow_table = pa.Table.from_pylist(slow_rows, PAIR_SCHEMA)

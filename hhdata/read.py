@@ -423,14 +423,27 @@ def _blocks(path: Path, max_line_bytes: int, report: ReadReport, advance) -> Ite
             number += 1
             yield number, _too_long(pending, skipping + newline, max_line_bytes)
             skipping, pending, chunk = 0, b"", chunk[newline + 1:]
-        buffer = pending + chunk if pending else chunk
-        last = buffer.rfind(b"\n")
-        if last >= 0:
-            ends = np.flatnonzero(np.frombuffer(buffer, np.uint8, count=last + 1) == 10)
-            starts = np.concatenate([[0], ends[:-1] + 1])
-            yield _Block(buffer, starts, ends, number + 1)
-            number += len(ends)
-        pending = buffer[last + 1:]
+        start = 0  # where the chunk's own lines begin
+        if pending:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                pending += chunk
+            else:
+                # the line cut between two chunks is a block of its own, so the chunk itself
+                # is never copied (a fresh multi-MB buffer costs its page faults each time)
+                line = pending + chunk[:newline + 1]
+                yield _Block(line, np.array([0]), np.array([len(line) - 1]), number + 1)
+                number += 1
+                pending, start = b"", newline + 1
+        if not pending:
+            last = chunk.rfind(b"\n", start)
+            if last >= 0:
+                view = np.frombuffer(chunk, np.uint8, count=last + 1 - start, offset=start)
+                ends = np.flatnonzero(view == 10) + start
+                starts = np.concatenate([[start], ends[:-1] + 1])
+                yield _Block(chunk, starts, ends, number + 1)
+                number += len(ends)
+            pending = chunk[last + 1:] if last >= 0 else chunk[start:]
         if len(pending) > max_line_bytes:
             skipping, pending = len(pending), pending[:_RAW_HEAD]
     if skipping:
