@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hhdata import dedup, minhash
+from hhdata import dedup, degenerate, minhash
 from hhdata.errors import HhDataError
 from hhdata.schema import HARMLESS, HELPFUL, RED_TEAM_SUBSET, family_of
 
@@ -72,19 +72,24 @@ def select_config(table: pa.Table, name: str) -> pa.Table:
     )
 
 
-def prompt_clusters(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupSettings()):
+def prompt_clusters(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupSettings(),
+                    sketch: minhash.Sketch | None = None):
     """Near-duplicate clusters of prompts: per row, the index of its cluster's first row.
 
     Prompts equal after normalisation are in one cluster; prompts whose word-shingle Jaccard
     reaches ``settings.threshold`` are joined, transitively (connected components).
+    ``sketch`` is the rows' prompt sketch made with the same settings (DedupResult's
+    prompt_sketch); without it the prompts are shingled and signed here.
     """
     texts = dedup.near_texts(table, "prompt")
     exact = dedup.normalized(texts, settings).dictionary_encode()
     unique_of_row = exact.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    pairs, _ = minhash.similar_pairs(
-        exact.dictionary, shingle_size=settings.shingle_size, num_perm=settings.num_perm,
+    first_row = np.full(len(exact.dictionary), table.num_rows, dtype=np.int64)
+    np.minimum.at(first_row, unique_of_row, np.arange(table.num_rows))
+    pairs, _ = minhash.similar_in_sketch(
+        _unique_prompt_sketch(exact.dictionary, texts, first_row, settings, sketch),
         bands=settings.bands, rows=settings.rows, threshold=settings.threshold,
-        verify=settings.verify, seed=settings.seed,
+        verify=settings.verify,
     )
     unique_cluster = minhash.connected_components(len(exact.dictionary), pairs)
     # the first row of each cluster names it
@@ -92,6 +97,41 @@ def prompt_clusters(table: pa.Table, settings: dedup.DedupSettings = dedup.Dedup
     first_row = np.full(len(exact.dictionary), table.num_rows, dtype=np.int64)
     np.minimum.at(first_row, cluster_of_row, np.arange(table.num_rows))
     return first_row[cluster_of_row], unique_of_row
+
+
+def _unique_prompt_sketch(unique_texts: pa.Array, texts: pa.Array, first_row: np.ndarray,
+                          settings: dedup.DedupSettings, sketch: minhash.Sketch | None):
+    """The sketch of each normalised prompt, taken from its first row's when one is given.
+
+    Shingling lower-cases and splits on whitespace, so normalising changes a prompt's
+    shingles only through NFC: prompts NFC could change are shingled again, normalised.
+    """
+    def made_here(chosen: pa.Array) -> minhash.Sketch:
+        shingles = minhash.word_shingles(chosen, settings.shingle_size)
+        return minhash.Sketch(shingles, minhash.signatures(shingles, settings.num_perm, settings.seed))
+
+    if sketch is None:
+        return made_here(unique_texts)
+    if len(sketch) != len(texts):
+        raise ConfigError(f"the prompt sketch covers {len(sketch)} rows but the table has "
+                          f"{len(texts)}; pass the prompt_sketch of the DedupResult these rows came from")
+    unique = sketch.take(first_row)
+    if not settings.unicode_nfc:
+        return unique
+    redo = np.flatnonzero(degenerate.nfc_may_change(texts.take(pa.array(first_row))))
+    if not len(redo):
+        return unique
+    again = made_here(unique_texts.take(pa.array(redo)))
+    # the redone prompts go last, then every prompt is put back in its place
+    place = np.arange(len(first_row))
+    place[redo] = len(first_row) + np.arange(len(redo))
+    merged = minhash.Sketch(
+        minhash.Shingles(np.concatenate([unique.shingles.hashes, again.shingles.hashes]),
+                         np.concatenate([unique.shingles.offsets,
+                                         unique.shingles.offsets[-1] + again.shingles.offsets[1:]])),
+        np.concatenate([unique.signatures, again.signatures]),
+    )
+    return merged.take(place)
 
 
 def _leaks(table: pa.Table, groups: np.ndarray) -> dict:
@@ -122,15 +162,16 @@ def _leaks(table: pa.Table, groups: np.ndarray) -> dict:
 
 
 def leakage_report(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupSettings(),
-                   examples: int = 3) -> dict:
+                   examples: int = 3, sketch: minhash.Sketch | None = None) -> dict:
     """Prompts in both train and test, exact and near, per subset and across subsets.
 
     ``exact`` counts test rows whose normalised prompt equals a train row's prompt; ``near``
     counts test rows in a near-duplicate cluster that also holds train rows (exact ones
     included). ``within_subset`` is keyed by subset, ``across_subsets`` by
-    "train subset -> test subset" (one test row can leak from several subsets).
+    "train subset -> test subset" (one test row can leak from several subsets). ``sketch``:
+    the rows' prompt sketch from deduplicate (see prompt_clusters), which saves a MinHash pass.
     """
-    clusters, exact_groups = prompt_clusters(table, settings)
+    clusters, exact_groups = prompt_clusters(table, settings, sketch)
     exact, near = _leaks(table, exact_groups), _leaks(table, clusters)
     ids, prompts = table["id"].to_pylist(), dedup.near_texts(table, "prompt").to_pylist()
     split = table["split"].to_pylist()

@@ -150,12 +150,17 @@ class DedupSettings:
 
 @dataclass(frozen=True)
 class DedupResult:
-    """Kept rows (with cluster_id), the drop log, a JSON report, and the settings used."""
+    """Kept rows (with cluster_id), the drop log, a JSON report, and the settings used.
+
+    ``prompt_sketch`` (when near duplicates were looked for) holds the MinHash sketch of
+    each kept row's prompt, row for row, so configs.leakage_report need not make it again.
+    """
 
     kept: pa.Table
     drops: pa.Table
     report: dict
     settings: DedupSettings
+    prompt_sketch: minhash.Sketch | None = None
 
 
 def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
@@ -239,28 +244,48 @@ def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
     return pc.binary_join_element_wise(*parts, " ") if len(parts) > 1 else parts[0]
 
 
-def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings):
-    """(dropped row -> (kept row, similarity)) in drop mode, and the similar pairs of kept rows.
+def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, minhash.Sketch]:
+    """Per row, the MinHash sketch of its near_texts (the settings' scope) and of its prompt.
 
-    Rows with the same text are similar (1.0); each distinct text is shingled once.
+    One tokenisation and one pass of signatures serve both. A pair's text is its prompt,
+    chosen and rejected joined by spaces, so its words are the three parts' words in a row
+    and its first shingles are the prompt's own (when the prompt has at least k words): the
+    pair's signature is the element-wise minimum of the prompt's and the rest's.
+    """
+    k, num_perm, seed = settings.shingle_size, settings.num_perm, settings.seed
+    parts = [minhash.word_tokens(degenerate.joined_contents(pairs[side].combine_chunks(), " "))
+             for side in ("prompt", "chosen", "rejected")]
+    prompt_shingles = minhash.token_shingles(*parts[0], k)
+    prompt = minhash.Sketch(prompt_shingles, minhash.signatures(prompt_shingles, num_perm, seed))
+    if settings.near_scope == "prompt":
+        return prompt, prompt
+    shingles = minhash.token_shingles(*minhash.concat_tokens(parts), k)
+    prompt_words = np.diff(parts[0][1])
+    shared = np.where(prompt_words >= k, prompt_words - k + 1, 0)
+    rest = minhash.signatures(shingles.without_first(shared), num_perm, seed)
+    whole = prompt_words >= k
+    rest[whole] = np.minimum(rest[whole], prompt.signatures[whole])
+    return minhash.Sketch(shingles, rest), prompt
+
+
+def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings):
+    """(dropped row -> (kept row, similarity)) in drop mode, the similar pairs of kept rows,
+    and the prompts' sketch of every row (for the leakage check).
+
+    Rows with the same text are similar (1.0); each distinct text is compared once.
     """
     texts = near_texts(pairs, settings.near_scope)
     encoded = texts.dictionary_encode()
     unique_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    unique_pairs, similarity = minhash.similar_pairs(
-        encoded.dictionary,
-        shingle_size=settings.shingle_size,
-        num_perm=settings.num_perm,
-        bands=settings.bands,
-        rows=settings.rows,
-        threshold=settings.threshold,
-        verify=settings.verify,
-        seed=settings.seed,
+    first_row = np.full(len(encoded.dictionary), len(unique_of_row), dtype=np.int64)
+    np.minimum.at(first_row, unique_of_row, np.arange(len(unique_of_row)))
+    of_rows, prompt_sketch = sketches(pairs, settings)
+    unique_pairs, similarity = minhash.similar_in_sketch(
+        of_rows.take(first_row), bands=settings.bands, rows=settings.rows,
+        threshold=settings.threshold, verify=settings.verify,
     )
     if settings.same_turn_count and len(unique_pairs):
         turns = pc.list_value_length(pairs["prompt"].combine_chunks()).to_numpy(zero_copy_only=False)
-        first_row = np.full(len(encoded.dictionary), len(turns), dtype=np.int64)
-        np.minimum.at(first_row, unique_of_row, np.arange(len(turns)))
         turns_of_unique = turns[first_row]
         same = turns_of_unique[unique_pairs[:, 0]] == turns_of_unique[unique_pairs[:, 1]]
         unique_pairs, similarity = unique_pairs[same], similarity[same]
@@ -290,7 +315,8 @@ def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings
     row_edges = [
         (kept_row_of_unique.get(u), kept_row_of_unique.get(v)) for u, v in unique_pairs.tolist()
     ]
-    return dropped, same_text + [(a, b) for a, b in row_edges if a is not None and b is not None]
+    edges = same_text + [(a, b) for a, b in row_edges if a is not None and b is not None]
+    return dropped, edges, prompt_sketch
 
 
 def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> DedupResult:
@@ -340,9 +366,10 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     # 3. near duplicates among the exact survivors
     order = order[~duplicate]
     edges: list[tuple[int, int]] = []
+    survivor_sketch = None
     if settings.near and len(order):
         survivors = pairs.take(pa.array(order))
-        dropped, edges = _near_duplicates(survivors, np.arange(len(order)), settings)
+        dropped, edges, survivor_sketch = _near_duplicates(survivors, np.arange(len(order)), settings)
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim
@@ -366,6 +393,11 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
         cluster = root_row[cluster]
 
     keep = reason == None  # noqa: E711
+    prompt_sketch = None
+    if survivor_sketch is not None:  # every kept row is a survivor of the exact stage
+        local_of_row = np.full(n, -1, dtype=np.int64)
+        local_of_row[order] = np.arange(len(order))
+        prompt_sketch = survivor_sketch.take(local_of_row[keep])
     flags = degenerate.add_flags(pairs["flags"].combine_chunks(), {c: m & keep for c, m in flagged.items()})
     kept = pairs.set_column(PAIR_SCHEMA.get_field_index("flags"), "flags", flags)
     kept = kept.filter(pa.array(keep)).append_column(
@@ -388,7 +420,8 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     clustered = keep | np.isin(reason, [EXACT_DUPLICATE, NEAR_DUPLICATE])
     report = dedup_report(pairs, kept, drops, settings, {c: int(m.sum()) for c, m in masks.items()},
                           ids[cluster][clustered].tolist())
-    return DedupResult(kept=kept, drops=drops, report=report, settings=settings)
+    return DedupResult(kept=kept, drops=drops, report=report, settings=settings,
+                       prompt_sketch=prompt_sketch)
 
 
 def dedup_report(pairs, kept, drops, settings, degenerate_found, cluster_of_rows,

@@ -107,6 +107,11 @@ def _rows_with_code_points(texts: pa.Array, code_points: np.ndarray) -> np.ndarr
     return mask
 
 
+def nfc_may_change(texts: pa.Array) -> np.ndarray:
+    """Which texts Unicode NFC might change (False means the text is certainly in NFC)."""
+    return _rows_with_code_points(texts, _nfc_unstable())
+
+
 def _fix_rows(texts: pa.Array, mask: np.ndarray, fix) -> pa.Array:
     """Apply fix only to the texts the mask selects (most texts need nothing)."""
     if not mask.any():
@@ -126,7 +131,7 @@ def normalize(texts: pa.Array, *, nfc: bool = True, lowercase: bool = True,
     ['hello world', 'café']
     """
     if nfc:
-        unstable = _rows_with_code_points(texts, _nfc_unstable())
+        unstable = nfc_may_change(texts)
         texts = _fix_rows(texts, unstable, lambda t: pc.utf8_normalize(t, "NFC"))
     if lowercase:
         texts = pc.utf8_lower(texts)

@@ -53,6 +53,44 @@ class Shingles:
         """Number of shingles of each text (repeats included)."""
         return np.diff(self.offsets)
 
+    def take(self, texts: np.ndarray) -> Shingles:
+        """The shingles of the given texts, in that order."""
+        texts = np.asarray(texts, dtype=np.int64)
+        if len(texts) == len(self) and (texts == np.arange(len(texts))).all():
+            return self
+        counts = self.counts()[texts]
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts)
+        return Shingles(hashes=self.hashes[np.repeat(self.offsets[:-1][texts], counts) + within],
+                        offsets=offsets)
+
+    def without_first(self, skip: np.ndarray) -> Shingles:
+        """Each text's shingles but its first ``skip[d]`` (at most all of them)."""
+        counts = self.counts()
+        skip = np.minimum(skip, counts)
+        within = np.arange(len(self.hashes)) - np.repeat(self.offsets[:-1], counts)
+        offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(counts - skip, out=offsets[1:])
+        return Shingles(hashes=self.hashes[within >= np.repeat(skip, counts)], offsets=offsets)
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """Shingles and MinHash signatures of the same texts, row d of each for text d: what
+    similar_pairs needs, so one pass can serve several questions (hhdata.dedup hands the
+    prompts' sketch to the leakage check)."""
+
+    shingles: Shingles
+    signatures: np.ndarray  # uint32, (texts, num_perm)
+
+    def __len__(self) -> int:
+        return len(self.signatures)
+
+    def take(self, texts: np.ndarray) -> Sketch:
+        """The sketch of the given texts, in that order."""
+        return Sketch(self.shingles.take(texts), self.signatures[np.asarray(texts, dtype=np.int64)])
+
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic)."""
@@ -90,15 +128,13 @@ def _string_hashes(strings: pa.Array) -> np.ndarray:
         return _splitmix64(sums ^ (lengths.astype(np.uint64) << np.uint64(56)))
 
 
-def word_shingles(texts, k: int = 3) -> Shingles:
-    """Hash the k-word shingles of each text (lower-cased, split on whitespace).
+def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
+    """Each text lower-cased and split on whitespace, every word as its stable 64-bit hash.
 
-    >>> s = word_shingles(["a b c d", "a b c d", "", "x"], k=3)
-    >>> s.counts().tolist()
-    [2, 2, 0, 1]
+    Returns (tokens, offsets): ``tokens[offsets[d]:offsets[d + 1]]`` are text d's words.
+    Joining texts with a space concatenates their token lists, which is what lets a pair
+    and its prompt share one tokenisation (hhdata.dedup).
     """
-    if k < 1:
-        raise ValueError(f"shingle size must be at least 1, not {k}")
     array = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
@@ -109,7 +145,38 @@ def word_shingles(texts, k: int = 3) -> Shingles:
     word_offsets = kept_before[words.offsets.to_numpy().astype(np.int64)]
     encoded = words.values.filter(pa.array(nonempty)).dictionary_encode()
     vocabulary = _string_hashes(encoded.dictionary)
-    tokens = vocabulary[encoded.indices.to_numpy(zero_copy_only=False)]
+    return vocabulary[encoded.indices.to_numpy(zero_copy_only=False)], word_offsets
+
+
+def concat_tokens(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per text, the token lists of several parts one after the other (all parts have as
+    many texts): the tokens of the parts' texts joined by spaces."""
+    counts = [np.diff(offsets) for _, offsets in parts]
+    total = np.sum(counts, axis=0)
+    out_offsets = np.zeros(len(total) + 1, dtype=np.int64)
+    np.cumsum(total, out=out_offsets[1:])
+    out = np.empty(out_offsets[-1], dtype=np.uint64)
+    before = out_offsets[:-1].copy()  # where the next part of each text goes
+    for (tokens, offsets), count in zip(parts, counts):
+        out[np.repeat(before - offsets[:-1], count) + np.arange(len(tokens))] = tokens
+        before += count
+    return out, out_offsets
+
+
+def word_shingles(texts, k: int = 3) -> Shingles:
+    """Hash the k-word shingles of each text (lower-cased, split on whitespace).
+
+    >>> s = word_shingles(["a b c d", "a b c d", "", "x"], k=3)
+    >>> s.counts().tolist()
+    [2, 2, 0, 1]
+    """
+    if k < 1:
+        raise ValueError(f"shingle size must be at least 1, not {k}")
+    return token_shingles(*word_tokens(texts), k)
+
+
+def token_shingles(tokens: np.ndarray, word_offsets: np.ndarray, k: int) -> Shingles:
+    """The k-token shingles of each text given as word hashes (see word_tokens)."""
     counts = np.diff(word_offsets)
     n_words = len(tokens)
 
@@ -291,14 +358,23 @@ def similar_pairs(
     if verify not in ("exact", "estimate"):
         raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
     shingles = word_shingles(texts, shingle_size)
-    sig = signatures(shingles, num_perm, seed)
+    return similar_in_sketch(Sketch(shingles, signatures(shingles, num_perm, seed)),
+                             bands=bands, rows=rows, threshold=threshold, verify=verify)
+
+
+def similar_in_sketch(sketch: Sketch, *, bands: int = 16, rows: int = 8, threshold: float = 0.7,
+                      verify: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """similar_pairs on texts already shingled and signed (LSH, then verification)."""
+    if verify not in ("exact", "estimate"):
+        raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
+    sig = sketch.signatures
     candidates = band_candidates(sig, bands, rows)
     estimate = estimated_jaccard(sig, candidates)
     if verify == "estimate":
         keep = estimate >= threshold
         return candidates[keep], estimate[keep]
     candidates = candidates[estimate >= threshold - 0.15]
-    similarity = exact_jaccard(shingles, candidates)
+    similarity = exact_jaccard(sketch.shingles, candidates)
     keep = similarity >= threshold
     return candidates[keep], similarity[keep]
 

@@ -76,7 +76,8 @@ def run_pipeline(
     accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
     leakage = None
     if check_leakage:
-        report = configs.leakage_report(deduplicated.kept, dedup_settings, examples=0)
+        report = configs.leakage_report(deduplicated.kept, dedup_settings, examples=0,
+                                        sketch=deduplicated.prompt_sketch)
         leakage = {kind: report[kind] for kind in ("exact", "near")}
     return PipelineResult(
         pairs=deduplicated.kept,

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hhdata import configs
+from hhdata import configs, dedup
 from hhdata.configs import ConfigError
 from test_dedup import POOL, edit_prompt_word, long_records, pair_table
 
@@ -97,3 +97,27 @@ def test_resplit_sizes_follow_the_fraction_per_subset():
     table = configs.resplit(pair_table(records), seed=1, test_fraction=0.25)
     sizes = configs.split_sizes(table)
     assert sizes["helpful-base"]["test"] == 10 and sizes["helpful-base"]["train"] == 30
+
+
+@pytest.mark.parametrize("scope", ["pair", "prompt"])
+def test_leakage_from_the_dedup_sketch_equals_leakage_made_alone(leaky, scope):
+    extra = pair_table([
+        ("\n\nHuman: Cafe\u0301 hours?\n\nAssistant: Noon.", "\n\nHuman: Cafe\u0301 hours?\n\nAssistant: Six.", "helpful-base", "test"),
+        ("\n\nHuman: Caf\u00e9 hours?\n\nAssistant: Nine.", "\n\nHuman: Caf\u00e9 hours?\n\nAssistant: Ten.", "helpful-base", "train"),
+        ("\n\nHuman: Hi\n\nAssistant: Hello there friend of mine", "\n\nHuman: Hi\n\nAssistant: Go", "harmless-base", "test"),
+    ])
+    settings = dedup.DedupSettings(near_scope=scope, near_action="cluster")
+    result = dedup.deduplicate(pa.concat_tables([leaky, extra]), settings)
+    assert len(result.prompt_sketch) == result.kept.num_rows
+    shared = configs.leakage_report(result.kept, settings, sketch=result.prompt_sketch)
+    alone = configs.leakage_report(result.kept, settings)
+    assert shared == alone
+    # leaky's exact leak is a swapped copy, dropped by dedup; the NFC twin (shingled again,
+    # normalised, since its first row is the decomposed one) leaks
+    assert shared["exact"]["test_rows"] == 1
+
+
+def test_a_sketch_of_other_rows_is_refused(leaky):
+    result = dedup.deduplicate(leaky)
+    with pytest.raises(ConfigError, match="pass the prompt_sketch of the DedupResult"):
+        configs.leakage_report(leaky.slice(0, 3), sketch=result.prompt_sketch)
