@@ -158,29 +158,38 @@ class _Tags(NamedTuple):
 def _find_tags(texts: _Texts) -> _Tags:
     """All speaker tags of a column: every colon, kept where the word before it is a tag.
 
-    One numpy comparison over the bytes finds the colons; the few letters before each are
-    then checked with gathers, which cost little as colons are rare.
+    One numpy comparison over the bytes finds the colons; the letters before each are then
+    compared as one 4- or 8-byte number, read through an overlapping view of the bytes.
     """
     data, starts, ends = texts.data, texts.starts, texts.ends
     low, high = (int(starts[0]), int(ends[-1])) if len(starts) else (0, 0)
     colon = np.flatnonzero(data[low:high] == ord(":")) + low
-    found = []
-    for user, word in _WORDS.items():
-        at = colon[colon - low >= len(word)]
-        for back, letter in enumerate(reversed(word), start=1):
-            at = at[data[at - back] == letter]
-        found.append((at - len(word), np.full(len(at), user)))
-    start = np.concatenate([found[0][0], found[1][0]])
-    order = np.argsort(start, kind="stable")
-    start, user = start[order], np.concatenate([found[0][1], found[1][1]])[order]
+    user = _word_before(data, colon, low, b"Human")
+    tag = user | _word_before(data, colon, low, b"Assistant")
+    colon, user = colon[tag], user[tag]
+    start = colon - np.where(user, len(_WORDS[True]), len(_WORDS[False]))
     row = np.searchsorted(starts, start, side="right") - 1  # the last row starting at or before
-    colon = start + np.where(user, len(_WORDS[True]), len(_WORDS[False]))
     inside = colon < ends[row]  # the word and its colon lie in one row
     start, row, user, colon = start[inside], row[inside], user[inside], colon[inside]
     row_start, row_end = starts[row], ends[row]
     blank_before = (start - 2 >= row_start) & (_byte_at(data, start - 1) == 10) & (_byte_at(data, start - 2) == 10)
     space_after = (colon + 1 < row_end) & (_byte_at(data, colon + 1) == 32)
     return _Tags(start, row, user, blank_before, space_after)
+
+
+def _word_before(data: np.ndarray, colon: np.ndarray, low: int, word: bytes) -> np.ndarray:
+    """Mask of the colons right after word: its first letter, then the rest (4 or 8 bytes)
+    as one little-endian number."""
+    rest = word[1:]
+    size = {4: "<u4", 8: "<u8"}[len(rest)]
+    if len(data) <= len(word) or not len(colon):
+        return np.zeros(len(colon), dtype=bool)
+    # shape: [positions]; element i is the number made of data[i : i + len(rest)]
+    numbers = np.ndarray((len(data) - len(rest) + 1,), size, data, 0, (1,))
+    room = colon - low >= len(word)
+    at = np.where(room, colon, len(word))
+    found = (numbers[at - len(rest)] == np.frombuffer(rest, size)[0]) & (data[at - len(word)] == word[0])
+    return found & room
 
 
 class _Split(NamedTuple):
