@@ -475,6 +475,19 @@ class _Chunks:
         self.failure: tuple[str, str] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
+        """The chunks; the first one holds at least the length of a byte order mark."""
+        head = b""
+        for chunk in self._chunks():
+            if head is not None:
+                head += chunk
+                if len(head) < len(_BOM):
+                    continue
+                chunk, head = head, None
+            yield chunk
+        if head:
+            yield head
+
+    def _chunks(self) -> Iterator[bytes]:
         try:
             with self.path.open("rb") as file:
                 head = file.read(2)

@@ -263,3 +263,24 @@ def test_bulk_reading_agrees_with_json_loads_line_by_line(tmp_path_factory, line
     got |= {row["line"]: (row["chosen"], row["rejected"]) for row in result.table.to_pylist()}
     assert got == expected
     assert result.report.reconciles()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_LINES, min_size=1, max_size=60), st.sampled_from([1, 3, 16, 200]), st.booleans(), st.booleans())
+def test_lines_cut_between_inflated_chunks_read_the_same(tmp_path_factory, lines, read_size, compress, bom):
+    """Tiny chunks put line ends, CRLF pairs and the BOM across chunk boundaries."""
+    from unittest import mock
+
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"\r\n".join(lines) + b"\r\n"
+    path = tmp_path_factory.mktemp("chunks") / "harmless-base" / "train.jsonl.gz"
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+    with mock.patch("hhdata.read._READ_SIZE", read_size):
+        result = read_raw(path)
+
+    expected = reference_verdicts(data.removeprefix(b"\xef\xbb\xbf"))
+    got = {row["line"]: row["reason"] for row in result.quarantine.to_pylist()}
+    got |= {row["line"]: (row["chosen"], row["rejected"]) for row in result.table.to_pylist()}
+    assert got == expected
+    assert result.report.reconciles()
