@@ -212,7 +212,7 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     sequence of turn codes is identified by two independent 64-bit hashes (a false match
     needs both to collide: about n**2 / 2**129 for n rows).
     """
-    prompt = pairs["prompt"].combine_chunks()
+    prompt = degenerate.one_array(pairs["prompt"])
     turns = prompt.values
     contents = normalized(pc.struct_field(turns, "content"), settings)
     is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
@@ -221,7 +221,7 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     offsets = prompt.offsets.to_numpy().astype(np.int64)
     prompt_hashes = [_sequence_hashes(turn_codes, offsets, multiplier).view(np.int64)
                      for multiplier in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)]
-    replies = [normalized(degenerate.joined_contents(pairs[side].combine_chunks(), "\n"), settings)
+    replies = [normalized(degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n"), settings)
                for side in ("chosen", "rejected")]
     # one dictionary for both replies, so a reply has the same code on either side
     codes = pa.concat_arrays(replies).dictionary_encode().indices.to_numpy(zero_copy_only=False)
@@ -237,9 +237,9 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
 def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
     """What near-duplicate detection shingles: the prompt turns' contents joined by spaces,
     then (scope 'pair') both final replies."""
-    parts = [degenerate.joined_contents(pairs["prompt"].combine_chunks(), " ")]
+    parts = [degenerate.joined_contents(degenerate.one_array(pairs["prompt"]), " ")]
     if scope == "pair":
-        parts += [degenerate.joined_contents(pairs[side].combine_chunks(), " ")
+        parts += [degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")
                   for side in ("chosen", "rejected")]
     return pc.binary_join_element_wise(*parts, " ") if len(parts) > 1 else parts[0]
 
@@ -248,24 +248,35 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
     """Per row, the MinHash sketch of its near_texts (the settings' scope) and of its prompt.
 
     One tokenisation and one pass of signatures serve both. A pair's text is its prompt,
-    chosen and rejected joined by spaces, so its words are the three parts' words in a row
-    and its first shingles are the prompt's own (when the prompt has at least k words): the
-    pair's signature is the element-wise minimum of the prompt's and the rest's.
+    chosen and rejected joined by spaces, so its words are the three parts' words in a row,
+    and when the prompt has at least k words the pair's first shingles are the prompt's
+    own. Only the rest (shingles that start in the prompt's last k - 1 words or later) is
+    shingled and signed again; the pair's signature is the element-wise minimum of both.
     """
     k, num_perm, seed = settings.shingle_size, settings.num_perm, settings.seed
-    parts = [minhash.word_tokens(degenerate.joined_contents(pairs[side].combine_chunks(), " "))
-             for side in ("prompt", "chosen", "rejected")]
-    prompt_shingles = minhash.token_shingles(*parts[0], k)
+    prompt_tokens, *replies = [
+        minhash.word_tokens(degenerate.joined_contents(degenerate.one_array(pairs[side]), " "))
+        for side in ("prompt", "chosen", "rejected")
+    ]
+    prompt_shingles = minhash.token_shingles(*prompt_tokens, k)
     prompt = minhash.Sketch(prompt_shingles, minhash.signatures(prompt_shingles, num_perm, seed))
     if settings.near_scope == "prompt":
         return prompt, prompt
-    shingles = minhash.token_shingles(*minhash.concat_tokens(parts), k)
-    prompt_words = np.diff(parts[0][1])
-    shared = np.where(prompt_words >= k, prompt_words - k + 1, 0)
-    rest = minhash.signatures(shingles.without_first(shared), num_perm, seed)
+    prompt_words = np.diff(prompt_tokens[1])
+    reply_words = np.diff(replies[0][1]) + np.diff(replies[1][1])
+    # a prompt shorter than k words is one shingle of its own, not one of the pair's
     whole = prompt_words >= k
-    rest[whole] = np.minimum(rest[whole], prompt.signatures[whole])
-    return minhash.Sketch(shingles, rest), prompt
+    carried = np.where(whole, np.where(reply_words > 0, k - 1, 0), prompt_words)
+    rest = minhash.token_shingles(
+        *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k)
+    signatures = minhash.signatures(rest, num_perm, seed)
+    signatures[whole] = np.minimum(signatures[whole], prompt.signatures[whole])
+    own = np.where(whole, prompt_shingles.counts(), 0)
+    hashes, offsets = minhash.concat_tokens([
+        minhash.last_tokens(prompt_shingles.hashes, prompt_shingles.offsets, own),
+        (rest.hashes, rest.offsets),
+    ])
+    return minhash.Sketch(minhash.Shingles(hashes, offsets), signatures), prompt
 
 
 def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings):
@@ -285,7 +296,7 @@ def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings
         threshold=settings.threshold, verify=settings.verify,
     )
     if settings.same_turn_count and len(unique_pairs):
-        turns = pc.list_value_length(pairs["prompt"].combine_chunks()).to_numpy(zero_copy_only=False)
+        turns = pc.list_value_length(degenerate.one_array(pairs["prompt"])).to_numpy(zero_copy_only=False)
         turns_of_unique = turns[first_row]
         same = turns_of_unique[unique_pairs[:, 0]] == turns_of_unique[unique_pairs[:, 1]]
         unique_pairs, similarity = unique_pairs[same], similarity[same]
@@ -332,7 +343,9 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
             f"deduplicate needs the canonical pair columns; missing {missing}. Build the table "
             "with hhdata.pairs.build_pairs so it follows hhdata.schema.PAIR_SCHEMA"
         )
-    pairs = pairs.select(PAIR_SCHEMA.names).combine_chunks()
+    # one array per column, made once: every stage below reads whole columns
+    pairs = pairs.select(PAIR_SCHEMA.names)
+    pairs = pa.table([degenerate.one_array(column) for column in pairs.columns], schema=pairs.schema)
     ids = pairs["id"].to_numpy(zero_copy_only=False)
     n = pairs.num_rows
     reason = np.full(n, None, dtype=object)
@@ -368,7 +381,7 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     edges: list[tuple[int, int]] = []
     survivor_sketch = None
     if settings.near and len(order):
-        survivors = pairs.take(pa.array(order))
+        survivors = pairs.select(["prompt", "chosen", "rejected"]).take(pa.array(order))
         dropped, edges, survivor_sketch = _near_duplicates(survivors, np.arange(len(order)), settings)
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
@@ -398,7 +411,7 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
         local_of_row = np.full(n, -1, dtype=np.int64)
         local_of_row[order] = np.arange(len(order))
         prompt_sketch = survivor_sketch.take(local_of_row[keep])
-    flags = degenerate.add_flags(pairs["flags"].combine_chunks(), {c: m & keep for c, m in flagged.items()})
+    flags = degenerate.add_flags(degenerate.one_array(pairs["flags"]), {c: m & keep for c, m in flagged.items()})
     kept = pairs.set_column(PAIR_SCHEMA.get_field_index("flags"), "flags", flags)
     kept = kept.filter(pa.array(keep)).append_column(
         "cluster_id", pa.array(ids[cluster][keep].tolist(), pa.string())

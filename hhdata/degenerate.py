@@ -54,6 +54,28 @@ def check_policy(policy: dict[str, str]) -> None:
             )
 
 
+def one_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as one array whose list offsets start at 0 and cover all its values.
+
+    A single chunk that already is one is used as it is, since combine_chunks copies it.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks != 1 or not _compact(column.chunk(0)):
+            return column.combine_chunks()
+        return column.chunk(0)
+    return column if _compact(column) else pa.concat_arrays([column])
+
+
+def _compact(array: pa.Array) -> bool:
+    """No slice offset, and (for a list array) offsets that span exactly its values."""
+    if array.offset != 0:
+        return False
+    if isinstance(array, pa.ListArray) and len(array):
+        offsets = array.offsets
+        return offsets[0].as_py() == 0 and offsets[-1].as_py() == len(array.values)
+    return True
+
+
 def joined_contents(turns: pa.Array, separator: str) -> pa.Array:
     """Each row's turn contents joined into one string."""
     contents = pc.struct_field(turns.values, "content")
@@ -182,7 +204,7 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
     {'identical_replies': [True], 'empty_reply': [False], 'prompt_disagrees': [False], 'non_alternating': [False]}
     """
     def column(name: str) -> pa.Array:
-        return pairs[name].combine_chunks()
+        return one_array(pairs[name])
 
     replies = [joined_contents(column(side), "\n") for side in ("chosen", "rejected")]
     chosen, rejected = normalize(replies[0], nfc=False), normalize(replies[1], nfc=False)

@@ -137,7 +137,7 @@ def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
     """
     array = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
     if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
+        array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
     words = pc.utf8_split_whitespace(pc.utf8_lower(array.fill_null("")))
     # an empty text splits into one empty word: drop empty words, then re-base the offsets
     nonempty = pc.utf8_length(words.values).to_numpy(zero_copy_only=False) > 0
@@ -161,6 +161,15 @@ def concat_tokens(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
         out[np.repeat(before - offsets[:-1], count) + np.arange(len(tokens))] = tokens
         before += count
     return out, out_offsets
+
+
+def last_tokens(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's last ``keep[d]`` tokens (at most all of them)."""
+    keep = np.minimum(keep, np.diff(offsets))
+    out_offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(keep, out=out_offsets[1:])
+    within = np.arange(out_offsets[-1]) - np.repeat(out_offsets[:-1], keep)
+    return tokens[np.repeat(offsets[1:] - keep, keep) + within], out_offsets
 
 
 def word_shingles(texts, k: int = 3) -> Shingles:
@@ -194,11 +203,14 @@ def token_shingles(tokens: np.ndarray, word_offsets: np.ndarray, k: int) -> Shin
                 np.add(folded, padded[j - 1 : j - 1 + n_words], out=folded)
             done = short_counts == j
             short_values[done] = folded[short_starts[done]]
-    # a start is kept if a whole shingle fits in its text, or it begins a short text
-    doc_end = np.repeat(word_offsets[1:], counts)
-    keep = np.arange(n_words) + k <= doc_end
+    # a start is kept if a whole shingle fits in its text (so not among its last k - 1
+    # words), or it begins a short text; marking the few starts that go is cheaper than
+    # testing every word
+    keep = np.ones(n_words, dtype=bool)
+    ends = word_offsets[1:]
+    for j in range(1, k):
+        keep[ends[counts > j] - j] = False
     folded[short_starts] = short_values
-    keep[short_starts] = True
     shingle_counts = np.where(short, 1, np.maximum(counts - k + 1, 0))
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(shingle_counts, out=offsets[1:])
