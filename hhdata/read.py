@@ -1,11 +1,13 @@
 """Read raw HH-RLHF JSONL(.gz) files into an Arrow table, quarantining what is broken.
 
 ``read_raw`` takes files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``
-and globs, several files at once in threads. It streams each file (gzip detected by its
-magic bytes, inflated with ISA-L), finds the lines with numpy and reads runs of plain
-lines with Arrow's JSON reader against the record's shape. A run it refuses is redone in
-shorter runs, then line by line (msgspec), and a line that still fails takes the slow
-path: ``json.loads`` and the ``jsonschema`` validator word the exact reason. Nothing
+and globs, several files at once in threads (the largest first). It streams each file
+(gzip detected by its magic bytes, inflated with ISA-L), finds the lines with numpy and
+reads runs of plain lines (``{..."}``, as upstream writes them) with Arrow's JSON reader
+against the record's shape; other lines go one by one (msgspec). Rows Arrow read but the
+rules refuse (a null, bytes that are not UTF-8, found by halving the run) and every line
+msgspec refuses take the slow path: ``json.loads`` and the ``jsonschema`` validator word
+the exact reason. A run Arrow refuses as a whole is redone in shorter runs. Nothing
 disappears without a count: ``lines == blank + accepted + sum(quarantined.values())``.
 
 Limits: a line longer than MAX_LINE_BYTES (4 MiB; the longest real record is about 16 KB)
