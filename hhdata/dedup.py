@@ -271,12 +271,7 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
         *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k)
     signatures = minhash.signatures(rest, num_perm, seed)
     signatures[whole] = np.minimum(signatures[whole], prompt.signatures[whole])
-    own = np.where(whole, prompt_shingles.counts(), 0)
-    hashes, offsets = minhash.concat_tokens([
-        minhash.last_tokens(prompt_shingles.hashes, prompt_shingles.offsets, own),
-        (rest.hashes, rest.offsets),
-    ])
-    return minhash.Sketch(minhash.Shingles(hashes, offsets), signatures), prompt
+    return minhash.Sketch(rest, signatures, prefix=prompt_shingles, prefix_rows=whole), prompt
 
 
 def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings):

@@ -79,17 +79,39 @@ class Shingles:
 class Sketch:
     """Shingles and MinHash signatures of the same texts, row d of each for text d: what
     similar_pairs needs, so one pass can serve several questions (hhdata.dedup hands the
-    prompts' sketch to the leakage check)."""
+    prompts' sketch to the leakage check).
+
+    A text's shingles may come in two parts: ``shingles`` and, where ``prefix_rows`` is
+    set, its ``prefix`` shingles too (a pair's prompt); the signatures cover both. The
+    parts are joined only for the few texts whose exact Jaccard is wanted.
+    """
 
     shingles: Shingles
     signatures: np.ndarray  # uint32, (texts, num_perm)
+    prefix: Shingles | None = None
+    prefix_rows: np.ndarray | None = None  # bool, (texts,)
 
     def __len__(self) -> int:
         return len(self.signatures)
 
     def take(self, texts: np.ndarray) -> Sketch:
         """The sketch of the given texts, in that order."""
-        return Sketch(self.shingles.take(texts), self.signatures[np.asarray(texts, dtype=np.int64)])
+        texts = np.asarray(texts, dtype=np.int64)
+        if self.prefix is None:
+            return Sketch(self.shingles.take(texts), self.signatures[texts])
+        return Sketch(self.shingles.take(texts), self.signatures[texts],
+                      self.prefix.take(texts), self.prefix_rows[texts])
+
+    def shingles_of(self, texts: np.ndarray) -> Shingles:
+        """All shingles of the given texts, in that order."""
+        own = self.shingles.take(texts)
+        if self.prefix is None:
+            return own
+        prefix = self.prefix.take(texts)
+        used = np.where(self.prefix_rows[texts], prefix.counts(), 0)
+        hashes, offsets = concat_tokens([last_tokens(prefix.hashes, prefix.offsets, used),
+                                         (own.hashes, own.offsets)])
+        return Shingles(hashes, offsets)
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
@@ -138,14 +160,23 @@ def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
     array = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
     if isinstance(array, pa.ChunkedArray):
         array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
-    words = pc.utf8_split_whitespace(pc.utf8_lower(array.fill_null("")))
-    # an empty text splits into one empty word: drop empty words, then re-base the offsets
-    nonempty = pc.utf8_length(words.values).to_numpy(zero_copy_only=False) > 0
-    kept_before = np.concatenate([[0], np.cumsum(nonempty)])
-    word_offsets = kept_before[words.offsets.to_numpy().astype(np.int64)]
-    encoded = words.values.filter(pa.array(nonempty)).dictionary_encode()
-    vocabulary = _string_hashes(encoded.dictionary)
-    return vocabulary[encoded.indices.to_numpy(zero_copy_only=False)], word_offsets
+    # lower-casing never makes or removes whitespace, so only the vocabulary is lowered
+    words = pc.utf8_split_whitespace(array.fill_null(""))
+    encoded = words.values.dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    # an empty text (or whitespace at an end) splits into empty words: they are dropped
+    # below (" " stands in for them, as the hash wants non-empty strings), and the offsets
+    # re-based
+    is_empty = pc.equal(encoded.dictionary, "")
+    vocabulary = _string_hashes(pc.utf8_lower(pc.if_else(is_empty, " ", encoded.dictionary)))
+    empty = np.flatnonzero(is_empty.to_numpy(zero_copy_only=False))
+    word_offsets = words.offsets.to_numpy().astype(np.int64)
+    if len(empty):
+        nonempty = codes != empty[0]
+        kept_before = np.zeros(len(codes) + 1, dtype=np.int64)
+        np.cumsum(nonempty, out=kept_before[1:])
+        return vocabulary[codes[nonempty]], kept_before[word_offsets]
+    return vocabulary[codes], word_offsets - word_offsets[0]
 
 
 def concat_tokens(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -386,7 +417,8 @@ def similar_in_sketch(sketch: Sketch, *, bands: int = 16, rows: int = 8, thresho
         keep = estimate >= threshold
         return candidates[keep], estimate[keep]
     candidates = candidates[estimate >= threshold - 0.15]
-    similarity = exact_jaccard(sketch.shingles, candidates)
+    texts = np.unique(candidates)
+    similarity = exact_jaccard(sketch.shingles_of(texts), np.searchsorted(texts, candidates))
     keep = similarity >= threshold
     return candidates[keep], similarity[keep]
 
