@@ -93,11 +93,11 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     prompt = pa.ListArray.from_arrays(
         pa.array(prompt_offsets), pa.StructArray.from_arrays([role, turns], fields=list(TURN)), type=TURNS
     )
-    everything = len(index) == len(split.fast)
+    all_fast = len(index) == len(split.fast)
     # the original texts are the raw table's own buffers; the one-buffer copies above are
     # scratch, freed with the batch (and their memory reused by the next one)
-    fast_raw = raw if everything else _take(raw, index)
-    ids = _ids(chosen, rejected) if everything else _take(_ids(chosen, rejected), index)
+    fast_raw = raw if all_fast else _take(raw, index)
+    ids = _ids(chosen, rejected) if all_fast else _take(_ids(chosen, rejected), index)
     flags = _flags(c, r, c_tags, r_tags, split, index, prompt, roles, turn_row, (reply_c, reply_r))
     fast_table = pa.table(
         {
@@ -114,7 +114,7 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
         },
         schema=PAIR_SCHEMA,
     )
-    if everything:
+    if all_fast:
         return fast_table, q.quarantine_table([])
     slow_rows, slow_index, bad = _split_slow(raw, np.flatnonzero(~split.fast))
     slow_table = pa.Table.from_pylist(slow_rows, PAIR_SCHEMA)
