@@ -20,11 +20,10 @@ from __future__ import annotations
 import glob
 import os
 import sys
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable
 
 import msgspec
 import numpy as np
@@ -35,21 +34,13 @@ from tqdm import tqdm
 
 from hhdata import quarantine as q
 from hhdata.errors import SourceError
+from hhdata.lines import RAW_HEAD, Block, blocks, too_long
 from hhdata.schema import SPLITS, family_of
 from hhdata.validate import explain_raw_line, validate_raw_table
-
-try:  # ISA-L inflates gzip about twice as fast as zlib, with the same interface
-    from isal import isal_zlib as _inflate
-except ImportError:  # pragma: no cover - isal is a dependency, zlib the fallback
-    _inflate = zlib
 
 MAX_LINE_BYTES = 4 * 2**20
 _RUN_LINES = 1024  # lines per call of Arrow's JSON reader
 _RETRY_LINES = 32  # a run with a bad line is redone in runs this long, then line by line
-_READ_SIZE = 1 << 20
-_BOM = b"\xef\xbb\xbf"
-_GZIP_MAGIC = b"\x1f\x8b"
-_RAW_HEAD = 1024  # bytes of an over-long line kept in the quarantine
 
 RAW_SCHEMA = pa.schema(
     [
@@ -230,8 +221,8 @@ def _read_file(path, source, max_line_bytes, report, advance):
     """One file's accepted records as a table, and its quarantine."""
     rows = _Rows(str(path), source)
     crlf = 0
-    for item in _blocks(path, max_line_bytes, report, advance):
-        if isinstance(item, _Block):
+    for item in blocks(path, max_line_bytes, report.notices, advance):
+        if isinstance(item, Block):
             crlf += _read_block(item, rows, max_line_bytes)
         else:
             number, problem = item
@@ -301,22 +292,13 @@ class _Rows:
                 column.clear()
 
 
-class _Block(NamedTuple):
-    """Complete lines in a buffer: line i is buffer[starts[i]:ends[i]], numbered first + i."""
-
-    buffer: bytes
-    starts: np.ndarray
-    ends: np.ndarray
-    first: int
-
-
 _JSON_OPTIONS = pa_json.ParseOptions(
     explicit_schema=pa.schema([("chosen", pa.string()), ("rejected", pa.string())]),
     unexpected_field_behavior="error",
 )
 
 
-def _read_block(block: _Block, rows: _Rows, max_line_bytes: int) -> int:
+def _read_block(block: Block, rows: _Rows, max_line_bytes: int) -> int:
     """Read a block: runs of plain lines in bulk with Arrow's JSON reader, the rest one by
     one. Returns how many lines end with CRLF."""
     data = np.frombuffer(block.buffer, np.uint8)
@@ -342,7 +324,7 @@ def _read_block(block: _Block, rows: _Rows, max_line_bytes: int) -> int:
     return int(crlf.sum())
 
 
-def _read_run(block: _Block, starts, ends, low: int, high: int, rows: _Rows, size: int = _RUN_LINES) -> None:
+def _read_run(block: Block, starts, ends, low: int, high: int, rows: _Rows, size: int = _RUN_LINES) -> None:
     """Lines low..high-1 with Arrow's JSON reader, ``size`` at a time. A run it refuses, or
     reads into a different number of rows, is redone in runs of _RETRY_LINES, then line
     by line."""
@@ -398,135 +380,13 @@ def _invalid_utf8_rows(records: pa.Table, first: int = 0) -> np.ndarray:
     ])
 
 
-def _read_line(block: _Block, starts, ends, index: int, rows: _Rows, max_line_bytes: int | None) -> None:
+def _read_line(block: Block, starts, ends, index: int, rows: _Rows, max_line_bytes: int | None) -> None:
     number = block.first + index
     line = block.buffer[starts[index]: ends[index]]
     if max_line_bytes is not None and len(line) > max_line_bytes:
-        rows.quarantine(number, _too_long(line[:_RAW_HEAD], len(line), max_line_bytes))
+        rows.quarantine(number, too_long(line[:RAW_HEAD], len(line), max_line_bytes))
     else:
         rows.add_line(number, line)
-
-
-def _blocks(path: Path, max_line_bytes: int, report: ReadReport, advance) -> Iterator:
-    """_Block of complete lines, or (line number, q.Problem) for an over-long or cut line."""
-    number = 0
-    pending = b""
-    skipping = 0  # bytes of an over-long line seen so far, 0 when not in one
-    chunks = _Chunks(path, advance)
-    for index, chunk in enumerate(chunks):
-        if index == 0 and chunk.startswith(_BOM):
-            chunk = chunk[len(_BOM):]
-            report.notices.append(f"{path}: starts with a UTF-8 byte order mark; ignored")
-        if skipping:
-            newline = chunk.find(b"\n")
-            if newline < 0:
-                skipping += len(chunk)
-                continue
-            number += 1
-            yield number, _too_long(pending, skipping + newline, max_line_bytes)
-            skipping, pending, chunk = 0, b"", chunk[newline + 1:]
-        start = 0  # where the chunk's own lines begin
-        if pending:
-            newline = chunk.find(b"\n")
-            if newline < 0:
-                pending += chunk
-            else:
-                # the line cut between two chunks is a block of its own, so the chunk itself
-                # is never copied (a fresh multi-MB buffer costs its page faults each time)
-                line = pending + chunk[:newline + 1]
-                yield _Block(line, np.array([0]), np.array([len(line) - 1]), number + 1)
-                number += 1
-                pending, start = b"", newline + 1
-        if not pending:
-            last = chunk.rfind(b"\n", start)
-            if last >= 0:
-                view = np.frombuffer(chunk, np.uint8, count=last + 1 - start, offset=start)
-                ends = np.flatnonzero(view == 10) + start
-                starts = np.concatenate([[start], ends[:-1] + 1])
-                yield _Block(chunk, starts, ends, number + 1)
-                number += len(ends)
-            pending = chunk[last + 1:] if last >= 0 else chunk[start:]
-        if len(pending) > max_line_bytes:
-            skipping, pending = len(pending), pending[:_RAW_HEAD]
-    if skipping:
-        number += 1
-        yield number, _too_long(pending, skipping, max_line_bytes)
-    elif chunks.failure is None and pending:
-        yield _Block(pending + b"\n", np.array([0]), np.array([len(pending)]), number + 1)
-        number += 1
-    if chunks.failure is not None:
-        reason, what = chunks.failure
-        yield number + 1, q.Problem(reason, (
-            f"{path} is {what} after line {number} (the last complete line); the "
-            f"{number} lines before the cut were read; re-download or re-compress the file"
-        ), pending[:_RAW_HEAD] if not skipping else b"")
-
-
-def _too_long(head: bytes, size: int, limit: int) -> q.Problem:
-    return q.Problem(q.LINE_TOO_LONG, (
-        f"the line is {size} bytes, over the limit of {limit} bytes (hhdata.read."
-        "MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"
-    ), head[:_RAW_HEAD])
-
-
-class _Chunks:
-    """The decompressed bytes of a file in chunks; ``failure`` tells a cut gzip stream."""
-
-    def __init__(self, path: Path, advance):
-        self.path, self.advance = path, advance
-        self.failure: tuple[str, str] | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        """The chunks; the first one holds at least the length of a byte order mark."""
-        head = b""
-        for chunk in self._chunks():
-            if head is not None:
-                head += chunk
-                if len(head) < len(_BOM):
-                    continue
-                chunk, head = head, None
-            yield chunk
-        if head:
-            yield head
-
-    def _chunks(self) -> Iterator[bytes]:
-        try:
-            with self.path.open("rb") as file:
-                head = file.read(2)
-                file.seek(0)
-                if head == _GZIP_MAGIC:
-                    yield from self._gunzip(file)
-                else:
-                    while block := file.read(_READ_SIZE * 4):
-                        self.advance(len(block))
-                        yield block
-        except OSError as error:
-            raise SourceError(f"cannot read {self.path}: {error.strerror or error}") from None
-
-    def _gunzip(self, file) -> Iterator[bytes]:
-        stream = _inflate.decompressobj(wbits=31)
-        while block := file.read(_READ_SIZE):
-            self.advance(len(block))
-            data = block
-            while data:
-                try:
-                    out = stream.decompress(data, _READ_SIZE * 8)
-                except (zlib.error, _inflate.error) as error:
-                    self.failure = (q.CORRUPT_FILE, f"a corrupt gzip stream ({error})")
-                    return
-                if out:
-                    yield out
-                if stream.unconsumed_tail:
-                    data = stream.unconsumed_tail
-                elif stream.eof and stream.unused_data.strip(b"\x00"):
-                    data, stream = stream.unused_data, _inflate.decompressobj(wbits=31)
-                else:
-                    data = b""
-        rest = stream.flush()
-        if rest:
-            yield rest
-        if not stream.eof:
-            self.failure = (q.TRUNCATED_FILE, "truncated: its gzip stream ends")
 
 
 def read_pairs(paths: str | Path | Iterable[str | Path], **read_args) -> ReadResult:

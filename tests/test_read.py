@@ -276,7 +276,7 @@ def test_lines_cut_between_inflated_chunks_read_the_same(tmp_path_factory, lines
     path.parent.mkdir()
     path.write_bytes(gzip.compress(data) if compress else data)
 
-    with mock.patch("hhdata.read._READ_SIZE", read_size):
+    with mock.patch("hhdata.lines.READ_SIZE", read_size):
         result = read_raw(path)
 
     expected = reference_verdicts(data.removeprefix(b"\xef\xbb\xbf"))
