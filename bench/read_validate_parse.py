@@ -7,8 +7,9 @@ of each transcript (hhdata.transcript.split_pair, the correct rule). hhdata: rea
 with numpy, pieces cut by offsets), in threads (one per CPU) and again in one thread.
 
 Each side runs in its own subprocess, one after the other in one run, so its peak memory
-(ru_maxrss) is its own. Both write a verdict per line (accepted, or the reason) and a
-digest of every accepted pair's content; the run fails unless both agree on every record.
+(VmHWM) and CPU time (user + system) are its own. Each writes a verdict per line
+(accepted, or the reason) and a digest of every accepted pair's content; the run fails
+unless all agree on every record.
 
     .venv/bin/python bench/read_validate_parse.py            # 170k pairs, corpus cached
     .venv/bin/python bench/read_validate_parse.py --pairs 20000
