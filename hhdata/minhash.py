@@ -35,6 +35,8 @@ _FOLD = np.uint64(0x9E3779B97F4A7C15)
 # the multiply, add and minimum run in cache (1.7x faster than 16 MiB blocks, measured on
 # the 170k corpus's prompts)
 _BLOCK_SHINGLES = 4096
+# Words per block when folding shingles: a few arrays of 512 KiB, which fit in cache.
+_BLOCK_TOKENS = 65536
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,10 @@ class Sketch:
         return Shingles(hashes, offsets)
 
 
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic)."""
-    z = values.astype(np.uint64, copy=True)
+def _splitmix64(values: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic); ``in_place``
+    overwrites ``values`` (a uint64 array) instead of copying it."""
+    z = values if in_place else values.astype(np.uint64, copy=True)
     shifted = np.empty_like(z)
     with np.errstate(over="ignore"):
         for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
@@ -221,21 +224,6 @@ def token_shingles(tokens: np.ndarray, word_offsets: np.ndarray, k: int) -> Shin
     """The k-token shingles of each text given as word hashes (see word_tokens)."""
     counts = np.diff(word_offsets)
     n_words = len(tokens)
-
-    # folded[i] after step j covers tokens[i], ..., tokens[i + j - 1]; padding keeps every
-    # start in range. A text of c < k words keeps the fold of step c at its first word.
-    padded = np.concatenate([tokens, np.zeros(k - 1, dtype=np.uint64)])
-    folded = padded[:n_words].copy()
-    short = (counts > 0) & (counts < k)
-    short_starts, short_counts = word_offsets[:-1][short], counts[short]
-    short_values = np.zeros(len(short_starts), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(1, k + 1):
-            if j > 1:
-                np.multiply(folded, _FOLD, out=folded)
-                np.add(folded, padded[j - 1 : j - 1 + n_words], out=folded)
-            done = short_counts == j
-            short_values[done] = folded[short_starts[done]]
     # a start is kept if a whole shingle fits in its text (so not among its last k - 1
     # words), or it begins a short text; marking the few starts that go is cheaper than
     # testing every word
@@ -243,11 +231,34 @@ def token_shingles(tokens: np.ndarray, word_offsets: np.ndarray, k: int) -> Shin
     ends = word_offsets[1:]
     for j in range(1, k):
         keep[ends[counts > j] - j] = False
-    folded[short_starts] = short_values
+    # a text of c < k words is one shingle: the fold of its c words
+    short = (counts > 0) & (counts < k)
+    short_starts, short_counts = word_offsets[:-1][short], counts[short]
+    short_values = np.zeros(len(short_starts), dtype=np.uint64)
+    padded = np.concatenate([tokens, np.zeros(k - 1, dtype=np.uint64)])
+    with np.errstate(over="ignore"):
+        for j in range(int(short_counts.max(initial=0))):
+            more = short_counts > j
+            short_values[more] = short_values[more] * _FOLD + padded[short_starts[more] + j]
     shingle_counts = np.where(short, 1, np.maximum(counts - k + 1, 0))
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(shingle_counts, out=offsets[1:])
-    return Shingles(hashes=_splitmix64(folded[keep]), offsets=offsets)
+    hashes = np.empty(offsets[-1], dtype=np.uint64)
+    done = 0
+    # in blocks that stay in cache: fold k tokens per start, keep the starts that count, mix
+    with np.errstate(over="ignore"):
+        for start in range(0, n_words, _BLOCK_TOKENS):
+            stop = min(start + _BLOCK_TOKENS, n_words)
+            folded = padded[start:stop].copy()
+            for j in range(1, k):
+                np.multiply(folded, _FOLD, out=folded)
+                np.add(folded, padded[start + j : stop + j], out=folded)
+            low, high = np.searchsorted(short_starts, [start, stop])
+            folded[short_starts[low:high] - start] = short_values[low:high]
+            block = _splitmix64(folded[keep[start:stop]], in_place=True)
+            hashes[done : done + len(block)] = block
+            done += len(block)
+    return Shingles(hashes=hashes, offsets=offsets)
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
