@@ -189,9 +189,15 @@ def cross_validation(options) -> dict:
         steps = options.epochs * (len(train_rows) // options.batch_size)
         args = Args(data=str(path), model=models.MINILM, max_train_pairs=options.max_train_pairs, run_dir=str(work / f"ours-{k}"), max_length=options.max_length, batch_size=options.batch_size,
                     epochs=options.epochs, learning_rate=options.learning_rate, save_every=10**9, seed=options.seed)
-        started = time.perf_counter()
-        results["ours"].append(main(args)["overall"]["accuracy"])
-        results["seconds"]["ours"] += time.perf_counter() - started
+        if "ours" in options.tools:
+            started = time.perf_counter()
+            results["ours"].append(main(replace(args, dropout=options.dropout))["overall"]["accuracy"])
+            results["seconds"]["ours"] += time.perf_counter() - started
+        if "trl" not in options.tools:
+            print(json.dumps({"fold": k, "ours": results["ours"][-1]}), flush=True)
+            if options.out:
+                Path(options.out).write_text(json.dumps(results, indent=1))
+            continue
 
         started = time.perf_counter()
         train_pairs = [encode_pair(tokenizer, row, options.max_length, False) for row in train_rows]
@@ -204,7 +210,7 @@ def cross_validation(options) -> dict:
         test_pairs = [encode_pair(tokenizer, row, options.max_length, False) for row in test_rows]
         results["TRL 1.16 RewardTrainer"].append(trl_accuracy(trainer.model, test_pairs, tokenizer.pad_token_id))
         results["seconds"]["TRL 1.16 RewardTrainer"] += time.perf_counter() - started
-        print(json.dumps({"fold": k, "ours": results["ours"][-1], "trl": results["TRL 1.16 RewardTrainer"][-1]}), flush=True)
+        print(json.dumps({"fold": k, "ours": results["ours"][-1:], "trl": results["TRL 1.16 RewardTrainer"][-1]}), flush=True)
         if options.out:  # keep finished folds if the run is cut short
             Path(options.out).write_text(json.dumps(results, indent=1))
     return results
@@ -260,6 +266,8 @@ if __name__ == "__main__":
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--tools", default="ours,trl", help="cv: which trainers to run")
+    parser.add_argument("--dropout", action="store_true", help="cv: keep minilm's dropout in our trainer")
     parser.add_argument("--max-train-pairs", type=int, default=None, help="cv: train on the first N pairs of the four folds")
     parser.add_argument("--only-fold", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1)

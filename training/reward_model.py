@@ -79,6 +79,9 @@ class Args:
     """held-out share, chosen by pair id, when the release has no test split beside train"""
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
     """pack prompt|chosen|rejected in one sequence; auto = on for decoders, off for encoders"""
+    dropout: bool = False
+    """keep the backbone's dropout; off by default, as is usual for RLHF reward models (Huang et
+    al. 2023, "The N+ Implementation Details of RLHF with PPO"; TRL's disable_dropout)"""
     chat_template: bool = True
     """render with the tokenizer's chat template when it has one (else the Human/Assistant format)"""
     precision: Literal["no", "bf16"] = "no"
@@ -526,6 +529,10 @@ def main(args: Args) -> dict:
     else:
         tokenizer = models.load_tokenizer(args.model)
     model = RewardModel(models.load_backbone(args.model, tokenizer, seed=args.seed))
+    if not args.dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
     encoder = models.is_encoder(model.backbone.config)
     if args.prefix_sharing == "on" and encoder:
         raise HhDataError(
