@@ -253,8 +253,12 @@ def stage_timings(corpus: Path, out: Path) -> None:
     raw = timed("read_raw (read + validate)", lambda: read_raw([corpus]))
     pair_rows, _ = timed("build_pairs (parse)", lambda: build_pairs(raw.table))
     timed("deduplicate, exact only", lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)))
-    kept = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows)).kept
-    timed("leakage_report", lambda: configs.leakage_report(kept, examples=0))
+    deduplicated = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows))
+    kept = deduplicated.kept
+    timed("leakage_report, reusing deduplicate's prompt sketch (what build_release does)",
+          lambda: configs.leakage_report(kept, examples=0, sketch=deduplicated.prompt_sketch))
+    timed("leakage_report, making its own sketch (as with near=False)",
+          lambda: configs.leakage_report(kept, examples=0))
     accounting = {"read": kept.num_rows, "kept": kept.num_rows, "quarantined": {}, "removed": {},
                   "filtered": {}}
     shutil.rmtree(out, ignore_errors=True)
