@@ -222,6 +222,27 @@ def phases(folder: Path) -> dict[str, float]:
     return spent
 
 
+def free_cores() -> float:
+    """How many CPUs two busy threads get right now: work done by 2 threads / by 1 thread
+    in the same wall time (numpy releases the GIL), so 2.0 on an idle 2-CPU machine."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    values = np.random.default_rng(0).random(2_000_000)
+
+    def work(_: int) -> None:
+        for _ in range(20):
+            np.sqrt(values).sum()
+
+    walls = []
+    for threads in (1, 2):
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, range(threads)))
+        walls.append(time.perf_counter() - started)
+    return 2 * walls[0] / walls[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=170_000)
@@ -246,6 +267,7 @@ def main() -> int:
     print(f"corpus {folder} ({time.perf_counter() - started:.1f} s, "
           f"{sum(p.stat().st_size for p in files_of(folder)) / 2**20:.1f} MiB gzip)", file=sys.stderr)
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    cores_before = free_cores()
     modes = ("hhdata", "hhdata-1thread", "baseline", "inflate")
     rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
     verdicts: dict[str, list] = {mode: [] for mode in modes}
@@ -285,7 +307,8 @@ def main() -> int:
             walls = ", ".join(f"{r['seconds']:.2f}" for r in rounds[mode])
             print(f"{mode}: wall s per round {walls}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, load average before the run "
-          f"{load_before}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}, Python {platform.python_version()}")
+          f"{load_before}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}; CPUs two threads got before "
+          f"the run {cores_before:.1f}, after {free_cores():.1f}; Python {platform.python_version()}")
     if not (same_verdicts and same_pairs):
         mismatched = [v for v in verdicts["hhdata"][0] if v not in verdicts["baseline"][0]][:5]
         print(f"MISMATCH, first verdicts only hhdata gave: {mismatched}", file=sys.stderr)
