@@ -10,8 +10,8 @@ cv: 5-fold cross-validation on the real harmless-base test split with the minilm
     train on four folds, test on the fifth, one epoch at the same budget for both tools.
 
 crosstable: the paper's helpful-vs-harmless table (train on one config, evaluate on every
-    family) on a synthetic release whose families prefer different things: a helpful chosen
-    reply carries "certainly", a harmless chosen reply carries "sorry".
+    family) on synthetic pairs whose families prefer opposite things: a helpful pair prefers the
+    reply with "certainly" over the one with "sorry", a harmless pair the reverse.
 
     python bench/reward_model.py throughput --model tiny --steps 40
     python bench/reward_model.py cv --folds 5
@@ -224,9 +224,11 @@ def family_marker_rows(count: int, seed: int) -> list[dict]:
     rows = []
     for index in range(count):
         family = "helpful" if index % 2 else "harmless"
-        marker = "certainly" if family == "helpful" else "sorry"
+        # helpful prefers the compliant reply, harmless the refusal: each family's rejected
+        # reply carries the other family's marker, the tension the paper reports
+        good, bad = ("certainly", "sorry") if family == "helpful" else ("sorry", "certainly")
         prompt = [{"role": "user", "content": text(12)}]
-        chosen, rejected = f"{text(4)} {marker} {text(4)}", text(9)
+        chosen, rejected = f"{text(4)} {good} {text(4)}", f"{text(4)} {bad} {text(4)}"
         chosen_text = render_transcript(prompt + [{"role": "assistant", "content": chosen}])
         rejected_text = render_transcript(prompt + [{"role": "assistant", "content": rejected}])
         rows.append({"id": pair_id(chosen_text, rejected_text), "subset": f"synth-{family}-base", "family": family,
