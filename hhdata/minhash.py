@@ -69,15 +69,6 @@ class Shingles:
         return Shingles(hashes=self.hashes[np.repeat(self.offsets[:-1][texts], counts) + within],
                         offsets=offsets)
 
-    def without_first(self, skip: np.ndarray) -> Shingles:
-        """Each text's shingles but its first ``skip[d]`` (at most all of them)."""
-        counts = self.counts()
-        skip = np.minimum(skip, counts)
-        within = np.arange(len(self.hashes)) - np.repeat(self.offsets[:-1], counts)
-        offsets = np.zeros(len(self) + 1, dtype=np.int64)
-        np.cumsum(counts - skip, out=offsets[1:])
-        return Shingles(hashes=self.hashes[within >= np.repeat(skip, counts)], offsets=offsets)
-
 
 @dataclass(frozen=True)
 class Sketch:

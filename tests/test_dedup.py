@@ -7,11 +7,12 @@ import json
 from collections import Counter
 from importlib import resources
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from hhdata import dedup, pairs, synth
+from hhdata import dedup, minhash, pairs, synth
 from hhdata.dedup import DedupSettings, DedupSettingsError, deduplicate
 from hhdata.errors import SchemaError
 from hhdata.schema import family_of
@@ -309,3 +310,33 @@ def test_cli_dedup_and_leakage(tmp_path, capsys, planted):
     fixed = pq.read_table(tmp_path / "fixed.parquet")
     assert main(["leakage", str(tmp_path / "fixed.parquet")]) == 0
     assert fixed.num_rows == table.num_rows
+
+
+WORDS = st.sampled_from(["a", "b", "c", "D", "e", "f"])
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.lists(WORDS, max_size=7), min_size=1, max_size=3),
+                          st.lists(WORDS, max_size=4), st.lists(WORDS, max_size=4)),
+                min_size=1, max_size=6))
+def test_pair_sketch_from_the_prompt_equals_shingling_the_whole_text(rows):
+    """The pair's signature is min(prompt's, rest's), its shingles the prompt's and the
+    rest's: the same as shingling near_texts directly, short prompts and empty replies too."""
+    def turns(contents, first_role="user"):
+        roles = [first_role, "assistant"] * len(contents)
+        return [{"role": r, "content": " ".join(c)} for r, c in zip(roles, contents)]
+
+    table = pa.table({
+        "prompt": [turns(p) for p, _, _ in rows],
+        "chosen": [turns([c], "assistant") for _, c, _ in rows],
+        "rejected": [turns([r], "assistant") for _, _, r in rows],
+    })
+    settings = DedupSettings(shingle_size=3, num_perm=16, bands=4, rows=4)
+    pair, prompt = dedup.sketches(table, settings)
+    for sketch, scope in ((pair, "pair"), (prompt, "prompt")):
+        direct = minhash.word_shingles(dedup.near_texts(table, scope), 3)
+        assert (sketch.signatures == minhash.signatures(direct, 16, settings.seed)).all()
+        every = sketch.shingles_of(np.arange(len(rows)))
+        for row in range(len(rows)):
+            mine = set(every.hashes[every.offsets[row]:every.offsets[row + 1]].tolist())
+            assert mine == set(direct.hashes[direct.offsets[row]:direct.offsets[row + 1]].tolist())
