@@ -79,3 +79,16 @@ def test_smollm2_loads_from_gguf_with_its_chat_template():
         logits = model(ids).logits[0, -1]
     # a pretrained instruct model answers a greeting with a word, not noise
     assert tokenizer.decode(logits.argmax()).strip().isalpha()
+
+
+@pytest.mark.benchmark
+def test_smollm2_reward_model_saves_as_safetensors_and_loads_back(tmp_path):
+    # transformers keeps a GGUF quantizer on de-quantised models and then refuses to save them
+    from training.reward_model import RewardModel, load_reward_model, save_reward_model
+
+    tokenizer = models.load_tokenizer(models.SMOLLM2)
+    model = RewardModel(models.load_backbone(models.SMOLLM2, tokenizer))
+    save_reward_model(model, tokenizer, tmp_path, {"max_length": 64, "chat_template": True})
+    loaded, _, _ = load_reward_model(tmp_path)
+    before = dict(model.named_parameters())
+    assert all(torch.equal(before[name], value) for name, value in loaded.named_parameters())

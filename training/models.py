@@ -145,12 +145,28 @@ def _load(auto_class, model: str, tokenizer, seed: int, dtype: torch.dtype):
     path, extra = _source(model)
     kwargs = {"add_pooling_layer": False} if auto_class is AutoModel and model == MINILM else {}
     try:
-        return auto_class.from_pretrained(path, dtype=dtype, **extra, **kwargs)
+        loaded = auto_class.from_pretrained(path, dtype=dtype, **extra, **kwargs)
     except OSError as error:
         raise ModelError(
             f"cannot load model weights from {model!r} ({error}); pass one of {EMBEDDED}, a "
             "local directory saved with save_pretrained, or a Hub id when the network allows"
         ) from None
+    if "gguf_file" in extra:
+        forget_gguf(loaded)
+    return loaded
+
+
+def forget_gguf(model) -> None:
+    """Let a model read from a GGUF file be saved as safetensors.
+
+    transformers de-quantises GGUF weights to `dtype` on load but keeps a GGUF quantizer on
+    the model, and save_pretrained then refuses ("quantized with gguf and is not
+    serializable"); the weights in memory are plain tensors, so the marker can go.
+    """
+    if type(getattr(model, "hf_quantizer", None)).__name__.lower().startswith("gguf"):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def load_backbone(model: str, tokenizer, *, seed: int = 0, dtype: torch.dtype = torch.float32):

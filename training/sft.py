@@ -149,14 +149,6 @@ def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int, d
     return total / max(count, 1)
 
 
-def forget_gguf(model) -> None:
-    """Let a model read from a GGUF file (dequantised to float when loaded) be saved as safetensors."""
-    if type(getattr(model, "hf_quantizer", None)).__name__.lower().startswith("gguf"):
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-
-
 def load_policy_tokenizer(args: Args, rows: list[dict]):
     """The tokenizer named by --tokenizer, else the model's own (tiny trains one on `rows`)."""
     if args.tokenizer is not None:
@@ -226,7 +218,6 @@ def main(args: Args) -> dict:
         "seconds": time.perf_counter() - start,
     }
     if accelerator.is_main_process:
-        forget_gguf(accelerator.unwrap_model(model))
         accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         settings = {"args": dataclasses.asdict(args), "data": provenance, "hhdata": hhdata.__version__, "chat_template": chat}
