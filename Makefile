@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	@echo "each benchmark is run by its own command, see bench/README.md"
+	@echo "each benchmark has its own command: see bench/README.md"
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info
