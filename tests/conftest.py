@@ -33,3 +33,14 @@ def sample_records(sample_path) -> list[dict]:
     """The bundled sample's records, read the plain way (json.loads per line)."""
     with gzip.open(sample_path, "rt", encoding="utf-8") as lines:
         return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a trainer test: on two shared cores, more threads only wait for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -148,13 +148,7 @@ def test_truncation_at_the_stop_token_and_right_padding():
 # ---- runs on the tiny model ----------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on two shared cores, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from training.common import load_pairs
 from training.sft import IGNORE_INDEX, Args, collate, encode_example, encode_prompt, main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on two shared cores, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
