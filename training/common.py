@@ -124,3 +124,20 @@ def load_pairs(data: str | None, version: str | None = None) -> tuple[dict[str, 
         "manifest_sha256": sha256_file(path / MANIFEST_NAME),
     }
     return _rows(load_release(path)), provenance
+
+
+def optimizer_tensors(optimizer) -> tuple[dict, list]:
+    """An optimizer's state as flat tensors for safetensors ("<param index>.<name>") plus its
+    param_groups for JSON, so a checkpoint needs no pickle."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value for index, moments in state["state"].items() for name, value in moments.items()}
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(optimizer, tensors: dict, param_groups: list) -> None:
+    """Load what optimizer_tensors saved (`tensors` holds only optimizer entries)."""
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": param_groups})

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import hhdata
 from hhdata.errors import HhDataError
 from training import models
-from training.common import load_pairs, parse_args
+from training.common import load_pairs, optimizer_tensors, parse_args, restore_optimizer
 from training.reward_model import RewardModel, load_reward_model, uses_chat_template
 from training.sft import encode_prompt, held_out_split
 
@@ -380,11 +380,10 @@ def save_checkpoint(folder: Path, policy, value_model, optimizer, generator, sta
     partial.mkdir(parents=True, exist_ok=True)
     save_model(policy, partial / "policy.safetensors")  # save_model handles tied weights
     save_model(value_model, partial / "value.safetensors")
-    optimizer_state = optimizer.state_dict()
-    tensors = {f"{i}.{name}": value for i, moments in optimizer_state["state"].items() for name, value in moments.items()}
+    tensors, param_groups = optimizer_tensors(optimizer)
     tensors["generator_state"] = generator.get_state()
     save_file(tensors, partial / "optimizer.safetensors")
-    (partial / "state.json").write_text(json.dumps({**state, "param_groups": optimizer_state["param_groups"]}))
+    (partial / "state.json").write_text(json.dumps({**state, "param_groups": param_groups}))
     if folder.exists():  # replace the previous checkpoint only once the new one is complete
         for file in folder.iterdir():
             file.unlink()
@@ -399,11 +398,7 @@ def load_checkpoint(folder: Path, policy, value_model, optimizer, generator) -> 
     tensors = load_file(folder / "optimizer.safetensors")
     generator.set_state(tensors.pop("generator_state"))
     state = json.loads((folder / "state.json").read_text())
-    moments: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        moments.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": moments, "param_groups": state.pop("param_groups")})
+    restore_optimizer(optimizer, tensors, state.pop("param_groups"))
     return state
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from hhdata.errors import HhDataError
 from hhdata.transcript import ASSISTANT_TAG, render_transcript
 from training import models
-from training.common import load_pairs, parse_args
+from training.common import load_pairs, optimizer_tensors, parse_args, restore_optimizer
 
 FAMILIES = ("helpful", "harmless")
 
@@ -248,11 +248,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, log_lines: list[
     folder = run_dir / "checkpoints" / f"step-{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    state = optimizer.state_dict()
-    tensors = {f"{index}.{name}": value for index, moments in state["state"].items() for name, value in moments.items()}
+    tensors, param_groups = optimizer_tensors(optimizer)
     tensors["torch_rng_state"] = torch.get_rng_state()
     save_file(tensors, folder / "optimizer.safetensors")
-    (folder / "state.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"]}))
+    (folder / "state.json").write_text(json.dumps({"step": step, "param_groups": param_groups}))
     (folder / "train_log.jsonl").write_text("".join(log_lines))
     for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-2]:  # keep the last two
         for file in old.iterdir():
@@ -271,11 +270,7 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list[str]]:
     tensors = load_file(folder / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("torch_rng_state"))
     scalars = json.loads((folder / "state.json").read_text())
-    moments: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        moments.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": moments, "param_groups": scalars["param_groups"]})
+    restore_optimizer(optimizer, tensors, scalars["param_groups"])
     log = (folder / "train_log.jsonl").read_text().splitlines(keepends=True)
     return scalars["step"], log
 
