@@ -146,6 +146,39 @@ def _string_hashes(strings: pa.Array) -> np.ndarray:
         return _splitmix64(sums ^ (lengths.astype(np.uint64) << np.uint64(56)))
 
 
+def split_whitespace(strings: pa.Array) -> pa.ListArray:
+    """``pc.utf8_split_whitespace``, made safe at the end of the data.
+
+    Arrow's kernel (pyarrow 26) decodes one character past a run of whitespace that ends a
+    string. For the array's last string that character lies past its data: where those
+    bytes are not valid UTF-8 the trailing whitespace stays glued to the last word
+    (``"a "`` instead of ``"a", ""``), and which happens depends on whatever memory follows,
+    so the same text could hash two ways. When the data may end in whitespace, a sentinel
+    string is appended so the byte read is ours, and its words are cut off again.
+    """
+    if not (pa.types.is_string(strings.type) or pa.types.is_large_string(strings.type)):
+        strings = strings.cast(pa.large_string())
+    if not _may_end_in_whitespace(strings):
+        return pc.utf8_split_whitespace(strings)
+    padded = pc.utf8_split_whitespace(pa.concat_arrays([strings, pa.array(["x"], strings.type)]))
+    offsets = padded.offsets.slice(0, len(strings) + 1)
+    return pa.ListArray.from_arrays(offsets, padded.values.slice(0, offsets[-1].as_py()))
+
+
+def _may_end_in_whitespace(strings: pa.Array) -> bool:
+    """Whether the last byte of the strings' data could end a whitespace character: an
+    ASCII control or space, or any non-ASCII byte (U+00A0, U+3000 and others)."""
+    _, offsets_buffer, data_buffer = strings.buffers()
+    if data_buffer is None or len(strings) == 0:
+        return False
+    width = np.int64 if pa.types.is_large_string(strings.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[strings.offset : strings.offset + len(strings) + 1]
+    if offsets[-1] == offsets[0]:
+        return False
+    last = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[-1] - 1]
+    return bool(last <= 0x20 or last >= 0x7F)
+
+
 def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
     """Each text lower-cased and split on whitespace, every word as its stable 64-bit hash.
 
@@ -157,7 +190,7 @@ def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(array, pa.ChunkedArray):
         array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
     # lower-casing never makes or removes whitespace, so only the vocabulary is lowered
-    words = pc.utf8_split_whitespace(array.fill_null(""))
+    words = split_whitespace(array.fill_null(""))
     encoded = words.values.dictionary_encode()
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     # an empty text (or whitespace at an end) splits into empty words: they are dropped

@@ -10,7 +10,7 @@ from importlib import resources
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import example, given, settings as hsettings, strategies as st
 
 from hhdata import dedup, minhash, pairs, synth
 from hhdata.dedup import DedupSettings, DedupSettingsError, deduplicate
@@ -319,6 +319,9 @@ WORDS = st.sampled_from(["a", "b", "c", "D", "e", "f"])
 @given(st.lists(st.tuples(st.lists(st.lists(WORDS, max_size=7), min_size=1, max_size=3),
                           st.lists(WORDS, max_size=4), st.lists(WORDS, max_size=4)),
                 min_size=1, max_size=6))
+# found by CI: the prompts' data ends in a space on a 64-byte boundary (minhash.split_whitespace)
+@example(rows=[([["a"] * 7], [], ["a"]), ([["a"] * 3, ["a"] * 6], [], []), ([["a"] * 3], [], []),
+               ([["a"] * 7], [], []), ([["a"], ["a"] * 7, []], [], [])])
 def test_pair_sketch_from_the_prompt_equals_shingling_the_whole_text(rows):
     """The pair's signature is min(prompt's, rest's), its shingles the prompt's and the
     rest's: the same as shingling near_texts directly, short prompts and empty replies too."""
