@@ -117,10 +117,12 @@ def throughput(options) -> dict:
     args = Args(model=model_name, max_length=options.max_length, batch_size=options.batch_size, max_steps=options.steps,
                 learning_rate=options.learning_rate, warmup_fraction=0.0, max_eval_pairs=options.batch_size, save_every=10**9, seed=options.seed)
     results = {}
-    for sharing in ("on", "off"):
-        metrics = main(replace(args, prefix_sharing=sharing, run_dir=str(work / f"ours-{sharing}")))
-        log = (work / f"ours-{sharing}/checkpoints/step-{options.steps:07d}/train_log.jsonl").read_text().splitlines()
-        results[f"ours, prefix sharing {sharing}"] = {"pairs_per_second": metrics["train"]["pairs_per_second"],
+    for sharing, cost in (("on", args.micro_batch_cost), ("on", -1), ("off", args.micro_batch_cost)):
+        name = f"ours-{sharing}" + ("-one-batch" if cost < 0 else "")
+        metrics = main(replace(args, prefix_sharing=sharing, micro_batch_cost=cost, run_dir=str(work / name)))
+        log = (work / f"{name}/checkpoints/step-{options.steps:07d}/train_log.jsonl").read_text().splitlines()
+        batching = "one padded batch" if cost < 0 else "length-sorted micro-batches"
+        results[f"ours, prefix sharing {sharing}, {batching}"] = {"pairs_per_second": metrics["train"]["pairs_per_second"],
                                                       "pairs_per_cpu_second": options.steps * args.batch_size / metrics["train"]["cpu_seconds"],
                                                       "losses": [json.loads(line)["loss"] for line in log]}
 

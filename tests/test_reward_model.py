@@ -22,11 +22,14 @@ from training.common import sha256_file
 from training.reward_model import (
     Args,
     RewardModel,
+    accumulate_pair_loss,
     encode_pair,
+    length_groups,
     load_reward_model,
     main,
     naive_batch,
     packed_batch,
+    pair_length,
     pair_rewards,
     preference_loss,
     reliability,
@@ -130,6 +133,34 @@ def test_prefix_sharing_equals_two_sequences_in_loss_and_gradients():
     for name, grad in naive[3].items():
         assert grad.abs().sum() > 0 or "embed" in name, name
         torch.testing.assert_close(packed[3][name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_micro_batches_by_length_give_the_batch_gradient(share_prefix):
+    """Cut into length-sorted micro-batches, the accumulated loss, rewards and gradient are
+    those of the whole padded batch (micro_batch_cost)."""
+    rows = synthetic_rows(12, seed=2)
+    model, tokenizer = tiny_reward_model(rows)
+    pairs = [encode_pair(tokenizer, row, 64, chat=False) for row in rows]
+    whole = loss_and_grads(model, pairs, tokenizer.pad_token_id, share_prefix)
+    lengths = [pair_length(pair, share_prefix) for pair in pairs]
+    groups = length_groups(lengths, cost=8)
+    assert 1 < len(groups) < len(pairs)  # a real cut, not one group and not singletons
+    assert sorted(i for group in groups for i in group) == list(range(len(pairs)))
+    assert [max(lengths[i] for i in g) for g in groups] == sorted(max(lengths[i] for i in g) for g in groups)
+    model.zero_grad()
+    chosen, rejected, loss = accumulate_pair_loss(model, pairs, tokenizer.pad_token_id, share_prefix, "cpu", cost=8)
+    for got, expected in zip((chosen, rejected, loss), whole[:3]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, whole[3][name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_length_groups_cut_where_padding_costs_more_than_a_pass():
+    assert length_groups([500, 20, 30, 480], cost=64) == [[1, 2], [3, 0]]
+    assert length_groups([500, 20, 30, 480], cost=-1) == [[1, 2, 3, 0]]
+    assert length_groups([100, 100, 100], cost=0) == [[0, 1, 2]]  # nothing to save
+    assert length_groups([5, 400], cost=10_000) == [[0, 1]]  # a pass costs more than the padding
 
 
 def test_packed_sequence_positions_and_mask():
