@@ -2,9 +2,10 @@
 
 The usual way: gzip line by line, ``json.loads`` per line, ``jsonschema`` validation of
 each record against the same schema (schemas/raw_record.schema.json), and a Python split
-of each transcript (hhdata.transcript.split_pair, the correct rule). hhdata: read_raw
-(Arrow's JSON reader + vectorised schema checks) then build_pairs (speaker tags found once
-with numpy, pieces cut by offsets), in threads (one per CPU) and again in one thread.
+of each transcript (hhdata.transcript.split_pair, the correct rule). hhdata: read_pairs,
+that is read_raw (Arrow's JSON reader + vectorised schema checks) then build_pairs (speaker
+tags found once with numpy, pieces cut by offsets) on each file in the thread that read
+it, one thread per CPU, and again in one thread.
 
 Each side runs in its own subprocess, one after the other in one run, so its peak memory
 (VmHWM) and CPU time (user + system) are its own. Each writes a verdict per line
@@ -46,14 +47,11 @@ def files_of(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.jsonl.gz"))
 
 
-def run_hhdata(folder: Path) -> tuple:
-    """hhdata: read_raw + build_pairs (the timed part)."""
-    from hhdata.pairs import build_pairs
-    from hhdata.read import read_raw
+def run_hhdata(folder: Path):
+    """hhdata: read_pairs, that is read_raw + build_pairs per file in one pool (the timed part)."""
+    from hhdata.read import read_pairs
 
-    raw = read_raw(files_of(folder))
-    pairs, unsplit = build_pairs(raw.table)
-    return raw, pairs, unsplit
+    return read_pairs(files_of(folder))
 
 
 def run_inflate(folder: Path) -> tuple[dict, list]:
@@ -64,18 +62,12 @@ def run_inflate(folder: Path) -> tuple[dict, list]:
     return {}, [size]
 
 
-def hhdata_verdicts(raw, pairs, unsplit) -> tuple[dict, list]:
+def hhdata_verdicts(result) -> tuple[dict, list]:
     """Verdicts by (file, line) and the accepted rows' (file, line), outside the timing."""
-    import pyarrow.compute as pc
-
-    verdicts = {}
-    for quarantine in (raw.quarantine, unsplit):
-        for file, line, reason in zip(*(quarantine[c].to_pylist() for c in ("file", "line", "reason"))):
-            verdicts[(file, line)] = reason
-    unsplit_keys = pc.binary_join_element_wise(unsplit["file"], pc.cast(unsplit["line"], "string"), ":")
-    raw_keys = pc.binary_join_element_wise(raw.table["file"], pc.cast(raw.table["line"], "string"), ":")
-    accepted = raw.table.select(["file", "line"]).filter(pc.invert(pc.is_in(raw_keys, unsplit_keys)))
-    return verdicts, [accepted, pairs]
+    quarantine = result.quarantine
+    verdicts = {(file, line): reason for file, line, reason in
+                zip(*(quarantine[c].to_pylist() for c in ("file", "line", "reason")))}
+    return verdicts, [result.sources, result.table]
 
 
 def run_baseline(folder: Path) -> tuple[dict, list]:
@@ -175,7 +167,7 @@ def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     result = run(folder)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_kib = peak_rss_kib()
-    verdicts, result = hhdata_verdicts(*result) if mode.startswith("hhdata") else result
+    verdicts, result = hhdata_verdicts(result) if mode.startswith("hhdata") else result
     if mode == "inflate":
         accepted, digest = 0, f"{result[0]} bytes"
     else:
@@ -289,8 +281,8 @@ def main() -> int:
     print("| side | wall s | CPU s | peak RSS (MiB) | pairs accepted | records quarantined |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, label in (("baseline", "json.loads + jsonschema + split_pair + pair_id, per record"),
-                        ("hhdata", f"hhdata read_raw + build_pairs, {os.cpu_count()} threads"),
-                        ("hhdata-1thread", "hhdata read_raw + build_pairs, 1 thread"),
+                        ("hhdata", f"hhdata read_pairs (read_raw + build_pairs per file), {os.cpu_count()} threads"),
+                        ("hhdata-1thread", "hhdata read_pairs, 1 thread"),
                         ("inflate", "floor: inflating the files only (ISA-L)")):
         r = results[mode]
         counts = (f"{r['accepted']:,} | {r['quarantined']:,}" if mode != "inflate"

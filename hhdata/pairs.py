@@ -49,11 +49,12 @@ _WORDS = {True: b"Human", False: b"Assistant"}  # key: is the user's tag
 _FINAL_TAG_BYTES = len(t.ASSISTANT_TAG) - 2  # "Assistant:" after the blank line
 
 
-def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
+def build_pairs(raw: pa.Table, workers: int | None = None) -> tuple[pa.Table, pa.Table]:
     """Pair rows for every raw record whose prompt can be determined, and a quarantine.
 
     raw has the columns of hhdata.read.RAW_SCHEMA (file and line are used for the
-    quarantine when present). Rows keep their input order.
+    quarantine when present). Rows keep their input order. Batches of rows are built in
+    ``workers`` threads (default: one per CPU, at most 8).
 
     >>> from hhdata.read import read_raw, bundled_sample_path
     >>> pairs, bad = build_pairs(read_raw(bundled_sample_path()).table)
@@ -64,10 +65,14 @@ def build_pairs(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     if missing:
         raise SchemaError(f"the raw table lacks the columns {missing}; read it with hhdata.read.read_raw")
     # batches of rows small enough to stay in the CPU cache, in parallel threads
-    # (pyarrow.compute and numpy release the GIL)
+    # (pyarrow.compute and numpy release the GIL); workers=1 builds them in this thread
     batches = [raw.slice(start, _BATCH_ROWS) for start in range(0, raw.num_rows, _BATCH_ROWS)]
-    with ThreadPoolExecutor(max_workers=max(1, min(len(batches), os.cpu_count() or 1, 8))) as pool:
-        results = list(pool.map(_build_batch, batches))
+    workers = max(1, min(len(batches), workers or os.cpu_count() or 1, 8))
+    if workers == 1:
+        results = [_build_batch(batch) for batch in batches]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_build_batch, batches))
     return (
         pa.concat_tables([PAIR_SCHEMA.empty_table(), *(pairs for pairs, _ in results)]),
         q.concat([bad for _, bad in results]),

@@ -74,6 +74,34 @@ def test_slow_path_rows_keep_their_place_between_fast_rows():
     assert quarantine["line"].to_pylist() == [3]
 
 
+def test_read_pairs_equals_read_raw_then_build_pairs_with_each_rows_source(tmp_path):
+    """read_pairs builds each file's pairs in the thread that read it: the same rows, the
+    same verdict per line, and the file and line of every pair row."""
+    import json
+
+    from hhdata.read import read_pairs
+
+    good = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: a\n\nAssistant: y")
+    mismatch = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: x")
+    for name, lines in {"helpful-base": [good, mismatch, None, good], "harmless-base": [mismatch, good, good]}.items():
+        (tmp_path / name).mkdir()
+        text = "".join("{oops\n" if pair is None else json.dumps({"chosen": pair[0], "rejected": pair[1]}) + "\n"
+                       for pair in lines)
+        (tmp_path / name / "train.jsonl").write_text(text)
+    raw = read_raw(tmp_path)
+    pairs, unsplit = build_pairs(raw.table)
+    result = read_pairs(tmp_path)
+    assert result.table.equals(pairs)
+    assert result.report.accepted == 4 and result.report.reconciles()
+    assert result.report.quarantined == {"invalid_json": 1, "prompt_mismatch": 2}
+    verdicts = {(r["file"], r["line"], r["reason"]) for r in result.quarantine.to_pylist()}
+    assert verdicts == {(r["file"], r["line"], r["reason"])
+                        for r in raw.quarantine.to_pylist() + unsplit.to_pylist()}
+    base, harm = str(tmp_path / "helpful-base" / "train.jsonl"), str(tmp_path / "harmless-base" / "train.jsonl")
+    assert result.sources.to_pylist() == [{"file": harm, "line": 2}, {"file": harm, "line": 3},
+                                          {"file": base, "line": 1}, {"file": base, "line": 4}]
+
+
 def test_empty_table_gives_empty_results():
     pairs, quarantine = build_pairs(raw_table([]))
     assert pairs.num_rows == 0 and quarantine.num_rows == 0 and pairs.schema == PAIR_SCHEMA
