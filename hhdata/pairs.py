@@ -349,20 +349,22 @@ def _confirm(flag: np.ndarray, rows: np.ndarray, position: np.ndarray, values: p
 
 
 def _ids(chosen: pa.Array, rejected: pa.Array) -> pa.Array:
-    """hhdata.schema.pair_id of every row, hashing the UTF-8 bytes in place."""
-    views = []
-    for array in (chosen, rejected):
-        array = array.cast(pa.string())
-        offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset: array.offset + len(array) + 1]
-        views.append((offsets.tolist(), memoryview(array.buffers()[2] or b"")))
-    (off_c, data_c), (off_r, data_r) = views
-    ids = []
-    for i in range(len(chosen)):
-        digest = hashlib.sha256(data_c[off_c[i]: off_c[i + 1]])
-        digest.update(b"\x00")
-        digest.update(data_r[off_r[i]: off_r[i + 1]])
-        ids.append(digest.hexdigest()[:20])
-    return pa.array(ids, pa.string())
+    """hhdata.schema.pair_id of every row: one sha256 call per row over chosen, NUL, rejected
+    joined by Arrow (hashlib releases the GIL for inputs of 2 KiB or more, about a fifth of
+    the rows), the 20 hex digits written by numpy."""
+    joined = pc.binary_join_element_wise(chosen, rejected, "\x00", memory_pool=ARROW_POOL).cast(pa.string())
+    bounds = np.frombuffer(joined.buffers()[1], np.int32)[joined.offset: joined.offset + len(joined) + 1].tolist()
+    data = memoryview(joined.buffers()[2] or b"")
+    sha256 = hashlib.sha256
+    digests = b"".join([sha256(data[start:stop]).digest() for start, stop in zip(bounds, bounds[1:])])
+    head = np.frombuffer(digests, np.uint8).reshape(len(joined), 32)[:, :10]
+    hexed = np.empty((len(joined), 20), np.uint8)
+    hexed[:, 0::2], hexed[:, 1::2] = _HEX[head >> 4], _HEX[head & 15]
+    offsets = np.arange(0, 20 * len(joined) + 1, 20, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), len(joined), [None, pa.py_buffer(offsets), pa.py_buffer(hexed)])
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
 def _split_slow(raw: pa.Table, index: np.ndarray):
