@@ -199,24 +199,25 @@ def time_exact(work: Path) -> dict:
             "dropped": result.report["dropped_by_reason"]}
 
 
-def run_stage(work: Path, corpus: Path, scope: str) -> str:
-    """The whole deduplicate() stage at its defaults (near_scope as given), scored on planted.json."""
+def run_stage(work: Path, corpus: Path, scope: str, sketch: str = "oph") -> tuple[str, dict]:
+    """The whole deduplicate() stage at its defaults (near_scope and sketch as given), scored
+    on planted.json; also returns the drops by id."""
     from hhdata import dedup
 
     pairs = pq.read_table(work / "pairs.parquet")
     truth = json.loads((corpus / "planted.json").read_text())
-    settings = dedup.DedupSettings(near_scope=scope)
-    start = time.perf_counter()
+    settings = dedup.DedupSettings(near_scope=scope, sketch=sketch)
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     result = dedup.deduplicate(pairs, settings)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     drops = {row["id"]: row for row in result.drops.to_pylist()}
 
     def caught(item) -> bool:  # the copy dropped onto its original, or the other way round
         return (drops.get(item["id"], {}).get("kept_id") == item["original_id"]
                 or drops.get(item["original_id"], {}).get("kept_id") == item["id"])
 
-    lines = [f"\n`deduplicate(pairs, DedupSettings(near_scope={scope!r}))` on {pairs.num_rows:,} pairs: "
-             f"{seconds:.1f} s, dropped {result.report['dropped_by_reason']}\n",
+    lines = [f"\n`deduplicate(pairs, DedupSettings(near_scope={scope!r}, sketch={sketch!r}))` on {pairs.num_rows:,} "
+             f"pairs: {seconds:.1f} s wall, {cpu:.1f} s CPU, dropped {result.report['dropped_by_reason']}\n",
              "| planted | count | dropped onto its original |", "|---|---:|---:|"]
     for kind in ("exact_duplicates", "swapped_duplicates", "case_whitespace_variants"):
         lines.append(f"| {kind} | {len(truth[kind])} | {sum(map(caught, truth[kind]))} |")
@@ -227,7 +228,7 @@ def run_stage(work: Path, corpus: Path, scope: str) -> str:
     negatives = truth["hard_negatives"]
     merged = sum(1 for item in negatives if item["id"] in drops or item["original_id"] in drops)
     lines.append(f"| hard_negatives (either side dropped) | {len(negatives)} | {merged} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", drops
 
 
 def main() -> None:
@@ -245,6 +246,8 @@ def main() -> None:
     parser.add_argument("--no-exact", action="store_true", help="skip timing exact deduplication")
     parser.add_argument("--stage", choices=("prompt", "pair"),
                         help="instead: time and score the whole deduplicate() stage with this near_scope")
+    parser.add_argument("--sketch", choices=("oph", "minhash", "both"), default="oph",
+                        help="--stage: the signature scheme; 'both' runs each and compares their drops")
     parser.add_argument("--md", help="append the result table to this Markdown file")
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,7 +264,15 @@ def main() -> None:
                "--num-perm", str(args.num_perm), "--bands", str(args.bands), "--rows", str(args.rows),
                "--threshold", str(args.threshold)]
     if args.stage:
-        text = run_stage(work, Path(args.corpus), args.stage)
+        runs = {sketch: run_stage(work, Path(args.corpus), args.stage, sketch)
+                for sketch in (("minhash", "oph") if args.sketch == "both" else (args.sketch,))}
+        text = "".join(table for table, _ in runs.values())
+        if args.sketch == "both":
+            (_, old), (_, new) = runs["minhash"], runs["oph"]
+            same = sum(1 for key in old.keys() & new.keys() if old[key]["kept_id"] == new[key]["kept_id"])
+            text += (f"\nDrops compared: {len(old):,} with minhash, {len(new):,} with oph; {same:,} the same row "
+                     f"dropped onto the same kept row; only minhash: {len(old.keys() - new.keys())}, "
+                     f"only oph: {len(new.keys() - old.keys())}\n")
         print(text)
         if args.md:
             with open(args.md, "a", encoding="utf-8") as out:

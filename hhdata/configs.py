@@ -108,7 +108,7 @@ def _unique_prompt_sketch(unique_texts: pa.Array, texts: pa.Array, first_row: np
     """
     def made_here(chosen: pa.Array) -> minhash.Sketch:
         shingles = minhash.word_shingles(chosen, settings.shingle_size)
-        return minhash.Sketch(shingles, minhash.signatures(shingles, settings.num_perm, settings.seed))
+        return minhash.Sketch(shingles, dedup.signatures_of(shingles, settings))
 
     if sketch is None:
         return made_here(unique_texts)
@@ -136,28 +136,34 @@ def _unique_prompt_sketch(unique_texts: pa.Array, texts: pa.Array, first_row: np
 
 def _leaks(table: pa.Table, groups: np.ndarray) -> dict:
     """Test rows whose group also holds train rows, within a subset and across subsets."""
-    split = np.asarray(table["split"].to_pylist(), dtype=object)
-    subset = np.asarray(table["subset"].to_pylist(), dtype=object)
-    train_subsets: dict[int, set] = {}
-    for group, sub in zip(groups[split == "train"].tolist(), subset[split == "train"].tolist()):
-        train_subsets.setdefault(group, set()).add(sub)
-    within, across, rows = Counter(), Counter(), []
-    for row in np.flatnonzero(split == "test").tolist():
-        found = train_subsets.get(int(groups[row]))
-        if not found:
-            continue
-        rows.append(row)
-        if subset[row] in found:
-            within[subset[row]] += 1
-        for other in sorted(found - {subset[row]}):
-            across[f"{other} (train) -> {subset[row]} (test)"] += 1
-    both = {int(groups[row]) for row in rows}
+    split = degenerate.one_array(table["split"])
+    is_train = pc.equal(split, "train").to_numpy(zero_copy_only=False)
+    is_test = pc.equal(split, "test").to_numpy(zero_copy_only=False)
+    encoded = degenerate.one_array(table["subset"]).dictionary_encode()
+    names = encoded.dictionary.to_pylist()
+    subset = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    groups = np.asarray(groups, dtype=np.int64)
+    # the distinct (group, subset) of train rows, sorted by group
+    train = np.unique(groups[is_train] * len(names) + subset[is_train])
+    train_group, train_subset = np.divmod(train, max(len(names), 1))
+    test_rows = np.flatnonzero(is_test)
+    first = np.searchsorted(train_group, groups[test_rows], side="left")
+    last = np.searchsorted(train_group, groups[test_rows], side="right")
+    leaking = last > first
+    rows, first, last = test_rows[leaking], first[leaking], last[leaking]
+    within = np.isin(groups[rows] * len(names) + subset[rows], train)
+    # every (train subset, test subset) of a leaking row, the test row's own subset left out
+    counts = last - first
+    partner = train_subset[np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)]
+    mine = np.repeat(subset[rows], counts)
+    other = partner != mine
+    across = Counter(zip(partner[other].tolist(), mine[other].tolist()))
     return {
         "test_rows": len(rows),
-        "groups_on_both_sides": len(both),
-        "within_subset": dict(sorted(within.items())),
-        "across_subsets": dict(sorted(across.items())),
-        "_rows": rows,
+        "groups_on_both_sides": len(np.unique(groups[rows])),
+        "within_subset": dict(sorted(Counter(names[i] for i in subset[rows][within].tolist()).items())),
+        "across_subsets": dict(sorted((f"{names[a]} (train) -> {names[b]} (test)", n) for (a, b), n in across.items())),
+        "_rows": rows.tolist(),
     }
 
 
@@ -173,20 +179,23 @@ def leakage_report(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupS
     """
     clusters, exact_groups = prompt_clusters(table, settings, sketch)
     exact, near = _leaks(table, exact_groups), _leaks(table, clusters)
-    ids, prompts = table["id"].to_pylist(), dedup.near_texts(table, "prompt").to_pylist()
-    split = table["split"].to_pylist()
+    split = pc.value_counts(degenerate.one_array(table["split"])).to_pylist()
+    split = {count["values"]: count["counts"] for count in split}
+    is_train = pc.equal(degenerate.one_array(table["split"]), "train").to_numpy(zero_copy_only=False)
     side_by_side = []
-    for row in [r for r in near["_rows"] if r not in set(exact["_rows"])][:examples]:
-        partner = next(r for r in np.flatnonzero(clusters == clusters[row]).tolist()
-                       if split[r] == "train")
-        side_by_side.append({"test": {"id": ids[row], "prompt": prompts[row][:300]},
-                             "train": {"id": ids[partner], "prompt": prompts[partner][:300]}})
+    exact_rows = set(exact["_rows"])
+    for row in [r for r in near["_rows"] if r not in exact_rows][:examples]:
+        partner = int(np.flatnonzero((clusters == clusters[row]) & is_train)[0])
+        shown = table.take([row, partner])
+        ids, prompts = shown["id"].to_pylist(), dedup.near_texts(shown, "prompt").to_pylist()
+        side_by_side.append({"test": {"id": ids[0], "prompt": prompts[0][:300]},
+                             "train": {"id": ids[1], "prompt": prompts[1][:300]}})
     for part in (exact, near):
         del part["_rows"]
     return {
         "settings": {key: settings.to_json()[key] for key in
-                     ("shingle_size", "num_perm", "bands", "rows", "threshold", "verify", "seed")},
-        "rows": {"train": split.count("train"), "test": split.count("test")},
+                     ("shingle_size", "sketch", "num_perm", "bands", "rows", "threshold", "verify", "seed")},
+        "rows": {"train": split.get("train", 0), "test": split.get("test", 0)},
         "exact": exact,
         "near": near,
         "near_examples": side_by_side,

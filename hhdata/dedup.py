@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +85,10 @@ class DedupSettings:
     shingle_size: int = 5
     """words per shingle"""
     num_perm: int = 128
-    """MinHash permutations"""
+    """signature length: MinHash permutations, or one-permutation-hashing bins"""
+    sketch: str = "oph"
+    """'oph': one-permutation hashing, densified (one hash per shingle; docs/dedup.md);
+    'minhash': num_perm independent permutations (num_perm hashes per shingle)"""
     bands: int = 32
     """LSH bands; bands x rows must not exceed num_perm"""
     rows: int = 4
@@ -113,6 +118,8 @@ class DedupSettings:
             problems.append(f"near_action={self.near_action!r} must be 'drop' or 'cluster'")
         if self.verify not in ("exact", "estimate"):
             problems.append(f"verify={self.verify!r} must be 'exact' or 'estimate'")
+        if self.sketch not in ("oph", "minhash"):
+            problems.append(f"sketch={self.sketch!r} must be 'oph' or 'minhash'")
         if self.bands * self.rows > self.num_perm:
             problems.append(
                 f"bands x rows = {self.bands * self.rows} exceeds num_perm={self.num_perm}"
@@ -253,13 +260,15 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
     own. Only the rest (shingles that start in the prompt's last k - 1 words or later) is
     shingled and signed again; the pair's signature is the element-wise minimum of both.
     """
-    k, num_perm, seed = settings.shingle_size, settings.num_perm, settings.seed
-    prompt_tokens, *replies = [
-        minhash.word_tokens(degenerate.joined_contents(degenerate.one_array(pairs[side]), " "))
-        for side in ("prompt", "chosen", "rejected")
-    ]
+    k = settings.shingle_size
+    # the three sides in parallel threads: Arrow's kernels and numpy release the GIL
+    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
+        prompt_tokens, *replies = pool.map(
+            lambda side: minhash.word_tokens(degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")),
+            ("prompt", "chosen", "rejected"))
     prompt_shingles = minhash.token_shingles(*prompt_tokens, k)
-    prompt = minhash.Sketch(prompt_shingles, minhash.signatures(prompt_shingles, num_perm, seed))
+    prompt_raw = _raw_signatures(prompt_shingles, settings)
+    prompt = minhash.Sketch(prompt_shingles, _finished(prompt_raw, settings))
     if settings.near_scope == "prompt":
         return prompt, prompt
     prompt_words = np.diff(prompt_tokens[1])
@@ -269,14 +278,33 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
     carried = np.where(whole, np.where(reply_words > 0, k - 1, 0), prompt_words)
     rest = minhash.token_shingles(
         *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k)
-    signatures = minhash.signatures(rest, num_perm, seed)
-    signatures[whole] = np.minimum(signatures[whole], prompt.signatures[whole])
-    return minhash.Sketch(rest, signatures, prefix=prompt_shingles, prefix_rows=whole), prompt
+    signatures = _raw_signatures(rest, settings)
+    signatures[whole] = np.minimum(signatures[whole], prompt_raw[whole])
+    return minhash.Sketch(rest, _finished(signatures, settings), prefix=prompt_shingles, prefix_rows=whole), prompt
 
 
-def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings):
+def signatures_of(shingles: minhash.Shingles, settings: DedupSettings) -> np.ndarray:
+    """The signatures settings.sketch asks for."""
+    return _finished(_raw_signatures(shingles, settings), settings)
+
+
+def _raw_signatures(shingles: minhash.Shingles, settings: DedupSettings) -> np.ndarray:
+    """Signatures whose element-wise minimum is the signature of the union of shingle sets:
+    MinHash's, or one-permutation hashing's before its empty bins are filled."""
+    if settings.sketch == "oph":
+        return minhash.oph_bins(shingles, settings.num_perm, settings.seed)
+    return minhash.signatures(shingles, settings.num_perm, settings.seed)
+
+
+def _finished(raw: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    return minhash.densify(raw, settings.seed) if settings.sketch == "oph" else raw
+
+
+def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings,
+                     sketched: tuple[minhash.Sketch, minhash.Sketch] | None = None):
     """(dropped row -> (kept row, similarity)) in drop mode, the similar pairs of kept rows,
-    and the prompts' sketch of every row (for the leakage check).
+    and the prompts' sketch of every row (for the leakage check). ``sketched``: the
+    sketches of these rows when already made.
 
     Rows with the same text are similar (1.0); each distinct text is compared once.
     """
@@ -285,7 +313,7 @@ def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings
     unique_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     first_row = np.full(len(encoded.dictionary), len(unique_of_row), dtype=np.int64)
     np.minimum.at(first_row, unique_of_row, np.arange(len(unique_of_row)))
-    of_rows, prompt_sketch = sketches(pairs, settings)
+    of_rows, prompt_sketch = sketched if sketched is not None else sketches(pairs, settings)
     unique_pairs, similarity = minhash.similar_in_sketch(
         of_rows.take(first_row), bands=settings.bands, rows=settings.rows,
         threshold=settings.threshold, verify=settings.verify,
@@ -343,6 +371,21 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     pairs = pa.table([degenerate.one_array(column) for column in pairs.columns], schema=pairs.schema)
     ids = pairs["id"].to_numpy(zero_copy_only=False)
     n = pairs.num_rows
+
+    # the near stage's sketches of every row, made in a second thread while this one finds
+    # degenerate pairs and exact duplicates (Arrow and numpy release the GIL); the near
+    # stage then takes the rows that survive
+    pool = ThreadPoolExecutor(max_workers=1)
+    sketching = pool.submit(sketches, pairs, settings) if settings.near and n else None
+    try:
+        return _deduplicate(pairs, settings, ids, sketching)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching) -> DedupResult:
+    """deduplicate on one array per column; ``sketching``: the future of sketches(pairs)."""
+    n = pairs.num_rows
     reason = np.full(n, None, dtype=object)
     kept_index = np.full(n, -1, dtype=np.int64)
     similarity = np.full(n, np.nan)
@@ -377,7 +420,9 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     survivor_sketch = None
     if settings.near and len(order):
         survivors = pairs.select(["prompt", "chosen", "rejected"]).take(pa.array(order))
-        dropped, edges, survivor_sketch = _near_duplicates(survivors, np.arange(len(order)), settings)
+        of_rows, of_prompts = sketching.result()
+        dropped, edges, survivor_sketch = _near_duplicates(
+            survivors, np.arange(len(order)), settings, (of_rows.take(order), of_prompts.take(order)))
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim

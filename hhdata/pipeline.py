@@ -26,7 +26,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from hhdata import configs, dedup, pairs, read, release
+from hhdata import configs, dedup, read, release
 from hhdata.errors import ReleaseError
 from hhdata.manifest import file_digest, read_manifest
 from hhdata.schema import SUBSET_FAMILIES, is_synthetic
@@ -68,11 +68,12 @@ def run_pipeline(
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
     sources = resolve_sources(sources)
-    raw = read.read_raw(sources, progress=progress)
+    # each file is read and parsed by one thread (read_pairs); its quarantine holds the bad
+    # lines and the pairs whose prompt cannot be found
+    raw = read.read_pairs(sources, progress=progress)
     _refuse_synthetic(raw.table, raw.quarantine, set(include_synthetic))
-    pair_rows, unparsable = pairs.build_pairs(raw.table)
-    deduplicated = dedup.deduplicate(pair_rows, dedup_settings)
-    quarantine = pa.concat_tables([raw.quarantine, unparsable], promote_options="permissive")
+    deduplicated = dedup.deduplicate(raw.table, dedup_settings)
+    quarantine = raw.quarantine
     accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
     leakage = None
     if check_leakage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -121,3 +122,41 @@ def test_a_sketch_of_other_rows_is_refused(leaky):
     result = dedup.deduplicate(leaky)
     with pytest.raises(ConfigError, match="pass the prompt_sketch of the DedupResult"):
         configs.leakage_report(leaky.slice(0, 3), sketch=result.prompt_sketch)
+
+
+def python_leaks(split: list[str], subset: list[str], groups: list[int]) -> dict:
+    """The leak counts by their definition, one row at a time."""
+    from collections import Counter
+
+    train_subsets: dict[int, set] = {}
+    for g, sp, su in zip(groups, split, subset):
+        if sp == "train":
+            train_subsets.setdefault(g, set()).add(su)
+    within, across, rows = Counter(), Counter(), []
+    for row, (g, sp, su) in enumerate(zip(groups, split, subset)):
+        found = train_subsets.get(g) if sp == "test" else None
+        if not found:
+            continue
+        rows.append(row)
+        if su in found:
+            within[su] += 1
+        for other in sorted(found - {su}):
+            across[f"{other} (train) -> {su} (test)"] += 1
+    return {"test_rows": len(rows), "groups_on_both_sides": len({groups[r] for r in rows}),
+            "within_subset": dict(sorted(within.items())), "across_subsets": dict(sorted(across.items())),
+            "_rows": rows}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_leak_counts_match_their_definition(seed):
+    from hhdata.configs import _leaks
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    split = rng.choice(["train", "test"], n, p=[0.7, 0.3]).tolist()
+    subset = rng.choice(["helpful-base", "harmless-base", "helpful-online"], n).tolist()
+    groups = rng.integers(0, 120, n).tolist()
+    table = pa.table({"split": split, "subset": subset})
+    expected = python_leaks(split, subset, groups)
+    assert expected["test_rows"] > 0 and expected["across_subsets"]  # the case is exercised
+    assert _leaks(table, np.array(groups)) == expected

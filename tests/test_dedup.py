@@ -334,11 +334,16 @@ def test_pair_sketch_from_the_prompt_equals_shingling_the_whole_text(rows):
         "chosen": [turns([c], "assistant") for _, c, _ in rows],
         "rejected": [turns([r], "assistant") for _, _, r in rows],
     })
+    for kind in ("oph", "minhash"):
+        settings = DedupSettings(shingle_size=3, num_perm=16, bands=4, rows=4, sketch=kind)
+        pair, prompt = dedup.sketches(table, settings)
+        for sketch, scope in ((pair, "pair"), (prompt, "prompt")):
+            direct = minhash.word_shingles(dedup.near_texts(table, scope), 3)
+            assert (sketch.signatures == dedup.signatures_of(direct, settings)).all(), kind
     settings = DedupSettings(shingle_size=3, num_perm=16, bands=4, rows=4)
     pair, prompt = dedup.sketches(table, settings)
     for sketch, scope in ((pair, "pair"), (prompt, "prompt")):
         direct = minhash.word_shingles(dedup.near_texts(table, scope), 3)
-        assert (sketch.signatures == minhash.signatures(direct, 16, settings.seed)).all()
         every = sketch.shingles_of(np.arange(len(rows)))
         for row in range(len(rows)):
             mine = set(every.hashes[every.offsets[row]:every.offsets[row + 1]].tolist())
