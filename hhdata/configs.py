@@ -125,10 +125,10 @@ def _unique_prompt_sketch(unique_texts: pa.Array, texts: pa.Array, first_row: np
     # the redone prompts go last, then every prompt is put back in its place
     place = np.arange(len(first_row))
     place[redo] = len(first_row) + np.arange(len(redo))
+    kept = unique.shingles_of(np.arange(len(unique)))
     merged = minhash.Sketch(
-        minhash.Shingles(np.concatenate([unique.shingles.hashes, again.shingles.hashes]),
-                         np.concatenate([unique.shingles.offsets,
-                                         unique.shingles.offsets[-1] + again.shingles.offsets[1:]])),
+        minhash.Shingles(np.concatenate([kept.hashes, again.shingles.hashes]),
+                         np.concatenate([kept.offsets, kept.offsets[-1] + again.shingles.offsets[1:]])),
         np.concatenate([unique.signatures, again.signatures]),
     )
     return merged.take(place)

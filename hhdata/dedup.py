@@ -300,34 +300,46 @@ def _finished(raw: np.ndarray, settings: DedupSettings) -> np.ndarray:
     return minhash.densify(raw, settings.seed) if settings.sketch == "oph" else raw
 
 
-def _near_duplicates(pairs: pa.Table, order: np.ndarray, settings: DedupSettings,
-                     sketched: tuple[minhash.Sketch, minhash.Sketch] | None = None):
-    """(dropped row -> (kept row, similarity)) in drop mode, the similar pairs of kept rows,
-    and the prompts' sketch of every row (for the leakage check). ``sketched``: the
-    sketches of these rows when already made.
+def _near_inputs(pairs: pa.Table, settings: DedupSettings):
+    """What the near stage needs of every row (made in a second thread): the sketches of
+    its near text and of its prompt, a code per near text (equal codes, equal texts) and
+    the number of prompt turns."""
+    of_rows, of_prompts = sketches(pairs, settings)
+    identity = near_texts(pairs, settings.near_scope).dictionary_encode().indices
+    turns = pc.list_value_length(degenerate.one_array(pairs["prompt"]))
+    return (of_rows, of_prompts, identity.to_numpy(zero_copy_only=False),
+            turns.to_numpy(zero_copy_only=False))
+
+
+def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs):
+    """Near duplicates among ``rows`` (the exact survivors, in survivor order), numbered
+    0..len(rows)-1: (dropped -> (kept, similarity)) in drop mode, the similar pairs of
+    kept ones, and the prompts' sketch of each (for the leakage check).
 
     Rows with the same text are similar (1.0); each distinct text is compared once.
     """
-    texts = near_texts(pairs, settings.near_scope)
-    encoded = texts.dictionary_encode()
-    unique_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    first_row = np.full(len(encoded.dictionary), len(unique_of_row), dtype=np.int64)
-    np.minimum.at(first_row, unique_of_row, np.arange(len(unique_of_row)))
-    of_rows, prompt_sketch = sketched if sketched is not None else sketches(pairs, settings)
+    of_all, prompts_of_all, identity, turns = inputs
+    # distinct texts numbered by first appearance among the survivors
+    _, first_row, inverse = np.unique(identity[rows], return_index=True, return_inverse=True)
+    by_appearance = np.argsort(first_row, kind="stable")
+    rank = np.empty(len(first_row), dtype=np.int64)
+    rank[by_appearance] = np.arange(len(first_row))
+    unique_of_row, first_row = rank[inverse.ravel()], first_row[by_appearance]
+    order = np.arange(len(rows))
+    prompt_sketch = prompts_of_all.take(rows)
     unique_pairs, similarity = minhash.similar_in_sketch(
-        of_rows.take(first_row), bands=settings.bands, rows=settings.rows,
+        of_all.take(rows[first_row]), bands=settings.bands, rows=settings.rows,
         threshold=settings.threshold, verify=settings.verify,
     )
     if settings.same_turn_count and len(unique_pairs):
-        turns = pc.list_value_length(degenerate.one_array(pairs["prompt"])).to_numpy(zero_copy_only=False)
-        turns_of_unique = turns[first_row]
+        turns_of_unique = turns[rows[first_row]]
         same = turns_of_unique[unique_pairs[:, 0]] == turns_of_unique[unique_pairs[:, 1]]
         unique_pairs, similarity = unique_pairs[same], similarity[same]
     neighbours: dict[int, list[tuple[int, float]]] = {}
     for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
         neighbours.setdefault(u, []).append((v, sim))
         neighbours.setdefault(v, []).append((u, sim))
-    rows_per_unique = np.bincount(unique_of_row, minlength=len(encoded.dictionary))
+    rows_per_unique = np.bincount(unique_of_row, minlength=len(first_row))
     kept_row_of_unique: dict[int, int] = {}
     dropped: dict[int, tuple[int, float]] = {}
     same_text: list[tuple[int, int]] = []
@@ -376,7 +388,7 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     # degenerate pairs and exact duplicates (Arrow and numpy release the GIL); the near
     # stage then takes the rows that survive
     pool = ThreadPoolExecutor(max_workers=1)
-    sketching = pool.submit(sketches, pairs, settings) if settings.near and n else None
+    sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
     try:
         return _deduplicate(pairs, settings, ids, sketching)
     finally:
@@ -384,7 +396,7 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
 
 
 def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching) -> DedupResult:
-    """deduplicate on one array per column; ``sketching``: the future of sketches(pairs)."""
+    """deduplicate on one array per column; ``sketching``: the future of _near_inputs(pairs)."""
     n = pairs.num_rows
     reason = np.full(n, None, dtype=object)
     kept_index = np.full(n, -1, dtype=np.int64)
@@ -419,10 +431,7 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     edges: list[tuple[int, int]] = []
     survivor_sketch = None
     if settings.near and len(order):
-        survivors = pairs.select(["prompt", "chosen", "rejected"]).take(pa.array(order))
-        of_rows, of_prompts = sketching.result()
-        dropped, edges, survivor_sketch = _near_duplicates(
-            survivors, np.arange(len(order)), settings, (of_rows.take(order), of_prompts.take(order)))
+        dropped, edges, survivor_sketch = _near_duplicates(order, settings, sketching.result())
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim

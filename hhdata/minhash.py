@@ -84,21 +84,24 @@ class Sketch:
     shingles: Shingles
     signatures: np.ndarray  # uint32, (texts, num_perm)
     prefix: Shingles | None = None
-    prefix_rows: np.ndarray | None = None  # bool, (texts,)
+    prefix_rows: np.ndarray | None = None  # bool, (rows of shingles,)
+    rows: np.ndarray | None = None  # int64, (texts,): text d's shingles are row rows[d]
 
     def __len__(self) -> int:
         return len(self.signatures)
 
     def take(self, texts: np.ndarray) -> Sketch:
-        """The sketch of the given texts, in that order."""
+        """The sketch of the given texts, in that order. Only the signatures are copied;
+        the shingles stay where they are, reached through ``rows``."""
         texts = np.asarray(texts, dtype=np.int64)
-        if self.prefix is None:
-            return Sketch(self.shingles.take(texts), self.signatures[texts])
-        return Sketch(self.shingles.take(texts), self.signatures[texts],
-                      self.prefix.take(texts), self.prefix_rows[texts])
+        return Sketch(self.shingles, self.signatures[texts], self.prefix, self.prefix_rows,
+                      texts if self.rows is None else self.rows[texts])
 
     def shingles_of(self, texts: np.ndarray) -> Shingles:
         """All shingles of the given texts, in that order."""
+        texts = np.asarray(texts, dtype=np.int64)
+        if self.rows is not None:
+            texts = self.rows[texts]
         own = self.shingles.take(texts)
         if self.prefix is None:
             return own

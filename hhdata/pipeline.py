@@ -20,7 +20,8 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -37,7 +38,13 @@ HUB_PREFIX = "hf://"
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """The kept pair rows, everything that left with its reason, and the accounting."""
+    """The kept pair rows, everything that left with its reason, and the accounting.
+
+    ``leakage`` (the train/test prompt overlap, or None when not checked) is computed in a
+    background thread that run_pipeline starts; reading it waits for that thread, and
+    release_from reads it only after the data files are written, so the check and the
+    writing overlap.
+    """
 
     pairs: pa.Table
     quarantine: pa.Table
@@ -46,7 +53,11 @@ class PipelineResult:
     sources: list[dict]
     settings: dict
     dedup_report: dict
-    leakage: dict | None
+    pending_leakage: Future | None = field(default=None, repr=False)
+
+    @property
+    def leakage(self) -> dict | None:
+        return None if self.pending_leakage is None else self.pending_leakage.result()
 
 
 def run_pipeline(
@@ -77,9 +88,7 @@ def run_pipeline(
     accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
     leakage = None
     if check_leakage:
-        report = configs.leakage_report(deduplicated.kept, dedup_settings, examples=0,
-                                        sketch=deduplicated.prompt_sketch)
-        leakage = {kind: report[kind] for kind in ("exact", "near")}
+        leakage = _BACKGROUND.submit(_leakage, deduplicated.kept, dedup_settings, deduplicated.prompt_sketch)
     return PipelineResult(
         pairs=deduplicated.kept,
         quarantine=quarantine,
@@ -89,8 +98,17 @@ def run_pipeline(
         settings={"dedup": _jsonable(deduplicated.settings),
                   "include_synthetic": sorted(include_synthetic)},
         dedup_report=deduplicated.report,
-        leakage=leakage,
+        pending_leakage=leakage,
     )
+
+
+# one thread for the leakage checks of pipeline runs (see PipelineResult)
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hhdata-leakage")
+
+
+def _leakage(kept: pa.Table, settings: dedup.DedupSettings, sketch) -> dict:
+    report = configs.leakage_report(kept, settings, examples=0, sketch=sketch)
+    return {kind: report[kind] for kind in ("exact", "near")}
 
 
 def build_release(
@@ -138,7 +156,7 @@ def release_from(
     """Write the release directory of a pipeline run (see hhdata.release.write_release)."""
     return release.write_release(
         result.pairs, out, version, sources=result.sources, accounting=result.accounting,
-        settings=result.settings, leakage=result.leakage,
+        settings=result.settings, leakage=lambda: result.leakage,
         previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
     )
 

@@ -24,6 +24,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -115,7 +116,7 @@ def write_release(
     sources: list[dict],
     accounting: dict,
     settings: dict,
-    leakage: dict | None = None,
+    leakage: dict | Callable[[], dict | None] | None = None,
     previous: str | Path | None = None,
     allow_version_mismatch: bool = False,
     parquet: ParquetSettings = ParquetSettings(),
@@ -126,7 +127,9 @@ def write_release(
     ``pairs`` holds canonical pair rows (extra columns such as ``cluster_id`` are dropped);
     ``sources`` lists the raw files read (path, sha256, bytes), ``accounting`` the row
     counts by fate (see hhdata.pipeline), ``settings`` the pipeline settings, ``leakage``
-    the train/test prompt overlap (hhdata.configs.leakage_report's exact and near parts). With
+    the train/test prompt overlap (hhdata.configs.leakage_report's exact and near parts), or
+    a function returning it, called after the data files are written (so the check can run
+    while they are). With
     ``previous`` (the directory of the last version) the change is classified and a version
     number that contradicts it raises VersionError unless ``allow_version_mismatch``.
     """
@@ -180,8 +183,9 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
         "files": files,
         "previous": None,
     }
-    if metadata["leakage"] is not None:
-        manifest["leakage"] = metadata["leakage"]
+    leakage = metadata["leakage"]() if callable(metadata["leakage"]) else metadata["leakage"]
+    if leakage is not None:
+        manifest["leakage"] = leakage
     change = None
     history = ""
     if previous is not None:
