@@ -4,7 +4,7 @@ Usage: .venv/bin/python bench/release_build.py [--pairs 170000] [--work DIR] [--
        .venv/bin/python bench/release_build.py --work DIR --sweep-only
        .venv/bin/python bench/release_build.py --work DIR --stages
 
-1. End to end, same corpus, same machine, one run:
+1. End to end, same corpus, same machine, one run, each route in a fresh process:
    - hhdata: ``hhdata.pipeline.build_release`` (read + validate + parse + exact and near
      dedup + Parquet per subset/split + card, manifest, changelog, croissant);
    - usual: ``datasets.load_dataset("json")`` per file + ``map`` with a Python transcript
@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hhdata import pipeline, synth  # noqa: E402
 from hhdata.dedup import DedupSettings  # noqa: E402
 from hhdata.pairs import build_pairs  # noqa: E402
-from hhdata.read import read_raw  # noqa: E402
+from hhdata.read import read_pairs, read_raw  # noqa: E402
 from hhdata.release import ParquetSettings, write_data_files, write_release  # noqa: E402
 from hhdata.schema import family_of, pair_id  # noqa: E402
 from hhdata.transcript import split_pair  # noqa: E402
@@ -154,8 +155,7 @@ def usual_route(corpus: Path, out: Path, cache: Path) -> int:
 
 def same_work_as_usual(corpus: Path, out: Path) -> int:
     """hhdata's stages doing what the usual route does: read, parse, write (no dedup beyond one row per id)."""
-    raw = read_raw([corpus])
-    pair_rows, _ = build_pairs(raw.table)
+    pair_rows = read_pairs([corpus]).table
     # a release holds each pair id once; the planted exact copies share an id
     _, first = np.unique(pair_rows["id"].to_numpy(zero_copy_only=False), return_index=True)
     pair_rows = pair_rows.take(np.sort(first))
@@ -163,6 +163,31 @@ def same_work_as_usual(corpus: Path, out: Path) -> int:
                   "removed": {}, "filtered": {}}
     write_release(pair_rows, out, "1.0.0", sources=[], accounting=accounting, settings={})
     return pair_rows.num_rows
+
+
+ROUTES = {
+    "usual": "usual: load_dataset(json) + map(split_pair) + to_parquet",
+    "none": "hhdata stages, same work as usual (read_pairs + write_release, no dedup)",
+    "exact": "hhdata build_release, exact dedup only",
+    "default": "hhdata build_release, exact + near dedup (default)",
+}
+
+
+def run_route(route: str, work: Path) -> dict:
+    """One route, timed, in this (fresh) process: seconds and rows written."""
+    corpus, subsets = work / "corpus", synthetic_subsets(work / "corpus")
+    started = time.perf_counter()
+    if route == "usual":
+        rows = usual_route(corpus, work / "usual", work / "hf-cache")
+    elif route == "none":
+        rows = same_work_as_usual(corpus, work / "no-dedup")
+    else:
+        settings = DedupSettings(near=route == "default")
+        built = pipeline.build_release([corpus], version="1.0.0", include_synthetic=subsets,
+                                       out=work / ("releases" if route == "default" else "exact-only"),
+                                       dedup_settings=settings)
+        rows = built.manifest["accounting"]["kept"]
+    return {"seconds": time.perf_counter() - started, "rows": rows}
 
 
 def synthetic_subsets(corpus: Path) -> list[str]:
@@ -178,7 +203,11 @@ def main() -> None:
                         help="only the settings sweep, on the releases already in --work")
     parser.add_argument("--stages", action="store_true",
                         help="only seconds per stage, on the corpus already in --work")
+    parser.add_argument("--route", choices=list(ROUTES), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.route:
+        print(json.dumps(run_route(args.route, args.work)))
+        return
     if args.stages:
         stage_timings(args.work / "corpus", args.work / "stages")
         return
@@ -197,37 +226,27 @@ def main() -> None:
     print(f"corpus: {args.pairs} pairs (+{appended} for 1.1.0) in {time.perf_counter() - started:.1f} s")
     subsets = synthetic_subsets(work / "corpus")
 
-    timings = {}
-    started = time.perf_counter()
-    v1 = pipeline.build_release([work / "corpus"], version="1.0.0", out=work / "releases",
-                                include_synthetic=subsets)
-    timings["full"] = time.perf_counter() - started
-    started = time.perf_counter()
-    same_work = pipeline.build_release([work / "corpus"], version="1.0.0", out=work / "exact-only",
-                                       include_synthetic=subsets,
-                                       dedup_settings=DedupSettings(near=False))
-    timings["exact"] = time.perf_counter() - started
-    started = time.perf_counter()
-    no_dedup = same_work_as_usual(work / "corpus", work / "no-dedup")
-    timings["none"] = time.perf_counter() - started
-    started = time.perf_counter()
-    usual_rows = usual_route(work / "corpus", work / "usual", work / "hf-cache")
-    theirs = time.perf_counter() - started
+    # each route in a fresh process, one after the other: none inherits another's warm
+    # caches, heap or imports, and the order does not favour a side
+    results = {}
+    for route in ROUTES:
+        child = subprocess.run([sys.executable, __file__, "--work", str(work), "--route", route],
+                               check=True, capture_output=True, text=True, env=os.environ)
+        results[route] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(route, results[route], flush=True)
+    theirs = results["usual"]["seconds"]
     print("\n| route | rows written | seconds | speed-up |\n|---|---:|---:|---:|")
-    print(f"| usual: load_dataset(json) + map(split_pair) + to_parquet | {usual_rows} | {theirs:.1f} | 1.0x |")
-    print(f"| hhdata stages, same work as usual (read_raw + build_pairs + write_release, no dedup) | "
-          f"{no_dedup} | {timings['none']:.1f} | {theirs / timings['none']:.1f}x |")
-    print(f"| hhdata build_release, exact dedup only | {same_work.manifest['accounting']['kept']} | "
-          f"{timings['exact']:.1f} | {theirs / timings['exact']:.1f}x |")
-    print(f"| hhdata build_release, exact + near dedup (default) | {v1.manifest['accounting']['kept']} | "
-          f"{timings['full']:.1f} | {theirs / timings['full']:.1f}x |")
+    for route, label in ROUTES.items():
+        seconds = results[route]["seconds"]
+        print(f"| {label} | {results[route]['rows']} | {seconds:.1f} | {theirs / seconds:.1f}x |")
+    v1_path = work / "releases" / "1.0.0"
 
     started = time.perf_counter()
     v2 = pipeline.build_release([work / "corpus-1.1"], version="1.1.0", out=work / "releases",
-                                previous=v1.path, include_synthetic=subsets)
+                                previous=v1_path, include_synthetic=subsets)
     print(f"\nhhdata build_release 1.1.0 with --previous 1.0.0 (diff included): "
           f"{time.perf_counter() - started:.1f} s")
-    sent = reupload(v1.path, v2.path)
+    sent = reupload(v1_path, v2.path)
     print(f"\nminor version 1.1.0 ({v2.diff.change}: +{len(v2.diff.configs['all'].added)} pairs, "
           f"-{len(v2.diff.configs['all'].removed)}, ~{len(v2.diff.configs['all'].edited)})")
     print("| re-upload counted | bytes | % of the 1.1.0 release |\n|---|---:|---:|")
@@ -236,7 +255,7 @@ def main() -> None:
     print(f"| (release size) | {sent['release_bytes']} | 100% |")
 
     if args.sweep:
-        sweep(v1.path, v2.path, work)
+        sweep(v1_path, v2.path, work)
 
 
 def stage_timings(corpus: Path, out: Path) -> None:

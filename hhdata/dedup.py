@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hhdata import degenerate, minhash
+from hhdata import degenerate, memory, minhash
 from hhdata.errors import HhDataError, SchemaError
 from hhdata.schema import PAIR_SCHEMA
 
@@ -387,12 +387,13 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     # the near stage's sketches of every row, made in a second thread while this one finds
     # degenerate pairs and exact duplicates (Arrow and numpy release the GIL); the near
     # stage then takes the rows that survive
-    pool = ThreadPoolExecutor(max_workers=1)
-    sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
-    try:
-        return _deduplicate(pairs, settings, ids, sketching)
-    finally:
-        pool.shutdown(cancel_futures=True)
+    with memory.large_run():
+        pool = ThreadPoolExecutor(max_workers=1)
+        sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
+        try:
+            return _deduplicate(pairs, settings, ids, sketching)
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching) -> DedupResult:

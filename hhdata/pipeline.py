@@ -27,7 +27,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from hhdata import configs, dedup, read, release
+from hhdata import configs, dedup, memory, read, release
 from hhdata.errors import ReleaseError
 from hhdata.manifest import file_digest, read_manifest
 from hhdata.schema import SUBSET_FAMILIES, is_synthetic
@@ -77,7 +77,12 @@ def run_pipeline(
     ReleaseError when a synthetic subset is read without being named in
     ``include_synthetic``, or when the counts do not reconcile.
     """
-    dedup_settings = dedup_settings or dedup.DedupSettings()
+    with memory.large_run():
+        return _run_pipeline(sources, dedup_settings or dedup.DedupSettings(), include_synthetic,
+                             check_leakage, progress)
+
+
+def _run_pipeline(sources, dedup_settings, include_synthetic, check_leakage, progress) -> PipelineResult:
     sources = resolve_sources(sources)
     # each file is read and parsed by one thread (read_pairs); its quarantine holds the bad
     # lines and the pairs whose prompt cannot be found
@@ -131,10 +136,11 @@ def build_release(
     (PosixPath('out/1.0.0'), ['all', 'harmless', 'harmless-base'])
     """
     check_targets(out, version, previous)
-    result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
-                          check_leakage=check_leakage, progress=progress)
-    return release_from(result, version=version, out=out, previous=previous,
-                        allow_version_mismatch=allow_version_mismatch, parquet=parquet)
+    with memory.large_run():
+        result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
+                              check_leakage=check_leakage, progress=progress)
+        return release_from(result, version=version, out=out, previous=previous,
+                            allow_version_mismatch=allow_version_mismatch, parquet=parquet)
 
 
 def check_targets(out: str | Path, version: str, previous: str | Path | None) -> None:
@@ -154,11 +160,12 @@ def release_from(
     parquet: release.ParquetSettings = release.ParquetSettings(),
 ) -> release.Release:
     """Write the release directory of a pipeline run (see hhdata.release.write_release)."""
-    return release.write_release(
-        result.pairs, out, version, sources=result.sources, accounting=result.accounting,
-        settings=result.settings, leakage=lambda: result.leakage,
-        previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
-    )
+    with memory.large_run():
+        return release.write_release(
+            result.pairs, out, version, sources=result.sources, accounting=result.accounting,
+            settings=result.settings, leakage=lambda: result.leakage,
+            previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
+        )
 
 
 def write_drops(drops: pa.Table, path: str | Path) -> int:

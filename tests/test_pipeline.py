@@ -221,3 +221,24 @@ def test_an_existing_version_is_refused_before_any_work(built, tmp_path, capsys)
         pipeline.build_release([missing], version="1.0.1", out=built.path.parent)
     with pytest.raises(ReleaseError, match="not a release directory"):
         pipeline.build_release([missing], version="1.0.1", out=built.path.parent, previous=tmp_path)
+
+
+def test_large_run_swaps_allocator_settings_and_restores_them_after_nesting():
+    import numpy as np
+    import pyarrow as pa
+
+    from hhdata import memory
+    from hhdata.read import ARROW_POOL
+
+    before = pa.default_memory_pool().backend_name
+    with memory.large_run():
+        assert pa.default_memory_pool().backend_name == ARROW_POOL.backend_name
+        with memory.large_run():
+            pass
+        assert pa.default_memory_pool().backend_name == ARROW_POOL.backend_name  # still inside
+        assert memory._set_hugepage(False) is False  # numpy was told not to advise huge pages
+    assert pa.default_memory_pool().backend_name == before
+    switch = np._core.multiarray._set_madvise_hugepage
+    current = switch(True)
+    switch(current)
+    assert current == memory._saved[1]  # the huge-page advice came back as it was

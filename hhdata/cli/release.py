@@ -47,10 +47,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build one release and print where it is and what it holds."""
-    from hhdata import pipeline  # imported here so other verbs start without the build stack
+    from hhdata import memory, pipeline  # imported here so other verbs start without the build stack
     from hhdata.quarantine import write_jsonl
 
     pipeline.check_targets(args.out, args.version, args.previous)  # fail before the work
+    with memory.large_run():
+        return _build(args, pipeline, write_jsonl)
+
+
+def _build(args: argparse.Namespace, pipeline, write_jsonl) -> int:
     result = pipeline.run_pipeline(args.sources, include_synthetic=args.include_synthetic,
                                    progress=None)
     if args.quarantine:
