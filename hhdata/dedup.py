@@ -266,19 +266,29 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
         prompt_tokens, *replies = pool.map(
             lambda side: minhash.word_tokens(degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")),
             ("prompt", "chosen", "rejected"))
-    prompt_shingles = minhash.token_shingles(*prompt_tokens, k)
-    prompt_raw = _raw_signatures(prompt_shingles, settings)
-    prompt = minhash.Sketch(prompt_shingles, _finished(prompt_raw, settings))
-    if settings.near_scope == "prompt":
-        return prompt, prompt
-    prompt_words = np.diff(prompt_tokens[1])
-    reply_words = np.diff(replies[0][1]) + np.diff(replies[1][1])
-    # a prompt shorter than k words is one shingle of its own, not one of the pair's
-    whole = prompt_words >= k
-    carried = np.where(whole, np.where(reply_words > 0, k - 1, 0), prompt_words)
-    rest = minhash.token_shingles(
-        *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k)
-    signatures = _raw_signatures(rest, settings)
+
+        def prompt_part():
+            shingles = minhash.token_shingles(*prompt_tokens, k)
+            raw = _raw_signatures(shingles, settings)
+            return shingles, raw, _finished(raw, settings)
+
+        def rest_part():
+            prompt_words = np.diff(prompt_tokens[1])
+            reply_words = np.diff(replies[0][1]) + np.diff(replies[1][1])
+            # a prompt shorter than k words is one shingle of its own, not one of the pair's
+            whole = prompt_words >= k
+            carried = np.where(whole, np.where(reply_words > 0, k - 1, 0), prompt_words)
+            rest = minhash.token_shingles(
+                *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k)
+            return rest, whole, _raw_signatures(rest, settings)
+
+        # the prompt's signatures and the rest's shingles and signatures, side by side
+        rest_future = pool.submit(rest_part) if settings.near_scope == "pair" else None
+        prompt_shingles, prompt_raw, prompt_signatures = prompt_part()
+        prompt = minhash.Sketch(prompt_shingles, prompt_signatures)
+        if rest_future is None:
+            return prompt, prompt
+        rest, whole, signatures = rest_future.result()
     signatures[whole] = np.minimum(signatures[whole], prompt_raw[whole])
     return minhash.Sketch(rest, _finished(signatures, settings), prefix=prompt_shingles, prefix_rows=whole), prompt
 
@@ -302,23 +312,26 @@ def _finished(raw: np.ndarray, settings: DedupSettings) -> np.ndarray:
 
 def _near_inputs(pairs: pa.Table, settings: DedupSettings):
     """What the near stage needs of every row (made in a second thread): the sketches of
-    its near text and of its prompt, a code per near text (equal codes, equal texts) and
-    the number of prompt turns."""
+    its near text and of its prompt, and the number of prompt turns."""
     of_rows, of_prompts = sketches(pairs, settings)
-    identity = near_texts(pairs, settings.near_scope).dictionary_encode().indices
     turns = pc.list_value_length(degenerate.one_array(pairs["prompt"]))
-    return (of_rows, of_prompts, identity.to_numpy(zero_copy_only=False),
-            turns.to_numpy(zero_copy_only=False))
+    return of_rows, of_prompts, turns.to_numpy(zero_copy_only=False)
 
 
-def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs):
+def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
+    """A code per row's near text: equal codes, equal texts."""
+    identity = near_texts(pairs, settings.near_scope).dictionary_encode().indices
+    return identity.to_numpy(zero_copy_only=False)
+
+
+def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity: np.ndarray):
     """Near duplicates among ``rows`` (the exact survivors, in survivor order), numbered
     0..len(rows)-1: (dropped -> (kept, similarity)) in drop mode, the similar pairs of
     kept ones, and the prompts' sketch of each (for the leakage check).
 
     Rows with the same text are similar (1.0); each distinct text is compared once.
     """
-    of_all, prompts_of_all, identity, turns = inputs
+    of_all, prompts_of_all, turns = inputs
     # distinct texts numbered by first appearance among the survivors
     _, first_row, inverse = np.unique(identity[rows], return_index=True, return_inverse=True)
     by_appearance = np.argsort(first_row, kind="stable")
@@ -432,7 +445,9 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     edges: list[tuple[int, int]] = []
     survivor_sketch = None
     if settings.near and len(order):
-        dropped, edges, survivor_sketch = _near_duplicates(order, settings, sketching.result())
+        # the texts' identity is made here while the second thread finishes the sketches
+        identity = _text_identity(pairs, settings)
+        dropped, edges, survivor_sketch = _near_duplicates(order, settings, sketching.result(), identity)
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim

@@ -165,8 +165,10 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
     """Data files and plot, then the manifest, the diff and version check, the changelog,
     croissant.json and the card: each later file is made from the manifest."""
     rows = canonical_rows(pairs)
-    files = write_data_files(rows, staging, parquet)
-    files[PLOT_NAME] = _plot(rows, staging)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the plot is drawn while the files are written
+        plot = pool.submit(_plot, rows, staging)
+        files = write_data_files(rows, staging, parquet)
+        files[PLOT_NAME] = plot.result()
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "name": metadata["name"],
@@ -293,15 +295,13 @@ def _split_order(split: str) -> tuple[int, str]:
 
 def _plot(rows: pa.Table, root: Path) -> dict:
     """Write the length-distribution PNG (deterministic: no software/date metadata)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: safe off the main thread, no global state
 
     from hhdata.manifest import text_lengths
 
-    figure, axes = plt.subplots(figsize=(7, 3.2), dpi=100)
+    figure = Figure(figsize=(7, 3.2), dpi=100)
+    axes = figure.subplots()
     bins = np.logspace(0, 5, 51)
     for column, colour in (("prompt", "#4c72b0"), ("chosen", "#55a868"), ("rejected", "#c44e52")):
         lengths = np.maximum(text_lengths(rows, column), 1)
@@ -314,5 +314,4 @@ def _plot(rows: pa.Table, root: Path) -> dict:
     axes.legend(frameon=False)
     figure.subplots_adjust(left=0.09, right=0.98, top=0.9, bottom=0.15)  # fixed: no layout pass
     figure.savefig(root / PLOT_NAME, format="png", metadata={"Software": None})
-    plt.close(figure)
     return file_entry(root, PLOT_NAME)
