@@ -221,17 +221,21 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     """
     prompt = degenerate.one_array(pairs["prompt"])
     turns = prompt.values
-    contents = normalized(pc.struct_field(turns, "content"), settings)
+    texts = [pc.struct_field(turns, "content")] + [
+        degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n") for side in ("chosen", "rejected")]
+    # the turn contents and the two replies normalised in parallel threads (Arrow's string
+    # kernels release the GIL)
+    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
+        contents, *replies = pool.map(lambda text: normalized(text, settings), texts)
+        turn_encoding = pool.submit(lambda: contents.dictionary_encode().indices)
+        # one dictionary for both replies, so a reply has the same code on either side
+        codes = pa.concat_arrays(replies).dictionary_encode().indices.to_numpy(zero_copy_only=False)
+        turn_codes = turn_encoding.result().to_numpy(zero_copy_only=False).astype(np.int64)
     is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
-    turn_codes = contents.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
     turn_codes = turn_codes * 2 + is_user
     offsets = prompt.offsets.to_numpy().astype(np.int64)
     prompt_hashes = [_sequence_hashes(turn_codes, offsets, multiplier).view(np.int64)
                      for multiplier in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)]
-    replies = [normalized(degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n"), settings)
-               for side in ("chosen", "rejected")]
-    # one dictionary for both replies, so a reply has the same code on either side
-    codes = pa.concat_arrays(replies).dictionary_encode().indices.to_numpy(zero_copy_only=False)
     first, second = codes[: pairs.num_rows].astype(np.int64), codes[pairs.num_rows :].astype(np.int64)
     if not settings.reply_order_matters:
         first, second = np.minimum(first, second), np.maximum(first, second)
@@ -403,22 +407,30 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     with memory.large_run():
         pool = ThreadPoolExecutor(max_workers=1)
         sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
+        # without a near stage the second thread checks for degenerate pairs instead
+        checking = pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
         try:
-            return _deduplicate(pairs, settings, ids, sketching)
+            return _deduplicate(pairs, settings, ids, sketching, checking)
         finally:
             pool.shutdown(cancel_futures=True)
 
 
-def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching) -> DedupResult:
-    """deduplicate on one array per column; ``sketching``: the future of _near_inputs(pairs)."""
+def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching, checking) -> DedupResult:
+    """deduplicate on one array per column; ``sketching`` and ``checking``: the futures of
+    _near_inputs(pairs) and of degenerate.find_degenerate(pairs), when started."""
     n = pairs.num_rows
     reason = np.full(n, None, dtype=object)
     kept_index = np.full(n, -1, dtype=np.int64)
     similarity = np.full(n, np.nan)
     cluster = np.arange(n)
 
+    keys = exact_keys(pairs, settings)
+
     # 1. degenerate pairs
-    masks = degenerate.find_degenerate(pairs) if n else {r: np.zeros(0, bool) for r in degenerate.REASONS}
+    if checking is not None:
+        masks = checking.result()
+    else:
+        masks = degenerate.find_degenerate(pairs) if n else {r: np.zeros(0, bool) for r in degenerate.REASONS}
     policy = settings.degenerate
     flagged = {}
     for code in degenerate.REASONS:
@@ -431,7 +443,6 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     # 2. exact duplicates, first survivor of each key in survivor order
     order = survivor_order(pairs, settings)
     order = order[alive[order]]
-    keys = exact_keys(pairs, settings)
     _, first_in_order, group = np.unique(keys[order], return_index=True, return_inverse=True)
     survivor_of = order[first_in_order][group]
     duplicate = survivor_of != order
