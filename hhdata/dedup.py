@@ -211,13 +211,14 @@ def _sequence_hashes(codes: np.ndarray, offsets: np.ndarray, multiplier: int) ->
     return minhash._splitmix64(sums ^ lengths.astype(np.uint64))
 
 
-def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
+def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = None) -> np.ndarray:
     """One int64 label per row; equal labels are exact duplicates under the settings.
 
     A row is its prompt turns (role and normalised content, in order) and its two
     normalised replies. Turn contents and replies are dictionary-encoded exactly; a prompt's
     sequence of turn codes is identified by two independent 64-bit hashes (a false match
-    needs both to collide: about n**2 / 2**129 for n rows).
+    needs both to collide: about n**2 / 2**129 for n rows). The turn contents and the two
+    replies are normalised in up to ``workers`` threads (default 3).
     """
     prompt = degenerate.one_array(pairs["prompt"])
     turns = prompt.values
@@ -225,7 +226,7 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
         degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n") for side in ("chosen", "rejected")]
     # the turn contents and the two replies normalised in parallel threads (Arrow's string
     # kernels release the GIL)
-    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(workers or 3, os.cpu_count() or 1))) as pool:
         contents, *replies = pool.map(lambda text: normalized(text, settings), texts)
         turn_encoding = pool.submit(lambda: contents.dictionary_encode().indices)
         # one dictionary for both replies, so a reply has the same code on either side
@@ -415,6 +416,11 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
             pool.shutdown(cancel_futures=True)
 
 
+# exact_keys' threads while the sketches are made in another: one (3 measured 0.1-0.4 s
+# slower in the 170k build on 2 cores; bench/release_build.md)
+_EXACT_WORKERS_BESIDE_SKETCHES = 1
+
+
 def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching, checking) -> DedupResult:
     """deduplicate on one array per column; ``sketching`` and ``checking``: the futures of
     _near_inputs(pairs) and of degenerate.find_degenerate(pairs), when started."""
@@ -424,7 +430,7 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     similarity = np.full(n, np.nan)
     cluster = np.arange(n)
 
-    keys = exact_keys(pairs, settings)
+    keys = exact_keys(pairs, settings, workers=_EXACT_WORKERS_BESIDE_SKETCHES if sketching else None)
 
     # 1. degenerate pairs
     if checking is not None:
