@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not benchmark" tests
+	$(PY) -m pytest -q --doctest-modules hhdata
 
 demo: $(STAMP)
 	$(PY) -m hhdata.demo

@@ -103,29 +103,34 @@ def read_manifest(release_dir: str | Path) -> dict:
     return manifest
 
 
-def length_stats(table: pa.Table) -> dict[str, dict[str, float]]:
+def length_stats(table: pa.Table, turn_lengths: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """Character lengths of the prompt (all turns), the two replies and the transcripts.
+    ``turn_lengths``: text_lengths of prompt, chosen and rejected when already computed.
 
     >>> sorted(length_stats(pa.table({"chosen_text": ["ab"], "rejected_text": ["a"],
     ...     "prompt": [[{"role": "user", "content": "x"}]],
     ...     "chosen": [[{"role": "assistant", "content": "y"}]],
-    ...     "rejected": [[{"role": "assistant", "content": ""}]]}))))
+    ...     "rejected": [[{"role": "assistant", "content": ""}]]})))
     ['chosen', 'chosen_text', 'prompt', 'prompt_turns', 'rejected', 'rejected_text']
     """
-    columns = {name: text_lengths(table, name) for name in ("prompt", "chosen", "rejected")}
-    columns["chosen_text"] = pc.utf8_length(table["chosen_text"]).to_numpy(zero_copy_only=False)
-    columns["rejected_text"] = pc.utf8_length(table["rejected_text"]).to_numpy(zero_copy_only=False)
-    columns["prompt_turns"] = pc.list_value_length(table["prompt"]).to_numpy(zero_copy_only=False)
+    columns = dict(turn_lengths or {name: text_lengths(table, name) for name in ("prompt", "chosen", "rejected")})
+    columns["chosen_text"] = pc.utf8_length(table["chosen_text"]).to_numpy()
+    columns["rejected_text"] = pc.utf8_length(table["rejected_text"]).to_numpy()
+    columns["prompt_turns"] = pc.list_value_length(table["prompt"]).to_numpy()
     return {name: _summary(values) for name, values in columns.items()}
 
 
 def text_lengths(table: pa.Table, turns_column: str) -> np.ndarray:
-    """Total characters of the turn contents of each row of a list<struct<role,content>> column."""
-    turns = table[turns_column].combine_chunks()
-    flat = pc.utf8_length(pc.struct_field(turns.flatten(), "content")).to_numpy(zero_copy_only=False)
-    offsets = turns.offsets.to_numpy() - turns.offsets[0].as_py()
-    sums = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
-    return sums[offsets[1:]] - sums[offsets[:-1]]
+    """Total characters of the turn contents of each row of a list<struct<role,content>> column
+    (chunk by chunk: no copy of the column)."""
+    column = table[turns_column]
+    parts = []
+    for turns in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        flat = pc.utf8_length(pc.struct_field(turns.flatten(), "content")).to_numpy(zero_copy_only=False)
+        offsets = turns.offsets.to_numpy() - turns.offsets[0].as_py()
+        sums = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
+        parts.append(sums[offsets[1:]] - sums[offsets[:-1]])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:

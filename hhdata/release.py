@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,6 +40,7 @@ from hhdata.manifest import (
     file_entry,
     flag_counts,
     length_stats,
+    text_lengths,
     write_manifest,
 )
 from hhdata.schema import HARMLESS, HELPFUL, PAIR_SCHEMA
@@ -166,7 +168,8 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
     croissant.json and the card: each later file is made from the manifest."""
     rows = canonical_rows(pairs)
     with ThreadPoolExecutor(max_workers=1) as pool:  # the plot is drawn while the files are written
-        plot = pool.submit(_plot, rows, staging)
+        lengths = pool.submit(lambda: {name: text_lengths(rows, name) for name in ("prompt", "chosen", "rejected")})
+        plot = pool.submit(lambda: _plot(lengths.result(), staging))
         files = write_data_files(rows, staging, parquet)
         files[PLOT_NAME] = plot.result()
     manifest = {
@@ -180,7 +183,7 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
         "configs": config_views(rows),
         "accounting": metadata["accounting"],
         "flags": flag_counts(rows),
-        "lengths": length_stats(rows),
+        "lengths": length_stats(rows, lengths.result()),
         "settings": {**metadata["settings"], "parquet": dataclasses.asdict(parquet)},
         "files": files,
         "previous": None,
@@ -293,18 +296,15 @@ def _split_order(split: str) -> tuple[int, str]:
     return ({"train": 0, "validation": 1, "test": 2}.get(split, 3), split)
 
 
-def _plot(rows: pa.Table, root: Path) -> dict:
+def _plot(lengths_of: dict[str, np.ndarray], root: Path) -> dict:
     """Write the length-distribution PNG (deterministic: no software/date metadata)."""
-    import numpy as np
     from matplotlib.figure import Figure  # no pyplot: safe off the main thread, no global state
-
-    from hhdata.manifest import text_lengths
 
     figure = Figure(figsize=(7, 3.2), dpi=100)
     axes = figure.subplots()
     bins = np.logspace(0, 5, 51)
     for column, colour in (("prompt", "#4c72b0"), ("chosen", "#55a868"), ("rejected", "#c44e52")):
-        lengths = np.maximum(text_lengths(rows, column), 1)
+        lengths = np.maximum(lengths_of[column], 1)
         axes.hist(lengths, bins=bins, histtype="step", linewidth=1.5, color=colour,
                   label=f"{column} (median {int(np.median(lengths)) if len(lengths) else 0})")
     axes.set_xscale("log")
