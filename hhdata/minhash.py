@@ -72,7 +72,9 @@ class Shingles:
 
 @dataclass(frozen=True)
 class Sketch:
-    """Shingles and MinHash signatures of the same texts, row d of each for text d: what
+    """Shingles and signatures (MinHash or densified one-permutation hashing) of the same
+    texts: signature row d is text d, and so is shingle row d, or row ``rows[d]`` once the
+    sketch has been taken from a larger one (take copies only the signatures). What
     similar_pairs needs, so one pass can serve several questions (hhdata.dedup hands the
     prompts' sketch to the leakage check).
 
