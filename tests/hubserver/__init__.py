@@ -70,6 +70,7 @@ class LocalHub:
         self.startup_timeout = startup_timeout
         self.repos = self.root / "repos"
         self.logs = self.root / "logs"
+        self.fired_log = self.logs / "faults-fired.jsonl"
         self._olah: subprocess.Popen | None = None
         self._front: subprocess.Popen | None = None
 
@@ -98,7 +99,7 @@ class LocalHub:
         self._front = self._spawn(
             "front",
             [sys.executable, "-m", "tests.hubserver.front", "--root", str(self.repos), "--port", str(self.port),
-             "--olah-port", str(self.olah_port), "--token", self.token],
+             "--olah-port", str(self.olah_port), "--token", self.token, "--fired-log", str(self.fired_log)],
         )
         self._wait(f"{self.endpoint}/api/whoami-v2", self._front, "front", token=self.token)
 
@@ -146,12 +147,23 @@ class LocalHub:
         `route` is a handler name (commit, preupload, lfs_batch, lfs_upload, create_tag, ...),
         `action` is "exit" (the process dies, no reply) or "status" (answer `status`),
         `when` is "before" (default) or "after" (commit only: after the git commit is written).
+        Arming forgets the faults that fired before (see fired_faults).
         """
+        self.fired_log.write_text("")
         request = urllib.request.Request(
             f"{self.endpoint}/_hubserver/faults", data=json.dumps(faults).encode(), method="POST",
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         urllib.request.urlopen(request, timeout=10).read()
+
+    def fired_faults(self) -> list[dict]:
+        """The faults that fired since the last arm_faults, in order: route, when, action, status.
+
+        Read from the server's log file, so a fault that killed the server is listed too.
+        """
+        if not self.fired_log.is_file():
+            return []
+        return [json.loads(line) for line in self.fired_log.read_text().splitlines() if line.strip()]
 
     def received_bytes(self) -> dict[str, int]:
         """Request body bytes the write server received so far, by route (lfs_upload, commit, ...)."""

@@ -8,7 +8,9 @@ the same git repositories in offline local-mirror mode.
 
 Bearer tokens: a request that carries a token not in ``tokens`` gets 401 on any endpoint;
 writes without a token get 401. Faults for tests are set with ``POST /_hubserver/faults``;
-``GET /_hubserver/stats`` reports the request bytes received per route (for benchmarks).
+each one that fires is appended to ``fired_log`` (JSON Lines) before it acts, so a test can
+check it fired even when the fault killed the server. ``GET /_hubserver/stats`` reports the
+request bytes received per route (for benchmarks).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ INVALID_TOKEN = "Invalid credentials in Authorization header"
 class HubState:
     """Everything the server knows: where repos live, valid tokens, olah's address, faults."""
 
-    def __init__(self, root: Path, tokens: dict[str, str], olah: tuple[str, int] | None):
+    def __init__(self, root: Path, tokens: dict[str, str], olah: tuple[str, int] | None,
+                 fired_log: Path | None = None):
         self.root = root
+        self.fired_log = fired_log
         self.tokens = tokens  # token -> user name
         self.olah = olah
         self.faults: list[dict] = []
@@ -62,8 +66,17 @@ class HubState:
             for fault in self.faults:
                 if fault["route"] == route and fault.get("when", "before") == when and fault["times"] > 0:
                     fault["times"] -= 1
+                    self.record_fired(fault, route, when)
                     return fault
         return None
+
+    def record_fired(self, fault: dict, route: str, when: str) -> None:
+        """Append the fault that is about to act to fired_log (flushed: an exit follows)."""
+        if self.fired_log is None:
+            return
+        entry = {"route": route, "when": when, "action": fault["action"], "status": fault.get("status")}
+        with open(self.fired_log, "a", encoding="utf-8") as log:
+            log.write(json.dumps(entry) + "\n")
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -377,10 +390,11 @@ def olah_path(path: str) -> str:
 
 
 def make_server(
-    host: str, port: int, root: Path, tokens: dict[str, str], olah: tuple[str, int] | None
+    host: str, port: int, root: Path, tokens: dict[str, str], olah: tuple[str, int] | None,
+    fired_log: Path | None = None,
 ) -> ThreadingHTTPServer:
     """A ready-to-serve write server over the repositories under `root`."""
-    handler = type("BoundHubHandler", (HubHandler,), {"state": HubState(root, tokens, olah)})
+    handler = type("BoundHubHandler", (HubHandler,), {"state": HubState(root, tokens, olah, fired_log)})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server

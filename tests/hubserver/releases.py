@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hhdata.errors import PairError
 from hhdata.release import write_release
@@ -48,14 +49,18 @@ def sample_pairs(count: int, offset: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
 
 
-def build_release(out: Path, version: str, count: int = 24, previous: Path | None = None, added: int = 0) -> Path:
+def build_release(out: Path, version: str, count: int = 24, previous: Path | None = None, added: int = 0,
+                  drop: str | None = None) -> Path:
     """Write ``<out>/<version>/`` with `count` rows and return its path.
 
     `added` more records, taken after the first `count`, go into a new subset
     ``harmless-added``, so the files of the other subsets stay byte-identical to a release
-    built with the same `count` (a minor version that only adds a batch).
+    built with the same `count` (a minor version that only adds a batch). `drop` leaves one
+    subset out (a major version that removes it).
     """
     pairs = sample_pairs(count)
+    if drop:
+        pairs = pairs.filter(pc.not_equal(pairs["subset"], drop))
     if added:
         extra = sample_pairs(added, offset=count + 8).to_pylist()
         for row in extra:
