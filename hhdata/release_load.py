@@ -2,7 +2,9 @@
 
 Each data file is read once into memory, its sha256 and size compared with manifest.json,
 and only then parsed, so what is loaded is exactly what was checked. A tampered, truncated
-or missing file raises IntegrityError naming the file and the fix.
+or missing file raises IntegrityError naming the file and the fix. The row counts the
+manifest records (per file, and per config and split) are checked against the Parquet
+footers, which no checksum covers (the manifest cannot hold its own checksum).
 """
 
 from __future__ import annotations
@@ -54,11 +56,44 @@ def read_verified(root: str | Path, relative: str, manifest: dict) -> bytes:
 
 
 def verify_files(root: str | Path, manifest: dict | None = None) -> dict:
-    """Check every file listed in the manifest; returns the manifest. Raises IntegrityError."""
+    """Check every file listed in the manifest, and every row count; returns the manifest.
+
+    Raises IntegrityError.
+    """
     manifest = read_manifest(root) if manifest is None else manifest
+    rows = {}
     for relative in manifest["files"]:
-        read_verified(root, relative, manifest)
+        data = read_verified(root, relative, manifest)
+        if "rows" in manifest["files"][relative]:
+            rows[relative] = check_file_rows(Path(root) / relative, data, manifest["files"][relative])
+    for config in manifest["configs"]:
+        check_config_rows(root, manifest, config, rows)
     return manifest
+
+
+def check_file_rows(path: Path, data: bytes, entry: dict, where: str = "") -> int:
+    """The rows in a Parquet file's footer, after checking them against its manifest entry."""
+    actual = pq.read_metadata(pa.BufferReader(data)).num_rows
+    if actual != entry["rows"]:
+        raise IntegrityError(
+            f"{path}{where}: manifest.json records {entry['rows']} rows, the file's Parquet metadata "
+            f"holds {actual}; the manifest was edited after the build: re-download or rebuild the release"
+        )
+    return actual
+
+
+def check_config_rows(root, manifest: dict, config: str, rows: dict[str, int], only: str | None = None) -> None:
+    """Each split's row count in the manifest against the footers of its files (``rows``)."""
+    for split, view in manifest["configs"][config]["splits"].items():
+        if only is not None and split != only:
+            continue
+        actual = sum(rows[f] for f in view["files"] if f in rows)
+        if all(f in rows for f in view["files"]) and actual != view["rows"]:
+            raise IntegrityError(
+                f"{Path(root) / 'manifest.json'}: config {config!r} split {split!r} records "
+                f"{view['rows']} rows, its Parquet files ({', '.join(view['files'])}) hold {actual}; "
+                "the manifest was edited after the build: re-download or rebuild the release"
+            )
 
 
 def config_files(manifest: dict, config: str | None) -> dict[str, list[str]]:
@@ -87,6 +122,7 @@ def load_release(
     List({'role': Value('string'), 'content': Value('string')})
     """
     manifest = read_manifest(path)
+    config = config or next(name for name, view in manifest["configs"].items() if view["default"])
     splits = config_files(manifest, config)
     if split is not None:
         if split not in splits:
@@ -97,7 +133,13 @@ def load_release(
         splits = {split: splits[split]}
     loaded = {}
     for name, files in splits.items():
-        tables = [pq.read_table(pa.BufferReader(read_verified(path, f, manifest))) for f in files]
+        tables, rows = [], {}
+        for relative in files:
+            data = read_verified(path, relative, manifest)
+            where = f" (config {config!r}, split {name!r})"
+            rows[relative] = check_file_rows(Path(path) / relative, data, manifest["files"][relative], where)
+            tables.append(pq.read_table(pa.BufferReader(data)))
+        check_config_rows(path, manifest, config, rows, only=name)
         table = pa.concat_tables(tables).select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
         info = datasets.DatasetInfo(
             description=f"{manifest['name']} {manifest['version']}", features=FEATURES,

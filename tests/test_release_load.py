@@ -128,3 +128,32 @@ def test_hhdata_load_dispatches_a_local_release(built):
 
     assert hhdata.load(str(built), "helpful", split="test").num_rows == 300
     assert hhdata.load(str(built.parent), "harmless", split="test", version="1.0.0").num_rows == 2012
+
+
+def edit_manifest(release, edit) -> None:
+    manifest = json.loads((release / "manifest.json").read_text())
+    edit(manifest)
+    (release / "manifest.json").write_text(json.dumps(manifest, indent=2))  # no checksum covers it
+
+
+def test_an_edited_file_row_count_is_refused(copy_of):
+    edit_manifest(copy_of, lambda m: m["files"][HARMLESS_FILE].update(rows=9999))
+    with pytest.raises(IntegrityError) as caught:
+        load_release(copy_of, "harmless", split="test")
+    assert str(caught.value).startswith(
+        f"{copy_of / HARMLESS_FILE} (config 'harmless', split 'test'): manifest.json records 9999 rows, "
+        "the file's Parquet metadata holds 2012;")
+    with pytest.raises(IntegrityError, match="records 9999 rows, the file's Parquet metadata holds 2012"):
+        verify_files(copy_of)
+
+
+def test_an_edited_split_row_count_is_refused(copy_of):
+    edit_manifest(copy_of, lambda m: m["configs"]["all"]["splits"]["test"].update(rows=9999))
+    with pytest.raises(IntegrityError) as caught:
+        load_release(copy_of)
+    assert str(caught.value).startswith(
+        f"{copy_of / 'manifest.json'}: config 'all' split 'test' records 9999 rows, its Parquet files "
+        f"({HARMLESS_FILE}, {HARMLESS_FILE.replace('harmless-base', 'helpful-online')}) hold 2312;")
+    assert load_release(copy_of, "harmless", split="test").num_rows == 2012  # other configs still load
+    with pytest.raises(IntegrityError, match="config 'all' split 'test' records 9999 rows"):
+        verify_files(copy_of)
