@@ -12,8 +12,11 @@
 
 Byte-reproducible: rows keep their input order inside each (subset, split) file, files are
 written with the pinned ParquetSettings, and nothing depends on the clock. The directory
-is assembled under a hidden staging name and renamed into place only when complete, so a
-crash never leaves a half-built version, and an existing version is never overwritten.
+is assembled under a hidden staging name (``.<version>.partial-<pid>``) and renamed into
+place only when complete, so a crash never leaves a half-built version, and an existing
+version is never overwritten. A staging folder whose process is gone (a killed build) is
+removed by the next build of that version; one whose process is alive means another build
+of the version is running, and the new one stops with a message naming its pid.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ def write_release(
     number that contradicts it raises VersionError unless ``allow_version_mismatch``.
     """
     final = new_version_dir(out, version)
+    _claim_version(Path(out), version)
     staging = Path(out) / f".{version}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -144,11 +148,48 @@ def write_release(
                     "leakage": leakage, "name": name}
         manifest, change = _build(pairs, staging, version, metadata, previous,
                                   allow_version_mismatch, parquet)
-        staging.rename(final)
+        _move_into_place(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Release(final, manifest, change)
+
+
+def _claim_version(out: Path, version: str) -> None:
+    """Remove staging folders of killed builds of `version`; refuse while a live one builds it."""
+    for staging in sorted(out.glob(f".{version}.partial-*")) if out.is_dir() else []:
+        pid = staging.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if _alive(int(pid)):
+            raise VersionError(
+                f"version {version} is being built by another process (pid {pid}, staging in "
+                f"{staging}); wait for it to finish, or stop it and build again"
+            )
+        shutil.rmtree(staging, ignore_errors=True)  # its build was killed: nothing will finish it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished staging folder to the version's name; never over an existing one."""
+    try:
+        staging.rename(final)
+    except OSError:
+        if final.exists():
+            raise VersionError(
+                f"{final} already exists: another process built version {final.name} while this "
+                "build ran, and versions are immutable; use that one, or build the next version"
+            ) from None
+        raise
 
 
 def new_version_dir(out: str | Path, version: str) -> Path:

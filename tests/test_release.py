@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -175,3 +177,40 @@ def test_a_repeated_pair_id_is_refused(tmp_path, pairs):
     with pytest.raises(ReleaseError, match=rf"pair id {pairs['id'][1].as_py()} appears 2 times "
                                            r"\(1 ids repeat\).*deduplicate first"):
         build(doubled, tmp_path)
+
+
+def test_a_version_another_live_build_is_staging_is_refused(tmp_path, pairs):
+    """A staging folder whose process is alive: another build of this version is running."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        staging = tmp_path / f".1.0.0.partial-{other.pid}"
+        staging.mkdir()
+        with pytest.raises(VersionError) as raised:
+            build(pairs.slice(0, 20), tmp_path)
+        assert str(raised.value).startswith(f"version 1.0.0 is being built by another process (pid {other.pid}")
+        assert staging.is_dir() and not (tmp_path / "1.0.0").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_staging_left_by_a_killed_build_is_removed_by_the_next(tmp_path, pairs):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now: the build that used it was killed
+    stale = tmp_path / f".1.0.0.partial-{gone.pid}"
+    (stale / "data").mkdir(parents=True)
+    build(pairs.slice(0, 20), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.0.0"]
+
+
+def test_the_build_that_loses_a_race_gets_a_clear_error(tmp_path, pairs):
+    """Another process renames its finished 1.0.0 into place while this build is writing."""
+
+    def other_build_finishes():
+        (tmp_path / "1.0.0").mkdir()
+        (tmp_path / "1.0.0" / "manifest.json").write_text("{}")
+        return None
+
+    with pytest.raises(VersionError, match=r"1\.0\.0 already exists: another process built version 1\.0\.0"):
+        build(pairs.slice(0, 20), tmp_path, leakage=other_build_finishes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.0.0"]  # no staging left behind
