@@ -129,3 +129,10 @@ def hh_pairs(draw):
 @given(st.lists(hh_pairs(), min_size=1, max_size=8))
 def test_agrees_with_split_pair_on_generated_pairs(pairs):
     assert_agrees_with_reference(pairs)
+
+
+def test_pair_id_of_a_fixed_pair_never_changes():
+    """A golden value: a new hash would make every row of every release look added and removed."""
+    chosen = "\n\nHuman: What is two plus two?\n\nAssistant: Four."
+    rejected = "\n\nHuman: What is two plus two?\n\nAssistant: Five."
+    assert pair_id(chosen, rejected) == "afd374029eb98bc71d37"
