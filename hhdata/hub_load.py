@@ -3,7 +3,8 @@
 load_from_hub downloads the tagged revision ``v<version>`` (only manifest.json and the
 files of the requested config) and hands it to hhdata.release_load, which checks every
 data file's size and sha256 against the manifest before parsing it: a file changed on the
-Hub is refused, not loaded. The raw upstream layout (``Anthropic/hh-rlhf``:
+Hub is refused, not loaded. A mismatch is first blamed on the local cache: the files are
+downloaded once more with ``force_download`` before the error is raised. The raw upstream layout (``Anthropic/hh-rlhf``:
 ``<subset>/<split>.jsonl.gz``) is fetched with fetch_upstream and checked against the
 checksums in hhdata/data/hh-rlhf/UPSTREAM_MANIFEST.md.
 
@@ -47,11 +48,13 @@ def download_release(
     token: str | None = None,
     endpoint: str | None = None,
     cache_dir: str | Path | None = None,
+    force_download: bool = False,
 ) -> Path:
     """Download the files of one config of release ``version`` (default: the latest tag).
 
     Returns the local snapshot folder (a release directory holding manifest.json and the
-    config's data files), not yet verified: load_from_hub verifies before parsing.
+    config's data files), not yet verified: load_from_hub verifies before parsing. With
+    ``force_download`` every file is fetched again, replacing what the cache holds.
     """
     from hhdata.manifest import MANIFEST_NAME, read_manifest
     from hhdata.release_load import config_files
@@ -62,7 +65,7 @@ def download_release(
     def fetch(patterns):
         return snapshot_download(
             repo_id, repo_type=REPO_TYPE, revision=tag, allow_patterns=patterns, endpoint=api.endpoint,
-            token=api.token, cache_dir=_cache_dir(cache_dir),
+            token=api.token, cache_dir=_cache_dir(cache_dir), force_download=force_download,
         )
 
     folder = Path(_retrying(lambda: fetch([MANIFEST_NAME]), retries=2, backoff=0.5, repo_id=repo_id,
@@ -97,11 +100,14 @@ def load_from_hub(
     token: str | None = None,
     endpoint: str | None = None,
     cache_dir: str | Path | None = None,
+    force_download: bool = False,
 ):
     """Load a published release as ``datasets`` objects, every file checked against its manifest.
 
     ``version`` "1.0.0" loads tag v1.0.0 (default: the latest version). A DatasetDict, or
-    one Dataset when ``split`` is given. ``Anthropic/hh-rlhf`` (the raw upstream layout,
+    one Dataset when ``split`` is given. A file that fails its check is downloaded once
+    more (``force_download``), in case the cached copy was damaged; ``force_download=True``
+    skips the cache from the start. ``Anthropic/hh-rlhf`` (the raw upstream layout,
     no manifest) is fetched with fetch_upstream and returned as raw chosen/rejected rows of
     the subset named by ``config``.
 
@@ -112,15 +118,33 @@ def load_from_hub(
 
     if repo_id == UPSTREAM_REPO:
         return _load_upstream(repo_id, config, split, version, token=token, endpoint=endpoint, cache_dir=cache_dir)
-    with _quiet_unless_terminal():
-        folder = download_release(repo_id, version, config, token=token, endpoint=endpoint, cache_dir=cache_dir)
+    def fetch(force: bool) -> Path:
+        with _quiet_unless_terminal():
+            return download_release(repo_id, version, config, token=token, endpoint=endpoint,
+                                    cache_dir=cache_dir, force_download=force)
+
+    folder = fetch(force_download)
     try:
         return load_release(folder, config, split)
     except IntegrityError as error:
-        raise IntegrityError(
-            f"{repo_id}@{folder.name[:12]}: {error}. The file on the Hub differs from what the "
-            "release's manifest recorded: do not use this copy; report it to the repo owner"
-        ) from None
+        if force_download:
+            raise _bad_copy(repo_id, folder, cache_dir, error) from None
+    folder = fetch(True)  # the cached copy may be what is damaged: fetch every file again, once
+    try:
+        return load_release(folder, config, split)
+    except IntegrityError as error:
+        raise _bad_copy(repo_id, folder, cache_dir, error) from None
+
+
+def _bad_copy(repo_id: str, folder: Path, cache_dir, error: IntegrityError) -> IntegrityError:
+    """The error for a file that failed its check in a fresh download: the cache or the Hub is bad."""
+    cached = Path(_cache_dir(cache_dir)) / f"datasets--{repo_id.replace('/', '--')}"
+    return IntegrityError(
+        f"{repo_id}@{folder.name[:12]}: {error}. It was downloaded again and still differs from what "
+        "the release's manifest recorded, so the copy in the cache or on the Hub is bad: clear the "
+        f"cache (`hf cache delete`, or remove {cached}) and load with force_download=True; if it "
+        "persists, the file on the Hub is bad: do not use it, report it to the repo owner"
+    )
 
 
 # -- the raw upstream layout --------------------------------------------------------------

@@ -38,10 +38,13 @@ def load(
     config: str | None = None,
     split: str | None = None,
     version: str | None = None,
+    *,
+    force_download: bool = False,
 ) -> datasets.DatasetDict | datasets.Dataset:
     """Load HH-RLHF pair rows: a DatasetDict of splits, or one Dataset when split is given.
 
     config is ``all`` (default), ``helpful``, ``harmless`` or a subset name.
+    ``force_download`` (Hub repos only) fetches every file again instead of using the cache.
 
     >>> ds = load()
     >>> ds["test"].num_rows, ds["test"][0]["subset"]
@@ -63,15 +66,33 @@ def load(
         return load_release(path, config, split)
     if path.exists() or any(char in str(source) for char in "*?["):
         if version is not None:
-            raise LoadError(f"{source} is raw data, not a release; drop version={version!r}")
+            raise LoadError(_no_such_version(path, version))
         return _select(_raw_tables(source), config, split, str(source))
     if _REPO_ID.fullmatch(str(source)):
         from hhdata.hub import load_from_hub
 
-        return load_from_hub(str(source), config, split, version)
+        return load_from_hub(str(source), config, split, version, force_download=force_download)
     raise SourceError(
         f"{source} is neither a local path nor a Hub repo id ('org/name'); check the spelling"
     )
+
+
+def _no_such_version(path: Path, version: str) -> str:
+    """Why version= fails for a local path: which versions the folder holds, or that it is raw data."""
+    versions = sorted(
+        (child.name for child in path.iterdir() if (child / "manifest.json").is_file()), key=_version_key
+    ) if path.is_dir() else []
+    if versions:
+        return (
+            f"{path} has no release {version} (no {path / version}/manifest.json); versions there: "
+            f"{', '.join(versions)}"
+        )
+    return f"{path} is raw data, not a folder of releases; drop version={version!r}"
+
+
+def _version_key(name: str) -> tuple:
+    parts = name.split(".")
+    return (0, tuple(map(int, parts)), "") if all(p.isdigit() for p in parts) else (1, (), name)
 
 
 def cache_dir() -> Path:

@@ -101,3 +101,16 @@ def test_a_local_release_folder_goes_to_the_release_loader(tmp_path, fresh_cache
     sample_ids = set(hhdata.load(split="test")["id"])
     assert set(by_path["id"]) == set(by_version["id"]) and set(by_path["id"]) <= sample_ids
     assert by_path.num_rows > 2000
+
+
+def test_a_missing_version_names_the_versions_there(tmp_path, fresh_cache):
+    from tests.hubserver.releases import build_release
+
+    for version in ("1.0.0", "1.1.0"):
+        build_release(tmp_path / "releases", version, count=8)
+    with pytest.raises(LoadError) as raised:
+        hhdata.load(tmp_path / "releases", version="3.0.0")
+    assert str(raised.value) == (
+        f"{tmp_path / 'releases'} has no release 3.0.0 (no {tmp_path / 'releases' / '3.0.0'}/manifest.json); "
+        "versions there: 1.0.0, 1.1.0"
+    )
