@@ -1,9 +1,14 @@
 """Publish releases to the Hugging Face Hub and load them back, pinned and verified.
 
 A release directory (hhdata.release) becomes ONE commit pinned to the branch's parent
-commit, then a tag ``v<version>``; tags are never moved or overwritten. Publishing can be
-re-run after a crash: no tag exists until the commit is complete, and a re-run that finds
-the branch already holding exactly this release's files only adds the tag.
+commit, then a tag ``v<version>``; tags are never moved or overwritten. What is sent is
+exactly the files manifest.json lists plus the manifest and the documents made from it
+(card, changelog, croissant), each a regular file whose sha256 matches the manifest; any
+other file or a symlink in the folder stops the publish before a byte is sent. ``main``
+always holds the highest version: an older one goes out only as a back-port, a commit on a
+side branch that is tagged and leaves ``main`` alone. Publishing can be re-run after a
+crash: no tag exists until the commit is complete, and a re-run that finds the branch
+already holding exactly this release's files only adds the tag.
 
 Loading back (load_from_hub, fetch_upstream) lives in hhdata.hub_load and is re-exported here.
 
@@ -18,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +33,9 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from hhdata.errors import HubError, ReleaseError, VersionError
+from hhdata.diff import parse_version
+from hhdata.errors import HubError, IntegrityError, ReleaseError, VersionError
+from hhdata.manifest import MANIFEST_NAME, read_manifest
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     import httpx2 as _http
@@ -35,8 +43,11 @@ except ImportError:  # pragma: no cover - depends on the installed huggingface_h
     import httpx as _http
 
 REPO_TYPE = "dataset"
-TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+TRANSIENT_STATUS = {408, 429}  # plus every 5xx: a server-side failure is worth another try
 KEEP_ON_HUB = {".gitattributes"}
+# Written from the manifest after it (so it cannot hold their checksums); published with it.
+RELEASE_DOCUMENTS = ("README.md", "CHANGELOG.md", "croissant.json")
+BACKPORT_BRANCH = "hhdata-backport-{version}"
 _VERSION_TAG = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
 
 
@@ -101,9 +112,36 @@ def _status(error: BaseException) -> int | None:
 
 
 def _is_transient(error: BaseException) -> bool:
-    if isinstance(error, (_http.TransportError, ConnectionError, TimeoutError)):
+    if isinstance(error, (_http.TransportError, ConnectionError, TimeoutError)) or _is_upload_failure(error):
         return True
-    return isinstance(error, HfHubHTTPError) and _status(error) in TRANSIENT_STATUS
+    status = _status(error)
+    return isinstance(error, HfHubHTTPError) and status is not None and (status in TRANSIENT_STATUS or status >= 500)
+
+
+_HTTP_FAILURES = (HfHubHTTPError, _http.HTTPError, ConnectionError, TimeoutError)
+_UPLOAD_FAILED = "Error while uploading"  # how huggingface_hub words the RuntimeError around a failed LFS upload
+
+
+def _is_upload_failure(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and str(error).startswith(_UPLOAD_FAILED)
+
+
+def _http_failure(error: BaseException) -> BaseException | None:
+    """The HTTP or connection failure behind `error`, else None.
+
+    huggingface_hub wraps a failed LFS upload in a bare RuntimeError ("Error while uploading
+    'x' to the Hub."); its cause says what failed. When the cause is no HTTP error (a server
+    that died under parallel uploads makes one thread close the shared client while another
+    still sends: "the client has been closed"), the upload failure itself is returned.
+    """
+    wrapper = error if _is_upload_failure(error) else None
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, _HTTP_FAILURES):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return wrapper
 
 
 def _hub_error(error: BaseException, repo_id: str, doing: str) -> HubError:
@@ -130,8 +168,8 @@ def _explain(error: BaseException, repo_id: str, doing: str) -> HubError:
     if _is_transient(error):
         return HubError(
             f"{repo_id}: the Hub is unreachable or failing while {doing} ({type(error).__name__}"
-            f"{f' {status}' if status else ''}); re-run the same command: a publish resumes safely and tags "
-            "only a complete commit"
+            f"{f' {status}' if status else ''}); it is safe to re-run the same command: a publish resumes "
+            "where it stopped and tags only a complete commit"
         )
     return HubError(f"{repo_id}: the Hub refused {doing}: {str(error).splitlines()[0]}")
 
@@ -141,34 +179,73 @@ def _retrying(call, *, retries: int, backoff: float, repo_id: str, doing: str):
     for attempt in range(retries + 1):
         try:
             return call()
-        except (HfHubHTTPError, _http.HTTPError, ConnectionError, TimeoutError) as error:
+        except (*_HTTP_FAILURES, RuntimeError) as raised:
+            error = _http_failure(raised)
+            if error is None:  # a RuntimeError that is not a failed request: a bug, not the Hub
+                raise
             if not _is_transient(error) or attempt == retries:
-                raise _hub_error(error, repo_id, doing) from None
+                what = doing if error is raised else f"{doing}: {str(raised).splitlines()[0]}"
+                raise _hub_error(error, repo_id, what) from None
             time.sleep(backoff * 2**attempt)
     raise AssertionError("unreachable")
 
 
 # -- publish ----------------------------------------------------------------------------
 def release_files(release_dir: str | Path) -> list[tuple[str, int]]:
-    """Every file of a release directory to upload: (relative posix path, bytes), sorted.
+    """The files publish sends: (relative posix path, bytes), sorted.
 
-    Hidden files and folders (a leftover staging dir, .DS_Store) are not part of a release.
+    Exactly manifest.json, the files it lists, and the documents made from it
+    (RELEASE_DOCUMENTS, where present). Raises ReleaseError naming every other file (a
+    hidden one too) and every symlink or non-regular file in the folder: nothing outside
+    the release can ride along.
     """
     root = Path(release_dir)
-    files = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            files.append((relative.as_posix(), path.stat().st_size))
-    return files
+    if not root.is_dir() or root.is_symlink():
+        raise ReleaseError(f"{root}: not a directory; pass the folder of one version, e.g. out/1.0.0")
+    found, odd = _folder_entries(root)
+    if MANIFEST_NAME in odd:  # never read a manifest through a link
+        raise ReleaseError(_refusal(root, [], odd))
+    manifest = read_manifest(root)
+    allowed = {MANIFEST_NAME, *RELEASE_DOCUMENTS, *manifest["files"]}
+    unlisted = sorted(set(found) - allowed)
+    if unlisted or odd:
+        raise ReleaseError(_refusal(root, unlisted, odd))
+    return sorted((path, size) for path, size in found.items() if path in allowed)
 
 
-def _read_release(release_dir: Path) -> dict:
+def _folder_entries(root: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Regular files (path -> bytes) and everything else (path -> what it is) under root, links not followed."""
+    found, odd = {}, {}
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(folder) / name
+            relative = path.relative_to(root).as_posix()
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                odd[relative] = f"a symbolic link (-> {os.readlink(path)})"
+            elif stat.S_ISREG(info.st_mode):
+                found[relative] = info.st_size
+            elif not stat.S_ISDIR(info.st_mode):
+                odd[relative] = "not a regular file"
+    return found, odd
+
+
+def _refusal(root: Path, unlisted: list[str], odd: dict[str, str]) -> str:
+    problems = [f"{path} is {what}" for path, what in sorted(odd.items())]
+    problems += [f"{path} is not listed in manifest.json" for path in unlisted if path not in odd]
+    return (
+        f"{root}: refusing to publish: {'; '.join(problems)}; a release folder holds only the regular "
+        f"files manifest.json lists, plus {MANIFEST_NAME} and {', '.join(RELEASE_DOCUMENTS)}: "
+        "remove the others (or rebuild the release with `hhdata build`)"
+    )
+
+
+def _read_release(release_dir: Path) -> tuple[dict, list[tuple[str, int]]]:
+    """The manifest and the files to send, after checking the folder and every checksum."""
     from hhdata.release_load import verify_files
 
-    if not release_dir.is_dir():
-        raise ReleaseError(f"{release_dir}: not a directory; pass the folder of one version, e.g. out/1.0.0")
-    return verify_files(release_dir)
+    files = release_files(release_dir)
+    return verify_files(release_dir), files
 
 
 def _local_ids(release_dir: Path, files: list[tuple[str, int]], remote: dict) -> dict[str, str]:
@@ -230,25 +307,34 @@ def publish(
     parent_commit: str | None = None,
     retries: int = 4,
     backoff: float = 1.0,
+    backport: bool = False,
 ) -> PublishResult:
     """Upload a release as one commit on ``main`` pinned to its parent, then tag it ``v<version>``.
 
-    ``parent_commit`` pins the commit to a branch state you reviewed (default: the branch
+    The folder must hold only the release's files (release_files), each matching its
+    sha256 in the manifest; both are checked before anything is sent. A version at or below
+    the latest published one is refused, so ``main`` always holds the highest version;
+    ``backport=True`` publishes such an older version as a commit on a side branch (based
+    on the highest tag below it) that gets the tag, and leaves ``main`` alone.
+
+    ``parent_commit`` pins the commit to a ``main`` you reviewed (default: the branch
     head read just before committing); if the branch moved since, the Hub refuses the commit
-    and nothing is tagged. An existing tag raises VersionError. Transient failures are
-    retried ``retries`` times with exponential backoff starting at ``backoff`` seconds.
-    With ``dry_run`` nothing is sent: the result lists the files that would be uploaded.
+    and nothing is tagged. An existing tag raises VersionError. Transient failures (5xx,
+    429, lost connections, also inside LFS uploads) are retried ``retries`` times with
+    exponential backoff starting at ``backoff`` seconds. With ``dry_run`` nothing is sent:
+    the result lists the files that would be uploaded.
 
     >>> publish("out/1.0.0", "org/hh-rlhf", dry_run=True).files[:1]  # doctest: +SKIP
     [('CHANGELOG.md', 412)]
     """
     release_dir = Path(release_dir)
-    manifest = _read_release(release_dir)
+    manifest, files = _read_release(release_dir)
     version = manifest["version"]
     tag = f"v{version}"
-    files = release_files(release_dir)
     if dry_run:
         return PublishResult(repo_id, version, tag, None, files, dry_run=True)
+    if backport and parent_commit is not None:
+        raise ReleaseError("parent_commit pins main, and a back-port leaves main alone: drop parent_commit")
 
     api = hub_api(token, endpoint)
     if api.token is None:
@@ -260,7 +346,14 @@ def publish(
     call(lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, exist_ok=True), "creating the repo")
     refs = call(lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE), "reading refs")
     _refuse_existing_tag(refs, tag, repo_id)
-    head = _branch_head(refs, repo_id)
+    branch = constants.DEFAULT_REVISION
+    if _needs_backport(refs, version, backport, repo_id):
+        branch = BACKPORT_BRANCH.format(version=version)
+        base = _backport_base(refs, version, repo_id)
+        call(lambda: api.create_branch(repo_id, branch=branch, revision=base, repo_type=REPO_TYPE, exist_ok=True),
+             f"creating the back-port branch {branch}")
+        refs = call(lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE), "reading refs")
+    head = _branch_head(refs, repo_id, branch)
     remote = call(lambda: _remote_files(api, repo_id, head), "listing the branch")
     local_ids = _local_ids(release_dir, files, remote)
     deleted = sorted(set(remote) - KEEP_ON_HUB - set(local_ids))
@@ -270,17 +363,53 @@ def publish(
         if _holds_release(remote, local_ids) and parent_commit in (None, head):
             commit, reused = head, True  # a previous run committed but crashed before tagging
         else:
-            commit = _commit(api, call, release_dir, repo_id, version, files, deleted, parent_commit or head)
+            target = _Target(repo_id, branch, parent_commit or head)
+            commit = _commit(api, call, release_dir, manifest, target, files, deleted)
             reused = False
         _tag(api, call, repo_id, tag, commit, version)
+    if branch != constants.DEFAULT_REVISION:  # the tag keeps the commit; the side branch is done
+        call(lambda: api.delete_branch(repo_id, branch=branch, repo_type=REPO_TYPE), f"deleting {branch}")
     return PublishResult(repo_id, version, tag, commit, files, deleted, unchanged, reused_commit=reused)
 
 
-def _branch_head(refs, repo_id: str) -> str:
+def _published(refs) -> list[tuple[tuple[int, int, int], object]]:
+    """(version, ref) of every release tag vX.Y.Z, oldest first."""
+    tags = [(tuple(map(int, m.groups())), ref) for ref in refs.tags if (m := _VERSION_TAG.match(ref.name))]
+    return sorted(tags, key=lambda pair: pair[0])
+
+
+def _needs_backport(refs, version: str, backport: bool, repo_id: str) -> bool:
+    """True when `version` is below the latest tag and a back-port was asked for; refuse the rest."""
+    published = _published(refs)
+    latest = published[-1] if published else None
+    if latest is not None and parse_version(version) < latest[0]:
+        if not backport:
+            raise VersionError(
+                f"{repo_id}: version {version} is below the latest published version {latest[1].name[1:]}, "
+                "and main must keep the highest version (plain `datasets.load_dataset` reads main); "
+                "to publish it as a back-port that is only tagged and leaves main alone, pass "
+                "--backport (backport=True)"
+            )
+        return True
+    if backport:
+        raise VersionError(
+            f"{repo_id}: --backport is for a version below the latest published one "
+            f"({latest[1].name[1:] if latest else 'none yet'}); {version} is the newest: publish it without --backport"
+        )
+    return False
+
+
+def _backport_base(refs, version: str, repo_id: str) -> str:
+    """The commit a back-port builds on: the highest tag below it, else main's head."""
+    below = [ref for number, ref in _published(refs) if number < parse_version(version)]
+    return below[-1].target_commit if below else _branch_head(refs, repo_id, constants.DEFAULT_REVISION)
+
+
+def _branch_head(refs, repo_id: str, branch: str = constants.DEFAULT_REVISION) -> str:
     for ref in refs.branches:
-        if ref.name == constants.DEFAULT_REVISION:
+        if ref.name == branch:
             return ref.target_commit
-    raise HubError(f"{repo_id}: the repo has no {constants.DEFAULT_REVISION} branch to publish on; create it first")
+    raise HubError(f"{repo_id}: the repo has no {branch} branch to publish on; create it first")
 
 
 def _refuse_existing_tag(refs, tag: str, repo_id: str) -> None:
@@ -292,22 +421,48 @@ def _refuse_existing_tag(refs, tag: str, repo_id: str) -> None:
             )
 
 
-def _commit(api, call, release_dir, repo_id, version, files, deleted, parent) -> str:
+@dataclass(frozen=True)
+class _Target:
+    """Where a release commit goes: the repo, the branch, and the commit it must follow."""
+
+    repo_id: str
+    branch: str
+    parent: str
+
+
+def _operations(release_dir: Path, manifest: dict, files, deleted) -> list:
+    """The commit's operations; every listed file's sha256 is checked as it will be sent."""
+    operations = []
+    for path, _ in files:
+        operation = CommitOperationAdd(path, str(release_dir / path))  # hashes the file now
+        expected = manifest["files"].get(path)
+        if expected is not None and operation.upload_info.sha256.hex() != expected["sha256"]:
+            raise IntegrityError(
+                f"{release_dir / path}: changed since it was verified (sha256 no longer matches "
+                "manifest.json); nothing was sent: stop whatever writes into the release folder, then re-run"
+            )
+        operations.append(operation)
+    return operations + [CommitOperationDelete(path) for path in deleted]
+
+
+def _commit(api, call, release_dir, manifest, target: _Target, files, deleted) -> str:
     """One commit with every release file and the deletion of files no longer in it."""
+    version = manifest["version"]
+    repo_id, parent = target.repo_id, target.parent
 
     def attempt():
-        operations = [CommitOperationAdd(path, str(release_dir / path)) for path, _ in files]
-        operations += [CommitOperationDelete(path) for path in deleted]
+        operations = _operations(release_dir, manifest, files, deleted)
         # After a lost reply the commit may already be there: retry only from the same parent.
         refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
-        head = _branch_head(refs, repo_id)
+        head = _branch_head(refs, repo_id, target.branch)
         if head != parent:
             remote = _remote_files(api, repo_id, head)
             if _holds_release(remote, _local_ids(release_dir, files, remote)):
                 return head
         return api.create_commit(
-            repo_id, operations, repo_type=REPO_TYPE, commit_message=f"Release {version}",
-            commit_description=f"hhdata release {version}: {len(files)} files", parent_commit=parent,
+            repo_id, operations, repo_type=REPO_TYPE, revision=target.branch,
+            commit_message=f"Release {version}", commit_description=f"hhdata release {version}: {len(files)} files",
+            parent_commit=parent,
         ).oid
 
     try:
@@ -315,8 +470,11 @@ def _commit(api, call, release_dir, repo_id, version, files, deleted, parent) ->
     except HubError as error:
         if getattr(error, "status", None) == 412:
             raise HubError(
-                f"{repo_id}: the branch moved since commit {parent[:12]}, so the release commit was "
-                "refused and nothing was tagged; review the new commits, then re-run publish"
+                f"{repo_id}: the branch {target.branch} moved since commit {parent[:12]}, so the release "
+                f"commit was refused and nothing was tagged; see what was published meanwhile "
+                f"(`hhdata versions {repo_id}`): if it is a newer version, this one can only go out as a "
+                "back-port (--backport, main unchanged); otherwise review the new commits and publish "
+                "again without a pinned parent"
             ) from None
         raise
 

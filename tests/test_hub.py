@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 
 import hhdata
+import hhdata.errors
 from hhdata import hub, pipeline
 from hhdata.cli import main as cli_main
 from hhdata.errors import HubError, IntegrityError, VersionError
@@ -36,6 +38,16 @@ def repo_id():
     return f"org/hh-{uuid.uuid4().hex[:8]}"
 
 
+def files_in(folder) -> list[str]:
+    """Every regular file under a folder, walked here (not with the code under test)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def git(local_hub, repo_id, *args) -> str:
+    return subprocess.run(["git", "--git-dir", str(local_hub.repo_path(repo_id) / ".git"), *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def commits_on_main(local_hub, repo_id) -> list[str]:
     out = subprocess.run(["git", "--git-dir", str(local_hub.repo_path(repo_id) / ".git"), "log", "--format=%H %s", "main"],
                          capture_output=True, text=True, check=True).stdout
@@ -49,7 +61,7 @@ def test_publish_is_one_commit_then_a_tag_and_loads_back(local_hub, releases, re
     assert [line.split(" ", 1)[1] for line in commits_on_main(local_hub, repo_id)] == ["Release 1.0.0", "initial commit"]
     api = HfApi(endpoint=local_hub.endpoint)
     files = sorted(api.list_repo_files(repo_id, repo_type="dataset", revision="v1.0.0"))
-    assert files == sorted([".gitattributes"] + [path for path, _ in hub.release_files(first)])
+    assert files == sorted([".gitattributes", *files_in(first)])
 
     later = hub.publish(second, repo_id, token=local_hub.token, **FAST)
     same = [path for path, _ in hub.release_files(second)
@@ -99,8 +111,9 @@ def test_stale_parent_commit_refuses_the_release_and_tags_nothing(local_hub, rel
     HfApi(endpoint=local_hub.endpoint, token=local_hub.token).create_commit(
         repo_id, [CommitOperationAdd("NOTES.md", b"someone else's commit\n")], repo_type="dataset",
         commit_message="concurrent edit")
-    with pytest.raises(HubError, match="branch moved since commit .* nothing was tagged"):
+    with pytest.raises(HubError, match="branch main moved since commit .* nothing was tagged") as caught:
         hub.publish(second, repo_id, token=local_hub.token, parent_commit=reviewed, **FAST)
+    assert "--backport" in str(caught.value) and "then re-run publish" not in str(caught.value)
     assert [v.version for v in hub.list_versions(repo_id)] == ["1.0.0"]
 
 
@@ -146,6 +159,8 @@ def test_transient_server_errors_are_retried(local_hub, releases, repo_id):
                           {"route": "create_tag", "action": "status", "status": 502, "times": 1}])
     result = hub.publish(first, repo_id, token=local_hub.token, retries=3, backoff=0.01)
     assert [v.tag for v in hub.list_versions(repo_id)] == [result.tag]
+    assert [(f["route"], f["status"]) for f in local_hub.fired_faults()] == [
+        ("preupload", 503), ("preupload", 503), ("create_tag", 502)]
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
@@ -154,9 +169,10 @@ def test_server_killed_mid_publish_then_a_clean_rerun_completes(local_hub, relea
     first, _ = releases
     local_hub.arm_faults([{"route": "commit", "action": "exit", "when": when, "times": 1}])
     try:
-        with pytest.raises(HubError, match="re-run the same command"):
+        with pytest.raises(HubError, match="safe to re-run the same command"):
             hub.publish(first, repo_id, token=local_hub.token, **FAST)
         assert not local_hub.front_alive()
+        assert local_hub.fired_faults() == [{"route": "commit", "when": when, "action": "exit", "status": None}]
     finally:
         local_hub.start_front()
     assert hub.list_versions(repo_id) == []  # no tag until the commit is complete
@@ -176,8 +192,10 @@ def test_tampered_file_on_the_hub_is_refused_on_load(local_hub, releases, repo_i
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=rf"{target}: sha256 .* does not match manifest"):
+    with pytest.raises(IntegrityError, match=rf"{target}: sha256 .* does not match manifest") as caught:
         hub.load_from_hub(repo_id, "helpful", split="train", version="1.0.0", cache_dir=tmp_path / "c")
+    message = str(caught.value)
+    assert "cache or on the Hub" in message and "hf cache delete" in message and str(tmp_path / "c") in message
 
 
 def test_unknown_version_lists_the_published_ones(local_hub, releases, repo_id):
@@ -223,7 +241,7 @@ def test_dry_run_needs_no_token_and_lists_every_file(releases):
     first, _ = releases
     result = hub.publish(first, "org/never-sent", dry_run=True, endpoint="http://127.0.0.1:9")
     assert result.dry_run and result.commit is None
-    assert [path for path, _ in result.files] == [path for path, _ in hub.release_files(first)]
+    assert [path for path, _ in result.files] == files_in(first)
     assert result.bytes == sum((first / path).stat().st_size for path, _ in result.files)
     assert {"README.md", "manifest.json", "CHANGELOG.md", "croissant.json"} <= {p for p, _ in result.files}
 
@@ -233,6 +251,7 @@ def test_lost_commit_reply_is_not_committed_twice(local_hub, releases, repo_id):
     first, _ = releases
     local_hub.arm_faults([{"route": "commit", "action": "status", "status": 503, "when": "after", "times": 1}])
     result = hub.publish(first, repo_id, token=local_hub.token, retries=2, backoff=0.01)
+    assert [(f["route"], f["when"]) for f in local_hub.fired_faults()] == [("commit", "after")]
     assert [line.split(" ", 1)[1] for line in commits_on_main(local_hub, repo_id)] == ["Release 1.0.0", "initial commit"]
     assert [(v.tag, v.commit) for v in hub.list_versions(repo_id)] == [("v1.0.0", result.commit)]
 
@@ -247,3 +266,147 @@ def test_a_tampered_local_release_is_not_published(local_hub, releases, repo_id,
     assert cli_main(["publish", str(copy), "--repo", repo_id, "--token", local_hub.token]) == 1
     assert "test-00000-of-00001.parquet" in capsys.readouterr().err
     assert not local_hub.repo_path(repo_id).exists()
+
+
+# -- publish sends exactly the release (issue 10, item 1) ---------------------------------
+def test_an_unlisted_file_or_a_symlink_stops_publish_before_anything_is_sent(local_hub, releases, repo_id, tmp_path,
+                                                                           capsys):
+    first, second = releases
+    hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    main_before = commits_on_main(local_hub, repo_id)
+    copy = tmp_path / "1.1.0"
+    shutil.copytree(second, copy)
+    (copy / "evil.py").write_text("import os\n")
+    (copy / "notes.txt").symlink_to("/etc/hostname")
+    received = local_hub.received_bytes()
+
+    assert cli_main(["publish", str(copy), "--repo", repo_id, "--token", local_hub.token]) == 2
+    err = capsys.readouterr().err
+    assert "evil.py is not listed in manifest.json" in err
+    assert "notes.txt is a symbolic link (-> /etc/hostname)" in err and "Traceback" not in err
+    with pytest.raises(hhdata.errors.ReleaseError, match="refusing to publish: notes.txt is a symbolic link"):
+        hub.publish(copy, repo_id, token=local_hub.token, **FAST)
+    assert local_hub.received_bytes() == received  # not one request
+    assert [v.tag for v in hub.list_versions(repo_id)] == ["v1.0.0"]
+    assert commits_on_main(local_hub, repo_id) == main_before
+
+
+def test_a_symlinked_data_file_is_refused_even_when_its_bytes_match(releases, tmp_path):
+    copy = tmp_path / "1.0.0"
+    shutil.copytree(releases[0], copy)
+    data = copy / "data" / "harmless-base" / "test-00000-of-00001.parquet"
+    real = tmp_path / "elsewhere.parquet"
+    shutil.move(data, real)
+    data.symlink_to(real)
+    with pytest.raises(hhdata.errors.ReleaseError, match=r"test-00000-of-00001.parquet is a symbolic link"):
+        hub.publish(copy, "org/never-sent", dry_run=True)
+
+
+# -- main always holds the latest version; back-ports only tag (item 2) -------------------
+def test_an_older_version_is_refused_and_a_backport_only_tags(local_hub, releases, repo_id, tmp_path, capsys):
+    first, second = releases
+    patch = build_release(tmp_path / "out", "1.0.1", count=24)
+    v100 = hub.publish(first, repo_id, token=local_hub.token, **FAST).commit
+    v110 = hub.publish(second, repo_id, token=local_hub.token, **FAST).commit
+
+    assert cli_main(["publish", str(patch), "--repo", repo_id, "--token", local_hub.token]) == 2
+    err = capsys.readouterr().err
+    assert "version 1.0.1 is below the latest published version 1.1.0" in err and "--backport" in err
+    assert git(local_hub, repo_id, "rev-parse", "main") == v110
+
+    result = hub.publish(patch, repo_id, token=local_hub.token, backport=True, **FAST)
+    assert git(local_hub, repo_id, "rev-parse", "main") == v110  # main untouched
+    assert git(local_hub, repo_id, "rev-parse", f"{result.commit}^") == v100  # built on the tag below
+    assert [v.version for v in hub.list_versions(repo_id)] == ["1.0.0", "1.0.1", "1.1.0"]
+    assert git(local_hub, repo_id, "branch", "--format=%(refname:short)") == "main"  # side branch removed
+    assert hhdata.load(repo_id, "harmless", split="test", version="1.0.1").num_rows > 0
+    with pytest.raises(VersionError, match="--backport is for a version below the latest"):
+        hub.publish(second, f"{repo_id}-new", token=local_hub.token, backport=True, **FAST)
+
+    latest = hhdata.load(repo_id, "all")
+    code = (
+        "import datasets, json\n"
+        f"ds = datasets.load_dataset({repo_id!r}, 'all')\n"  # plain datasets reads main
+        "print(json.dumps({s: sorted(ds[s]['id']) for s in ds}))\n"
+    )
+    env = {**os.environ, **local_hub.env(tmp_path / "hf-home")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {s: sorted(latest[s]["id"]) for s in latest}
+    assert sum(latest[s].num_rows for s in latest) == 30  # 1.1.0: 24 rows and 6 added
+
+
+# -- a damaged cache is healed, a bad Hub file blamed honestly (item 3) --------------------
+def test_a_corrupted_cache_blob_is_downloaded_again(local_hub, releases, repo_id, tmp_path):
+    first, _ = releases
+    hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    cache = tmp_path / "cache"
+    expected = hub.load_from_hub(repo_id, "helpful", split="train", version="1.0.0", cache_dir=cache)["id"]
+    manifest = json.loads((first / "manifest.json").read_text())
+    sha256 = manifest["files"]["data/helpful-fixture/train-00000-of-00001.parquet"]["sha256"]
+    [blob] = list(cache.glob(f"datasets--*/blobs/{sha256}"))
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+
+    again = hub.load_from_hub(repo_id, "helpful", split="train", version="1.0.0", cache_dir=cache)
+    assert again["id"] == expected
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha256  # the cache holds the good copy again
+    forced = hhdata.load(repo_id, "helpful", split="train", version="1.0.0", force_download=True)
+    assert forced["id"] == expected
+
+
+# -- failures inside the LFS upload (item 9) ----------------------------------------------
+def lfs_files(release) -> int:
+    """Files the local Hub stores in LFS (by suffix): the uploads one publish attempt makes."""
+    return sum(path.endswith((".parquet", ".png")) for path in files_in(release))
+
+
+def test_a_failed_lfs_upload_is_retried(local_hub, releases, repo_id):
+    first, _ = releases
+    local_hub.arm_faults([{"route": "lfs_upload", "action": "status", "status": 507, "times": 1}])
+    result = hub.publish(first, repo_id, token=local_hub.token, retries=1, backoff=0.01)
+    assert [(f["route"], f["status"]) for f in local_hub.fired_faults()] == [("lfs_upload", 507)]
+    assert [v.tag for v in hub.list_versions(repo_id)] == [result.tag]
+
+
+def test_a_failing_lfs_upload_is_a_clear_error_after_the_retries(local_hub, releases, repo_id, capsys):
+    first, _ = releases
+    local_hub.arm_faults([{"route": "lfs_upload", "action": "status", "status": 507, "times": 1000}])
+    code = cli_main(["publish", str(first), "--repo", repo_id, "--token", local_hub.token, "--retries", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "the Hub is unreachable or failing while committing release 1.0.0" in err
+    assert "507" in err and "safe to re-run the same command" in err
+    assert len(local_hub.fired_faults()) == 2 * lfs_files(first)  # every upload, in both attempts
+    assert hub.list_versions(repo_id) == []
+
+
+def test_server_killed_during_the_lfs_upload_then_a_rerun_completes(local_hub, releases, repo_id, capsys):
+    first, _ = releases
+    local_hub.arm_faults([{"route": "lfs_upload", "action": "exit", "times": 1}])
+    try:
+        code = cli_main(["publish", str(first), "--repo", repo_id, "--token", local_hub.token, "--retries", "0"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and "safe to re-run the same command" in err
+        assert not local_hub.front_alive()
+        assert [f["action"] for f in local_hub.fired_faults()] == ["exit"]
+    finally:
+        local_hub.start_front()
+    assert hub.list_versions(repo_id) == []
+    assert hub.publish(first, repo_id, token=local_hub.token, **FAST).tag == "v1.0.0"
+
+
+# -- a release that drops a subset removes its files from main (item 19) ------------------
+def test_a_dropped_subset_leaves_main(local_hub, releases, repo_id, tmp_path):
+    first, _ = releases
+    dropped = build_release(tmp_path / "out", "2.0.0", count=24, previous=first, drop="helpful-fixture")
+    hub.publish(first, repo_id, token=local_hub.token, **FAST)
+    result = hub.publish(dropped, repo_id, token=local_hub.token, **FAST)
+    api = HfApi(endpoint=local_hub.endpoint)
+    on_main = sorted(api.list_repo_files(repo_id, repo_type="dataset", revision="main"))
+    assert on_main == sorted([".gitattributes", *files_in(dropped)])
+    assert not any("helpful-fixture" in path for path in on_main)
+    assert result.deleted == [f"data/helpful-fixture/{s}-00000-of-00001.parquet" for s in ("test", "train")]
+    old = api.list_repo_files(repo_id, repo_type="dataset", revision="v1.0.0")
+    assert "data/helpful-fixture/train-00000-of-00001.parquet" in old  # the old tag keeps them

@@ -15,8 +15,11 @@ def register(subparsers) -> None:
         "publish",
         help="upload a release directory as one Hub commit and tag it vX.Y.Z",
         description="Upload a release directory (e.g. out/1.0.0) to a Hub dataset repo as one commit "
-        "pinned to the branch's parent commit, then tag it v<version>. Safe to re-run after a "
-        "failure. The token comes from --token, HF_TOKEN or `hf auth login`, and is never printed.",
+        "pinned to the branch's parent commit, then tag it v<version>. Only the files manifest.json "
+        "lists (plus the manifest, card, changelog and croissant.json) are sent, after their sha256 is "
+        "checked; any other file or a symlink in the folder stops it. A version at or below the latest "
+        "tag is refused unless --backport. Safe to re-run after a failure. The token comes from "
+        "--token, HF_TOKEN or `hf auth login`, and is never printed.",
     )
     publish.add_argument("release_dir", metavar="DIR", help="the folder of one version, built by `hhdata build`")
     publish.add_argument("--repo", required=True, metavar="ORG/NAME", help="the Hub dataset repo")
@@ -25,7 +28,10 @@ def register(subparsers) -> None:
     publish.add_argument("--token", default=None,
                          help="write token (default: HF_TOKEN, else the Hub login; prefer those, a token "
                          "on the command line shows in process lists)")
-    publish.add_argument("--retries", type=int, default=4, help="retries of transient failures (default: 4)")
+    publish.add_argument("--retries", type=int, default=4,
+                         help="retries of transient failures, LFS uploads included (default: 4)")
+    publish.add_argument("--backport", action="store_true",
+                         help="publish a version below the latest one: tag it on a side branch, leave main alone")
     publish.set_defaults(func=run_publish)
 
     versions = subparsers.add_parser(
@@ -41,7 +47,7 @@ def register(subparsers) -> None:
 def run_publish(args: argparse.Namespace) -> int:
     try:
         result = hub.publish(args.release_dir, args.repo, token=args.token, endpoint=args.endpoint,
-                             dry_run=args.dry_run, retries=args.retries)
+                             dry_run=args.dry_run, retries=args.retries, backport=args.backport)
     except IntegrityError as error:
         print(f"hhdata publish: {error}", file=sys.stderr)
         return 1
@@ -51,6 +57,8 @@ def run_publish(args: argparse.Namespace) -> int:
             print(f"  {size:>12}  {path}")
         return 0
     how = "tagged the commit a previous run left" if result.reused_commit else "committed"
+    if args.backport:
+        how += " (back-port: main unchanged)"
     print(f"published {result.repo_id} {result.tag}: {how} {result.commit} "
           f"({len(result.files)} files, {result.bytes} bytes; {result.uploaded_bytes} bytes new to the branch)")
     for path in result.deleted:
