@@ -245,7 +245,14 @@ def _read_release(release_dir: Path) -> tuple[dict, list[tuple[str, int]]]:
     from hhdata.release_load import verify_files
 
     files = release_files(release_dir)
-    return verify_files(release_dir), files
+    manifest = verify_files(release_dir)
+    if not any(entry.get("rows") for entry in manifest["files"].values()):
+        raise ReleaseError(
+            f"{release_dir}: release {manifest['version']} holds no rows (accounting: "
+            f"{manifest['accounting']}); an empty release is not published: see why the build kept "
+            "nothing (its quarantine and drop logs), fix the input and build again"
+        )
+    return manifest, files
 
 
 def _local_ids(release_dir: Path, files: list[tuple[str, int]], remote: dict) -> dict[str, str]:

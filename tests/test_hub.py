@@ -410,3 +410,10 @@ def test_a_dropped_subset_leaves_main(local_hub, releases, repo_id, tmp_path):
     assert result.deleted == [f"data/helpful-fixture/{s}-00000-of-00001.parquet" for s in ("test", "train")]
     old = api.list_repo_files(repo_id, repo_type="dataset", revision="v1.0.0")
     assert "data/helpful-fixture/train-00000-of-00001.parquet" in old  # the old tag keeps them
+
+
+def test_a_release_with_no_rows_is_not_published(local_hub, tmp_path, repo_id, capsys):
+    empty = build_release(tmp_path / "out", "1.0.0", count=0)
+    assert cli_main(["publish", str(empty), "--repo", repo_id, "--token", local_hub.token]) == 2
+    assert "release 1.0.0 holds no rows" in capsys.readouterr().err
+    assert not local_hub.repo_path(repo_id).exists()
