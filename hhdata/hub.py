@@ -200,7 +200,7 @@ def release_files(release_dir: str | Path) -> list[tuple[str, int]]:
     the release can ride along.
     """
     root = Path(release_dir)
-    if not root.is_dir() or root.is_symlink():
+    if not root.is_dir():
         raise ReleaseError(f"{root}: not a directory; pass the folder of one version, e.g. out/1.0.0")
     found, odd = _folder_entries(root)
     if MANIFEST_NAME in odd:  # never read a manifest through a link

@@ -4,9 +4,9 @@ load_from_hub downloads the tagged revision ``v<version>`` (only manifest.json a
 files of the requested config) and hands it to hhdata.release_load, which checks every
 data file's size and sha256 against the manifest before parsing it: a file changed on the
 Hub is refused, not loaded. A mismatch is first blamed on the local cache: the files are
-downloaded once more with ``force_download`` before the error is raised. The raw upstream layout (``Anthropic/hh-rlhf``:
-``<subset>/<split>.jsonl.gz``) is fetched with fetch_upstream and checked against the
-checksums in hhdata/data/hh-rlhf/UPSTREAM_MANIFEST.md.
+downloaded once more with ``force_download`` before the error is raised. The raw upstream
+layout (``Anthropic/hh-rlhf``: ``<subset>/<split>.jsonl.gz``) is fetched with
+fetch_upstream and checked against the checksums in hhdata/data/hh-rlhf/UPSTREAM_MANIFEST.md.
 
 Endpoint, token and cache are read at call time: ``endpoint=`` / HF_ENDPOINT, ``token=`` /
 HF_TOKEN / the Hub login, ``cache_dir=`` / HF_HUB_CACHE / HF_HOME.
@@ -118,6 +118,7 @@ def load_from_hub(
 
     if repo_id == UPSTREAM_REPO:
         return _load_upstream(repo_id, config, split, version, token=token, endpoint=endpoint, cache_dir=cache_dir)
+
     def fetch(force: bool) -> Path:
         with _quiet_unless_terminal():
             return download_release(repo_id, version, config, token=token, endpoint=endpoint,

@@ -167,9 +167,16 @@ class LocalHub:
 
     def received_bytes(self) -> dict[str, int]:
         """Request body bytes the write server received so far, by route (lfs_upload, commit, ...)."""
+        return self._stats()["received_bytes"]
+
+    def requests(self) -> dict[str, int]:
+        """Requests the write server answered so far, by route (since it last started)."""
+        return self._stats()["requests"]
+
+    def _stats(self) -> dict:
         request = urllib.request.Request(f"{self.endpoint}/_hubserver/stats",
                                          headers={"Authorization": f"Bearer {self.token}"})
-        return json.loads(urllib.request.urlopen(request, timeout=10).read())["received_bytes"]
+        return json.loads(urllib.request.urlopen(request, timeout=10).read())
 
     def env(self, hf_home: Path | str) -> dict[str, str]:
         """Environment variables that point huggingface_hub and datasets at this Hub."""

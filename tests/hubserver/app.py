@@ -10,7 +10,7 @@ Bearer tokens: a request that carries a token not in ``tokens`` gets 401 on any 
 writes without a token get 401. Faults for tests are set with ``POST /_hubserver/faults``;
 each one that fires is appended to ``fired_log`` (JSON Lines) before it acts, so a test can
 check it fired even when the fault killed the server. ``GET /_hubserver/stats`` reports the
-request bytes received per route (for benchmarks).
+request bytes received and the requests made, per route.
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ class HubState:
         self.tokens = tokens  # token -> user name
         self.olah = olah
         self.faults: list[dict] = []
-        self.lock = threading.Lock()  # guards faults and received
+        self.lock = threading.Lock()  # guards faults, received and requests
         self.repos: dict[str, Repo] = {}
         self.repos_lock = threading.Lock()
         self.received: dict[str, int] = {}  # request body bytes by route, for benchmarks
+        self.requests: dict[str, int] = {}  # requests by route: how many attempts a client made
 
     def repo(self, kind: str, repo_id: str) -> Repo:
         with self.repos_lock:
@@ -161,6 +162,7 @@ class HubHandler(BaseHTTPRequestHandler):
         with self.state.lock:
             received = self.state.received
             received[route] = received.get(route, 0) + int(self.headers.get("Content-Length") or 0)
+            self.state.requests[route] = self.state.requests.get(route, 0) + 1
 
     def fault(self, route: str, when: str) -> None:
         fault = self.state.take_fault(route, when)
@@ -347,7 +349,7 @@ class HubHandler(BaseHTTPRequestHandler):
     def do_route_stats(self) -> None:
         self.writer()
         with self.state.lock:
-            self.reply(200, {"received_bytes": dict(self.state.received)})
+            self.reply(200, {"received_bytes": dict(self.state.received), "requests": dict(self.state.requests)})
 
     def do_route_faults(self) -> None:
         self.writer()
