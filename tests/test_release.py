@@ -175,3 +175,28 @@ def test_a_repeated_pair_id_is_refused(tmp_path, pairs):
     with pytest.raises(ReleaseError, match=rf"pair id {pairs['id'][1].as_py()} appears 2 times "
                                            r"\(1 ids repeat\).*deduplicate first"):
         build(doubled, tmp_path)
+
+
+def test_parquet_files_carry_the_versions_as_key_value_metadata(release):
+    import hhdata
+
+    for subset, split in (("harmless-base", "test"), ("helpful-base", "train")):
+        metadata = pq.read_schema(release.path / data_file(subset, split)).metadata
+        assert metadata[b"hhdata:release_version"] == b"1.0.0"
+        assert metadata[b"hhdata:schema_version"] == b"1.0"
+        assert metadata[b"hhdata:version"] == hhdata.__version__.encode()
+
+
+def test_a_file_with_the_same_rows_keeps_its_first_release_stamp_and_bytes(pairs, release, tmp_path):
+    added = pairs.slice(0, 50).set_column(1, "subset", pa.array(["harmless-added"] * 50))
+    added = added.set_column(2, "family", pa.array(["harmless"] * 50))
+    from hhdata.schema import pair_id
+
+    added = added.set_column(0, "id", pa.array([pair_id(f"c{i}", f"r{i}") for i in range(50)]))
+    grown = pa.concat_tables([pairs, added])
+    later = build(grown, tmp_path, "1.1.0", previous=release.path)
+    unchanged = data_file("harmless-base", "test")
+    assert (later.path / unchanged).read_bytes() == (release.path / unchanged).read_bytes()
+    assert pq.read_schema(later.path / unchanged).metadata[b"hhdata:release_version"] == b"1.0.0"
+    new = pq.read_schema(later.path / data_file("harmless-added", "train")).metadata
+    assert new[b"hhdata:release_version"] == b"1.1.0"
