@@ -13,10 +13,9 @@ loads records of a config.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from hhdata.card import CITATION_BIBTEX, DESCRIPTION, LICENSE_URL
+from hhdata.card import CITATION_BIBTEX, DESCRIPTION, LICENSE_URL, is_repo_id
 
 CROISSANT_NAME = "croissant.json"
 CONFORMS_TO = "http://mlcommons.org/croissant/1.0"
@@ -131,11 +130,6 @@ def release_url(manifest: dict) -> str | None:
     if not is_repo_id(manifest["name"]):
         return None
     return f"https://huggingface.co/datasets/{manifest['name']}/tree/v{manifest['version']}"
-
-
-def is_repo_id(name: str) -> bool:
-    """Whether a release name is a Hub repo id (``org/name``)."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
 def _splits(manifest: dict) -> dict:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import hhdata
 from hhdata.card import card_metadata, render_card
 from hhdata.croissant import CONFORMS_TO
 from hhdata.manifest import read_manifest
@@ -176,3 +182,99 @@ def test_croissant_splits_are_a_split_record_set_each_config_references(release)
     for config in ("all", "helpful", "harmless", "harmless-base", "helpful-base"):
         field = next(f for f in record_sets[config]["field"] if f["name"] == "split")
         assert field["references"] == {"field": {"@id": "splits/name"}}
+
+
+# -- the usage section: every python block runs as written -----------------------------------
+RUNNER = """
+import json, sys, traceback
+snippets = json.load(open(sys.argv[1]))
+scope = {}
+for number, code in enumerate(snippets):
+    try:
+        exec(compile(code, f"<card snippet {number}>", "exec"), scope)
+    except BaseException:
+        print(f"card snippet {number} failed:\\n{code}"); traceback.print_exc(); sys.exit(1)
+    print(f"card snippet {number} ran", flush=True)
+"""
+REPO = "org/hh-rlhf"
+# rows of the bundled split: 86 has an empty chosen reply, 667 and 763 two Assistant turns in a row
+BAD_ROWS = [86, 667, 763]
+
+
+def python_blocks(card: str) -> list[str]:
+    """The code of every ```python block of a card, in order."""
+    return re.findall(r"^```python\n(.*?)^```$", card, flags=re.S | re.M)
+
+
+@pytest.fixture(scope="module")
+def usage_release(tmp_path_factory):
+    """A small release named like its Hub repo: helpful-base train/test and harmless-base test."""
+    table, _ = build_pairs(read_raw(bundled_sample_path()).table)
+    rows = table.take(list(range(30)) + BAD_ROWS).to_pylist()
+    for number, row in enumerate(rows):
+        helpful = number < 20 or number >= 30
+        row.update(subset="helpful-base" if helpful else "harmless-base",
+                   family="helpful" if helpful else "harmless",
+                   split="test" if 6 <= number < 30 else "train")  # a small train split: one DPO batch
+    pairs = pa.Table.from_pylist(rows, schema=table.schema)
+    accounting = {"read": 33, "kept": 33, "quarantined": {}, "removed": {}, "filtered": {}}
+    return write_release(pairs, tmp_path_factory.mktemp("usage"), "1.2.0", sources=[], accounting=accounting,
+                         settings={}, name=REPO)
+
+
+@pytest.fixture(scope="module")
+def strict_model(tmp_path_factory):
+    """A folder named like the card's model id, holding the tiny Llama with a strict chat template."""
+    from transformers import LlamaForCausalLM
+
+    from hhdata.card import STRICT_MODEL
+    from tests.test_roles import STRICT_TEMPLATE
+    from training.models import tiny_config, train_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = train_tiny_tokenizer(hhdata.load(split="test")["chosen_text"][:200], vocab_size=300)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    LlamaForCausalLM(tiny_config(tokenizer)).save_pretrained(root / STRICT_MODEL)
+    tokenizer.save_pretrained(root / STRICT_MODEL)
+    return root
+
+
+def run_snippets(snippets: list[str], cwd, env: dict) -> subprocess.CompletedProcess:
+    (cwd / "snippets.json").write_text(json.dumps(snippets))
+    return subprocess.run([sys.executable, "-c", RUNNER, "snippets.json"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_usage_names_only_configs_and_splits_the_release_has(card, usage_release):
+    # the bundled-sample release has no train split: its examples load the test split
+    assert 'datasets.load_dataset(repo, "helpful", split="test", revision="v1.0.0")' in card
+    assert 'split="train"' not in card
+    assert 'repo = "."' in card  # its name is no repo id: the folder of the README
+    usage = (usage_release.path / "README.md").read_text()
+    assert f'repo = "{REPO}"' in usage
+    assert 'hhdata.load(repo, "helpful", split="train", version="1.2.0")' in usage
+
+
+def test_every_python_block_of_the_card_runs_against_a_local_copy(usage_release, strict_model, tmp_path):
+    snippets = python_blocks((usage_release.path / "README.md").read_text())
+    assert len(snippets) == 5
+    shutil.copytree(usage_release.path, tmp_path / REPO)  # where `repo` points, as a local path
+    shutil.copytree(strict_model / "mistralai", tmp_path / "mistralai")
+    # the TRL block trains; it runs once, in the Hub test below
+    local = [code for code in snippets if "DPOTrainer" not in code]
+    run = run_snippets(local, tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.count("ran") == 4
+
+
+def test_every_python_block_of_the_card_runs_against_the_hub(local_hub, usage_release, strict_model, tmp_path):
+    from hhdata import hub
+
+    hub.publish(usage_release.path, REPO, token=local_hub.token, retries=1, backoff=0.01)
+    snippets = python_blocks((usage_release.path / "README.md").read_text())
+    shutil.copytree(strict_model / "mistralai", tmp_path / "mistralai")
+    env = {**os.environ, **local_hub.env(tmp_path / "hf-home")}
+    run = run_snippets(snippets, tmp_path, env)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.count("ran") == 5
+    assert (tmp_path / "dpo-hh-rlhf").is_dir()  # the TRL block trained and saved
