@@ -16,9 +16,8 @@ import pytest
 import yaml
 
 import hhdata
-from hhdata.card import card_metadata, render_card
+from hhdata.card import render_card
 from hhdata.croissant import CONFORMS_TO
-from hhdata.manifest import read_manifest
 from hhdata.pairs import build_pairs
 from hhdata.read import bundled_sample_path, read_raw
 from hhdata.release import write_release
@@ -51,27 +50,46 @@ def header(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
-def test_header_declares_license_and_one_config_per_view(card, release):
+CONFIGS = ["all", "helpful", "harmless", "harmless-base", "helpful-base"]
+HARMLESS_FILE = "data/harmless-base/test-00000-of-00001.parquet"
+HELPFUL_FILE = "data/helpful-base/test-00000-of-00001.parquet"
+
+
+def test_header_declares_license_and_one_config_per_view(card):
     meta = header(card)
     assert meta["license"] == "mit"
-    names = [config["config_name"] for config in meta["configs"]]
-    assert names == list(release.manifest["configs"])
+    assert [config["config_name"] for config in meta["configs"]] == CONFIGS
     assert [c["config_name"] for c in meta["configs"] if c.get("default")] == ["all"]
-    helpful = next(c for c in meta["configs"] if c["config_name"] == "helpful")
-    assert helpful["data_files"] == [{"split": "test",
-                                      "path": ["data/helpful-base/test-00000-of-00001.parquet"]}]
+    files = {c["config_name"]: c["data_files"] for c in meta["configs"]}
+    assert files == {
+        "all": [{"split": "test", "path": [HARMLESS_FILE, HELPFUL_FILE]}],
+        "helpful": [{"split": "test", "path": [HELPFUL_FILE]}],
+        "harmless": [{"split": "test", "path": [HARMLESS_FILE]}],
+        "harmless-base": [{"split": "test", "path": [HARMLESS_FILE]}],
+        "helpful-base": [{"split": "test", "path": [HELPFUL_FILE]}],
+    }
+
+
+def test_the_cards_configs_match_the_parquet_files_on_disk(card, release):
+    """Each config's files, read back with pyarrow, hold the rows dataset_info promises, all
+    of the config's families: checked against the fixture's own 400 / 1,912 split."""
+    meta = header(card)
+    infos = {info["config_name"]: info for info in meta["dataset_info"]}
+    expected_rows = {"all": 2312, "helpful": 400, "harmless": 1912, "harmless-base": 1912, "helpful-base": 400}
     for config in meta["configs"]:
-        for files in config["data_files"]:
-            assert all((release.path / path).is_file() for path in files["path"])
-
-
-def test_dataset_info_matches_the_manifest(card, release):
-    infos = {info["config_name"]: info for info in header(card)["dataset_info"]}
-    for name, view in release.manifest["configs"].items():
-        splits = {s["name"]: s["num_examples"] for s in infos[name]["splits"]}
-        assert splits == {split: s["rows"] for split, s in view["splits"].items()}
-    assert infos["all"]["splits"][0]["num_examples"] == 2312
+        name = config["config_name"]
+        for entry in config["data_files"]:
+            table = pa.concat_tables([pq.read_table(release.path / path) for path in entry["path"]])
+            assert table.num_rows == expected_rows[name]
+            assert set(table["split"].to_pylist()) == {entry["split"]}
+            if name in ("helpful", "harmless"):
+                assert set(table["family"].to_pylist()) == {name}
+            info_rows = {s["name"]: s["num_examples"] for s in infos[name]["splits"]}
+            assert info_rows == {entry["split"]: table.num_rows}
+    on_disk = sum(pq.ParquetFile(release.path / p).metadata.num_rows for p in (HARMLESS_FILE, HELPFUL_FILE))
+    assert on_disk == 2312
     assert [f["name"] for f in infos["all"]["features"]][:4] == ["id", "subset", "family", "split"]
+    assert meta["size_categories"] == ["1K<n<10K"]
 
 
 def test_body_has_the_dataset_card_sections_in_order(card):
@@ -106,29 +124,23 @@ def test_the_length_plot_is_shipped_and_shown(card, release):
     assert "lengths.png" in release.manifest["files"]
 
 
-def test_card_is_rendered_only_from_the_manifest(card, release):
-    assert render_card(read_manifest(release.path)) == card
-    assert card_metadata(release.manifest)["size_categories"] == ["1K<n<10K"]
-
-
 def test_croissant_lists_every_data_file_with_its_checksum(release):
     document = json.loads((release.path / "croissant.json").read_text())
     assert document["conformsTo"] == CONFORMS_TO
     assert document["@type"] == "sc:Dataset" and document["version"] == "1.0.0"
     objects = {d["@id"]: d for d in document["distribution"] if d["@type"] == "cr:FileObject"}
-    assert sorted(objects) == ["data/harmless-base/test-00000-of-00001.parquet",
-                               "data/helpful-base/test-00000-of-00001.parquet"]
+    assert sorted(objects) == [HARMLESS_FILE, HELPFUL_FILE]
     for path, entry in objects.items():
         data = (release.path / path).read_bytes()
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
         assert entry["contentSize"] == f"{len(data)} B"
     record_sets = {r["@id"]: r for r in document["recordSet"]}
-    assert list(record_sets) == ["splits", "all", "helpful", "harmless", "harmless-base", "helpful-base"]
+    assert list(record_sets) == ["splits", *CONFIGS]
     fields = {f["name"]: f for f in record_sets["helpful"]["field"]}
     assert fields["prompt"]["repeated"] is True
     assert [sub["name"] for sub in fields["prompt"]["subField"]] == ["role", "content"]
     file_sets = {d["@id"]: d for d in document["distribution"] if d["@type"] == "cr:FileSet"}
-    assert file_sets["files-helpful"]["includes"] == ["data/helpful-base/test-00000-of-00001.parquet"]
+    assert file_sets["files-helpful"]["includes"] == [HELPFUL_FILE]
 
 
 def test_real_data_carries_no_synthetic_note_and_synthetic_data_does(card, release):
@@ -153,7 +165,7 @@ def test_croissant_validates_with_mlcroissant_and_yields_each_configs_rows(relea
         '[Metadata(hh-rlhf)] Property "https://schema.org/datePublished" is recommended, but does not exist.'
     ]
     records = list(dataset.records("helpful"))
-    on_disk = pq.read_table(release.path / "data/helpful-base/test-00000-of-00001.parquet")
+    on_disk = pq.read_table(release.path / HELPFUL_FILE)
     assert [r["helpful/id"].decode() for r in records] == on_disk["id"].to_pylist()
     assert {r["helpful/split"] for r in records} == {b"test"}
     first = on_disk.slice(0, 1).to_pylist()[0]
@@ -166,7 +178,7 @@ def test_croissant_is_based_on_upstream_and_points_at_the_release_not_upstream(r
     document = croissant_of(release)
     assert document["isBasedOn"] == "https://huggingface.co/datasets/Anthropic/hh-rlhf"
     assert "url" not in document  # the name "hh-rlhf" is no repo id: no address to give
-    named = write_release(pq.read_table(release.path / "data/helpful-base/test-00000-of-00001.parquet"),
+    named = write_release(pq.read_table(release.path / HELPFUL_FILE),
                           tmp_path, "2.1.0", sources=[], accounting={"read": 400, "kept": 400, "quarantined": {},
                                                                      "removed": {}, "filtered": {}},
                           settings={}, name="org/hh-rlhf")
@@ -179,7 +191,7 @@ def test_croissant_splits_are_a_split_record_set_each_config_references(release)
     splits = record_sets["splits"]
     assert splits["dataType"] == "cr:Split"
     assert splits["data"] == [{"splits/name": "test", "splits/url": "cr:TestSplit"}]
-    for config in ("all", "helpful", "harmless", "harmless-base", "helpful-base"):
+    for config in CONFIGS:
         field = next(f for f in record_sets[config]["field"] if f["name"] == "split")
         assert field["references"] == {"field": {"@id": "splits/name"}}
 

@@ -58,7 +58,7 @@ def test_layout_has_every_file(release):
     names = sorted(p.relative_to(release.path).as_posix() for p in release.path.rglob("*") if p.is_file())
     assert names == [
         "CHANGELOG.md", "README.md", "croissant.json",
-        data_file("harmless-base", "test"), data_file("helpful-base", "train"),
+        "data/harmless-base/test-00000-of-00001.parquet", "data/helpful-base/train-00000-of-00001.parquet",
         "lengths.png", "manifest.json",
     ]
 
@@ -71,7 +71,7 @@ def test_manifest_counts_rows_per_config_and_split(release, pairs):
     assert configs["all"]["splits"]["train"]["rows"] == 600
     assert configs["all"]["splits"]["test"]["rows"] == pairs.num_rows - 600
     assert configs["helpful"]["splits"] == {
-        "train": {"rows": 600, "files": [data_file("helpful-base", "train")]}
+        "train": {"rows": 600, "files": ["data/helpful-base/train-00000-of-00001.parquet"]}
     }
     assert "train" not in configs["harmless"]["splits"]
     assert manifest["subsets"] == {"harmless-base": "harmless", "helpful-base": "helpful"}
