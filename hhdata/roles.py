@@ -83,7 +83,8 @@ def keep_strict(loaded):
 
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.DatasetDict({name: keep_strict(ds) for name, ds in loaded.items()})
-    reasons = strict_role_reasons(loaded.data.table)
+    rows = loaded.with_format("arrow")[:]  # the rows as the Dataset sees them, after any select
+    reasons = strict_role_reasons(rows)
     return loaded.select([i for i, reason in enumerate(reasons) if reason is None])
 
 

@@ -97,3 +97,10 @@ def test_role_orders(roles, ok):
     assert accepts_strict_template(row) is ok
     table = pa.Table.from_pylist([row], schema=pa.schema([PAIR_SCHEMA.field(n) for n in row]))
     assert (strict_role_reasons(table) == [None]) is ok
+
+
+def test_keep_strict_sees_the_rows_of_a_selected_dataset(sample):
+    from hhdata.roles import keep_strict
+
+    picked = sample.select([667, 0, 763, 1, 86])  # an indices mapping over the full table
+    assert keep_strict(picked)["id"] == [sample[0]["id"], sample[1]["id"]]
