@@ -290,3 +290,29 @@ def test_every_python_block_of_the_card_runs_against_the_hub(local_hub, usage_re
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count("ran") == 5
     assert (tmp_path / "dpo-hh-rlhf").is_dir()  # the TRL block trained and saved
+
+
+def test_without_the_strict_filter_the_cards_trl_block_stops_in_the_tokenising_map(usage_release, strict_model, tmp_path):
+    snippets = python_blocks((usage_release.path / "README.md").read_text())
+    trl_block = next(code for code in snippets if "DPOTrainer" in code)
+    unfiltered = trl_block.replace("train_dataset=strict", "train_dataset=ds")
+    assert unfiltered != trl_block
+    shutil.copytree(usage_release.path, tmp_path / REPO)
+    shutil.copytree(strict_model / "mistralai", tmp_path / "mistralai")
+    run = run_snippets([snippets[0], snippets[1], unfiltered], tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1
+    assert "card snippet 2 failed" in run.stdout
+    assert "Conversation roles must alternate" in run.stderr
+
+
+def test_build_name_flag_reaches_the_card_and_croissant(tmp_path):
+    from hhdata.cli import main as cli_main
+
+    code = cli_main(["build", str(bundled_sample_path()), "--version", "1.0.0", "--out", str(tmp_path),
+                     "--name", "org/hh-rlhf"])
+    assert code == 0
+    card = (tmp_path / "1.0.0" / "README.md").read_text()
+    assert 'repo = "org/hh-rlhf"' in card
+    assert 'datasets.load_dataset(repo, "harmless", split="test", revision="v1.0.0")' in card
+    document = json.loads((tmp_path / "1.0.0" / "croissant.json").read_text())
+    assert document["url"] == "https://huggingface.co/datasets/org/hh-rlhf/tree/v1.0.0"
