@@ -142,7 +142,7 @@ _USAGE = """Configs: $configs. `repo` below is $where.
 ```python
 import datasets
 
-repo = "$repo"
+$repo_line
 ds = datasets.load_dataset(repo, "$config", split="$split", revision="v$version")
 ```
 
@@ -217,7 +217,9 @@ def usage(manifest: dict) -> str:
         ),
         where=("its Hub repo id; a local copy of this version's folder works the same way" if named
                else "the folder of this README; once published, the Hub repo id (`org/name`)"),
-        repo=manifest["name"] if named else ".",
+        # datasets needs a folder name it can read a dataset name from: not "."
+        repo_line=(f'repo = "{manifest["name"]}"' if named else
+                   'import os\n\nrepo = os.getcwd()  # run in the folder of this README'),
         config=config,
         split=split,
         version=manifest["version"],

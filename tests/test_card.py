@@ -261,7 +261,7 @@ def test_usage_names_only_configs_and_splits_the_release_has(card, usage_release
     # the bundled-sample release has no train split: its examples load the test split
     assert 'datasets.load_dataset(repo, "helpful", split="test", revision="v1.0.0")' in card
     assert 'split="train"' not in card
-    assert 'repo = "."' in card  # its name is no repo id: the folder of the README
+    assert "repo = os.getcwd()" in card  # its name is no repo id: the folder of the README
     usage = (usage_release.path / "README.md").read_text()
     assert f'repo = "{REPO}"' in usage
     assert 'hhdata.load(repo, "helpful", split="train", version="1.2.0")' in usage
@@ -316,3 +316,12 @@ def test_build_name_flag_reaches_the_card_and_croissant(tmp_path):
     assert 'datasets.load_dataset(repo, "harmless", split="test", revision="v1.0.0")' in card
     document = json.loads((tmp_path / "1.0.0" / "croissant.json").read_text())
     assert document["url"] == "https://huggingface.co/datasets/org/hh-rlhf/tree/v1.0.0"
+
+
+def test_a_card_without_a_repo_id_runs_in_its_own_folder(card, release, tmp_path):
+    snippets = [code for code in python_blocks(card) if "DPOTrainer" not in code]
+    assert len(snippets) == 4
+    shutil.copytree(release.path, tmp_path / "copy")
+    run = run_snippets(snippets, tmp_path / "copy", {**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.count("ran") == 4
