@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 
@@ -79,3 +80,16 @@ def test_a_hub_scan_is_pinned_to_the_version_asked_for(local_hub, releases):
     assert latest.height == pinned.height + 6 and "harmless-added" in latest["subset"].to_list()
     counts = hhdata.scan(repo_id, "helpful", version="1.0.0", split="train").group_by("family").len().collect()
     assert counts.rows() == [("helpful", len(read_ids(first, HELPFUL[:1])))]
+
+
+def test_a_file_changed_on_the_hub_is_refused_before_it_is_scanned(local_hub, releases):
+    _, first, _ = releases
+    repo_id = f"org/hh-{uuid.uuid4().hex[:8]}"
+    hub.publish(first, repo_id, token=local_hub.token, retries=1, backoff=0.01)
+    manifest = json.loads((first / "manifest.json").read_text())
+    stored = local_hub.lfs_object(repo_id, manifest["files"][HELPFUL[0]]["sha256"])
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    stored.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"{HELPFUL[0]}: sha256 does not match manifest.json"):
+        hhdata.scan(repo_id, "helpful", version="1.0.0")
