@@ -68,9 +68,12 @@ def _release_folder(source, config, version) -> tuple[Path, bool]:
     if (path / MANIFEST_NAME).is_file():
         return path, False
     if path.exists():
+        versions = sorted((p.parent.name for p in path.glob(f"*/{MANIFEST_NAME}")),
+                          key=lambda v: [int(part) if part.isdigit() else -1 for part in v.split(".")])
         raise LoadError(
-            f"{source} is not a release (no manifest.json); pass the folder of one version, "
-            "or the releases folder with version="
+            f"{source} is not a release (no manifest.json)"
+            + (f" and holds no version {version}; it holds {', '.join(versions)}" if versions and version
+               else "; pass the folder of one version, or the releases folder with version=")
         )
     if _REPO_ID.fullmatch(str(source)):
         return _download(str(source), config, version), True

@@ -59,6 +59,8 @@ def test_scan_refuses_a_wrong_version_split_or_file(releases, tmp_path):
         hhdata.scan(first, "helpful", split="validation")
     with pytest.raises(LoadError, match="is not a release"):
         hhdata.scan(tmp_path)
+    with pytest.raises(LoadError, match="holds no version 3.0.0; it holds 1.0.0, 1.1.0"):
+        hhdata.scan(out, version="3.0.0")
     copy = tmp_path / "copy"
     shutil.copytree(first, copy)
     target = copy / HELPFUL[0]
