@@ -9,6 +9,7 @@ Hugging Face dataset card sections, filled with the manifest's numbers. The temp
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from string import Template
 
@@ -131,7 +132,110 @@ def render_card(manifest: dict) -> str:
         citation=CITATION_BIBTEX,
         leakage=_leakage(manifest.get("leakage")),
         synthetic_note=_synthetic_note(manifest),
+        usage=usage(manifest),
     )
+
+
+STRICT_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"  # its chat template refuses non-alternating roles
+_USAGE = """Configs: $configs. `repo` below is $where.
+
+```python
+import datasets
+
+$repo_line
+ds = datasets.load_dataset(repo, "$config", split="$split", revision="v$version")
+```
+
+Plain `datasets` reads the files as they are and checks nothing; for a local folder it also
+caches by the folder's name and file times, not content, so two folders named `$version` can
+share a cache entry. `hhdata.load` first checks every file it reads against the sha256 in
+`manifest.json`:
+
+```python
+import hhdata
+
+ds = hhdata.load(repo, "$config", split="$split", version="$version")
+```
+
+**Strict chat templates.** Llama-2 and Mistral chat templates raise "Conversation roles must
+alternate" on a few real transcripts with two Assistant turns in a row, and some replies are
+empty. Keep only the rows every strict template accepts (alternating user/assistant turns
+from the user, non-empty replies) with hhdata, or with a plain `datasets` filter:
+
+```python
+strict = hhdata.load(repo, "$config", split="$split", version="$version", strict_roles=True)
+
+
+def strict_template_ok(row):  # the same rule, without hhdata
+    return all(
+        [t["role"] for t in row["prompt"] + row[side]]
+        == ["user", "assistant"] * ((len(row["prompt"]) + len(row[side])) // 2)
+        and all(t["content"].strip() for t in row[side])
+        for side in ("chosen", "rejected")
+    )
+
+
+assert ds.filter(strict_template_ok)["id"] == strict["id"]
+```
+
+**Use with TRL.** `prompt`, `chosen` and `rejected` are TRL's conversational preference
+format, so the rows go to its trainers as they are:
+
+```python
+import torch
+from trl import DPOConfig, DPOTrainer
+
+args = DPOConfig(output_dir="dpo-hh-rlhf", bf16=torch.cuda.is_available())
+trainer = DPOTrainer(model="$model", args=args, train_dataset=strict)
+trainer.train()
+```
+
+**Lazy queries.** `hhdata.scan` gives a polars LazyFrame over the Parquet files of a config;
+filters and column choices are pushed down into the scan, so only what a query needs is read:
+
+```python
+import polars as pl
+
+lazy = hhdata.scan(repo, "$config", version="$version")
+lazy.filter(pl.col("split") == "$split").group_by("subset").agg(pl.len()).collect()
+```"""
+
+
+def usage(manifest: dict) -> str:
+    """The usage section's text and code, naming configs and splits this release has.
+
+    Every ``python`` block runs as written (tests/test_card.py executes them in order).
+    """
+    configs = manifest["configs"]
+    config = next((name for name in ("helpful", "harmless") if name in configs),
+                  next(name for name, view in configs.items() if view["default"]))
+    splits = list(configs[config]["splits"])
+    split = "train" if "train" in splits else splits[0]
+    named = is_repo_id(manifest["name"])
+    return Template(_USAGE).substitute(
+        configs=", ".join(
+            f"`{name}`{' (default)' if view['default'] else ''} ({', '.join(view['splits'])})"
+            for name, view in configs.items()
+        ),
+        where=("its Hub repo id; a local copy of this version's folder works the same way" if named
+               else "the folder of this README; once published, the Hub repo id (`org/name`)"),
+        # datasets needs a folder name it can read a dataset name from: not "."
+        repo_line=(f'repo = "{manifest["name"]}"' if named else
+                   'import os\n\nrepo = os.getcwd()  # run in the folder of this README'),
+        config=config,
+        split=split,
+        version=manifest["version"],
+        model=STRICT_MODEL,
+    )
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether a release name is a Hub repo id (``org/name``).
+
+    >>> is_repo_id("org/hh-rlhf"), is_repo_id("hh-rlhf")
+    (True, False)
+    """
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
 def _synthetic_note(manifest: dict) -> str:

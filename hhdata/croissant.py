@@ -2,10 +2,12 @@
 
 Every data file is a ``cr:FileObject`` with its sha256 and size; each config is a
 ``cr:FileSet`` over its files and a ``cr:RecordSet`` whose fields follow the canonical pair
-row (repeated struct fields for the turns). Checked by hand with mlcroissant 1.1.1 (not a
-dependency): ``mlcroissant validate`` passes (one recommendation: ``datePublished``, left out
-so builds stay byte-reproducible) and ``mlcroissant load --record_set helpful`` yields rows
-with their turns.
+row (repeated struct fields for the turns). The splits are a ``cr:Split`` RecordSet
+(``splits``) that each config's ``split`` field references. ``url`` is the release on the
+Hub when the release's name is a repo id (``org/name``), else left out; ``isBasedOn`` is
+the upstream dataset. tests/test_card.py validates it with mlcroissant (no errors; the one
+warning is the missing ``datePublished``, left out so builds stay byte-reproducible) and
+loads records of a config.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hhdata.card import CITATION_BIBTEX, DESCRIPTION, LICENSE_URL
+from hhdata.card import CITATION_BIBTEX, DESCRIPTION, LICENSE_URL, is_repo_id
 
 CROISSANT_NAME = "croissant.json"
 CONFORMS_TO = "http://mlcommons.org/croissant/1.0"
+UPSTREAM_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf"
+SPLITS = "splits"
+# Croissant's semantic split types; other split names get none
+SPLIT_TYPES = {"train": "cr:TrainingSplit", "validation": "cr:ValidationSplit", "test": "cr:TestSplit"}
 CONTEXT = {
     "@language": "en",
     "@vocab": "https://schema.org/",
@@ -74,7 +80,7 @@ def croissant(manifest: dict) -> dict:
         }
         for path, entry in data_files.items()
     ]
-    record_sets = []
+    record_sets = [_splits(manifest)]
     for config, view in manifest["configs"].items():
         files = sorted({path for split in view["splits"].values() for path in split["files"]})
         file_set = f"files-{config}"
@@ -94,7 +100,7 @@ def croissant(manifest: dict) -> dict:
             "key": {"@id": f"{config}/id"},
             "field": _fields(config, file_set),
         })
-    return {
+    document = {
         "@context": CONTEXT,
         "@type": "sc:Dataset",
         "conformsTo": CONFORMS_TO,
@@ -102,12 +108,48 @@ def croissant(manifest: dict) -> dict:
         "description": DESCRIPTION,
         "version": manifest["version"],
         "license": LICENSE_URL,
-        "url": "https://huggingface.co/datasets/Anthropic/hh-rlhf",
+        "url": release_url(manifest),
+        "isBasedOn": UPSTREAM_URL,
         "citeAs": CITATION_BIBTEX,
         "creator": {"@type": "sc:Organization", "name": "Anthropic"},
         "isLiveDataset": False,
         "distribution": distribution,
         "recordSet": record_sets,
+    }
+    if document["url"] is None:
+        del document["url"]
+    return document
+
+
+def release_url(manifest: dict) -> str | None:
+    """The release's page on the Hub (its tag) when its name is a repo id, else None.
+
+    >>> release_url({"name": "org/hh-rlhf", "version": "1.2.0"})
+    'https://huggingface.co/datasets/org/hh-rlhf/tree/v1.2.0'
+    """
+    if not is_repo_id(manifest["name"]):
+        return None
+    return f"https://huggingface.co/datasets/{manifest['name']}/tree/v{manifest['version']}"
+
+
+def _splits(manifest: dict) -> dict:
+    """The ``splits`` RecordSet: every split name of the release, with its Croissant type."""
+    names = []
+    for view in manifest["configs"].values():
+        names += [split for split in view["splits"] if split not in names]
+    data = [{f"{SPLITS}/name": name, f"{SPLITS}/url": SPLIT_TYPES.get(name, name)} for name in names]
+    return {
+        "@type": "cr:RecordSet",
+        "@id": SPLITS,
+        "name": SPLITS,
+        "description": "the splits of this release",
+        "dataType": "cr:Split",
+        "key": {"@id": f"{SPLITS}/name"},
+        "field": [
+            {"@type": "cr:Field", "@id": f"{SPLITS}/name", "name": "name", "dataType": "sc:Text"},
+            {"@type": "cr:Field", "@id": f"{SPLITS}/url", "name": "url", "dataType": "sc:Text"},
+        ],
+        "data": data,
     }
 
 
@@ -123,6 +165,8 @@ def _fields(config: str, file_set: str) -> list[dict]:
          "dataType": "sc:Text", "source": source(column)}
         for column in _TEXT_COLUMNS
     ]
+    split = next(field for field in fields if field["name"] == "split")
+    split["references"] = {"field": {"@id": f"{SPLITS}/name"}}
     for column in _TURN_COLUMNS:
         fields.append({
             "@type": "cr:Field", "@id": f"{config}/{column}", "name": column, "repeated": True,

@@ -40,16 +40,26 @@ def load(
     version: str | None = None,
     *,
     force_download: bool = False,
+    strict_roles: bool = False,
 ) -> datasets.DatasetDict | datasets.Dataset:
     """Load HH-RLHF pair rows: a DatasetDict of splits, or one Dataset when split is given.
 
-    config is ``all`` (default), ``helpful``, ``harmless`` or a subset name.
-    ``force_download`` (Hub repos only) fetches every file again instead of using the cache.
+    config is ``all`` (default), ``helpful``, ``harmless`` or a subset name. With
+    ``strict_roles=True`` only rows that strict chat templates (Llama-2, Mistral) accept are
+    kept: alternating user/assistant turns and non-empty replies (hhdata.roles;
+    ``hhdata.roles.strict_counts`` says what is left out and why). ``force_download`` (Hub
+    repos only) fetches every file again instead of using the cache.
 
     >>> ds = load()
     >>> ds["test"].num_rows, ds["test"][0]["subset"]
     (2312, 'harmless-base')
+    >>> load(strict_roles=True)["test"].num_rows
+    2304
     """
+    if strict_roles:
+        from hhdata.roles import keep_strict
+
+        return keep_strict(load(source, config, split, version, force_download=force_download))
     if source is None:
         if version is not None:
             raise LoadError(

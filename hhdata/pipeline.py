@@ -128,8 +128,12 @@ def build_release(
     check_leakage: bool = True,
     parquet: release.ParquetSettings = release.ParquetSettings(),
     progress: bool | None = False,
+    name: str = release.DEFAULT_NAME,
 ) -> release.Release:
     """Raw files to ``<out>/<version>/``: the whole pipeline, then the release directory.
+
+    ``name`` is best the Hub repo id the release will be published under (``org/name``):
+    the card's usage code and croissant.json's ``url`` then point at it.
 
     >>> built = build_release([read.bundled_sample_path()], version="1.0.0", out="out")  # doctest: +SKIP
     >>> built.path, list(built.manifest["configs"])  # doctest: +SKIP
@@ -140,7 +144,7 @@ def build_release(
         result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
                               check_leakage=check_leakage, progress=progress)
         return release_from(result, version=version, out=out, previous=previous,
-                            allow_version_mismatch=allow_version_mismatch, parquet=parquet)
+                            allow_version_mismatch=allow_version_mismatch, parquet=parquet, name=name)
 
 
 def check_targets(out: str | Path, version: str, previous: str | Path | None) -> None:
@@ -158,6 +162,7 @@ def release_from(
     previous: str | Path | None = None,
     allow_version_mismatch: bool = False,
     parquet: release.ParquetSettings = release.ParquetSettings(),
+    name: str = release.DEFAULT_NAME,
 ) -> release.Release:
     """Write the release directory of a pipeline run (see hhdata.release.write_release)."""
     with memory.large_run():
@@ -165,6 +170,7 @@ def release_from(
             result.pairs, out, version, sources=result.sources, accounting=result.accounting,
             settings=result.settings, leakage=lambda: result.leakage,
             previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
+            name=name,
         )
 
 

@@ -43,6 +43,7 @@ from hhdata.manifest import (
     file_entry,
     flag_counts,
     length_stats,
+    read_manifest,
     text_lengths,
     write_manifest,
 )
@@ -208,10 +209,11 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
     """Data files and plot, then the manifest, the diff and version check, the changelog,
     croissant.json and the card: each later file is made from the manifest."""
     rows = canonical_rows(pairs)
+    stamp = file_metadata(version)
     with ThreadPoolExecutor(max_workers=1) as pool:  # the plot is drawn while the files are written
         lengths = pool.submit(lambda: {name: text_lengths(rows, name) for name in ("prompt", "chosen", "rejected")})
         plot = pool.submit(lambda: _plot(lengths.result(), staging))
-        files = write_data_files(rows, staging, parquet)
+        files = write_data_files(rows, staging, parquet, stamp, previous)
         files[PLOT_NAME] = plot.result()
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -282,24 +284,70 @@ def subset_families(rows: pa.Table) -> dict[str, str]:
     return families
 
 
-def write_data_files(rows: pa.Table, root: Path, parquet: ParquetSettings) -> dict[str, dict]:
+def file_metadata(version: str) -> dict[str, str]:
+    """The key-value metadata stamped into each new Parquet file's footer.
+
+    >>> file_metadata("1.2.0")["hhdata:release_version"]
+    '1.2.0'
+    """
+    return {
+        "hhdata:release_version": version,
+        "hhdata:schema_version": PAIR_SCHEMA_VERSION,
+        "hhdata:version": hhdata.__version__,
+    }
+
+
+def write_data_files(
+    rows: pa.Table,
+    root: Path,
+    parquet: ParquetSettings,
+    stamp: dict[str, str] | None = None,
+    previous: str | Path | None = None,
+) -> dict[str, dict]:
     """Write one Parquet file per (subset, split), rows in input order; returns file entries.
 
+    ``stamp`` goes into each file's key-value metadata (``pq.read_schema(path).metadata``).
+    A file whose rows are the same as in the ``previous`` release keeps that release's
+    stamp, so it stays byte-identical and publishing does not send it again: a file's
+    ``hhdata:release_version`` is the version that first wrote those rows.
+
     Files are written by a thread pool (pyarrow compresses without the GIL); each file's
-    bytes depend only on its rows and the settings, so the result is the same either way.
+    bytes depend only on its rows, stamp and the settings, so the result is the same either way.
     """
     options = parquet.write_options()
+    earlier = _previous_files(previous)
 
     def write(key: tuple[str, str]) -> tuple[str, dict]:
         subset, split = key
         part = rows.filter(pc.and_(pc.equal(rows["subset"], subset), pc.equal(rows["split"], split)))
         relative = data_file(subset, split)
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(part, root / relative, **options)
+        if relative in earlier:  # try the earlier stamp: the same bytes if the rows are the same
+            old_stamp, old_sha256 = earlier[relative]
+            pq.write_table(part.replace_schema_metadata(old_stamp), root / relative, **options)
+            entry = file_entry(root, relative, part)
+            if entry["sha256"] == old_sha256:
+                return relative, entry
+        pq.write_table(part.replace_schema_metadata(stamp), root / relative, **options)
         return relative, file_entry(root, relative, part)
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         return dict(pool.map(write, _subset_splits(rows)))
+
+
+def _previous_files(previous: str | Path | None) -> dict[str, tuple[dict, str]]:
+    """Data files of the previous release: relative path -> (their hhdata stamp, sha256)."""
+    if previous is None:
+        return {}
+    files = {}
+    for relative, entry in read_manifest(previous)["files"].items():
+        path = Path(previous) / relative
+        if relative.endswith(".parquet") and path.is_file():
+            metadata = pq.read_schema(path).metadata or {}
+            old = {k.decode(): v.decode() for k, v in metadata.items() if k.startswith(b"hhdata:")}
+            if old:
+                files[relative] = (old, entry["sha256"])
+    return files
 
 
 def _subset_splits(rows: pa.Table) -> list[tuple[str, str]]:

@@ -60,7 +60,7 @@ def test_layout_has_every_file(release):
     names = sorted(p.relative_to(release.path).as_posix() for p in release.path.rglob("*") if p.is_file())
     assert names == [
         "CHANGELOG.md", "README.md", "croissant.json",
-        data_file("harmless-base", "test"), data_file("helpful-base", "train"),
+        "data/harmless-base/test-00000-of-00001.parquet", "data/helpful-base/train-00000-of-00001.parquet",
         "lengths.png", "manifest.json",
     ]
 
@@ -73,7 +73,7 @@ def test_manifest_counts_rows_per_config_and_split(release, pairs):
     assert configs["all"]["splits"]["train"]["rows"] == 600
     assert configs["all"]["splits"]["test"]["rows"] == pairs.num_rows - 600
     assert configs["helpful"]["splits"] == {
-        "train": {"rows": 600, "files": [data_file("helpful-base", "train")]}
+        "train": {"rows": 600, "files": ["data/helpful-base/train-00000-of-00001.parquet"]}
     }
     assert "train" not in configs["harmless"]["splits"]
     assert manifest["subsets"] == {"harmless-base": "harmless", "helpful-base": "helpful"}
@@ -214,3 +214,28 @@ def test_the_build_that_loses_a_race_gets_a_clear_error(tmp_path, pairs):
     with pytest.raises(VersionError, match=r"1\.0\.0 already exists: another process built version 1\.0\.0"):
         build(pairs.slice(0, 20), tmp_path, leakage=other_build_finishes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.0.0"]  # no staging left behind
+
+
+def test_parquet_files_carry_the_versions_as_key_value_metadata(release):
+    import hhdata
+
+    for subset, split in (("harmless-base", "test"), ("helpful-base", "train")):
+        metadata = pq.read_schema(release.path / data_file(subset, split)).metadata
+        assert metadata[b"hhdata:release_version"] == b"1.0.0"
+        assert metadata[b"hhdata:schema_version"] == b"1.0"
+        assert metadata[b"hhdata:version"] == hhdata.__version__.encode()
+
+
+def test_a_file_with_the_same_rows_keeps_its_first_release_stamp_and_bytes(pairs, release, tmp_path):
+    added = pairs.slice(0, 50).set_column(1, "subset", pa.array(["harmless-added"] * 50))
+    added = added.set_column(2, "family", pa.array(["harmless"] * 50))
+    from hhdata.schema import pair_id
+
+    added = added.set_column(0, "id", pa.array([pair_id(f"c{i}", f"r{i}") for i in range(50)]))
+    grown = pa.concat_tables([pairs, added])
+    later = build(grown, tmp_path, "1.1.0", previous=release.path)
+    unchanged = data_file("harmless-base", "test")
+    assert (later.path / unchanged).read_bytes() == (release.path / unchanged).read_bytes()
+    assert pq.read_schema(later.path / unchanged).metadata[b"hhdata:release_version"] == b"1.0.0"
+    new = pq.read_schema(later.path / data_file("harmless-added", "train")).metadata
+    assert new[b"hhdata:release_version"] == b"1.1.0"

@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "or hf://ORG/NAME[@REVISION] for the upstream layout on the Hub")
     build.add_argument("--version", required=True, metavar="X.Y.Z", help="the release's version")
     build.add_argument("--out", required=True, metavar="DIR", help="releases folder; writes DIR/X.Y.Z/")
+    build.add_argument("--name", default="hh-rlhf", metavar="ORG/NAME",
+                       help="the release's name, best the Hub repo it will be published to: the "
+                       "card's usage code and croissant.json's url then point at it")
     build.add_argument("--previous", metavar="DIR",
                        help="the previous release's folder: the change is diffed against it and "
                        "a version number that contradicts the change is refused")
@@ -65,7 +68,8 @@ def _build(args: argparse.Namespace, pipeline, write_jsonl) -> int:
         print(f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}")
     built = pipeline.release_from(result, version=args.version, out=args.out,
                                   previous=args.previous,
-                                  allow_version_mismatch=args.allow_version_mismatch)
+                                  allow_version_mismatch=args.allow_version_mismatch,
+                                  name=args.name)
     manifest = built.manifest
     print(f"built {built.path}")
     for name, view in manifest["configs"].items():
