@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from hhdata import configs, dedup, memory, read, release
 from hhdata.errors import ReleaseError
+from hhdata.lines import path_text
 from hhdata.manifest import file_digest, read_manifest
 from hhdata.schema import SUBSET_FAMILIES, is_synthetic
 
@@ -144,7 +145,9 @@ def build_release(
 
 
 def check_targets(out: str | Path, version: str, previous: str | Path | None) -> None:
-    """Fail before any work when the version exists or ``previous`` is not a release."""
+    """Fail before any work when the version exists, ``previous`` is not a release, or the
+    output folder's path is not UTF-8 (Arrow's Parquet writer cannot open such a path)."""
+    _utf8_path(out, "--out")
     release.new_version_dir(out, version)
     if previous is not None:
         read_manifest(previous)
@@ -166,6 +169,17 @@ def release_from(
             settings=result.settings, leakage=lambda: result.leakage,
             previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
         )
+
+
+def _utf8_path(path: str | Path, flag: str) -> None:
+    """Raise ReleaseError when a path holds bytes that are not UTF-8 (lone surrogates)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReleaseError(
+            f"the {flag} folder {path_text(path)} has bytes in its path that are not UTF-8, "
+            "where a release cannot be written; choose a folder whose path is UTF-8"
+        ) from None
 
 
 def write_drops(drops: pa.Table, path: str | Path) -> int:
@@ -251,10 +265,10 @@ def _relative(path: Path, roots: list[Path]) -> str:
         if root.is_dir():
             try:
                 # absolute, not resolved: Hub snapshots are symlinks into a blob store
-                return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+                return path_text(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix())
             except ValueError:
                 continue
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return path_text(f"{path.parent.name}/{path.name}" if path.parent.name else path.name)
 
 
 def _jsonable(settings) -> dict:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from hhdata import quarantine as q
 from hhdata.errors import SourceError
-from hhdata.lines import RAW_HEAD, Block, blocks, too_long
+from hhdata.lines import RAW_HEAD, Block, blocks, path_text, too_long
 from hhdata.schema import PAIR_SCHEMA, SPLITS, family_of
 from hhdata.validate import explain_raw_line, validate_raw_table
 
@@ -263,7 +263,7 @@ def _source_of(path: Path, subset: str | None, split: str | None, family: str | 
 
 def _read_file(path, source, max_line_bytes, report, advance):
     """One file's accepted records as a table, and its quarantine."""
-    rows = _Rows(str(path), source)
+    rows = _Rows(path_text(path), source)
     crlf = 0
     for item in blocks(path, max_line_bytes, report.notices, advance):
         if isinstance(item, Block):
@@ -274,7 +274,7 @@ def _read_file(path, source, max_line_bytes, report, advance):
     report.lines += rows.lines
     report.blank += rows.blank
     if crlf:
-        report.notices.append(f"{path}: {crlf} lines end with CRLF (\\r\\n); read as LF")
+        report.notices.append(f"{path_text(path)}: {crlf} lines end with CRLF (\\r\\n); read as LF")
     return rows.table(), q.quarantine_table(rows.bad)
 
 
@@ -305,7 +305,7 @@ class _Rows:
         try:
             record = _DECODER.decode(line)
             chosen, rejected = record.chosen, record.rejected
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             problem, record = explain_raw_line(line)
             if problem:
                 self.bad.append((self.name, number, *problem, line))

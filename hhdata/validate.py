@@ -101,6 +101,12 @@ def explain_raw_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         return (q.INVALID_JSON, f"{error.msg}: column {error.colno}; fix or remove the line"), None
+    except RecursionError:
+        # json.loads recurses once per level; a record is two strings, never this deep
+        return (q.INVALID_JSON, (
+            "the JSON is nested too deeply to decode (over Python's recursion limit); a "
+            'record is {"chosen": "...", "rejected": "..."}: fix or remove the line'
+        )), None
     problem = explain_raw_record(record)
     if problem:
         return problem, None
