@@ -36,7 +36,6 @@ def _stats(pairs: pa.Table) -> dict:
         prompt = pairs["prompt"].combine_chunks()
         contents = pc.utf8_length(pc.list_flatten(prompt).field("content")).to_numpy(zero_copy_only=False)
         prompt_chars = np.bincount(pc.list_parent_indices(prompt).to_numpy(), contents, minlength=rows)
-    flags = {c["values"]: c["counts"] for c in pc.value_counts(pc.list_flatten(pairs["flags"])).to_pylist()}
     return {
         "rows": rows,
         "splits": dict(sorted((c["values"], c["counts"]) for c in pc.value_counts(pairs["split"]).to_pylist())),
@@ -44,8 +43,16 @@ def _stats(pairs: pa.Table) -> dict:
         "prompt_chars": _summary(prompt_chars),
         "chosen_chars": _summary(_reply_lengths(pairs["chosen"])),
         "rejected_chars": _summary(_reply_lengths(pairs["rejected"])),
-        "flags": {flag: flags[flag] for flag in FLAGS if flag in flags},
+        "flags": flag_counts(pairs),
     }
+
+
+def flag_counts(pairs: pa.Table) -> dict[str, int]:
+    """Rows per flag of a pair table, in the order of hhdata.transcript.FLAGS; absent flags
+    are left out."""
+    counts = pc.value_counts(pc.list_flatten(pairs["flags"])).to_pylist()
+    found = {count["values"]: count["counts"] for count in counts}
+    return {flag: found[flag] for flag in FLAGS if flag in found}
 
 
 def _reply_lengths(replies: pa.ChunkedArray) -> np.ndarray:

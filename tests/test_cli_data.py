@@ -100,9 +100,42 @@ def test_usage_and_io_errors_exit_2_with_the_fix(tmp_path, capsys, sample_path):
     assert capsys.readouterr().err == (
         f"hhdata stats: error: {odd}: subset 'batch-3' is not one of ['harmless-base', 'helpful-base', "
         "'helpful-online', 'helpful-rejection-sampled']; declare its family ('helpful' or 'harmless') "
-        "for a new batch: pass family= or a known subset= (on the command line --family or --subset)\n"
+        "for a new batch (in Python family= and subset=, on the command line --family and --subset)\n"
     )
     assert main(["stats", str(odd), "--split", "train", "--subset", "batch-3", "--family", "helpful"]) == 0
+
+
+def test_validate_takes_any_file_as_is_and_says_what_it_did_not_know(tmp_path, capsys):
+    path = write(tmp_path / "my_batch.jsonl", [pair("\n\nHuman: q", "\n\nHuman: q"), b'{"chosen": 1, "rejected": "b"}'])
+    assert main(["validate", str(path)]) == 1
+    assert capsys.readouterr().out == (
+        "read 1 file: 2 lines, 0 blank, 1 accepted, 1 quarantined\n"
+        "quarantined per reason:\n"
+        "  wrong_type: 1\n"
+        f"    {path}:2: at 'chosen': 1 is not of type 'string'; both values must be JSON strings\n"
+        f"note: {path}: no subset or split or family in its path or the arguments; validated as is "
+        "(only a build needs them: put the file at <subset>/<split>.jsonl[.gz], or pass --subset, "
+        "--split and --family)\n"
+        "FAILED: some records were quarantined (use --quarantine FILE to save them)\n"
+    )
+    path.write_bytes(pair("\n\nHuman: q", "\n\nHuman: q") + b"\n")
+    assert main(["validate", str(path), "--subset", "harmless-base"]) == 0
+    assert f"note: {path}: no split in its path" in capsys.readouterr().out
+    # the flags still name the source when given: no notice then
+    assert main(["validate", str(path), "--subset", "batch-7", "--split", "train", "--family", "helpful"]) == 0
+    assert capsys.readouterr().out == (
+        "read 1 file: 1 lines, 0 blank, 1 accepted, 0 quarantined\nok: every record was accepted\n"
+    )
+
+
+def test_a_declared_family_that_contradicts_the_subset_exits_2(sample_path, capsys):
+    assert main(["validate", str(sample_path), "--family", "helpful"]) == 2
+    assert capsys.readouterr().err == (
+        f"hhdata validate: error: {sample_path}: subset 'harmless-base' is harmless, not helpful; "
+        "drop the declared family, or name the batch as a new subset if it really is a different "
+        "one (in Python family= and subset=, on the command line --family and --subset)\n"
+    )
+    assert main(["validate", str(sample_path), "--family", "harmless"]) == 0
 
 
 def test_stats_of_the_bundled_sample(capsys):

@@ -192,6 +192,16 @@ def test_arguments_name_the_subset_and_split_of_other_paths(tmp_path):
     ]
 
 
+def test_a_declared_family_must_agree_with_a_known_subset(sample_path, tmp_path):
+    with pytest.raises(SourceError, match="subset 'harmless-base' is harmless, not helpful"):
+        read_raw(sample_path, family="helpful")
+    path = tmp_path / "batch.jsonl"
+    path.write_bytes(good(1))
+    with pytest.raises(SourceError, match="subset 'helpful-online' is helpful, not harmless"):
+        read_raw(path, subset="helpful-online", split="train", family="harmless")
+    assert read_raw(sample_path, family="harmless").table["family"].unique().to_pylist() == ["harmless"]
+
+
 @pytest.mark.parametrize(
     ("given", "message"),
     [
