@@ -162,13 +162,36 @@ def release_from(
     allow_version_mismatch: bool = False,
     parquet: release.ParquetSettings = release.ParquetSettings(),
 ) -> release.Release:
-    """Write the release directory of a pipeline run (see hhdata.release.write_release)."""
+    """Write the release directory of a pipeline run (see hhdata.release.write_release).
+
+    Raises ReleaseError when the run kept no row (see nothing_kept).
+    """
+    empty = nothing_kept(result)
+    if empty:
+        raise ReleaseError(empty)
     with memory.large_run():
         return release.write_release(
             result.pairs, out, version, sources=result.sources, accounting=result.accounting,
             settings=result.settings, leakage=lambda: result.leakage,
             previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
         )
+
+
+def nothing_kept(result: PipelineResult) -> str | None:
+    """Why a run that kept no row cannot be released (None when it kept some): a release
+    of zero rows would load as empty data everywhere it is used."""
+    accounting = result.accounting
+    if accounting["kept"]:
+        return None
+    if not accounting["read"]:
+        files = f"{len(result.sources)} file" + ("s" if len(result.sources) != 1 else "")
+        return (f"the sources hold no record ({files} read, all empty or blank); no release is "
+                "written: check that the right files were given")
+    left = [f"{reason} {count}" for fate in ("quarantined", "removed", "filtered")
+            for reason, count in accounting[fate].items()]
+    return (f"all {accounting['read']} records read left the flow ({', '.join(left)}), so no "
+            "row is left to release; no release is written: fix the records (hhdata validate "
+            "shows them, --quarantine FILE saves them) and build again")
 
 
 def _utf8_path(path: str | Path, flag: str) -> None:

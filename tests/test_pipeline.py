@@ -245,3 +245,42 @@ def test_large_run_swaps_allocator_settings_and_restores_them_after_nesting():
     current = switch(True)
     switch(current)
     assert current == memory._saved[1]  # the huge-page advice came back as it was
+
+
+def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsys):
+    empty, broken = tmp_path / "empty" / "harmless-base", tmp_path / "broken" / "harmless-base"
+    empty.mkdir(parents=True)
+    broken.mkdir(parents=True)
+    (empty / "test.jsonl").write_bytes(b"\n  \n")
+    (broken / "test.jsonl").write_bytes(b'{"chosen": 1, "rejected": "b"}\n{oops\n' + SAMPLE_LINES[0] * 2 + b"\n")
+    out, saved = tmp_path / "out", tmp_path / "quarantine.jsonl"
+
+    assert main(["build", str(empty.parent), "--version", "1.0.0", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        "hhdata build: error: the sources hold no record (1 file read, all empty or blank); no "
+        "release is written: check that the right files were given\n"
+    )
+    assert main(["build", str(broken.parent), "--version", "1.0.0", "--out", str(out),
+                 "--quarantine", str(saved)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "hhdata build: error: all 3 records read left the flow (invalid_json 2, wrong_type 1), so "
+        "no row is left to release; no release is written: fix the records (hhdata validate shows "
+        "them, --quarantine FILE saves them) and build again\n"
+    )
+    assert f"wrote 3 quarantined records to {saved}" in captured.out  # saved before refusing
+    assert not (out / "1.0.0").exists()
+    with pytest.raises(ReleaseError, match="all 3 records read left the flow"):
+        pipeline.build_release([broken.parent], version="1.0.0", out=out)
+
+
+def test_a_manifest_that_keeps_no_row_is_refused_on_read(built, tmp_path):
+    """publish and hhdata.load read the manifest through read_manifest, so neither takes it."""
+    from hhdata.errors import SchemaError
+    from hhdata.manifest import validate_manifest
+
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    validate_manifest(manifest)
+    manifest["accounting"]["kept"] = 0
+    with pytest.raises(SchemaError, match="field accounting/kept: 0 is less than the minimum of 1"):
+        validate_manifest(manifest)
