@@ -5,10 +5,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
+import statistics
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from hhdata import pipeline, synth
@@ -284,3 +288,53 @@ def test_a_manifest_that_keeps_no_row_is_refused_on_read(built, tmp_path):
     manifest["accounting"]["kept"] = 0
     with pytest.raises(SchemaError, match="field accounting/kept: 0 is less than the minimum of 1"):
         validate_manifest(manifest)
+
+
+def _lower_percentile(values: list[int], fraction: Fraction) -> int:
+    """The q-th percentile as the observed value at floor(q * (n - 1)) of the sorted values."""
+    return sorted(values)[math.floor(fraction * (len(values) - 1))]
+
+
+def test_length_statistics_agree_with_a_plain_computation(tmp_path, capsys):
+    """manifest.json, the card and `hhdata stats` against pure Python over the release's rows."""
+    built = pipeline.build_release([bundled_sample_path()], version="1.0.0", out=tmp_path)
+    rows = [row for path in sorted((built.path / "data").rglob("*.parquet"))
+            for row in pq.read_table(path).to_pylist()]
+    assert len(rows) == built.manifest["accounting"]["kept"] == 2312  # every sample row
+
+    def chars(turns):
+        return sum(len(turn["content"]) for turn in turns)
+
+    columns = {
+        "prompt": [chars(row["prompt"]) for row in rows],
+        "chosen": [chars(row["chosen"]) for row in rows],
+        "rejected": [chars(row["rejected"]) for row in rows],
+        "chosen_text": [len(row["chosen_text"]) for row in rows],
+        "rejected_text": [len(row["rejected_text"]) for row in rows],
+        "prompt_turns": [len(row["prompt"]) for row in rows],
+    }
+    expected = {name: {"mean": round(sum(v) / len(v), 1), "median": statistics.median_low(v),
+                       "p90": _lower_percentile(v, Fraction(9, 10)),
+                       "p99": _lower_percentile(v, Fraction(99, 100)), "max": max(v)}
+                for name, v in columns.items()}
+
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    assert {name: [s["mean"], s["p50"], s["p90"], s["p99"], s["max"]] for name, s in manifest["lengths"].items()} == {
+        name: list(e.values()) for name, e in expected.items()}
+
+    card = (built.path / "README.md").read_text()
+    header = "| field | mean | median | p90 | p99 | max |"
+    table = card[card.index(header):].split("\n\n")[0].splitlines()
+    for name, e in expected.items():
+        cells = next(line for line in table if line.startswith(f"| `{name}` |")).split("|")[2:-1]
+        assert [float(cell) for cell in cells] == list(e.values()), name
+
+    assert main(["stats"]) == 0  # the bundled sample: the same rows as this release
+    printed = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:  # after the header of subset names
+        label, _, rest = line.rpartition(" ")
+        printed[" ".join(label.split()[:-1])] = float(rest.replace(",", ""))  # the `all` column
+    for name, label in (("prompt_turns", "prompt turns"), ("prompt", "prompt chars"),
+                        ("chosen", "chosen chars"), ("rejected", "rejected chars")):
+        assert [printed[f"{label} {m}"] for m in ("mean", "median", "p90", "p99", "max")] == list(
+            expected[name].values()), label
