@@ -95,7 +95,7 @@ def test_a_bad_line_is_quarantined_and_the_good_lines_are_read(layout, capsys, c
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert f"  {reason}: 1\n    {path}:3: {message}\n" in out
-    assert "read 1 file: 4 lines, 0 blank, 3 accepted, 1 quarantined" in out
+    assert "read 1 file: 4 lines (0 blank), 4 records = 3 accepted + 1 quarantined" in out
 
 
 def test_a_truncated_gzip_keeps_the_records_before_the_cut(layout):

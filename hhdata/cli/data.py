@@ -13,6 +13,7 @@ import textwrap
 import pyarrow as pa
 
 from hhdata import quarantine as q
+from hhdata.errors import HhDataError
 from hhdata.read import MAX_LINE_BYTES, ReadResult, read_pairs
 from hhdata.stats import flag_counts, format_stats, pair_stats
 from hhdata.transcript import FLAGS
@@ -85,9 +86,16 @@ def validation_report(result: ReadResult, examples: int = 3) -> str:
     """The text ``hhdata validate`` prints: counts, reasons with file:line examples, flags."""
     report = result.report
     quarantined = sum(report.quarantined.values())
+    if not report.reconciles():  # the reader lost or invented a line: never print such counts
+        raise HhDataError(
+            f"counts do not reconcile: {report.lines} lines but {report.blank} blank + "
+            f"{report.accepted} accepted + {quarantined} quarantined; this is a bug in hhdata: "
+            "please report it with the input files"
+        )
     files = f"{len(report.files)} file" + ("s" if len(report.files) != 1 else "")
-    lines = [f"read {files}: {report.lines:,} lines, {report.blank:,} blank, "
-             f"{report.accepted:,} accepted, {quarantined:,} quarantined"]
+    lines = [f"read {files}: {_plural(report.lines, 'line')} ({report.blank:,} blank), "
+             f"{_plural(report.lines - report.blank, 'record')} = {report.accepted:,} accepted "
+             f"+ {quarantined:,} quarantined"]
     if quarantined:
         lines.append("quarantined per reason:")
         reasons = result.quarantine.column("reason").to_pylist()
@@ -104,6 +112,10 @@ def validation_report(result: ReadResult, examples: int = 3) -> str:
     lines.append("ok: every record was accepted" if not quarantined
                  else "FAILED: some records were quarantined (use --quarantine FILE to save them)")
     return "\n".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _pairs(args) -> pa.Table:
