@@ -10,6 +10,7 @@ early, or is corrupt, ends the blocks with the cut line's quarantine entry.
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -39,11 +40,26 @@ class Block(NamedTuple):
     first: int
 
 
+def path_text(path: str | Path) -> str:
+    r"""A path as valid UTF-8 text, for tables and messages: bytes of its name that are not
+    UTF-8 (Python holds them as lone surrogates) are written as ``\xNN``.
+
+    Arrow strings, JSON and a UTF-8 terminal all refuse lone surrogates, so a folder named
+    with such a byte would otherwise crash the first print or table; the path itself is
+    still opened as given.
+
+    >>> path_text(os.fsdecode(b"data\xff/test.jsonl"))
+    'data\\xff/test.jsonl'
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iterator:
     """Block of complete lines, or (line number, q.Problem) for an over-long or cut line.
 
     advance(n) is told the bytes read from disk; notices get what is odd but fine.
     """
+    shown = path_text(path)
     number = 0
     pending = b""
     skipping = 0  # bytes of an over-long line seen so far, 0 when not in one
@@ -51,7 +67,7 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
     for index, chunk in enumerate(chunks):
         if index == 0 and chunk.startswith(_BOM):
             chunk = chunk[len(_BOM):]
-            notices.append(f"{path}: starts with a UTF-8 byte order mark; ignored")
+            notices.append(f"{shown}: starts with a UTF-8 byte order mark; ignored")
         if skipping:
             newline = chunk.find(b"\n")
             if newline < 0:
@@ -92,7 +108,7 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
     if chunks.failure is not None:
         reason, what = chunks.failure
         yield number + 1, q.Problem(reason, (
-            f"{path} is {what} after line {number} (the last complete line); the "
+            f"{shown} is {what} after line {number} (the last complete line); the "
             f"{number} lines before the cut were read; re-download or re-compress the file"
         ), pending[:RAW_HEAD] if not skipping else b"")
 
@@ -137,7 +153,7 @@ class Chunks:
                         self.advance(len(block))
                         yield block
         except OSError as error:
-            raise SourceError(f"cannot read {self.path}: {error.strerror or error}") from None
+            raise SourceError(f"cannot read {path_text(self.path)}: {error.strerror or error}") from None
 
     def _gunzip(self, file) -> Iterator[bytes]:
         stream = _inflate.decompressobj(wbits=31)

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from hhdata import configs, dedup, memory, read, release
 from hhdata.errors import ReleaseError
+from hhdata.lines import path_text
 from hhdata.manifest import file_digest, read_manifest
 from hhdata.schema import SUBSET_FAMILIES, is_synthetic
 
@@ -148,7 +149,9 @@ def build_release(
 
 
 def check_targets(out: str | Path, version: str, previous: str | Path | None) -> None:
-    """Fail before any work when the version exists or ``previous`` is not a release."""
+    """Fail before any work when the version exists, ``previous`` is not a release, or the
+    output folder's path is not UTF-8 (Arrow's Parquet writer cannot open such a path)."""
+    _utf8_path(out, "--out")
     release.new_version_dir(out, version)
     if previous is not None:
         read_manifest(previous)
@@ -164,7 +167,13 @@ def release_from(
     parquet: release.ParquetSettings = release.ParquetSettings(),
     name: str = release.DEFAULT_NAME,
 ) -> release.Release:
-    """Write the release directory of a pipeline run (see hhdata.release.write_release)."""
+    """Write the release directory of a pipeline run (see hhdata.release.write_release).
+
+    Raises ReleaseError when the run kept no row (see nothing_kept).
+    """
+    empty = nothing_kept(result)
+    if empty:
+        raise ReleaseError(empty)
     with memory.large_run():
         return release.write_release(
             result.pairs, out, version, sources=result.sources, accounting=result.accounting,
@@ -172,6 +181,34 @@ def release_from(
             previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
             name=name,
         )
+
+
+def nothing_kept(result: PipelineResult) -> str | None:
+    """Why a run that kept no row cannot be released (None when it kept some): a release
+    of zero rows would load as empty data everywhere it is used."""
+    accounting = result.accounting
+    if accounting["kept"]:
+        return None
+    if not accounting["read"]:
+        files = f"{len(result.sources)} file" + ("s" if len(result.sources) != 1 else "")
+        return (f"the sources hold no record ({files} read, all empty or blank); no release is "
+                "written: check that the right files were given")
+    left = [f"{reason} {count}" for fate in ("quarantined", "removed", "filtered")
+            for reason, count in accounting[fate].items()]
+    return (f"all {accounting['read']} records read left the flow ({', '.join(left)}), so no "
+            "row is left to release; no release is written: fix the records (hhdata validate "
+            "shows them, --quarantine FILE saves them) and build again")
+
+
+def _utf8_path(path: str | Path, flag: str) -> None:
+    """Raise ReleaseError when a path holds bytes that are not UTF-8 (lone surrogates)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReleaseError(
+            f"the {flag} folder {path_text(path)} has bytes in its path that are not UTF-8, "
+            "where a release cannot be written; choose a folder whose path is UTF-8"
+        ) from None
 
 
 def write_drops(drops: pa.Table, path: str | Path) -> int:
@@ -257,10 +294,10 @@ def _relative(path: Path, roots: list[Path]) -> str:
         if root.is_dir():
             try:
                 # absolute, not resolved: Hub snapshots are symlinks into a blob store
-                return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+                return path_text(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix())
             except ValueError:
                 continue
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return path_text(f"{path.parent.name}/{path.name}" if path.parent.name else path.name)
 
 
 def _jsonable(settings) -> dict:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from hhdata import quarantine as q
 from hhdata.errors import SourceError
-from hhdata.lines import RAW_HEAD, Block, blocks, too_long
+from hhdata.lines import RAW_HEAD, Block, blocks, path_text, too_long
 from hhdata.schema import PAIR_SCHEMA, SPLITS, family_of
 from hhdata.validate import explain_raw_line, validate_raw_table
 
@@ -114,18 +114,22 @@ def read_raw(
     family: str | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
     progress: bool | None = False,
+    require_source: bool = True,
 ) -> ReadResult:
     """Read raw JSONL(.gz) records from files, upstream-layout folders or globs.
 
     subset and split come from a path ``<subset>/<split>.jsonl[.gz]``; arguments, when
-    given, override the path. family is needed only for a subset hhdata does not know.
-    progress=None shows a bar when stderr is a terminal.
+    given, override the path. family is needed only for a subset hhdata does not know, and
+    must agree with a known subset's. progress=None shows a bar when stderr is a terminal.
+    With ``require_source=False`` a file whose subset, split or family neither its path nor
+    the arguments tell is read as is, with nulls there and a notice (validation needs no
+    split; a build does).
 
     >>> result = read_raw(bundled_sample_path())
     >>> result.report.accepted, result.table.column_names[:2]
     (2312, ['file', 'line'])
     """
-    return _read(paths, subset, split, family, max_line_bytes, progress, pairs=False)
+    return _read(paths, subset, split, family, max_line_bytes, progress, require_source, pairs=False)
 
 
 def read_pairs(
@@ -136,6 +140,7 @@ def read_pairs(
     family: str | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
     progress: bool | None = False,
+    require_source: bool = True,
 ) -> ReadResult:
     """read_raw, then hhdata.pairs.build_pairs: a ReadResult whose table holds pair rows and
     whose ``sources`` holds the file and line each row came from.
@@ -149,14 +154,22 @@ def read_pairs(
     >>> result.report.accepted, result.sources.num_rows, result.report.reconciles()
     (2312, 2312, True)
     """
-    return _read(paths, subset, split, family, max_line_bytes, progress, pairs=True)
+    return _read(paths, subset, split, family, max_line_bytes, progress, require_source, pairs=True)
 
 
-def _read(paths, subset, split, family, max_line_bytes, progress, *, pairs: bool) -> ReadResult:
+def _read(paths, subset, split, family, max_line_bytes, progress, require_source, *, pairs: bool) -> ReadResult:
     """read_raw, or read_pairs when ``pairs``."""
     files = resolve_paths(paths)
-    sources = [_source_of(path, subset, split, family) for path in files]
+    sources = [_source_of(path, subset, split, family, require_source) for path in files]
     report = ReadReport(files=[str(path) for path in files])
+    for path, source in zip(files, sources):
+        unknown = [name for name, value in zip(("subset", "split", "family"), source) if value is None]
+        if unknown:
+            report.notices.append(
+                f"{path_text(path)}: no {' or '.join(unknown)} in its path or the arguments; "
+                "validated as is (only a build needs them: put the file at "
+                "<subset>/<split>.jsonl[.gz], or pass --subset, --split and --family)"
+            )
     tables, quarantines, lines = [], [], []
     show = sys.stderr.isatty() if progress is None else progress
     sizes = [path.stat().st_size for path in files]
@@ -237,33 +250,43 @@ def resolve_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _source_of(path: Path, subset: str | None, split: str | None, family: str | None):
-    """(subset, split, family) of a file: the arguments, else the upstream layout."""
+def _source_of(path: Path, subset: str | None, split: str | None, family: str | None,
+               require_source: bool = True):
+    """(subset, split, family) of a file: the arguments, else the upstream layout.
+
+    Without ``require_source`` what neither tells stays None (validation does not need it)
+    and a contradiction is still refused.
+    """
     stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
     from_layout = stem in SPLITS
     split = split or (stem if from_layout else None)
     subset = subset or (path.parent.name if from_layout else None)
-    if split is None:
+    shown = path_text(path)
+    if split is not None and split not in SPLITS:
+        raise SourceError(f"split {split!r} for {shown} is not one of {list(SPLITS)}")
+    if require_source and split is None:
         raise SourceError(
-            f"cannot tell the split of {path}: its name is not train.jsonl[.gz] or "
+            f"cannot tell the split of {shown}: its name is not train.jsonl[.gz] or "
             "test.jsonl[.gz]; put it at <subset>/<split>.jsonl.gz or pass the split"
         )
-    if split not in SPLITS:
-        raise SourceError(f"split {split!r} for {path} is not one of {list(SPLITS)}")
+    if require_source and subset is None:
+        raise SourceError(f"cannot tell the subset of {shown}; pass the subset")
     if subset is None:
-        raise SourceError(f"cannot tell the subset of {path}; pass the subset")
+        return None, split, family
     try:
         return subset, split, family_of(subset, family)
     except ValueError as error:
+        if not require_source and family is None:
+            return subset, split, None  # a new batch: its family matters only for a build
         raise SourceError(
-            f"{path}: {error}: pass family= or a known subset= (on the command line "
-            "--family or --subset)"
+            f"{shown}: {error} (in Python family= and subset=, on the command line "
+            "--family and --subset)"
         ) from None
 
 
 def _read_file(path, source, max_line_bytes, report, advance):
     """One file's accepted records as a table, and its quarantine."""
-    rows = _Rows(str(path), source)
+    rows = _Rows(path_text(path), source)
     crlf = 0
     for item in blocks(path, max_line_bytes, report.notices, advance):
         if isinstance(item, Block):
@@ -274,7 +297,7 @@ def _read_file(path, source, max_line_bytes, report, advance):
     report.lines += rows.lines
     report.blank += rows.blank
     if crlf:
-        report.notices.append(f"{path}: {crlf} lines end with CRLF (\\r\\n); read as LF")
+        report.notices.append(f"{path_text(path)}: {crlf} lines end with CRLF (\\r\\n); read as LF")
     return rows.table(), q.quarantine_table(rows.bad)
 
 
@@ -305,7 +328,7 @@ class _Rows:
         try:
             record = _DECODER.decode(line)
             chosen, rejected = record.chosen, record.rejected
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             problem, record = explain_raw_line(line)
             if problem:
                 self.bad.append((self.name, number, *problem, line))

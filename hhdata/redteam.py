@@ -6,9 +6,13 @@ with a self-rating and preference-model harmlessness scores. They are read into
 REDTEAM_SCHEMA rows, checked against ``schemas/redteam_row.schema.json``, and live in the
 config ``red-team-attempts`` only; hhdata.configs refuses to mix them into pair configs.
 
-Upstream ships the file as one JSON array (despite its ``.jsonl.gz`` name); JSON Lines is
-read too. The upstream key ``task_descripton_harmlessness_score`` (sic) is accepted and
-stored under its correct spelling.
+Upstream ships ``red_team_attempts.jsonl.gz`` as ONE gzipped JSON array of 38,961 records
+(despite the name) with the keys transcript, min_harmlessness_score_transcript,
+num_params, model_type, rating, task_description, task_descripton_harmlessness_score (sic),
+red_team_member_id, is_upworker and tags (often null); JSON Lines is read too. The
+misspelt key is stored under its correct spelling; the member id, an integer upstream, is
+kept as a string so that other collections may use string ids. A record that breaks the
+row schema is quarantined with its record number, and the others are read.
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pyarrow as pa
 
+from hhdata import quarantine as q
 from hhdata.errors import SchemaError, SourceError, TranscriptError
+from hhdata.lines import path_text
 from hhdata.schema import RED_TEAM_SUBSET, TURNS
 from hhdata.transcript import parse_transcript
+from hhdata.validate import drop_rows, row_problems
 
 CONFIG = RED_TEAM_SUBSET
 REDTEAM_SCHEMA = pa.schema(
@@ -40,12 +49,28 @@ REDTEAM_SCHEMA = pa.schema(
         ("rating", pa.float64()),
         ("task_description", pa.string()),
         ("task_description_harmlessness_score", pa.float64()),
-        ("red_team_member_id", pa.int64()),
-        ("is_upsampled", pa.bool_()),
+        ("red_team_member_id", pa.string()),
+        ("is_upworker", pa.bool_()),
         ("tags", pa.list_(pa.string())),
     ]
 )
 _UPSTREAM_TYPO = {"task_descripton_harmlessness_score": "task_description_harmlessness_score"}
+# jsonschema keyword of a record's first error -> quarantine reason code
+_REASON_OF_KEYWORD = {"required": q.MISSING_KEY, "additionalProperties": q.EXTRA_KEY, "type": q.WRONG_TYPE}
+
+
+@dataclass
+class RedTeamResult:
+    """The red-team rows read (REDTEAM_SCHEMA), the records quarantined (QUARANTINE_SCHEMA,
+    ``line`` holding the 1-based record number), and how many records the file held."""
+
+    table: pa.Table
+    quarantine: pa.Table
+    records: int
+
+    def reconciles(self) -> bool:
+        """True when records == rows + quarantined."""
+        return self.records == self.table.num_rows + self.quarantine.num_rows
 
 
 @lru_cache(maxsize=1)
@@ -60,72 +85,166 @@ def transcript_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
-def _records(path: Path) -> list:
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
+def _text(path: Path) -> str:
+    """The whole file as text, inflated when it is gzip."""
     try:
+        with path.open("rb") as file:
+            gzipped = file.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gzipped else open
         with opener(path, "rt", encoding="utf-8") as source:
-            text = source.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SourceError(f"{path}: cannot read it as UTF-8 JSON ({error})") from None
+            return source.read()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise SourceError(f"{path_text(path)}: cannot read it as UTF-8 JSON ({error})") from None
+
+
+def _records(path: Path) -> list[tuple[object, str | None]]:
+    """(record, None) per record, or (None, message) for a JSON Lines line that is not JSON.
+
+    A JSON array is one document: when it is not valid JSON no record can be told apart,
+    so that raises SchemaError naming the line and column.
+    """
+    text = _text(path)
     if text.lstrip().startswith("["):
         try:
-            return json.loads(text)
+            return [(record, None) for record in json.loads(text)]
         except json.JSONDecodeError as error:
-            raise SchemaError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+            raise SchemaError(
+                f"{path_text(path)}: line {error.lineno} column {error.colno}: the JSON array is "
+                f"not valid JSON ({error.msg}); re-download or fix the file"
+            ) from None
+        except RecursionError:
+            raise SchemaError(f"{path_text(path)}: the JSON array is nested too deeply to "
+                              "decode; re-download or fix the file") from None
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for line in text.splitlines():
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append((json.loads(line), None))
             except json.JSONDecodeError as error:
-                raise SchemaError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+                records.append((line, f"{error.msg}: column {error.colno}; fix or remove the line"))
+            except RecursionError:
+                records.append((line, "the JSON is nested too deeply to decode; fix or remove the line"))
     return records
 
 
 def to_row(record: dict) -> dict:
-    """One upstream record as a red-team row (not yet validated)."""
+    """One upstream record as a red-team row (not yet validated).
+
+    Raises TranscriptError when the transcript is not in the Human/Assistant format.
+    """
     row = {_UPSTREAM_TYPO.get(key, key): value for key, value in record.items()}
     text = row.get("transcript")
     if isinstance(text, str):
         row["transcript_text"] = text
         row["transcript"] = parse_transcript(text)
         row["id"] = transcript_id(text)
+    member = row.get("red_team_member_id")
+    if isinstance(member, int) and not isinstance(member, bool):
+        row["red_team_member_id"] = str(member)
     row["subset"] = RED_TEAM_SUBSET
     return row
 
 
-def read_redteam(path: str | Path) -> pa.Table:
-    """Read red-team attempts (JSON array or JSON Lines, optionally gzipped) into REDTEAM_SCHEMA.
+def read_redteam(path: str | Path) -> RedTeamResult:
+    """Read red-team attempts (JSON array or JSON Lines, optionally gzipped).
 
-    Raises SchemaError naming the file, the record number and what to fix when a record is
-    a preference pair or breaks the row schema.
+    Every record that breaks schemas/redteam_row.schema.json, or whose transcript cannot be
+    parsed, is quarantined with its record number and the reason; the rest are read.
+    Raises SourceError when the file cannot be read, SchemaError when a JSON array is not
+    valid JSON or the first record is a preference pair (a pair file, not red-team data).
     """
     path = Path(path)
     if not path.is_file():
-        raise SourceError(f"{path}: no such file; pass the red_team_attempts.jsonl(.gz) file")
-    rows = []
-    for number, record in enumerate(_records(path), start=1):
-        where = f"{path}: record {number}"
-        if isinstance(record, dict) and {"chosen", "rejected"} <= set(record):
-            raise SchemaError(
-                f"{where} is a preference pair (chosen/rejected), not a red-team attempt; read "
-                "pair files with hhdata.read.read_raw: red-team attempts and pairs never mix"
-            )
-        if not isinstance(record, dict):
-            raise SchemaError(f"{where} is not a JSON object; each red-team attempt is one object")
-        try:
-            row = to_row(record)
-        except TranscriptError as error:
-            raise SchemaError(f"{where}: transcript: {error}") from None
-        problem = next(iter(sorted(row_validator().iter_errors(row), key=lambda e: list(e.path))), None)
-        if problem is not None:
-            field = "/".join(str(part) for part in problem.absolute_path) or "(the record)"
-            raise SchemaError(
-                f"{where}: {field}: {problem.message}; fix the record to follow "
-                "hhdata/schemas/redteam_row.schema.json"
-            )
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=REDTEAM_SCHEMA)
+        raise SourceError(f"{path_text(path)}: no such file; pass the red_team_attempts.jsonl(.gz) file")
+    name = path_text(path)
+    records = _records(path)
+    first = records[0][0] if records else None
+    if isinstance(first, dict) and {"chosen", "rejected"} <= set(first):
+        raise SchemaError(
+            f"{name}: record 1 is a preference pair (chosen/rejected), not a red-team attempt; "
+            "read pair files with hhdata.read.read_raw: red-team attempts and pairs never mix"
+        )
+    rows, numbers, bad = [], [], []
+    for number, (record, invalid) in enumerate(records, start=1):
+        problem = (q.INVALID_JSON, invalid) if invalid is not None else None
+        if problem is None:
+            problem, row = _check(record)
+            if problem is None:
+                rows.append(row)
+                numbers.append(number)
+                continue
+        bad.append(_quarantined(name, number, record, problem))
+    table = pa.Table.from_pylist(rows, schema=REDTEAM_SCHEMA)
+    # the values' ranges, lengths and patterns, vectorised; jsonschema words the failures
+    failing = np.flatnonzero(row_problems(table, row_validator().schema))
+    for index in failing:
+        bad.append(_quarantined(name, numbers[index], records[numbers[index] - 1][0],
+                                _explain(rows[index])))
+    bad.sort(key=lambda entry: entry[1])
+    return RedTeamResult(drop_rows(table, failing), q.quarantine_table(bad), len(records))
+
+
+def _quarantined(name: str, number: int, record: object, problem: tuple[str, str]) -> tuple:
+    """A quarantine entry for record ``number``: file, number, reason, message, raw JSON."""
+    raw = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)
+    reason, message = problem
+    return name, number, reason, f"record {number}: {message}", raw.encode("utf-8", "surrogatepass")
+
+
+def _check(record: object) -> tuple[tuple[str, str] | None, dict | None]:
+    """((reason, message), None) for a record whose keys or value types break the rules,
+    else (None, row): what Arrow could not hold, checked one record at a time."""
+    if not isinstance(record, dict):
+        return (q.NOT_AN_OBJECT, "is not a JSON object; each red-team attempt is one object"), None
+    try:
+        row = to_row(record)
+    except TranscriptError as error:
+        return (error.reason, f"transcript: {error}"), None
+    types = _top_level_types()
+    if row.keys() == types.keys() and all(_holds(row[key], *allowed) for key, allowed in types.items()):
+        return None, row
+    return _explain(row) or (q.SCHEMA_VIOLATION, "does not follow the row schema"), None
+
+
+def _explain(row: dict) -> tuple[str, str] | None:
+    """jsonschema's reason and message for a row that breaks the row schema, else None."""
+    errors = sorted(row_validator().iter_errors(row), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    error = errors[0]
+    reason = _REASON_OF_KEYWORD.get(error.validator, q.SCHEMA_VIOLATION)
+    if reason == q.WRONG_TYPE and error.instance is None:
+        reason = q.NULL_VALUE
+    field = "/".join(str(part) for part in error.absolute_path) or "(the record)"
+    return reason, (f"{field}: {error.message}; fix the record to follow "
+                    "hhdata/schemas/redteam_row.schema.json")
+
+
+# JSON type -> the Python types json.loads gives for it (exact: a bool is not a number)
+_PYTHON_OF_JSON = {"string": {str}, "number": {int, float}, "integer": {int}, "boolean": {bool},
+                   "null": {type(None)}, "array": {list}, "object": {dict}}
+
+
+@lru_cache(maxsize=1)
+def _top_level_types() -> dict[str, tuple[frozenset | None, frozenset | None]]:
+    """Each property of the row schema: the Python types its value may have, and those of
+    its items when the schema types them plainly (not by ``$ref``); None where the schema
+    names no type. What a row needs before Arrow can hold it."""
+    return {key: (_python_types(rule.get("type")), _python_types(rule.get("items", {}).get("type")))
+            for key, rule in row_validator().schema["properties"].items()}
+
+
+def _python_types(kinds: str | list[str] | None) -> frozenset | None:
+    if not kinds:
+        return None
+    return frozenset().union(*(_PYTHON_OF_JSON[kind] for kind in ([kinds] if isinstance(kinds, str) else kinds)))
+
+
+def _holds(value: object, types: frozenset | None, item_types: frozenset | None) -> bool:
+    """True when a value has one of the types, and so does each of its items if it is a list."""
+    if types is not None and type(value) not in types:
+        return False
+    return item_types is None or type(value) is not list or all(type(v) in item_types for v in value)
 
 
 def check_redteam_table(table: pa.Table) -> None:

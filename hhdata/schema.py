@@ -45,20 +45,27 @@ SYNTHETIC_PREFIX = "synth-"
 def family_of(subset: str, declared: str | None = None) -> str:
     """The helpful/harmless family of a subset; new batches must declare theirs.
 
-    >>> family_of("harmless-base"), family_of("synth-helpful-online")
-    ('harmless', 'helpful')
+    A family declared for a known subset must be that subset's own: ``harmless-base``
+    labelled helpful would put its rows in the wrong config, so the contradiction raises
+    ValueError.
+
+    >>> family_of("harmless-base"), family_of("synth-helpful-online"), family_of("batch-7", "helpful")
+    ('harmless', 'helpful', 'helpful')
     """
-    if declared is not None:
-        if declared not in (HELPFUL, HARMLESS):
-            raise ValueError(f"family must be 'helpful' or 'harmless', not {declared!r}")
-        return declared
+    if declared is not None and declared not in (HELPFUL, HARMLESS):
+        raise ValueError(f"family must be 'helpful' or 'harmless', not {declared!r}")
     known = SUBSET_FAMILIES.get(subset.removeprefix(SYNTHETIC_PREFIX))
-    if known is None:
+    if known is None and declared is None:
         raise ValueError(
             f"subset {subset!r} is not one of {sorted(SUBSET_FAMILIES)}; declare its family "
             "('helpful' or 'harmless') for a new batch"
         )
-    return known
+    if known is not None and declared is not None and declared != known:
+        raise ValueError(
+            f"subset {subset!r} is {known}, not {declared}; drop the declared family, or name "
+            "the batch as a new subset if it really is a different one"
+        )
+    return known or declared
 
 
 def is_synthetic(subset: str) -> bool:

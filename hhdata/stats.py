@@ -1,6 +1,10 @@
 """Descriptive statistics of a pair table: rows, turns, lengths and flags, per subset.
 
 All computed column-wise with pyarrow.compute; ``format_stats`` prints them as a table.
+The measures are those of a release's manifest and card (hhdata.manifest.length_stats):
+the mean to one decimal, and the median, p90 and p99 as the lower percentile (numpy's
+``method="lower"``, so each is a length that occurs; the median is the lower median), so
+``hhdata stats`` of raw files and the card of their release print the same figures.
 """
 
 from __future__ import annotations
@@ -30,22 +34,30 @@ def pair_stats(pairs: pa.Table) -> dict[str, dict]:
 
 def _stats(pairs: pa.Table) -> dict:
     rows = pairs.num_rows
-    turns = pc.list_value_length(pairs["prompt"]).to_numpy(zero_copy_only=False) + 1
+    turns = pc.list_value_length(pairs["prompt"]).to_numpy(zero_copy_only=False)
     prompt_chars = np.zeros(rows, dtype=np.int64)
     if rows:
         prompt = pairs["prompt"].combine_chunks()
         contents = pc.utf8_length(pc.list_flatten(prompt).field("content")).to_numpy(zero_copy_only=False)
-        prompt_chars = np.bincount(pc.list_parent_indices(prompt).to_numpy(), contents, minlength=rows)
-    flags = {c["values"]: c["counts"] for c in pc.value_counts(pc.list_flatten(pairs["flags"])).to_pylist()}
+        prompt_chars = np.bincount(pc.list_parent_indices(prompt).to_numpy(), contents,
+                                   minlength=rows).astype(np.int64)
     return {
         "rows": rows,
         "splits": dict(sorted((c["values"], c["counts"]) for c in pc.value_counts(pairs["split"]).to_pylist())),
-        "turns": _summary(turns),
+        "prompt_turns": _summary(turns),
         "prompt_chars": _summary(prompt_chars),
         "chosen_chars": _summary(_reply_lengths(pairs["chosen"])),
         "rejected_chars": _summary(_reply_lengths(pairs["rejected"])),
-        "flags": {flag: flags[flag] for flag in FLAGS if flag in flags},
+        "flags": flag_counts(pairs),
     }
+
+
+def flag_counts(pairs: pa.Table) -> dict[str, int]:
+    """Rows per flag of a pair table, in the order of hhdata.transcript.FLAGS; absent flags
+    are left out."""
+    counts = pc.value_counts(pc.list_flatten(pairs["flags"])).to_pylist()
+    found = {count["values"]: count["counts"] for count in counts}
+    return {flag: found[flag] for flag in FLAGS if flag in found}
 
 
 def _reply_lengths(replies: pa.ChunkedArray) -> np.ndarray:
@@ -53,16 +65,20 @@ def _reply_lengths(replies: pa.ChunkedArray) -> np.ndarray:
     return pc.utf8_length(contents).to_numpy(zero_copy_only=False)
 
 
+MEASURES = ("mean", "median", "p90", "p99", "max")
+
+
 def _summary(values: np.ndarray) -> dict[str, float]:
-    """mean, median, 95th percentile and max of a column (zeros when it is empty)."""
+    """mean (one decimal), lower median, p90, p99 and max of a column (zeros when empty).
+
+    >>> _summary(np.array([1, 2, 3, 10]))
+    {'mean': 4.0, 'median': 2, 'p90': 3, 'p99': 3, 'max': 10}
+    """
     if len(values) == 0:
-        return {"mean": 0.0, "median": 0.0, "p95": 0.0, "max": 0}
-    return {
-        "mean": round(float(values.mean()), 1),
-        "median": float(np.median(values)),
-        "p95": float(np.percentile(values, 95)),
-        "max": int(values.max()),
-    }
+        return {"mean": 0.0, "median": 0, "p90": 0, "p99": 0, "max": 0}
+    median, p90, p99 = np.percentile(values, [50, 90, 99], method="lower")
+    return {"mean": round(float(values.mean()), 1), "median": int(median), "p90": int(p90),
+            "p99": int(p99), "max": int(values.max())}
 
 
 def format_stats(stats: dict[str, dict]) -> str:
@@ -73,10 +89,11 @@ def format_stats(stats: dict[str, dict]) -> str:
     splits = sorted({s for n in names for s in stats[n]["splits"]})
     for split in splits:
         lines.append((f"  {split}", *(f"{stats[n]['splits'].get(split, 0):,}" for n in names)))
-    for key, label in (("turns", "turns"), ("prompt_chars", "prompt chars"),
+    for key, label in (("prompt_turns", "prompt turns"), ("prompt_chars", "prompt chars"),
                        ("chosen_chars", "chosen chars"), ("rejected_chars", "rejected chars")):
-        for measure in ("mean", "median", "p95", "max"):
-            lines.append((f"{label} {measure}", *(f"{stats[n][key][measure]:,g}" for n in names)))
+        for measure in MEASURES:
+            shown = "{:,.1f}" if measure == "mean" else "{:,}"
+            lines.append((f"{label} {measure}", *(shown.format(stats[n][key][measure]) for n in names)))
     flags = [flag for flag in FLAGS if any(flag in stats[n]["flags"] for n in names)]
     for flag in flags:
         lines.append((f"flag {flag}", *(f"{stats[n]['flags'].get(flag, 0):,}" for n in names)))

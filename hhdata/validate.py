@@ -1,9 +1,9 @@
 """Validation against the JSON Schemas in hhdata/schemas/, vectorised over Arrow tables.
 
 The schemas are the source of truth. ``row_problems`` compiles the keywords the schemas
-use (type, required, minLength, pattern, enum, minItems, maxItems, items, uniqueItems) into
-pyarrow.compute predicates over a whole table at once; only the rows that fail are then
-handed to the ``jsonschema`` library, which words the exact message. The Arrow schema of
+use (type, required, const, minLength, pattern, enum, minimum, maximum, minItems, maxItems,
+items, uniqueItems) into pyarrow.compute predicates over a whole table at once; only the
+rows that fail are then handed to the ``jsonschema`` library, which words the exact message. The Arrow schema of
 the pair row follows from its JSON Schema too (``arrow_schema``), and a test checks that
 it equals hhdata.schema.PAIR_SCHEMA.
 """
@@ -101,6 +101,12 @@ def explain_raw_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         return (q.INVALID_JSON, f"{error.msg}: column {error.colno}; fix or remove the line"), None
+    except RecursionError:
+        # json.loads recurses once per level; a record is two strings, never this deep
+        return (q.INVALID_JSON, (
+            "the JSON is nested too deeply to decode (over Python's recursion limit); a "
+            'record is {"chosen": "...", "rejected": "..."}: fix or remove the line'
+        )), None
     problem = explain_raw_record(record)
     if problem:
         return problem, None
@@ -215,9 +221,22 @@ def _resolve(root: dict, rule: dict) -> dict:
 
 def _value_problems(values: pa.Array, rule: dict, root: dict) -> np.ndarray:
     """Mask of the values of one column that break one property rule."""
-    bad = values.is_null().to_numpy(zero_copy_only=False).copy()
-    kind = rule.get("type")
-    if kind == "string":
+    kinds = rule.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds or ())
+    nulls = values.is_null().to_numpy(zero_copy_only=False)
+    bad = nulls.copy()
+    nullable = "null" in kinds  # ``"type": ["array", "null"]``: null is a value, not a problem
+    if nullable:
+        kinds.remove("null")
+    kind = kinds[0] if len(kinds) == 1 else None
+    if kind in ("number", "integer"):
+        if "minimum" in rule:
+            bad |= _fill(pc.less(values, rule["minimum"]))
+        if "maximum" in rule:
+            bad |= _fill(pc.greater(values, rule["maximum"]))
+    elif kind == "string":
+        if "const" in rule:
+            bad |= _fill(pc.not_equal(values, pa.scalar(rule["const"], values.type)))
         if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
             raise SchemaError(f"column of type {values.type} where the schema says string")
         if "minLength" in rule:
@@ -247,6 +266,8 @@ def _value_problems(values: pa.Array, rule: dict, root: dict) -> np.ndarray:
             counts = pairs.group_by(["row", "value"]).aggregate([("value", "count")])
             repeated = pc.greater(counts["value_count"], 1)
             bad[counts.filter(repeated)["row"].to_numpy()] = True
+    if nullable:
+        bad &= ~nulls
     return bad
 
 

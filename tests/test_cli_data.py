@@ -42,7 +42,7 @@ def test_validate_the_bundled_sample_exits_0_and_reports_flags(sample_path, caps
     assert main(["validate", str(sample_path)]) == 0
     captured = capsys.readouterr()
     assert captured.out == (
-        "read 1 file: 2,312 lines, 0 blank, 2,312 accepted, 0 quarantined\n"
+        "read 1 file: 2,312 lines (0 blank), 2,312 records = 2,312 accepted + 0 quarantined\n"
         "flags (reported, not failures): empty_chosen 4, tag_in_chosen 24, tag_in_rejected 18, "
         "tag_in_prompt 24, consecutive_assistant 9\n"
         "ok: every record was accepted\n"
@@ -67,7 +67,7 @@ def test_a_pair_without_a_prompt_exits_1_with_file_line_and_reason(tmp_path, cap
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert out == (
-        "read 1 file: 2 lines, 0 blank, 1 accepted, 1 quarantined\n"
+        "read 1 file: 2 lines (0 blank), 2 records = 1 accepted + 1 quarantined\n"
         "quarantined per reason:\n"
         f"  {reason}: 1\n"
         f"    {path}:2: {message}\n"
@@ -100,9 +100,42 @@ def test_usage_and_io_errors_exit_2_with_the_fix(tmp_path, capsys, sample_path):
     assert capsys.readouterr().err == (
         f"hhdata stats: error: {odd}: subset 'batch-3' is not one of ['harmless-base', 'helpful-base', "
         "'helpful-online', 'helpful-rejection-sampled']; declare its family ('helpful' or 'harmless') "
-        "for a new batch: pass family= or a known subset= (on the command line --family or --subset)\n"
+        "for a new batch (in Python family= and subset=, on the command line --family and --subset)\n"
     )
     assert main(["stats", str(odd), "--split", "train", "--subset", "batch-3", "--family", "helpful"]) == 0
+
+
+def test_validate_takes_any_file_as_is_and_says_what_it_did_not_know(tmp_path, capsys):
+    path = write(tmp_path / "my_batch.jsonl", [pair("\n\nHuman: q", "\n\nHuman: q"), b'{"chosen": 1, "rejected": "b"}'])
+    assert main(["validate", str(path)]) == 1
+    assert capsys.readouterr().out == (
+        "read 1 file: 2 lines (0 blank), 2 records = 1 accepted + 1 quarantined\n"
+        "quarantined per reason:\n"
+        "  wrong_type: 1\n"
+        f"    {path}:2: at 'chosen': 1 is not of type 'string'; both values must be JSON strings\n"
+        f"note: {path}: no subset or split or family in its path or the arguments; validated as is "
+        "(only a build needs them: put the file at <subset>/<split>.jsonl[.gz], or pass --subset, "
+        "--split and --family)\n"
+        "FAILED: some records were quarantined (use --quarantine FILE to save them)\n"
+    )
+    path.write_bytes(pair("\n\nHuman: q", "\n\nHuman: q") + b"\n")
+    assert main(["validate", str(path), "--subset", "harmless-base"]) == 0
+    assert f"note: {path}: no split in its path" in capsys.readouterr().out
+    # the flags still name the source when given: no notice then
+    assert main(["validate", str(path), "--subset", "batch-7", "--split", "train", "--family", "helpful"]) == 0
+    assert capsys.readouterr().out == (
+        "read 1 file: 1 line (0 blank), 1 record = 1 accepted + 0 quarantined\nok: every record was accepted\n"
+    )
+
+
+def test_a_declared_family_that_contradicts_the_subset_exits_2(sample_path, capsys):
+    assert main(["validate", str(sample_path), "--family", "helpful"]) == 2
+    assert capsys.readouterr().err == (
+        f"hhdata validate: error: {sample_path}: subset 'harmless-base' is harmless, not helpful; "
+        "drop the declared family, or name the batch as a new subset if it really is a different "
+        "one (in Python family= and subset=, on the command line --family and --subset)\n"
+    )
+    assert main(["validate", str(sample_path), "--family", "harmless"]) == 0
 
 
 def test_stats_of_the_bundled_sample(capsys):
@@ -125,3 +158,27 @@ def test_show_prints_pairs_readably(tmp_path, capsys):
     assert "  user:\n    question 1\n  CHOSEN:\n    yes\n  REJECTED:\n    no\n" in out
     assert main(["show", "-n", "1"]) == 0
     assert "=== pair 1 of 2,312 | harmless-base/test" in capsys.readouterr().out
+
+
+def test_validate_counts_reconcile_over_many_kinds_of_trouble(tmp_path, capsys):
+    """lines = blank + records and records = accepted + quarantined, as printed, over blank
+    lines, bad JSON, a pair without a prompt and a gzip cut short, across three files."""
+    import gzip
+    import re
+
+    good = [pair(f"\n\nHuman: q{n}", f"\n\nHuman: q{n}") for n in range(50)]
+    write(tmp_path / "harmless-base" / "train.jsonl", good[:20] + [b"", b"{oops", b"  "])
+    write(tmp_path / "helpful-base" / "test.jsonl", good[20:30] + [pair("\n\nHuman: a", "\n\nHuman: b")])
+    whole = gzip.compress(b"\n".join(good[30:]) + b"\n")
+    (tmp_path / "helpful-online").mkdir()
+    (tmp_path / "helpful-online" / "train.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    saved = tmp_path / "bad.jsonl"
+
+    assert main(["validate", str(tmp_path), "--quarantine", str(saved)]) == 1
+    out = capsys.readouterr().out
+    numbers = re.match(r"read 3 files: ([\d,]+) lines \(([\d,]+) blank\), ([\d,]+) records = "
+                       r"([\d,]+) accepted \+ ([\d,]+) quarantined\n", out)
+    lines, blank, records, accepted, quarantined = (int(n.replace(",", "")) for n in numbers.groups())
+    assert lines == blank + records and records == accepted + quarantined and blank == 2
+    assert quarantined == len(saved.read_text().splitlines()) >= 3  # oops, prompt_mismatch, the cut
+    assert f"wrote {quarantined} quarantined records" in out

@@ -5,10 +5,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
+import statistics
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from hhdata import pipeline, synth
@@ -245,3 +249,92 @@ def test_large_run_swaps_allocator_settings_and_restores_them_after_nesting():
     current = switch(True)
     switch(current)
     assert current == memory._saved[1]  # the huge-page advice came back as it was
+
+
+def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsys):
+    empty, broken = tmp_path / "empty" / "harmless-base", tmp_path / "broken" / "harmless-base"
+    empty.mkdir(parents=True)
+    broken.mkdir(parents=True)
+    (empty / "test.jsonl").write_bytes(b"\n  \n")
+    (broken / "test.jsonl").write_bytes(b'{"chosen": 1, "rejected": "b"}\n{oops\n' + SAMPLE_LINES[0] * 2 + b"\n")
+    out, saved = tmp_path / "out", tmp_path / "quarantine.jsonl"
+
+    assert main(["build", str(empty.parent), "--version", "1.0.0", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        "hhdata build: error: the sources hold no record (1 file read, all empty or blank); no "
+        "release is written: check that the right files were given\n"
+    )
+    assert main(["build", str(broken.parent), "--version", "1.0.0", "--out", str(out),
+                 "--quarantine", str(saved)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "hhdata build: error: all 3 records read left the flow (invalid_json 2, wrong_type 1), so "
+        "no row is left to release; no release is written: fix the records (hhdata validate shows "
+        "them, --quarantine FILE saves them) and build again\n"
+    )
+    assert f"wrote 3 quarantined records to {saved}" in captured.out  # saved before refusing
+    assert not (out / "1.0.0").exists()
+    with pytest.raises(ReleaseError, match="all 3 records read left the flow"):
+        pipeline.build_release([broken.parent], version="1.0.0", out=out)
+
+
+def test_a_manifest_that_keeps_no_row_is_refused_on_read(built, tmp_path):
+    """publish and hhdata.load read the manifest through read_manifest, so neither takes it."""
+    from hhdata.errors import SchemaError
+    from hhdata.manifest import validate_manifest
+
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    validate_manifest(manifest)
+    manifest["accounting"]["kept"] = 0
+    with pytest.raises(SchemaError, match="field accounting/kept: 0 is less than the minimum of 1"):
+        validate_manifest(manifest)
+
+
+def _lower_percentile(values: list[int], fraction: Fraction) -> int:
+    """The q-th percentile as the observed value at floor(q * (n - 1)) of the sorted values."""
+    return sorted(values)[math.floor(fraction * (len(values) - 1))]
+
+
+def test_length_statistics_agree_with_a_plain_computation(tmp_path, capsys):
+    """manifest.json, the card and `hhdata stats` against pure Python over the release's rows."""
+    built = pipeline.build_release([bundled_sample_path()], version="1.0.0", out=tmp_path)
+    rows = [row for path in sorted((built.path / "data").rglob("*.parquet"))
+            for row in pq.read_table(path).to_pylist()]
+    assert len(rows) == built.manifest["accounting"]["kept"] == 2312  # every sample row
+
+    def chars(turns):
+        return sum(len(turn["content"]) for turn in turns)
+
+    columns = {
+        "prompt": [chars(row["prompt"]) for row in rows],
+        "chosen": [chars(row["chosen"]) for row in rows],
+        "rejected": [chars(row["rejected"]) for row in rows],
+        "chosen_text": [len(row["chosen_text"]) for row in rows],
+        "rejected_text": [len(row["rejected_text"]) for row in rows],
+        "prompt_turns": [len(row["prompt"]) for row in rows],
+    }
+    expected = {name: {"mean": round(sum(v) / len(v), 1), "median": statistics.median_low(v),
+                       "p90": _lower_percentile(v, Fraction(9, 10)),
+                       "p99": _lower_percentile(v, Fraction(99, 100)), "max": max(v)}
+                for name, v in columns.items()}
+
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    assert {name: [s["mean"], s["p50"], s["p90"], s["p99"], s["max"]] for name, s in manifest["lengths"].items()} == {
+        name: list(e.values()) for name, e in expected.items()}
+
+    card = (built.path / "README.md").read_text()
+    header = "| field | mean | median | p90 | p99 | max |"
+    table = card[card.index(header):].split("\n\n")[0].splitlines()
+    for name, e in expected.items():
+        cells = next(line for line in table if line.startswith(f"| `{name}` |")).split("|")[2:-1]
+        assert [float(cell) for cell in cells] == list(e.values()), name
+
+    assert main(["stats"]) == 0  # the bundled sample: the same rows as this release
+    printed = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:  # after the header of subset names
+        label, _, rest = line.rpartition(" ")
+        printed[" ".join(label.split()[:-1])] = float(rest.replace(",", ""))  # the `all` column
+    for name, label in (("prompt_turns", "prompt turns"), ("prompt", "prompt chars"),
+                        ("chosen", "chosen chars"), ("rejected", "rejected chars")):
+        assert [printed[f"{label} {m}"] for m in ("mean", "median", "p90", "p99", "max")] == list(
+            expected[name].values()), label

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -23,6 +24,9 @@ def good(n: int) -> bytes:
 
 
 HUGE = json.dumps({"chosen": "x" * (MAX_LINE_BYTES + 10), "rejected": "y"}).encode()
+
+TOO_DEEP = ("the JSON is nested too deeply to decode (over Python's recursion limit); a record is "
+            '{"chosen": "...", "rejected": "..."}: fix or remove the line')
 
 # (case, bad line, reason, exact message)
 BAD_LINES = [
@@ -52,6 +56,9 @@ BAD_LINES = [
     ("chosen == rejected", json.dumps({"chosen": "same", "rejected": "same"}).encode(), "chosen_equals_rejected",
      "chosen and rejected are the same text, so the record states no preference; fix the "
      "rejected transcript or drop the line"),
+    ("nested 100,000 deep", b"[" * 100_000 + b"]" * 100_000, "invalid_json", TOO_DEEP),
+    ("a value nested 1,000 deep", b'{"chosen": ' + b"[" * 1000 + b"]" * 1000 + b', "rejected": "b"}',
+     "invalid_json", TOO_DEEP),
     ("huge line", HUGE, "line_too_long",
      f"the line is {len(HUGE)} bytes, over the limit of {MAX_LINE_BYTES} bytes "
      "(hhdata.read.MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"),
@@ -88,7 +95,7 @@ def test_a_bad_line_is_quarantined_and_the_good_lines_are_read(layout, capsys, c
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert f"  {reason}: 1\n    {path}:3: {message}\n" in out
-    assert "read 1 file: 4 lines, 0 blank, 3 accepted, 1 quarantined" in out
+    assert "read 1 file: 4 lines (0 blank), 4 records = 3 accepted + 1 quarantined" in out
 
 
 def test_a_truncated_gzip_keeps_the_records_before_the_cut(layout):
@@ -185,6 +192,16 @@ def test_arguments_name_the_subset_and_split_of_other_paths(tmp_path):
     ]
 
 
+def test_a_declared_family_must_agree_with_a_known_subset(sample_path, tmp_path):
+    with pytest.raises(SourceError, match="subset 'harmless-base' is harmless, not helpful"):
+        read_raw(sample_path, family="helpful")
+    path = tmp_path / "batch.jsonl"
+    path.write_bytes(good(1))
+    with pytest.raises(SourceError, match="subset 'helpful-online' is helpful, not harmless"):
+        read_raw(path, subset="helpful-online", split="train", family="harmless")
+    assert read_raw(sample_path, family="harmless").table["family"].unique().to_pylist() == ["harmless"]
+
+
 @pytest.mark.parametrize(
     ("given", "message"),
     [
@@ -229,7 +246,7 @@ def reference_verdicts(data: bytes) -> dict[int, object]:
         except UnicodeDecodeError:
             verdicts[number] = "invalid_utf8"
             continue
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to decode
             verdicts[number] = "invalid_json"
             continue
         problem = explain_raw_record(record)
@@ -284,3 +301,32 @@ def test_lines_cut_between_inflated_chunks_read_the_same(tmp_path_factory, lines
     got |= {row["line"]: (row["chosen"], row["rejected"]) for row in result.table.to_pylist()}
     assert got == expected
     assert result.report.reconciles()
+
+
+def test_a_folder_named_with_a_byte_that_is_not_utf8(tmp_path, capsys):
+    """A parent folder named b"\\xff" reads, validates and builds; names show it as \\xff."""
+    folder = os.fsencode(tmp_path) + b"/batch\xff"
+    os.mkdir(folder)
+    os.mkdir(folder + b"/harmless-base")
+    with open(folder + b"/harmless-base/test.jsonl", "wb") as out:
+        out.write(b"\xef\xbb\xbf" + good(1) + b"\n" + b'{"chosen": 5, "rejected": "b"}\n')
+    root = os.fsdecode(folder)
+    shown = f"{tmp_path}/batch\\xff/harmless-base/test.jsonl"
+
+    result = read_raw(root)
+
+    assert result.table["file"].to_pylist() == [shown]
+    assert result.quarantine.select(["file", "line"]).to_pylist() == [{"file": shown, "line": 2}]
+    assert main(["validate", root]) == 1
+    out = capsys.readouterr().out
+    assert f"    {shown}:2: at 'chosen': 5 is not of type 'string'" in out
+    assert f"note: {shown}: starts with a UTF-8 byte order mark; ignored" in out
+    assert main(["build", root, "--version", "1.0.0", "--out", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "1.0.0" / "manifest.json").read_text())
+    assert [source["path"] for source in manifest["sources"]] == ["harmless-base/test.jsonl"]
+    # a release cannot be written below such a folder (Arrow's Parquet writer refuses the path)
+    assert main(["build", root, "--version", "1.0.0", "--out", os.path.join(root, "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"hhdata build: error: the --out folder {tmp_path}/batch\\xff/out has bytes in its path "
+        "that are not UTF-8, where a release cannot be written; choose a folder whose path is UTF-8\n"
+    )

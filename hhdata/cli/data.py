@@ -13,8 +13,9 @@ import textwrap
 import pyarrow as pa
 
 from hhdata import quarantine as q
+from hhdata.errors import HhDataError
 from hhdata.read import MAX_LINE_BYTES, ReadResult, read_pairs
-from hhdata.stats import format_stats, pair_stats
+from hhdata.stats import flag_counts, format_stats, pair_stats
 from hhdata.transcript import FLAGS
 
 _SHOWN_CHARS = 400
@@ -61,14 +62,19 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"longest line accepted, in bytes ({MAX_LINE_BYTES})")
 
 
-def _read(args) -> ReadResult:
+def _read(args, require_source: bool = True) -> ReadResult:
     return read_pairs(args.paths, subset=args.subset, split=args.split, family=args.family,
-                      max_line_bytes=args.max_line_bytes, progress=None)
+                      max_line_bytes=args.max_line_bytes, progress=None,
+                      require_source=require_source)
 
 
 def run_validate(args) -> int:
-    """Report a validation; 0 when nothing was quarantined, else 1."""
-    result = _read(args)
+    """Report a validation; 0 when nothing was quarantined, else 1.
+
+    Any file is validated as is: its subset, split and family matter only for a build, so
+    a file outside the upstream layout needs no flags here (a notice says what was unknown).
+    """
+    result = _read(args, require_source=False)
     print(validation_report(result, args.examples))
     if args.quarantine:
         written = q.write_jsonl(result.quarantine, args.quarantine)
@@ -80,9 +86,16 @@ def validation_report(result: ReadResult, examples: int = 3) -> str:
     """The text ``hhdata validate`` prints: counts, reasons with file:line examples, flags."""
     report = result.report
     quarantined = sum(report.quarantined.values())
+    if not report.reconciles():  # the reader lost or invented a line: never print such counts
+        raise HhDataError(
+            f"counts do not reconcile: {report.lines} lines but {report.blank} blank + "
+            f"{report.accepted} accepted + {quarantined} quarantined; this is a bug in hhdata: "
+            "please report it with the input files"
+        )
     files = f"{len(report.files)} file" + ("s" if len(report.files) != 1 else "")
-    lines = [f"read {files}: {report.lines:,} lines, {report.blank:,} blank, "
-             f"{report.accepted:,} accepted, {quarantined:,} quarantined"]
+    lines = [f"read {files}: {_plural(report.lines, 'line')} ({report.blank:,} blank), "
+             f"{_plural(report.lines - report.blank, 'record')} = {report.accepted:,} accepted "
+             f"+ {quarantined:,} quarantined"]
     if quarantined:
         lines.append("quarantined per reason:")
         reasons = result.quarantine.column("reason").to_pylist()
@@ -91,7 +104,7 @@ def validation_report(result: ReadResult, examples: int = 3) -> str:
             shown = [i for i, r in enumerate(reasons) if r == reason][:examples]
             for row in result.quarantine.take(pa.array(shown, pa.int64())).to_pylist():
                 lines.append(f"    {row['file']}:{row['line']}: {row['message']}")
-    flags = pair_stats(result.table)["all"]["flags"] if result.table.num_rows else {}
+    flags = flag_counts(result.table)
     if flags:
         counted = ", ".join(f"{flag} {flags[flag]:,}" for flag in FLAGS if flag in flags)
         lines.append(f"flags (reported, not failures): {counted}")
@@ -99,6 +112,10 @@ def validation_report(result: ReadResult, examples: int = 3) -> str:
     lines.append("ok: every record was accepted" if not quarantined
                  else "FAILED: some records were quarantined (use --quarantine FILE to save them)")
     return "\n".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _pairs(args) -> pa.Table:

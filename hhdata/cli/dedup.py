@@ -167,9 +167,15 @@ def run_redteam(args) -> int:
     """Read red-team attempts and print their summary."""
     from hhdata import redteam
 
-    table = redteam.read_redteam(args.path)
+    result = redteam.read_redteam(args.path)
+    table = result.table
     print(json.dumps(redteam.summary(table), indent=1))
+    for row in result.quarantine.to_pylist()[:3]:
+        print(f"quarantined {row['file']}: {row['reason']}: {row['message']}")
+    if result.quarantine.num_rows:
+        print(f"{result.records:,} records: {table.num_rows:,} read, "
+              f"{result.quarantine.num_rows:,} quarantined")
     if args.out:
         pq.write_table(table, args.out)
         print(f"wrote {table.num_rows:,} red-team rows to {args.out}")
-    return 0
+    return 1 if result.quarantine.num_rows else 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +66,10 @@ def _build(args: argparse.Namespace, pipeline, write_jsonl) -> int:
               f"to {args.quarantine}")
     if args.drops:
         print(f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}")
+    empty = pipeline.nothing_kept(result)
+    if empty:  # the data has the problem, not the command: exit 1, as validate does
+        print(f"hhdata build: error: {empty}", file=sys.stderr)
+        return 1
     built = pipeline.release_from(result, version=args.version, out=args.out,
                                   previous=args.previous,
                                   allow_version_mismatch=args.allow_version_mismatch,
