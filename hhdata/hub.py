@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import stat
@@ -244,15 +245,40 @@ def _read_release(release_dir: Path) -> tuple[dict, list[tuple[str, int]]]:
     """The manifest and the files to send, after checking the folder and every checksum."""
     from hhdata.release_load import verify_files
 
+    _refuse_empty(Path(release_dir), _raw_manifest(Path(release_dir)))
     files = release_files(release_dir)
     manifest = verify_files(release_dir)
-    if not any(entry.get("rows") for entry in manifest["files"].values()):
+    _refuse_empty(Path(release_dir), manifest)
+    return manifest, files
+
+
+def _raw_manifest(root: Path) -> dict:
+    """manifest.json as plain JSON, before its schema (which requires a row) is checked; {} if unreadable.
+
+    An empty release written by an hhdata older than that schema rule must still get the
+    "holds no rows" reason rather than a schema error that says to rebuild it.
+    """
+    path = root / MANIFEST_NAME
+    try:
+        if stat.S_ISREG(path.lstat().st_mode):
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            return manifest if isinstance(manifest, dict) else {}
+    except (OSError, ValueError):
+        pass  # release_files and read_manifest report it
+    return {}
+
+
+def _refuse_empty(release_dir: Path, manifest: dict) -> None:
+    """Raise ReleaseError when the manifest lists data files and none holds a row."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return
+    if not any(isinstance(entry, dict) and entry.get("rows") for entry in files.values()):
         raise ReleaseError(
-            f"{release_dir}: release {manifest['version']} holds no rows (accounting: "
-            f"{manifest['accounting']}); an empty release is not published: see why the build kept "
+            f"{release_dir}: release {manifest.get('version')} holds no rows (accounting: "
+            f"{manifest.get('accounting')}); an empty release is not published: see why the build kept "
             "nothing (its quarantine and drop logs), fix the input and build again"
         )
-    return manifest, files
 
 
 def _local_ids(release_dir: Path, files: list[tuple[str, int]], remote: dict) -> dict[str, str]:

@@ -15,7 +15,9 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 
 import hhdata
+import hhdata.card
 import hhdata.errors
+import hhdata.manifest
 from hhdata import hub, pipeline
 from hhdata.cli import main as cli_main
 from hhdata.errors import HubError, IntegrityError, VersionError
@@ -410,8 +412,14 @@ def test_a_dropped_subset_leaves_main(local_hub, releases, repo_id, tmp_path):
     assert "data/helpful-fixture/train-00000-of-00001.parquet" in old  # the old tag keeps them
 
 
-def test_a_release_with_no_rows_is_not_published(local_hub, tmp_path, repo_id, capsys):
-    empty = build_release(tmp_path / "out", "1.0.0", count=0)
+def test_a_release_with_no_rows_is_not_published(local_hub, tmp_path, repo_id, capsys, monkeypatch):
+    # Today's manifest schema refuses kept 0, so build cannot write such a release; an
+    # hhdata from before that rule (and before the generated usage text) could. Write one as
+    # it did, then publish with today's code: the reason must be "no rows", not "rebuild".
+    with monkeypatch.context() as older_hhdata:
+        older_hhdata.setattr(hhdata.manifest, "validate_manifest", lambda manifest, where="": None)
+        older_hhdata.setattr(hhdata.card, "usage", lambda manifest: "")
+        empty = build_release(tmp_path / "out", "1.0.0", count=0)
     assert cli_main(["publish", str(empty), "--repo", repo_id, "--token", local_hub.token]) == 2
     assert "release 1.0.0 holds no rows" in capsys.readouterr().err
     assert not local_hub.repo_path(repo_id).exists()
