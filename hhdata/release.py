@@ -15,7 +15,7 @@ written with the pinned ParquetSettings, and nothing depends on the clock. The d
 is assembled under a hidden staging name (``.<version>.partial-<pid>``) and renamed into
 place only when complete, so a crash never leaves a half-built version, and an existing
 version is never overwritten. A staging folder whose process is gone (a killed build) is
-removed by the next build of that version; one whose process is alive means another build
+removed by the next build into the same folder, whatever its version; one whose process is alive means another build
 of the version is running, and the new one stops with a message naming its pid.
 """
 
@@ -157,12 +157,18 @@ def write_release(
 
 
 def _claim_version(out: Path, version: str) -> None:
-    """Remove staging folders of killed builds of `version`; refuse while a live one builds it."""
-    for staging in sorted(out.glob(f".{version}.partial-*")) if out.is_dir() else []:
+    """Remove staging folders of killed builds (of any version); refuse while a live one builds `version`.
+
+    Any version's: a killed build of a version that is never built again would otherwise
+    leave its hidden staging folder in `out` forever.
+    """
+    for staging in sorted(out.glob(".*.partial-*")) if out.is_dir() else []:
         pid = staging.name.rsplit("-", 1)[1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         if _alive(int(pid)):
+            if staging.name.rsplit(".partial-", 1)[0] != f".{version}":
+                continue  # a live build of another version
             raise VersionError(
                 f"version {version} is being built by another process (pid {pid}, staging in "
                 f"{staging}); wait for it to finish, or stop it and build again"

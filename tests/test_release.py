@@ -197,10 +197,17 @@ def test_a_version_another_live_build_is_staging_is_refused(tmp_path, pairs):
 def test_staging_left_by_a_killed_build_is_removed_by_the_next(tmp_path, pairs):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid is free now: the build that used it was killed
-    stale = tmp_path / f".1.0.0.partial-{gone.pid}"
-    (stale / "data").mkdir(parents=True)
-    build(pairs.slice(0, 20), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.0.0"]
+    for version in ("1.0.0", "0.9.0"):  # 0.9.0: a killed build of a version never built again
+        (tmp_path / f".{version}.partial-{gone.pid}" / "data").mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".0.8.0.partial-{other.pid}"  # another version, still being built
+        live.mkdir()
+        build(pairs.slice(0, 20), tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "1.0.0"]
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_the_build_that_loses_a_race_gets_a_clear_error(tmp_path, pairs):
