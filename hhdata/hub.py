@@ -544,12 +544,17 @@ def list_versions(repo_id: str, *, token: str | None = None, endpoint: str | Non
     return [version for _, version in sorted(versions)]
 
 
-# Re-exported so callers need one module; imported last because hub_load uses the helpers above.
-from hhdata.hub_load import (  # noqa: E402
-    UPSTREAM_REPO,
-    UpstreamFiles,
-    download_release,
-    fetch_upstream,
-    load_from_hub,
-    upstream_checksums,
-)
+# hub_load's names, re-exported so callers need one module. Looked up on first use, not
+# imported here: hub_load imports this module, so an import here fails whenever hub_load
+# is the one imported first (`hhdata.scan(repo)` in a fresh process).
+_FROM_HUB_LOAD = ("UPSTREAM_REPO", "UpstreamFiles", "download_release", "fetch_upstream", "load_from_hub",
+                  "upstream_checksums")
+
+
+def __getattr__(name: str):
+    """``hhdata.hub.load_from_hub`` and the other names of _FROM_HUB_LOAD, from hub_load."""
+    if name in _FROM_HUB_LOAD:
+        from hhdata import hub_load
+
+        return getattr(hub_load, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

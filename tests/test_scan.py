@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 
 import polars as pl
@@ -82,6 +85,23 @@ def test_a_hub_scan_is_pinned_to_the_version_asked_for(local_hub, releases):
     assert latest.height == pinned.height + 6 and "harmless-added" in latest["subset"].to_list()
     counts = hhdata.scan(repo_id, "helpful", version="1.0.0", split="train").group_by("family").len().collect()
     assert counts.rows() == [("helpful", len(read_ids(first, HELPFUL[:1])))]
+
+
+def test_the_cards_scan_line_runs_alone_in_a_fresh_process(local_hub, releases, tmp_path):
+    """`import hhdata; hhdata.scan(repo, ...)` as the first Hub call of a process.
+
+    hub_load imports hub, which re-exports hub_load's names: imported in that order the two
+    once crashed with a circular ImportError, which the other tests hid by importing hub first.
+    """
+    _, first, _ = releases
+    repo_id = f"org/hh-{uuid.uuid4().hex[:8]}"
+    hub.publish(first, repo_id, token=local_hub.token, retries=1, backoff=0.01)
+    code = f"import hhdata; print(hhdata.scan({repo_id!r}, 'harmless', version='1.0.0').collect().height)"
+    env = {**os.environ, **local_hub.env(tmp_path / "hf-home")}
+    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    harmless = ["data/harmless-base/train-00000-of-00001.parquet", "data/harmless-base/test-00000-of-00001.parquet"]
+    assert ran.stdout.split()[-1] == str(len(read_ids(first, harmless)))
 
 
 def test_a_file_changed_on_the_hub_is_refused_before_it_is_scanned(local_hub, releases):
