@@ -77,6 +77,11 @@ def load(
     if path.exists() or any(char in str(source) for char in "*?["):
         if version is not None:
             raise LoadError(_no_such_version(path, version))
+        if _versions_in(path):
+            raise LoadError(
+                f"{path} is a folder of releases, not one release; pass version=, one of "
+                f"{', '.join(_versions_in(path))} (or the folder of one version)"
+            )
         return _select(_raw_tables(source), config, split, str(source))
     if _REPO_ID.fullmatch(str(source)):
         from hhdata.hub import load_from_hub
@@ -89,15 +94,20 @@ def load(
 
 def _no_such_version(path: Path, version: str) -> str:
     """Why version= fails for a local path: which versions the folder holds, or that it is raw data."""
-    versions = sorted(
-        (child.name for child in path.iterdir() if (child / "manifest.json").is_file()), key=_version_key
-    ) if path.is_dir() else []
+    versions = _versions_in(path)
     if versions:
         return (
             f"{path} has no release {version} (no {path / version}/manifest.json); versions there: "
             f"{', '.join(versions)}"
         )
     return f"{path} is raw data, not a folder of releases; drop version={version!r}"
+
+
+def _versions_in(path: Path) -> list[str]:
+    """The release versions a local folder holds (subfolders with a manifest.json), oldest first."""
+    return sorted(
+        (child.name for child in path.iterdir() if (child / "manifest.json").is_file()), key=_version_key
+    ) if path.is_dir() else []
 
 
 def _version_key(name: str) -> tuple:

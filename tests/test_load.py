@@ -114,3 +114,9 @@ def test_a_missing_version_names_the_versions_there(tmp_path, fresh_cache):
         f"{tmp_path / 'releases'} has no release 3.0.0 (no {tmp_path / 'releases' / '3.0.0'}/manifest.json); "
         "versions there: 1.0.0, 1.1.0"
     )
+    with pytest.raises(LoadError) as raised:  # no version: not "holds no *.jsonl file"
+        hhdata.load(tmp_path / "releases", "harmless")
+    assert str(raised.value) == (
+        f"{tmp_path / 'releases'} is a folder of releases, not one release; pass version=, one of "
+        "1.0.0, 1.1.0 (or the folder of one version)"
+    )
