@@ -159,9 +159,12 @@ def read_pairs(
 
 def _read(paths, subset, split, family, max_line_bytes, progress, require_source, *, pairs: bool) -> ReadResult:
     """read_raw, or read_pairs when ``pairs``."""
-    files = resolve_paths(paths)
+    skipped: list[Path] = []
+    files = resolve_paths(paths, skipped)
     sources = [_source_of(path, subset, split, family, require_source) for path in files]
     report = ReadReport(files=[str(path) for path in files])
+    report.notices += [f"{path_text(path)}: red-team attempts, not preference pairs: skipped (check them "
+                       f"with `hhdata redteam {path_text(path)}`)" for path in skipped]
     for path, source in zip(files, sources):
         unknown = [name for name, value in zip(("subset", "split", "family"), source) if value is None]
         if unknown:
@@ -226,25 +229,47 @@ def bundled_sample_path() -> Path:
     return Path(__file__).parent / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
-def resolve_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Expand files, folders (every *.jsonl and *.jsonl.gz below) and globs, in order."""
+REDTEAM_STEM = "red_team_attempts"  # upstream's red-team file: attempts, not preference pairs
+
+
+def is_redteam_file(path: Path) -> bool:
+    """True for upstream's red-team attempts file (red_team_attempts.jsonl[.gz]), read by hhdata.redteam."""
+    return path.name.split(".")[0] == REDTEAM_STEM
+
+
+def resolve_paths(paths: str | Path | Iterable[str | Path], skipped: list[Path] | None = None) -> list[Path]:
+    """Expand files, folders (every *.jsonl and *.jsonl.gz below) and globs, in order.
+
+    Red-team attempts found in a folder or by a glob (a clone of the upstream repo holds
+    red-team-attempts/red_team_attempts.jsonl.gz) are not pairs: they are left out and
+    appended to ``skipped``; one named on its own is refused with a pointer to hhdata.redteam.
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
+    skipped = [] if skipped is None else skipped
     for given in paths:
         path = Path(given)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.name.endswith((".jsonl", ".jsonl.gz")))
+            skipped += [p for p in found if is_redteam_file(p)]
+            found = [p for p in found if not is_redteam_file(p)]
             if not found:
                 raise SourceError(f"{path} holds no *.jsonl or *.jsonl.gz file; point at the files")
             files += found
         elif path.is_file():
+            if is_redteam_file(path):
+                raise SourceError(
+                    f"{path_text(path)} holds red-team attempts, not preference pairs: read and check it "
+                    f"with `hhdata redteam {path_text(path)}` (hhdata.redteam.read_redteam)"
+                )
             files.append(path)
         elif any(char in str(given) for char in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(given), recursive=True))
             if not matches:
                 raise SourceError(f"no file matches {given}; check the pattern")
-            files += [m for m in matches if m.is_file()]
+            skipped += [m for m in matches if m.is_file() and is_redteam_file(m)]
+            files += [m for m in matches if m.is_file() and not is_redteam_file(m)]
         else:
             raise SourceError(f"{path} does not exist; check the path")
     return files

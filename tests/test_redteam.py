@@ -148,6 +148,33 @@ def test_pairs_are_refused_in_both_directions(tmp_path):
         redteam.check_redteam_table(table.append_column("chosen", table["transcript_text"]))
 
 
+def test_a_clone_of_the_upstream_repo_validates_and_builds_without_its_red_team_file(tmp_path, capsys):
+    """The upstream layout holds red-team-attempts/red_team_attempts.jsonl.gz beside the pair
+    subsets: validate and build read the pairs and leave the attempts to `hhdata redteam`."""
+    clone = tmp_path / "hh-rlhf"
+    red = clone / "red-team-attempts" / "red_team_attempts.jsonl.gz"
+    red.parent.mkdir(parents=True)
+    write_array(red, upstream_records(5))
+    pairs = [json.dumps({"chosen": f"\n\nHuman: q{n}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{n}\n\nAssistant: no"})
+             for n in range(3)]
+    (clone / "harmless-base").mkdir()
+    write_lines(clone / "harmless-base" / "test.jsonl.gz", pairs)
+
+    assert main(["validate", str(clone)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("read 1 file: 3 lines (0 blank), 3 records = 3 accepted + 0 quarantined")
+    assert f"note: {red}: red-team attempts, not preference pairs: skipped (check them with `hhdata redteam {red}`)" in out
+    assert main(["build", str(clone), "--version", "1.0.0", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "1.0.0" / "manifest.json").read_text())["accounting"]["read"] == 3
+    capsys.readouterr()
+    assert main(["validate", str(red)]) == 2  # named on its own: pointed at the reader that fits
+    assert capsys.readouterr().err == (
+        f"hhdata validate: error: {red} holds red-team attempts, not preference pairs: read and check "
+        f"it with `hhdata redteam {red}` (hhdata.redteam.read_redteam)\n"
+    )
+    assert main(["redteam", str(red)]) == 0
+
+
 MUTATIONS = [
     {"rating": -1.0}, {"rating": 4}, {"rating": True}, {"num_params": ""}, {"model_type": None},
     {"tags": []}, {"tags": ["a", 1]}, {"tags": "violence"}, {"red_team_member_id": ""},
