@@ -196,6 +196,10 @@ def _check(record: object) -> tuple[tuple[str, str] | None, dict | None]:
     else (None, row): what Arrow could not hold, checked one record at a time."""
     if not isinstance(record, dict):
         return (q.NOT_AN_OBJECT, "is not a JSON object; each red-team attempt is one object"), None
+    text = record.get("transcript", "")
+    if not isinstance(text, str):  # the row schema holds it parsed (an array): word it as upstream has it
+        return ((q.NULL_VALUE if text is None else q.WRONG_TYPE),
+                f"transcript: {text!r} is not a string; it is the Human/Assistant text of the attempt"), None
     try:
         row = to_row(record)
     except TranscriptError as error:
@@ -208,7 +212,7 @@ def _check(record: object) -> tuple[tuple[str, str] | None, dict | None]:
 
 def _explain(row: dict) -> tuple[str, str] | None:
     """jsonschema's reason and message for a row that breaks the row schema, else None."""
-    errors = sorted(row_validator().iter_errors(row), key=lambda e: list(e.absolute_path))
+    errors = sorted(row_validator().iter_errors(row), key=lambda e: (_about_derived(e), list(e.absolute_path)))
     if not errors:
         return None
     error = errors[0]
@@ -218,6 +222,16 @@ def _explain(row: dict) -> tuple[str, str] | None:
     field = "/".join(str(part) for part in error.absolute_path) or "(the record)"
     return reason, (f"{field}: {error.message}; fix the record to follow "
                     "hhdata/schemas/redteam_row.schema.json")
+
+
+def _about_derived(error) -> bool:
+    """True when a schema error only says a key to_row derives from the transcript is missing.
+
+    Such keys are missing because the transcript is missing or not a string; the error
+    about the transcript names the record's own key, so it is the one reported.
+    """
+    return error.validator == "required" and any(
+        error.message == f"{key!r} is a required property" for key in ("id", "transcript_text"))
 
 
 # JSON type -> the Python types json.loads gives for it (exact: a bool is not a number)

@@ -94,10 +94,13 @@ BAD_RECORDS = [
     ({"is_upworker": None}, "null_value", "is_upworker: None is not of type 'boolean'"),
     ({"surprise": 1}, "extra_key", "(the record): Additional properties are not allowed ('surprise' was unexpected)"),
     ({"transcript": "no tags here"}, "bad_transcript_start", "transcript: transcript does not start with"),
+    # the record's own key is named, not the id hhdata derives from it
+    ({"transcript": 5}, "wrong_type", "transcript: 5 is not a string"),
+    ({"transcript": None}, "null_value", "transcript: None is not a string"),
 ]
 
 
-@pytest.mark.parametrize(("change", "reason", "message"), BAD_RECORDS, ids=[r[1] for r in BAD_RECORDS])
+@pytest.mark.parametrize(("change", "reason", "message"), BAD_RECORDS, ids=[f"{r[1]}-{i}" for i, r in enumerate(BAD_RECORDS)])
 def test_a_bad_record_is_quarantined_by_number_and_the_rest_are_read(tmp_path, capsys, change, reason, message):
     records = upstream_records(5)
     records[2] = {**records[2], **change}
@@ -118,6 +121,14 @@ def test_a_bad_record_is_quarantined_by_number_and_the_rest_are_read(tmp_path, c
     assert f"quarantined {path}: {reason}: record 3: {message}" in printed
     assert "5 records: 4 read, 1 quarantined" in printed
     assert pq.read_table(out).num_rows == 4
+
+
+def test_a_record_without_its_transcript_names_the_transcript_not_the_derived_id():
+    record = upstream_records(1)[0]
+    del record["transcript"]
+    assert redteam._check(record)[0] == (
+        "missing_key", "(the record): 'transcript' is a required property; fix the record to follow "
+        "hhdata/schemas/redteam_row.schema.json")
 
 
 def test_a_missing_key_a_non_object_and_a_bad_json_line(tmp_path):
