@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
@@ -354,8 +355,17 @@ def test_a_corrupted_cache_blob_is_downloaded_again(local_hub, releases, repo_id
     again = hub.load_from_hub(repo_id, "helpful", split="train", version="1.0.0", cache_dir=cache)
     assert again["id"] == expected
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha256  # the cache holds the good copy again
-    forced = hhdata.load(repo_id, "helpful", split="train", version="1.0.0", force_download=True)
-    assert forced["id"] == expected
+    # force_download fetches the good cached blob again (a new file replaces it); through
+    # hhdata.load it still applies beside strict_roles, which wraps the load
+    before = blob.stat().st_ino
+    forced = hub.load_from_hub(repo_id, "helpful", split="train", version="1.0.0", cache_dir=cache,
+                               force_download=True)
+    assert forced["id"] == expected and blob.stat().st_ino != before
+    strict = hhdata.load(repo_id, "helpful", split="train", version="1.0.0", strict_roles=True)
+    [env_blob] = list(Path(os.environ["HF_HUB_CACHE"]).glob(f"datasets--{repo_id.replace('/', '--')}/blobs/{sha256}"))
+    before = env_blob.stat().st_ino
+    forced = hhdata.load(repo_id, "helpful", split="train", version="1.0.0", strict_roles=True, force_download=True)
+    assert forced["id"] == strict["id"] and env_blob.stat().st_ino != before
 
 
 # -- failures inside the LFS upload (item 9) ----------------------------------------------
