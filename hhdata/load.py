@@ -73,6 +73,8 @@ def load(
     if (path / "manifest.json").is_file():
         from hhdata.release_load import load_release
 
+        if version is not None:
+            _check_version(path, version)
         return load_release(path, config, split)
     if path.exists() or any(char in str(source) for char in "*?["):
         if version is not None:
@@ -90,6 +92,18 @@ def load(
     raise SourceError(
         f"{source} is neither a local path nor a Hub repo id ('org/name'); check the spelling"
     )
+
+
+def _check_version(release_dir: Path, version: str) -> None:
+    """Refuse version= that differs from the release a version folder holds (never load another one)."""
+    from hhdata.manifest import read_manifest
+
+    held = read_manifest(release_dir)["version"]
+    if held != version:
+        raise LoadError(
+            f"{release_dir} holds release {held}, not {version}; pass the folder that holds the "
+            "version folders, or drop version="
+        )
 
 
 def _no_such_version(path: Path, version: str) -> str:

@@ -114,6 +114,13 @@ def test_a_missing_version_names_the_versions_there(tmp_path, fresh_cache):
         f"{tmp_path / 'releases'} has no release 3.0.0 (no {tmp_path / 'releases' / '3.0.0'}/manifest.json); "
         "versions there: 1.0.0, 1.1.0"
     )
+    with pytest.raises(LoadError) as raised:  # a version folder and another version: never load it
+        hhdata.load(tmp_path / "releases" / "1.0.0", version="1.1.0")
+    assert str(raised.value) == (
+        f"{tmp_path / 'releases' / '1.0.0'} holds release 1.0.0, not 1.1.0; pass the folder that holds "
+        "the version folders, or drop version="
+    )
+    assert hhdata.load(tmp_path / "releases" / "1.0.0", version="1.0.0")["test"].num_rows > 0
     with pytest.raises(LoadError) as raised:  # no version: not "holds no *.jsonl file"
         hhdata.load(tmp_path / "releases", "harmless")
     assert str(raised.value) == (
