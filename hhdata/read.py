@@ -275,6 +275,10 @@ def resolve_paths(paths: str | Path | Iterable[str | Path], skipped: list[Path] 
     return files
 
 
+# where the subset, split and family of a file outside the upstream layout are given
+_HOW_TO_PASS = "(in Python split= and subset=; --split and --subset for hhdata stats and show)"
+
+
 def _source_of(path: Path, subset: str | None, split: str | None, family: str | None,
                require_source: bool = True):
     """(subset, split, family) of a file: the arguments, else the upstream layout.
@@ -292,10 +296,10 @@ def _source_of(path: Path, subset: str | None, split: str | None, family: str | 
     if require_source and split is None:
         raise SourceError(
             f"cannot tell the split of {shown}: its name is not train.jsonl[.gz] or "
-            "test.jsonl[.gz]; put it at <subset>/<split>.jsonl.gz or pass the split"
+            f"test.jsonl[.gz]; put it at <subset>/<split>.jsonl.gz or pass the split {_HOW_TO_PASS}"
         )
     if require_source and subset is None:
-        raise SourceError(f"cannot tell the subset of {shown}; pass the subset")
+        raise SourceError(f"cannot tell the subset of {shown}; pass the subset {_HOW_TO_PASS}")
     if subset is None:
         return None, split, family
     try:

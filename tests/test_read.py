@@ -182,8 +182,11 @@ def test_arguments_name_the_subset_and_split_of_other_paths(tmp_path):
         read_raw(path)
     assert str(raised.value) == (
         f"cannot tell the split of {path}: its name is not train.jsonl[.gz] or test.jsonl[.gz]; "
-        "put it at <subset>/<split>.jsonl.gz or pass the split"
+        "put it at <subset>/<split>.jsonl.gz or pass the split (in Python split= and subset=; --split and "
+        "--subset for hhdata stats and show)"
     )
+    with pytest.raises(SourceError, match=r"pass the subset \(in Python split= and subset=; --split and --subset"):
+        read_raw(path, split="train")
     with pytest.raises(SourceError, match="declare its family"):
         read_raw(path, subset="batch-7", split="train")
     table = read_raw(path, subset="batch-7", split="train", family="helpful").table
