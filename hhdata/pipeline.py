@@ -27,10 +27,14 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from hhdata import configs, dedup, memory, read, release
+from hhdata import memory
+from hhdata.dedup import configs
+from hhdata.dedup import run as dedup
+from hhdata.io import read
+from hhdata.release import write as release
 from hhdata.errors import ReleaseError
-from hhdata.lines import path_text
-from hhdata.manifest import file_digest, read_manifest
+from hhdata.io.lines import path_text
+from hhdata.release.manifest import file_digest, read_manifest
 from hhdata.schema import SUBSET_FAMILIES, is_synthetic
 
 DUPLICATE_MARK = "duplicate"
@@ -74,7 +78,7 @@ def run_pipeline(
     ``sources`` are files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``,
     or globs (or ``hf://ORG/NAME`` for the upstream layout on the Hub). With
     ``check_leakage`` the kept rows' prompts shared by train and test (exact and near) are
-    counted (hhdata.configs.leakage_report) for the manifest and the card. Raises
+    counted (hhdata.dedup.configs.leakage_report) for the manifest and the card. Raises
     ReleaseError when a synthetic subset is read without being named in
     ``include_synthetic``, or when the counts do not reconcile.
     """
@@ -229,7 +233,7 @@ def resolve_sources(sources: str | Path | Iterable[str | Path]) -> list[str | Pa
     resolved = []
     for source in given:
         if isinstance(source, str) and source.startswith(HUB_PREFIX):
-            from hhdata.hub import fetch_upstream
+            from hhdata.hub.publish import fetch_upstream
 
             repo_id, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
             # preference subsets only: red-team attempts are not pairs (their own schema)

@@ -12,11 +12,13 @@ import pyarrow as pa
 import pytest
 from hypothesis import example, given, settings as hsettings, strategies as st
 
-from hhdata import dedup, minhash, pairs, synth
+from hhdata import pairs, synth
+from hhdata.dedup import run as dedup
+from hhdata.dedup import minhash
 from hhdata.dedup import DedupSettings, DedupSettingsError, deduplicate
 from hhdata.errors import SchemaError
 from hhdata.schema import family_of
-from hhdata.transcript import parse_transcript, split_pair
+from hhdata.pairs.transcript import parse_transcript, split_pair
 
 
 def pair_table(records) -> pa.Table:

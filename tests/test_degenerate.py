@@ -1,4 +1,4 @@
-"""hhdata.degenerate: each reason code on a pair built to have it, and the per-reason policy."""
+"""hhdata.dedup.degenerate: each reason code on a pair built to have it, and the per-reason policy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hhdata import degenerate
+from hhdata.dedup import degenerate
 from hhdata.dedup import DedupSettings, deduplicate
 from hhdata.schema import PAIR_SCHEMA, pair_id
 

@@ -20,7 +20,7 @@ from hhdata.cli import main
 from hhdata.dedup import DedupSettings
 from hhdata.errors import ReleaseError, SourceError, VersionError
 from hhdata.quarantine import quarantine_table
-from hhdata.read import ReadReport, bundled_sample_path
+from hhdata.io.read import ReadReport, bundled_sample_path
 
 SAMPLE_LINES = gzip.decompress(bundled_sample_path().read_bytes()).splitlines()
 
@@ -232,7 +232,7 @@ def test_large_run_swaps_allocator_settings_and_restores_them_after_nesting():
     import pyarrow as pa
 
     from hhdata import memory
-    from hhdata.read import ARROW_POOL
+    from hhdata._arrow import ARROW_POOL
 
     before = pa.default_memory_pool().backend_name
     with memory.large_run():
@@ -281,7 +281,7 @@ def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsy
 def test_a_manifest_that_keeps_no_row_is_refused_on_read(built, tmp_path):
     """publish and hhdata.load read the manifest through read_manifest, so neither takes it."""
     from hhdata.errors import SchemaError
-    from hhdata.manifest import validate_manifest
+    from hhdata.release.manifest import validate_manifest
 
     manifest = json.loads((built.path / "manifest.json").read_text())
     validate_manifest(manifest)

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from hhdata.errors import ReleaseError, SchemaError, VersionError
-from hhdata.manifest import read_manifest, validate_manifest
+from hhdata.release.manifest import read_manifest, validate_manifest
 from hhdata.pairs import build_pairs
-from hhdata.read import bundled_sample_path, read_raw
+from hhdata.io.read import bundled_sample_path, read_raw
 from hhdata.release import ParquetSettings, data_file, write_release
 from hhdata.schema import PAIR_SCHEMA
 

@@ -14,7 +14,7 @@ import pytest
 import hhdata
 from hhdata import hub
 from hhdata.errors import IntegrityError, LoadError
-from tests.hubserver.releases import build_release
+from hhdata.hub.localserver.releases import build_release
 
 HELPFUL = ["data/helpful-fixture/train-00000-of-00001.parquet", "data/helpful-fixture/test-00000-of-00001.parquet"]
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hhdata import synth
 from hhdata.errors import HhDataError, SynthError
 from hhdata.schema import SUBSET_FAMILIES, SYNTHETIC_PREFIX, family_of, is_synthetic, pair_id
-from hhdata.transcript import split_pair
+from hhdata.pairs.transcript import split_pair
 
 N_PAIRS = 3000
 BAD_RATE = 0.01
@@ -350,9 +350,9 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_the_reader_sees_exactly_the_planted_truth(corpus):
-    """hhdata.read and hhdata.pairs agree with planted.json on every bad line and flag."""
+    """hhdata.io.read and hhdata.pairs agree with planted.json on every bad line and flag."""
     from hhdata.pairs import build_pairs
-    from hhdata.read import read_raw
+    from hhdata.io.read import read_raw
 
     out, truth = corpus
     raw = read_raw(out)

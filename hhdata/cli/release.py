@@ -90,7 +90,7 @@ def _build(args: argparse.Namespace, pipeline, write_jsonl) -> int:
 
 def run_diff(args: argparse.Namespace) -> int:
     """Print the change between two releases."""
-    from hhdata import diff
+    from hhdata.release import diff
 
     change = diff.diff_releases(args.old, args.new)
     print(change.summary())

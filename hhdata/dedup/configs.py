@@ -3,10 +3,10 @@
 A config is a view over pair rows: ``all`` holds every row, ``helpful`` and ``harmless``
 the rows of that family (``family`` column, set from the subset by hhdata.schema.family_of),
 and each subset is a config of its own. Red-team attempts are not pairs: they have their
-own schema and config in hhdata.redteam and are refused here.
+own schema and config in hhdata.io.redteam and are refused here.
 
 Leakage is a test prompt that also appears in train, exactly (after normalisation) or
-nearly (in the same near-duplicate cluster of prompts, hhdata.minhash). ``resplit`` fixes it:
+nearly (in the same near-duplicate cluster of prompts, hhdata.dedup.minhash). ``resplit`` fixes it:
 whole clusters go to one side, chosen with a seed.
 """
 
@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hhdata import dedup, degenerate, minhash
+from hhdata.dedup import degenerate, minhash
+from hhdata.dedup import run as dedup
 from hhdata.errors import HhDataError
 from hhdata.schema import HARMLESS, HELPFUL, RED_TEAM_SUBSET, family_of
 
@@ -39,7 +40,7 @@ def config_names(subsets) -> list[str]:
     if RED_TEAM_SUBSET in subsets:
         raise ConfigError(
             f"{RED_TEAM_SUBSET!r} holds red-team transcripts, not preference pairs; load them "
-            "with hhdata.redteam.read_redteam, which gives them their own config"
+            "with hhdata.io.redteam.read_redteam, which gives them their own config"
         )
     families = {_known_family(subset) for subset in subsets}
     return [ALL] + [f for f in (HELPFUL, HARMLESS) if f in families] + subsets

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hhdata.transcript import ASSISTANT, ASSISTANT_TAG, SEPARATORS, USER
+from hhdata.pairs.transcript import ASSISTANT, ASSISTANT_TAG, SEPARATORS, USER
 
 IDENTICAL_REPLIES = "identical_replies"
 EMPTY_REPLY = "empty_reply"
@@ -195,7 +195,7 @@ def _non_alternating(prompt: pa.Array, replies: list[pa.Array]) -> np.ndarray:
 def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
     """A boolean mask per reason code: which rows are degenerate for that reason.
 
-    >>> from hhdata.transcript import split_pair
+    >>> from hhdata.pairs.transcript import split_pair
     >>> p = split_pair("\\n\\nHuman: Hi\\n\\nAssistant: Hello", "\\n\\nHuman: Hi\\n\\nAssistant: hello ")
     >>> table = pa.table({"prompt": [p.prompt], "chosen": [p.chosen], "rejected": [p.rejected],
     ...     "chosen_text": ["\\n\\nHuman: Hi\\n\\nAssistant: Hello"],

@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hhdata._arrow import splitmix64
+
 _MASK32 = np.uint64(32)
 _FOLD = np.uint64(0x9E3779B97F4A7C15)
 # Shingles per block of the (permutations x shingles) array: 4 MiB at 128 permutations, so
@@ -114,20 +116,6 @@ class Sketch:
         return Shingles(hashes, offsets)
 
 
-def _splitmix64(values: np.ndarray, in_place: bool = False) -> np.ndarray:
-    """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic); ``in_place``
-    overwrites ``values`` (a uint64 array) instead of copying it."""
-    z = values if in_place else values.astype(np.uint64, copy=True)
-    shifted = np.empty_like(z)
-    with np.errstate(over="ignore"):
-        for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
-            np.right_shift(z, np.uint64(shift), out=shifted)
-            np.bitwise_xor(z, shifted, out=z)
-            if multiplier is not None:
-                np.multiply(z, np.uint64(multiplier), out=z)
-    return z
-
-
 def _string_hashes(strings: pa.Array) -> np.ndarray:
     """A stable 64-bit hash of each non-empty string: a polynomial over its UTF-8 bytes
     (wrapping mod 2**64), mixed with its length by splitmix64. Vectorised over all strings.
@@ -148,7 +136,7 @@ def _string_hashes(strings: pa.Array) -> np.ndarray:
         from_end = np.repeat(offsets[1:], lengths) - 1 - np.arange(len(data))
         terms = (data.astype(np.uint64) + np.uint64(1)) * powers[from_end]
         sums = np.add.reduceat(terms, offsets[:-1]) if len(data) else np.zeros(0, np.uint64)
-        return _splitmix64(sums ^ (lengths.astype(np.uint64) << np.uint64(56)))
+        return splitmix64(sums ^ (lengths.astype(np.uint64) << np.uint64(56)))
 
 
 def split_whitespace(strings: pa.Array) -> pa.ListArray:
@@ -283,7 +271,7 @@ def token_shingles(tokens: np.ndarray, word_offsets: np.ndarray, k: int) -> Shin
                 np.add(folded, padded[start + j : stop + j], out=folded)
             low, high = np.searchsorted(short_starts, [start, stop])
             folded[short_starts[low:high] - start] = short_values[low:high]
-            block = _splitmix64(folded[keep[start:stop]], in_place=True)
+            block = splitmix64(folded[keep[start:stop]], in_place=True)
             hashes[done : done + len(block)] = block
             done += len(block)
     return Shingles(hashes=hashes, offsets=offsets)
@@ -351,7 +339,7 @@ def oph_bins(shingles: Shingles, num_bins: int = 128, seed: int = 1) -> np.ndarr
     counts = shingles.counts()
     # shingle hashes are already mixed (splitmix64), so the seed needs only an xor and an
     # odd multiplier: a bijection whose high bits pick the bin and low bits the value
-    salt, multiplier = _splitmix64(np.array([seed, seed + 1], dtype=np.uint64))
+    salt, multiplier = splitmix64(np.array([seed, seed + 1], dtype=np.uint64))
     with np.errstate(over="ignore"):
         mixed = shingles.hashes ^ salt
         np.multiply(mixed, multiplier | np.uint64(1), out=mixed)
@@ -422,7 +410,7 @@ def band_keys(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
     key = np.full(len(sig), band, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for column in range(rows):
-            key = _splitmix64(key * _FOLD + values[:, column])
+            key = splitmix64(key * _FOLD + values[:, column])
     return key
 
 

@@ -3,13 +3,13 @@
 Three stages run in this order over a table of canonical pair rows
 (hhdata.schema.PAIR_SCHEMA), each seeing only what the previous one kept:
 
-1. **Degenerate pairs** (hhdata.degenerate): dropped or flagged, per reason.
+1. **Degenerate pairs** (hhdata.dedup.degenerate): dropped or flagged, per reason.
 2. **Exact duplicates**: two rows are the same pair when their prompt turns (role and
    content, in order) and their two final replies are equal after normalisation (Unicode
    NFC, lower case, whitespace runs collapsed to one space and trimmed; each switchable).
    By default the replies may come in either order (a pair with chosen and rejected
    swapped is the same comparison).
-3. **Near duplicates** (hhdata.minhash): rows whose whole pairs (or prompts) have word-
+3. **Near duplicates** (hhdata.dedup.minhash): rows whose whole pairs (or prompts) have word-
    shingle Jaccard similarity at or above the threshold and, by default, as many prompt
    turns. Rows are visited in survivor order; a row similar to an already kept row is
    dropped with that row's id as kept_id.
@@ -34,7 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hhdata import degenerate, memory, minhash
+from hhdata import memory
+from hhdata.dedup import degenerate, minhash
+from hhdata._arrow import splitmix64
 from hhdata.errors import HhDataError, SchemaError
 from hhdata.schema import PAIR_SCHEMA
 
@@ -171,7 +173,7 @@ class DedupResult:
 
 
 def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
-    """Texts as the exact-duplicate stage compares them (hhdata.degenerate.normalize).
+    """Texts as the exact-duplicate stage compares them (hhdata.dedup.degenerate.normalize).
 
     >>> normalized(pa.array(["  Hello\\n\\nWORLD "]), DedupSettings()).to_pylist()
     ['hello world']
@@ -204,11 +206,11 @@ def _sequence_hashes(codes: np.ndarray, offsets: np.ndarray, multiplier: int) ->
     with np.errstate(over="ignore"):
         for i in range(1, len(powers)):
             powers[i] = powers[i - 1] * np.uint64(multiplier)
-        terms = minhash._splitmix64(codes.astype(np.uint64) + np.uint64(1)) * powers[position]
+        terms = splitmix64(codes.astype(np.uint64) + np.uint64(1)) * powers[position]
         nonempty = lengths > 0
         if nonempty.any():
             sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
-    return minhash._splitmix64(sums ^ lengths.astype(np.uint64))
+    return splitmix64(sums ^ lengths.astype(np.uint64))
 
 
 def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Load releases back from the Hugging Face Hub, pinned to a tag and verified byte for byte.
 
 load_from_hub downloads the tagged revision ``v<version>`` (only manifest.json and the
-files of the requested config) and hands it to hhdata.release_load, which checks every
+files of the requested config) and hands it to hhdata.release.load, which checks every
 data file's size and sha256 against the manifest before parsing it: a file changed on the
 Hub is refused, not loaded. A mismatch is first blamed on the local cache: the files are
 downloaded once more with ``force_download`` before the error is raised. The raw upstream
@@ -24,7 +24,7 @@ from pathlib import Path
 from huggingface_hub import constants, snapshot_download
 
 from hhdata.errors import HubError, IntegrityError, VersionError
-from hhdata.hub import REPO_TYPE, _quiet_unless_terminal, _retrying, hub_api, list_versions
+from hhdata.hub.client import REPO_TYPE, hub_api, list_versions, quiet_unless_terminal, retrying
 
 UPSTREAM_REPO = "Anthropic/hh-rlhf"
 
@@ -56,8 +56,8 @@ def download_release(
     config's data files), not yet verified: load_from_hub verifies before parsing. With
     ``force_download`` every file is fetched again, replacing what the cache holds.
     """
-    from hhdata.manifest import MANIFEST_NAME, read_manifest
-    from hhdata.release_load import config_files
+    from hhdata.release.manifest import MANIFEST_NAME, read_manifest
+    from hhdata.release.load import config_files
 
     api = hub_api(token, endpoint)
     tag = _resolve_tag(repo_id, version, token=token, endpoint=endpoint)
@@ -68,11 +68,11 @@ def download_release(
             token=api.token, cache_dir=_cache_dir(cache_dir), force_download=force_download,
         )
 
-    folder = Path(_retrying(lambda: fetch([MANIFEST_NAME]), retries=2, backoff=0.5, repo_id=repo_id,
+    folder = Path(retrying(lambda: fetch([MANIFEST_NAME]), retries=2, backoff=0.5, repo_id=repo_id,
                             doing=f"downloading {tag}/{MANIFEST_NAME}"))
     manifest = read_manifest(folder)
     wanted = sorted({f for files in config_files(manifest, config).values() for f in files})
-    _retrying(lambda: fetch([MANIFEST_NAME, *wanted]), retries=2, backoff=0.5, repo_id=repo_id,
+    retrying(lambda: fetch([MANIFEST_NAME, *wanted]), retries=2, backoff=0.5, repo_id=repo_id,
               doing=f"downloading {tag}")
     return folder
 
@@ -114,13 +114,13 @@ def load_from_hub(
     >>> load_from_hub("org/hh-rlhf", "helpful", split="train", version="1.0.0")  # doctest: +SKIP
     Dataset({features: ['id', 'subset', 'family', 'split', 'prompt', ...], num_rows: ...})
     """
-    from hhdata.release_load import load_release
+    from hhdata.release.load import load_release
 
     if repo_id == UPSTREAM_REPO:
         return _load_upstream(repo_id, config, split, version, token=token, endpoint=endpoint, cache_dir=cache_dir)
 
     def fetch(force: bool) -> Path:
-        with _quiet_unless_terminal():
+        with quiet_unless_terminal():
             return download_release(repo_id, version, config, token=token, endpoint=endpoint,
                                     cache_dir=cache_dir, force_download=force)
 
@@ -192,15 +192,15 @@ def fetch_upstream(
     """
     api = hub_api(token, endpoint)
     # one commit for the listing and the download, even if the branch moves meanwhile
-    commit = _retrying(lambda: api.dataset_info(repo_id, revision=revision).sha,
+    commit = retrying(lambda: api.dataset_info(repo_id, revision=revision).sha,
                        retries=2, backoff=0.5, repo_id=repo_id, doing=f"resolving {revision}")
-    listed = _retrying(lambda: api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=commit),
+    listed = retrying(lambda: api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=commit),
                        retries=2, backoff=0.5, repo_id=repo_id, doing="listing files")
     wanted = [p for p in listed if re.fullmatch(r"[^/]+/[^/]+\.jsonl(\.gz)?", p)
               and (subsets is None or p.split("/")[0] in subsets)]
     if not wanted:
         raise HubError(f"{repo_id}@{revision}: no <subset>/<file>.jsonl.gz files{f' for {subsets}' if subsets else ''}")
-    snapshot = Path(_retrying(
+    snapshot = Path(retrying(
         lambda: snapshot_download(repo_id, repo_type=REPO_TYPE, revision=commit, allow_patterns=wanted,
                                   endpoint=api.endpoint, token=api.token, cache_dir=_cache_dir(cache_dir)),
         retries=2, backoff=0.5, repo_id=repo_id, doing="downloading upstream files"))
@@ -242,7 +242,7 @@ def _load_upstream(repo_id, config, split, version, *, token, endpoint, cache_di
     import datasets
 
     revision = version or "main"
-    with _quiet_unless_terminal():
+    with quiet_unless_terminal():
         fetched = fetch_upstream(repo_id, [config] if config else None, revision=revision,
                                  token=token, endpoint=endpoint, cache_dir=cache_dir)
     by_split: dict[str, list[str]] = {}

@@ -10,7 +10,7 @@ side branch that is tagged and leaves ``main`` alone. Publishing can be re-run a
 crash: no tag exists until the commit is complete, and a re-run that finds the branch
 already holding exactly this release's files only adds the tag.
 
-Loading back (load_from_hub, fetch_upstream) lives in hhdata.hub_load and is re-exported here.
+Loading back lives in hhdata.hub.load; the client helpers both share in hhdata.hub.client.
 
 The endpoint comes from ``endpoint=``, else ``HF_ENDPOINT`` read at call time (not at
 import time, as huggingface_hub does); the token from ``token=``, else ``HF_TOKEN``, else
@@ -19,36 +19,24 @@ the Hub login (``hf auth login``). Tokens never appear in messages or results.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import re
 import stat
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
-from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError
 
-from hhdata.diff import parse_version
+from hhdata.release.diff import parse_version
 from hhdata.errors import HubError, IntegrityError, ReleaseError, VersionError
-from hhdata.manifest import MANIFEST_NAME, read_manifest
+from hhdata.hub.client import REPO_TYPE, VERSION_TAG, hub_api, http_status, quiet_unless_terminal, retrying
+from hhdata.release.manifest import MANIFEST_NAME, read_manifest
 
-try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx as _http
-
-REPO_TYPE = "dataset"
-TRANSIENT_STATUS = {408, 429}  # plus every 5xx: a server-side failure is worth another try
 KEEP_ON_HUB = {".gitattributes"}
 # Written from the manifest after it (so it cannot hold their checksums); published with it.
 RELEASE_DOCUMENTS = ("README.md", "CHANGELOG.md", "croissant.json")
 BACKPORT_BRANCH = "hhdata-backport-{version}"
-_VERSION_TAG = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -76,118 +64,6 @@ class PublishResult:
         if self.reused_commit:
             return 0
         return sum(size for path, size in self.files if path not in set(self.unchanged))
-
-
-@dataclass(frozen=True)
-class Version:
-    """One published release: its version, tag, commit and commit date (ISO 8601)."""
-
-    version: str
-    tag: str
-    commit: str
-    date: str | None
-
-
-# -- connection -------------------------------------------------------------------------
-def hub_api(token: str | None = None, endpoint: str | None = None) -> HfApi:
-    """An HfApi for `endpoint` (else HF_ENDPOINT now) with the token from the argument, HF_TOKEN or login."""
-    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in {"1", "TRUE", "YES", "ON"}:
-        # huggingface_hub reads this once at import; honour a value set later (tests, demo).
-        constants.HF_HUB_DISABLE_XET = True
-    return HfApi(endpoint=endpoint.rstrip("/"), token=token or os.environ.get("HF_TOKEN") or _login_token())
-
-
-def _login_token() -> str | None:
-    """The token `hf auth login` stored, from HF_TOKEN_PATH or HF_HOME as they are now."""
-    path = os.environ.get("HF_TOKEN_PATH") or (os.path.join(os.environ["HF_HOME"], "token") if os.environ.get("HF_HOME") else None)
-    if path and os.path.isfile(path):
-        return Path(path).read_text().strip() or None
-    return get_token()  # huggingface_hub's own lookup (paths fixed at its import)
-
-
-def _status(error: BaseException) -> int | None:
-    response = getattr(error, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _is_transient(error: BaseException) -> bool:
-    if isinstance(error, (_http.TransportError, ConnectionError, TimeoutError)) or _is_upload_failure(error):
-        return True
-    status = _status(error)
-    return isinstance(error, HfHubHTTPError) and status is not None and (status in TRANSIENT_STATUS or status >= 500)
-
-
-_HTTP_FAILURES = (HfHubHTTPError, _http.HTTPError, ConnectionError, TimeoutError)
-_UPLOAD_FAILED = "Error while uploading"  # how huggingface_hub words the RuntimeError around a failed LFS upload
-
-
-def _is_upload_failure(error: BaseException) -> bool:
-    return isinstance(error, RuntimeError) and str(error).startswith(_UPLOAD_FAILED)
-
-
-def _http_failure(error: BaseException) -> BaseException | None:
-    """The HTTP or connection failure behind `error`, else None.
-
-    huggingface_hub wraps a failed LFS upload in a bare RuntimeError ("Error while uploading
-    'x' to the Hub."); its cause says what failed. When the cause is no HTTP error (a server
-    that died under parallel uploads makes one thread close the shared client while another
-    still sends: "the client has been closed"), the upload failure itself is returned.
-    """
-    wrapper = error if _is_upload_failure(error) else None
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, _HTTP_FAILURES):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return wrapper
-
-
-def _hub_error(error: BaseException, repo_id: str, doing: str) -> HubError:
-    """A HubError (with .status) that says what failed, where, and what to do; never the token."""
-    hub_error = _explain(error, repo_id, doing)
-    hub_error.status = _status(error)
-    return hub_error
-
-
-def _explain(error: BaseException, repo_id: str, doing: str) -> HubError:
-    status = _status(error)
-    if status == 401:
-        return HubError(
-            f"{repo_id}: the Hub refused the token while {doing} (401 Unauthorized); pass a valid "
-            "write token with --token / token=, set HF_TOKEN, or run `hf auth login`"
-        )
-    if status == 403:
-        return HubError(f"{repo_id}: the token may not write to this repo while {doing} (403); use a token with write access")
-    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)) or status == 404:
-        return HubError(
-            f"{repo_id}: not found on the Hub while {doing} (404); check the repo name, the version "
-            "and the endpoint (HF_ENDPOINT)"
-        )
-    if _is_transient(error):
-        return HubError(
-            f"{repo_id}: the Hub is unreachable or failing while {doing} ({type(error).__name__}"
-            f"{f' {status}' if status else ''}); it is safe to re-run the same command: a publish resumes "
-            "where it stopped and tags only a complete commit"
-        )
-    return HubError(f"{repo_id}: the Hub refused {doing}: {str(error).splitlines()[0]}")
-
-
-def _retrying(call, *, retries: int, backoff: float, repo_id: str, doing: str):
-    """Run call(); retry transient failures (5xx, 429, connection errors) with exponential backoff."""
-    for attempt in range(retries + 1):
-        try:
-            return call()
-        except (*_HTTP_FAILURES, RuntimeError) as raised:
-            error = _http_failure(raised)
-            if error is None:  # a RuntimeError that is not a failed request: a bug, not the Hub
-                raise
-            if not _is_transient(error) or attempt == retries:
-                what = doing if error is raised else f"{doing}: {str(raised).splitlines()[0]}"
-                raise _hub_error(error, repo_id, what) from None
-            time.sleep(backoff * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 # -- publish ----------------------------------------------------------------------------
@@ -242,7 +118,7 @@ def _refusal(root: Path, unlisted: list[str], odd: dict[str, str]) -> str:
 
 def _read_release(release_dir: Path) -> tuple[dict, list[tuple[str, int]]]:
     """The manifest and the files to send, after checking the folder and every checksum."""
-    from hhdata.release_load import verify_files
+    from hhdata.release.load import verify_files
 
     files = release_files(release_dir)
     manifest = verify_files(release_dir)
@@ -291,19 +167,6 @@ def _remote_id(item) -> str:
     return item.lfs.sha256 if item.lfs is not None else item.blob_id
 
 
-@contextlib.contextmanager
-def _quiet_unless_terminal():
-    """huggingface_hub's progress bars on a terminal only; quiet in pipes and logs."""
-    if sys.stderr.isatty() or are_progress_bars_disabled():
-        yield
-        return
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        enable_progress_bars()
-
-
 def publish(
     release_dir: str | Path,
     repo_id: str,
@@ -348,7 +211,7 @@ def publish(
         raise HubError(f"{repo_id}: publishing needs a write token; pass --token / token=, set HF_TOKEN, or run `hf auth login`")
 
     def call(fn, doing):
-        return _retrying(fn, retries=retries, backoff=backoff, repo_id=repo_id, doing=doing)
+        return retrying(fn, retries=retries, backoff=backoff, repo_id=repo_id, doing=doing)
 
     call(lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, exist_ok=True), "creating the repo")
     refs = call(lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE), "reading refs")
@@ -366,7 +229,7 @@ def publish(
     deleted = sorted(set(remote) - KEEP_ON_HUB - set(local_ids))
     unchanged = sorted(path for path, wanted in local_ids.items() if path in remote and _remote_id(remote[path]) == wanted)
 
-    with _quiet_unless_terminal():
+    with quiet_unless_terminal():
         if _holds_release(remote, local_ids) and parent_commit in (None, head):
             commit, reused = head, True  # a previous run committed but crashed before tagging
         else:
@@ -381,7 +244,7 @@ def publish(
 
 def _published(refs) -> list[tuple[tuple[int, int, int], object]]:
     """(version, ref) of every release tag vX.Y.Z, oldest first."""
-    tags = [(tuple(map(int, m.groups())), ref) for ref in refs.tags if (m := _VERSION_TAG.match(ref.name))]
+    tags = [(tuple(map(int, m.groups())), ref) for ref in refs.tags if (m := VERSION_TAG.match(ref.name))]
     return sorted(tags, key=lambda pair: pair[0])
 
 
@@ -491,39 +354,10 @@ def _tag(api, call, repo_id: str, tag: str, commit: str, version: str) -> None:
         try:
             api.create_tag(repo_id, tag=tag, revision=commit, repo_type=REPO_TYPE, tag_message=f"Release {version}")
         except HfHubHTTPError as error:
-            if _status(error) != 409:
+            if http_status(error) != 409:
                 raise
             refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
             if not any(ref.name == tag and ref.target_commit == commit for ref in refs.tags):
                 _refuse_existing_tag(refs, tag, repo_id)
 
     call(attempt, f"tagging {tag}")
-
-
-# -- versions ---------------------------------------------------------------------------
-def list_versions(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> list[Version]:
-    """The releases of a repo (tags ``vX.Y.Z``), oldest version first, with commit and date."""
-    api = hub_api(token, endpoint)
-    refs = _retrying(lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE), retries=2, backoff=0.5,
-                     repo_id=repo_id, doing="listing tags")
-    versions = []
-    for ref in refs.tags:
-        match = _VERSION_TAG.match(ref.name)
-        if not match:
-            continue
-        info = _retrying(lambda: api.dataset_info(repo_id, revision=ref.target_commit), retries=2, backoff=0.5,
-                         repo_id=repo_id, doing=f"reading {ref.name}")
-        date = info.last_modified.isoformat() if info.last_modified else None
-        versions.append((tuple(map(int, match.groups())), Version(ref.name[1:], ref.name, ref.target_commit, date)))
-    return [version for _, version in sorted(versions)]
-
-
-# Re-exported so callers need one module; imported last because hub_load uses the helpers above.
-from hhdata.hub_load import (  # noqa: E402
-    UPSTREAM_REPO,
-    UpstreamFiles,
-    download_release,
-    fetch_upstream,
-    load_from_hub,
-    upstream_checksums,
-)

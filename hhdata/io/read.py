@@ -33,10 +33,11 @@ import pyarrow.json as pa_json
 from tqdm import tqdm
 
 from hhdata import quarantine as q
+from hhdata._arrow import ARROW_POOL
 from hhdata.errors import SourceError
-from hhdata.lines import RAW_HEAD, Block, blocks, path_text, too_long
+from hhdata.io.lines import RAW_HEAD, Block, blocks, path_text, too_long
 from hhdata.schema import PAIR_SCHEMA, SPLITS, family_of
-from hhdata.validate import explain_raw_line, validate_raw_table
+from hhdata.io.validate import explain_raw_line, validate_raw_table
 
 MAX_LINE_BYTES = 4 * 2**20
 _RUN_LINES = 1024  # lines per call of Arrow's JSON reader
@@ -61,23 +62,6 @@ class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 _DECODER = msgspec.json.Decoder(_Record)
-
-
-def _arrow_pool() -> pa.MemoryPool:
-    """jemalloc, else the system allocator: the pool for hhdata's large Arrow buffers.
-
-    pyarrow's default mimalloc pool costs 2-3 s of kernel CPU time at 170k pairs on Linux
-    with transparent huge pages in madvise mode (perf: zeroing huge pages under
-    mi_page_free_list_extend), against 0.6 s with jemalloc or malloc, for the same user time
-    (measured; bench/read_validate_parse.md).
-    """
-    try:
-        return pa.jemalloc_memory_pool()
-    except NotImplementedError:  # pragma: no cover - a pyarrow built without jemalloc
-        return pa.system_memory_pool()
-
-
-ARROW_POOL = _arrow_pool()
 
 
 @dataclass
@@ -175,7 +159,7 @@ def _read(paths, subset, split, family, max_line_bytes, progress, require_source
     sizes = [path.stat().st_size for path in files]
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="read") if show else None
     if pairs:
-        from hhdata.pairs import build_pairs
+        from hhdata.pairs.build import build_pairs
 
     def read_one(index: int):
         part = ReadReport()
@@ -223,7 +207,7 @@ def _ignore(_: int) -> None:
 
 def bundled_sample_path() -> Path:
     """The bundled real sample: harmless-base/test.jsonl.gz (MIT, Anthropic)."""
-    return Path(__file__).parent / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    return Path(__file__).parent.parent / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def resolve_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:

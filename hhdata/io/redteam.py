@@ -4,7 +4,7 @@ Anthropic's ``red-team-attempts`` (Ganguli et al. 2022) are not preference pairs
 record is one conversation in which a crowdworker tried to make the assistant misbehave,
 with a self-rating and preference-model harmlessness scores. They are read into
 REDTEAM_SCHEMA rows, checked against ``schemas/redteam_row.schema.json``, and live in the
-config ``red-team-attempts`` only; hhdata.configs refuses to mix them into pair configs.
+config ``red-team-attempts`` only; hhdata.dedup.configs refuses to mix them into pair configs.
 
 Upstream ships ``red_team_attempts.jsonl.gz`` as ONE gzipped JSON array of 38,961 records
 (despite the name) with the keys transcript, min_harmlessness_score_transcript,
@@ -31,10 +31,10 @@ import pyarrow as pa
 
 from hhdata import quarantine as q
 from hhdata.errors import SchemaError, SourceError, TranscriptError
-from hhdata.lines import path_text
+from hhdata.io.lines import path_text
 from hhdata.schema import RED_TEAM_SUBSET, TURNS
-from hhdata.transcript import parse_transcript
-from hhdata.validate import drop_rows, row_problems
+from hhdata.pairs.transcript import parse_transcript
+from hhdata.io.validate import drop_rows, row_problems
 
 CONFIG = RED_TEAM_SUBSET
 REDTEAM_SCHEMA = pa.schema(
@@ -252,7 +252,7 @@ def check_redteam_table(table: pa.Table) -> None:
     if "chosen" in table.column_names or "rejected" in table.column_names:
         raise SchemaError(
             "this table holds preference pairs; red-team attempts have their own schema "
-            "(hhdata.redteam.REDTEAM_SCHEMA) and config, and are never mixed with pairs"
+            "(hhdata.io.redteam.REDTEAM_SCHEMA) and config, and are never mixed with pairs"
         )
     missing = [name for name in REDTEAM_SCHEMA.names if name not in table.column_names]
     if missing:

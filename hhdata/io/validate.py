@@ -136,7 +136,7 @@ def _json_type(value: object) -> str:
 
 
 def validate_raw_table(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Split a raw table (hhdata.read columns) into valid records and a quarantine.
+    """Split a raw table (hhdata.io.read columns) into valid records and a quarantine.
 
     Vectorised over the table; jsonschema words the message for the failing rows only.
     The one rule JSON Schema cannot express, chosen != rejected, is checked here too.

@@ -1,6 +1,6 @@
 """Build canonical pair rows (hhdata.schema.PAIR_SCHEMA) from a raw table, vectorised.
 
-hhdata.transcript.split_pair is the reference; this module applies the same rules to a
+hhdata.pairs.transcript.split_pair is the reference; this module applies the same rules to a
 whole Arrow table at once and agrees with it on every record (tested on the real split
 and with Hypothesis). Rather than splitting and searching the texts again for each rule,
 it finds every speaker tag once (``_find_tags``: each ``Human:`` and ``Assistant:`` of a
@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata import quarantine as q
-from hhdata import transcript as t
+from hhdata.pairs import transcript as t
 from hhdata.errors import PairError, SchemaError
-from hhdata.read import ARROW_POOL
+from hhdata._arrow import ARROW_POOL
 from hhdata.schema import PAIR_SCHEMA, TURN, TURNS, pair_id
 
 _BATCH_ROWS = 4096
@@ -56,7 +56,7 @@ def build_pairs(raw: pa.Table, workers: int | None = None) -> tuple[pa.Table, pa
     quarantine when present). Rows keep their input order. Batches of rows are built in
     ``workers`` threads (default: one per CPU, at most 8).
 
-    >>> from hhdata.read import read_raw, bundled_sample_path
+    >>> from hhdata.io.read import read_raw, bundled_sample_path
     >>> pairs, bad = build_pairs(read_raw(bundled_sample_path()).table)
     >>> pairs.num_rows, bad.num_rows, pairs.schema == PAIR_SCHEMA
     (2312, 0, True)
@@ -293,7 +293,7 @@ def _prompt_turns(c: _Texts, c_tags: _Tags, split: _Split) -> tuple[pa.Array, np
 
 
 def _take(values: pa.Array | pa.Table, index: np.ndarray) -> pa.Array | pa.Table:
-    """values.take(index), allocated from hhdata.read.ARROW_POOL."""
+    """values.take(index), allocated from hhdata._arrow.ARROW_POOL."""
     return pc.take(values, pa.array(index, pa.int64()), memory_pool=ARROW_POOL)
 
 
@@ -306,7 +306,7 @@ def _one_reply(reply: pa.Array) -> pa.Array:
 
 def _flags(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags, split: _Split, index: np.ndarray,
            prompt: pa.Array, turn_user: np.ndarray, turn_row: np.ndarray, replies: tuple[pa.Array, pa.Array]) -> pa.Array:
-    """The flags of the fast rows (hhdata.transcript.pair_flags), in the order of FLAGS.
+    """The flags of the fast rows (hhdata.pairs.transcript.pair_flags), in the order of FLAGS.
 
     Tag positions settle most rows at once; the reference's own tests run only on the few
     candidates (a tag without a blank line before it, a reply that starts with a space or
@@ -322,13 +322,13 @@ def _flags(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags, split: _Split, in
         separator = ~tags.user & tags.blank_before & tags.space_after & (tags.start - 2 >= begins)
         found[t.CONSECUTIVE_ASSISTANT][tags.row[separator]] = True
         maybe_inline = tags.row[~tags.blank_before & (tags.start >= begins)]
-        _confirm(found[inline], maybe_inline, position, reply, lambda text: t._INLINE_TAG_RE.search(text))
+        _confirm(found[inline], maybe_inline, position, reply, lambda text: t.INLINE_TAG_RE.search(text))
         maybe_empty = np.flatnonzero((reply_start >= texts.ends) | _MAYBE_SPACE[_byte_at(texts.data, reply_start)])
         _confirm(found[empty], maybe_empty, position, reply, lambda text: not text.strip())
     final = split.final[c_tags.row]
     maybe_in_prompt = c_tags.row[~c_tags.blank_before & (c_tags.start < final)]
     _confirm(found[t.TAG_IN_PROMPT], maybe_in_prompt, position, prompt,
-             lambda turns: any(t._INLINE_TAG_RE.search(turn["content"]) for turn in turns))
+             lambda turns: any(t.INLINE_TAG_RE.search(turn["content"]) for turn in turns))
     repeat = (turn_user[1:] == turn_user[:-1]) & (turn_row[1:] == turn_row[:-1])
     found[t.CONSECUTIVE_USER][turn_row[1:][repeat & turn_user[1:]]] = True
     found[t.CONSECUTIVE_ASSISTANT][turn_row[1:][repeat & ~turn_user[1:]]] = True

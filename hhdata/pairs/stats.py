@@ -1,7 +1,7 @@
 """Descriptive statistics of a pair table: rows, turns, lengths and flags, per subset.
 
 All computed column-wise with pyarrow.compute; ``format_stats`` prints them as a table.
-The measures are those of a release's manifest and card (hhdata.manifest.length_stats):
+The measures are those of a release's manifest and card (hhdata.release.manifest.length_stats):
 the mean to one decimal, and the median, p90 and p99 as the lower percentile (numpy's
 ``method="lower"``, so each is a length that occurs; the median is the lower median), so
 ``hhdata stats`` of raw files and the card of their release print the same figures.
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hhdata.transcript import FLAGS
+from hhdata.pairs.transcript import FLAGS
 
 ALL = "all"
 
@@ -53,7 +53,7 @@ def _stats(pairs: pa.Table) -> dict:
 
 
 def flag_counts(pairs: pa.Table) -> dict[str, int]:
-    """Rows per flag of a pair table, in the order of hhdata.transcript.FLAGS; absent flags
+    """Rows per flag of a pair table, in the order of hhdata.pairs.transcript.FLAGS; absent flags
     are left out."""
     counts = pc.value_counts(pc.list_flatten(pairs["flags"])).to_pylist()
     found = {count["values"]: count["counts"] for count in counts}

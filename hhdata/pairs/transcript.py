@@ -20,6 +20,7 @@ import re
 from typing import NamedTuple
 
 from hhdata.errors import PairError, TranscriptError
+from hhdata.quarantine import BAD_TRANSCRIPT_START, NO_HUMAN_TURN, PROMPT_MISMATCH
 
 USER, ASSISTANT = "user", "assistant"
 TAGS = {USER: "Human", ASSISTANT: "Assistant"}
@@ -31,7 +32,7 @@ _SEPARATOR_RE = re.compile(r"\n\n(Human|Assistant): ")
 _ROLE_OF_TAG = {tag: role for role, tag in TAGS.items()}
 # A speaker tag that is not a turn separator: at the start of a turn, or after anything
 # but a blank line. It usually means the model wrote the other speaker's line itself.
-_INLINE_TAG_RE = re.compile(r"(?<!\n\n)\b(?:Human|Assistant):")
+INLINE_TAG_RE = re.compile(r"(?<!\n\n)\b(?:Human|Assistant):")
 
 # Flags: irregularities inside a well-formed pair. They are reported, never fatal.
 EMPTY_CHOSEN = "empty_chosen"
@@ -51,10 +52,8 @@ FLAGS = (
     CONSECUTIVE_USER,
 )
 
-# Reasons a pair is quarantined: its prompt cannot be determined.
-BAD_TRANSCRIPT_START = "bad_transcript_start"
-NO_HUMAN_TURN = "no_human_turn"
-PROMPT_MISMATCH = "prompt_mismatch"
+# Reasons a pair is quarantined (its prompt cannot be determined) are named in
+# hhdata.quarantine beside every other reason: BAD_TRANSCRIPT_START, NO_HUMAN_TURN, PROMPT_MISMATCH.
 
 
 def parse_transcript(text: str) -> list[dict[str, str]]:
@@ -188,9 +187,9 @@ def pair_flags(prompt: list[dict[str, str]], chosen: str, rejected: str) -> list
             found.add(empty)
         if SEPARATORS[ASSISTANT] in reply:
             found.add(CONSECUTIVE_ASSISTANT)
-        if _INLINE_TAG_RE.search(reply):
+        if INLINE_TAG_RE.search(reply):
             found.add(inline)
-    if any(_INLINE_TAG_RE.search(turn["content"]) for turn in prompt):
+    if any(INLINE_TAG_RE.search(turn["content"]) for turn in prompt):
         found.add(TAG_IN_PROMPT)
     for previous, turn in zip(prompt, prompt[1:]):
         if previous["role"] == turn["role"]:

@@ -261,5 +261,5 @@ def _leakage(leakage: dict | None) -> str:
         f"Train/test leakage: {exact['test_rows']} test pairs have a prompt that is also a "
         f"train prompt (after normalisation) and {near['test_rows']} share a near-duplicate "
         f"prompt cluster with train pairs{f' ({where})' if where else ''}. "
-        "`hhdata.configs.resplit` makes a group-aware split that keeps each cluster on one side."
+        "`hhdata.dedup.configs.resplit` makes a group-aware split that keeps each cluster on one side."
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hhdata.card import CITATION_BIBTEX, DESCRIPTION, LICENSE_URL, is_repo_id
+from hhdata.release.card import CITATION_BIBTEX, DESCRIPTION, LICENSE_URL, is_repo_id
 
 CROISSANT_NAME = "croissant.json"
 CONFORMS_TO = "http://mlcommons.org/croissant/1.0"

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hhdata.errors import VersionError
-from hhdata.manifest import read_manifest
+from hhdata.release.manifest import read_manifest
 
 PATCH, MINOR, MAJOR = "patch", "minor", "major"
 _VERSION_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
@@ -105,7 +105,7 @@ def diff_releases(old: str | Path, new: str | Path, *, new_manifest: dict | None
     ``new_manifest`` lets a release being built be compared before its manifest is written.
     Both releases' data files are checked against their manifests first (IntegrityError).
     """
-    from hhdata.release_load import verify_files
+    from hhdata.release.load import verify_files
 
     old_manifest = read_manifest(old)
     verify_files(old, old_manifest)

@@ -18,7 +18,7 @@ from datasets.table import InMemoryTable
 import pyarrow.parquet as pq
 
 from hhdata.errors import IntegrityError, ReleaseError
-from hhdata.manifest import read_manifest
+from hhdata.release.manifest import read_manifest
 from hhdata.schema import PAIR_SCHEMA
 
 FEATURES = datasets.Features.from_arrow_schema(PAIR_SCHEMA)

@@ -2,10 +2,10 @@
 
 ```
 <out>/<version>/
-  README.md        dataset card (YAML configs + dataset_info), rendered by hhdata.card
-  manifest.json    hhdata.manifest; checksums of every data file
-  CHANGELOG.md     hhdata.diff against the previous release
-  croissant.json   hhdata.croissant
+  README.md        dataset card (YAML configs + dataset_info), rendered by hhdata.release.card
+  manifest.json    hhdata.release.manifest; checksums of every data file
+  CHANGELOG.md     hhdata.release.diff against the previous release
+  croissant.json   hhdata.release.croissant
   lengths.png      length distribution shown in the card
   data/<subset>/<split>-00000-of-00001.parquet
 ```
@@ -34,10 +34,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-import hhdata
-from hhdata import card, croissant, diff
+from hhdata._version import __version__
+from hhdata.release import card, croissant, diff
 from hhdata.errors import ReleaseError, VersionError
-from hhdata.manifest import (
+from hhdata.release.manifest import (
     MANIFEST_VERSION,
     PAIR_SCHEMA_VERSION,
     file_entry,
@@ -133,7 +133,7 @@ def write_release(
     ``pairs`` holds canonical pair rows (extra columns such as ``cluster_id`` are dropped);
     ``sources`` lists the raw files read (path, sha256, bytes), ``accounting`` the row
     counts by fate (see hhdata.pipeline), ``settings`` the pipeline settings, ``leakage``
-    the train/test prompt overlap (hhdata.configs.leakage_report's exact and near parts), or
+    the train/test prompt overlap (hhdata.dedup.configs.leakage_report's exact and near parts), or
     a function returning it, called after the data files are written (so the check can run
     while they are). With
     ``previous`` (the directory of the last version) the change is classified and a version
@@ -220,7 +220,7 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
         "name": metadata["name"],
         "version": version,
         "schema_version": PAIR_SCHEMA_VERSION,
-        "tool": {"name": "hhdata", "version": hhdata.__version__, "pyarrow": pa.__version__},
+        "tool": {"name": "hhdata", "version": __version__, "pyarrow": pa.__version__},
         "sources": sorted(metadata["sources"], key=lambda source: source["path"]),
         "subsets": subset_families(rows),
         "configs": config_views(rows),
@@ -293,7 +293,7 @@ def file_metadata(version: str) -> dict[str, str]:
     return {
         "hhdata:release_version": version,
         "hhdata:schema_version": PAIR_SCHEMA_VERSION,
-        "hhdata:version": hhdata.__version__,
+        "hhdata:version": __version__,
     }
 
 

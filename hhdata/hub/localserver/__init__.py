@@ -1,13 +1,13 @@
 """A Hugging Face Hub-compatible server on 127.0.0.1 for tests and the demo.
 
 Two processes: olah (PyPI) serves reads from git repositories in offline local-mirror
-mode, and the project's own write server (tests/hubserver/app.py) answers the write API
+mode, and the project's own write server (app.py here) answers the write API
 and forwards every other request to olah. Clients see one endpoint: the write server.
 
 >>> with LocalHub(tmp_dir) as hub:                      # doctest: +SKIP
 ...     HfApi(endpoint=hub.endpoint, token=hub.token).create_repo("org/x", repo_type="dataset")
 
-From a shell (what `make demo` uses): ``python -m tests.hubserver --root DIR`` prints one
+From a shell (what `make demo` uses): ``python -m hhdata.hub.localserver --root DIR`` prints one
 JSON line ``{"endpoint": ..., "token": ...}`` and serves until interrupted.
 """
 
@@ -25,7 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# the folder hhdata is imported from (a checkout or site-packages): the write server's import path
+REPO_ROOT = Path(__file__).resolve().parents[3]
 OLAH_CONFIG = """\
 [basic]
 host = "127.0.0.1"
@@ -98,7 +99,7 @@ class LocalHub:
         """(Re)start the write server on the same port, e.g. after kill_front()."""
         self._front = self._spawn(
             "front",
-            [sys.executable, "-m", "tests.hubserver.front", "--root", str(self.repos), "--port", str(self.port),
+            [sys.executable, "-m", "hhdata.hub.localserver.front", "--root", str(self.repos), "--port", str(self.port),
              "--olah-port", str(self.olah_port), "--token", self.token, "--fired-log", str(self.fired_log)],
         )
         self._wait(f"{self.endpoint}/api/whoami-v2", self._front, "front", token=self.token)

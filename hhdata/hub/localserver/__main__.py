@@ -1,4 +1,4 @@
-"""``python -m tests.hubserver --root DIR``: a local Hub for the demo, until interrupted.
+"""``python -m hhdata.hub.localserver --root DIR``: a local Hub for the demo, until interrupted.
 
 Prints one JSON line, ``{"endpoint": ..., "token": ...}``, once both servers answer.
 """
@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from tests.hubserver import LocalHub
+from hhdata.hub.localserver import LocalHub
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from tests.hubserver.gitstore import GitStoreError, Repo
+from hhdata.hub.localserver.gitstore import GitStoreError, Repo
 
 TYPES = "models|datasets|spaces"
 REPO = r"(?P<repo>[^/]+/[^/]+)"

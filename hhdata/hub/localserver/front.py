@@ -1,4 +1,4 @@
-"""Run the write server alone: ``python -m tests.hubserver.front --root DIR --port P``.
+"""Run the write server alone: ``python -m hhdata.hub.localserver.front --root DIR --port P``.
 
 LocalHub starts it this way so a test can SIGKILL it mid-publish and start it again on
 the same port over the same repositories.
@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.hubserver.app import make_server
+from hhdata.hub.localserver.app import make_server
 
 
 def main(argv: list[str] | None = None) -> int:

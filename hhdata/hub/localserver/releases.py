@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata.errors import PairError
-from hhdata.release import write_release
+from hhdata.release.write import write_release
 from hhdata.schema import PAIR_SCHEMA, pair_id
-from hhdata.transcript import split_pair
+from hhdata.pairs.transcript import split_pair
 
-SAMPLE = Path(__file__).resolve().parents[2] / "hhdata" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def sample_pairs(count: int, offset: int = 0) -> pa.Table:
