@@ -283,7 +283,7 @@ def main() -> None:
 
 def stage_timings(corpus: Path, out: Path) -> None:
     """Seconds per stage of build_release, each stage run once on the same corpus."""
-    from hhdata import dedup
+    from hhdata import dedup, memory
     from hhdata.dedup import configs
 
     def timed(label, call):
@@ -295,8 +295,9 @@ def stage_timings(corpus: Path, out: Path) -> None:
     print("\n| stage | seconds |\n|---|---:|")
     raw = timed("read_raw (read + validate)", lambda: read_raw([corpus]))
     pair_rows, _ = timed("build_pairs (parse)", lambda: build_pairs(raw.table))
-    timed("deduplicate, exact only", lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)))
-    deduplicated = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows))
+    with memory.large_run():  # as build_release runs them
+        timed("deduplicate, exact only", lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)))
+        deduplicated = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows))
     kept = deduplicated.kept
     timed("leakage_report, reusing deduplicate's prompt sketch (what build_release does)",
           lambda: configs.leakage_report(kept, examples=0, sketch=deduplicated.prompt_sketch))

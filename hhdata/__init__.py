@@ -3,7 +3,7 @@
 from hhdata._version import __version__
 from hhdata.errors import HhDataError
 from hhdata.load import load
-from hhdata.scan import scan
 from hhdata.pairs.transcript import parse_transcript, render_transcript, split_pair
+from hhdata.scan import scan
 
 __all__ = ["HhDataError", "__version__", "load", "parse_transcript", "render_transcript", "scan", "split_pair"]

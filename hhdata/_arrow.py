@@ -12,10 +12,8 @@ import pyarrow as pa
 def arrow_pool() -> pa.MemoryPool:
     """jemalloc, else the system allocator: the pool for hhdata's large Arrow buffers.
 
-    pyarrow's default mimalloc pool costs 2-3 s of kernel CPU time at 170k pairs on Linux
-    with transparent huge pages in madvise mode (perf: zeroing huge pages under
-    mi_page_free_list_extend), against 0.6 s with jemalloc or malloc, for the same user time
-    (measured; bench/read_validate_parse.md).
+    pyarrow's default mimalloc pool spends seconds of kernel time zeroing transparent huge
+    pages on Linux; jemalloc and malloc do not (measured: bench/read_validate_parse.md).
     """
     try:
         return pa.jemalloc_memory_pool()

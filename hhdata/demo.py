@@ -58,9 +58,9 @@ def step_load() -> None:
 def step_validate() -> None:
     from hhdata import synth
     from hhdata.dedup.run import deduplicate
-    from hhdata.quarantine import reason_counts
     from hhdata.io.read import read_pairs
     from hhdata.pairs.transcript import common_prefix_length
+    from hhdata.quarantine import reason_counts
 
     banner("2. Validate and deduplicate raw files with planted faults:  hhdata validate / hhdata dedup .demo/synth")
     truth = synth.write_corpus(WORK / "synth", n_pairs=3000, seed=0, bad_rate=0.005)
@@ -94,8 +94,8 @@ def step_validate() -> None:
 
 
 def step_build() -> Path:
-    from hhdata.pipeline import build_release
     from hhdata.io.read import bundled_sample_path
+    from hhdata.pipeline import build_release
 
     banner(f"3. Build release {VERSION}:  hhdata build hhdata/data/hh-rlhf --version {VERSION} --out .demo/releases")
     started = time.perf_counter()
@@ -113,9 +113,9 @@ def step_build() -> Path:
 
 
 def step_publish(release_dir: Path) -> None:
-    from hhdata.hub.localserver import LocalHub
     import hhdata
     from hhdata import hub
+    from hhdata.hub.localserver import LocalHub
 
     banner(f"4. Publish to a local Hub and load it back:  hhdata publish {release_dir} --repo {REPO_ID}")
     with LocalHub(WORK / "hub") as server:

@@ -23,14 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata.errors import LoadError, SourceError
-from hhdata.schema import HARMLESS, HELPFUL, PAIR_SCHEMA
+from hhdata.schema import ALL, HARMLESS, HELPFUL, PAIR_SCHEMA
 
 if TYPE_CHECKING:  # datasets is imported on first use: `import hhdata` stays fast
     import datasets
 
 CACHE_ENV = "HHDATA_CACHE"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-ALL = "all"
 
 
 def load(
@@ -137,8 +136,8 @@ def bundled_table() -> pa.Table:
 
 
 def _build(*paths) -> pa.Table:
-    from hhdata.pairs.build import build_pairs
     from hhdata.io.read import read_raw
+    from hhdata.pairs.build import build_pairs
 
     pairs, _ = build_pairs(read_raw(list(paths)).table)
     return pairs

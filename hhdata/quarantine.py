@@ -17,6 +17,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from hhdata.errors import SourceError
+from hhdata.schema import QUARANTINE_SCHEMA
 
 # Reasons found while reading a line.
 INVALID_UTF8 = "invalid_utf8"
@@ -67,15 +68,6 @@ class Problem(NamedTuple):
     raw: bytes | None
 
 
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("reason", pa.string()),
-        ("message", pa.string()),
-        ("raw", pa.binary()),
-    ]
-)
 
 
 def quarantine_table(rows: list[tuple[str, int, str, str, bytes | None]]) -> pa.Table:

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 import hhdata
+from hhdata.io.read import bundled_sample_path, read_raw
+from hhdata.pairs import build_pairs
+from hhdata.release import write_release
 from hhdata.release.card import render_card
 from hhdata.release.croissant import CONFORMS_TO
-from hhdata.pairs import build_pairs
-from hhdata.io.read import bundled_sample_path, read_raw
-from hhdata.release import write_release
 
 SECTIONS = ["## Dataset details", "## Uses", "**Out-of-scope use.**", "## Dataset structure",
             "## Dataset creation", "## Bias, risks and limitations", "## Citation"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_dedup import POOL, edit_prompt_word, long_records, pair_table
 
 from hhdata import dedup
 from hhdata.dedup import configs
 from hhdata.dedup.configs import ConfigError
-from test_dedup import POOL, edit_prompt_word, long_records, pair_table
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import unicodedata
 
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hhdata.dedup import degenerate
-from hhdata.dedup import DedupSettings, deduplicate
+from hhdata.dedup import DedupSettings, deduplicate, degenerate
 from hhdata.schema import PAIR_SCHEMA, pair_id
 
 PROMPT = [{"role": "user", "content": "How do I bake bread?"}]

@@ -19,8 +19,8 @@ import hhdata.errors
 from hhdata import hub, pipeline
 from hhdata.cli import main as cli_main
 from hhdata.errors import HubError, IntegrityError, VersionError
-from hhdata.release.load import load_release
 from hhdata.hub.localserver.releases import SAMPLE, build_release
+from hhdata.release.load import load_release
 
 FAST = {"retries": 1, "backoff": 0.01}
 

@@ -78,3 +78,14 @@ def private_names_across_modules(source: str) -> list[str]:
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda path: str(path.relative_to(ROOT)))
 def test_no_private_names_across_modules(path):
     assert private_names_across_modules(path.read_text()) == []
+
+
+def test_the_package_passes_ruff():
+    """ruff's rules in pyproject.toml hold for hhdata/ (tests/ and training/ follow as their
+    owners touch them)."""
+    command = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.which("ruff")
+    if command is None:
+        pytest.fail("ruff is missing: pip install -e '.[dev]' (ruff is in the dev extra)")
+    result = subprocess.run([command, "check", "--no-cache", "--output-format", "concise", "hhdata"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

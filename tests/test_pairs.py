@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hhdata.errors import PairError
-from hhdata.pairs import build_pairs
 from hhdata.io.read import read_raw
-from hhdata.schema import PAIR_SCHEMA, pair_id
+from hhdata.pairs import build_pairs
 from hhdata.pairs.transcript import split_pair
+from hhdata.schema import PAIR_SCHEMA, pair_id
 
 
 def raw_table(pairs: list[tuple[str, str]]) -> pa.Table:

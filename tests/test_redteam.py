@@ -10,10 +10,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from hhdata.dedup import configs
-from hhdata.io import redteam
 from hhdata.cli import main
+from hhdata.dedup import configs
 from hhdata.errors import SchemaError, TranscriptError
+from hhdata.io import redteam
 from hhdata.pairs.transcript import render_transcript
 
 # the keys of upstream red_team_attempts.jsonl.gz, in its order, misspelling included

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from hhdata.errors import IntegrityError, ReleaseError
-from hhdata.pairs import build_pairs
 from hhdata.io.read import bundled_sample_path, read_raw
+from hhdata.pairs import build_pairs
 from hhdata.release import data_file, write_release
 from hhdata.release.load import load_release, verify_files
 

@@ -6,7 +6,12 @@ import jinja2
 import pytest
 
 import hhdata
-from hhdata.pairs.roles import accepts_strict_template, keep_strict_rows, strict_counts, strict_role_reasons
+from hhdata.pairs.roles import (
+    accepts_strict_template,
+    keep_strict_rows,
+    strict_counts,
+    strict_role_reasons,
+)
 from training.models import train_tiny_tokenizer
 
 # Llama-2-chat's template in shape: it raises as soon as the roles stop alternating from the user.

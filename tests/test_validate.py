@@ -10,10 +10,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from hhdata.errors import SchemaError
-from hhdata.pairs import build_pairs
 from hhdata.io.read import read_raw
-from hhdata.schema import PAIR_SCHEMA
-from hhdata.pairs.transcript import FLAGS
 from hhdata.io.validate import (
     PAIR_ROW,
     RAW_RECORD,
@@ -24,6 +21,9 @@ from hhdata.io.validate import (
     validate_raw_table,
     validator,
 )
+from hhdata.pairs import build_pairs
+from hhdata.pairs.transcript import FLAGS
+from hhdata.schema import PAIR_SCHEMA
 
 SCHEMAS = Path(__file__).parent.parent / "schemas"
 

@@ -105,11 +105,13 @@ def _settings(args):
 
 def run_dedup(args) -> int:
     """Deduplicate and print the accounting; 0 unless an error is raised."""
+    from hhdata import memory
     from hhdata.dedup.run import deduplicate, write_report
 
     settings = _settings(args)
     pairs, read, quarantined = _load(args.paths)
-    result = deduplicate(pairs, settings)
+    with memory.large_run():
+        result = deduplicate(pairs, settings)
     report = result.report
     print(f"read {read:,} records: kept {report['kept']:,}, quarantined {quarantined:,}, "
           f"dropped {report['dropped']:,}")

@@ -5,6 +5,12 @@ near-duplicate machinery), degenerate (rows too empty to learn from), configs (h
 harmless / all views and the train/test leakage check).
 """
 
-from hhdata.dedup.run import DedupResult, DedupSettings, DedupSettingsError, deduplicate, write_report
+from hhdata.dedup.run import (
+    DedupResult,
+    DedupSettings,
+    DedupSettingsError,
+    deduplicate,
+    write_report,
+)
 
 __all__ = ["DedupResult", "DedupSettings", "DedupSettingsError", "deduplicate", "write_report"]

@@ -21,9 +21,7 @@ import pyarrow.compute as pc
 from hhdata.dedup import degenerate, minhash
 from hhdata.dedup import run as dedup
 from hhdata.errors import HhDataError
-from hhdata.schema import HARMLESS, HELPFUL, RED_TEAM_SUBSET, family_of
-
-ALL = "all"
+from hhdata.schema import ALL, HARMLESS, HELPFUL, RED_TEAM_SUBSET, family_of
 
 
 class ConfigError(HhDataError, ValueError):

@@ -34,8 +34,8 @@ from hhdata._arrow import splitmix64
 _MASK32 = np.uint64(32)
 _FOLD = np.uint64(0x9E3779B97F4A7C15)
 # Shingles per block of the (permutations x shingles) array: 4 MiB at 128 permutations, so
-# the multiply, add and minimum run in cache (1.7x faster than 16 MiB blocks, measured on
-# the 170k corpus's prompts)
+# the multiply, add and minimum run in cache (measured against 16 MiB blocks:
+# bench/release_build.md)
 _BLOCK_SHINGLES = 4096
 # Words per block when folding shingles: a few arrays of 512 KiB, which fit in cache.
 _BLOCK_TOKENS = 65536

@@ -34,25 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hhdata import memory
-from hhdata.dedup import degenerate, minhash
 from hhdata._arrow import splitmix64
+from hhdata.dedup import degenerate, minhash
 from hhdata.errors import HhDataError, SchemaError
-from hhdata.schema import PAIR_SCHEMA
+from hhdata.schema import DROPS_SCHEMA, FILTERED, PAIR_SCHEMA, REMOVED
 
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 SURVIVORS = ("first", "train_first", "subset_order")
-DROPS_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("reason", pa.string()),
-        ("kept_id", pa.string()),
-        ("subset", pa.string()),
-        ("split", pa.string()),
-        ("similarity", pa.float64()),
-    ]
-)
 
 
 class DedupSettingsError(HhDataError, ValueError):
@@ -388,8 +377,10 @@ def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity
 def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> DedupResult:
     """Drop degenerate pairs, exact and near duplicates; every input row is kept or logged.
 
+    On large tables run it inside hhdata.memory.large_run(), as ``hhdata dedup`` does.
+
     Returns kept rows (PAIR_SCHEMA plus ``cluster_id``: the id of the cluster's
-    representative, the row's own id for a singleton), a drop log (id, reason, kept_id,
+    representative, the row's own id for a singleton), a drop log (id, fate, reason, kept_id,
     subset, split, similarity), a report and the settings.
     """
     missing = [name for name in PAIR_SCHEMA.names if name not in pairs.column_names]
@@ -407,19 +398,18 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     # the near stage's sketches of every row, made in a second thread while this one finds
     # degenerate pairs and exact duplicates (Arrow and numpy release the GIL); the near
     # stage then takes the rows that survive
-    with memory.large_run():
-        pool = ThreadPoolExecutor(max_workers=1)
-        sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
-        # without a near stage the second thread checks for degenerate pairs instead
-        checking = pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
-        try:
-            return _deduplicate(pairs, settings, ids, sketching, checking)
-        finally:
-            pool.shutdown(cancel_futures=True)
+    pool = ThreadPoolExecutor(max_workers=1)
+    sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
+    # without a near stage the second thread checks for degenerate pairs instead
+    checking = pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
+    try:
+        return _deduplicate(pairs, settings, ids, sketching, checking)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
-# exact_keys' threads while the sketches are made in another: one (3 measured 0.1-0.4 s
-# slower in the 170k build on 2 cores; bench/release_build.md)
+# exact_keys' threads while the sketches are made in another thread (chosen by measurement:
+# bench/release_build.md, "End to end")
 _EXACT_WORKERS_BESIDE_SKETCHES = 1
 
 
@@ -428,6 +418,7 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     _near_inputs(pairs) and of degenerate.find_degenerate(pairs), when started."""
     n = pairs.num_rows
     reason = np.full(n, None, dtype=object)
+    fate = np.full(n, None, dtype=object)  # set with every reason: REMOVED or FILTERED
     kept_index = np.full(n, -1, dtype=np.int64)
     similarity = np.full(n, np.nan)
     cluster = np.arange(n)
@@ -443,7 +434,8 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     flagged = {}
     for code in degenerate.REASONS:
         if policy[code] == degenerate.DROP:
-            reason[masks[code] & (reason == None)] = code  # noqa: E711 (element-wise)
+            dropped = masks[code] & (reason == None)  # noqa: E711 (element-wise)
+            reason[dropped], fate[dropped] = code, FILTERED
         else:
             flagged[code] = masks[code]
     alive = reason == None  # noqa: E711
@@ -454,7 +446,7 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     _, first_in_order, group = np.unique(keys[order], return_index=True, return_inverse=True)
     survivor_of = order[first_in_order][group]
     duplicate = survivor_of != order
-    reason[order[duplicate]] = EXACT_DUPLICATE
+    reason[order[duplicate]], fate[order[duplicate]] = EXACT_DUPLICATE, REMOVED
     kept_index[order[duplicate]] = survivor_of[duplicate]
     similarity[order[duplicate]] = 1.0
     cluster[order] = survivor_of
@@ -470,6 +462,7 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim
+            fate[row] = REMOVED
             cluster[row] = order[kept_local]
         edges = [(int(order[a]), int(order[b])) for a, b in edges]
         # an exact copy of a row dropped as a near duplicate points at what that row points at
@@ -504,6 +497,7 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     drops = pa.table(
         {
             "id": pa.array(ids[gone].tolist(), pa.string()),
+            "fate": pa.array(fate[gone].tolist(), pa.string()),
             "reason": pa.array(reason[gone].tolist(), pa.string()),
             "kept_id": pa.array(
                 [ids[k] if k >= 0 else None for k in kept_index[gone].tolist()], pa.string()

@@ -17,7 +17,11 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from huggingface_hub.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
 
 from hhdata.errors import HubError
 
@@ -167,8 +171,9 @@ def list_versions(repo_id: str, *, token: str | None = None, endpoint: str | Non
         match = VERSION_TAG.match(ref.name)
         if not match:
             continue
-        info = retrying(lambda: api.dataset_info(repo_id, revision=ref.target_commit), retries=2, backoff=0.5,
-                         repo_id=repo_id, doing=f"reading {ref.name}")
+        commit = ref.target_commit
+        info = retrying(lambda: api.dataset_info(repo_id, revision=commit), retries=2, backoff=0.5,  # noqa: B023 - called at once
+                        repo_id=repo_id, doing=f"reading {ref.name}")
         date = info.last_modified.isoformat() if info.last_modified else None
         versions.append((tuple(map(int, match.groups())), Version(ref.name[1:], ref.name, ref.target_commit, date)))
     return [version for _, version in sorted(versions)]

@@ -56,8 +56,8 @@ def download_release(
     config's data files), not yet verified: load_from_hub verifies before parsing. With
     ``force_download`` every file is fetched again, replacing what the cache holds.
     """
-    from hhdata.release.manifest import MANIFEST_NAME, read_manifest
     from hhdata.release.load import config_files
+    from hhdata.release.manifest import MANIFEST_NAME, read_manifest
 
     api = hub_api(token, endpoint)
     tag = _resolve_tag(repo_id, version, token=token, endpoint=endpoint)

@@ -28,9 +28,16 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from hhdata.release.diff import parse_version
 from hhdata.errors import HubError, IntegrityError, ReleaseError, VersionError
-from hhdata.hub.client import REPO_TYPE, VERSION_TAG, hub_api, http_status, quiet_unless_terminal, retrying
+from hhdata.hub.client import (
+    REPO_TYPE,
+    VERSION_TAG,
+    http_status,
+    hub_api,
+    quiet_unless_terminal,
+    retrying,
+)
+from hhdata.release.diff import parse_version
 from hhdata.release.manifest import MANIFEST_NAME, read_manifest
 
 KEEP_ON_HUB = {".gitattributes"}

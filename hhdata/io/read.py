@@ -20,10 +20,10 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import msgspec
 import numpy as np
@@ -36,24 +36,13 @@ from hhdata import quarantine as q
 from hhdata._arrow import ARROW_POOL
 from hhdata.errors import SourceError
 from hhdata.io.lines import RAW_HEAD, Block, blocks, path_text, too_long
-from hhdata.schema import PAIR_SCHEMA, SPLITS, family_of
 from hhdata.io.validate import explain_raw_line, validate_raw_table
+from hhdata.schema import PAIR_SCHEMA, RAW_SCHEMA, SPLITS, family_of
 
 MAX_LINE_BYTES = 4 * 2**20
 _RUN_LINES = 1024  # lines per call of Arrow's JSON reader
 _RETRY_LINES = 32  # a run with a bad line is redone in runs this long, then line by line
 
-RAW_SCHEMA = pa.schema(
-    [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("subset", pa.string()),
-        ("split", pa.string()),
-        ("family", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-    ]
-)
 
 
 class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):

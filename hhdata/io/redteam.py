@@ -32,28 +32,11 @@ import pyarrow as pa
 from hhdata import quarantine as q
 from hhdata.errors import SchemaError, SourceError, TranscriptError
 from hhdata.io.lines import path_text
-from hhdata.schema import RED_TEAM_SUBSET, TURNS
-from hhdata.pairs.transcript import parse_transcript
 from hhdata.io.validate import drop_rows, row_problems
+from hhdata.pairs.transcript import parse_transcript
+from hhdata.schema import RED_TEAM_SUBSET, REDTEAM_SCHEMA
 
 CONFIG = RED_TEAM_SUBSET
-REDTEAM_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("subset", pa.string()),
-        ("transcript", TURNS),
-        ("transcript_text", pa.string()),
-        ("min_harmlessness_score_transcript", pa.float64()),
-        ("num_params", pa.string()),
-        ("model_type", pa.string()),
-        ("rating", pa.float64()),
-        ("task_description", pa.string()),
-        ("task_description_harmlessness_score", pa.float64()),
-        ("red_team_member_id", pa.string()),
-        ("is_upworker", pa.bool_()),
-        ("tags", pa.list_(pa.string())),
-    ]
-)
 _UPSTREAM_TYPO = {"task_descripton_harmlessness_score": "task_description_harmlessness_score"}
 # jsonschema keyword of a record's first error -> quarantine reason code
 _REASON_OF_KEYWORD = {"required": q.MISSING_KEY, "additionalProperties": q.EXTRA_KEY, "type": q.WRONG_TYPE}

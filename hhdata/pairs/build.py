@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata import quarantine as q
-from hhdata.pairs import transcript as t
-from hhdata.errors import PairError, SchemaError
 from hhdata._arrow import ARROW_POOL
+from hhdata.errors import PairError, SchemaError
+from hhdata.pairs import transcript as t
 from hhdata.schema import PAIR_SCHEMA, TURN, TURNS, pair_id
 
 _BATCH_ROWS = 4096

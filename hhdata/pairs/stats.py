@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata.pairs.transcript import FLAGS
-
-ALL = "all"
+from hhdata.schema import ALL
 
 
 def pair_stats(pairs: pa.Table) -> dict[str, dict]:

@@ -179,7 +179,7 @@ def split_pair(chosen_text: str, rejected_text: str) -> Pair:
 def pair_flags(prompt: list[dict[str, str]], chosen: str, rejected: str) -> list[str]:
     """The irregularity flags of a split pair, in the fixed order of FLAGS."""
     found = set()
-    for side, reply, empty, inline in (
+    for _side, reply, empty, inline in (
         ("chosen", chosen, EMPTY_CHOSEN, TAG_IN_CHOSEN),
         ("rejected", rejected, EMPTY_REJECTED, TAG_IN_REJECTED),
     ):

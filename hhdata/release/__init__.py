@@ -5,6 +5,24 @@ croissant (croissant.json), diff (versions and the changelog), load (a release b
 datasets).
 """
 
-from hhdata.release.write import ParquetSettings, Release, data_file, write_data_files, write_release
+from hhdata.release.write import (
+    ParquetSettings,
+    Release,
+    StagedRelease,
+    data_file,
+    finish_release,
+    staged_release,
+    write_data_files,
+    write_release,
+)
 
-__all__ = ["ParquetSettings", "Release", "data_file", "write_data_files", "write_release"]
+__all__ = [
+    "ParquetSettings",
+    "Release",
+    "StagedRelease",
+    "data_file",
+    "finish_release",
+    "staged_release",
+    "write_data_files",
+    "write_release",
+]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
-from datasets.table import InMemoryTable
 import pyarrow.parquet as pq
+from datasets.table import InMemoryTable
 
 from hhdata.errors import IntegrityError, ReleaseError
 from hhdata.release.manifest import read_manifest

@@ -21,13 +21,13 @@ of the version is running, and the new one stops with a message naming its pid.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hhdata._version import __version__
-from hhdata.release import card, croissant, diff
 from hhdata.errors import ReleaseError, VersionError
+from hhdata.release import card, croissant, diff
 from hhdata.release.manifest import (
     MANIFEST_VERSION,
     PAIR_SCHEMA_VERSION,
@@ -47,26 +47,19 @@ from hhdata.release.manifest import (
     text_lengths,
     write_manifest,
 )
-from hhdata.schema import HARMLESS, HELPFUL, PAIR_SCHEMA
+from hhdata.schema import ALL, HARMLESS, HELPFUL, PAIR_SCHEMA
 
 PLOT_NAME = "lengths.png"
 DEFAULT_NAME = "hh-rlhf"
-ALL = "all"
 
 
 @dataclass(frozen=True)
 class ParquetSettings:
     """Pinned Parquet writer settings; they go into the manifest.
 
-    Chosen by measurement on 170k synthetic pairs (bench/release_build.md, settings sweep):
-    zstd level 3 files are 37% smaller than snappy and 10% smaller than zstd 1, for a few
-    seconds more per build; row groups of a fixed 1,000 rows (~2.4 MB of Arrow data, well
-    within what the Hub viewer pages through) bound what a version that appends rows
-    rewrites to the last row group of each file, and Parquet content-defined chunking keeps
-    the page boundaries before the append point where they were, so Xet re-sends only the
-    pages that changed: 3.5% of the release for a 1% append, against 5.3% with 10,000-row
-    groups and 7.1% with 100,000. A fixed row count, not a byte target, keeps earlier row
-    groups identical when rows are added.
+    zstd 3, fixed 1,000-row groups and content-defined chunking, so a version that appends
+    rows rewrites (and the Hub's Xet re-sends) little more than the new rows. Chosen by
+    measurement: bench/release_build.md, "Parquet settings".
     """
 
     compression: str = "zstd"
@@ -114,6 +107,20 @@ def data_file(subset: str, split: str) -> str:
     return f"data/{subset}/{split}-00000-of-00001.parquet"
 
 
+@dataclass(frozen=True)
+class StagedRelease:
+    """A release whose data files (and plot) are written into its staging folder; the
+    manifest and the documents made from it come next (finish_release)."""
+
+    out: Path
+    version: str
+    staging: Path
+    rows: pa.Table
+    files: dict
+    lengths: dict
+    parquet: ParquetSettings
+
+
 def write_release(
     pairs: pa.Table,
     out: str | Path,
@@ -122,7 +129,7 @@ def write_release(
     sources: list[dict],
     accounting: dict,
     settings: dict,
-    leakage: dict | Callable[[], dict | None] | None = None,
+    leakage: dict | None = None,
     previous: str | Path | None = None,
     allow_version_mismatch: bool = False,
     parquet: ParquetSettings = ParquetSettings(),
@@ -133,26 +140,62 @@ def write_release(
     ``pairs`` holds canonical pair rows (extra columns such as ``cluster_id`` are dropped);
     ``sources`` lists the raw files read (path, sha256, bytes), ``accounting`` the row
     counts by fate (see hhdata.pipeline), ``settings`` the pipeline settings, ``leakage``
-    the train/test prompt overlap (hhdata.dedup.configs.leakage_report's exact and near parts), or
-    a function returning it, called after the data files are written (so the check can run
-    while they are). With
-    ``previous`` (the directory of the last version) the change is classified and a version
-    number that contradicts it raises VersionError unless ``allow_version_mismatch``.
+    the train/test prompt overlap (hhdata.dedup.configs.leakage_report's exact and near
+    parts). With ``previous`` (the directory of the last version) the change is classified
+    and a version number that contradicts it raises VersionError unless
+    ``allow_version_mismatch``. The same as staging the data files, then finish_release.
     """
-    final = new_version_dir(out, version)
+    with staged_release(pairs, out, version, previous=previous, parquet=parquet) as staged:
+        return finish_release(staged, sources=sources, accounting=accounting, settings=settings,
+                              leakage=leakage, previous=previous,
+                              allow_version_mismatch=allow_version_mismatch, name=name)
+
+
+@contextlib.contextmanager
+def staged_release(
+    pairs: pa.Table,
+    out: str | Path,
+    version: str,
+    *,
+    previous: str | Path | None = None,
+    parquet: ParquetSettings = ParquetSettings(),
+):
+    """Write the data files of ``<out>/<version>/`` into a staging folder and yield them
+    (a StagedRelease); the staging folder is removed unless finish_release moved it into place.
+
+    The pipeline checks train/test leakage while the files are written, then hands the
+    result to finish_release.
+    """
+    new_version_dir(out, version)
     _claim_version(Path(out), version)
     staging = Path(out) / f".{version}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        metadata = {"sources": sources, "accounting": accounting, "settings": settings,
-                    "leakage": leakage, "name": name}
-        manifest, change = _build(pairs, staging, version, metadata, previous,
-                                  allow_version_mismatch, parquet)
-        _move_into_place(staging, final)
-    except BaseException:
+        rows, files, lengths = _write_data(pairs, staging, version, previous, parquet)
+        yield StagedRelease(Path(out), version, staging, rows, files, lengths, parquet)
+    finally:  # after finish_release the folder is renamed, and this finds nothing to remove
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def finish_release(
+    staged: StagedRelease,
+    *,
+    sources: list[dict],
+    accounting: dict,
+    settings: dict,
+    leakage: dict | None = None,
+    previous: str | Path | None = None,
+    allow_version_mismatch: bool = False,
+    name: str = DEFAULT_NAME,
+) -> Release:
+    """The manifest, diff, changelog, croissant.json and card of a staged release, then the
+    folder moved to ``<out>/<version>/`` (see write_release for the arguments)."""
+    metadata = {"sources": sources, "accounting": accounting, "settings": settings,
+                "leakage": leakage, "name": name}
+    manifest, change = _build(staged, metadata, previous, allow_version_mismatch)
+    final = Path(staged.out) / staged.version
+    _move_into_place(staged.staging, final)
     return Release(final, manifest, change)
 
 
@@ -205,9 +248,8 @@ def new_version_dir(out: str | Path, version: str) -> Path:
     return final
 
 
-def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, parquet):
-    """Data files and plot, then the manifest, the diff and version check, the changelog,
-    croissant.json and the card: each later file is made from the manifest."""
+def _write_data(pairs, staging, version, previous, parquet):
+    """The canonical rows, their data files and plot in ``staging``, and the text lengths."""
     rows = canonical_rows(pairs)
     stamp = file_metadata(version)
     with ThreadPoolExecutor(max_workers=1) as pool:  # the plot is drawn while the files are written
@@ -215,6 +257,13 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
         plot = pool.submit(lambda: _plot(lengths.result(), staging))
         files = write_data_files(rows, staging, parquet, stamp, previous)
         files[PLOT_NAME] = plot.result()
+    return rows, files, lengths.result()
+
+
+def _build(staged, metadata, previous, allow_version_mismatch):
+    """The manifest, the diff and version check, the changelog, croissant.json and the card
+    of the staged data files: each later file is made from the manifest."""
+    rows, files, staging, version = staged.rows, staged.files, staged.staging, staged.version
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "name": metadata["name"],
@@ -226,14 +275,13 @@ def _build(pairs, staging, version, metadata, previous, allow_version_mismatch, 
         "configs": config_views(rows),
         "accounting": metadata["accounting"],
         "flags": flag_counts(rows),
-        "lengths": length_stats(rows, lengths.result()),
-        "settings": {**metadata["settings"], "parquet": dataclasses.asdict(parquet)},
+        "lengths": length_stats(rows, staged.lengths),
+        "settings": {**metadata["settings"], "parquet": dataclasses.asdict(staged.parquet)},
         "files": files,
         "previous": None,
     }
-    leakage = metadata["leakage"]() if callable(metadata["leakage"]) else metadata["leakage"]
-    if leakage is not None:
-        manifest["leakage"] = leakage
+    if metadata["leakage"] is not None:
+        manifest["leakage"] = metadata["leakage"]
     change = None
     history = ""
     if previous is not None:

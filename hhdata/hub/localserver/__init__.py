@@ -76,7 +76,7 @@ class LocalHub:
         self._front: subprocess.Popen | None = None
 
     # -- lifecycle --------------------------------------------------------------------
-    def start(self) -> "LocalHub":
+    def start(self) -> LocalHub:
         """Start olah, then the write server, and wait until both answer."""
         self.repos.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ class LocalHub:
                 proc.kill()
                 proc.wait()
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> LocalHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata.errors import PairError
+from hhdata.pairs.transcript import split_pair
 from hhdata.release.write import write_release
 from hhdata.schema import PAIR_SCHEMA, pair_id
-from hhdata.pairs.transcript import split_pair
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
