@@ -1,4 +1,4 @@
-"""Near-duplicate detection on the synthetic corpus: hhdata.minhash vs datasketch vs rensa.
+"""Near-duplicate detection on the synthetic corpus: hhdata.dedup.minhash vs datasketch vs rensa.
 
 Every tool gets the same prompts (the turn contents of each pair's prompt, as
 hhdata.synth.prompt_tokens defines them), the same 5-word shingles, the same permutations,
@@ -50,8 +50,8 @@ def cpu_seconds() -> float:
 
 def prepare(corpus: Path, work: Path) -> dict:
     """Prompts of every pair (Parquet) and the planted truth as row-index pairs."""
-    from hhdata import dedup
-    from hhdata.read import read_pairs
+    from hhdata.dedup import run as dedup
+    from hhdata.io.read import read_pairs
 
     work.mkdir(parents=True, exist_ok=True)
     result = read_pairs([corpus], progress=False)
@@ -77,7 +77,7 @@ def prepare(corpus: Path, work: Path) -> dict:
 
 
 def shingle_strings(texts: list[str], k: int) -> list[list[str]]:
-    """The same shingles as hhdata.minhash, as strings: k lower-cased words joined by a space."""
+    """The same shingles as hhdata.dedup.minhash, as strings: k lower-cased words joined by a space."""
     sets = []
     for text in texts:
         words = text.lower().split()
@@ -89,8 +89,8 @@ def shingle_strings(texts: list[str], k: int) -> list[list[str]]:
 
 
 def run_hhdata(texts: pa.Array, args, verify: str) -> np.ndarray:
-    """hhdata.minhash.similar_pairs over the prompt texts."""
-    from hhdata import minhash
+    """hhdata.dedup.minhash.similar_pairs over the prompt texts."""
+    from hhdata.dedup import minhash
 
     pairs, _ = minhash.similar_pairs(texts, shingle_size=args.shingle_size, num_perm=args.num_perm,
                                      bands=args.bands, rows=args.rows, threshold=args.threshold,
@@ -182,7 +182,8 @@ def score(found: np.ndarray, planted: dict, threshold: float) -> dict:
 
 def time_exact(work: Path) -> dict:
     """Time exact-duplicate keys alone and deduplicate(near=False) on the whole pair table."""
-    from hhdata import dedup
+    from hhdata import memory
+    from hhdata.dedup import run as dedup
 
     pairs = pq.read_table(work / "pairs.parquet")
     settings = dedup.DedupSettings(near=False)
@@ -191,7 +192,8 @@ def time_exact(work: Path) -> dict:
     _, first = np.unique(keys, return_index=True)
     keys_seconds, keys_cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    result = dedup.deduplicate(pairs, settings)
+    with memory.large_run():  # as `hhdata dedup` runs it
+        result = dedup.deduplicate(pairs, settings)
     return {"exact_keys_seconds": keys_seconds, "exact_keys_cpu_seconds": keys_cpu,
             "duplicates": pairs.num_rows - len(first),
             "deduplicate_seconds": time.perf_counter() - start,
@@ -202,13 +204,15 @@ def time_exact(work: Path) -> dict:
 def run_stage(work: Path, corpus: Path, scope: str, sketch: str = "oph") -> tuple[str, dict]:
     """The whole deduplicate() stage at its defaults (near_scope and sketch as given), scored
     on planted.json; also returns the drops by id."""
-    from hhdata import dedup
+    from hhdata import memory
+    from hhdata.dedup import run as dedup
 
     pairs = pq.read_table(work / "pairs.parquet")
     truth = json.loads((corpus / "planted.json").read_text())
     settings = dedup.DedupSettings(near_scope=scope, sketch=sketch)
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    result = dedup.deduplicate(pairs, settings)
+    with memory.large_run():  # as `hhdata dedup` runs it
+        result = dedup.deduplicate(pairs, settings)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     drops = {row["id"]: row for row in result.drops.to_pylist()}
 

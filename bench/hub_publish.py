@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 def publish_hhdata(release: str, repo: str) -> dict:
-    import hhdata.release_load  # noqa: F401 - imports datasets; both routes import before timing
+    import hhdata.release.load  # noqa: F401 - imports datasets; both routes import before timing
     from hhdata.hub import publish
 
     started = time.perf_counter()
@@ -44,7 +44,7 @@ def publish_hhdata(release: str, repo: str) -> dict:
 def publish_datasets(release: str, repo: str) -> dict:
     from huggingface_hub import HfApi
 
-    from hhdata.release_load import load_release
+    from hhdata.release.load import load_release
 
     dataset = load_release(release, "all")
     version = json.loads((Path(release) / "manifest.json").read_text())["version"]
@@ -72,7 +72,7 @@ def main() -> None:
     from release_build import append_new_pairs, synthetic_subsets
 
     from hhdata import pipeline, synth
-    from tests.hubserver import LocalHub
+    from hhdata.hub.localserver import LocalHub
 
     work = args.work or Path(tempfile.mkdtemp(prefix="hub-bench-"))
     synth.write_corpus(work / "corpus", args.pairs, seed=0)

@@ -2,7 +2,7 @@
 
 The usual way: gzip line by line, ``json.loads`` per line, ``jsonschema`` validation of
 each record against the same schema (schemas/raw_record.schema.json), and a Python split
-of each transcript (hhdata.transcript.split_pair, the correct rule). hhdata: read_pairs,
+of each transcript (hhdata.pairs.transcript.split_pair, the correct rule). hhdata: read_pairs,
 that is read_raw (Arrow's JSON reader + vectorised schema checks) then build_pairs (speaker
 tags found once with numpy, pieces cut by offsets) on each file in the thread that read
 it, one thread per CPU, and again in one thread.
@@ -49,7 +49,7 @@ def files_of(folder: Path) -> list[Path]:
 
 def run_hhdata(folder: Path):
     """hhdata: read_pairs, that is read_raw + build_pairs per file in one pool (the timed part)."""
-    from hhdata.read import read_pairs
+    from hhdata.io.read import read_pairs
 
     return read_pairs(files_of(folder))
 
@@ -78,7 +78,7 @@ def run_baseline(folder: Path) -> tuple[dict, list]:
 
     from hhdata.errors import PairError
     from hhdata.schema import pair_id
-    from hhdata.transcript import split_pair
+    from hhdata.pairs.transcript import split_pair
 
     schema = json.loads((HERE.parent / "schemas" / "raw_record.schema.json").read_text())
     validator = Draft202012Validator(schema)
@@ -151,7 +151,7 @@ def peak_rss_kib() -> int:
 
 def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     """Run one side, then print its timing, peak memory and digest as JSON."""
-    import hhdata.read  # noqa: F401  (imports are not timed on either side)
+    import hhdata.io.read  # noqa: F401  (imports are not timed on either side)
     import hhdata.pairs  # noqa: F401
     import jsonschema  # noqa: F401
 
@@ -182,7 +182,8 @@ def phases(folder: Path) -> dict[str, float]:
     import functools
 
     os.cpu_count = lambda: 1  # one thread for reading and for pairs
-    from hhdata import pairs, read
+    from hhdata.io import read
+    from hhdata.pairs import build as pairs
 
     spent: dict[str, float] = {}
 

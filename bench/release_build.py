@@ -8,7 +8,7 @@ Usage: .venv/bin/python bench/release_build.py [--pairs 170000] [--work DIR] [--
    - hhdata: ``hhdata.pipeline.build_release`` (read + validate + parse + exact and near
      dedup + Parquet per subset/split + card, manifest, changelog, croissant);
    - usual: ``datasets.load_dataset("json")`` per file + ``map`` with a Python transcript
-     split (hhdata.transcript.split_pair, the reference parser) + ``Dataset.to_parquet``
+     split (hhdata.pairs.transcript.split_pair, the reference parser) + ``Dataset.to_parquet``
      per subset/split (the writer push_to_hub uses: content-defined chunking, page index).
      It validates nothing and deduplicates nothing, so it does less work.
 2. Re-upload cost of a minor version: 1% new pairs appended to every source file, built
@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hhdata import pipeline, synth  # noqa: E402
 from hhdata.dedup import DedupSettings  # noqa: E402
 from hhdata.pairs import build_pairs  # noqa: E402
-from hhdata.read import read_pairs, read_raw  # noqa: E402
+from hhdata.io.read import read_pairs, read_raw  # noqa: E402
 from hhdata.release import ParquetSettings, write_data_files, write_release  # noqa: E402
 from hhdata.schema import family_of, pair_id  # noqa: E402
-from hhdata.transcript import split_pair  # noqa: E402
+from hhdata.pairs.transcript import split_pair  # noqa: E402
 
 MIN_CHUNK, MAX_CHUNK, MASK_BITS = 8 * 1024, 128 * 1024, 16  # target 64 KiB
 WINDOW, BLOCK = 48, 8 << 20
@@ -283,7 +283,8 @@ def main() -> None:
 
 def stage_timings(corpus: Path, out: Path) -> None:
     """Seconds per stage of build_release, each stage run once on the same corpus."""
-    from hhdata import configs, dedup
+    from hhdata import dedup, memory
+    from hhdata.dedup import configs
 
     def timed(label, call):
         started = time.perf_counter()
@@ -294,8 +295,9 @@ def stage_timings(corpus: Path, out: Path) -> None:
     print("\n| stage | seconds |\n|---|---:|")
     raw = timed("read_raw (read + validate)", lambda: read_raw([corpus]))
     pair_rows, _ = timed("build_pairs (parse)", lambda: build_pairs(raw.table))
-    timed("deduplicate, exact only", lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)))
-    deduplicated = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows))
+    with memory.large_run():  # as build_release runs them
+        timed("deduplicate, exact only", lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)))
+        deduplicated = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows))
     kept = deduplicated.kept
     timed("leakage_report, reusing deduplicate's prompt sketch (what build_release does)",
           lambda: configs.leakage_report(kept, examples=0, sketch=deduplicated.prompt_sketch))

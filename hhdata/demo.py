@@ -6,9 +6,8 @@
 4. publish it to a local Hub server and load it back in one line, pinned to its version;
 5. train a reward model on the release, an SFT policy, and a few PPO updates against it.
 
-Run it from the repository root (`python -m hhdata.demo`): the local Hub server lives in
-`tests/hubserver`, which is not part of the installed package. Everything is written under
-`.demo/`, which is rebuilt on every run.
+Run it as `python -m hhdata.demo`; the local Hub server is hhdata.hub.localserver (it needs
+olah, in the `train` extra). Everything is written under `.demo/`, which is rebuilt on every run.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def clip(text: str, width: int = 84) -> str:
 
 def step_load() -> None:
     import hhdata
-    from hhdata.stats import format_stats, pair_stats
+    from hhdata.pairs.stats import format_stats, pair_stats
 
     banner("1. Load the bundled sample in one line:  ds = hhdata.load()")
     started = time.perf_counter()
@@ -58,10 +57,10 @@ def step_load() -> None:
 
 def step_validate() -> None:
     from hhdata import synth
-    from hhdata.dedup import deduplicate
+    from hhdata.dedup.run import deduplicate
+    from hhdata.io.read import read_pairs
+    from hhdata.pairs.transcript import common_prefix_length
     from hhdata.quarantine import reason_counts
-    from hhdata.read import read_pairs
-    from hhdata.transcript import common_prefix_length
 
     banner("2. Validate and deduplicate raw files with planted faults:  hhdata validate / hhdata dedup .demo/synth")
     truth = synth.write_corpus(WORK / "synth", n_pairs=3000, seed=0, bad_rate=0.005)
@@ -95,8 +94,8 @@ def step_validate() -> None:
 
 
 def step_build() -> Path:
+    from hhdata.io.read import bundled_sample_path
     from hhdata.pipeline import build_release
-    from hhdata.read import bundled_sample_path
 
     banner(f"3. Build release {VERSION}:  hhdata build hhdata/data/hh-rlhf --version {VERSION} --out .demo/releases")
     started = time.perf_counter()
@@ -114,12 +113,9 @@ def step_build() -> Path:
 
 
 def step_publish(release_dir: Path) -> None:
-    try:
-        from tests.hubserver import LocalHub
-    except ImportError:
-        sys.exit("the demo runs from the repository root (python -m hhdata.demo): it needs tests/hubserver")
     import hhdata
     from hhdata import hub
+    from hhdata.hub.localserver import LocalHub
 
     banner(f"4. Publish to a local Hub and load it back:  hhdata publish {release_dir} --repo {REPO_ID}")
     with LocalHub(WORK / "hub") as server:

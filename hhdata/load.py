@@ -4,7 +4,7 @@
   and parses it and caches the pair table as an Arrow file keyed by the sample's sha256 and
   the hhdata version; later calls memory-map that file (well under a second).
 - ``load("path/to/release/1.0.0")`` : a local release (a folder with manifest.json), read by
-  hhdata.release_load.load_release; ``load("path/to/releases", version="1.0.0")`` too.
+  hhdata.release.load.load_release; ``load("path/to/releases", version="1.0.0")`` too.
 - ``load("org/name", version="1.0.0")`` : a release on the Hub, by hhdata.hub.load_from_hub.
 - ``load("raw/folder")`` or a raw file or glob : read and parsed on the spot (not cached).
 
@@ -23,14 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata.errors import LoadError, SourceError
-from hhdata.schema import HARMLESS, HELPFUL, PAIR_SCHEMA
+from hhdata.schema import ALL, HARMLESS, HELPFUL, PAIR_SCHEMA
 
 if TYPE_CHECKING:  # datasets is imported on first use: `import hhdata` stays fast
     import datasets
 
 CACHE_ENV = "HHDATA_CACHE"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-ALL = "all"
 
 
 def load(
@@ -46,8 +45,8 @@ def load(
 
     config is ``all`` (default), ``helpful``, ``harmless`` or a subset name. With
     ``strict_roles=True`` only rows that strict chat templates (Llama-2, Mistral) accept are
-    kept: alternating user/assistant turns and non-empty replies (hhdata.roles;
-    ``hhdata.roles.strict_counts`` says what is left out and why). ``force_download`` (Hub
+    kept: alternating user/assistant turns and non-empty replies (hhdata.pairs.roles;
+    ``hhdata.pairs.roles.strict_counts`` says what is left out and why). ``force_download`` (Hub
     repos only) fetches every file again instead of using the cache.
 
     >>> ds = load()
@@ -57,7 +56,7 @@ def load(
     2304
     """
     if strict_roles:
-        from hhdata.roles import keep_strict
+        from hhdata.pairs.roles import keep_strict
 
         return keep_strict(load(source, config, split, version, force_download=force_download))
     if source is None:
@@ -66,12 +65,12 @@ def load(
                 f"version={version!r} names a release, but no source was given; the bundled "
                 "sample has no versions (pass a release folder or a Hub repo id)"
             )
-        return _select({"test": _bundled_table()}, config, split, "the bundled sample")
+        return _select({"test": bundled_table()}, config, split, "the bundled sample")
     path = Path(source)
     if version is not None and (path / version / "manifest.json").is_file():
         path = path / version
     if (path / "manifest.json").is_file():
-        from hhdata.release_load import load_release
+        from hhdata.release.load import load_release
 
         if version is not None:
             _check_version(path, version)
@@ -134,10 +133,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hhdata")
 
 
-def _bundled_table() -> pa.Table:
+def bundled_table() -> pa.Table:
     """The bundled sample's pair table, from the cache (memory-mapped) or built once."""
-    from hhdata import __version__
-    from hhdata.read import bundled_sample_path
+    from hhdata._version import __version__
+    from hhdata.io.read import bundled_sample_path
 
     sample = bundled_sample_path()
     digest = hashlib.sha256(sample.read_bytes()).hexdigest()[:16]
@@ -161,8 +160,8 @@ def _bundled_table() -> pa.Table:
 
 
 def _build(*paths) -> pa.Table:
-    from hhdata.pairs import build_pairs
-    from hhdata.read import read_raw
+    from hhdata.io.read import read_raw
+    from hhdata.pairs.build import build_pairs
 
     pairs, _ = build_pairs(read_raw(list(paths)).table)
     return pairs

@@ -2,12 +2,12 @@
 
 A release build allocates and frees hundreds of arrays of 100-500 MB (columns of text,
 shingle hashes). With pyarrow's default mimalloc pool and numpy asking the kernel for
-transparent huge pages, the kernel spends seconds faulting in and zeroing fresh pages:
-on the 170k-pair benchmark corpus, 9 s of system time in a 14 s build (bench/release_build.md).
-Inside ``large_run()`` Arrow's default pool is hhdata.read.ARROW_POOL (jemalloc, which
-reuses freed pages) and numpy does not advise huge pages; together they halved the system
-time and took 3 s off the build. Both are performance hints only: no result depends on
-them. The previous settings come back when the last concurrent large run ends.
+transparent huge pages, the kernel spends seconds faulting in and zeroing fresh pages
+(measured in bench/release_build.md). Inside ``large_run()`` Arrow's default pool is
+hhdata._arrow.ARROW_POOL (jemalloc, which reuses freed pages) and numpy does not advise huge
+pages. Both are performance hints only: no result depends on them. The previous settings
+come back when the last concurrent large run ends. Entry points enter it once: ``hhdata
+build``, ``hhdata dedup`` and hhdata.pipeline.build_release; the stages below do not.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import threading
 
 import numpy as np
 import pyarrow as pa
+
+from hhdata._arrow import ARROW_POOL
 
 _lock = threading.Lock()
 _depth = 0
@@ -33,7 +35,6 @@ def _set_hugepage(enabled: bool) -> bool | None:
 def large_run():
     """Use allocator settings that suit hhdata's large arrays while the block runs."""
     global _depth, _saved
-    from hhdata.read import ARROW_POOL
 
     with _lock:
         if _depth == 0:

@@ -20,20 +20,23 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 
-from hhdata import configs, dedup, memory, read, release
+from hhdata import memory
+from hhdata.dedup import configs
+from hhdata.dedup import run as dedup
 from hhdata.errors import ReleaseError
-from hhdata.lines import path_text
-from hhdata.manifest import file_digest, read_manifest
-from hhdata.schema import SUBSET_FAMILIES, is_synthetic
+from hhdata.io import read
+from hhdata.io.lines import path_text
+from hhdata.release import write as release
+from hhdata.release.manifest import file_digest, read_manifest
+from hhdata.schema import FATES, FILTERED, REMOVED, SUBSET_FAMILIES, is_synthetic
 
-DUPLICATE_MARK = "duplicate"
 HUB_PREFIX = "hf://"
 
 
@@ -74,16 +77,12 @@ def run_pipeline(
     ``sources`` are files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``,
     or globs (or ``hf://ORG/NAME`` for the upstream layout on the Hub). With
     ``check_leakage`` the kept rows' prompts shared by train and test (exact and near) are
-    counted (hhdata.configs.leakage_report) for the manifest and the card. Raises
+    counted (hhdata.dedup.configs.leakage_report) for the manifest and the card. Raises
     ReleaseError when a synthetic subset is read without being named in
-    ``include_synthetic``, or when the counts do not reconcile.
+    ``include_synthetic``, or when the counts do not reconcile. Allocator settings are the
+    caller's: build_release and ``hhdata build`` run it inside hhdata.memory.large_run().
     """
-    with memory.large_run():
-        return _run_pipeline(sources, dedup_settings or dedup.DedupSettings(), include_synthetic,
-                             check_leakage, progress)
-
-
-def _run_pipeline(sources, dedup_settings, include_synthetic, check_leakage, progress) -> PipelineResult:
+    dedup_settings = dedup_settings or dedup.DedupSettings()
     sources = resolve_sources(sources)
     # each file is read and parsed by one thread (read_pairs); its quarantine holds the bad
     # lines and the pairs whose prompt cannot be found
@@ -174,11 +173,12 @@ def release_from(
     empty = nothing_kept(result)
     if empty:
         raise ReleaseError(empty)
-    with memory.large_run():
-        return release.write_release(
-            result.pairs, out, version, sources=result.sources, accounting=result.accounting,
-            settings=result.settings, leakage=lambda: result.leakage,
-            previous=previous, allow_version_mismatch=allow_version_mismatch, parquet=parquet,
+    # the leakage check started in run_pipeline runs while the data files are written; its
+    # result goes to the manifest as data
+    with release.staged_release(result.pairs, out, version, previous=previous, parquet=parquet) as staged:
+        return release.finish_release(
+            staged, sources=result.sources, accounting=result.accounting, settings=result.settings,
+            leakage=result.leakage, previous=previous, allow_version_mismatch=allow_version_mismatch,
             name=name,
         )
 
@@ -193,7 +193,7 @@ def nothing_kept(result: PipelineResult) -> str | None:
         files = f"{len(result.sources)} file" + ("s" if len(result.sources) != 1 else "")
         return (f"the sources hold no record ({files} read, all empty or blank); no release is "
                 "written: check that the right files were given")
-    left = [f"{reason} {count}" for fate in ("quarantined", "removed", "filtered")
+    left = [f"{reason} {count}" for fate in FATES
             for reason, count in accounting[fate].items()]
     return (f"all {accounting['read']} records read left the flow ({', '.join(left)}), so no "
             "row is left to release; no release is written: fix the records (hhdata validate "
@@ -229,7 +229,7 @@ def resolve_sources(sources: str | Path | Iterable[str | Path]) -> list[str | Pa
     resolved = []
     for source in given:
         if isinstance(source, str) and source.startswith(HUB_PREFIX):
-            from hhdata.hub import fetch_upstream
+            from hhdata.hub.load import fetch_upstream
 
             repo_id, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
             # preference subsets only: red-team attempts are not pairs (their own schema)
@@ -243,9 +243,10 @@ def resolve_sources(sources: str | Path | Iterable[str | Path]) -> list[str | Pa
 def reconcile(report: read.ReadReport, quarantine: pa.Table, drops: pa.Table, kept: int) -> dict:
     """The accounting of a run; raises ReleaseError unless read = kept + everything that left."""
     records = report.lines - report.blank
-    removed, filtered = Counter(), Counter()
-    for reason in drops["reason"].to_pylist():
-        (removed if DUPLICATE_MARK in reason else filtered)[reason] += 1
+    left_by_fate = {REMOVED: Counter(), FILTERED: Counter()}
+    for fate, reason in zip(drops["fate"].to_pylist(), drops["reason"].to_pylist(), strict=True):
+        left_by_fate[fate][reason] += 1
+    removed, filtered = left_by_fate[REMOVED], left_by_fate[FILTERED]
     quarantined = Counter(quarantine["reason"].to_pylist())
     accounting = {
         "read": records,

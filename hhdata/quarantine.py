@@ -17,7 +17,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from hhdata.errors import SourceError
-from hhdata.transcript import BAD_TRANSCRIPT_START, NO_HUMAN_TURN, PROMPT_MISMATCH
+from hhdata.schema import QUARANTINE_SCHEMA
 
 # Reasons found while reading a line.
 INVALID_UTF8 = "invalid_utf8"
@@ -34,6 +34,10 @@ NULL_VALUE = "null_value"
 EMPTY_STRING = "empty_string"
 SCHEMA_VIOLATION = "schema_violation"
 CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"
+# Reasons found by hhdata.pairs.transcript: the pair's prompt cannot be determined.
+BAD_TRANSCRIPT_START = "bad_transcript_start"
+NO_HUMAN_TURN = "no_human_turn"
+PROMPT_MISMATCH = "prompt_mismatch"
 
 REASONS = (
     INVALID_UTF8,
@@ -49,7 +53,6 @@ REASONS = (
     EMPTY_STRING,
     SCHEMA_VIOLATION,
     CHOSEN_EQUALS_REJECTED,
-    # from hhdata.transcript: the pair's prompt cannot be determined
     NO_HUMAN_TURN,
     PROMPT_MISMATCH,
     BAD_TRANSCRIPT_START,
@@ -65,15 +68,6 @@ class Problem(NamedTuple):
     raw: bytes | None
 
 
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("reason", pa.string()),
-        ("message", pa.string()),
-        ("raw", pa.binary()),
-    ]
-)
 
 
 def quarantine_table(rows: list[tuple[str, int, str, str, bytes | None]]) -> pa.Table:

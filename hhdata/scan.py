@@ -6,7 +6,7 @@ and columns a query needs. Rows come in the canonical pair schema (hhdata.schema
 
 - a local release (``releases/1.0.0``, or ``releases`` with ``version="1.0.0"``) is scanned
   in place; each file's size is checked against manifest.json (reading every byte for its
-  sha256 would defeat the laziness: ``hhdata.load`` and ``hhdata.release_load.verify_files``
+  sha256 would defeat the laziness: ``hhdata.load`` and ``hhdata.release.load.verify_files``
   check checksums);
 - a Hub repo (``org/name``) is resolved to the tag ``v<version>`` (default: the latest) and
   the config's files are downloaded with huggingface_hub (cached, honouring HF_ENDPOINT) and
@@ -45,7 +45,7 @@ def scan(
     """
     import polars as pl
 
-    from hhdata.manifest import read_manifest
+    from hhdata.release.manifest import read_manifest
 
     folder, downloaded = _release_folder(source, config, version)
     manifest = read_manifest(folder)
@@ -82,13 +82,13 @@ def _release_folder(source, config, version) -> tuple[Path, bool]:
 
 def _download(repo_id: str, config: str | None, version: str | None) -> Path:
     """The tag's snapshot folder, holding manifest.json and the config's data files."""
-    from hhdata.hub_load import download_release
+    from hhdata.hub.load import download_release
 
     return download_release(repo_id, version, config)
 
 
 def _files(manifest: dict, config: str | None, split: str | None) -> list[str]:
-    from hhdata.release_load import config_files
+    from hhdata.release.load import config_files
 
     splits = config_files(manifest, config)
     if split is None:
@@ -103,7 +103,7 @@ def _files(manifest: dict, config: str | None, split: str | None) -> list[str]:
 
 def _check(folder: Path, relative: str, manifest: dict, *, full: bool) -> None:
     """Size (always) and sha256 (when ``full``) of one data file against the manifest."""
-    from hhdata.manifest import file_digest
+    from hhdata.release.manifest import file_digest
 
     path = folder / relative
     expected = manifest["files"][relative]

@@ -29,6 +29,11 @@ PAIR_SCHEMA = pa.schema(
 )
 
 HELPFUL, HARMLESS = "helpful", "harmless"
+ALL = "all"  # the config of every preference subset
+# What became of a row that was not kept: it left at reading or parsing (quarantined), it
+# duplicates a kept row (removed), or it is too degenerate to learn from (filtered).
+QUARANTINED, REMOVED, FILTERED = "quarantined", "removed", "filtered"
+FATES = (QUARANTINED, REMOVED, FILTERED)
 SUBSET_FAMILIES = {
     "harmless-base": HARMLESS,
     "helpful-base": HELPFUL,
@@ -84,3 +89,61 @@ def pair_id(chosen_text: str, rejected_text: str) -> str:
     digest.update(b"\x00")
     digest.update(rejected_text.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:20]
+
+
+# -- the other tables the stages hand on ------------------------------------------------
+# a raw record as read (hhdata.io.read), before it is parsed into a pair
+RAW_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("line", pa.int64()),
+        ("subset", pa.string()),
+        ("split", pa.string()),
+        ("family", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+    ]
+)
+
+# a record that left at reading or parsing, with where it was and why (hhdata.quarantine)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("line", pa.int64()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("raw", pa.binary()),
+    ]
+)
+
+# a pair the dedup stage dropped, with its fate and reason (hhdata.dedup.run)
+DROPS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("fate", pa.string()),  # removed (a duplicate of kept_id) or filtered (degenerate)
+        ("reason", pa.string()),
+        ("kept_id", pa.string()),
+        ("subset", pa.string()),
+        ("split", pa.string()),
+        ("similarity", pa.float64()),
+    ]
+)
+
+# a red-team attempt (hhdata.io.redteam), never mixed into preference configs
+REDTEAM_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("subset", pa.string()),
+        ("transcript", TURNS),
+        ("transcript_text", pa.string()),
+        ("min_harmlessness_score_transcript", pa.float64()),
+        ("num_params", pa.string()),
+        ("model_type", pa.string()),
+        ("rating", pa.float64()),
+        ("task_description", pa.string()),
+        ("task_description_harmlessness_score", pa.float64()),
+        ("red_team_member_id", pa.string()),
+        ("is_upworker", pa.bool_()),
+        ("tags", pa.list_(pa.string())),
+    ]
+)

@@ -36,8 +36,8 @@ import msgspec
 import numpy as np
 
 from hhdata.errors import SynthError
+from hhdata.pairs.transcript import ASSISTANT, SEPARATORS, USER, split_pair
 from hhdata.schema import SYNTHETIC_PREFIX, pair_id
-from hhdata.transcript import ASSISTANT, SEPARATORS, USER, split_pair
 
 SAMPLE = ("data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
 # Upstream rows per subset and split (Anthropic/hh-rlhf); 169,352 pairs in all.

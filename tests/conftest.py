@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hhdata.read import bundled_sample_path
+from hhdata.io.read import bundled_sample_path
 
 pytest_plugins = ["tests.conftest_hub"]  # the local_hub fixture (a Hub on 127.0.0.1)
 

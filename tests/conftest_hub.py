@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from tests.hubserver import LocalHub
+from hhdata.hub.localserver import LocalHub
 
 
 @pytest.fixture(scope="module")

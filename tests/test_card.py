@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 import hhdata
-from hhdata.card import render_card
-from hhdata.croissant import CONFORMS_TO
+from hhdata.io.read import bundled_sample_path, read_raw
 from hhdata.pairs import build_pairs
-from hhdata.read import bundled_sample_path, read_raw
 from hhdata.release import write_release
+from hhdata.release.card import render_card
+from hhdata.release.croissant import CONFORMS_TO
 
 SECTIONS = ["## Dataset details", "## Uses", "**Out-of-scope use.**", "## Dataset structure",
             "## Dataset creation", "## Bias, risks and limitations", "## Citation"]
@@ -239,7 +239,7 @@ def strict_model(tmp_path_factory):
     """A folder named like the card's model id, holding the tiny Llama with a strict chat template."""
     from transformers import LlamaForCausalLM
 
-    from hhdata.card import STRICT_MODEL
+    from hhdata.release.card import STRICT_MODEL
     from tests.test_roles import STRICT_TEMPLATE
     from training.models import tiny_config, train_tiny_tokenizer
 

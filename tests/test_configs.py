@@ -1,15 +1,17 @@
-"""hhdata.configs: config views, leakage (exact and near, within and across subsets), resplit."""
+"""hhdata.dedup.configs: config views, leakage (exact and near, within and across subsets), resplit."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from hhdata import configs, dedup
-from hhdata.configs import ConfigError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_dedup import POOL, edit_prompt_word, long_records, pair_table
+
+from hhdata import dedup
+from hhdata.dedup import configs
+from hhdata.dedup.configs import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_unknown_config_names_the_ones_that_exist(leaky):
 def test_red_team_rows_never_form_a_pair_config(leaky):
     mixed = leaky.set_column(leaky.schema.get_field_index("subset"), "subset",
                              pa.array(["red-team-attempts"] + leaky["subset"].to_pylist()[1:]))
-    with pytest.raises(ConfigError, match="hhdata.redteam.read_redteam"):
+    with pytest.raises(ConfigError, match="hhdata.io.redteam.read_redteam"):
         configs.select_config(mixed, "all")
 
 
@@ -149,7 +151,7 @@ def python_leaks(split: list[str], subset: list[str], groups: list[int]) -> dict
 
 @pytest.mark.parametrize("seed", range(5))
 def test_leak_counts_match_their_definition(seed):
-    from hhdata.configs import _leaks
+    from hhdata.dedup.configs import _leaks
 
     rng = np.random.default_rng(seed)
     n = 400

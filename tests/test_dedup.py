@@ -10,13 +10,16 @@ from importlib import resources
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import example, given, settings as hsettings, strategies as st
+from hypothesis import example, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from hhdata import dedup, minhash, pairs, synth
-from hhdata.dedup import DedupSettings, DedupSettingsError, deduplicate
+from hhdata import pairs, synth
+from hhdata.dedup import DedupSettings, DedupSettingsError, deduplicate, minhash
+from hhdata.dedup import run as dedup
 from hhdata.errors import SchemaError
+from hhdata.pairs.transcript import parse_transcript, split_pair
 from hhdata.schema import family_of
-from hhdata.transcript import parse_transcript, split_pair
 
 
 def pair_table(records) -> pa.Table:
@@ -207,6 +210,10 @@ def test_laws_accounting_and_idempotence(rows, survivor, scope):
     # kept + dropped = input, as multisets of ids
     assert Counter(result.kept["id"].to_pylist()) + Counter(result.drops["id"].to_pylist()) == Counter(
         table["id"].to_pylist())
+    # a duplicate is removed, a degenerate pair filtered: the fate follows the reason's stage
+    fates = {"exact_duplicate": "removed", "near_duplicate": "removed"}
+    for drop in result.drops.select(["fate", "reason"]).to_pylist():
+        assert drop["fate"] == fates.get(drop["reason"], "filtered")
     # every duplicate points at a kept row
     kept_ids = set(result.kept["id"].to_pylist())
     assert set(result.drops["kept_id"].drop_null().to_pylist()) <= kept_ids

@@ -1,4 +1,4 @@
-"""hhdata.degenerate: each reason code on a pair built to have it, and the per-reason policy."""
+"""hhdata.dedup.degenerate: each reason code on a pair built to have it, and the per-reason policy."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import unicodedata
 
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hhdata import degenerate
-from hhdata.dedup import DedupSettings, deduplicate
+from hhdata.dedup import DedupSettings, deduplicate, degenerate
 from hhdata.schema import PAIR_SCHEMA, pair_id
 
 PROMPT = [{"role": "user", "content": "How do I bake bread?"}]

@@ -8,11 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hhdata import diff
 from hhdata.errors import VersionError
+from hhdata.io.read import bundled_sample_path, read_raw
 from hhdata.pairs import build_pairs
-from hhdata.read import bundled_sample_path, read_raw
-from hhdata.release import ParquetSettings, write_release
+from hhdata.release import ParquetSettings, diff, write_release
 
 
 def build(table: pa.Table, out, version: str, **options):

@@ -16,14 +16,14 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 
 import hhdata
-import hhdata.card
+import hhdata.release.card
 import hhdata.errors
-import hhdata.manifest
+import hhdata.release.manifest
 from hhdata import hub, pipeline
 from hhdata.cli import main as cli_main
 from hhdata.errors import HubError, IntegrityError, VersionError
-from hhdata.release_load import load_release
-from tests.hubserver.releases import SAMPLE, build_release
+from hhdata.hub.localserver.releases import SAMPLE, build_release
+from hhdata.release.load import load_release
 
 FAST = {"retries": 1, "backoff": 0.01}
 
@@ -427,8 +427,8 @@ def test_a_release_with_no_rows_is_not_published(local_hub, tmp_path, repo_id, c
     # hhdata from before that rule (and before the generated usage text) could. Write one as
     # it did, then publish with today's code: the reason must be "no rows", not "rebuild".
     with monkeypatch.context() as older_hhdata:
-        older_hhdata.setattr(hhdata.manifest, "validate_manifest", lambda manifest, where="": None)
-        older_hhdata.setattr(hhdata.card, "usage", lambda manifest: "")
+        older_hhdata.setattr(hhdata.release.manifest, "validate_manifest", lambda manifest, where="": None)
+        older_hhdata.setattr(hhdata.release.card, "usage", lambda manifest: "")
         empty = build_release(tmp_path / "out", "1.0.0", count=0)
     assert cli_main(["publish", str(empty), "--repo", repo_id, "--token", local_hub.token]) == 2
     assert "release 1.0.0 holds no rows" in capsys.readouterr().err

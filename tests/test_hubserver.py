@@ -15,7 +15,6 @@ import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-
 PARQUET_LIKE = b"PAR1" + bytes(range(256)) * 8 + b"PAR1"
 
 

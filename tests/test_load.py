@@ -104,7 +104,7 @@ def test_a_local_release_folder_goes_to_the_release_loader(tmp_path, fresh_cache
 
 
 def test_a_missing_version_names_the_versions_there(tmp_path, fresh_cache):
-    from tests.hubserver.releases import build_release
+    from hhdata.hub.localserver.releases import build_release
 
     for version in ("1.0.0", "1.1.0"):
         build_release(tmp_path / "releases", version, count=8)

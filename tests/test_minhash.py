@@ -1,12 +1,13 @@
-"""hhdata.minhash: shingles, signatures, banding and verification against plain Python sets."""
+"""hhdata.dedup.minhash: shingles, signatures, banding and verification against plain Python sets."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hhdata import minhash
+from hhdata.dedup import minhash
 
 WORDS = st.lists(st.sampled_from(["a", "b", "c", "d", "e", "Ä", "x"]), min_size=0, max_size=12)
 

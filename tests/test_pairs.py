@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hhdata.errors import PairError
+from hhdata.io.read import read_raw
 from hhdata.pairs import build_pairs
-from hhdata.read import read_raw
+from hhdata.pairs.transcript import split_pair
 from hhdata.schema import PAIR_SCHEMA, pair_id
-from hhdata.transcript import split_pair
 
 
 def raw_table(pairs: list[tuple[str, str]]) -> pa.Table:
@@ -79,7 +79,7 @@ def test_read_pairs_equals_read_raw_then_build_pairs_with_each_rows_source(tmp_p
     same verdict per line, and the file and line of every pair row."""
     import json
 
-    from hhdata.read import read_pairs
+    from hhdata.io.read import read_pairs
 
     good = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: a\n\nAssistant: y")
     mismatch = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: x")

@@ -19,8 +19,8 @@ from hhdata import pipeline, synth
 from hhdata.cli import main
 from hhdata.dedup import DedupSettings
 from hhdata.errors import ReleaseError, SourceError, VersionError
+from hhdata.io.read import ReadReport, bundled_sample_path
 from hhdata.quarantine import quarantine_table
-from hhdata.read import ReadReport, bundled_sample_path
 
 SAMPLE_LINES = gzip.decompress(bundled_sample_path().read_bytes()).splitlines()
 
@@ -103,13 +103,24 @@ def test_bundled_sample_accounting_matches_an_independent_count(tmp_path):
 
 def test_counts_that_do_not_reconcile_are_refused():
     report = ReadReport(lines=10, blank=1, accepted=9)
-    drops = pa.table({"reason": pa.array(["exact_duplicate"], pa.string())})
+    drops = pa.table({"fate": ["removed"], "reason": pa.array(["exact_duplicate"], pa.string())})
     with pytest.raises(ReleaseError, match=r"read 9 records but kept 7 \+ quarantined 0 \+ "
                                            r"removed 1 \+ filtered 0 = 8"):
         pipeline.reconcile(report, quarantine_table([]), drops, kept=7)
     assert pipeline.reconcile(report, quarantine_table([]), drops, kept=8)["removed"] == {
         "exact_duplicate": 1}
 
+
+
+def test_each_drop_is_counted_under_the_fate_the_stage_gave_it():
+    """The fate column decides, not the reason's wording: a filter whose reason mentions
+    duplicates (turns repeated inside one pair) is still a filter."""
+    report = ReadReport(lines=3, accepted=3)
+    drops = pa.table({"fate": ["removed", "filtered"],
+                      "reason": ["near_duplicate", "duplicate_turns"]})
+    accounting = pipeline.reconcile(report, quarantine_table([]), drops, kept=1)
+    assert accounting["removed"] == {"near_duplicate": 1}
+    assert accounting["filtered"] == {"duplicate_turns": 1}
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
@@ -232,7 +243,7 @@ def test_large_run_swaps_allocator_settings_and_restores_them_after_nesting():
     import pyarrow as pa
 
     from hhdata import memory
-    from hhdata.read import ARROW_POOL
+    from hhdata._arrow import ARROW_POOL
 
     before = pa.default_memory_pool().backend_name
     with memory.large_run():
@@ -281,7 +292,7 @@ def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsy
 def test_a_manifest_that_keeps_no_row_is_refused_on_read(built, tmp_path):
     """publish and hhdata.load read the manifest through read_manifest, so neither takes it."""
     from hhdata.errors import SchemaError
-    from hhdata.manifest import validate_manifest
+    from hhdata.release.manifest import validate_manifest
 
     manifest = json.loads((built.path / "manifest.json").read_text())
     validate_manifest(manifest)

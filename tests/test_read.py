@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hhdata.cli import main
 from hhdata.errors import SourceError
-from hhdata.read import MAX_LINE_BYTES, RAW_SCHEMA, read_raw
+from hhdata.io.read import MAX_LINE_BYTES, RAW_SCHEMA, read_raw
 
 
 def record(n: int) -> dict:
@@ -235,7 +235,7 @@ def is_unicode(text: str) -> bool:
 
 def reference_verdicts(data: bytes) -> dict[int, object]:
     """Line number -> (chosen, rejected) or reason, the plain way: json.loads per line."""
-    from hhdata.validate import explain_raw_record
+    from hhdata.io.validate import explain_raw_record
 
     verdicts = {}
     for number, line in enumerate(data.split(b"\n"), start=1):
@@ -296,7 +296,7 @@ def test_lines_cut_between_inflated_chunks_read_the_same(tmp_path_factory, lines
     path.parent.mkdir()
     path.write_bytes(gzip.compress(data) if compress else data)
 
-    with mock.patch("hhdata.lines.READ_SIZE", read_size):
+    with mock.patch("hhdata.io.lines.READ_SIZE", read_size):
         result = read_raw(path)
 
     expected = reference_verdicts(data.removeprefix(b"\xef\xbb\xbf"))

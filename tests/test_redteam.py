@@ -1,4 +1,4 @@
-"""hhdata.redteam: the real upstream shape, its own schema and config, bad records
+"""hhdata.io.redteam: the real upstream shape, its own schema and config, bad records
 quarantined by number, never mixed with pairs."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from hhdata import configs, redteam
 from hhdata.cli import main
+from hhdata.dedup import configs
 from hhdata.errors import SchemaError, TranscriptError
-from hhdata.transcript import render_transcript
+from hhdata.io import redteam
+from hhdata.pairs.transcript import render_transcript
 
 # the keys of upstream red_team_attempts.jsonl.gz, in its order, misspelling included
 UPSTREAM_KEYS = ["transcript", "min_harmlessness_score_transcript", "num_params", "model_type",

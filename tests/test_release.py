@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from hhdata.errors import ReleaseError, SchemaError, VersionError
-from hhdata.manifest import read_manifest, validate_manifest
+from hhdata.io.read import bundled_sample_path, read_raw
 from hhdata.pairs import build_pairs
-from hhdata.read import bundled_sample_path, read_raw
 from hhdata.release import ParquetSettings, data_file, write_release
+from hhdata.release.manifest import read_manifest, validate_manifest
 from hhdata.schema import PAIR_SCHEMA
 
 
@@ -128,6 +128,27 @@ def test_a_failed_build_leaves_no_partial_version(tmp_path, pairs):
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_staged_data_files_are_removed_when_the_release_is_not_finished(tmp_path, pairs):
+    """The pipeline writes the data files while its leakage check runs; a check that fails
+    then leaves neither the version nor its staging folder."""
+    from hhdata.release import staged_release
+
+    with pytest.raises(RuntimeError, match="leakage check failed"):
+        with staged_release(pairs.slice(0, 50), tmp_path, "1.0.0") as staged:
+            assert staged.files and all((staged.staging / name).is_file() for name in staged.files)
+            raise RuntimeError("leakage check failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leakage_handed_to_the_writer_is_written_to_the_manifest(tmp_path, pairs):
+    leaks = {"test_rows": 2, "groups_on_both_sides": 1, "within_subset": {"harmless-base": 2},
+             "across_subsets": {}}
+    leakage = {"exact": leaks, "near": leaks}
+    built = build(pairs.slice(0, 50), tmp_path, leakage=leakage)
+    assert built.manifest["leakage"] == leakage
+    assert json.loads((built.path / "manifest.json").read_text())["leakage"] == leakage
+
 @pytest.mark.parametrize("version", ["1.0", "v1.0.0", "1.0.0-rc1", "01.0.0"])
 def test_a_version_must_be_major_minor_patch(tmp_path, pairs, version):
     with pytest.raises(VersionError, match="is not MAJOR.MINOR.PATCH"):
@@ -213,13 +234,14 @@ def test_staging_left_by_a_killed_build_is_removed_by_the_next(tmp_path, pairs):
 def test_the_build_that_loses_a_race_gets_a_clear_error(tmp_path, pairs):
     """Another process renames its finished 1.0.0 into place while this build is writing."""
 
-    def other_build_finishes():
-        (tmp_path / "1.0.0").mkdir()
-        (tmp_path / "1.0.0" / "manifest.json").write_text("{}")
-        return None
+    from hhdata.release import finish_release, staged_release
 
+    rows = pairs.slice(0, 20)
     with pytest.raises(VersionError, match=r"1\.0\.0 already exists: another process built version 1\.0\.0"):
-        build(pairs.slice(0, 20), tmp_path, leakage=other_build_finishes)
+        with staged_release(rows, tmp_path, "1.0.0") as staged:
+            (tmp_path / "1.0.0").mkdir()  # the other build finishes while this one writes
+            (tmp_path / "1.0.0" / "manifest.json").write_text("{}")
+            finish_release(staged, sources=[], accounting=accounting_for(rows), settings={"note": "test"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.0.0"]  # no staging left behind
 
 

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from hhdata.errors import IntegrityError, ReleaseError
+from hhdata.io.read import bundled_sample_path, read_raw
 from hhdata.pairs import build_pairs
-from hhdata.read import bundled_sample_path, read_raw
 from hhdata.release import data_file, write_release
-from hhdata.release_load import load_release, verify_files
+from hhdata.release.load import load_release, verify_files
 
 HARMLESS_FILE = data_file("harmless-base", "test")
 

@@ -1,4 +1,4 @@
-"""Rows strict chat templates accept (hhdata.roles): checked by rendering with a real strict template."""
+"""Rows strict chat templates accept (hhdata.pairs.roles): checked by rendering with a real strict template."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import jinja2
 import pytest
 
 import hhdata
-from hhdata.roles import accepts_strict_template, keep_strict_rows, strict_counts, strict_role_reasons
+from hhdata.pairs.roles import (
+    accepts_strict_template,
+    keep_strict_rows,
+    strict_counts,
+    strict_role_reasons,
+)
 from training.models import train_tiny_tokenizer
 
 # Llama-2-chat's template in shape: it raises as soon as the roles stop alternating from the user.
@@ -100,7 +105,7 @@ def test_role_orders(roles, ok):
 
 
 def test_keep_strict_sees_the_rows_of_a_selected_dataset(sample):
-    from hhdata.roles import keep_strict
+    from hhdata.pairs.roles import keep_strict
 
     picked = sample.select([667, 0, 763, 1, 86])  # an indices mapping over the full table
     assert keep_strict(picked)["id"] == [sample[0]["id"], sample[1]["id"]]

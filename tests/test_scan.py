@@ -17,7 +17,7 @@ import pytest
 import hhdata
 from hhdata import hub
 from hhdata.errors import IntegrityError, LoadError
-from tests.hubserver.releases import build_release
+from hhdata.hub.localserver.releases import build_release
 
 HELPFUL = ["data/helpful-fixture/train-00000-of-00001.parquet", "data/helpful-fixture/test-00000-of-00001.parquet"]
 
@@ -90,7 +90,7 @@ def test_a_hub_scan_is_pinned_to_the_version_asked_for(local_hub, releases):
 def test_the_cards_scan_line_runs_alone_in_a_fresh_process(local_hub, releases, tmp_path):
     """`import hhdata; hhdata.scan(repo, ...)` as the first Hub call of a process.
 
-    hub_load imports hub, which re-exports hub_load's names: imported in that order the two
+    hub_load imported hub, which re-exported hub_load's names: imported in that order the two
     once crashed with a circular ImportError, which the other tests hid by importing hub first.
     """
     _, first, _ = releases

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from hhdata import synth
 from hhdata.errors import HhDataError, SynthError
+from hhdata.pairs.transcript import split_pair
 from hhdata.schema import SUBSET_FAMILIES, SYNTHETIC_PREFIX, family_of, is_synthetic, pair_id
-from hhdata.transcript import split_pair
 
 N_PAIRS = 3000
 BAD_RATE = 0.01
@@ -176,7 +176,7 @@ def test_good_records_split_with_exactly_the_planted_flags(corpus):
     lines = read_lines(out)
     bad = {item["location"] for item in truth.bad_records}
     flagged = {}
-    for location, line in lines.items():
+    for location in lines:
         if location not in bad:
             flags = split_pair(*texts_at(lines, location)).flags
             if flags:
@@ -350,9 +350,9 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_the_reader_sees_exactly_the_planted_truth(corpus):
-    """hhdata.read and hhdata.pairs agree with planted.json on every bad line and flag."""
+    """hhdata.io.read and hhdata.pairs agree with planted.json on every bad line and flag."""
+    from hhdata.io.read import read_raw
     from hhdata.pairs import build_pairs
-    from hhdata.read import read_raw
 
     out, truth = corpus
     raw = read_raw(out)

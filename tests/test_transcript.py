@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hhdata.errors import PairError, TranscriptError
-from hhdata.transcript import (
+from hhdata.pairs.transcript import (
     ASSISTANT_TAG,
     HUMAN_TAG,
     parse_transcript,

@@ -10,11 +10,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from hhdata.errors import SchemaError
-from hhdata.pairs import build_pairs
-from hhdata.read import read_raw
-from hhdata.schema import PAIR_SCHEMA
-from hhdata.transcript import FLAGS
-from hhdata.validate import (
+from hhdata.io.read import read_raw
+from hhdata.io.validate import (
     PAIR_ROW,
     RAW_RECORD,
     arrow_schema,
@@ -24,6 +21,9 @@ from hhdata.validate import (
     validate_raw_table,
     validator,
 )
+from hhdata.pairs import build_pairs
+from hhdata.pairs.transcript import FLAGS
+from hhdata.schema import PAIR_SCHEMA
 
 SCHEMAS = Path(__file__).parent.parent / "schemas"
 

@@ -1,6 +1,6 @@
 """Data verbs: ``hhdata validate``, ``hhdata stats``, ``hhdata show``.
 
-Thin commands over hhdata.read, hhdata.pairs and hhdata.stats. Exit codes: 0 every
+Thin commands over hhdata.io.read, hhdata.pairs and hhdata.pairs.stats. Exit codes: 0 every
 record was accepted (flags are reported, not failures), 1 some record was quarantined,
 2 usage or I/O error (raised as HhDataError and printed by hhdata.cli.main).
 """
@@ -14,9 +14,9 @@ import pyarrow as pa
 
 from hhdata import quarantine as q
 from hhdata.errors import HhDataError
-from hhdata.read import MAX_LINE_BYTES, ReadResult, read_pairs
-from hhdata.stats import flag_counts, format_stats, pair_stats
-from hhdata.transcript import FLAGS
+from hhdata.io.read import MAX_LINE_BYTES, ReadResult, read_pairs
+from hhdata.pairs.stats import flag_counts, format_stats, pair_stats
+from hhdata.pairs.transcript import FLAGS
 
 _SHOWN_CHARS = 400
 
@@ -121,9 +121,9 @@ def _plural(count: int, noun: str) -> str:
 def _pairs(args) -> pa.Table:
     if args.paths:
         return _read(args).table
-    from hhdata.load import _bundled_table
+    from hhdata.load import bundled_table
 
-    return _bundled_table()
+    return bundled_table()
 
 
 def run_stats(args) -> int:

@@ -1,6 +1,6 @@
 """Dedup verbs: ``hhdata dedup``, ``hhdata leakage``, ``hhdata redteam``.
 
-Thin commands over hhdata.dedup, hhdata.configs and hhdata.redteam. Exit codes: 0 ok,
+Thin commands over hhdata.dedup, hhdata.dedup.configs and hhdata.io.redteam. Exit codes: 0 ok,
 1 the data has a problem the command reports (train/test leakage left in place),
 2 usage or I/O error (raised as HhDataError and printed by hhdata.cli.main).
 """
@@ -70,7 +70,7 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
 
 def _load(paths: list[str]) -> tuple[pa.Table, int, int]:
     """Pair rows from the inputs, with the records read and quarantined."""
-    from hhdata.read import read_pairs
+    from hhdata.io.read import read_pairs
     from hhdata.schema import PAIR_SCHEMA
 
     parquet = [p for p in paths if p.endswith(".parquet")]
@@ -92,7 +92,7 @@ def _load(paths: list[str]) -> tuple[pa.Table, int, int]:
 
 
 def _settings(args):
-    from hhdata.dedup import DedupSettings
+    from hhdata.dedup.run import DedupSettings
 
     values = json.loads(Path(args.settings).read_text()) if args.settings else {}
     chosen = {"near_scope": args.scope, "near_action": args.near_action,
@@ -105,11 +105,13 @@ def _settings(args):
 
 def run_dedup(args) -> int:
     """Deduplicate and print the accounting; 0 unless an error is raised."""
-    from hhdata.dedup import deduplicate, write_report
+    from hhdata import memory
+    from hhdata.dedup.run import deduplicate, write_report
 
     settings = _settings(args)
     pairs, read, quarantined = _load(args.paths)
-    result = deduplicate(pairs, settings)
+    with memory.large_run():
+        result = deduplicate(pairs, settings)
     report = result.report
     print(f"read {read:,} records: kept {report['kept']:,}, quarantined {quarantined:,}, "
           f"dropped {report['dropped']:,}")
@@ -134,8 +136,8 @@ def run_dedup(args) -> int:
 
 def run_leakage(args) -> int:
     """Report leakage; 1 when some test prompt is in train and no re-split was asked for."""
-    from hhdata import configs
-    from hhdata.dedup import write_report
+    from hhdata.dedup import configs
+    from hhdata.dedup.run import write_report
 
     pairs, _, _ = _load(args.paths)
     report = configs.leakage_report(pairs)
@@ -165,7 +167,7 @@ def run_leakage(args) -> int:
 
 def run_redteam(args) -> int:
     """Read red-team attempts and print their summary."""
-    from hhdata import redteam
+    from hhdata.io import redteam
 
     result = redteam.read_redteam(args.path)
     table = result.table

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hhdata.schema import FATES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `build` and `diff` verbs."""
@@ -50,30 +52,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build one release and print where it is and what it holds."""
-    from hhdata import memory, pipeline  # imported here so other verbs start without the build stack
+    from hhdata import (  # imported here so other verbs start without the build stack
+        memory,
+        pipeline,
+    )
     from hhdata.quarantine import write_jsonl
 
     pipeline.check_targets(args.out, args.version, args.previous)  # fail before the work
-    with memory.large_run():
-        return _build(args, pipeline, write_jsonl)
+    with memory.large_run():  # the allocator settings of the whole build, entered once here
+        result = pipeline.run_pipeline(args.sources, include_synthetic=args.include_synthetic,
+                                       progress=None)
+        if args.quarantine:
+            print(f"wrote {write_jsonl(result.quarantine, args.quarantine)} quarantined records "
+                  f"to {args.quarantine}")
+        if args.drops:
+            print(f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}")
+        empty = pipeline.nothing_kept(result)
+        if empty:  # the data has the problem, not the command: exit 1, as validate does
+            print(f"hhdata build: error: {empty}", file=sys.stderr)
+            return 1
+        built = pipeline.release_from(result, version=args.version, out=args.out,
+                                      previous=args.previous,
+                                      allow_version_mismatch=args.allow_version_mismatch,
+                                      name=args.name)
+    _print_built(built)
+    return 0
 
 
-def _build(args: argparse.Namespace, pipeline, write_jsonl) -> int:
-    result = pipeline.run_pipeline(args.sources, include_synthetic=args.include_synthetic,
-                                   progress=None)
-    if args.quarantine:
-        print(f"wrote {write_jsonl(result.quarantine, args.quarantine)} quarantined records "
-              f"to {args.quarantine}")
-    if args.drops:
-        print(f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}")
-    empty = pipeline.nothing_kept(result)
-    if empty:  # the data has the problem, not the command: exit 1, as validate does
-        print(f"hhdata build: error: {empty}", file=sys.stderr)
-        return 1
-    built = pipeline.release_from(result, version=args.version, out=args.out,
-                                  previous=args.previous,
-                                  allow_version_mismatch=args.allow_version_mismatch,
-                                  name=args.name)
+def _print_built(built) -> None:
+    """Where the release is, its configs, the accounting and the change against --previous."""
     manifest = built.manifest
     print(f"built {built.path}")
     for name, view in manifest["configs"].items():
@@ -81,16 +88,15 @@ def _build(args: argparse.Namespace, pipeline, write_jsonl) -> int:
         print(f"  {name:<28} {splits}")
     accounting = manifest["accounting"]
     left = "  ".join(f"{fate} {sum(accounting[fate].values())}"
-                     for fate in ("quarantined", "removed", "filtered"))
+                     for fate in FATES)
     print(f"read {accounting['read']}  kept {accounting['kept']}  {left}")
     if built.diff is not None:
         print(built.diff.summary())
-    return 0
 
 
 def run_diff(args: argparse.Namespace) -> int:
     """Print the change between two releases."""
-    from hhdata import diff
+    from hhdata.release import diff
 
     change = diff.diff_releases(args.old, args.new)
     print(change.summary())

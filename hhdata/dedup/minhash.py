@@ -1,0 +1,563 @@
+"""Near duplicates: word shingles, MinHash signatures, LSH banding, verification, clusters.
+
+The whole corpus is processed at once, in numpy, so no Python code runs per shingle:
+
+1. **Shingles.** Texts are lower-cased and split on whitespace (``pyarrow.compute``). Every
+   distinct word gets a stable 64-bit hash (a polynomial over its UTF-8 bytes mixed by
+   splitmix64, computed once per word of the vocabulary, vectorised), so a text hashes the
+   same whatever corpus it sits in. A shingle
+   is ``k`` consecutive words, hashed by folding the word hashes and mixing with the
+   splitmix64 finaliser. A text shorter than ``k`` words is one shingle of all its words;
+   an empty text has none and never matches anything.
+2. **MinHash.** Permutation ``i`` is the universal hash ``(a_i * s + b_i) mod 2**64`` with
+   seeded odd ``a_i``; the signature keeps the top 32 bits of each minimum. Shingles are
+   processed in blocks of whole documents as a (shingles x permutations) array reduced
+   with ``np.minimum.reduceat``.
+3. **LSH.** The signature is cut into ``bands`` bands of ``rows`` values; documents whose
+   band values are all equal in some band become candidates.
+4. **Verification.** Candidates are kept only if their Jaccard similarity reaches the
+   threshold: the MinHash estimate first, then (by default) the exact Jaccard of the two
+   shingle sets. Texts that share a long prefix but differ later have a low Jaccard
+   similarity and fail here even when a band collides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hhdata._arrow import splitmix64
+
+_MASK32 = np.uint64(32)
+_FOLD = np.uint64(0x9E3779B97F4A7C15)
+# Shingles per block of the (permutations x shingles) array: 4 MiB at 128 permutations, so
+# the multiply, add and minimum run in cache (measured against 16 MiB blocks:
+# bench/release_build.md)
+_BLOCK_SHINGLES = 4096
+# Words per block when folding shingles: a few arrays of 512 KiB, which fit in cache.
+_BLOCK_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class Shingles:
+    """The shingle hashes of many texts: ``hashes[offsets[d]:offsets[d + 1]]`` belong to text d.
+
+    A text's hashes are in text order and may repeat (a repeated phrase); MinHash ignores
+    repeats and exact_jaccard takes the distinct ones.
+    """
+
+    hashes: np.ndarray  # uint64
+    offsets: np.ndarray  # int64, len(texts) + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def counts(self) -> np.ndarray:
+        """Number of shingles of each text (repeats included)."""
+        return np.diff(self.offsets)
+
+    def take(self, texts: np.ndarray) -> Shingles:
+        """The shingles of the given texts, in that order."""
+        texts = np.asarray(texts, dtype=np.int64)
+        if len(texts) == len(self) and (texts == np.arange(len(texts))).all():
+            return self
+        counts = self.counts()[texts]
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts)
+        return Shingles(hashes=self.hashes[np.repeat(self.offsets[:-1][texts], counts) + within],
+                        offsets=offsets)
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """Shingles and signatures (MinHash or densified one-permutation hashing) of the same
+    texts: signature row d is text d, and so is shingle row d, or row ``rows[d]`` once the
+    sketch has been taken from a larger one (take copies only the signatures). What
+    similar_pairs needs, so one pass can serve several questions (hhdata.dedup hands the
+    prompts' sketch to the leakage check).
+
+    A text's shingles may come in two parts: ``shingles`` and, where ``prefix_rows`` is
+    set, its ``prefix`` shingles too (a pair's prompt); the signatures cover both. The
+    parts are joined only for the few texts whose exact Jaccard is wanted.
+    """
+
+    shingles: Shingles
+    signatures: np.ndarray  # uint32, (texts, num_perm)
+    prefix: Shingles | None = None
+    prefix_rows: np.ndarray | None = None  # bool, (rows of shingles,)
+    rows: np.ndarray | None = None  # int64, (texts,): text d's shingles are row rows[d]
+
+    def __len__(self) -> int:
+        return len(self.signatures)
+
+    def take(self, texts: np.ndarray) -> Sketch:
+        """The sketch of the given texts, in that order. Only the signatures are copied;
+        the shingles stay where they are, reached through ``rows``."""
+        texts = np.asarray(texts, dtype=np.int64)
+        return Sketch(self.shingles, self.signatures[texts], self.prefix, self.prefix_rows,
+                      texts if self.rows is None else self.rows[texts])
+
+    def shingles_of(self, texts: np.ndarray) -> Shingles:
+        """All shingles of the given texts, in that order."""
+        texts = np.asarray(texts, dtype=np.int64)
+        if self.rows is not None:
+            texts = self.rows[texts]
+        own = self.shingles.take(texts)
+        if self.prefix is None:
+            return own
+        prefix = self.prefix.take(texts)
+        used = np.where(self.prefix_rows[texts], prefix.counts(), 0)
+        hashes, offsets = concat_tokens([last_tokens(prefix.hashes, prefix.offsets, used),
+                                         (own.hashes, own.offsets)])
+        return Shingles(hashes, offsets)
+
+
+def _string_hashes(strings: pa.Array) -> np.ndarray:
+    """A stable 64-bit hash of each non-empty string: a polynomial over its UTF-8 bytes
+    (wrapping mod 2**64), mixed with its length by splitmix64. Vectorised over all strings.
+    """
+    strings = strings.cast(pa.large_string())
+    _, offsets_buffer, data_buffer = strings.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
+        strings.offset : strings.offset + len(strings) + 1
+    ]
+    data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)
+    # weight of byte j of a string of length n is P**(n - 1 - j): Horner's rule, all at once
+    powers = np.ones(max(int(lengths.max(initial=0)), 1), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(1, len(powers)):
+            powers[i] = powers[i - 1] * _FOLD
+        from_end = np.repeat(offsets[1:], lengths) - 1 - np.arange(len(data))
+        terms = (data.astype(np.uint64) + np.uint64(1)) * powers[from_end]
+        sums = np.add.reduceat(terms, offsets[:-1]) if len(data) else np.zeros(0, np.uint64)
+        return splitmix64(sums ^ (lengths.astype(np.uint64) << np.uint64(56)))
+
+
+def split_whitespace(strings: pa.Array) -> pa.ListArray:
+    """``pc.utf8_split_whitespace``, made safe at the end of the data.
+
+    Arrow's kernel (pyarrow 26) decodes one character past a run of whitespace that ends a
+    string. For the array's last string that character lies past its data: where those
+    bytes are not valid UTF-8 the trailing whitespace stays glued to the last word
+    (``"a "`` instead of ``"a", ""``), and which happens depends on whatever memory follows,
+    so the same text could hash two ways. When the data may end in whitespace, a sentinel
+    string is appended so the byte read is ours, and its words are cut off again.
+    """
+    if not (pa.types.is_string(strings.type) or pa.types.is_large_string(strings.type)):
+        strings = strings.cast(pa.large_string())
+    if not _may_end_in_whitespace(strings):
+        return pc.utf8_split_whitespace(strings)
+    padded = pc.utf8_split_whitespace(pa.concat_arrays([strings, pa.array(["x"], strings.type)]))
+    offsets = padded.offsets.slice(0, len(strings) + 1)
+    return pa.ListArray.from_arrays(offsets, padded.values.slice(0, offsets[-1].as_py()))
+
+
+def _may_end_in_whitespace(strings: pa.Array) -> bool:
+    """Whether the last byte of the strings' data could end a whitespace character: an
+    ASCII control or space, or any non-ASCII byte (U+00A0, U+3000 and others)."""
+    _, offsets_buffer, data_buffer = strings.buffers()
+    if data_buffer is None or len(strings) == 0:
+        return False
+    width = np.int64 if pa.types.is_large_string(strings.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[strings.offset : strings.offset + len(strings) + 1]
+    if offsets[-1] == offsets[0]:
+        return False
+    last = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[-1] - 1]
+    return bool(last <= 0x20 or last >= 0x7F)
+
+
+def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
+    """Each text lower-cased and split on whitespace, every word as its stable 64-bit hash.
+
+    Returns (tokens, offsets): ``tokens[offsets[d]:offsets[d + 1]]`` are text d's words.
+    Joining texts with a space concatenates their token lists, which is what lets a pair
+    and its prompt share one tokenisation (hhdata.dedup).
+    """
+    array = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
+    if isinstance(array, pa.ChunkedArray):
+        array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
+    # lower-casing never makes or removes whitespace, so only the vocabulary is lowered
+    words = split_whitespace(array.fill_null(""))
+    encoded = words.values.dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    # an empty text (or whitespace at an end) splits into empty words: they are dropped
+    # below (" " stands in for them, as the hash wants non-empty strings), and the offsets
+    # re-based
+    is_empty = pc.equal(encoded.dictionary, "")
+    vocabulary = _string_hashes(pc.utf8_lower(pc.if_else(is_empty, " ", encoded.dictionary)))
+    empty = np.flatnonzero(is_empty.to_numpy(zero_copy_only=False))
+    word_offsets = words.offsets.to_numpy().astype(np.int64)
+    if len(empty):
+        # few words are empty: an offset moves back by the empty words before it
+        dropped = np.flatnonzero(codes == empty[0])
+        return vocabulary[np.delete(codes, dropped)], word_offsets - np.searchsorted(dropped, word_offsets)
+    return vocabulary[codes], word_offsets - word_offsets[0]
+
+
+def concat_tokens(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per text, the token lists of several parts one after the other (all parts have as
+    many texts): the tokens of the parts' texts joined by spaces."""
+    counts = [np.diff(offsets) for _, offsets in parts]
+    total = np.sum(counts, axis=0)
+    out_offsets = np.zeros(len(total) + 1, dtype=np.int64)
+    np.cumsum(total, out=out_offsets[1:])
+    out = np.empty(out_offsets[-1], dtype=np.uint64)
+    before = out_offsets[:-1].copy()  # where the next part of each text goes
+    for (tokens, offsets), count in zip(parts, counts):
+        out[np.repeat(before - offsets[:-1], count) + np.arange(len(tokens))] = tokens
+        before += count
+    return out, out_offsets
+
+
+def last_tokens(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's last ``keep[d]`` tokens (at most all of them)."""
+    keep = np.minimum(keep, np.diff(offsets))
+    out_offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(keep, out=out_offsets[1:])
+    within = np.arange(out_offsets[-1]) - np.repeat(out_offsets[:-1], keep)
+    return tokens[np.repeat(offsets[1:] - keep, keep) + within], out_offsets
+
+
+def word_shingles(texts, k: int = 3) -> Shingles:
+    """Hash the k-word shingles of each text (lower-cased, split on whitespace).
+
+    >>> s = word_shingles(["a b c d", "a b c d", "", "x"], k=3)
+    >>> s.counts().tolist()
+    [2, 2, 0, 1]
+    """
+    if k < 1:
+        raise ValueError(f"shingle size must be at least 1, not {k}")
+    return token_shingles(*word_tokens(texts), k)
+
+
+def token_shingles(tokens: np.ndarray, word_offsets: np.ndarray, k: int) -> Shingles:
+    """The k-token shingles of each text given as word hashes (see word_tokens)."""
+    counts = np.diff(word_offsets)
+    n_words = len(tokens)
+    # a start is kept if a whole shingle fits in its text (so not among its last k - 1
+    # words), or it begins a short text; marking the few starts that go is cheaper than
+    # testing every word
+    keep = np.ones(n_words, dtype=bool)
+    ends = word_offsets[1:]
+    for j in range(1, k):
+        keep[ends[counts > j] - j] = False
+    # a text of c < k words is one shingle: the fold of its c words
+    short = (counts > 0) & (counts < k)
+    short_starts, short_counts = word_offsets[:-1][short], counts[short]
+    short_values = np.zeros(len(short_starts), dtype=np.uint64)
+    padded = np.concatenate([tokens, np.zeros(k - 1, dtype=np.uint64)])
+    with np.errstate(over="ignore"):
+        for j in range(int(short_counts.max(initial=0))):
+            more = short_counts > j
+            short_values[more] = short_values[more] * _FOLD + padded[short_starts[more] + j]
+    shingle_counts = np.where(short, 1, np.maximum(counts - k + 1, 0))
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(shingle_counts, out=offsets[1:])
+    hashes = np.empty(offsets[-1], dtype=np.uint64)
+    done = 0
+    # in blocks that stay in cache: fold k tokens per start, keep the starts that count, mix
+    with np.errstate(over="ignore"):
+        for start in range(0, n_words, _BLOCK_TOKENS):
+            stop = min(start + _BLOCK_TOKENS, n_words)
+            folded = padded[start:stop].copy()
+            for j in range(1, k):
+                np.multiply(folded, _FOLD, out=folded)
+                np.add(folded, padded[start + j : stop + j], out=folded)
+            low, high = np.searchsorted(short_starts, [start, stop])
+            folded[short_starts[low:high] - start] = short_values[low:high]
+            block = splitmix64(folded[keep[start:stop]], in_place=True)
+            hashes[done : done + len(block)] = block
+            done += len(block)
+    return Shingles(hashes=hashes, offsets=offsets)
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded coefficients (a, b) of the universal hashes; every ``a`` is odd."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    a = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def signatures(shingles: Shingles, num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """MinHash signatures, shape (texts, num_perm), uint32; empty texts get all 0xFFFFFFFF.
+
+    >>> sig = signatures(word_shingles(["a b c d e", "a b c d e"]), num_perm=8)
+    >>> sig.shape, bool((sig[0] == sig[1]).all())
+    ((2, 8), True)
+    """
+    a, b = permutations(num_perm, seed)
+    n_docs = len(shingles)
+    result = np.full((num_perm, n_docs), np.iinfo(np.uint64).max, dtype=np.uint64)
+    offsets, hashes = shingles.offsets, shingles.hashes
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    # blocks of whole texts, each about _BLOCK_SHINGLES shingles (one big text stays whole);
+    # layout (permutations, shingles) so each minimum runs over a contiguous segment
+    cuts = np.searchsorted(
+        offsets[nonempty], np.arange(0, offsets[-1], _BLOCK_SHINGLES), side="left"
+    )
+    cuts = np.unique(np.append(cuts, len(nonempty)))
+    if len(nonempty) == 0:
+        return np.ascontiguousarray((result >> _MASK32).astype(np.uint32).T)
+    widest = int((offsets[nonempty[cuts[1:] - 1] + 1] - offsets[nonempty[cuts[:-1]]]).max())
+    buffer = np.empty((num_perm, widest), dtype=np.uint64)  # one allocation, reused
+    with np.errstate(over="ignore"):
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            docs = nonempty[start:stop]
+            first, last = offsets[docs[0]], offsets[docs[-1] + 1]
+            block = buffer[:, : last - first]
+            np.multiply(a[:, None], hashes[None, first:last], out=block)
+            np.add(block, b[:, None], out=block)
+            result[:, docs] = np.minimum.reduceat(block, offsets[docs] - first, axis=1)
+    return np.ascontiguousarray((result >> _MASK32).astype(np.uint32).T)
+
+
+_EMPTY = np.uint32(0xFFFFFFFF)
+# rows of the (texts x bins) matrix densified at a time: a few MB per array
+_DENSIFY_ROWS = 8192
+
+
+def oph_bins(shingles: Shingles, num_bins: int = 128, seed: int = 1) -> np.ndarray:
+    """One-permutation hashing: each shingle hash, re-mixed with the seed, falls into one of
+    ``num_bins`` bins by its high bits and competes there by its low bits; a text keeps the
+    minimum of each bin. Shape (texts, num_bins), uint32 below 2**31, and 0xFFFFFFFF where no
+    shingle fell (see densify). One pass over the shingles instead of one per permutation.
+
+    The bins of two shingle sets' union are the element-wise minimum of theirs, which is
+    what lets a pair's bins come from its prompt's and its replies' (hhdata.dedup).
+    """
+    n_docs = len(shingles)
+    result = np.full(n_docs * num_bins, _EMPTY, dtype=np.uint32)
+    if shingles.offsets[-1] == 0:
+        return result.reshape(n_docs, num_bins)
+    counts = shingles.counts()
+    # shingle hashes are already mixed (splitmix64), so the seed needs only an xor and an
+    # odd multiplier: a bijection whose high bits pick the bin and low bits the value
+    salt, multiplier = splitmix64(np.array([seed, seed + 1], dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        mixed = shingles.hashes ^ salt
+        np.multiply(mixed, multiplier | np.uint64(1), out=mixed)
+        values = mixed.astype(np.uint32)
+        np.bitwise_and(values, np.uint32(0x7FFFFFFF), out=values)
+        # bin = (high 32 bits * num_bins) >> 32, for any num_bins
+        np.right_shift(mixed, _MASK32, out=mixed)
+        np.multiply(mixed, np.uint64(num_bins), out=mixed)
+        np.right_shift(mixed, _MASK32, out=mixed)
+        key = mixed.view(np.int64)
+        key += np.repeat(np.arange(n_docs, dtype=np.int64) * num_bins, counts)
+    np.minimum.at(result, key, values)
+    return result.reshape(n_docs, num_bins)
+
+
+def densify(bins: np.ndarray, seed: int = 1) -> np.ndarray:
+    """Fill the empty bins of oph_bins so every position is comparable (Shrivastava and Li
+    2014, "Improved densification of one permutation hashing"): each bin position has a
+    seeded direction, and an empty bin takes the value of the nearest filled bin that way
+    (circularly), marked with the distance and the top bit, so a borrowed value only
+    matches a value borrowed from the same distance. Two texts with the same shingles get
+    the same signature; the chance two texts agree at a position stays their Jaccard
+    similarity. Rows with no shingle at all stay all 0xFFFFFFFF.
+    """
+    n_docs, k = bins.shape
+    out = bins.copy()
+    right = np.random.Generator(np.random.PCG64(seed)).random(k) < 0.5
+    positions = np.arange(k, dtype=np.int16)
+    far = np.int16(4 * k)
+    needs = np.flatnonzero((bins == _EMPTY).any(axis=1) & (bins != _EMPTY).any(axis=1))
+    with np.errstate(over="ignore"):
+        for start in range(0, len(needs), _DENSIFY_ROWS):
+            rows = needs[start : start + _DENSIFY_ROWS]
+            block = bins[rows]
+            filled = block != _EMPTY
+            # nearest filled position >= i; past the last one, wrap to the first (+ k)
+            nxt = np.where(filled, positions, far)
+            nxt = np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1]
+            np.putmask(nxt, nxt == far, np.broadcast_to(nxt[:, :1] + k, nxt.shape))
+            # nearest filled position <= i; before the first one, wrap to the last (- k)
+            prv = np.where(filled, positions, -far)
+            prv = np.maximum.accumulate(prv, axis=1)
+            np.putmask(prv, prv == -far, np.broadcast_to(prv[:, -1:] - k, prv.shape))
+            source = np.where(right, nxt, prv)
+            distance = np.abs(source - positions).astype(np.uint32)
+            source %= k
+            borrowed = np.take_along_axis(block, source.astype(np.intp), axis=1)
+            borrowed += distance * np.uint32(0x9E3779B1)
+            borrowed &= np.uint32(0x7FFFFFFE)
+            borrowed |= np.uint32(0x80000000)
+            out[rows] = np.where(filled, block, borrowed)
+    return out
+
+
+def oph_signatures(shingles: Shingles, num_bins: int = 128, seed: int = 1) -> np.ndarray:
+    """Densified one-permutation-hashing signatures, shape (texts, num_bins): a drop-in for
+    signatures() at a fraction of the cost (empty texts get all 0xFFFFFFFF)."""
+    return densify(oph_bins(shingles, num_bins, seed), seed)
+
+
+def band_keys(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """One 64-bit key per text for a band: its ``rows`` values folded and mixed.
+
+    Distinct values may collide on a key with probability about 2**-64; a collision only
+    adds a candidate, which verification then rejects.
+    """
+    values = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
+    key = np.full(len(sig), band, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in range(rows):
+            key = splitmix64(key * _FOLD + values[:, column])
+    return key
+
+
+def band_candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
+    """Candidate pairs (i, j), i < j, whose signatures agree on every row of some band.
+
+    Only the first ``max_bucket`` members of a bucket are paired with every other member,
+    so a huge bucket costs at most ``max_bucket`` pairs per member. Empty texts (all-max
+    signatures) are never candidates.
+    """
+    if bands * rows > sig.shape[1]:
+        raise ValueError(
+            f"{bands} bands x {rows} rows need {bands * rows} permutations, "
+            f"but the signatures have {sig.shape[1]}"
+        )
+    usable = np.flatnonzero(sig[:, 0] != np.iinfo(np.uint32).max)
+    sig = sig[usable]
+    pairs = []
+    for band in range(bands):
+        keys = band_keys(sig, band, rows)
+        order = np.argsort(keys)
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, len(keys)])
+        twos = starts[sizes == 2]  # the common case, all at once
+        pairs.append(np.stack([order[twos], order[twos + 1]], axis=1))
+        for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
+            members = np.sort(order[start : start + size])
+            heads = members[: min(size, max_bucket)]
+            left, right = np.repeat(heads, size), np.tile(members, len(heads))
+            pairs.append(np.stack([left[left < right], right[left < right]], axis=1))
+    found = np.concatenate(pairs).astype(np.int64) if pairs else np.empty((0, 2), np.int64)
+    found = usable[np.sort(found, axis=1)]
+    return np.unique(found, axis=0) if len(found) else found.reshape(0, 2)
+
+
+def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """MinHash estimate of the Jaccard similarity of each candidate pair."""
+    if len(pairs) == 0:
+        return np.empty(0)
+    return (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
+
+
+def _distinct(pair_index: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort (pair, hash) entries and drop repeats."""
+    order = np.lexsort((hashes, pair_index))
+    pair_index, hashes = pair_index[order], hashes[order]
+    first = np.ones(len(hashes), dtype=bool)
+    first[1:] = (pair_index[1:] != pair_index[:-1]) | (hashes[1:] != hashes[:-1])
+    return pair_index[first], hashes[first]
+
+
+def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
+    """Exact Jaccard similarity of the shingle sets of each pair, all pairs at once.
+
+    Two empty texts have similarity 1.
+    """
+    if len(pairs) == 0:
+        return np.empty(0)
+    counts = shingles.counts()
+    sides, sizes = [], []
+    for column in (0, 1):
+        docs = pairs[:, column]
+        lengths = counts[docs]
+        pair_index = np.repeat(np.arange(len(pairs)), lengths)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        side = _distinct(pair_index, shingles.hashes[np.repeat(shingles.offsets[docs], lengths) + within])
+        sides.append(side)
+        sizes.append(np.bincount(side[0], minlength=len(pairs)))
+    pair_index = np.concatenate([sides[0][0], sides[1][0]])
+    hashes = np.concatenate([sides[0][1], sides[1][1]])
+    order = np.lexsort((hashes, pair_index))
+    pair_index, hashes = pair_index[order], hashes[order]
+    # each side is a set now, so an equal neighbour within a pair is one shared shingle
+    shared = (pair_index[1:] == pair_index[:-1]) & (hashes[1:] == hashes[:-1])
+    intersection = np.bincount(pair_index[1:][shared], minlength=len(pairs))
+    union = sizes[0] + sizes[1] - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+
+
+def similar_pairs(
+    texts,
+    *,
+    shingle_size: int = 3,
+    num_perm: int = 128,
+    bands: int = 16,
+    rows: int = 8,
+    threshold: float = 0.7,
+    verify: str = "exact",
+    seed: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of texts (i, j), i < j, whose word-shingle Jaccard similarity is >= threshold.
+
+    Returns (pairs, similarity). ``verify="estimate"`` keeps candidates by the MinHash
+    estimate alone; ``"exact"`` (default) then confirms each with the exact Jaccard of the
+    shingle sets, dropping candidates whose estimate is more than 0.15 below the threshold
+    without computing it.
+
+    >>> text = "how do i bake a loaf of bread at home without a bread machine"
+    >>> pairs, sim = similar_pairs([text, text + " please", "dogs bark"])
+    >>> pairs.tolist()
+    [[0, 1]]
+    """
+    if verify not in ("exact", "estimate"):
+        raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
+    shingles = word_shingles(texts, shingle_size)
+    return similar_in_sketch(Sketch(shingles, signatures(shingles, num_perm, seed)),
+                             bands=bands, rows=rows, threshold=threshold, verify=verify)
+
+
+def similar_in_sketch(sketch: Sketch, *, bands: int = 16, rows: int = 8, threshold: float = 0.7,
+                      verify: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """similar_pairs on texts already shingled and signed (LSH, then verification)."""
+    if verify not in ("exact", "estimate"):
+        raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
+    sig = sketch.signatures
+    candidates = band_candidates(sig, bands, rows)
+    estimate = estimated_jaccard(sig, candidates)
+    if verify == "estimate":
+        keep = estimate >= threshold
+        return candidates[keep], estimate[keep]
+    candidates = candidates[estimate >= threshold - 0.15]
+    texts = np.unique(candidates)
+    similarity = exact_jaccard(sketch.shingles_of(texts), np.searchsorted(texts, candidates))
+    keep = similarity >= threshold
+    return candidates[keep], similarity[keep]
+
+
+def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Component label of each of n items under the given edges: the smallest member index.
+
+    >>> connected_components(4, np.array([[1, 3]])).tolist()
+    [0, 1, 2, 1]
+    """
+    parent: dict[int, int] = {}
+
+    def root(i: int) -> int:
+        while parent.get(i, i) != i:
+            parent[i] = parent.get(parent[i], parent[i])
+            i = parent[i]
+        return i
+
+    for i, j in np.asarray(pairs, dtype=np.int64).reshape(-1, 2).tolist():
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    labels = np.arange(n, dtype=np.int64)
+    for i in list(parent):
+        labels[i] = root(i)
+    return labels

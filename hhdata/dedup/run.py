@@ -1,0 +1,570 @@
+"""Deduplicate pair rows: degenerate pairs, exact duplicates, near duplicates, one drop log.
+
+Three stages run in this order over a table of canonical pair rows
+(hhdata.schema.PAIR_SCHEMA), each seeing only what the previous one kept:
+
+1. **Degenerate pairs** (hhdata.dedup.degenerate): dropped or flagged, per reason.
+2. **Exact duplicates**: two rows are the same pair when their prompt turns (role and
+   content, in order) and their two final replies are equal after normalisation (Unicode
+   NFC, lower case, whitespace runs collapsed to one space and trimmed; each switchable).
+   By default the replies may come in either order (a pair with chosen and rejected
+   swapped is the same comparison).
+3. **Near duplicates** (hhdata.dedup.minhash): rows whose whole pairs (or prompts) have word-
+   shingle Jaccard similarity at or above the threshold and, by default, as many prompt
+   turns. Rows are visited in survivor order; a row similar to an already kept row is
+   dropped with that row's id as kept_id.
+
+Which copy survives is a setting: ``first`` (input order), ``train_first`` (a train copy
+beats a test copy, so a duplicate never leaks a training pair into test; then input order)
+or ``subset_order`` (subsets ranked by ``subset_order``, then input order).
+
+Every input row ends up in exactly one of ``kept`` and ``drops``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hhdata._arrow import splitmix64
+from hhdata.dedup import degenerate, minhash
+from hhdata.errors import HhDataError, SchemaError
+from hhdata.schema import DROPS_SCHEMA, FILTERED, PAIR_SCHEMA, REMOVED
+
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+SURVIVORS = ("first", "train_first", "subset_order")
+
+
+class DedupSettingsError(HhDataError, ValueError):
+    """A DedupSettings value is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    """Everything that decides what deduplicate drops; JSON-serialisable for the manifest.
+
+    Defaults were chosen by measurement on the 170k-pair synthetic corpus (docs/dedup.md).
+    """
+
+    unicode_nfc: bool = True
+    """exact: compare texts in Unicode NFC form"""
+    lowercase: bool = True
+    """exact: compare texts lower-cased"""
+    collapse_whitespace: bool = True
+    """exact: collapse every whitespace run to one space and trim the ends"""
+    reply_order_matters: bool = False
+    """exact: False counts the same prompt with the two replies swapped as a duplicate"""
+    survivor: str = "train_first"
+    """which copy is kept: 'first', 'train_first' or 'subset_order'"""
+    subset_order: tuple[str, ...] = ()
+    """for survivor='subset_order': subsets, most preferred first; others rank last"""
+    near: bool = True
+    """run near-duplicate detection at all"""
+    near_scope: str = "pair"
+    """'prompt': shingle the prompt's turns; 'pair': the prompt and both replies"""
+    near_action: str = "drop"
+    """'drop': drop near duplicates of a kept row; 'cluster': keep them, sharing a cluster_id"""
+    shingle_size: int = 5
+    """words per shingle"""
+    num_perm: int = 128
+    """signature length: MinHash permutations, or one-permutation-hashing bins"""
+    sketch: str = "oph"
+    """'oph': one-permutation hashing, densified (one hash per shingle; docs/dedup.md);
+    'minhash': num_perm independent permutations (num_perm hashes per shingle)"""
+    bands: int = 32
+    """LSH bands; bands x rows must not exceed num_perm"""
+    rows: int = 4
+    """MinHash values per band"""
+    threshold: float = 0.7
+    """Jaccard similarity at or above which two rows are near duplicates"""
+    same_turn_count: bool = True
+    """near duplicates must have as many prompt turns: a conversation taken further is a
+    different comparison, even when most of its words are shared"""
+    verify: str = "exact"
+    """'exact': confirm candidates with the exact Jaccard; 'estimate': the MinHash estimate"""
+    seed: int = 1
+    """seed of the MinHash permutations"""
+    degenerate: dict = field(default_factory=lambda: dict(degenerate.DEFAULT_POLICY))
+    """per degenerate reason: 'drop' or 'flag'"""
+
+    def __post_init__(self) -> None:
+        # a partial policy means "these reasons differ from the defaults": store it whole
+        object.__setattr__(self, "degenerate", {**degenerate.DEFAULT_POLICY, **self.degenerate})
+        object.__setattr__(self, "subset_order", tuple(self.subset_order))
+        problems = []
+        if self.survivor not in SURVIVORS:
+            problems.append(f"survivor={self.survivor!r} is not one of {list(SURVIVORS)}")
+        if self.near_scope not in ("prompt", "pair"):
+            problems.append(f"near_scope={self.near_scope!r} must be 'prompt' or 'pair'")
+        if self.near_action not in ("drop", "cluster"):
+            problems.append(f"near_action={self.near_action!r} must be 'drop' or 'cluster'")
+        if self.verify not in ("exact", "estimate"):
+            problems.append(f"verify={self.verify!r} must be 'exact' or 'estimate'")
+        if self.sketch not in ("oph", "minhash"):
+            problems.append(f"sketch={self.sketch!r} must be 'oph' or 'minhash'")
+        if self.bands * self.rows > self.num_perm:
+            problems.append(
+                f"bands x rows = {self.bands * self.rows} exceeds num_perm={self.num_perm}"
+            )
+        if not 0.0 < self.threshold <= 1.0:
+            problems.append(f"threshold={self.threshold} must be in (0, 1]")
+        try:
+            degenerate.check_policy(self.degenerate)
+        except ValueError as error:
+            problems.append(str(error))
+        if problems:
+            raise DedupSettingsError("bad dedup settings: " + "; ".join(problems))
+
+    def to_json(self) -> dict:
+        """The settings as a plain dict (what the release manifest records)."""
+        settings = dataclasses.asdict(self)
+        settings["subset_order"] = list(self.subset_order)
+        settings["degenerate"] = dict(self.degenerate)
+        return settings
+
+    @classmethod
+    def from_json(cls, settings: dict) -> DedupSettings:
+        """Settings from a dict written by to_json (unknown keys are an error)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise DedupSettingsError(
+                f"unknown dedup settings {unknown}; the settings are {sorted(known)}"
+            )
+        values = dict(settings)
+        if "subset_order" in values:
+            values["subset_order"] = tuple(values["subset_order"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    """Kept rows (with cluster_id), the drop log, a JSON report, and the settings used.
+
+    ``prompt_sketch`` (when near duplicates were looked for) holds the MinHash sketch of
+    each kept row's prompt, row for row, so configs.leakage_report need not make it again.
+    """
+
+    kept: pa.Table
+    drops: pa.Table
+    report: dict
+    settings: DedupSettings
+    prompt_sketch: minhash.Sketch | None = None
+
+
+def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
+    """Texts as the exact-duplicate stage compares them (hhdata.dedup.degenerate.normalize).
+
+    >>> normalized(pa.array(["  Hello\\n\\nWORLD "]), DedupSettings()).to_pylist()
+    ['hello world']
+    """
+    return degenerate.normalize(texts, nfc=settings.unicode_nfc, lowercase=settings.lowercase,
+                                whitespace=settings.collapse_whitespace)
+
+
+def survivor_order(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
+    """Row indices, most preferred survivor first."""
+    position = np.arange(pairs.num_rows)
+    if settings.survivor == "first":
+        return position
+    if settings.survivor == "train_first":
+        rank = pc.not_equal(pairs["split"], "train").to_numpy(zero_copy_only=False)
+    else:
+        ranks = {subset: r for r, subset in enumerate(settings.subset_order)}
+        rank = np.array(
+            [ranks.get(s, len(ranks)) for s in pairs["subset"].to_pylist()], dtype=np.int64
+        )
+    return np.lexsort((position, rank))
+
+
+def _sequence_hashes(codes: np.ndarray, offsets: np.ndarray, multiplier: int) -> np.ndarray:
+    """A 64-bit polynomial hash of each row's sequence of codes (rows cut by offsets)."""
+    lengths = np.diff(offsets)
+    position = np.arange(len(codes)) - np.repeat(offsets[:-1], lengths)
+    powers = np.ones(max(int(lengths.max(initial=0)), 1), dtype=np.uint64)
+    sums = np.zeros(len(lengths), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(1, len(powers)):
+            powers[i] = powers[i - 1] * np.uint64(multiplier)
+        terms = splitmix64(codes.astype(np.uint64) + np.uint64(1)) * powers[position]
+        nonempty = lengths > 0
+        if nonempty.any():
+            sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
+    return splitmix64(sums ^ lengths.astype(np.uint64))
+
+
+def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = None) -> np.ndarray:
+    """One int64 label per row; equal labels are exact duplicates under the settings.
+
+    A row is its prompt turns (role and normalised content, in order) and its two
+    normalised replies. Turn contents and replies are dictionary-encoded exactly; a prompt's
+    sequence of turn codes is identified by two independent 64-bit hashes (a false match
+    needs both to collide: about n**2 / 2**129 for n rows). The turn contents and the two
+    replies are normalised in up to ``workers`` threads (default 3).
+    """
+    prompt = degenerate.one_array(pairs["prompt"])
+    turns = prompt.values
+    texts = [pc.struct_field(turns, "content")] + [
+        degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n") for side in ("chosen", "rejected")]
+    # the turn contents and the two replies normalised in parallel threads (Arrow's string
+    # kernels release the GIL)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers or 3, os.cpu_count() or 1))) as pool:
+        contents, *replies = pool.map(lambda text: normalized(text, settings), texts)
+        turn_encoding = pool.submit(lambda: contents.dictionary_encode().indices)
+        # one dictionary for both replies, so a reply has the same code on either side
+        codes = pa.concat_arrays(replies).dictionary_encode().indices.to_numpy(zero_copy_only=False)
+        turn_codes = turn_encoding.result().to_numpy(zero_copy_only=False).astype(np.int64)
+    is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
+    turn_codes = turn_codes * 2 + is_user
+    offsets = prompt.offsets.to_numpy().astype(np.int64)
+    prompt_hashes = [_sequence_hashes(turn_codes, offsets, multiplier).view(np.int64)
+                     for multiplier in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)]
+    first, second = codes[: pairs.num_rows].astype(np.int64), codes[pairs.num_rows :].astype(np.int64)
+    if not settings.reply_order_matters:
+        first, second = np.minimum(first, second), np.maximum(first, second)
+    if pairs.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, label = np.unique(np.stack([*prompt_hashes, first, second], axis=1), axis=0, return_inverse=True)
+    return label.ravel().astype(np.int64)
+
+
+def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
+    """What near-duplicate detection shingles: the prompt turns' contents joined by spaces,
+    then (scope 'pair') both final replies."""
+    parts = [degenerate.joined_contents(degenerate.one_array(pairs["prompt"]), " ")]
+    if scope == "pair":
+        parts += [degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")
+                  for side in ("chosen", "rejected")]
+    return pc.binary_join_element_wise(*parts, " ") if len(parts) > 1 else parts[0]
+
+
+def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, minhash.Sketch]:
+    """Per row, the MinHash sketch of its near_texts (the settings' scope) and of its prompt.
+
+    One tokenisation and one pass of signatures serve both. A pair's text is its prompt,
+    chosen and rejected joined by spaces, so its words are the three parts' words in a row,
+    and when the prompt has at least k words the pair's first shingles are the prompt's
+    own. Only the rest (shingles that start in the prompt's last k - 1 words or later) is
+    shingled and signed again; the pair's signature is the element-wise minimum of both.
+    """
+    k = settings.shingle_size
+    # the three sides in parallel threads: Arrow's kernels and numpy release the GIL
+    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
+        prompt_tokens, *replies = pool.map(
+            lambda side: minhash.word_tokens(degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")),
+            ("prompt", "chosen", "rejected"))
+
+        def prompt_part():
+            shingles = minhash.token_shingles(*prompt_tokens, k)
+            raw = _raw_signatures(shingles, settings)
+            return shingles, raw, _finished(raw, settings)
+
+        def rest_part():
+            prompt_words = np.diff(prompt_tokens[1])
+            reply_words = np.diff(replies[0][1]) + np.diff(replies[1][1])
+            # a prompt shorter than k words is one shingle of its own, not one of the pair's
+            whole = prompt_words >= k
+            carried = np.where(whole, np.where(reply_words > 0, k - 1, 0), prompt_words)
+            rest = minhash.token_shingles(
+                *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k)
+            return rest, whole, _raw_signatures(rest, settings)
+
+        # the prompt's signatures and the rest's shingles and signatures, side by side
+        rest_future = pool.submit(rest_part) if settings.near_scope == "pair" else None
+        prompt_shingles, prompt_raw, prompt_signatures = prompt_part()
+        prompt = minhash.Sketch(prompt_shingles, prompt_signatures)
+        if rest_future is None:
+            return prompt, prompt
+        rest, whole, signatures = rest_future.result()
+    signatures[whole] = np.minimum(signatures[whole], prompt_raw[whole])
+    return minhash.Sketch(rest, _finished(signatures, settings), prefix=prompt_shingles, prefix_rows=whole), prompt
+
+
+def signatures_of(shingles: minhash.Shingles, settings: DedupSettings) -> np.ndarray:
+    """The signatures settings.sketch asks for."""
+    return _finished(_raw_signatures(shingles, settings), settings)
+
+
+def _raw_signatures(shingles: minhash.Shingles, settings: DedupSettings) -> np.ndarray:
+    """Signatures whose element-wise minimum is the signature of the union of shingle sets:
+    MinHash's, or one-permutation hashing's before its empty bins are filled."""
+    if settings.sketch == "oph":
+        return minhash.oph_bins(shingles, settings.num_perm, settings.seed)
+    return minhash.signatures(shingles, settings.num_perm, settings.seed)
+
+
+def _finished(raw: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    return minhash.densify(raw, settings.seed) if settings.sketch == "oph" else raw
+
+
+def _near_inputs(pairs: pa.Table, settings: DedupSettings):
+    """What the near stage needs of every row (made in a second thread): the sketches of
+    its near text and of its prompt, and the number of prompt turns."""
+    of_rows, of_prompts = sketches(pairs, settings)
+    turns = pc.list_value_length(degenerate.one_array(pairs["prompt"]))
+    return of_rows, of_prompts, turns.to_numpy(zero_copy_only=False)
+
+
+def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
+    """A code per row's near text: equal codes, equal texts."""
+    identity = near_texts(pairs, settings.near_scope).dictionary_encode().indices
+    return identity.to_numpy(zero_copy_only=False)
+
+
+def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity: np.ndarray):
+    """Near duplicates among ``rows`` (the exact survivors, in survivor order), numbered
+    0..len(rows)-1: (dropped -> (kept, similarity)) in drop mode, the similar pairs of
+    kept ones, and the prompts' sketch of each (for the leakage check).
+
+    Rows with the same text are similar (1.0); each distinct text is compared once.
+    """
+    of_all, prompts_of_all, turns = inputs
+    # distinct texts numbered by first appearance among the survivors
+    _, first_row, inverse = np.unique(identity[rows], return_index=True, return_inverse=True)
+    by_appearance = np.argsort(first_row, kind="stable")
+    rank = np.empty(len(first_row), dtype=np.int64)
+    rank[by_appearance] = np.arange(len(first_row))
+    unique_of_row, first_row = rank[inverse.ravel()], first_row[by_appearance]
+    order = np.arange(len(rows))
+    prompt_sketch = prompts_of_all.take(rows)
+    unique_pairs, similarity = minhash.similar_in_sketch(
+        of_all.take(rows[first_row]), bands=settings.bands, rows=settings.rows,
+        threshold=settings.threshold, verify=settings.verify,
+    )
+    if settings.same_turn_count and len(unique_pairs):
+        turns_of_unique = turns[rows[first_row]]
+        same = turns_of_unique[unique_pairs[:, 0]] == turns_of_unique[unique_pairs[:, 1]]
+        unique_pairs, similarity = unique_pairs[same], similarity[same]
+    neighbours: dict[int, list[tuple[int, float]]] = {}
+    for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
+        neighbours.setdefault(u, []).append((v, sim))
+        neighbours.setdefault(v, []).append((u, sim))
+    rows_per_unique = np.bincount(unique_of_row, minlength=len(first_row))
+    kept_row_of_unique: dict[int, int] = {}
+    dropped: dict[int, tuple[int, float]] = {}
+    same_text: list[tuple[int, int]] = []
+    touched = (rows_per_unique[unique_of_row] > 1) | np.isin(unique_of_row, list(neighbours))
+    for row in order[touched[order]].tolist():
+        unique = int(unique_of_row[row])
+        if unique in kept_row_of_unique:
+            if settings.near_action == "drop":
+                dropped[row] = (kept_row_of_unique[unique], 1.0)
+            else:
+                same_text.append((kept_row_of_unique[unique], row))
+            continue
+        matches = [(sim, v) for v, sim in neighbours.get(unique, ()) if v in kept_row_of_unique]
+        if matches and settings.near_action == "drop":
+            sim, v = max(matches, key=lambda match: match[0])
+            dropped[row] = (kept_row_of_unique[v], sim)
+        else:
+            kept_row_of_unique[unique] = row
+    row_edges = [
+        (kept_row_of_unique.get(u), kept_row_of_unique.get(v)) for u, v in unique_pairs.tolist()
+    ]
+    edges = same_text + [(a, b) for a, b in row_edges if a is not None and b is not None]
+    return dropped, edges, prompt_sketch
+
+
+def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> DedupResult:
+    """Drop degenerate pairs, exact and near duplicates; every input row is kept or logged.
+
+    On large tables run it inside hhdata.memory.large_run(), as ``hhdata dedup`` does.
+
+    Returns kept rows (PAIR_SCHEMA plus ``cluster_id``: the id of the cluster's
+    representative, the row's own id for a singleton), a drop log (id, fate, reason, kept_id,
+    subset, split, similarity), a report and the settings.
+    """
+    missing = [name for name in PAIR_SCHEMA.names if name not in pairs.column_names]
+    if missing:
+        raise SchemaError(
+            f"deduplicate needs the canonical pair columns; missing {missing}. Build the table "
+            "with hhdata.pairs.build_pairs so it follows hhdata.schema.PAIR_SCHEMA"
+        )
+    # one array per column, made once: every stage below reads whole columns
+    pairs = pairs.select(PAIR_SCHEMA.names)
+    pairs = pa.table([degenerate.one_array(column) for column in pairs.columns], schema=pairs.schema)
+    ids = pairs["id"].to_numpy(zero_copy_only=False)
+    n = pairs.num_rows
+
+    # the near stage's sketches of every row, made in a second thread while this one finds
+    # degenerate pairs and exact duplicates (Arrow and numpy release the GIL); the near
+    # stage then takes the rows that survive
+    pool = ThreadPoolExecutor(max_workers=1)
+    sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
+    # without a near stage the second thread checks for degenerate pairs instead
+    checking = pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
+    try:
+        return _deduplicate(pairs, settings, ids, sketching, checking)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+# exact_keys' threads while the sketches are made in another thread (chosen by measurement:
+# bench/release_build.md, "End to end")
+_EXACT_WORKERS_BESIDE_SKETCHES = 1
+
+
+def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching, checking) -> DedupResult:
+    """deduplicate on one array per column; ``sketching`` and ``checking``: the futures of
+    _near_inputs(pairs) and of degenerate.find_degenerate(pairs), when started."""
+    n = pairs.num_rows
+    reason = np.full(n, None, dtype=object)
+    fate = np.full(n, None, dtype=object)  # set with every reason: REMOVED or FILTERED
+    kept_index = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan)
+    cluster = np.arange(n)
+
+    keys = exact_keys(pairs, settings, workers=_EXACT_WORKERS_BESIDE_SKETCHES if sketching else None)
+
+    # 1. degenerate pairs
+    if checking is not None:
+        masks = checking.result()
+    else:
+        masks = degenerate.find_degenerate(pairs) if n else {r: np.zeros(0, bool) for r in degenerate.REASONS}
+    policy = settings.degenerate
+    flagged = {}
+    for code in degenerate.REASONS:
+        if policy[code] == degenerate.DROP:
+            dropped = masks[code] & (reason == None)  # noqa: E711 (element-wise)
+            reason[dropped], fate[dropped] = code, FILTERED
+        else:
+            flagged[code] = masks[code]
+    alive = reason == None  # noqa: E711
+
+    # 2. exact duplicates, first survivor of each key in survivor order
+    order = survivor_order(pairs, settings)
+    order = order[alive[order]]
+    _, first_in_order, group = np.unique(keys[order], return_index=True, return_inverse=True)
+    survivor_of = order[first_in_order][group]
+    duplicate = survivor_of != order
+    reason[order[duplicate]], fate[order[duplicate]] = EXACT_DUPLICATE, REMOVED
+    kept_index[order[duplicate]] = survivor_of[duplicate]
+    similarity[order[duplicate]] = 1.0
+    cluster[order] = survivor_of
+
+    # 3. near duplicates among the exact survivors
+    order = order[~duplicate]
+    edges: list[tuple[int, int]] = []
+    survivor_sketch = None
+    if settings.near and len(order):
+        # the texts' identity is made here while the second thread finishes the sketches
+        identity = _text_identity(pairs, settings)
+        dropped, edges, survivor_sketch = _near_duplicates(order, settings, sketching.result(), identity)
+        for local, (kept_local, sim) in dropped.items():
+            row = order[local]
+            reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim
+            fate[row] = REMOVED
+            cluster[row] = order[kept_local]
+        edges = [(int(order[a]), int(order[b])) for a, b in edges]
+        # an exact copy of a row dropped as a near duplicate points at what that row points at
+        exact_rows = np.flatnonzero(reason == EXACT_DUPLICATE)
+        via = kept_index[exact_rows]
+        chained = reason[via] == NEAR_DUPLICATE
+        kept_index[exact_rows[chained]] = kept_index[via[chained]]
+        similarity[exact_rows[chained]] = similarity[via[chained]]
+        cluster = cluster[cluster]
+    if edges:  # cluster mode: kept near duplicates share their component's best survivor
+        by_rank = survivor_order(pairs, settings)
+        rank = np.empty(n, dtype=np.int64)
+        rank[by_rank] = np.arange(n)
+        ranked_edges = np.array([(rank[a], rank[b]) for a, b in edges], dtype=np.int64)
+        component = minhash.connected_components(n, ranked_edges)
+        root_row = by_rank[component[rank]]
+        # exact copies follow their survivor into its component
+        cluster = root_row[cluster]
+
+    keep = reason == None  # noqa: E711
+    prompt_sketch = None
+    if survivor_sketch is not None:  # every kept row is a survivor of the exact stage
+        local_of_row = np.full(n, -1, dtype=np.int64)
+        local_of_row[order] = np.arange(len(order))
+        prompt_sketch = survivor_sketch.take(local_of_row[keep])
+    flags = degenerate.add_flags(degenerate.one_array(pairs["flags"]), {c: m & keep for c, m in flagged.items()})
+    kept = pairs.set_column(PAIR_SCHEMA.get_field_index("flags"), "flags", flags)
+    kept = kept.filter(pa.array(keep)).append_column(
+        "cluster_id", pa.array(ids[cluster][keep].tolist(), pa.string())
+    )
+    gone = np.flatnonzero(~keep)
+    drops = pa.table(
+        {
+            "id": pa.array(ids[gone].tolist(), pa.string()),
+            "fate": pa.array(fate[gone].tolist(), pa.string()),
+            "reason": pa.array(reason[gone].tolist(), pa.string()),
+            "kept_id": pa.array(
+                [ids[k] if k >= 0 else None for k in kept_index[gone].tolist()], pa.string()
+            ),
+            "subset": pairs["subset"].take(pa.array(gone)),
+            "split": pairs["split"].take(pa.array(gone)),
+            "similarity": pa.array(similarity[gone], pa.float64(), from_pandas=True),
+        },
+        schema=DROPS_SCHEMA,
+    )
+    clustered = keep | np.isin(reason, [EXACT_DUPLICATE, NEAR_DUPLICATE])
+    report = dedup_report(pairs, kept, drops, settings, {c: int(m.sum()) for c, m in masks.items()},
+                          ids[cluster][clustered].tolist())
+    return DedupResult(kept=kept, drops=drops, report=report, settings=settings,
+                       prompt_sketch=prompt_sketch)
+
+
+def dedup_report(pairs, kept, drops, settings, degenerate_found, cluster_of_rows,
+                 examples: int = 3) -> dict:
+    """Counts per reason, cluster sizes and side-by-side examples of each kind of drop.
+
+    ``cluster_of_rows`` holds the cluster id of every row that is kept or dropped as a
+    duplicate (degenerate drops belong to no cluster).
+    """
+    cluster_sizes = Counter(cluster_of_rows)
+    histogram = Counter(cluster_sizes.values())
+    shown = {
+        code: drops.filter(pc.equal(drops["reason"], code)).slice(0, examples).to_pylist()
+        for code in sorted(set(drops["reason"].to_pylist()))
+    }
+    wanted = {row[key] for rows in shown.values() for row in rows for key in ("id", "kept_id")}
+    by_id = {}
+    chosen = pairs.filter(pc.is_in(pairs["id"], pa.array(sorted(i for i in wanted if i), pa.string())))
+    for row in chosen.select(["id", "subset", "split", "prompt"]).to_pylist():
+        by_id.setdefault(row["id"], row)
+    side_by_side = {
+        code: [
+            {
+                "dropped": _example(by_id[row["id"]]),
+                "kept": _example(by_id[row["kept_id"]]) if row["kept_id"] else None,
+                "similarity": None if row["similarity"] != row["similarity"] else row["similarity"],
+            }
+            for row in rows
+        ]
+        for code, rows in shown.items()
+    }
+    return {
+        "settings": settings.to_json(),
+        "input": pairs.num_rows,
+        "kept": kept.num_rows,
+        "dropped": drops.num_rows,
+        "dropped_by_reason": dict(sorted(Counter(drops["reason"].to_pylist()).items())),
+        "degenerate_found": degenerate_found,
+        "clusters": len(cluster_sizes),
+        "cluster_size_histogram": {str(size): count for size, count in sorted(histogram.items())},
+        "examples": side_by_side,
+    }
+
+
+def _example(row: dict) -> dict:
+    last_user = next((t["content"] for t in reversed(row["prompt"]) if t["role"] == "user"), "")
+    return {"id": row["id"], "subset": row["subset"], "split": row["split"],
+            "turns": len(row["prompt"]), "last_user_turn": last_user[:300]}
+
+
+def write_report(report: dict, path) -> None:
+    """Write a report as indented, key-sorted JSON."""
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(report, out, indent=1, sort_keys=True, ensure_ascii=False)
+        out.write("\n")
