@@ -181,10 +181,12 @@ def test_prefix_sharing_is_not_exact_for_an_encoder_so_it_is_refused(tmp_path, s
     assert models.is_encoder(model.backbone.config)
     pairs = [encode_pair(tokenizer, row, 48, chat=False) for row in rows]
     with torch.no_grad():
-        shared = pair_rewards(model, pairs, tokenizer.pad_token_id, True, "cpu")
+        shared = model(**packed_batch(pairs, tokenizer.pad_token_id))
         separate = pair_rewards(model, pairs, tokenizer.pad_token_id, False, "cpu")
     # the prompt attends to its reply in an encoder, so one shared prompt cannot serve both
-    assert (shared[0] - separate[0]).abs().max() > 1e-2
+    assert (shared[:, 0] - separate[0]).abs().max() > 1e-2
+    with pytest.raises(HhDataError, match="bidirectional encoder.*--prefix-sharing off"):
+        pair_rewards(model, pairs, tokenizer.pad_token_id, True, "cpu")
     with pytest.raises(HhDataError, match="bidirectional encoder"):
         main(Args(data=str(synthetic_file), model=models.MINILM, prefix_sharing="on", run_dir=str(tmp_path / "run"), max_steps=1))
 
