@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from hhdata.errors import HhDataError
 from hhdata.schema import PAIR_SCHEMA, pair_id
@@ -23,6 +23,7 @@ from hhdata.transcript import render_transcript
 from training import models
 from training.common import sha256_file
 from training.reward_model import (
+    EXAMPLE,
     Args,
     RewardModel,
     accumulate_pair_loss,
@@ -249,6 +250,10 @@ def test_tiny_model_learns_the_marker_per_family_from_a_release(tmp_path, synthe
     chosen = score(model, tokenizer, saved, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = score(model, tokenizer, saved, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
     assert (chosen > rejected).float().mean() > 0.9
+    assert_standard_reward_model(run_dir / "model", model, tokenizer, saved, rows)
+    card = (run_dir / "model/README.md").read_text()
+    assert "## Input format" in card and "end-of-turn token `</s>`" in card
+    assert json.dumps(reward_text(tokenizer, *EXAMPLE, chat=saved["chat_template"])) in card  # the exact example
 
 
 def test_train_config_filters_training_but_evaluation_covers_every_family(tmp_path, synthetic_file):
@@ -479,6 +484,8 @@ def assert_standard_reward_model(folder, model, tokenizer, settings, rows):
     ours = score(model, tokenizer, settings, [row["prompt"] for row in rows], [row["chosen"] for row in rows])
     torch.testing.assert_close(logits, ours, atol=1e-5, rtol=0)
     assert ours.std() > 0  # the rewards differ: a constant would match anywhere
+    reward_pipeline = pipeline("text-classification", model=classifier, tokenizer=saved_tokenizer, function_to_apply="none")
+    assert reward_pipeline(texts[-1])[0]["score"] == pytest.approx(ours[-1].item(), abs=1e-5)
     return classifier
 
 

@@ -764,7 +764,43 @@ def learning_rate(step: int, total: int, args: Args) -> float:
     return args.learning_rate * (total - step) / max(1, total - warmup)
 
 
-def write_card(run_dir: Path, settings: dict, metrics: dict) -> None:
+EXAMPLE = ([{"role": "user", "content": "How do I bake bread?"}], [{"role": "assistant", "content": "Mix flour, water and yeast."}])
+
+
+def input_format(tokenizer, chat: bool, max_length: int, pooled: bool) -> tuple[str, str]:
+    """(what the head reads, the exact input format) for the model card."""
+    end = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer, chat))
+    pad = tokenizer.convert_ids_to_tokens(reward_pad_id(tokenizer, chat))
+    if pooled:
+        reads = "BERT's pooler over the first token and a linear `classifier`, as `BertForSequenceClassification`"
+    else:
+        reads = (
+            f"a linear `score` head read at the end-of-turn token `{end}` that closes the assistant's "
+            f"final reply: the last token, where the sequence-classification model pools (the last "
+            f"token that is not the pad token `{pad}`, which never occurs in a scored text)"
+        )
+    rendering = (
+        f"the conversation through the tokenizer's chat template (`apply_chat_template(prompt + [reply])`), "
+        f"cut right after the final `{end}`"
+        if chat and template_end_id(tokenizer) is not None
+        else "the HH-RLHF transcript (`\\n\\nHuman: ...\\n\\nAssistant: ...`, byte for byte, ending with "
+        f"the final reply) closed by `{end}`"
+    )
+    text = reward_text(tokenizer, *EXAMPLE, chat)
+    described = (
+        f"The reward of one conversation is the model's logit (no sigmoid) on one text: {rendering}. "
+        f"Start and end tokens are written into the text where the tokenizer does not add them "
+        f"itself, so `tokenizer(text)` (default settings) gives exactly the ids the trainer scored. "
+        f"For example, as a Python string:\n\n"
+        f"```python\ntext = {json.dumps(text, ensure_ascii=False)}\n```\n\n"
+        f"Training saw at most {max_length} tokens per conversation: longer ones kept the final reply "
+        f"(at least half the budget, with its end token) and the prompt's most recent tokens. A "
+        f"plain tokenizer call does not cut that way; score long conversations with `score` below."
+    )
+    return reads, described
+
+
+def write_card(run_dir: Path, settings: dict, metrics: dict, tokenizer, pooled: bool) -> None:
     """model/README.md from hhdata/cards/model_card.md."""
     template = (Path(__file__).resolve().parent.parent / "hhdata/cards/model_card.md").read_text()
     lines = ["| held-out part | pairs | accuracy | mean margin | ECE |", "|---|---|---|---|---|"]
@@ -777,7 +813,10 @@ def write_card(run_dir: Path, settings: dict, metrics: dict) -> None:
             f"| {part['mean_margin']:.3f} | {part['ece']:.3f} |"
         )
     args = settings["args"]
+    reads, described = input_format(tokenizer, settings["chat_template"], args["max_length"], pooled)
     card = template.format(
+        reads=reads,
+        input_format=described,
         model=args["model"],
         train_config=args["train_config"],
         source=settings["provenance"]["source"],
@@ -958,7 +997,7 @@ def main(args: Args) -> dict:
         save_reward_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model", saved)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_plots(run_dir, margins, eval_rows, metrics, [json.loads(line) for line in log_lines])
-        write_card(run_dir, settings, metrics)
+        write_card(run_dir, settings, metrics, tokenizer, accelerator.unwrap_model(model).pooled)
         writer.add_scalar("eval/accuracy", metrics["overall"]["accuracy"], total_steps)
         writer.close()
     return metrics
