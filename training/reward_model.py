@@ -1,7 +1,8 @@
 """Train a reward (preference) model on an HH-RLHF release with the Bradley-Terry loss.
 
 The model reads a conversation and returns one scalar: a backbone plus a linear head read at
-the last token of the assistant's final reply. Trained on pairs with the pairwise loss
+the end-of-turn token closing the assistant's final reply (BERT: at its pooled first token),
+saved as a standard transformers sequence-classification model. Trained on pairs with the pairwise loss
 -log sigmoid(r_chosen - r_rejected) (Bai et al. 2022, section 2.2; Ouyang et al. 2022 eq. 1).
 
 Prefix sharing: chosen and rejected share the whole prompt, so each pair is packed into one
@@ -10,7 +11,8 @@ from seeing each other and the position ids of the rejected reply restart after 
 so every token sees exactly what it would see in its own `prompt | reply` sequence, and the
 prompt is computed once instead of twice. This is exact only for causal decoders; in a
 bidirectional encoder the prompt tokens attend to the reply, so encoders run the two
-sequences separately (see docs/reward_model.md).
+sequences separately, and so do models whose attention ignores the 4-D mask or the position
+ids (see docs/reward_model.md).
 
 Run `python -m training.reward_model --help`; the run directory layout is in docs/reward_model.md.
 """
@@ -81,7 +83,8 @@ class Args:
     eval_fraction: float = 0.2
     """held-out share, chosen by pair id, when the release has no test split beside train"""
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
-    """pack prompt|chosen|rejected in one sequence; auto = on for decoders, off for encoders"""
+    """pack prompt|chosen|rejected in one sequence; auto = on where exact (causal decoders with
+    eager or sdpa attention and position ids), off otherwise"""
     micro_batch_cost: int = 64
     """what one more forward/backward pass costs, in padded tokens: each step's pairs are sorted
     by length and cut into micro-batches, each padded to its own longest, wherever that saves
