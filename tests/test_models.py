@@ -110,7 +110,13 @@ def test_smollm2_reward_model_saves_as_a_standard_sequence_classifier(tmp_path):
     # SmolLM2 pads with <|im_end|>, its end of turn, so the saved pad token must be another one
     from transformers import AutoModelForSequenceClassification
 
-    from training.reward_model import RewardModel, load_reward_model, reward_text, save_reward_model, score
+    from training.reward_model import (
+        RewardModel,
+        load_reward_model,
+        reward_text,
+        save_reward_model,
+        score,
+    )
 
     tokenizer = models.load_tokenizer(models.SMOLLM2)
     model = RewardModel(models.load_backbone(models.SMOLLM2, tokenizer))

@@ -15,7 +15,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    pipeline,
+)
 
 from hhdata.errors import HhDataError
 from hhdata.schema import PAIR_SCHEMA, pair_id
@@ -36,8 +41,8 @@ from training.reward_model import (
     packed_batch,
     pair_length,
     pair_rewards,
-    prefix_sharing_problem,
     preference_loss,
+    prefix_sharing_problem,
     reliability,
     render,
     reply_body,
@@ -391,13 +396,14 @@ def test_reward_is_read_at_the_end_of_turn_token_truncated_or_not(kind, bundled_
         for batch in (naive_batch(pairs, tokenizer.pad_token_id), packed_batch(pairs, tokenizer.pad_token_id)):
             read = batch["input_ids"].gather(1, batch["read_at"])
             assert (read == expected).all(), kind
-    assert min(lengths) <= 24 < 200 < max(lengths)  # truncated and whole sequences were read
+    assert min(lengths) <= 24 and max(lengths) > 200  # truncated and whole sequences were read
 
 
 @pytest.mark.parametrize("role", ["cls", "sep"])
 def test_start_and_end_tokens_with_id_0_are_kept(role):
     """Bug 4 of issue 9: `cls_token_id or bos_token_id` took id 0 for missing."""
-    from tokenizers import Tokenizer, models as token_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as token_models
     from transformers import PreTrainedTokenizerFast
 
     specials = {"cls": ["[CLS]", "[SEP]", "<s>", "</s>", "<pad>"], "sep": ["[SEP]", "[CLS]", "<s>", "</s>", "<pad>"]}[role]
