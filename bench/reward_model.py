@@ -126,7 +126,8 @@ def throughput(options) -> dict:
     args = Args(model=model_name, max_length=options.max_length, batch_size=options.batch_size, max_steps=options.steps,
                 learning_rate=options.learning_rate, warmup_fraction=0.0, max_eval_pairs=options.batch_size, save_every=10**9, seed=options.seed)
     results = {}
-    for sharing, cost in (("on", args.micro_batch_cost), ("on", -1), ("off", args.micro_batch_cost)):
+    variants = (("on", args.micro_batch_cost), ("on", -1), ("off", args.micro_batch_cost))
+    for sharing, cost in variants[: 1 if options.ours == "default" else None]:
         name = f"ours-{sharing}" + ("-one-batch" if cost < 0 else "")
         metrics = main(replace(args, prefix_sharing=sharing, micro_batch_cost=cost, run_dir=str(work / name)))
         log = (work / f"{name}/checkpoints/step-{options.steps:07d}/train_log.jsonl").read_text().splitlines()
@@ -276,6 +277,8 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--tools", default="ours,trl", help="cv: which trainers to run")
+    parser.add_argument("--ours", choices=["all", "default"], default="all",
+                        help="throughput: our three variants, or only the default (prefix sharing, micro-batches)")
     parser.add_argument("--dropout", action="store_true", help="cv: keep minilm's dropout in our trainer")
     parser.add_argument("--max-train-pairs", type=int, default=None, help="cv: train on the first N pairs of the four folds")
     parser.add_argument("--only-fold", type=int, default=None)
