@@ -53,7 +53,6 @@ def prepare(out: Path, settings: dict) -> None:
     tokenizer.save_pretrained(out / "rm-hf")
     ours = RewardModel(scorer.model)
     ours.score.weight.data.copy_(scorer.score.weight.data)
-    ours.score.bias.data.zero_()  # the HF head has no bias: the two reward models are the same function
     save_reward_model(ours, tokenizer, out / "rm" / "model", {"max_length": 512, "chat_template": False, "base_model": "tiny"})
     queries = [encode_prompt(tokenizer, row["prompt"], chat=False)[0][-settings["query_length"] :] for row in rows]
     (out / "queries.json").write_text(json.dumps(queries))

@@ -1,13 +1,14 @@
 """Benchmark training.reward_model against TRL 1.16's RewardTrainer, side by side in one run, CPU.
 
 throughput: the same initial weights (our seeded model; TRL gets the same backbone and head
-    in an AutoModelForSequenceClassification), the same token ids (our truncation, handed to
+    in the AutoModelForSequenceClassification the trainer saves), the same token ids (our truncation, handed to
     TRL pre-tokenized), the same batches in the same order, batch size, max length, optimizer,
     learning-rate schedule and fp32 precision. Reports pairs per second of the training loop
     and the largest per-step loss difference (the same math should give the same curve).
 
 cv: 5-fold cross-validation on the real harmless-base test split with the minilm backbone:
-    train on four folds, test on the fifth, one epoch at the same budget for both tools.
+    train on four folds, test on the fifth, one epoch at the same budget for both tools. Both
+    read BertForSequenceClassification's pooled [CLS] and get the same (truncated) token ids.
 
 crosstable: the paper's helpful-vs-harmless table (train on one config, evaluate on every
     family) on synthetic pairs whose families prefer opposite things: a helpful pair prefers the
@@ -41,7 +42,15 @@ from hhdata.schema import PAIR_SCHEMA, pair_id
 from hhdata.transcript import render_transcript
 from training import models
 from training.common import load_pairs
-from training.reward_model import Args, RewardModel, encode_pair, main, split_held_out
+from training.reward_model import (
+    Args,
+    RewardModel,
+    encode_pair,
+    main,
+    reward_pad_id,
+    split_held_out,
+    uses_chat_template,
+)
 
 
 class LossLog(TrainerCallback):
@@ -117,7 +126,8 @@ def throughput(options) -> dict:
     args = Args(model=model_name, max_length=options.max_length, batch_size=options.batch_size, max_steps=options.steps,
                 learning_rate=options.learning_rate, warmup_fraction=0.0, max_eval_pairs=options.batch_size, save_every=10**9, seed=options.seed)
     results = {}
-    for sharing, cost in (("on", args.micro_batch_cost), ("on", -1), ("off", args.micro_batch_cost)):
+    variants = (("on", args.micro_batch_cost), ("on", -1), ("off", args.micro_batch_cost))
+    for sharing, cost in variants[: 1 if options.ours == "default" else None]:
         name = f"ours-{sharing}" + ("-one-batch" if cost < 0 else "")
         metrics = main(replace(args, prefix_sharing=sharing, micro_batch_cost=cost, run_dir=str(work / name)))
         log = (work / f"{name}/checkpoints/step-{options.steps:07d}/train_log.jsonl").read_text().splitlines()
@@ -130,18 +140,14 @@ def throughput(options) -> dict:
     splits, _ = load_pairs(None)
     train_rows, _ = split_held_out(splits, args.eval_fraction)
     tokenizer = models.load_tokenizer(str(work / "ours-on/tokenizer")) if args.model == models.TINY else models.load_tokenizer(args.model)
-    chat = bool(getattr(tokenizer, "chat_template", None))
+    chat = uses_chat_template(tokenizer, args.chat_template)
     pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in train_rows]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1_000_003))
     ordered = [pairs[i] for i in order[: options.steps * args.batch_size].tolist()]
     torch.manual_seed(args.seed)
     ours = RewardModel(models.load_backbone(args.model, tokenizer, seed=args.seed))
-    config = ours.backbone.config
-    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
-    model = AutoModelForSequenceClassification.from_config(config)
-    getattr(model, model.base_model_prefix).load_state_dict(ours.backbone.state_dict())
-    with torch.no_grad():
-        model.score.weight.copy_(ours.score.weight)  # the bias cancels in r_chosen - r_rejected
+    model = ours.to_classifier(reward_pad_id(tokenizer, chat))  # the same weights, transformers' layout
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id)
     log = LossLog()
     trainer = RewardTrainer(model=model, args=trl_config(str(work / "trl"), args, options.steps, args.seed), train_dataset=trl_dataset(ordered), processing_class=tokenizer, callbacks=[log])
     trainer.train()
@@ -271,6 +277,8 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--tools", default="ours,trl", help="cv: which trainers to run")
+    parser.add_argument("--ours", choices=["all", "default"], default="all",
+                        help="throughput: our three variants, or only the default (prefix sharing, micro-batches)")
     parser.add_argument("--dropout", action="store_true", help="cv: keep minilm's dropout in our trainer")
     parser.add_argument("--max-train-pairs", type=int, default=None, help="cv: train on the first N pairs of the four folds")
     parser.add_argument("--only-fold", type=int, default=None)

@@ -42,6 +42,29 @@ def test_tiny_model_weights_are_decided_by_the_seed(tmp_path):
     assert torch.equal(reloaded.state_dict()[weight], first.state_dict()[weight])
 
 
+def test_tiny_tokenizer_chat_template_renders_hh_transcripts_byte_exact():
+    """Issue 9: the tiny tokenizer ships a chat template, so tools that need one (TRL's
+    trainers) render exactly the transcripts the data holds."""
+    from trl.data_utils import apply_chat_template
+
+    from training.common import load_pairs
+
+    rows = load_pairs(None)[0]["test"]
+    tokenizer = models.load_tokenizer(models.TINY, texts=[row["chosen_text"] for row in rows[:200]])
+    for row in rows:
+        for reply, text in ((row["chosen"], row["chosen_text"]), (row["rejected"], row["rejected_text"])):
+            assert tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=False) == text, row["id"]
+    assert any(turn["content"] == "" for row in rows for turn in row["chosen"] + row["prompt"])  # edge case covered
+    head = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert head == render(None, rows[0]["prompt"], rows[0]["chosen"], chat=False)[0]
+    example = {key: rows[0][key] for key in ("prompt", "chosen", "rejected")}
+    rendered = apply_chat_template(example, tokenizer)  # TRL's own preference-data rendering
+    assert rendered["prompt"] + rendered["chosen"] == rows[0]["chosen_text"]
+    assert rendered["prompt"] + rendered["rejected"] == rows[0]["rejected_text"]
+    with pytest.raises(Exception, match="user or assistant, not system"):
+        tokenizer.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+
+
 def test_tiny_tokenizer_needs_the_texts():
     with pytest.raises(models.ModelError, match="texts="):
         models.load_tokenizer(models.TINY)
@@ -51,7 +74,7 @@ def test_minilm_loads_offline_from_its_package():
     tokenizer = models.load_tokenizer(models.MINILM)
     model = models.load_backbone(models.MINILM, tokenizer)
     assert models.is_encoder(model.config) and model.config.hidden_size == 384
-    assert model.pooler is None  # the reward head reads token states, not the pooler
+    assert model.pooler is not None  # kept: the reward model reads it, as BertForSequenceClassification does
     batch = tokenizer(["a cat sat", "a dog ran far away"], return_tensors="pt", padding=True)
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -82,13 +105,32 @@ def test_smollm2_loads_from_gguf_with_its_chat_template():
 
 
 @pytest.mark.benchmark
-def test_smollm2_reward_model_saves_as_safetensors_and_loads_back(tmp_path):
-    # transformers keeps a GGUF quantizer on de-quantised models and then refuses to save them
-    from training.reward_model import RewardModel, load_reward_model, save_reward_model
+def test_smollm2_reward_model_saves_as_a_standard_sequence_classifier(tmp_path):
+    # transformers keeps a GGUF quantizer on de-quantised models and then refuses to save them;
+    # SmolLM2 pads with <|im_end|>, its end of turn, so the saved pad token must be another one
+    from transformers import AutoModelForSequenceClassification
+
+    from training.reward_model import (
+        RewardModel,
+        load_reward_model,
+        reward_text,
+        save_reward_model,
+        score,
+    )
 
     tokenizer = models.load_tokenizer(models.SMOLLM2)
     model = RewardModel(models.load_backbone(models.SMOLLM2, tokenizer))
     save_reward_model(model, tokenizer, tmp_path, {"max_length": 64, "chat_template": True})
-    loaded, _, _ = load_reward_model(tmp_path)
+    loaded, loaded_tokenizer, settings = load_reward_model(tmp_path)
     before = dict(model.named_parameters())
     assert all(torch.equal(before[name], value) for name, value in loaded.named_parameters())
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and classifier.config.num_labels == 1
+    assert settings["end_of_turn_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") != classifier.config.pad_token_id
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "How do I bake bread at home?"}]]
+    replies = [[{"role": "assistant", "content": "Hello!"}], [{"role": "assistant", "content": "Mix flour and water."}]]
+    texts = [reward_text(loaded_tokenizer, p, r, chat=True) for p, r in zip(prompts, replies)]
+    assert texts[0].endswith("Hello!<|im_end|>")  # read at the end of turn, not the newline after it
+    with torch.no_grad():
+        logits = classifier(**loaded_tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0]
+    torch.testing.assert_close(logits, score(loaded, loaded_tokenizer, settings, prompts, replies), atol=1e-4, rtol=0)

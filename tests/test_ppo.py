@@ -239,8 +239,8 @@ def test_runs_against_a_reward_model_with_value_model_from_it(tiny_runs, tmp_pat
     assert set(evaluation["by_family"]) == {"harmless"} and evaluation["prompts"] == 8
     assert len(evaluation["samples"]) == 2
     value = load_file(tmp_path / "ppo" / "value.safetensors")
-    reward = load_file(tiny_runs / "rm" / "model" / "reward_head.safetensors")
-    assert value["score.weight"].shape == reward["weight"].shape  # the value head is the reward head, trained on
+    reward = load_file(tiny_runs / "rm" / "model" / "model.safetensors")  # a standard sequence classifier
+    assert value["score.weight"].shape == reward["score.weight"].shape  # the value head is the reward head, trained on
     card = (tmp_path / "ppo" / "policy" / "README.md").read_text()
     assert "win rate" in card and str(tiny_runs / "rm") in card
 

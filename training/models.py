@@ -48,6 +48,20 @@ TINY_CONFIG = dict(
     tie_word_embeddings=True,
 )
 TINY_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# The HH-RLHF transcript itself as a chat template: "\n\nHuman: ...\n\nAssistant: ..." byte for
+# byte (hhdata.transcript.render_transcript), so tools that want a chat template (TRL's
+# trainers) render exactly the text the data holds. It writes no special tokens: the trainers
+# add the start token and close each reply with the end-of-turn token (eos) themselves.
+# {% generation %} marks the assistant's words for return_assistant_tokens_mask.
+HH_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '\n\nHuman: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '\n\nAssistant: ' }}{% generation %}{{ message['content'] }}{% endgeneration %}"
+    "{%- else -%}{{ raise_exception('HH-RLHF turns are user or assistant, not ' + message['role']) }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
+)
 
 
 class ModelError(HhDataError):
@@ -86,11 +100,14 @@ def _source(model: str) -> tuple[str, dict]:
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts` (seconds on a few thousand transcripts).
+    """A byte-level BPE tokenizer trained on `texts` (seconds on a few thousand transcripts),
+    with the HH transcript as its chat template (HH_CHAT_TEMPLATE).
 
     >>> tok = train_tiny_tokenizer(["hello world"] * 20, vocab_size=300)
     >>> tok.decode(tok("hello world")["input_ids"])
     'hello world'
+    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    '\\n\\nHuman: Hi\\n\\nAssistant:'
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -102,7 +119,9 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTra
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, chat_template=HH_CHAT_TEMPLATE, **TINY_SPECIAL_TOKENS
+    )
 
 
 def load_tokenizer(model: str, texts: Iterable[str] | None = None):
@@ -143,9 +162,8 @@ def _load(auto_class, model: str, tokenizer, seed: int, dtype: torch.dtype):
         torch.manual_seed(seed)  # random init: the seed alone decides the weights
         return auto_class.from_config(tiny_config(tokenizer), dtype=dtype)
     path, extra = _source(model)
-    kwargs = {"add_pooling_layer": False} if auto_class is AutoModel and model == MINILM else {}
     try:
-        loaded = auto_class.from_pretrained(path, dtype=dtype, **extra, **kwargs)
+        loaded = auto_class.from_pretrained(path, dtype=dtype, **extra)
     except OSError as error:
         raise ModelError(
             f"cannot load model weights from {model!r} ({error}); pass one of {EMBEDDED}, a "
@@ -170,7 +188,11 @@ def forget_gguf(model) -> None:
 
 
 def load_backbone(model: str, tokenizer, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """The model without any head (AutoModel): hidden states for a reward or value head."""
+    """The model without any head (AutoModel): hidden states for a reward or value head.
+
+    Encoders keep their pooler (BERT's dense + tanh over the first token), which their
+    sequence-classification model reads; the reward model does too.
+    """
     return _load(AutoModel, model, tokenizer, seed, dtype)
 
 

@@ -1,7 +1,8 @@
 """Train a reward (preference) model on an HH-RLHF release with the Bradley-Terry loss.
 
 The model reads a conversation and returns one scalar: a backbone plus a linear head read at
-the last token of the assistant's final reply. Trained on pairs with the pairwise loss
+the end-of-turn token closing the assistant's final reply (BERT: at its pooled first token),
+saved as a standard transformers sequence-classification model. Trained on pairs with the pairwise loss
 -log sigmoid(r_chosen - r_rejected) (Bai et al. 2022, section 2.2; Ouyang et al. 2022 eq. 1).
 
 Prefix sharing: chosen and rejected share the whole prompt, so each pair is packed into one
@@ -10,7 +11,8 @@ from seeing each other and the position ids of the rejected reply restart after 
 so every token sees exactly what it would see in its own `prompt | reply` sequence, and the
 prompt is computed once instead of twice. This is exact only for causal decoders; in a
 bidirectional encoder the prompt tokens attend to the reply, so encoders run the two
-sequences separately (see docs/reward_model.md).
+sequences separately, and so do models whose attention ignores the 4-D mask or the position
+ids (see docs/reward_model.md).
 
 Run `python -m training.reward_model --help`; the run directory layout is in docs/reward_model.md.
 """
@@ -18,7 +20,9 @@ Run `python -m training.reward_model --help`; the run directory layout is in doc
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -79,7 +83,8 @@ class Args:
     eval_fraction: float = 0.2
     """held-out share, chosen by pair id, when the release has no test split beside train"""
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
-    """pack prompt|chosen|rejected in one sequence; auto = on for decoders, off for encoders"""
+    """pack prompt|chosen|rejected in one sequence; auto = on where exact (causal decoders with
+    eager or sdpa attention and position ids), off otherwise"""
     micro_batch_cost: int = 64
     """what one more forward/backward pass costs, in padded tokens: each step's pairs are sorted
     by length and cut into micro-batches, each padded to its own longest, wherever that saves
@@ -105,27 +110,98 @@ class Args:
 
 
 class RewardModel(nn.Module):
-    """A backbone and a scalar head read at chosen token positions."""
+    """A backbone and a scalar head, laid out as the backbone's sequence-classification model.
 
-    def __init__(self, backbone: nn.Module):
+    Decoders read a bias-free linear head (`score`, as LlamaForSequenceClassification) at
+    chosen positions, the end-of-turn token of each reply. Encoders with a pooler read
+    BERT's way: the pooled first token ([CLS], which attends to the whole sequence) through a
+    linear head with a bias (BertForSequenceClassification's `classifier`). Either way
+    `to_classifier` gives the standard transformers model with the same function.
+    """
+
+    def __init__(self, backbone: nn.Module, score: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
-        hidden = backbone.config.hidden_size
-        self.score = nn.Linear(hidden, 1)
-        # a small head so initial rewards are near zero (lm-human-preference-details)
-        nn.init.normal_(self.score.weight, std=1 / math.sqrt(hidden + 1))
-        nn.init.zeros_(self.score.bias)
+        self.pooled = getattr(backbone, "pooler", None) is not None
+        if score is None:
+            hidden = backbone.config.hidden_size
+            score = nn.Linear(hidden, 1, bias=self.pooled)
+            # a small head so initial rewards are near zero (lm-human-preference-details)
+            nn.init.normal_(score.weight, std=1 / math.sqrt(hidden + 1))
+            if score.bias is not None:
+                nn.init.zeros_(score.bias)
+        self.score = score
 
     def forward(self, input_ids, attention_mask, position_ids, read_at):
-        """Rewards at positions `read_at` (shape [batch, k]) -> shape [batch, k]."""
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state  # shape: [batch, seq, hidden]
+        """Rewards at positions `read_at` (shape [batch, k]) -> shape [batch, k].
+
+        A pooled encoder has one reward per sequence, returned at every requested position.
+        """
+        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.pooled:
+            pooled = self.score(output.pooler_output).float()  # shape: [batch, 1]
+            return pooled.expand(read_at.shape)
+        hidden = output.last_hidden_state  # shape: [batch, seq, hidden]
         picked = hidden.gather(1, read_at[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.score(picked).squeeze(-1).float()  # shape: [batch, k]
 
+    @classmethod
+    def from_classifier(cls, classifier) -> RewardModel:
+        """The reward model inside a transformers sequence-classification model (shares its weights)."""
+        backbone = getattr(classifier, classifier.base_model_prefix)
+        head = classifier_head(classifier)
+        model = cls(backbone, head)
+        if model.pooled != (head.bias is not None):
+            raise HhDataError(
+                f"{type(classifier).__name__}: its head does not read what the reward model reads "
+                "(pooled first token with a bias, or the last token without); use a Llama-style "
+                "decoder or a BERT encoder"
+            )
+        return model
+
+    def to_classifier(self, pad_token_id: int, device: str | torch.device = "cpu"):
+        """This model as AutoModelForSequenceClassification (num_labels 1), weights copied.
+
+        The classifier pools at the last token that is not `pad_token_id` (decoders) or at the
+        first token (BERT), which is where this model reads when pad_token_id never occurs
+        in the scored text (reward_pad_id). On the meta device it only checks the layout.
+        """
+        from transformers import AutoModelForSequenceClassification
+
+        config = copy.deepcopy(self.backbone.config)
+        config.num_labels, config.pad_token_id = 1, pad_token_id
+        config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+        with torch.device(device):
+            classifier = AutoModelForSequenceClassification.from_config(config, dtype=self.score.weight.dtype)
+        base = getattr(classifier, classifier.base_model_prefix)
+        head = classifier_head(classifier)
+        if set(base.state_dict()) != set(self.backbone.state_dict()) or (head.bias is None) == self.pooled:
+            raise HhDataError(
+                f"{type(classifier).__name__} is not a backbone plus one linear head as the reward "
+                "model is; use a Llama-style decoder (tiny, smollm2-135m) or a BERT encoder (minilm)"
+            )
+        if device != "meta":
+            base.load_state_dict(self.backbone.state_dict())
+            head.load_state_dict(self.score.state_dict())
+        return classifier
+
+
+def classifier_head(classifier) -> nn.Linear:
+    """The linear head of a sequence-classification model: `score` (decoders) or `classifier` (BERT)."""
+    for name in ("score", "classifier"):
+        head = getattr(classifier, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise HhDataError(
+        f"{type(classifier).__name__} has no single linear head (score or classifier); the reward "
+        "model supports Llama-style decoders and BERT encoders"
+    )
+
 
 # ---- turning rows into token ids -------------------------------------------------------
+#
+# One conversation is scored as  start | prompt | reply | end-of-turn, and the reward is read
+# at the end-of-turn token (decoders) or at the start token through the pooler (BERT).
 
 
 def uses_chat_template(tokenizer, chat_template: bool) -> bool:
@@ -151,27 +227,148 @@ def render(tokenizer, prompt: list[dict], reply: list[dict], chat: bool) -> tupl
     return head, whole[len(head) :]
 
 
+def start_token_id(tokenizer) -> int | None:
+    """The token that opens a sequence: cls, else bos, else none (id 0 is a token like any other)."""
+    for candidate in (tokenizer.cls_token_id, tokenizer.bos_token_id):
+        if candidate is not None:
+            return candidate
+    return None
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids of every special token, named (bos, eos, ...) or added as special, in id order."""
+    added = (i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    return sorted({*tokenizer.all_special_ids, *added})
+
+
+PROBE = ([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}])
+
+
+def template_end_id(tokenizer) -> int | None:
+    """The last special token a chat template writes after a reply (`<|im_end|>` for ChatML), or None."""
+    _, reply_text = render(tokenizer, *PROBE, chat=True)
+    special = set(special_token_ids(tokenizer))
+    written = [t for t in tokenizer(reply_text, add_special_tokens=False)["input_ids"] if t in special]
+    return written[-1] if written else None
+
+
+def end_of_turn_id(tokenizer, chat: bool) -> int:
+    """The one token that closes an assistant turn; the reward is read there, PPO stops there.
+
+    With a chat template: the last special token the template writes after a reply
+    (`<|im_end|>` for ChatML, eos for templates that end turns with it). Plain HH text, or a
+    template that writes none (the tiny tokenizer's HH template): the tokenizer's sep, else
+    its eos; the trainers append it to every reply.
+
+    >>> from training.models import train_tiny_tokenizer
+    >>> tok = train_tiny_tokenizer(["hi there"] * 10, vocab_size=300)
+    >>> tok.convert_ids_to_tokens(end_of_turn_id(tok, chat=True))
+    '</s>'
+    """
+    written = template_end_id(tokenizer) if chat else None
+    if written is not None:
+        return written
+    for candidate in (tokenizer.sep_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    raise HhDataError(
+        f"the tokenizer of {tokenizer.name_or_path!r} has no end-of-sequence or separator token "
+        "to close a reply with; set tokenizer.eos_token (or use a chat template that ends turns)"
+    )
+
+
+def reward_pad_id(tokenizer, chat: bool) -> int:
+    """A pad id that never occurs in a scored text, so a classifier that pools at the last
+    non-pad token reads the end-of-turn token (SmolLM2 pads with `<|im_end|>`, its end of turn).
+
+    The tokenizer's own pad when it is not the start or end token, else the first special
+    token the format never writes (SmolLM2: `<|endoftext|>`).
+    """
+    end, start = end_of_turn_id(tokenizer, chat), start_token_id(tokenizer)
+    used = {end, start}
+    if chat:
+        prompt_text, reply_text = render(tokenizer, *PROBE, chat=True)
+        used |= set(tokenizer(prompt_text + reply_text, add_special_tokens=False)["input_ids"])
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in used:
+        return tokenizer.pad_token_id
+    spare = [t for t in special_token_ids(tokenizer) if t not in used]
+    if not spare:
+        raise HhDataError(
+            f"the tokenizer of {tokenizer.name_or_path!r} pads with its end-of-turn token and has no "
+            "spare special token to pad with instead; add one (tokenizer.add_special_tokens("
+            "{'pad_token': '<pad>'}) and resize the model's embeddings)"
+        )
+    return spare[0]
+
+
+def reply_body(tokenizer, prompt: list[dict], reply: list[dict], chat: bool) -> tuple[str, str]:
+    """(prompt text, reply text without the end-of-turn token a chat template writes, and
+    without anything after it, such as ChatML's newline)."""
+    prompt_text, reply_text = render(tokenizer, prompt, reply, chat)
+    written = template_end_id(tokenizer) if chat else None
+    if written is not None:
+        reply_text = reply_text[: reply_text.rfind(tokenizer.convert_ids_to_tokens(written))]
+    return prompt_text, reply_text
+
+
+def truncate_pair(start: list[int], prompt: list[int], replies: list[list[int]], end: int,
+                  max_length: int) -> tuple[list[int], ...]:
+    """(start + prompt, reply + [end] for each reply), at most max_length tokens per sequence.
+
+    When start + prompt + the longest reply + end fits, nothing is cut. Otherwise each reply
+    keeps at least max_length // 2 tokens including its end token (more where the prompt is
+    short), and the prompt keeps its last tokens, exactly as many as fit beside the longer one.
+
+    >>> truncate_pair([0], [1, 2], [[5, 6], [7]], 9, max_length=6)  # fits: nothing cut
+    ([0, 1, 2], [5, 6, 9], [7, 9])
+    >>> truncate_pair([0], [1, 2, 3, 4], [[5, 6], [7]], 9, max_length=6)
+    ([0, 3, 4], [5, 6, 9], [7, 9])
+    """
+    cap = max(max(max_length - len(start) - len(prompt), max_length // 2) - 1, 0)
+    closed = [reply[:cap] + [end] for reply in replies]
+    room = max_length - len(start) - max(map(len, closed))
+    return (start + prompt[max(len(prompt) - room, 0) :], *closed)
+
+
 def encode_pair(tokenizer, row: dict, max_length: int, chat: bool) -> tuple[list[int], ...]:
     """Token ids of (prompt, chosen reply, rejected reply), truncated to fit max_length.
 
-    The start token (bos/cls) opens the prompt and the end token (eos/sep) closes each reply,
-    unless a chat template already supplies them. Replies keep at least max_length // 2 tokens
-    and their end token; the prompt loses its oldest tokens first.
+    The start token (cls/bos) opens the prompt unless the chat template writes it; each reply
+    ends with the end-of-turn token (end_of_turn_id), kept through truncation; see
+    truncate_pair for what is cut.
     """
-    start = end = []
-    if not chat:
-        start = [t for t in (tokenizer.cls_token_id or tokenizer.bos_token_id,) if t is not None]
-        end = [t for t in (tokenizer.sep_token_id or tokenizer.eos_token_id,) if t is not None]
-    ids = []
+    end = end_of_turn_id(tokenizer, chat)
+    replies = []
     for reply in (row["chosen"], row["rejected"]):
-        prompt_text, reply_text = render(tokenizer, row["prompt"], reply, chat)
-        ids.append(tokenizer(reply_text, add_special_tokens=False)["input_ids"])
+        prompt_text, body_text = reply_body(tokenizer, row["prompt"], reply, chat)
+        replies.append(tokenizer(body_text, add_special_tokens=False)["input_ids"])
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    cap = max(max_length - len(start) - len(prompt), max_length // 2) - len(end)
-    chosen, rejected = (reply[:cap] + end for reply in ids)
-    room = max_length - len(start) - max(len(chosen), len(rejected))
-    prompt = start + (prompt[len(prompt) - room :] if room > 0 else [])
-    return prompt, chosen, rejected
+    start = [start_token_id(tokenizer)]
+    if start[0] is None or prompt[:1] == start:
+        start = []
+    return truncate_pair(start, prompt, replies, end, max_length)
+
+
+def reward_text(tokenizer, prompt: list[dict], reply: list[dict], chat: bool) -> str:
+    """The text whose `tokenizer(text)` ids (default special tokens) are those encode_pair
+    gives untruncated: what the saved sequence-classification model, or
+    pipeline("text-classification", function_to_apply="none"), scores.
+
+    >>> from training.models import train_tiny_tokenizer
+    >>> tok = train_tiny_tokenizer(["hi there"] * 10, vocab_size=300)
+    >>> reward_text(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], chat=False)
+    '<s>\\n\\nHuman: Hi\\n\\nAssistant: Yo</s>'
+    """
+    end, start = end_of_turn_id(tokenizer, chat), start_token_id(tokenizer)
+    prompt_text, body_text = reply_body(tokenizer, prompt, reply, chat)
+    text = prompt_text + body_text
+    added = tokenizer("")["input_ids"]  # what the tokenizer adds by itself (BERT: [CLS] [SEP])
+    first = tokenizer(prompt_text, add_special_tokens=False)["input_ids"][:1]
+    if start is not None and first != [start] and added[:1] != [start]:
+        text = tokenizer.convert_ids_to_tokens(start) + text
+    if added[-1:] != [end]:
+        text += tokenizer.convert_ids_to_tokens(end)
+    return text
 
 
 # ---- batches: packed (prefix shared) or naive (two sequences per pair) -----------------
@@ -229,11 +426,54 @@ def naive_batch(pairs: list[tuple[list[int], ...]], pad_id: int) -> dict:
     }
 
 
+PREFIX_SHARING_ATTENTION = ("eager", "sdpa")  # take a 4-D mask as given (checked by the tests)
+
+
+def uses_alibi(config) -> bool:
+    """Whether a model adds ALiBi distance biases (BLOOM, Falcon/MPT with alibi, ALiBi BERTs),
+    which come from token distances, not from position ids."""
+    attn_config = getattr(config, "attn_config", None)  # MPT keeps it there
+    alibi_in_attn = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    return bool(
+        config.model_type == "bloom"
+        or getattr(config, "alibi", False) is True
+        or getattr(config, "position_embedding_type", None) == "alibi"
+        or alibi_in_attn
+    )
+
+
+def prefix_sharing_problem(backbone) -> str | None:
+    """Why packing prompt|chosen|rejected would not be exact for this backbone, or None.
+
+    Exact needs a causal decoder that applies the 4-D mask as given (eager or sdpa attention;
+    flash-attention-2 and others rebuild their own causal mask) and places tokens by the
+    position ids (ALiBi models derive positions from distances in the packed sequence).
+    """
+    config = backbone.config
+    if models.is_encoder(config):
+        return "is a bidirectional encoder: its prompt tokens attend to the reply, so sharing the prompt is not exact"
+    attention = config._attn_implementation
+    if attention not in PREFIX_SHARING_ATTENTION:
+        return (
+            f"runs {attention!r} attention, which does not take the 4-D mask prefix sharing needs "
+            f"(only {' and '.join(PREFIX_SHARING_ATTENTION)} do)"
+        )
+    if uses_alibi(config) or "position_ids" not in inspect.signature(backbone.forward).parameters:
+        return (
+            f"({config.model_type}) places tokens by ALiBi distances, not position ids, so the rejected "
+            "reply cannot restart its positions after the prompt"
+        )
+    return None
+
+
 def pair_rewards(model, pairs, pad_id: int, share_prefix: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and rejected replies of `pairs`, each of shape [batch]."""
     if share_prefix:
-        attention = getattr(model, "module", model).backbone.config._attn_implementation
-        batch = packed_batch(pairs, pad_id, boolean_mask=attention == "sdpa")
+        backbone = getattr(model, "module", model).backbone
+        problem = prefix_sharing_problem(backbone)
+        if problem is not None:
+            raise HhDataError(f"prefix sharing: the model {problem}; run with --prefix-sharing off")
+        batch = packed_batch(pairs, pad_id, boolean_mask=backbone.config._attn_implementation == "sdpa")
         rewards = model(**{k: v.to(device) for k, v in batch.items()})  # shape: [batch, 2]
         return rewards[:, 0], rewards[:, 1]
     batch = naive_batch(pairs, pad_id)
@@ -341,32 +581,50 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list[str]]:
 
 
 def save_reward_model(model: RewardModel, tokenizer, folder: Path, settings: dict) -> None:
-    """A self-contained model directory: backbone (save_pretrained), tokenizer, head, settings."""
+    """A standard transformers sequence-classification model directory (num_labels 1) with its
+    tokenizer and reward_model.json (max_length, chat_template, base_model, end_of_turn_id).
+
+    `AutoModelForSequenceClassification.from_pretrained(folder)` loads every weight, and its
+    logit on reward_text is the reward. The saved pad token never occurs in a scored text
+    (reward_pad_id), so the classifier pools at the end-of-turn token, where training read.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    model.backbone.save_pretrained(folder)
+    chat = settings["chat_template"]
+    pad_id = reward_pad_id(tokenizer, chat)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    model.to_classifier(pad_id).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in model.score.state_dict().items()}, folder / "reward_head.safetensors")
-    (folder / "reward_model.json").write_text(json.dumps(settings, indent=2))
+    saved = {**settings, "end_of_turn_id": end_of_turn_id(tokenizer, chat), "pad_token_id": pad_id}
+    (folder / "reward_model.json").write_text(json.dumps(saved, indent=2))
 
 
 def load_reward_model(run_dir: str | Path, dtype: torch.dtype = torch.float32):
     """The trained reward model of a run directory (or of its model/ folder), and its tokenizer.
 
-    Returns (model, tokenizer, settings); `settings` holds max_length and whether the chat
-    template was used, which `score` needs. Loads safetensors and JSON only.
+    Returns (model, tokenizer, settings): `model` is a RewardModel sharing the weights of the
+    saved AutoModelForSequenceClassification (`model.backbone`, `model.score`); `settings`
+    holds max_length and whether the chat template was used, which `score` needs. Loads
+    safetensors and JSON only.
 
     >>> model, tokenizer, settings = load_reward_model("runs/reward-model")  # doctest: +SKIP
     >>> score(model, tokenizer, settings, [prompt_turns], [[{"role": "assistant", "content": "..."}]])  # doctest: +SKIP
     tensor([0.83])
     """
+    from transformers import AutoModelForSequenceClassification
+
     folder = Path(run_dir)
     folder = folder / "model" if (folder / "model").is_dir() else folder
-    if not (folder / "reward_head.safetensors").is_file():
-        raise HhDataError(f"{folder}: no reward_head.safetensors; is this a finished reward-model run?")
+    if not (folder / "reward_model.json").is_file():
+        raise HhDataError(f"{folder}: no reward_model.json; is this a finished reward-model run?")
+    if (folder / "reward_head.safetensors").is_file():
+        raise HhDataError(
+            f"{folder}: a reward model in the old layout (reward_head.safetensors); retrain it, "
+            "runs now save a standard sequence-classification model"
+        )
     tokenizer = models.load_tokenizer(str(folder))
-    model = RewardModel(models.load_backbone(str(folder), tokenizer, dtype=dtype))
-    model.score.load_state_dict(load_file(folder / "reward_head.safetensors"))
-    return model.eval(), tokenizer, json.loads((folder / "reward_model.json").read_text())
+    classifier = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+    return RewardModel.from_classifier(classifier).eval(), tokenizer, json.loads((folder / "reward_model.json").read_text())
 
 
 @torch.no_grad()
@@ -377,7 +635,8 @@ def score(model, tokenizer, settings: dict, prompts: list[list[dict]], replies: 
         for p, r in zip(prompts, replies)
     ]
     device = next(model.parameters()).device
-    return pair_rewards(model, pairs, tokenizer.pad_token_id, False, device)[0].cpu()
+    pad_id = reward_pad_id(tokenizer, settings["chat_template"])
+    return pair_rewards(model, pairs, pad_id, False, device)[0].cpu()
 
 
 # ---- evaluation: accuracy, margin, calibration ------------------------------------------
@@ -508,7 +767,43 @@ def learning_rate(step: int, total: int, args: Args) -> float:
     return args.learning_rate * (total - step) / max(1, total - warmup)
 
 
-def write_card(run_dir: Path, settings: dict, metrics: dict) -> None:
+EXAMPLE = ([{"role": "user", "content": "How do I bake bread?"}], [{"role": "assistant", "content": "Mix flour, water and yeast."}])
+
+
+def input_format(tokenizer, chat: bool, max_length: int, pooled: bool) -> tuple[str, str]:
+    """(what the head reads, the exact input format) for the model card."""
+    end = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer, chat))
+    pad = tokenizer.convert_ids_to_tokens(reward_pad_id(tokenizer, chat))
+    if pooled:
+        reads = "BERT's pooler over the first token and a linear `classifier`, as `BertForSequenceClassification`"
+    else:
+        reads = (
+            f"a linear `score` head read at the end-of-turn token `{end}` that closes the assistant's "
+            f"final reply: the last token, where the sequence-classification model pools (the last "
+            f"token that is not the pad token `{pad}`, which never occurs in a scored text)"
+        )
+    rendering = (
+        f"the conversation through the tokenizer's chat template (`apply_chat_template(prompt + [reply])`), "
+        f"cut right after the final `{end}`"
+        if chat and template_end_id(tokenizer) is not None
+        else "the HH-RLHF transcript (`\\n\\nHuman: ...\\n\\nAssistant: ...`, byte for byte, ending with "
+        f"the final reply) closed by `{end}`"
+    )
+    text = reward_text(tokenizer, *EXAMPLE, chat)
+    described = (
+        f"The reward of one conversation is the model's logit (no sigmoid) on one text: {rendering}. "
+        f"Start and end tokens are written into the text where the tokenizer does not add them "
+        f"itself, so `tokenizer(text)` (default settings) gives exactly the ids the trainer scored. "
+        f"For example, as a Python string:\n\n"
+        f"```python\ntext = {json.dumps(text, ensure_ascii=False)}\n```\n\n"
+        f"Training saw at most {max_length} tokens per conversation: longer ones kept the final reply "
+        f"(at least half the budget, with its end token) and the prompt's most recent tokens. A "
+        f"plain tokenizer call does not cut that way; score long conversations with `score` below."
+    )
+    return reads, described
+
+
+def write_card(run_dir: Path, settings: dict, metrics: dict, tokenizer, pooled: bool) -> None:
     """model/README.md from hhdata/cards/model_card.md."""
     template = (Path(__file__).resolve().parent.parent / "hhdata/cards/model_card.md").read_text()
     lines = ["| held-out part | pairs | accuracy | mean margin | ECE |", "|---|---|---|---|---|"]
@@ -521,7 +816,10 @@ def write_card(run_dir: Path, settings: dict, metrics: dict) -> None:
             f"| {part['mean_margin']:.3f} | {part['ece']:.3f} |"
         )
     args = settings["args"]
+    reads, described = input_format(tokenizer, settings["chat_template"], args["max_length"], pooled)
     card = template.format(
+        reads=reads,
+        input_format=described,
         model=args["model"],
         train_config=args["train_config"],
         source=settings["provenance"]["source"],
@@ -597,13 +895,15 @@ def main(args: Args) -> dict:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-    encoder = models.is_encoder(model.backbone.config)
-    if args.prefix_sharing == "on" and encoder:
+    model.to_classifier(tokenizer.pad_token_id, device="meta")  # fail now, not at the end, if it cannot be saved
+    # prefix sharing only where it is exact: causal decoders with eager/sdpa attention and position ids
+    problem = prefix_sharing_problem(model.backbone)
+    if args.prefix_sharing == "on" and problem is not None:
         raise HhDataError(
-            f"--model {args.model} is a bidirectional encoder: its prompt tokens attend to the "
-            "reply, so sharing the prompt is not exact; use --prefix-sharing auto or off"
+            f"--prefix-sharing on: --model {args.model} {problem}; run with --prefix-sharing off "
+            "(auto turns it off for such models)"
         )
-    share_prefix = args.prefix_sharing == "on" or (args.prefix_sharing == "auto" and not encoder)
+    share_prefix = args.prefix_sharing == "on" or (args.prefix_sharing == "auto" and problem is None)
     chat = uses_chat_template(tokenizer, args.chat_template)
     settings = {
         "args": comparable,
@@ -629,7 +929,7 @@ def main(args: Args) -> dict:
 
     train_pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in train_rows]
     eval_pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in eval_rows]
-    pad_id = tokenizer.pad_token_id
+    pad_id = reward_pad_id(tokenizer, chat)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
@@ -700,7 +1000,7 @@ def main(args: Args) -> dict:
         save_reward_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model", saved)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_plots(run_dir, margins, eval_rows, metrics, [json.loads(line) for line in log_lines])
-        write_card(run_dir, settings, metrics)
+        write_card(run_dir, settings, metrics, tokenizer, accelerator.unwrap_model(model).pooled)
         writer.add_scalar("eval/accuracy", metrics["overall"]["accuracy"], total_steps)
         writer.close()
     return metrics
