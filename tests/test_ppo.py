@@ -403,3 +403,194 @@ def test_value_model_starts_as_the_reward_model(tiny_runs, tmp_path):
     assert value.keys() == reward.keys()
     for key in reward:
         assert torch.equal(value[key], reward[key]), key
+
+
+# ---- end-of-turn token, query truncation, splits and honest evaluation ----------------------
+
+
+def chatml_tokenizer():
+    """The tiny tokenizer with a ChatML template (as SmolLM2's): turns end in <|im_end|> and a newline."""
+    tokenizer = models.train_tiny_tokenizer([f"user says {i} assistant answers {i}" for i in range(200)], vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def test_end_of_turn_token_is_im_end_with_a_chat_template_and_eos_without():
+    from training.ppo import end_of_turn_id
+
+    tokenizer = chatml_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tokenizer.eos_token_id
+    assert end_of_turn_id(tokenizer, chat=True) == im_end
+    assert end_of_turn_id(tokenizer, chat=False) == tokenizer.eos_token_id
+
+
+def test_queries_keep_the_start_token_and_fit_the_reward_models_max_length(tiny_runs, tmp_path):
+    from training.ppo import fit_query, query_limit
+    from training.sft import encode_prompt
+
+    tokenizer = models.load_tokenizer(str(tiny_runs / "sft"))
+    row = next(r for r in load_rows() if len(encode_prompt(tokenizer, r["prompt"], False)[0]) > 60)
+    ids = encode_prompt(tokenizer, row["prompt"], False)[0]
+    limit = query_limit(Args(query_length=64, response_length=16), reward_max_length=40, start=1)
+    assert limit == 24
+    cut = fit_query(ids, limit, start=1)
+    assert cut[0] == tokenizer.bos_token_id and cut[1:] == ids[-23:]
+    with pytest.raises(HhDataError, match="--response-length 40 leaves no room for a prompt within the reward model's max length 40"):
+        query_limit(Args(query_length=64, response_length=40), reward_max_length=40, start=1)
+    # a whole run reads the reward model's max length from its saved settings
+    other = tmp_path / "rm40"
+    reward = RewardModel(models.load_backbone(models.TINY, tokenizer, seed=4))
+    save_reward_model(reward, tokenizer, other / "model", {"max_length": 40, "chat_template": False, "base_model": "tiny"})
+    settings = dict(SMALL, total_episodes=16, batch_size=16, query_length=64, response_length=16, eval_prompts=8)
+    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(other), output_dir=str(tmp_path / "ppo"), **settings)
+    main(args)
+    saved = json.loads((tmp_path / "ppo" / "settings.json").read_text())
+    assert saved["query_limit"] == 24 and saved["stop_token"] == tokenizer.eos_token
+
+
+def load_rows():
+    from training.common import load_pairs
+
+    return load_pairs(None)[0]["test"]
+
+
+def test_split_defaults_to_train_and_held_out_prompts_are_never_trained_on():
+    from training.ppo import choose_split, prompt_key, split_prompts
+
+    rows = load_rows()
+    splits = {"train": rows[:1500], "test": rows[1500:]}
+    assert choose_split(splits, None, "data") == "train"
+    assert choose_split({"test": rows}, None, "data") == "test"
+    with pytest.raises(HhDataError, match=r"no split 'train' \(it has \['test'\]\); pass --split"):
+        choose_split({"test": rows}, "train", "data")
+    with pytest.raises(HhDataError, match="no `train` split"):
+        choose_split({"a": rows[:5], "b": rows[5:9]}, None, "data")
+    train, held_out = split_prompts(splits, "train", set(), 64, seed=1)
+    assert all(row["split"] == "test" or row in splits["test"] for row in held_out)  # the other split first
+    assert len({prompt_key(r) for r in held_out}) == 64
+    assert not {prompt_key(r) for r in held_out} & {prompt_key(r) for r in train}
+
+
+def test_held_out_prompts_exclude_the_reward_models_training_prompts(tiny_runs):
+    """On the bundled sample (one split) the reward model holds out pairs by id: PPO's held-out
+    prompts come only from those; before, ~80% of them were reward-model training prompts."""
+    from training.common import load_pairs
+    from training.ppo import prompt_key, reward_model_training_prompts, split_prompts
+    from training.reward_model import split_held_out
+
+    splits, provenance = load_pairs(None)
+    trained = reward_model_training_prompts(tiny_runs / "rm", splits, provenance)
+    assert trained == {prompt_key(r) for r in split_held_out(splits, 0.2)[0]}
+    train, held_out = split_prompts(splits, "test", trained, 64, seed=1)
+    assert len(held_out) == 64 and not {prompt_key(r) for r in held_out} & trained
+    assert not {prompt_key(r) for r in held_out} & {prompt_key(r) for r in train}
+
+
+def test_a_judge_reward_model_reports_beside_the_proxy(tiny_runs, tmp_path):
+    tokenizer = models.load_tokenizer(str(tiny_runs / "sft"))
+    judge = tmp_path / "judge"
+    save_reward_model(RewardModel(models.load_backbone(models.TINY, tokenizer, seed=9)), tokenizer, judge / "model",
+                      {"max_length": 128, "chat_template": False, "base_model": "tiny"})
+    write_run_settings(judge, seed=9)
+    settings = dict(SMALL, total_episodes=32, batch_size=16, eval_prompts=12, save_every=1)
+    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(tiny_runs / "rm"), judge=str(judge),
+                output_dir=str(tmp_path / "ppo"), **settings)
+    metrics = main(args)
+    evaluation = metrics["evaluation"]
+    for name in ("proxy", "judge"):
+        assert evaluation[name]["prompts"] == 12 and set(evaluation[name]["by_family"]) == {"harmless"}
+    assert evaluation["judge"]["policy_score"] != evaluation["proxy"]["policy_score"]  # another model judged
+    assert [p["update"] for p in metrics["held_out"]] == [0, 1, 2]
+    assert metrics["held_out"][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # update 0 is the reference itself
+    assert all("judge_score" in p for p in metrics["held_out"])
+    assert set(metrics["held_out_reward_vs_sqrt_kl"]) == {"score", "judge_score"}
+    saved = json.loads((tmp_path / "ppo" / "settings.json").read_text())
+    assert saved["held_out_excludes_training_prompts_of"] == [str(tiny_runs / "rm"), str(judge)]
+    card = (tmp_path / "ppo" / "policy" / "README.md").read_text()
+    assert "judge (never optimised)" in card and str(judge) in card
+    with pytest.raises(HhDataError, match="is the reward model PPO optimises"):
+        main(dataclasses.replace(args, judge=str(tiny_runs / "rm"), output_dir=str(tmp_path / "again")))
+
+
+# ---- command line, checkpoints ----------------------------------------------------------------
+
+
+def test_command_line_usage_error_is_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "training.ppo", "--batch-size", "16", "--num-mini-batches", "3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --batch-size / --num-mini-batches: 16 is not divisible by 3; pick sizes that divide exactly")
+
+
+def test_resume_after_a_kill_in_the_checkpoint_swap(tiny_runs, tmp_path):
+    """A kill can leave the previous checkpoint renamed aside and the new one complete or half
+    written; resume takes the latest complete one and ends as the uninterrupted run does."""
+    import shutil
+
+    settings = dict(SMALL, total_episodes=48, batch_size=16, eval_prompts=8, save_every=1)
+    whole = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "whole"), **settings)
+    main(whole, score_fn=even_token_share)
+    expected = load_file(tmp_path / "whole" / "policy" / "model.safetensors")
+
+    run = dataclasses.replace(whole, output_dir=str(tmp_path / "run"), stop_after=1)
+    main(run, score_fn=even_token_share)
+    after_one = tmp_path / "after-one"
+    shutil.copytree(tmp_path / "run" / "checkpoint", after_one)
+    main(dataclasses.replace(run, stop_after=2, resume=True), score_fn=even_token_share)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    # killed after renaming the old checkpoint aside, before renaming the new one into place
+    checkpoint.rename(checkpoint.with_name("checkpoint.partial"))
+    shutil.copytree(after_one, checkpoint.with_name("checkpoint.old"))
+    main(dataclasses.replace(run, stop_after=0, resume=True), score_fn=even_token_share)
+    result = load_file(tmp_path / "run" / "policy" / "model.safetensors")
+    assert all(torch.equal(expected[k], result[k]) for k in expected)
+    assert not checkpoint.with_name("checkpoint.partial").exists() and not checkpoint.with_name("checkpoint.old").exists()
+
+    # killed while writing the next checkpoint: a half-written folder beside the complete one is ignored
+    run2 = dataclasses.replace(whole, output_dir=str(tmp_path / "run2"), stop_after=2)
+    main(run2, score_fn=even_token_share)
+    partial = tmp_path / "run2" / "checkpoint.partial"
+    partial.mkdir()
+    shutil.copy(tmp_path / "run2" / "checkpoint" / "policy.safetensors", partial)
+    main(dataclasses.replace(run2, stop_after=0, resume=True), score_fn=even_token_share)
+    result = load_file(tmp_path / "run2" / "policy" / "model.safetensors")
+    assert all(torch.equal(expected[k], result[k]) for k in expected)
+
+
+def test_two_processes_each_resume_their_own_sampling_rng(tiny_runs, tmp_path):
+    """Two CPU processes (torchrun, gloo): each saves its own RNG, and a resumed run ends with the
+    weights of the uninterrupted one (restoring rank 0's state on both ranks makes them sample the
+    same replies after the resume, and the weights differ)."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(output_dir, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "training.ppo", "--policy", str(tiny_runs / "sft"), "--reward-model", str(tiny_runs / "rm"),
+                   "--output-dir", str(output_dir), "--total-episodes", "24", "--batch-size", "8", "--num-mini-batches", "2",
+                   "--num-ppo-epochs", "2", "--learning-rate", "1e-2", "--query-length", "24", "--response-length", "6",
+                   "--eval-prompts", "4", "--reward-norm-samples", "8", "--num-samples-shown", "0", "--save-every", "1", *extra]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch(tmp_path / "whole")
+    launch(tmp_path / "halves", "--stop-after", "1")
+    ranks = [load_file(tmp_path / "halves" / "checkpoint" / f"rng-rank{rank}.safetensors") for rank in (0, 1)]
+    assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
+    launch(tmp_path / "halves", "--resume")
+    a = load_file(tmp_path / "whole" / "policy" / "model.safetensors")
+    b = load_file(tmp_path / "halves" / "policy" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "whole" / "settings.json").read_text())["processes"] == 2

@@ -639,9 +639,9 @@ def find_checkpoint(folder: Path) -> Path | None:
 def load_checkpoint(folder: Path, accelerator, policy, value_model, optimizer, generator) -> dict:
     """Restore what save_checkpoint wrote, each process its own RNG; returns the run's scalars."""
     state = json.loads((folder / "state.json").read_text())
-    if state["processes"] != accelerator.num_processes:
+    if state.get("processes") != accelerator.num_processes:
         raise HhDataError(
-            f"{folder} was written by {state['processes']} processes; resume with the same number "
+            f"{folder} was written by {state.get('processes', 'another number of')} processes; resume with the same number "
             f"(this run has {accelerator.num_processes})"
         )
     load_model(policy, folder / "policy.safetensors")
@@ -774,13 +774,11 @@ def main(args: Args, score_fn=None) -> dict:
     # reward models (proxy and judge) ever trained on, so the win rate is measured honestly.
     splits, provenance = load_pairs(args.data)
     train_split = choose_split(splits, args.split, provenance["source"])
-    excluded, unknown = set(), []
+    excluded, known, unknown = set(), [], []
     for run_dir in ((args.reward_model,) if score_fn is None else ()) + ((args.judge,) if args.judge else ()):
         prompts = reward_model_training_prompts(run_dir, splits, provenance)
-        if prompts is None:
-            unknown.append(run_dir)
-        else:
-            excluded |= prompts
+        (unknown if prompts is None else known).append(run_dir)
+        excluded |= prompts or set()
     train_rows, eval_rows = split_prompts(splits, train_split, excluded, args.eval_prompts, args.seed)
     if not eval_rows:
         raise HhDataError(f"{provenance['source']}: every prompt was trained on by the reward model(s); "
@@ -846,7 +844,7 @@ def main(args: Args, score_fn=None) -> dict:
     settings = {
         "args": comparable, "data": provenance, "updates": num_updates, "chat_template": chat,
         "split": train_split, "train_prompts": len(train_rows), "held_out_prompts": len(eval_rows),
-        "held_out_excludes_training_prompts_of": [d for d in (args.reward_model, args.judge) if d and d not in unknown and (d != args.reward_model or score_fn is None)],
+        "held_out_excludes_training_prompts_of": known,
         "stop_token": tokenizer.convert_ids_to_tokens(stop_id), "query_limit": limit,
         "reward": "rule (score_fn)" if score_fn is not None else args.reward_model,
         "processes": accelerator.num_processes,
