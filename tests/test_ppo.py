@@ -567,6 +567,7 @@ def test_resume_after_a_kill_in_the_checkpoint_swap(tiny_runs, tmp_path):
     assert all(torch.equal(expected[k], result[k]) for k in expected)
 
 
+@pytest.mark.slow  # three two-process launches: ~2 min on a quiet machine, 5-7 on a busy one
 def test_two_processes_each_resume_their_own_sampling_rng(tiny_runs, tmp_path):
     """Two CPU processes (torchrun, gloo): each saves its own RNG, and a resumed run ends with the
     weights of the uninterrupted one (restoring rank 0's state on both ranks makes them sample the
