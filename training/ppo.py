@@ -199,10 +199,10 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, re
     Shape [batch, response_length]; the last real token is the stop token where the reply
     stopped (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020).
 
-    >>> per_token_rewards(torch.tensor([1.0]), torch.zeros(1, 3), 0.1, torch.tensor([[True, True, False]])).tolist()
-    [[0.0, 1.0, 0.0]]
+    >>> per_token_rewards(torch.tensor([1.0]), torch.tensor([[0.5, 1.0, 0.0]]), 0.5, torch.tensor([[1.0, 1.0, 0.0]])).tolist()
+    [[-0.25, 0.5, 0.0]]
     """
-    rewards = -kl_coef * kl * response_mask
+    rewards = torch.where(response_mask.bool(), -kl_coef * kl, 0.0)
     last = response_mask.sum(1).long() - 1  # shape: [batch]
     rewards[torch.arange(len(last), device=rewards.device), last] += scores
     return rewards
