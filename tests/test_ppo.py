@@ -595,3 +595,20 @@ def test_two_processes_each_resume_their_own_sampling_rng(tiny_runs, tmp_path):
     b = load_file(tmp_path / "halves" / "policy" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "whole" / "settings.json").read_text())["processes"] == 2
+
+
+def test_a_release_with_train_and_test_trains_on_train_and_says_so(tiny_runs, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hhdata.schema import PAIR_SCHEMA
+
+    rows = [dict(row, split="train" if i < 200 else "test") for i, row in enumerate(load_rows()[:300])]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), tmp_path / "pairs.parquet")
+    settings = dict(SMALL, total_episodes=32, batch_size=16, eval_prompts=8, num_samples_shown=8)
+    args = Args(policy=str(tiny_runs / "sft"), data=str(tmp_path / "pairs.parquet"), output_dir=str(tmp_path / "ppo"), **settings)
+    evaluation = main(args, score_fn=even_token_share)["evaluation"]
+    assert "ppo: training on split 'train' (200 rows); 8 held-out prompts" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ppo" / "settings.json").read_text())["split"] == "train"
+    test_prompts = {row["prompt"][-1]["content"] for row in rows[200:]}
+    assert all(sample["prompt"] in test_prompts for sample in evaluation["samples"])  # held out from the test split
