@@ -37,6 +37,7 @@ def prepare(out: Path, settings: dict) -> None:
 
     from training import models
     from training.common import load_pairs
+    from training.ppo import fit_query
     from training.reward_model import RewardModel, save_reward_model
     from training.sft import encode_prompt
 
@@ -54,7 +55,8 @@ def prepare(out: Path, settings: dict) -> None:
     ours = RewardModel(scorer.model)
     ours.score.weight.data.copy_(scorer.score.weight.data)
     save_reward_model(ours, tokenizer, out / "rm" / "model", {"max_length": 512, "chat_template": False, "base_model": "tiny"})
-    queries = [encode_prompt(tokenizer, row["prompt"], chat=False)[0][-settings["query_length"] :] for row in rows]
+    # each prompt's start token and its latest tokens, as training.ppo cuts them (fit_query)
+    queries = [fit_query(encode_prompt(tokenizer, row["prompt"], chat=False)[0], settings["query_length"], 1) for row in rows]
     (out / "queries.json").write_text(json.dumps(queries))
 
 

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ import hhdata
 from hhdata.errors import HhDataError
 from training import models
 from training.common import load_pairs, optimizer_tensors, parse_args, restore_optimizer
-from training.reward_model import RewardModel, load_reward_model, uses_chat_template
-from training.sft import encode_prompt, held_out_split
+from training.reward_model import RewardModel, load_reward_model, render, split_held_out, uses_chat_template
+from training.reward_model import score as text_scores
+from training.sft import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,12 @@ class Args:
     """the reward-model run directory (training/reward_model.py); the value model starts from it"""
     data: str | None = None
     """a release directory, a .parquet of pair rows or a Hub repo id; default: the bundled sample"""
-    split: str = "test"
-    """which split's prompts to train on (the bundled sample has only `test`)"""
+    split: str | None = None
+    """which split's prompts to train on; default `train` where the data has it, else its only
+    split (the bundled sample has only `test`)"""
+    judge: str | None = None
+    """a second reward-model run directory, trained apart (other seed or data), that PPO never
+    optimises: it judges the held-out win rate beside the proxy reward model"""
     output_dir: str = "runs/ppo"
     """where checkpoints, metrics.json, plots, TensorBoard logs and the final policy go"""
     seed: int = 1
@@ -101,11 +107,13 @@ class Args:
     whiten_rewards: bool = False
     """whiten the per-token rewards of each batch before GAE"""
     eval_prompts: int = 64
-    """held-out prompts on which the final policy meets the reference (win rate)"""
+    """held-out prompts (never trained on by PPO or the reward models) on which the final policy
+    meets the reference (win rate)"""
     num_samples_shown: int = 4
     """held-out replies printed side by side with the reference's"""
-    save_every: int = 1
-    """save a resumable checkpoint every N updates (and at the end)"""
+    save_every: int = 4
+    """every N updates (and at the end): save a resumable checkpoint and score the held-out
+    prompts (reward and KL to the reference)"""
     resume: bool = False
     """continue from the checkpoint in output_dir (same settings required)"""
     stop_after: int = 0
@@ -185,6 +193,131 @@ class AdaptiveKLController:
         self.value *= 1 + error * n_steps / self.horizon
 
 
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor) -> torch.Tensor:
+    """-kl_coef * KL at every reply token, plus the score at the reply's last real token.
+
+    Shape [batch, response_length]; the last real token is the stop token where the reply
+    stopped (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020).
+
+    >>> per_token_rewards(torch.tensor([1.0]), torch.tensor([[0.5, 1.0, 0.0]]), 0.5, torch.tensor([[1.0, 1.0, 0.0]])).tolist()
+    [[-0.25, 0.5, 0.0]]
+    """
+    rewards = torch.where(response_mask.bool(), -kl_coef * kl, 0.0)
+    last = response_mask.sum(1).long() - 1  # shape: [batch]
+    rewards[torch.arange(len(last), device=rewards.device), last] += scores
+    return rewards
+
+
+# ---- prompts: the end-of-turn token, truncation, the held-out split ----------------------
+
+
+def end_of_turn_id(tokenizer, chat: bool) -> int:
+    """The token that ends an assistant turn: PPO stops sampling at it and reads the reward there.
+
+    With a chat template it is the first special token the template writes after a reply's
+    words (`<|im_end|>` for ChatML templates such as SmolLM2's); in the plain Human/Assistant
+    format, and for templates that write none, the tokenizer's end-of-sequence token, which
+    reward-model training and SFT append to every reply. (training/reward_model.py defines the
+    reward model's side of the same rule.)
+    """
+    if chat:
+        prompt = [{"role": "user", "content": "hello"}]
+        _, reply_text = render(tokenizer, prompt, [{"role": "assistant", "content": "hello"}], chat)
+        special = set(tokenizer.all_special_ids)
+        for token in tokenizer(reply_text, add_special_tokens=False)["input_ids"]:
+            if token in special:
+                return token
+    if tokenizer.eos_token_id is None:
+        raise HhDataError(f"the tokenizer of {tokenizer.name_or_path!r} has no end-of-sequence token to stop replies at; set eos_token")
+    return tokenizer.eos_token_id
+
+
+def start_length(tokenizer, chat: bool) -> int:
+    """How many start tokens open a query (encode_prompt's bos in the plain format, none with a template)."""
+    return int(not chat and tokenizer.bos_token_id is not None)
+
+
+def query_limit(args: Args, reward_max_length: int | None, start: int) -> int:
+    """The longest query that leaves room for a full reply within the reward model's max length.
+
+    The reward model never saw a sequence longer than its max length; PPO's queries are cut
+    (from the left, keeping the start token) so that query + reply fits.
+    """
+    limit = args.query_length
+    if reward_max_length is not None:
+        limit = min(limit, reward_max_length - args.response_length)
+    if limit <= start:
+        raise HhDataError(
+            f"--response-length {args.response_length} leaves no room for a prompt within the reward model's "
+            f"max length {reward_max_length}; lower --response-length"
+        )
+    return limit
+
+
+def fit_query(ids: list[int], limit: int, start: int) -> list[int]:
+    """The query cut to `limit` tokens: its `start` tokens, then its latest tokens.
+
+    >>> fit_query([1, 10, 11, 12, 13], limit=3, start=1)
+    [1, 12, 13]
+    """
+    return ids if len(ids) <= limit else ids[:start] + ids[len(ids) - (limit - start) :]
+
+
+def prompt_key(row: dict) -> tuple:
+    """A prompt's identity: its turns (rows with the same conversation share one)."""
+    return tuple((turn["role"], turn["content"]) for turn in row["prompt"])
+
+
+def reward_model_training_prompts(run_dir: str | None, splits: dict, provenance: dict) -> set[tuple] | None:
+    """The prompts a reward-model run trained on, rebuilt from its settings.json (None: unknown).
+
+    The run's own rule picks its rows (reward_model.split_held_out, the family filter and
+    --max-train-pairs), on the run's own data, or on PPO's when both name the same source.
+    """
+    settings_path = Path(run_dir) / "settings.json" if run_dir else None
+    if settings_path is None or not settings_path.is_file():
+        return None
+    settings = json.loads(settings_path.read_text())
+    rm_args = settings["args"]
+    same = settings.get("provenance") == provenance
+    rm_splits = splits if same else load_pairs(rm_args.get("data"), rm_args.get("version"))[0]
+    rows, _ = split_held_out(rm_splits, rm_args.get("eval_fraction", 0.2))
+    rows = [row for row in rows if rm_args.get("train_config", "all") in ("all", row["family"])]
+    return {prompt_key(row) for row in rows[: rm_args.get("max_train_pairs")]}
+
+
+def choose_split(splits: dict, wanted: str | None, source: str) -> str:
+    """The split PPO trains on: the one asked for, else `train`, else the data's only split."""
+    if wanted is not None:
+        if wanted not in splits:
+            raise HhDataError(f"{source}: no split {wanted!r} (it has {sorted(splits)}); pass --split")
+        return wanted
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return next(iter(splits))
+    raise HhDataError(f"{source}: no `train` split among {sorted(splits)}; pass --split")
+
+
+def split_prompts(splits: dict, train_split: str, excluded: set[tuple], count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): `count` held-out rows with distinct prompts, none in `excluded`
+    (the reward models' training prompts); PPO trains on the rest of `train_split`, never on a
+    held-out prompt. Rows of other splits are held out first, then rows of `train_split`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = lambda rows: [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]  # noqa: E731
+    others = [row for name, rows in sorted(splits.items()) if name != train_split for row in rows]
+    held_out, chosen = [], set()
+    for row in shuffled(others) + shuffled(splits[train_split]):
+        key = prompt_key(row)
+        if len(held_out) == count:
+            break
+        if key not in excluded and key not in chosen:
+            held_out.append(row)
+            chosen.add(key)
+    return [row for row in splits[train_split] if prompt_key(row) not in chosen], held_out
+
+
 # ---- rollouts ---------------------------------------------------------------------------
 
 
@@ -198,28 +331,33 @@ def left_pad(queries: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def sample(model, ids, mask, response_length: int, temperature: float, stop_id: int, generator):
-    """Sample replies to left-padded queries with a key-value cache, shape [batch, response_length].
+    """Sample replies to left-padded queries with a key-value cache: the tokens and their
+    log-probabilities under the sampling distribution, each of shape [batch, response_length].
 
     Stops early once every reply has emitted `stop_id`; the rest is filled with `stop_id`,
-    which truncation masks out anyway.
+    which truncation masks out anyway. The log-probabilities are not trained on: they check
+    that scoring (`reply_logprobs`) reproduces the distribution that sampled.
     """
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: the first real token is position 0
     # logits_to_keep=1: only the last prompt position samples, so only it needs the output layer
     output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     tokens = torch.full((ids.shape[0], response_length), stop_id, device=ids.device)
+    logprobs = torch.zeros(tokens.shape, device=ids.device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     position = positions[:, -1:]
     for t in range(response_length):
-        probs = F.softmax(output.logits[:, -1].float() / temperature, dim=-1)  # shape: [batch, vocab]
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        logits = output.logits[:, -1].float() / temperature  # shape: [batch, vocab]
+        token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        step_logprobs = F.log_softmax(logits, dim=-1)
         tokens[:, t] = torch.where(done, stop_id, token)
+        logprobs[:, t] = step_logprobs.gather(1, tokens[:, t : t + 1]).squeeze(1)
         done |= token == stop_id
         if done.all() or t + 1 == response_length:
             break
         mask, position = F.pad(mask, (0, 1), value=1), position + 1
         cache_name = "cache" if "cache" in output else "past_key_values"  # renamed in transformers 5.x
         output = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True, **{cache_name: output[cache_name]})
-    return tokens
+    return tokens, logprobs
 
 
 def truncate_at_stop(responses: torch.Tensor, stop_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,19 +456,20 @@ class Rollout:
     response_mask: torch.Tensor  # shape: [batch, response_length], true up to the stop token
     has_stop: torch.Tensor  # shape: [batch]
     at: torch.Tensor  # shape: [batch, response_length], column predicting each reply token
-    last: torch.Tensor  # shape: [batch], column of each reply's last token
+    last: torch.Tensor  # shape: [batch], column of each reply's last token (the stop token if it stopped)
+    sample_logprobs: torch.Tensor  # shape: [batch, response_length], under the sampling distribution
 
 
 @torch.no_grad()
 def rollout(model, queries: list[list[int]], args: Args, pad_id: int, stop_id: int, generator, device) -> Rollout:
     """Sample replies with left padding, truncate at the stop token, re-pad to the right for scoring."""
     ids, mask = (tensor.to(device) for tensor in left_pad(queries, pad_id))
-    responses = sample(model, ids, mask, args.response_length, args.temperature, stop_id, generator)
+    responses, sample_logprobs = sample(model, ids, mask, args.response_length, args.temperature, stop_id, generator)
     response_mask, has_stop = truncate_at_stop(responses, stop_id)
     sequence, sequence_mask, query_lengths = right_pad(ids, mask, responses, response_mask)
     at = reply_positions(query_lengths, args.response_length, sequence.shape[1])
     last = query_lengths + response_mask.sum(1) - 1
-    return Rollout(sequence, sequence_mask, responses, response_mask, has_stop, at, last)
+    return Rollout(sequence, sequence_mask, responses, response_mask, has_stop, at, last, sample_logprobs)
 
 
 def make_scorer(reward_model, score_fn):
@@ -341,31 +480,93 @@ def make_scorer(reward_model, score_fn):
 
 
 @torch.no_grad()
-def evaluate(policy, reference, score, rows, queries, args, pad_id, stop_id, tokenizer, device) -> dict:
-    """Held-out replies of the policy and of the reference on the same prompts, judged by `score`.
-
-    The win rate counts a tie as half; it is reported overall and per family.
-    """
+def held_out_rollouts(model, queries, args, pad_id: int, stop_id: int, device) -> list[Rollout]:
+    """Replies to the held-out queries, sampled from one fixed seed, so the policy at every
+    saved update and the reference meet the same random numbers (common random numbers)."""
     generator = torch.Generator(device).manual_seed(args.seed + 7919)
-    scores = {"policy": [], "reference": []}
-    texts = {"policy": [], "reference": []}
-    for start in range(0, len(queries), args.batch_size):
-        chunk = queries[start : start + args.batch_size]
-        for name, model in (("policy", policy), ("reference", reference)):
-            batch = rollout(model, chunk, args, pad_id, stop_id, generator, device)
-            scores[name].append(score(batch).cpu())
-            texts[name] += [
-                tokenizer.decode(reply[keep], skip_special_tokens=True)
-                for reply, keep in zip(batch.responses.cpu(), batch.response_mask.cpu())
-            ]
-    mine, theirs = torch.cat(scores["policy"]), torch.cat(scores["reference"])
+    return [rollout(model, queries[s : s + args.batch_size], args, pad_id, stop_id, generator, device)
+            for s in range(0, len(queries), args.batch_size)]
+
+
+def reply_texts(batches: list[Rollout], tokenizer) -> list[str]:
+    """The replies' words, up to their end-of-turn token, as a judge reads them."""
+    return [tokenizer.decode(reply[keep], skip_special_tokens=True)
+            for batch in batches for reply, keep in zip(batch.responses.cpu(), batch.response_mask.cpu())]
+
+
+def make_judge(run_dir: str, batch_size: int):
+    """judge(rows, texts) -> scores [n] of a separately trained reward model, which reads the
+    replies' text in exactly the format it was trained on (reward_model.score encodes it)."""
+    model, tokenizer, settings = load_reward_model(run_dir)
+    disable_dropout(model)
+
+    def judge(rows: list[dict], texts: list[str]) -> torch.Tensor:
+        replies = [[{"role": "assistant", "content": text}] for text in texts]
+        return torch.cat([
+            text_scores(model, tokenizer, settings, [row["prompt"] for row in rows[s : s + batch_size]], replies[s : s + batch_size])
+            for s in range(0, len(rows), batch_size)
+        ]).float()
+
+    return judge
+
+
+@torch.no_grad()
+def held_out_kl(policy, reference, batches: list[Rollout], temperature: float) -> torch.Tensor:
+    """KL of the policy to the reference on its held-out replies, in nats per reply, shape [n]."""
+    parts = []
+    for batch in batches:
+        mine, _ = reply_logprobs(policy, batch.ids, batch.at, batch.responses, temperature)
+        theirs, _ = reply_logprobs(reference, batch.ids, batch.at, batch.responses, temperature)
+        parts.append(((mine - theirs) * batch.response_mask).sum(1).cpu())
+    return torch.cat(parts)
+
+
+def held_out_point(update: int, policy, reference, score, judge, rows, queries, args, pad_id, stop_id, tokenizer, device) -> dict:
+    """One point of the held-out reward-vs-sqrt(KL) curve: the policy's mean proxy (and judge)
+    score and its KL to the reference on the held-out prompts."""
+    batches = held_out_rollouts(policy, queries, args, pad_id, stop_id, device)
+    kl = held_out_kl(policy, reference, batches, args.temperature).mean().item()
+    point = {"update": update, "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
+             "score": torch.cat([score(batch).cpu() for batch in batches]).mean().item()}
+    if judge is not None:
+        point["judge_score"] = judge(rows, reply_texts(batches, tokenizer)).mean().item()
+    return point
+
+
+def verdict(rows: list[dict], mine: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Win rate of `mine` over `theirs` (a tie counts half) and mean scores, overall and per family."""
     wins = (mine > theirs).float() + 0.5 * (mine == theirs).float()
-    result = {"prompts": len(rows), "win_rate": wins.mean().item(), "policy_score": mine.mean().item(), "reference_score": theirs.mean().item(), "by_family": {}}
+    result = {"prompts": len(rows), "win_rate": wins.mean().item(), "policy_score": mine.mean().item(),
+              "reference_score": theirs.mean().item(), "by_family": {}}
     for family in sorted({row["family"] for row in rows}):
         inside = torch.tensor([row["family"] == family for row in rows])
-        result["by_family"][family] = {"prompts": int(inside.sum()), "win_rate": wins[inside].mean().item(), "policy_score": mine[inside].mean().item(), "reference_score": theirs[inside].mean().item()}
+        result["by_family"][family] = {"prompts": int(inside.sum()), "win_rate": wins[inside].mean().item(),
+                                       "policy_score": mine[inside].mean().item(), "reference_score": theirs[inside].mean().item()}
+    return result
+
+
+@torch.no_grad()
+def evaluate(policy, reference, score, judge, rows, queries, args, pad_id, stop_id, tokenizer, device) -> dict:
+    """Held-out replies of the policy and of the reference on the same prompts, judged by the proxy
+    reward model PPO optimised and, when given, by a judge it never saw.
+
+    The proxy's verdict is the top level (and `proxy`); the judge's is under `judge`. A policy
+    that wins under the proxy but not under the judge has learned the proxy's mistakes (reward
+    hacking, Gao et al. 2022).
+    """
+    replies = {name: held_out_rollouts(model, queries, args, pad_id, stop_id, device) for name, model in (("policy", policy), ("reference", reference))}
+    texts = {name: reply_texts(batches, tokenizer) for name, batches in replies.items()}
+    proxy = {name: torch.cat([score(batch).cpu() for batch in batches]) for name, batches in replies.items()}
+    result = verdict(rows, proxy["policy"], proxy["reference"])
+    result["proxy"] = {key: value for key, value in result.items()}
+    judged = None
+    if judge is not None:
+        judged = {name: judge(rows, texts[name]) for name in replies}
+        result["judge"] = verdict(rows, judged["policy"], judged["reference"])
     result["samples"] = [
-        {"prompt": row["prompt"][-1]["content"], "reference": texts["reference"][i], "reference_score": theirs[i].item(), "policy": texts["policy"][i], "policy_score": mine[i].item()}
+        {"prompt": row["prompt"][-1]["content"], "reference": texts["reference"][i], "reference_score": proxy["reference"][i].item(),
+         "policy": texts["policy"][i], "policy_score": proxy["policy"][i].item(),
+         **({"reference_judge": judged["reference"][i].item(), "policy_judge": judged["policy"][i].item()} if judged else {})}
         for i, row in enumerate(rows[: args.num_samples_shown])
     ]
     return result
@@ -374,31 +575,79 @@ def evaluate(policy, reference, score, rows, queries, args, pad_id, stop_id, tok
 # ---- checkpoints: safetensors for tensors, JSON for the rest -----------------------------
 
 
-def save_checkpoint(folder: Path, policy, value_model, optimizer, generator, state: dict) -> None:
-    """Weights, optimizer moments and the sampling RNG (safetensors) and the run's scalars (JSON)."""
-    partial = folder.with_name(folder.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+def rng_state(generator) -> dict[str, torch.Tensor]:
+    """This process's random state: its sampling generator, torch's CPU RNG and every CUDA device's."""
+    state = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], generator) -> None:
+    """Set what rng_state saved."""
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_cpu"])
+    cuda = [state[f"cuda_{i}"] for i in range(len(state)) if f"cuda_{i}" in state]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_folders(folder: Path) -> tuple[Path, Path, Path]:
+    """The checkpoint, the new one being written, and the previous one while it is swapped out."""
+    return folder, folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+
+
+def save_checkpoint(folder: Path, accelerator, policy, value_model, optimizer, generator, state: dict) -> None:
+    """Weights, optimizer moments (safetensors), each process's RNG (rng-rank{N}.safetensors) and
+    the run's scalars (state.json, written last: a folder without it is incomplete).
+
+    The swap never leaves the run without a complete checkpoint: write the new one beside the
+    old, rename the old aside, rename the new into place, then delete the old. A kill at any
+    point leaves one complete folder that find_checkpoint picks.
+    """
+    current, partial, old = checkpoint_folders(folder)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # a half-written one from a killed run
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file(rng_state(generator), partial / f"rng-rank{accelerator.process_index}.safetensors")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     save_model(policy, partial / "policy.safetensors")  # save_model handles tied weights
     save_model(value_model, partial / "value.safetensors")
     tensors, param_groups = optimizer_tensors(optimizer)
-    tensors["generator_state"] = generator.get_state()
     save_file(tensors, partial / "optimizer.safetensors")
-    (partial / "state.json").write_text(json.dumps({**state, "param_groups": param_groups}))
-    if folder.exists():  # replace the previous checkpoint only once the new one is complete
-        for file in folder.iterdir():
-            file.unlink()
-        folder.rmdir()
-    partial.rename(folder)
+    scalars = {**state, "param_groups": param_groups, "processes": accelerator.num_processes}
+    (partial / "state.tmp").write_text(json.dumps(scalars))
+    (partial / "state.tmp").rename(partial / "state.json")
+    shutil.rmtree(old, ignore_errors=True)
+    if current.exists():
+        current.rename(old)
+    partial.rename(current)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, policy, value_model, optimizer, generator) -> dict:
-    """Restore what save_checkpoint wrote; returns the run's scalars."""
+def find_checkpoint(folder: Path) -> Path | None:
+    """The complete checkpoint with the latest update among those a swap can leave, or None."""
+    complete = [f for f in checkpoint_folders(folder) if (f / "state.json").is_file()]
+    if not complete:
+        return None
+    return max(complete, key=lambda f: json.loads((f / "state.json").read_text())["update"])
+
+
+def load_checkpoint(folder: Path, accelerator, policy, value_model, optimizer, generator) -> dict:
+    """Restore what save_checkpoint wrote, each process its own RNG; returns the run's scalars."""
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("processes") != accelerator.num_processes:
+        raise HhDataError(
+            f"{folder} was written by {state.get('processes', 'another number of')} processes; resume with the same number "
+            f"(this run has {accelerator.num_processes})"
+        )
     load_model(policy, folder / "policy.safetensors")
     load_model(value_model, folder / "value.safetensors")
-    tensors = load_file(folder / "optimizer.safetensors")
-    generator.set_state(tensors.pop("generator_state"))
-    state = json.loads((folder / "state.json").read_text())
-    restore_optimizer(optimizer, tensors, state.pop("param_groups"))
+    restore_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), state.pop("param_groups"))
+    restore_rng(load_file(folder / f"rng-rank{accelerator.process_index}.safetensors"), generator)
     return state
 
 
@@ -407,8 +656,10 @@ def load_checkpoint(folder: Path, policy, value_model, optimizer, generator) -> 
 CURVES = ("score", "kl", "sqrt_kl", "entropy", "reply_length", "pg_clipfrac", "vf_clipfrac", "value_loss")
 
 
-def save_plots(output_dir: Path, history: list[dict]) -> None:
-    """training.png (a curve per metric) and reward_vs_sqrt_kl.png with its linear fit."""
+def save_plots(output_dir: Path, history: list[dict], held_out: list[dict]) -> None:
+    """training.png (a curve per metric) and reward_vs_sqrt_kl.png: the score against sqrt(KL),
+    per training batch and on the held-out prompts at each saved update (proxy and judge), each
+    with its linear fit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,39 +675,53 @@ def save_plots(output_dir: Path, history: list[dict]) -> None:
     figure.savefig(output_dir / "training.png", dpi=90)
     plt.close(figure)
     # Bai et al. 2022 (fig. 4): the reward-model score grows roughly linearly in sqrt(KL)
-    x = np.array([record["sqrt_kl"] for record in history])
-    y = np.array([record["score"] for record in history])
-    figure, axis = plt.subplots(figsize=(5, 4))
-    axis.scatter(x, y, c=updates, cmap="viridis", label="updates")
-    fit = sqrt_kl_fit(history)
-    if fit is not None:
-        slope, intercept = fit["slope"], fit["intercept"]
-        axis.plot(x, slope * x + intercept, "r--", label=f"fit: {slope:.3f} sqrt(KL) + {intercept:.3f}")
+    series = [("training batches (proxy)", history, "score", "o"), ("held-out (proxy)", held_out, "score", "s")]
+    if held_out and "judge_score" in held_out[0]:
+        series.append(("held-out (judge)", held_out, "judge_score", "^"))
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for label, points, name, marker in series:
+        x = np.array([point["sqrt_kl"] for point in points])
+        line = axis.scatter(x, [point[name] for point in points], marker=marker, label=label)
+        fit = sqrt_kl_fit(points, name)
+        if fit is not None:
+            axis.plot(x, fit["slope"] * x + fit["intercept"], "--", color=line.get_facecolor()[0],
+                      label=f"fit: {fit['slope']:.3f} sqrt(KL) + {fit['intercept']:.3f}")
     axis.set(xlabel="sqrt(KL to the reference) (sqrt nats)", ylabel="reward-model score", title="reward vs sqrt(KL)")
-    axis.legend()
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(output_dir / "reward_vs_sqrt_kl.png", dpi=90)
     plt.close(figure)
 
 
-def sqrt_kl_fit(history: list[dict]) -> dict | None:
-    """Least-squares line score = slope * sqrt(KL) + intercept over the updates (Bai et al. 2022, fig. 4)."""
+def sqrt_kl_fit(points: list[dict], name: str = "score") -> dict | None:
+    """Least-squares line points[name] = slope * sqrt(KL) + intercept (Bai et al. 2022, fig. 4).
+
+    >>> sqrt_kl_fit([{"sqrt_kl": 0.0, "score": 1.0}, {"sqrt_kl": 2.0, "score": 2.0}])
+    {'slope': 0.5, 'intercept': 1.0}
+    """
     import numpy as np
 
-    x = np.array([record["sqrt_kl"] for record in history])
-    y = np.array([record["score"] for record in history])
-    if len(history) < 2 or np.ptp(x) == 0:
+    x = np.array([point["sqrt_kl"] for point in points])
+    y = np.array([point[name] for point in points])
+    if len(points) < 2 or np.ptp(x) == 0:
         return None
     slope, intercept = np.polyfit(x, y, 1)
-    return {"slope": float(slope), "intercept": float(intercept)}
+    return {"slope": round(float(slope), 12), "intercept": round(float(intercept), 12)}
+
+
+def verdict_rows(name: str, verdict_: dict) -> list[str]:
+    """Table rows of one judge's verdict: overall, then per family."""
+    return [f"| {name} | {part_name} | {part['prompts']} | {part['win_rate']:.3f} | {part['policy_score']:.3f} | {part['reference_score']:.3f} |"
+            for part_name, part in [("all", verdict_)] + list(verdict_["by_family"].items())]
 
 
 def write_card(folder: Path, settings: dict, evaluation: dict) -> None:
     """README.md of the final policy from hhdata/cards/policy_card.md."""
     template = (Path(__file__).resolve().parent.parent / "hhdata/cards/policy_card.md").read_text()
-    rows = ["| prompts | n | win rate vs reference | policy score | reference score |", "|---|---|---|---|---|"]
-    for name, part in [("all", evaluation)] + list(evaluation["by_family"].items()):
-        rows.append(f"| {name} | {part['prompts']} | {part['win_rate']:.3f} | {part['policy_score']:.3f} | {part['reference_score']:.3f} |")
+    rows = ["| judged by | prompts | n | win rate vs reference | policy score | reference score |", "|---|---|---|---|---|---|"]
+    rows += verdict_rows("proxy (optimised)", evaluation["proxy"])
+    if "judge" in evaluation:
+        rows += verdict_rows("judge (never optimised)", evaluation["judge"])
     samples = "\n\n".join(
         f"**Prompt:** {s['prompt']!r}\n\n- reference ({s['reference_score']:.2f}): {s['reference']!r}\n- policy ({s['policy_score']:.2f}): {s['policy']!r}"
         for s in evaluation["samples"]
@@ -464,7 +729,8 @@ def write_card(folder: Path, settings: dict, evaluation: dict) -> None:
     args = settings["args"]
     (folder / "README.md").write_text(
         template.format(
-            policy=args["policy"], reward_model=args["reward_model"], data=json.dumps(settings["data"]),
+            policy=args["policy"], reward_model=args["reward_model"], judge=args["judge"] or "none (pass --judge)",
+            data=json.dumps(settings["data"]), split=settings["split"], held_out=settings["held_out_prompts"],
             episodes=args["total_episodes"], updates=settings["updates"], eval_table="\n".join(rows),
             samples=samples, settings=json.dumps(args, indent=2),
         )
@@ -491,21 +757,36 @@ def main(args: Args, score_fn=None) -> dict:
     torch.manual_seed(args.seed)
     comparable = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}
     checkpoint = output_dir / "checkpoint"
+    resume_from = find_checkpoint(checkpoint)
     if args.resume:
-        if not checkpoint.is_dir():
-            raise HhDataError(f"{output_dir}: no checkpoint to resume from; run without --resume")
+        if resume_from is None:
+            raise HhDataError(f"{output_dir}: no complete checkpoint to resume from; run without --resume")
         saved = json.loads((output_dir / "settings.json").read_text())["args"]
         changed = sorted(k for k in comparable if saved.get(k) != comparable[k])
         if changed:
             raise HhDataError(f"{output_dir}: cannot resume with changed settings {changed}; use those in settings.json")
-    elif checkpoint.exists():
+    elif any(folder.exists() for folder in checkpoint_folders(checkpoint)):
         raise HhDataError(f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir")
+    if args.judge is not None and score_fn is None and Path(args.judge).resolve() == Path(args.reward_model).resolve():
+        raise HhDataError(f"--judge {args.judge} is the reward model PPO optimises; pass one trained apart (other --seed or data)")
 
-    # Prompts: the release's rows, a seeded held-out share for the final evaluation.
+    # Prompts: train on --split (default `train`); hold out prompts that neither PPO nor the
+    # reward models (proxy and judge) ever trained on, so the win rate is measured honestly.
     splits, provenance = load_pairs(args.data)
-    if args.split not in splits:
-        raise HhDataError(f"{provenance['source']}: no split {args.split!r} (it has {sorted(splits)}); pass --split")
-    train_rows, eval_rows = held_out_split(splits[args.split], args.eval_prompts, args.seed)
+    train_split = choose_split(splits, args.split, provenance["source"])
+    excluded, known, unknown = set(), [], []
+    for run_dir in ((args.reward_model,) if score_fn is None else ()) + ((args.judge,) if args.judge else ()):
+        prompts = reward_model_training_prompts(run_dir, splits, provenance)
+        (unknown if prompts is None else known).append(run_dir)
+        excluded |= prompts or set()
+    train_rows, eval_rows = split_prompts(splits, train_split, excluded, args.eval_prompts, args.seed)
+    if not eval_rows:
+        raise HhDataError(f"{provenance['source']}: every prompt was trained on by the reward model(s); "
+                          "hold some out when training them (--eval-fraction) or pass other --data")
+    if accelerator.is_main_process:
+        print(f"ppo: training on split {train_split!r} ({len(train_rows)} rows); {len(eval_rows)} held-out prompts, "
+              f"none trained on by PPO{' or the reward model(s)' if not unknown else ''}"
+              + (f"; the training prompts of {unknown} are unknown (no settings.json)" if unknown else ""))
 
     # Models: policy and frozen reference from the SFT run; reward and value from the reward model.
     tokenizer = models.load_tokenizer(args.policy)
@@ -518,12 +799,12 @@ def main(args: Args, score_fn=None) -> dict:
                 f"{args.policy} and {args.reward_model} tokenize differently; train the SFT policy "
                 f"with --tokenizer {args.reward_model} (or on the same --model) so they share token ids"
             )
-        chat = reward_settings["chat_template"]
+        chat, reward_max_length = reward_settings["chat_template"], reward_settings.get("max_length")
         # 1. the value model starts as a copy of the reward model (Ouyang et al. 2022, appendix C.3; N+ detail)
         value_model = copy.deepcopy(reward_model)
         reward_model.requires_grad_(False)
     else:
-        reward_model = None
+        reward_model, reward_max_length = None, None
         sft_settings = Path(args.policy) / "args.json"
         chat = json.loads(sft_settings.read_text()).get("chat_template", False) if sft_settings.is_file() else uses_chat_template(tokenizer, True)
         value_model = RewardModel(copy.deepcopy(policy.get_decoder()))
@@ -538,8 +819,15 @@ def main(args: Args, score_fn=None) -> dict:
     if reward_model is not None:
         reward_model.to(device)
     score = make_scorer(reward_model, score_fn)
-    pad_id, stop_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    encode = lambda row: encode_prompt(tokenizer, row["prompt"], chat)[0][-args.query_length :]  # noqa: E731
+    judge = make_judge(args.judge, args.batch_size) if args.judge else None
+    # the end-of-turn token: sampling stops at it and the reward is read there, where the reward
+    # model read it in training (the last token of prompt + reply)
+    pad_id, stop_id = tokenizer.pad_token_id, end_of_turn_id(tokenizer, chat)
+    # queries keep their start token and their latest turns, and leave room for a full reply
+    # within the reward model's max length, as in its training (reward_model.encode_pair)
+    start = start_length(tokenizer, chat)
+    limit = query_limit(args, reward_max_length, start)
+    encode = lambda row: fit_query(encode_prompt(tokenizer, row["prompt"], chat)[0], limit, start)  # noqa: E731
     train_queries = [encode(row) for row in train_rows]
     eval_queries = [encode(row) for row in eval_rows]
 
@@ -548,18 +836,23 @@ def main(args: Args, score_fn=None) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + accelerator.process_index)
     kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
-    state = {"update": 0, "history": [], "reward_mean": 0.0, "reward_std": 1.0}
+    state = {"update": 0, "history": [], "held_out": [], "reward_mean": 0.0, "reward_std": 1.0}
     if args.resume:
-        state = load_checkpoint(checkpoint, policy, value_model, optimizer, generator)
+        state = load_checkpoint(resume_from, accelerator, policy, value_model, optimizer, generator)
         kl_controller.value = state["kl_coef"]
     model, optimizer = accelerator.prepare(model, optimizer)
     settings = {
         "args": comparable, "data": provenance, "updates": num_updates, "chat_template": chat,
+        "split": train_split, "train_prompts": len(train_rows), "held_out_prompts": len(eval_rows),
+        "held_out_excludes_training_prompts_of": known,
+        "stop_token": tokenizer.convert_ids_to_tokens(stop_id), "query_limit": limit,
         "reward": "rule (score_fn)" if score_fn is not None else args.reward_model,
         "processes": accelerator.num_processes,
         "versions": {"hhdata": hhdata.__version__, "torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
     }
-    for name in ("policy", "reward_model"):
+    for name in ("policy", "reward_model", "judge"):
+        if getattr(args, name) is None:
+            continue
         source = Path(getattr(args, name)) / ("args.json" if name == "policy" else "settings.json")
         if source.is_file():  # the inputs' own settings and data versions
             settings[f"{name}_run"] = json.loads(source.read_text())
@@ -587,7 +880,12 @@ def main(args: Args, score_fn=None) -> dict:
     if batches_per_epoch == 0:
         raise HhDataError(f"{provenance['source']}: {len(train_queries)} training prompts, fewer than one batch of "
                           f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or --eval-prompts")
+    held_out = lambda update: held_out_point(  # noqa: E731
+        update, policy, reference, score, judge, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
+    if not args.resume:  # the start of the held-out reward-vs-sqrt(KL) curve: the reference itself
+        state["held_out"].append(held_out(0))
     started, started_cpu = time.perf_counter(), time.process_time()
+    paused, paused_cpu = 0.0, 0.0  # time spent on held-out scoring, left out of the loop's time
     for update in range(state["update"], num_updates):
         epoch, index = divmod(update, batches_per_epoch)
         order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed * 7 + epoch))
@@ -615,9 +913,7 @@ def main(args: Args, score_fn=None) -> dict:
             # 8. per-token KL penalty to the reference, score added at the reply's last token
             # (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020)
             kl = (logprobs - ref_logprobs) * mask  # shape: [batch, response_length]
-            rewards = -kl_controller.value * kl
-            last = batch.response_mask.sum(1) - 1
-            rewards[torch.arange(len(last), device=device), last] += scores
+            rewards = per_token_rewards(scores, kl, kl_controller.value, mask)
             if args.whiten_rewards:  # N+ "reward whitening" (off by default, as in lm-human-preferences' sentiment task)
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
             advantages, returns = compute_gae(rewards, values, args.gamma, args.gae_lambda)
@@ -625,12 +921,19 @@ def main(args: Args, score_fn=None) -> dict:
             advantages = masked_whiten(advantages, mask) * mask
 
         stats = {name: [] for name in ("pg_loss", "value_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl")}
+        # checks of the plumbing, not of learning: scoring reproduces the sampling distribution
+        # (temperature, positions, padding), and before the first step the ratio is exactly 1
+        sampling_error = ((logprobs - batch.sample_logprobs).abs() * mask).max()
+        first_ratio_error = None
         for _ in range(args.num_ppo_epochs):
             permutation = torch.randperm(args.batch_size, generator=generator, device=device)
             for first in range(0, args.batch_size, mini_batch_size):
                 i = permutation[first : first + mini_batch_size]
                 new_logprobs, _, new_values = model(batch.ids[i], batch.mask[i], batch.at[i], batch.responses[i], args.temperature)
                 pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef)
+                if first_ratio_error is None:
+                    first_ratio_error = (((new_logprobs.detach() - logprobs[i]).exp() - 1).abs() * mask[i]).max()
+                    first_approx_kl = approx_kl
                 # 10. value clipping around the rollout's values (N+ "value function loss clipping")
                 vf_loss, vf_clipfrac = value_loss(new_values, values[i], returns[i], mask[i], args.vf_clip_coef)
                 loss = pg_loss + args.vf_coef * vf_loss
@@ -655,12 +958,15 @@ def main(args: Args, score_fn=None) -> dict:
             **{name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in stats.items()},
             "kl_coef": kl_controller.value,
             "lr": lr,
+            "sampling_logprob_error": accelerator.reduce(sampling_error, "max").item(),
+            "first_minibatch_ratio_error": accelerator.reduce(first_ratio_error, "max").item(),
+            "first_minibatch_approx_kl": accelerator.reduce(first_approx_kl, "max").item(),
         }
         # 11. adaptive KL controller, updated with this batch's KL per reply (Ziegler et al. 2019)
         if args.adaptive_kl:
             kl_controller.update(sequence_kl, args.batch_size * accelerator.num_processes)
-        record["seconds"] = time.perf_counter() - started  # wall clock since this process's first update
-        record["cpu_seconds"] = time.process_time() - started_cpu  # this process's CPU time, steadier on a shared machine
+        record["seconds"] = time.perf_counter() - started - paused  # wall clock since this process's first update
+        record["cpu_seconds"] = time.process_time() - started_cpu - paused_cpu  # this process's CPU time, steadier on a shared machine
         state["history"].append(record)
         if accelerator.is_main_process:
             print(f"ppo update {record['update']}/{num_updates} score {record['score']:.3f} kl {record['kl']:.3f} "
@@ -670,16 +976,20 @@ def main(args: Args, score_fn=None) -> dict:
                 writer.add_scalar(f"ppo/{name}", value, update + 1)
         state.update(update=update + 1, kl_coef=kl_controller.value)
         if (update + 1) % args.save_every == 0 or update + 1 in (num_updates, args.stop_after):
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(checkpoint, policy, value_model, optimizer, generator, state)
+            clock, cpu_clock = time.perf_counter(), time.process_time()
+            state["held_out"].append(held_out(update + 1))
+            paused, paused_cpu = paused + time.perf_counter() - clock, paused_cpu + time.process_time() - cpu_clock
+            save_checkpoint(checkpoint, accelerator, policy, value_model, optimizer, generator, state)
         if update + 1 == args.stop_after:
-            return {"stopped_after": update + 1, "history": state["history"]}
+            return {"stopped_after": update + 1, "history": state["history"], "held_out": state["held_out"]}
 
     # The held-out judgement: final policy against the reference, same prompts, same judge.
-    evaluation = evaluate(policy, reference, score, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
-    metrics = {"history": state["history"], "evaluation": evaluation, "reward_mean": state["reward_mean"], "reward_std": state["reward_std"]}
+    evaluation = evaluate(policy, reference, score, judge, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
+    metrics = {"history": state["history"], "held_out": state["held_out"], "evaluation": evaluation,
+               "reward_mean": state["reward_mean"], "reward_std": state["reward_std"]}
     metrics["reward_vs_sqrt_kl"] = sqrt_kl_fit(state["history"])
+    metrics["held_out_reward_vs_sqrt_kl"] = {
+        name: sqrt_kl_fit(state["held_out"], name) for name in ("score", "judge_score") if name in state["held_out"][0]}
     if state["history"]:
         seconds = state["history"][-1]["seconds"]
         metrics["episodes_per_second"] = (num_updates - (state["history"][0]["update"] - 1)) * args.batch_size / seconds if seconds else None
@@ -689,7 +999,7 @@ def main(args: Args, score_fn=None) -> dict:
         tokenizer.save_pretrained(final)
         save_model(value_model, output_dir / "value.safetensors")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_plots(output_dir, state["history"])
+        save_plots(output_dir, state["history"], state["held_out"])
         write_card(final, settings, evaluation)
         writer.close()
         print(summary(evaluation, state["history"]))
@@ -697,19 +1007,36 @@ def main(args: Args, score_fn=None) -> dict:
 
 
 def summary(evaluation: dict, history: list[dict]) -> str:
-    """The printed end of a run: training's course, win rate overall and per family, replies side by side."""
+    """The printed end of a run: training's course, win rates (proxy, judge) overall and per family,
+    replies side by side."""
     first, last = history[0], history[-1]
     lines = [f"ppo: {last['update']} updates, {last['episodes']} episodes; batch score {first['score']:.3f} -> {last['score']:.3f} "
-             f"at KL {last['kl']:.2f} nats per reply to the reference",
-             f"held-out: policy wins {evaluation['win_rate']:.1%} of {evaluation['prompts']} prompts against the reference "
-             f"(score {evaluation['policy_score']:.3f} vs {evaluation['reference_score']:.3f})"]
-    for family, part in evaluation["by_family"].items():
-        lines.append(f"  {family}: win rate {part['win_rate']:.1%} over {part['prompts']} prompts, score {part['policy_score']:.3f} vs {part['reference_score']:.3f}")
+             f"at KL {last['kl']:.2f} nats per reply to the reference"]
+    for name, part in (("proxy reward model (optimised)", evaluation["proxy"]), ("judge reward model (never optimised)", evaluation.get("judge"))):
+        if part is None:
+            continue
+        lines.append(f"held-out, judged by the {name}: policy wins {part['win_rate']:.1%} of {part['prompts']} prompts "
+                     f"against the reference (score {part['policy_score']:.3f} vs {part['reference_score']:.3f})")
+        for family, share in part["by_family"].items():
+            lines.append(f"  {family}: win rate {share['win_rate']:.1%} over {share['prompts']} prompts, "
+                         f"score {share['policy_score']:.3f} vs {share['reference_score']:.3f}")
+    if "judge" in evaluation and evaluation["proxy"]["win_rate"] > 0.5 >= evaluation["judge"]["win_rate"]:
+        lines.append("the proxy prefers the policy but the judge does not: the policy learned the proxy's mistakes (reward hacking)")
     for sample in evaluation["samples"]:
         lines += [f"\nprompt:    {sample['prompt'][:200]!r}", f"reference: {sample['reference'][:200]!r} ({sample['reference_score']:.2f})",
                   f"policy:    {sample['policy'][:200]!r} ({sample['policy_score']:.2f})"]
     return "\n".join(lines)
 
 
+def cli(argv: list[str]) -> int:
+    """`python -m training.ppo`: a usage or data error is one line on stderr and exit status 2."""
+    try:
+        main(parse_args(Args, argv))
+    except HhDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args(Args, sys.argv[1:]))
+    sys.exit(cli(sys.argv[1:]))
