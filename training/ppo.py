@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import hhdata
 from hhdata.errors import HhDataError
 from training import models
-from training.common import load_pairs, optimizer_tensors, parse_args, restore_optimizer
+from training.common import load_pairs, optimizer_tensors, restore_optimizer, run_cli
 from training.reward_model import RewardModel, load_reward_model, uses_chat_template
 from training.sft import encode_prompt, held_out_split
 
@@ -712,4 +712,4 @@ def summary(evaluation: dict, history: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, sys.argv[1:]))
+    run_cli(main, Args)
