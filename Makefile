@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	@echo "each benchmark has its own command: see bench/README.md"
 
-# make test never loads the real model; this does (about a minute on two cores)
+# make test never loads the real model; this does (minutes on two busy cores: GGUF de-quantisation)
 bench-smoke: $(STAMP)
 	$(PY) -m pytest -q -m benchmark tests/test_models.py
 

@@ -1,6 +1,8 @@
 """Every trainer's command line: a usage or data error is one line on stderr and exit code 2.
 
-Each case runs the real module in a subprocess, as a user would, and stops before training.
+Each case runs the real module in a subprocess, as a user would, and stops before training;
+each trainer meets at least one bad flag or flag combination and one missing or wrong data
+source (a subprocess costs an import of torch and transformers: the cases are few).
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ CASES = [
      "--batch-size / --num-mini-batches: 16 is not divisible by 3"),
     ("training.ppo", ["--data", MISSING], f"{MISSING}: no such file or directory"),
     ("training.reward_model", ["--data", MISSING], f"{MISSING}: no such file or directory"),
-    ("training.reward_model", ["--prefix-sharing", "sometimes"], "argument --prefix-sharing: invalid choice"),
-    ("training.sft", ["--data", MISSING], f"{MISSING}: no such file or directory"),
+    ("training.reward_model", ["--max-train-pairs", "2", "--batch-size", "4"], "need at least --batch-size 4"),
     ("training.sft", ["--split", "validation"], "no split 'validation' (it has ['test']); pass --split"),
     ("training.sft", ["--batch-size", "eight"], "argument --batch-size: invalid int value: 'eight'"),
 ]
