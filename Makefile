@@ -1,12 +1,13 @@
 # Two entry points, each doing all the set-up on a fresh machine:
 #   make demo   build, publish, load and train on the bundled HH-RLHF sample
-#   make test   run the test suite
+#   make test   run the test suite (and the doctests of hhdata and training)
+#   make bench-smoke   load the real SmolLM2-135M (the benchmark-marked model tests)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hhdata-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench bench-smoke venv clean
 
 venv: $(STAMP)
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not benchmark" tests
-	$(PY) -m pytest -q --doctest-modules hhdata
+	$(PY) -m pytest -q --doctest-modules hhdata training
 
 demo: $(STAMP)
 	$(PY) -m hhdata.demo
@@ -28,6 +29,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	@echo "each benchmark has its own command: see bench/README.md"
+
+# make test never loads the real model; this does (minutes on two busy cores: GGUF de-quantisation)
+bench-smoke: $(STAMP)
+	$(PY) -m pytest -q -m benchmark tests/test_models.py
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from training import models
-from training.common import load_pairs
-from training.sft import IGNORE_INDEX, Args, collate, encode_example, encode_prompt, main
+from training.common import UsageError, load_pairs
+from training.sft import (
+    IGNORE_INDEX,
+    Args,
+    collate,
+    encode_example,
+    encode_prompt,
+    held_out_split,
+    main,
+    prompt_key,
+    rank_batch,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -86,3 +97,119 @@ def test_sft_loss_goes_down_and_the_run_is_saved(tmp_path, rows, tokenizer):
     loaded = models.load_causal_lm(str(saved), models.load_tokenizer(str(saved)))
     assert loaded.config.vocab_size == len(tokenizer)
     assert (saved / "model.safetensors").is_file()
+
+
+# ---- splits: train on `train`, never on a held-out prompt ----------------------------------
+
+
+def write_pairs(path, rows, splits):
+    """A .parquet of pair rows, row i relabelled to split splits[i % len(splits)]."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{**row, "split": splits[i % len(splits)]} for i, row in enumerate(rows)]), path)
+    return str(path)
+
+
+def tiny_args(tmp_path, tokenizer, **changes) -> Args:
+    tokenizer.save_pretrained(tmp_path / "tok")
+    settings = dict(model="tiny", tokenizer=str(tmp_path / "tok"), output_dir=str(tmp_path / "sft"),
+                    batch_size=4, max_steps=2, max_length=48, eval_rows=4)
+    return Args(**{**settings, **changes})
+
+
+def test_a_release_without_a_test_split_trains_on_train(tmp_path, rows, tokenizer):
+    data = write_pairs(tmp_path / "train-only.parquet", rows[:24], ["train"])
+    metrics = main(tiny_args(tmp_path, tokenizer, data=data))
+    assert metrics["split"] == "train"
+    assert json.loads((tmp_path / "sft" / "args.json").read_text())["split"] == "train"
+
+
+def test_train_is_the_default_where_the_release_has_it(tmp_path, rows, tokenizer):
+    data = write_pairs(tmp_path / "both.parquet", rows[:48], ["train", "test"])
+    metrics = main(tiny_args(tmp_path, tokenizer, data=data))
+    assert metrics["split"] == "train"
+    assert metrics["train_rows"] + metrics["eval_rows"] == 24  # only the train half
+
+
+def test_a_missing_split_is_a_usage_error(tmp_path, rows, tokenizer):
+    data = write_pairs(tmp_path / "train-only.parquet", rows[:24], ["train"])
+    with pytest.raises(UsageError, match=r"no split 'test' \(it has \['train'\]\); pass --split"):
+        main(tiny_args(tmp_path, tokenizer, data=data, split="test"))
+
+
+def test_held_out_prompts_are_never_trained_on(rows):
+    # real collections compare several replies to one prompt: three rows per prompt here
+    repeated = [{**row, "id": f"{row['id']}-{copy}"} for row in rows[:100] for copy in range(3)]
+    train, held_out = held_out_split(repeated, eval_rows=30, seed=1)
+    assert len(held_out) == 30
+    assert not {prompt_key(row) for row in train} & {prompt_key(row) for row in held_out}
+    assert len(train) + len(held_out) < len(repeated)  # the held-out prompts' other rows left training
+
+
+def test_rank_batches_are_disjoint_and_cover_each_epoch():
+    for world in (1, 2, 4):
+        for epoch in range(2):
+            seen = [i for step in range(epoch * 5, epoch * 5 + 5) for rank in range(world)
+                    for i in rank_batch(step, 22, 4, seed=3, rank=rank, world=world)]
+            assert len(seen) == len(set(seen)) == 20  # 5 batches of 4; the tail of 2 waits
+
+
+# ---- multi-process: each process its own share of every batch --------------------------------
+
+
+def test_two_processes_train_on_disjoint_shares_of_the_epoch(tmp_path, rows, tokenizer):
+    """A real 2-process gloo run (torchrun on the CPU, accelerate's multi-CPU mode): per step
+    the ranks' rows are disjoint, and over an epoch together they are every training row once."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_pairs(tmp_path / "pairs.parquet", rows[:40], ["train"])
+    tokenizer.save_pretrained(tmp_path / "tok")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training.sft", "--data", data, "--tokenizer", str(tmp_path / "tok"),
+               "--output-dir", str(tmp_path / "sft"), "--batch-size", "8", "--eval-rows", "8",
+               "--max-length", "48", "--num-epochs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "sft" / "train_log.jsonl").read_text().splitlines()]
+    train_rows, _ = held_out_split([{**row, "split": "train"} for row in rows[:40]], 8, seed=1)
+    assert len(log) == len(train_rows) // 8 == 4
+    for record in log:
+        first, second = record["rows"]
+        assert len(first) == len(second) == 4 and not set(first) & set(second)
+    assert sorted(i for record in log for share in record["rows"] for i in share) == sorted(r["id"] for r in train_rows)
+    assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["processes"] == 2
+
+
+# ---- resume and TensorBoard -------------------------------------------------------------------
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, rows, tokenizer):
+    from safetensors.torch import load_file
+
+    data = write_pairs(tmp_path / "pairs.parquet", rows[:60], ["train"])
+    settings = dict(data=data, max_steps=6, save_every=2, learning_rate=3e-3)
+    whole = main(tiny_args(tmp_path, tokenizer, output_dir=str(tmp_path / "whole"), **settings))
+    broken = tiny_args(tmp_path, tokenizer, output_dir=str(tmp_path / "broken"), stop_after=3, **settings)
+    assert main(broken) == {"stopped_after": 3}
+    assert [c.name for c in (tmp_path / "broken" / "checkpoints").iterdir()] == ["step-0000003"]
+    with pytest.raises(UsageError, match="already holds a run; pass --resume"):
+        main(dataclasses.replace(broken, stop_after=0))
+    with pytest.raises(UsageError, match=r"changed settings \['learning_rate'\]"):
+        main(dataclasses.replace(broken, stop_after=0, resume=True, learning_rate=1e-3))
+    resumed = main(dataclasses.replace(broken, stop_after=0, resume=True))
+    assert resumed["train_loss"] == whole["train_loss"]
+    assert resumed["eval_loss_after"] == whole["eval_loss_after"]
+    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "broken" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert [c.name for c in (tmp_path / "broken" / "checkpoints").iterdir()] == ["step-0000006"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "broken" / "tensorboard")).Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [event.step for event in events.Scalars("eval/loss")] == [0, 6]

@@ -1,5 +1,6 @@
-"""What both trainers need and nothing more: a CLI from a documented dataclass, and pair rows
-from a release with the provenance to record.
+"""What every trainer needs and nothing more: a CLI from a documented dataclass that turns
+usage and data errors into one line and exit code 2, pair rows from a release with the
+provenance to record, and checkpoint pieces (optimizer moments, per-rank RNG state).
 
 >>> from training.reward_model import Args
 >>> parse_args(Args, ["--seed", "3", "--no-chat-template"]).seed
@@ -13,16 +14,39 @@ import ast
 import dataclasses
 import hashlib
 import inspect
+import json
+import random
+import re
+import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from hhdata.errors import HhDataError, SourceError
 from hhdata.manifest import MANIFEST_NAME, read_manifest
 from hhdata.read import bundled_sample_path
 
+# owner/name: what load_pairs sends to the Hub when no such local path exists
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class UsageError(HhDataError, ValueError):
+    """Command-line settings that contradict each other or the data (exit code 2)."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not the whole usage) and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -43,7 +67,7 @@ def field_docs(cls) -> dict[str, str]:
 
 def parse_args(cls, argv: list[str] | None = None):
     """Build `cls` (a dataclass) from the command line; field docstrings become the help."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description=inspect.getdoc(inspect.getmodule(cls)).split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -67,6 +91,21 @@ def parse_args(cls, argv: list[str] | None = None):
         else:
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def run_cli(main: Callable, cls, argv: list[str] | None = None) -> None:
+    """A trainer's command line: parse `cls` from argv, run `main`, and turn a usage or data
+    error (any HhDataError) into one line ``error: ...`` on stderr and exit code 2.
+
+    Anything else is a bug in the trainer and keeps its traceback.
+    """
+    args = parse_args(cls, argv)
+    try:
+        main(args)
+    except HhDataError as error:
+        message = " ".join(str(error).split())  # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -114,6 +153,11 @@ def load_pairs(data: str | None, version: str | None = None) -> tuple[dict[str, 
         if path.exists():  # raw files: parsed on the spot, no release to pin
             digest = sha256_file(path) if path.is_file() else None
             return _rows(hhdata.load(data)), {"source": data, "raw": True, "sha256": digest}
+        if not HUB_REPO_ID.fullmatch(data):
+            raise SourceError(
+                f"{data}: no such file or directory, and not a Hub repo id (owner/name); pass a "
+                "release directory, a .parquet of pair rows, raw HH files or a Hub repo id to --data"
+            )
         from hhdata.hub import download_release
 
         path = download_release(data, version)
@@ -141,3 +185,58 @@ def restore_optimizer(optimizer, tensors: dict, param_groups: list) -> None:
         index, name = key.split(".", 1)
         moments.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": moments, "param_groups": param_groups})
+
+
+# ---- per-rank RNG state: every process resumes with its own random numbers ----------------
+
+
+def rng_state_path(folder: str | Path, rank: int) -> Path:
+    """The file of rank `rank`'s RNG state inside a checkpoint folder."""
+    return Path(folder) / f"rng-rank{rank:03d}.safetensors"
+
+
+def save_rng_state(folder: str | Path, rank: int, generator: torch.Generator | None = None) -> Path:
+    """Save this process's RNG state (python, numpy, torch CPU, every CUDA device, and
+    `generator` when given) to its own file in `folder`, so that after a resume each rank
+    draws the numbers it would have drawn, not rank 0's.
+
+    Tensors go to safetensors; python's and numpy's states (tuples of ints) to its metadata.
+    """
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    if generator is not None:
+        tensors["generator"] = generator.get_state()
+    version, words, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    metadata = {
+        "python": json.dumps([version, list(words), gauss]),
+        "numpy": json.dumps([name, keys.tolist(), position, has_gauss, cached]),
+    }
+    path = rng_state_path(folder, rank)
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def load_rng_state(folder: str | Path, rank: int, generator: torch.Generator | None = None) -> None:
+    """Restore what save_rng_state wrote for `rank` (and `generator`'s state when given)."""
+    path = rng_state_path(folder, rank)
+    if not path.is_file():
+        raise HhDataError(
+            f"{path}: no RNG state for process {rank}; resume with the number of processes "
+            "the run was saved with"
+        )
+    tensors = load_file(path)
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[f"torch_cuda_{i}"] for i in range(len(tensors)) if f"torch_cuda_{i}" in tensors]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if generator is not None:
+        generator.set_state(tensors["generator"])
+    version, words, gauss = json.loads(metadata["python"])
+    random.setstate((version, tuple(words), gauss))
+    name, keys, position, has_gauss, cached = json.loads(metadata["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))

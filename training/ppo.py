@@ -32,8 +32,15 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import hhdata
 from hhdata.errors import HhDataError
 from training import models
-from training.common import load_pairs, optimizer_tensors, parse_args, restore_optimizer
-from training.reward_model import RewardModel, load_reward_model, render, split_held_out, uses_chat_template
+from training.common import load_pairs, optimizer_tensors, restore_optimizer, run_cli
+from training.reward_model import (
+    RewardModel,
+    end_of_turn_id,
+    load_reward_model,
+    render,
+    split_held_out,
+    uses_chat_template,
+)
 from training.reward_model import score as text_scores
 from training.sft import encode_prompt
 
@@ -209,27 +216,6 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, re
 
 
 # ---- prompts: the end-of-turn token, truncation, the held-out split ----------------------
-
-
-def end_of_turn_id(tokenizer, chat: bool) -> int:
-    """The token that ends an assistant turn: PPO stops sampling at it and reads the reward there.
-
-    With a chat template it is the first special token the template writes after a reply's
-    words (`<|im_end|>` for ChatML templates such as SmolLM2's); in the plain Human/Assistant
-    format, and for templates that write none, the tokenizer's end-of-sequence token, which
-    reward-model training and SFT append to every reply. (training/reward_model.py defines the
-    reward model's side of the same rule.)
-    """
-    if chat:
-        prompt = [{"role": "user", "content": "hello"}]
-        _, reply_text = render(tokenizer, prompt, [{"role": "assistant", "content": "hello"}], chat)
-        special = set(tokenizer.all_special_ids)
-        for token in tokenizer(reply_text, add_special_tokens=False)["input_ids"]:
-            if token in special:
-                return token
-    if tokenizer.eos_token_id is None:
-        raise HhDataError(f"the tokenizer of {tokenizer.name_or_path!r} has no end-of-sequence token to stop replies at; set eos_token")
-    return tokenizer.eos_token_id
 
 
 def start_length(tokenizer, chat: bool) -> int:
@@ -1028,15 +1014,5 @@ def summary(evaluation: dict, history: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli(argv: list[str]) -> int:
-    """`python -m training.ppo`: a usage or data error is one line on stderr and exit status 2."""
-    try:
-        main(parse_args(Args, argv))
-    except HhDataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    run_cli(main, Args)

@@ -40,7 +40,7 @@ from torch import nn
 from hhdata.errors import HhDataError
 from hhdata.transcript import ASSISTANT_TAG, render_transcript
 from training import models
-from training.common import load_pairs, optimizer_tensors, parse_args, restore_optimizer
+from training.common import load_pairs, optimizer_tensors, restore_optimizer, run_cli
 
 FAMILIES = ("helpful", "harmless")
 
@@ -1007,4 +1007,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_cli(main, Args)

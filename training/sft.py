@@ -8,6 +8,10 @@ targets (Ouyang et al. 2022 train SFT on the labeller's demonstrations only).
     python -m training.sft --model tiny --tokenizer runs/rm --output-dir runs/sft
     accelerate launch -m training.sft --model smollm2-135m --learning-rate 1e-5
 
+Under accelerate every optimiser step's batch of ``--batch-size`` rows is dealt out across
+the processes (disjoint rows); ``--resume`` continues from ``output_dir/checkpoints`` with
+the same weights, optimizer moments, data order and per-process RNG as an unbroken run.
+
 Pass the reward model's run directory as ``--tokenizer`` for the ``tiny`` model, so that the
 policy and the reward model read the same token ids (PPO checks this).
 """
@@ -16,18 +20,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
-import sys
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 import hhdata
-from training.common import load_pairs, parse_args
+from training.common import (
+    UsageError,
+    load_pairs,
+    load_rng_state,
+    optimizer_tensors,
+    restore_optimizer,
+    run_cli,
+    save_rng_state,
+)
 from training.models import load_causal_lm, load_tokenizer
 from training.reward_model import render, uses_chat_template
 
@@ -44,8 +57,8 @@ class Args:
     """directory of a saved tokenizer to use instead of the model's own, e.g. the reward model's run dir"""
     data: str | None = None
     """a release directory, a .parquet of pair rows or a Hub repo id; default: the bundled sample"""
-    split: str = "test"
-    """which split of the release to train on (the bundled sample has only `test`)"""
+    split: str | None = None
+    """split to train on; default `train` where the release has it, else its only split (the bundled sample: `test`)"""
     output_dir: str = "runs/sft"
     """where the model, tokenizer, metrics.json and args.json are written"""
     seed: int = 1
@@ -64,6 +77,12 @@ class Args:
     """rows held out (by a seeded shuffle) to measure the loss before and after training"""
     chat_template: bool = True
     """render with the tokenizer's chat template when it has one, as the reward model does"""
+    save_every: int = 50
+    """save a resumable checkpoint every N steps (and at the end)"""
+    resume: bool = False
+    """continue from the latest checkpoint in output_dir (same settings required)"""
+    stop_after: int = 0
+    """exit after saving the checkpoint of step N, as if killed (for testing resume; 0: never)"""
 
 
 def encode_prompt(tokenizer, prompt: list[dict[str, str]], chat: bool) -> tuple[list[int], list[int]]:
@@ -128,12 +147,55 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
     return {name: torch.tensor(values) for name, values in batch.items()}
 
 
+def prompt_key(row: dict) -> tuple[tuple[str, str], ...]:
+    """A row's prompt as a hashable value: rows of one prompt (several comparisons) share it."""
+    return tuple((turn["role"], turn["content"]) for turn in row["prompt"])
+
+
 def held_out_split(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval): a seeded shuffle, the last `eval_rows` held out."""
+    """(train, eval): a seeded shuffle, the last `eval_rows` held out.
+
+    Training then drops every row whose prompt is a held-out one: a prompt compared several
+    times would otherwise be trained on under another row and evaluated as if unseen.
+    """
     order = sorted(rows, key=lambda row: row["id"])
     random.Random(seed).shuffle(order)
     cut = len(order) - min(eval_rows, len(order) // 2)
-    return order[:cut], order[cut:]
+    held_out = order[cut:]
+    held_out_prompts = {prompt_key(row) for row in held_out}
+    return [row for row in order[:cut] if prompt_key(row) not in held_out_prompts], held_out
+
+
+def choose_split(splits: dict[str, list[dict]], wanted: str | None, source: str) -> str:
+    """The split to train on: `wanted`, else `train`, else the release's only split.
+
+    >>> choose_split({"train": [], "test": []}, None, "rel"), choose_split({"test": []}, None, "rel")
+    ('train', 'test')
+    """
+    if wanted is not None:
+        if wanted not in splits:
+            raise UsageError(f"{source}: no split {wanted!r} (it has {sorted(splits)}); pass --split")
+        return wanted
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return next(iter(splits))
+    raise UsageError(f"{source}: no train split and several others {sorted(splits)}; pass --split")
+
+
+def rank_batch(step: int, num_examples: int, batch_size: int, seed: int, rank: int, world: int) -> list[int]:
+    """Indices of the examples process `rank` of `world` trains on at optimiser step `step`.
+
+    Each epoch is a fresh seeded permutation cut into batches of `batch_size` (a tail shorter
+    than a batch waits for the next epoch's permutation); each batch is dealt out across the
+    processes, so they see disjoint rows and together the whole batch.
+
+    >>> [rank_batch(0, 8, 4, seed=0, rank=r, world=2) for r in (0, 1)]
+    [[4, 7], [0, 3]]
+    """
+    epoch, index = divmod(step, num_examples // batch_size)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[index * batch_size : (index + 1) * batch_size][rank::world].tolist()
 
 
 @torch.no_grad()
@@ -159,73 +221,181 @@ def load_policy_tokenizer(args: Args, rows: list[dict]):
     return load_tokenizer(args.model, texts=texts)
 
 
+# ---- checkpoints: safetensors for tensors, JSON for the rest ----------------------------
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, state: dict, accelerator) -> None:
+    """Weights, optimizer moments, each process's RNG state and the run's scalars.
+
+    Written to ``step-N.partial`` and renamed into place once complete (a rename is atomic),
+    then older checkpoints are deleted: a kill at any moment leaves a complete one.
+    """
+    folder = output_dir / "checkpoints" / f"step-{step:07d}"
+    partial = folder.with_name(folder.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_rng_state(partial, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(partial / "model.safetensors"))  # handles tied weights
+        tensors, param_groups = optimizer_tensors(optimizer)
+        save_file(tensors, partial / "optimizer.safetensors")
+        (partial / "state.json").write_text(json.dumps({**state, "param_groups": param_groups}))
+        partial.rename(folder)
+        for old in (output_dir / "checkpoints").glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a ``.partial`` folder was cut short)."""
+    complete = sorted(c for c in (output_dir / "checkpoints").glob("step-*") if c.suffix != ".partial")
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(folder: Path, model, optimizer, rank: int) -> dict:
+    """Restore what save_checkpoint wrote (this process's RNG state); returns the run's scalars."""
+    load_model(model, str(folder / "model.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    restore_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), state.pop("param_groups"))
+    load_rng_state(folder, rank)
+    return state
+
+
+def resumable(output_dir: Path, args: Args, comparable: dict) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses what would mix two runs."""
+    if not args.resume:
+        if (output_dir / "checkpoints").exists():
+            raise UsageError(f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir")
+        return None
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        raise UsageError(f"{output_dir}: no checkpoint to resume from; run without --resume")
+    saved = json.loads((output_dir / "args.json").read_text())["args"]
+    changed = sorted(k for k in comparable if saved.get(k) != comparable[k])
+    if changed:
+        raise UsageError(f"{output_dir}: cannot resume with changed settings {changed}; use those in args.json")
+    return checkpoint
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+
 def main(args: Args) -> dict:
     """Train, save model + tokenizer + metrics.json + args.json to args.output_dir; return metrics."""
     accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; pick a multiple")
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    comparable = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}
+    checkpoint = resumable(output_dir, args, comparable)
 
+    # 1. data: the training split, less a held-out share whose prompts are never trained on
     splits, provenance = load_pairs(args.data)
-    train_rows, eval_rows = held_out_split(splits[args.split], args.eval_rows, args.seed)
-    tokenizer = load_policy_tokenizer(args, train_rows)
+    split = choose_split(splits, args.split, provenance["source"])
+    train_rows, eval_rows = held_out_split(splits[split], args.eval_rows, args.seed)
+    if len(train_rows) < args.batch_size:
+        raise UsageError(
+            f"{provenance['source']}: split {split!r} leaves {len(train_rows)} training rows after "
+            f"holding out {len(eval_rows)}, fewer than --batch-size {args.batch_size}; lower it or --eval-rows"
+        )
+    if accelerator.is_main_process:
+        print(f"sft: training on split {split!r} of {provenance['source']}: {len(train_rows)} rows, "
+              f"{len(eval_rows)} held out (their prompts never trained on)")
+
+    # 2. tokenizer and model; a resumed run reads the tokenizer it saved
+    tokenizer = load_tokenizer(str(output_dir)) if checkpoint else load_policy_tokenizer(args, train_rows)
     model = load_causal_lm(args.model, tokenizer, seed=args.seed)
     chat = uses_chat_template(tokenizer, args.chat_template)
     encode = lambda row: encode_example(tokenizer, row, args.max_length, chat)  # noqa: E731
     train_examples = [encode(row) for row in train_rows]
     eval_examples = [encode(row) for row in eval_rows]
+    settings = {"args": comparable, "split": split, "data": provenance, "hhdata": hhdata.__version__,
+                "chat_template": chat, "processes": world}
+    if accelerator.is_main_process and checkpoint is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(output_dir)
+        (output_dir / "args.json").write_text(json.dumps(settings, indent=2))
 
-    steps_per_epoch = math.ceil(len(train_examples) / args.batch_size)
+    steps_per_epoch = len(train_examples) // args.batch_size
     num_steps = steps_per_epoch * args.num_epochs
     if args.max_steps:
         num_steps = min(num_steps, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
+    pad, device = tokenizer.pad_token_id, accelerator.device
+    state = {"step": 0, "log": [], "eval_loss_before": None}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, rank)
     model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    pad = tokenizer.pad_token_id
+    if state["eval_loss_before"] is None:
+        state["eval_loss_before"] = mean_loss(accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device)
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
 
-    eval_loss_before = mean_loss(model, eval_examples, pad, args.batch_size, device)
-    losses, step, start = [], 0, time.perf_counter()
-    generator = random.Random(args.seed)
+        writer = SummaryWriter(output_dir / "tensorboard", purge_step=state["step"] + 1)
+        if checkpoint is None:
+            writer.add_scalar("eval/loss", state["eval_loss_before"], 0)
+
+    # 3. train: cross-entropy on the assistant tokens; lr decays linearly to zero
+    start = time.perf_counter()
     model.train()
-    while step < num_steps:
-        order = list(range(len(train_examples)))
-        generator.shuffle(order)
-        for first in range(0, len(order), args.batch_size):
-            if step == num_steps:
-                break
-            batch = collate([train_examples[i] for i in order[first : first + args.batch_size]], pad)
-            loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            step += 1
-            if accelerator.is_main_process and (step % 20 == 0 or step == num_steps):
-                print(f"sft step {step}/{num_steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    for step in range(state["step"], num_steps):
+        mine = rank_batch(step, len(train_examples), args.batch_size, args.seed, rank, world)
+        lr = args.learning_rate * (1 - step / num_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = collate([train_examples[i] for i in mine], pad)
+        loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        record = {
+            "step": step + 1,
+            "loss": accelerator.reduce(loss.detach(), "mean").item(),
+            "lr": lr,
+            "rows": gather_object([[train_rows[i]["id"] for i in mine]]),  # per process, in rank order
+        }
+        state["log"].append(record)
+        state["step"] = step + 1
+        if writer is not None:
+            writer.add_scalar("train/loss", record["loss"], step + 1)
+            writer.add_scalar("train/lr", lr, step + 1)
+            if (step + 1) % 20 == 0 or step + 1 == num_steps:
+                recent = [r["loss"] for r in state["log"][-20:]]
+                print(f"sft step {step + 1}/{num_steps} loss {sum(recent) / len(recent):.3f}")
+        if (step + 1) % args.save_every == 0 or step + 1 in (num_steps, args.stop_after):
+            save_checkpoint(output_dir, step + 1, model, optimizer, state, accelerator)
+        if step + 1 == args.stop_after:
+            return {"stopped_after": step + 1}
     model.eval()
-    eval_loss_after = mean_loss(model, eval_examples, pad, args.batch_size, device)
+    eval_loss_after = mean_loss(accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device)
 
     metrics = {
-        "train_loss": losses,
-        "eval_loss_before": eval_loss_before,
+        "split": split,
+        "train_loss": [record["loss"] for record in state["log"]],
+        "eval_loss_before": state["eval_loss_before"],
         "eval_loss_after": eval_loss_after,
         "steps": num_steps,
         "train_rows": len(train_examples),
         "eval_rows": len(eval_examples),
-        "seconds": time.perf_counter() - start,
+        "processes": world,
+        "seconds": time.perf_counter() - start,  # wall time of this (possibly resumed) process
     }
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
-        settings = {"args": dataclasses.asdict(args), "data": provenance, "hhdata": hhdata.__version__, "chat_template": chat}
-        (output_dir / "args.json").write_text(json.dumps(settings, indent=2))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(f"sft: held-out loss {eval_loss_before:.3f} -> {eval_loss_after:.3f}; saved {output_dir}")
+        (output_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["log"]))
+        writer.add_scalar("eval/loss", eval_loss_after, num_steps)
+        writer.close()
+        print(f"sft: held-out loss {state['eval_loss_before']:.3f} -> {eval_loss_after:.3f}; saved {output_dir}")
     return metrics
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, sys.argv[1:]))
+    run_cli(main, Args)
