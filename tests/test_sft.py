@@ -213,3 +213,25 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, row
     events = EventAccumulator(str(tmp_path / "broken" / "tensorboard")).Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [event.step for event in events.Scalars("eval/loss")] == [0, 6]
+
+
+@pytest.mark.parametrize("kind", ["plain", "hh-template", "chatml"])
+def test_sft_examples_are_the_reward_models_tokens_closed_by_the_end_of_turn_token(rows, tokenizer, kind):
+    """SFT teaches the policy the end token PPO stops at and the reward model reads at.
+
+    With the tiny tokenizer's HH chat template (which writes no end token) SFT once left the
+    reply unclosed, so the policy never learned to stop; with ChatML it trained on the newline
+    after `<|im_end|>`, which the reward model never sees.
+    """
+    from tests.test_reward_model import chatml_tokenizer
+    from training.reward_model import encode_pair, end_of_turn_id
+
+    chat = kind != "plain"
+    if kind == "chatml":
+        tokenizer = chatml_tokenizer(rows)
+    end = end_of_turn_id(tokenizer, chat)
+    for row in rows[:50]:
+        example = encode_example(tokenizer, row, 4096, chat)
+        prompt, chosen, _ = encode_pair(tokenizer, row, 4096, chat)
+        assert example["input_ids"] == prompt + chosen
+        assert example["input_ids"][-1] == end and example["labels"][-1] == end

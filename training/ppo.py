@@ -39,6 +39,7 @@ from training.reward_model import (
     load_reward_model,
     render,
     split_held_out,
+    start_token_id,
     uses_chat_template,
 )
 from training.reward_model import score as text_scores
@@ -219,8 +220,9 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, re
 
 
 def start_length(tokenizer, chat: bool) -> int:
-    """How many start tokens open a query (encode_prompt's bos in the plain format, none with a template)."""
-    return int(not chat and tokenizer.bos_token_id is not None)
+    """How many start tokens open a query: encode_prompt opens every prompt with the start
+    token (start_token_id) unless the tokenizer has none."""
+    return int(start_token_id(tokenizer) is not None)
 
 
 def query_limit(args: Args, reward_max_length: int | None, start: int) -> int:

@@ -42,7 +42,7 @@ from training.common import (
     save_rng_state,
 )
 from training.models import load_causal_lm, load_tokenizer
-from training.reward_model import render, uses_chat_template
+from training.reward_model import end_of_turn_id, render, reply_body, start_token_id, uses_chat_template
 
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 
@@ -98,8 +98,11 @@ def encode_prompt(tokenizer, prompt: list[dict[str, str]], chat: bool) -> tuple[
     ('\\n\\nHuman: hi\\n\\nAssistant:', {-100})
     """
     text, _ = render(tokenizer, prompt, [{"role": "assistant", "content": ""}], chat)
-    start = [tokenizer.bos_token_id] if not chat and tokenizer.bos_token_id is not None else []
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # the start token opens the prompt unless the template writes it, as in encode_pair
+    start = [start_token_id(tokenizer)]
+    if start[0] is None or encoded["input_ids"][:1] == start:
+        start = []
     # character spans of the assistant turns' words, found in order; a token that overlaps one
     # is a target (e.g. " Are", whose space belongs to the tag but whose word is the reply's)
     spans, cursor = [], 0
@@ -117,10 +120,14 @@ def encode_prompt(tokenizer, prompt: list[dict[str, str]], chat: bool) -> tuple[
 
 
 def encode_reply(tokenizer, prompt: list[dict[str, str]], content: str, chat: bool) -> list[int]:
-    """Token ids of a final reply as it follows its prompt, closed by the end-of-sequence token."""
-    _, text = render(tokenizer, prompt, [{"role": "assistant", "content": content}], chat)
-    end = [] if chat else [tokenizer.eos_token_id]  # a chat template writes its own end token
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + end
+    """Token ids of a final reply as it follows its prompt, closed by the end-of-turn token.
+
+    The same end token the reward model reads at and PPO stops at (end_of_turn_id), whether
+    or not a chat template writes one; what a template writes after it (ChatML's newline) is
+    left out, as in encode_pair.
+    """
+    _, text = reply_body(tokenizer, prompt, [{"role": "assistant", "content": content}], chat)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer, chat)]
 
 
 def encode_example(tokenizer, row: dict, max_length: int, chat: bool) -> dict[str, list[int]]:
