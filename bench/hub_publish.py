@@ -4,7 +4,7 @@ Usage: .venv/bin/python bench/hub_publish.py [--pairs 20000] [--work DIR]
 
 Same corpus and procedure as bench/release_build.py (synthetic pairs; 1.1.0 appends 1% new
 pairs to every source file). Both routes publish 1.0.0, then 1.1.0, to the local Hub
-(tests/hubserver: olah + hhdata's write server, plain LFS, no Xet) over 127.0.0.1:
+(hhdata.hub.localserver: olah + hhdata's write server, plain LFS, no Xet) over 127.0.0.1:
 
 - hhdata: ``hhdata.hub.publish(release_dir, repo)``: one commit of the release folder
   (Parquet per subset/split + card, manifest, changelog, croissant, plot), then a tag;
