@@ -39,7 +39,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
 from hhdata.schema import PAIR_SCHEMA, pair_id
-from hhdata.transcript import render_transcript
+from hhdata.pairs.transcript import render_transcript
 from training import models
 from training.common import load_pairs
 from training.reward_model import (

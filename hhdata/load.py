@@ -95,7 +95,7 @@ def load(
 
 def _check_version(release_dir: Path, version: str) -> None:
     """Refuse version= that differs from the release a version folder holds (never load another one)."""
-    from hhdata.manifest import read_manifest
+    from hhdata.release.manifest import read_manifest
 
     held = read_manifest(release_dir)["version"]
     if held != version:

@@ -275,7 +275,7 @@ def test_evaluation_reports_each_family(tiny_runs, tmp_path):
 
     from hhdata.schema import PAIR_SCHEMA, family_of, pair_id
     from hhdata.synth import generate
-    from hhdata.transcript import split_pair
+    from hhdata.pairs.transcript import split_pair
     from training.common import load_pairs
 
     rows = [dict(row) for row in load_pairs(None)[0]["test"][:80]]

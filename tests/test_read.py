@@ -61,7 +61,7 @@ BAD_LINES = [
      "invalid_json", TOO_DEEP),
     ("huge line", HUGE, "line_too_long",
      f"the line is {len(HUGE)} bytes, over the limit of {MAX_LINE_BYTES} bytes "
-     "(hhdata.read.MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"),
+     "(hhdata.io.read.MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"),
 ]
 
 

@@ -24,7 +24,7 @@ from transformers import (
 
 from hhdata.errors import HhDataError
 from hhdata.schema import PAIR_SCHEMA, pair_id
-from hhdata.transcript import render_transcript
+from hhdata.pairs.transcript import render_transcript
 from training import models
 from training.common import sha256_file
 from training.reward_model import (

@@ -31,8 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hhdata.errors import HhDataError, SourceError
-from hhdata.manifest import MANIFEST_NAME, read_manifest
-from hhdata.read import bundled_sample_path
+from hhdata.release.manifest import MANIFEST_NAME, read_manifest
+from hhdata.io.read import bundled_sample_path
 
 # owner/name: what load_pairs sends to the Hub when no such local path exists
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -135,7 +135,7 @@ def load_pairs(data: str | None, version: str | None = None) -> tuple[dict[str, 
     (2312, 'test.jsonl.gz')
     """
     import hhdata
-    from hhdata.release_load import load_release
+    from hhdata.release.load import load_release
 
     if data is None:
         bundled = bundled_sample_path()

@@ -49,7 +49,7 @@ TINY_CONFIG = dict(
 )
 TINY_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 # The HH-RLHF transcript itself as a chat template: "\n\nHuman: ...\n\nAssistant: ..." byte for
-# byte (hhdata.transcript.render_transcript), so tools that want a chat template (TRL's
+# byte (hhdata.pairs.transcript.render_transcript), so tools that want a chat template (TRL's
 # trainers) render exactly the text the data holds. It writes no special tokens: the trainers
 # add the start token and close each reply with the end-of-turn token (eos) themselves.
 # {% generation %} marks the assistant's words for return_assistant_tokens_mask.

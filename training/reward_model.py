@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hhdata.errors import HhDataError
-from hhdata.transcript import ASSISTANT_TAG, render_transcript
+from hhdata.pairs.transcript import ASSISTANT_TAG, render_transcript
 from training import models
 from training.common import load_pairs, optimizer_tensors, restore_optimizer, run_cli
 

@@ -117,7 +117,7 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
 def too_long(head: bytes, size: int, limit: int) -> q.Problem:
     """The quarantine entry of a line over the limit, with its first RAW_HEAD bytes."""
     return q.Problem(q.LINE_TOO_LONG, (
-        f"the line is {size} bytes, over the limit of {limit} bytes (hhdata.read."
+        f"the line is {size} bytes, over the limit of {limit} bytes (hhdata.io.read."
         "MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"
     ), head[:RAW_HEAD])
 

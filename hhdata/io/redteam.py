@@ -145,7 +145,7 @@ def read_redteam(path: str | Path) -> RedTeamResult:
     if isinstance(first, dict) and {"chosen", "rejected"} <= set(first):
         raise SchemaError(
             f"{name}: record 1 is a preference pair (chosen/rejected), not a red-team attempt; "
-            "read pair files with hhdata.read.read_raw: red-team attempts and pairs never mix"
+            "read pair files with hhdata.io.read.read_raw: red-team attempts and pairs never mix"
         )
     rows, numbers, bad = [], [], []
     for number, (record, invalid) in enumerate(records, start=1):

@@ -52,7 +52,7 @@ _FINAL_TAG_BYTES = len(t.ASSISTANT_TAG) - 2  # "Assistant:" after the blank line
 def build_pairs(raw: pa.Table, workers: int | None = None) -> tuple[pa.Table, pa.Table]:
     """Pair rows for every raw record whose prompt can be determined, and a quarantine.
 
-    raw has the columns of hhdata.read.RAW_SCHEMA (file and line are used for the
+    raw has the columns of hhdata.io.read.RAW_SCHEMA (file and line are used for the
     quarantine when present). Rows keep their input order. Batches of rows are built in
     ``workers`` threads (default: one per CPU, at most 8).
 
@@ -63,7 +63,7 @@ def build_pairs(raw: pa.Table, workers: int | None = None) -> tuple[pa.Table, pa
     """
     missing = [name for name in _RAW_COLUMNS if name not in raw.column_names]
     if missing:
-        raise SchemaError(f"the raw table lacks the columns {missing}; read it with hhdata.read.read_raw")
+        raise SchemaError(f"the raw table lacks the columns {missing}; read it with hhdata.io.read.read_raw")
     # batches of rows small enough to stay in the CPU cache, in parallel threads
     # (pyarrow.compute and numpy release the GIL); workers=1 builds them in this thread
     batches = [raw.slice(start, _BATCH_ROWS) for start in range(0, raw.num_rows, _BATCH_ROWS)]
@@ -83,7 +83,7 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     """build_pairs on one batch of rows."""
     chosen, rejected = _one_buffer(raw["chosen"]), _one_buffer(raw["rejected"])
     if chosen.null_count or rejected.null_count:
-        raise SchemaError("the raw table has null transcripts; read it with hhdata.read.read_raw")
+        raise SchemaError("the raw table has null transcripts; read it with hhdata.io.read.read_raw")
     c, r = _Texts.of(chosen), _Texts.of(rejected)
     c_tags, r_tags = _find_tags(c), _find_tags(r)
     split = _split_fast(c, r, c_tags, r_tags)
