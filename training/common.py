@@ -42,6 +42,28 @@ class UsageError(HhDataError, ValueError):
     """Command-line settings that contradict each other or the data (exit code 2)."""
 
 
+def prompt_key(row: dict) -> tuple[tuple[str, str], ...]:
+    """A row's prompt as a hashable value: rows of one prompt (several comparisons) share it."""
+    return tuple((turn["role"], turn["content"]) for turn in row["prompt"])
+
+
+def choose_split(splits: dict[str, list[dict]], wanted: str | None, source: str) -> str:
+    """The split a trainer trains on: `wanted`, else `train`, else the data's only split.
+
+    >>> choose_split({"train": [], "test": []}, None, "rel"), choose_split({"test": []}, None, "rel")
+    ('train', 'test')
+    """
+    if wanted is not None:
+        if wanted not in splits:
+            raise UsageError(f"{source}: no split {wanted!r} (it has {sorted(splits)}); pass --split")
+        return wanted
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return next(iter(splits))
+    raise UsageError(f"{source}: no `train` split among {sorted(splits)}; pass --split")
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (not the whole usage) and exit code 2."""
 

@@ -32,12 +32,18 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import hhdata
 from hhdata.errors import HhDataError
 from training import models
-from training.common import load_pairs, optimizer_tensors, restore_optimizer, run_cli
+from training.common import (
+    choose_split,
+    load_pairs,
+    optimizer_tensors,
+    prompt_key,
+    restore_optimizer,
+    run_cli,
+)
 from training.reward_model import (
     RewardModel,
     end_of_turn_id,
     load_reward_model,
-    render,
     split_held_out,
     start_token_id,
     uses_chat_template,
@@ -251,11 +257,6 @@ def fit_query(ids: list[int], limit: int, start: int) -> list[int]:
     return ids if len(ids) <= limit else ids[:start] + ids[len(ids) - (limit - start) :]
 
 
-def prompt_key(row: dict) -> tuple:
-    """A prompt's identity: its turns (rows with the same conversation share one)."""
-    return tuple((turn["role"], turn["content"]) for turn in row["prompt"])
-
-
 def reward_model_training_prompts(run_dir: str | None, splits: dict, provenance: dict) -> set[tuple] | None:
     """The prompts a reward-model run trained on, rebuilt from its settings.json (None: unknown).
 
@@ -272,19 +273,6 @@ def reward_model_training_prompts(run_dir: str | None, splits: dict, provenance:
     rows, _ = split_held_out(rm_splits, rm_args.get("eval_fraction", 0.2))
     rows = [row for row in rows if rm_args.get("train_config", "all") in ("all", row["family"])]
     return {prompt_key(row) for row in rows[: rm_args.get("max_train_pairs")]}
-
-
-def choose_split(splits: dict, wanted: str | None, source: str) -> str:
-    """The split PPO trains on: the one asked for, else `train`, else the data's only split."""
-    if wanted is not None:
-        if wanted not in splits:
-            raise HhDataError(f"{source}: no split {wanted!r} (it has {sorted(splits)}); pass --split")
-        return wanted
-    if "train" in splits:
-        return "train"
-    if len(splits) == 1:
-        return next(iter(splits))
-    raise HhDataError(f"{source}: no `train` split among {sorted(splits)}; pass --split")
 
 
 def split_prompts(splits: dict, train_split: str, excluded: set[tuple], count: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -34,9 +34,11 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import hhdata
 from training.common import (
     UsageError,
+    choose_split,
     load_pairs,
     load_rng_state,
     optimizer_tensors,
+    prompt_key,
     restore_optimizer,
     run_cli,
     save_rng_state,
@@ -154,11 +156,6 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
     return {name: torch.tensor(values) for name, values in batch.items()}
 
 
-def prompt_key(row: dict) -> tuple[tuple[str, str], ...]:
-    """A row's prompt as a hashable value: rows of one prompt (several comparisons) share it."""
-    return tuple((turn["role"], turn["content"]) for turn in row["prompt"])
-
-
 def held_out_split(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval): a seeded shuffle, the last `eval_rows` held out.
 
@@ -171,23 +168,6 @@ def held_out_split(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[di
     held_out = order[cut:]
     held_out_prompts = {prompt_key(row) for row in held_out}
     return [row for row in order[:cut] if prompt_key(row) not in held_out_prompts], held_out
-
-
-def choose_split(splits: dict[str, list[dict]], wanted: str | None, source: str) -> str:
-    """The split to train on: `wanted`, else `train`, else the release's only split.
-
-    >>> choose_split({"train": [], "test": []}, None, "rel"), choose_split({"test": []}, None, "rel")
-    ('train', 'test')
-    """
-    if wanted is not None:
-        if wanted not in splits:
-            raise UsageError(f"{source}: no split {wanted!r} (it has {sorted(splits)}); pass --split")
-        return wanted
-    if "train" in splits:
-        return "train"
-    if len(splits) == 1:
-        return next(iter(splits))
-    raise UsageError(f"{source}: no train split and several others {sorted(splits)}; pass --split")
 
 
 def rank_batch(step: int, num_examples: int, batch_size: int, seed: int, rank: int, world: int) -> list[int]:
