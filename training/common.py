@@ -47,6 +47,19 @@ def prompt_key(row: dict) -> tuple[tuple[str, str], ...]:
     return tuple((turn["role"], turn["content"]) for turn in row["prompt"])
 
 
+def refuse_changed_settings(run_dir: Path, settings_file: str, comparable: dict) -> None:
+    """Raise UsageError when a resumed run's settings differ from those the run was started with.
+
+    `settings_file` is the JSON file in `run_dir` whose "args" holds the saved settings.
+    """
+    saved = json.loads((Path(run_dir) / settings_file).read_text())["args"]
+    changed = sorted(k for k in comparable if saved.get(k) != comparable[k])
+    if changed:
+        raise UsageError(
+            f"{run_dir}: cannot resume with changed settings {changed}; use those in {settings_file}"
+        )
+
+
 def choose_split(splits: dict[str, list[dict]], wanted: str | None, source: str) -> str:
     """The split a trainer trains on: `wanted`, else `train`, else the data's only split.
 

@@ -37,6 +37,7 @@ from training.common import (
     load_pairs,
     optimizer_tensors,
     prompt_key,
+    refuse_changed_settings,
     restore_optimizer,
     run_cli,
 )
@@ -737,10 +738,7 @@ def main(args: Args, score_fn=None) -> dict:
     if args.resume:
         if resume_from is None:
             raise HhDataError(f"{output_dir}: no complete checkpoint to resume from; run without --resume")
-        saved = json.loads((output_dir / "settings.json").read_text())["args"]
-        changed = sorted(k for k in comparable if saved.get(k) != comparable[k])
-        if changed:
-            raise HhDataError(f"{output_dir}: cannot resume with changed settings {changed}; use those in settings.json")
+        refuse_changed_settings(output_dir, "settings.json", comparable)
     elif any(folder.exists() for folder in checkpoint_folders(checkpoint)):
         raise HhDataError(f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir")
     if args.judge is not None and score_fn is None and Path(args.judge).resolve() == Path(args.reward_model).resolve():

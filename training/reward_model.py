@@ -40,7 +40,13 @@ from torch import nn
 from hhdata.errors import HhDataError
 from hhdata.pairs.transcript import ASSISTANT_TAG, render_transcript
 from training import models
-from training.common import load_pairs, optimizer_tensors, restore_optimizer, run_cli
+from training.common import (
+    load_pairs,
+    optimizer_tensors,
+    refuse_changed_settings,
+    restore_optimizer,
+    run_cli,
+)
 
 FAMILIES = ("helpful", "harmless")
 
@@ -873,13 +879,7 @@ def main(args: Args) -> dict:
     comparable = dataclasses.asdict(args)
     del comparable["resume"], comparable["stop_after"]
     if checkpoint is not None:
-        saved = json.loads((run_dir / "settings.json").read_text())["args"]
-        changed = {k for k in comparable if saved.get(k) != comparable[k]}
-        if changed:
-            raise HhDataError(
-                f"{run_dir}: cannot resume with changed settings {sorted(changed)}; "
-                "resume with the saved ones (settings.json)"
-            )
+        refuse_changed_settings(run_dir, "settings.json", comparable)
 
     # 3. tokenizer and model; the tiny tokenizer is trained once and kept with the run
     if args.model == models.TINY:

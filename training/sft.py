@@ -39,6 +39,7 @@ from training.common import (
     load_rng_state,
     optimizer_tensors,
     prompt_key,
+    refuse_changed_settings,
     restore_optimizer,
     run_cli,
     save_rng_state,
@@ -261,10 +262,7 @@ def resumable(output_dir: Path, args: Args, comparable: dict) -> Path | None:
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         raise UsageError(f"{output_dir}: no checkpoint to resume from; run without --resume")
-    saved = json.loads((output_dir / "args.json").read_text())["args"]
-    changed = sorted(k for k in comparable if saved.get(k) != comparable[k])
-    if changed:
-        raise UsageError(f"{output_dir}: cannot resume with changed settings {changed}; use those in args.json")
+    refuse_changed_settings(output_dir, "args.json", comparable)
     return checkpoint
 
 
