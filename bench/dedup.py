@@ -66,8 +66,11 @@ def prepare(corpus: Path, work: Path) -> dict:
     planted = {}
     for kind in ("near_duplicates", "hard_negatives"):
         planted[kind] = [
-            {"copies": rows_of[item["id"]], "originals": rows_of[item["original_id"]],
-             "jaccard": item["jaccard"]}
+            {
+                "copies": rows_of[item["id"]],
+                "originals": rows_of[item["original_id"]],
+                "jaccard": item["jaccard"],
+            }
             for item in truth[kind]
         ]
     return {"rows": pairs.num_rows, "planted": planted}
@@ -84,7 +87,7 @@ def shingle_strings(texts: list[str], k: int) -> list[list[str]]:
         if len(words) < k:
             sets.append([" ".join(words)] if words else [])
         else:
-            sets.append(list({" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}))
+            sets.append(list({" ".join(words[i : i + k]) for i in range(len(words) - k + 1)}))
     return sets
 
 
@@ -92,9 +95,16 @@ def run_hhdata(texts: pa.Array, args, verify: str) -> np.ndarray:
     """hhdata.dedup.minhash.similar_pairs over the prompt texts."""
     from hhdata.dedup import minhash
 
-    pairs, _ = minhash.similar_pairs(texts, shingle_size=args.shingle_size, num_perm=args.num_perm,
-                                     bands=args.bands, rows=args.rows, threshold=args.threshold,
-                                     verify=verify, seed=1)
+    pairs, _ = minhash.similar_pairs(
+        texts,
+        shingle_size=args.shingle_size,
+        num_perm=args.num_perm,
+        bands=args.bands,
+        rows=args.rows,
+        threshold=args.threshold,
+        verify=verify,
+        seed=1,
+    )
     return pairs
 
 
@@ -103,9 +113,12 @@ def run_datasketch(texts: list[str], args) -> np.ndarray:
     from datasketch import MinHash, MinHashLSH
 
     sets = shingle_strings(texts, args.shingle_size)
-    minhashes = MinHash.bulk([[s.encode("utf-8") for s in shingles] for shingles in sets],
-                             num_perm=args.num_perm, seed=1)
-    lsh = MinHashLSH(threshold=args.threshold, num_perm=args.num_perm, params=(args.bands, args.rows))
+    minhashes = MinHash.bulk(
+        [[s.encode("utf-8") for s in shingles] for shingles in sets], num_perm=args.num_perm, seed=1
+    )
+    lsh = MinHashLSH(
+        threshold=args.threshold, num_perm=args.num_perm, params=(args.bands, args.rows)
+    )
     with lsh.insertion_session() as session:
         for key, (shingles, mh) in enumerate(zip(sets, minhashes)):
             if shingles:
@@ -157,8 +170,17 @@ def child(args) -> None:
     seconds = time.perf_counter() - start
     cpu = cpu_seconds() - cpu_start
     np.save(Path(args.work) / f"pairs-{args.tool}.npy", pairs)
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mib": peak_mib(), "baseline_mib": baseline,
-                      "pairs": len(pairs)}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "peak_mib": peak_mib(),
+                "baseline_mib": baseline,
+                "pairs": len(pairs),
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------- scoring and the table (parent)
@@ -169,7 +191,9 @@ def score(found: np.ndarray, planted: dict, threshold: float) -> dict:
     pairs = {(int(a), int(b)) for a, b in found.tolist()}
 
     def hit(item) -> bool:
-        return any((min(c, o), max(c, o)) in pairs for c in item["copies"] for o in item["originals"])
+        return any(
+            (min(c, o), max(c, o)) in pairs for c in item["copies"] for o in item["originals"]
+        )
 
     near = [item for item in planted["near_duplicates"] if item["jaccard"] >= threshold]
     return {
@@ -194,11 +218,14 @@ def time_exact(work: Path) -> dict:
     start, cpu_start = time.perf_counter(), cpu_seconds()
     with memory.large_run():  # as `hhdata dedup` runs it
         result = dedup.deduplicate(pairs, settings)
-    return {"exact_keys_seconds": keys_seconds, "exact_keys_cpu_seconds": keys_cpu,
-            "duplicates": pairs.num_rows - len(first),
-            "deduplicate_seconds": time.perf_counter() - start,
-            "deduplicate_cpu_seconds": cpu_seconds() - cpu_start,
-            "dropped": result.report["dropped_by_reason"]}
+    return {
+        "exact_keys_seconds": keys_seconds,
+        "exact_keys_cpu_seconds": keys_cpu,
+        "duplicates": pairs.num_rows - len(first),
+        "deduplicate_seconds": time.perf_counter() - start,
+        "deduplicate_cpu_seconds": cpu_seconds() - cpu_start,
+        "dropped": result.report["dropped_by_reason"],
+    }
 
 
 def run_stage(work: Path, corpus: Path, scope: str, sketch: str = "oph") -> tuple[str, dict]:
@@ -217,17 +244,24 @@ def run_stage(work: Path, corpus: Path, scope: str, sketch: str = "oph") -> tupl
     drops = {row["id"]: row for row in result.drops.to_pylist()}
 
     def caught(item) -> bool:  # the copy dropped onto its original, or the other way round
-        return (drops.get(item["id"], {}).get("kept_id") == item["original_id"]
-                or drops.get(item["original_id"], {}).get("kept_id") == item["id"])
+        return (
+            drops.get(item["id"], {}).get("kept_id") == item["original_id"]
+            or drops.get(item["original_id"], {}).get("kept_id") == item["id"]
+        )
 
-    lines = [f"\n`deduplicate(pairs, DedupSettings(near_scope={scope!r}, sketch={sketch!r}))` on {pairs.num_rows:,} "
-             f"pairs: {seconds:.1f} s wall, {cpu:.1f} s CPU, dropped {result.report['dropped_by_reason']}\n",
-             "| planted | count | dropped onto its original |", "|---|---:|---:|"]
+    lines = [
+        f"\n`deduplicate(pairs, DedupSettings(near_scope={scope!r}, sketch={sketch!r}))` on {pairs.num_rows:,} "
+        f"pairs: {seconds:.1f} s wall, {cpu:.1f} s CPU, dropped {result.report['dropped_by_reason']}\n",
+        "| planted | count | dropped onto its original |",
+        "|---|---:|---:|",
+    ]
     for kind in ("exact_duplicates", "swapped_duplicates", "case_whitespace_variants"):
         lines.append(f"| {kind} | {len(truth[kind])} | {sum(map(caught, truth[kind]))} |")
     near = truth["near_duplicates"]
     high = [item for item in near if item["jaccard"] >= settings.threshold]
-    lines.append(f"| near_duplicates, prompt J >= {settings.threshold} | {len(high)} | {sum(map(caught, high))} |")
+    lines.append(
+        f"| near_duplicates, prompt J >= {settings.threshold} | {len(high)} | {sum(map(caught, high))} |"
+    )
     lines.append(f"| near_duplicates, all | {len(near)} | {sum(map(caught, near))} |")
     negatives = truth["hard_negatives"]
     merged = sum(1 for item in negatives if item["id"] in drops or item["original_id"] in drops)
@@ -237,10 +271,14 @@ def run_stage(work: Path, corpus: Path, scope: str, sketch: str = "oph") -> tupl
 
 def main() -> None:
     """Prepare once, run each tool in a child process, score, print (and append) the table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", help="a corpus written by hhdata.synth (with planted.json)")
     parser.add_argument("--work", default="/tmp/hhdata-bench-dedup", help="scratch folder")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
+    parser.add_argument(
+        "--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS)
+    )
     parser.add_argument("--shingle-size", type=int, default=5)
     parser.add_argument("--num-perm", type=int, default=128)
     parser.add_argument("--bands", type=int, default=32)
@@ -248,10 +286,17 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.7)
     parser.add_argument("--reuse", action="store_true", help="reuse the prepared prompts in --work")
     parser.add_argument("--no-exact", action="store_true", help="skip timing exact deduplication")
-    parser.add_argument("--stage", choices=("prompt", "pair"),
-                        help="instead: time and score the whole deduplicate() stage with this near_scope")
-    parser.add_argument("--sketch", choices=("oph", "minhash", "both"), default="oph",
-                        help="--stage: the signature scheme; 'both' runs each and compares their drops")
+    parser.add_argument(
+        "--stage",
+        choices=("prompt", "pair"),
+        help="instead: time and score the whole deduplicate() stage with this near_scope",
+    )
+    parser.add_argument(
+        "--sketch",
+        choices=("oph", "minhash", "both"),
+        default="oph",
+        help="--stage: the signature scheme; 'both' runs each and compares their drops",
+    )
     parser.add_argument("--md", help="append the result table to this Markdown file")
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -264,19 +309,38 @@ def main() -> None:
     else:
         prepared = prepare(Path(args.corpus), work)
         (work / "prepared.json").write_text(json.dumps(prepared))
-    command = [sys.executable, __file__, "--work", str(work), "--shingle-size", str(args.shingle_size),
-               "--num-perm", str(args.num_perm), "--bands", str(args.bands), "--rows", str(args.rows),
-               "--threshold", str(args.threshold)]
+    command = [
+        sys.executable,
+        __file__,
+        "--work",
+        str(work),
+        "--shingle-size",
+        str(args.shingle_size),
+        "--num-perm",
+        str(args.num_perm),
+        "--bands",
+        str(args.bands),
+        "--rows",
+        str(args.rows),
+        "--threshold",
+        str(args.threshold),
+    ]
     if args.stage:
-        runs = {sketch: run_stage(work, Path(args.corpus), args.stage, sketch)
-                for sketch in (("minhash", "oph") if args.sketch == "both" else (args.sketch,))}
+        runs = {
+            sketch: run_stage(work, Path(args.corpus), args.stage, sketch)
+            for sketch in (("minhash", "oph") if args.sketch == "both" else (args.sketch,))
+        }
         text = "".join(table for table, _ in runs.values())
         if args.sketch == "both":
             (_, old), (_, new) = runs["minhash"], runs["oph"]
-            same = sum(1 for key in old.keys() & new.keys() if old[key]["kept_id"] == new[key]["kept_id"])
-            text += (f"\nDrops compared: {len(old):,} with minhash, {len(new):,} with oph; {same:,} the same row "
-                     f"dropped onto the same kept row; only minhash: {len(old.keys() - new.keys())}, "
-                     f"only oph: {len(new.keys() - old.keys())}\n")
+            same = sum(
+                1 for key in old.keys() & new.keys() if old[key]["kept_id"] == new[key]["kept_id"]
+            )
+            text += (
+                f"\nDrops compared: {len(old):,} with minhash, {len(new):,} with oph; {same:,} the same row "
+                f"dropped onto the same kept row; only minhash: {len(old.keys() - new.keys())}, "
+                f"only oph: {len(new.keys() - old.keys())}\n"
+            )
         print(text)
         if args.md:
             with open(args.md, "a", encoding="utf-8") as out:
@@ -284,9 +348,13 @@ def main() -> None:
         return
     results = {}
     for tool in args.tools.split(","):
-        output = subprocess.run(command + ["--tool", tool], check=True, capture_output=True, text=True)
+        output = subprocess.run(
+            command + ["--tool", tool], check=True, capture_output=True, text=True
+        )
         measured = json.loads(output.stdout.strip().splitlines()[-1])
-        measured.update(score(np.load(work / f"pairs-{tool}.npy"), prepared["planted"], args.threshold))
+        measured.update(
+            score(np.load(work / f"pairs-{tool}.npy"), prepared["planted"], args.threshold)
+        )
         results[tool] = measured
         print(tool, json.dumps(measured), flush=True)
     exact = None if args.no_exact else time_exact(work)
@@ -302,9 +370,15 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, m in results.items():
-        versus = {base: (f"{results[base]['seconds'] / m['seconds']:.2f}x, "
-                         f"{results[base]['cpu_seconds'] / m['cpu_seconds']:.2f}x" if base in results else "-")
-                  for base in ("datasketch", "rensa")}
+        versus = {
+            base: (
+                f"{results[base]['seconds'] / m['seconds']:.2f}x, "
+                f"{results[base]['cpu_seconds'] / m['cpu_seconds']:.2f}x"
+                if base in results
+                else "-"
+            )
+            for base in ("datasketch", "rensa")
+        }
         lines.append(
             f"| {tool} | {m['seconds']:.1f} | {m['cpu_seconds']:.1f} | {rows / m['seconds']:,.0f} | {versus['datasketch']} | "
             f"{versus['rensa']} | {m['recall']:.4f} ({m['near_found']}/{m['near_planted']}) | "

@@ -38,7 +38,10 @@ def publish_hhdata(release: str, repo: str) -> dict:
 
     started = time.perf_counter()
     result = publish(release, repo)
-    return {"seconds": time.perf_counter() - started, "uploaded_bytes_reported": result.uploaded_bytes}
+    return {
+        "seconds": time.perf_counter() - started,
+        "uploaded_bytes_reported": result.uploaded_bytes,
+    }
 
 
 def publish_datasets(release: str, repo: str) -> dict:
@@ -63,7 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=20_000)
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--child", nargs=3, metavar=("ROUTE", "RELEASE", "REPO"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=3, metavar=("ROUTE", "RELEASE", "REPO"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -78,10 +83,20 @@ def main() -> None:
     synth.write_corpus(work / "corpus", args.pairs, seed=0)
     appended = append_new_pairs(work / "corpus", work / "corpus-1.1", 0.01, seed=10_000)
     subsets = synthetic_subsets(work / "corpus")
-    v1 = pipeline.build_release(work / "corpus", version="1.0.0", out=work / "out", include_synthetic=subsets).path
-    v2 = pipeline.build_release(work / "corpus-1.1", version="1.1.0", out=work / "out", previous=v1,
-                                include_synthetic=subsets).path
-    release_bytes = {v: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for v, d in (("1.0.0", v1), ("1.1.0", v2))}
+    v1 = pipeline.build_release(
+        work / "corpus", version="1.0.0", out=work / "out", include_synthetic=subsets
+    ).path
+    v2 = pipeline.build_release(
+        work / "corpus-1.1",
+        version="1.1.0",
+        out=work / "out",
+        previous=v1,
+        include_synthetic=subsets,
+    ).path
+    release_bytes = {
+        v: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        for v, d in (("1.0.0", v1), ("1.1.0", v2))
+    }
     print(f"corpus {args.pairs} pairs (+{appended} in 1.1.0); release bytes {release_bytes}")
 
     rows = []
@@ -91,17 +106,26 @@ def main() -> None:
             repo = f"bench/{route}"
             for version, release in (("1.0.0", v1), ("1.1.0", v2)):
                 before = hub.received_bytes()
-                run = subprocess.run([sys.executable, __file__, "--child", route, str(release), repo],
-                                     env=env, capture_output=True, text=True, check=False)
+                run = subprocess.run(
+                    [sys.executable, __file__, "--child", route, str(release), repo],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if run.returncode != 0:
                     raise SystemExit(f"{route} {version} failed:\n{run.stderr[-3000:]}")
                 result = json.loads(run.stdout.strip().splitlines()[-1])
                 after = hub.received_bytes()
                 sent = sum(after.values()) - sum(before.values())
                 rows.append((route, version, result["seconds"], sent, release_bytes[version]))
-                print(f"{route:8} {version}: {result['seconds']:.2f} s, {sent} bytes received by the Hub")
+                print(
+                    f"{route:8} {version}: {result['seconds']:.2f} s, {sent} bytes received by the Hub"
+                )
 
-    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}")
+    print(
+        f"\nmachine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
+    )
     print("| route | version | publish s | bytes sent | bytes sent / release bytes |")
     print("|---|---|---|---|---|")
     for route, version, seconds, sent, size in rows:
@@ -109,7 +133,9 @@ def main() -> None:
     by = {(r, v): (s, b) for r, v, s, b, _ in rows}
     for version in ("1.0.0", "1.1.0"):
         (hs, hb), (ds, db) = by[("hhdata", version)], by[("datasets", version)]
-        print(f"{version}: time datasets/hhdata = {ds / hs:.2f}x, bytes datasets/hhdata = {db / hb:.2f}x")
+        print(
+            f"{version}: time datasets/hhdata = {ds / hs:.2f}x, bytes datasets/hhdata = {db / hb:.2f}x"
+        )
 
 
 if __name__ == "__main__":

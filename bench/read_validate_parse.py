@@ -65,8 +65,12 @@ def run_inflate(folder: Path) -> tuple[dict, list]:
 def hhdata_verdicts(result) -> tuple[dict, list]:
     """Verdicts by (file, line) and the accepted rows' (file, line), outside the timing."""
     quarantine = result.quarantine
-    verdicts = {(file, line): reason for file, line, reason in
-                zip(*(quarantine[c].to_pylist() for c in ("file", "line", "reason")))}
+    verdicts = {
+        (file, line): reason
+        for file, line, reason in zip(
+            *(quarantine[c].to_pylist() for c in ("file", "line", "reason"))
+        )
+    }
     return verdicts, [result.sources, result.table]
 
 
@@ -77,13 +81,17 @@ def run_baseline(folder: Path) -> tuple[dict, list]:
     from jsonschema import Draft202012Validator
 
     from hhdata.errors import PairError
-    from hhdata.schema import pair_id
     from hhdata.pairs.transcript import split_pair
+    from hhdata.schema import pair_id
 
     schema = json.loads((HERE.parent / "schemas" / "raw_record.schema.json").read_text())
     validator = Draft202012Validator(schema)
-    reason_of = {"required": "missing_key", "additionalProperties": "extra_key", "type": "wrong_type",
-                 "minLength": "empty_string"}
+    reason_of = {
+        "required": "missing_key",
+        "additionalProperties": "extra_key",
+        "type": "wrong_type",
+        "minLength": "empty_string",
+    }
     verdicts, rows = {}, []
     for path in files_of(folder):
         with gzip.open(path, "rb") as lines:
@@ -107,7 +115,11 @@ def run_baseline(folder: Path) -> tuple[dict, list]:
                 errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
                 if errors:
                     reason = reason_of.get(errors[0].validator, "schema_violation")
-                    verdicts[key] = "null_value" if reason == "wrong_type" and errors[0].instance is None else reason
+                    verdicts[key] = (
+                        "null_value"
+                        if reason == "wrong_type" and errors[0].instance is None
+                        else reason
+                    )
                     continue
                 if record["chosen"] == record["rejected"]:
                     verdicts[key] = "chosen_equals_rejected"
@@ -135,7 +147,15 @@ def digest_hhdata(accepted_and_pairs: list) -> tuple[int, str]:
 def digest_baseline(rows: list) -> tuple[int, str]:
     digest = hashlib.sha256()
     for (file, line), record, pair, row_id in rows:
-        values = [pair.prompt, pair.chosen, pair.rejected, pair.flags, record["chosen"], record["rejected"], row_id]
+        values = [
+            pair.prompt,
+            pair.chosen,
+            pair.rejected,
+            pair.flags,
+            record["chosen"],
+            record["rejected"],
+            row_id,
+        ]
         digest.update(json.dumps([file, line, *values]).encode())
     return len(rows), digest.hexdigest()
 
@@ -151,9 +171,10 @@ def peak_rss_kib() -> int:
 
 def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     """Run one side, then print its timing, peak memory and digest as JSON."""
+    import jsonschema  # noqa: F401
+
     import hhdata.io.read  # noqa: F401  (imports are not timed on either side)
     import hhdata.pairs  # noqa: F401
-    import jsonschema  # noqa: F401
 
     if mode.startswith("hhdata"):
         try:  # pyarrow imports pandas (0.2-0.3 s) on its first pa.array of Python objects
@@ -163,7 +184,12 @@ def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     if mode == "hhdata-1thread":
         os.cpu_count = lambda: 1  # hhdata sizes its thread pools by the CPU count
     started, cpu_started = time.perf_counter(), time.process_time()
-    run = {"hhdata": run_hhdata, "hhdata-1thread": run_hhdata, "baseline": run_baseline, "inflate": run_inflate}[mode]
+    run = {
+        "hhdata": run_hhdata,
+        "hhdata-1thread": run_hhdata,
+        "baseline": run_baseline,
+        "inflate": run_inflate,
+    }[mode]
     result = run(folder)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_kib = peak_rss_kib()
@@ -173,8 +199,18 @@ def worker(mode: str, folder: Path, verdict_file: Path) -> None:
     else:
         accepted, digest = (digest_hhdata if mode.startswith("hhdata") else digest_baseline)(result)
     verdict_file.write_text(json.dumps(sorted([f, n, r] for (f, n), r in verdicts.items())))
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_kib / 1024, "accepted": accepted,
-                      "quarantined": len(verdicts), "digest": digest}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "peak_mib": peak_kib / 1024,
+                "accepted": accepted,
+                "quarantined": len(verdicts),
+                "digest": digest,
+            }
+        )
+    )
 
 
 def phases(folder: Path) -> dict[str, float]:
@@ -218,8 +254,9 @@ def phases(folder: Path) -> dict[str, float]:
 def free_cores() -> float:
     """How many CPUs two busy threads get right now: work done by 2 threads / by 1 thread
     in the same wall time (numpy releases the GIL), so 2.0 on an idle 2-CPU machine."""
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
     values = np.random.default_rng(0).random(2_000_000)
 
@@ -240,10 +277,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=170_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bad-rate", type=float, default=0.002, help="bad lines per pair, planted by hhdata.synth")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds; each side's fastest is reported")
-    parser.add_argument("--phases", action="store_true", help="print CPU seconds of hhdata's parts instead")
-    parser.add_argument("--worker", choices=("hhdata", "hhdata-1thread", "baseline", "inflate"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--bad-rate", type=float, default=0.002, help="bad lines per pair, planted by hhdata.synth"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds; each side's fastest is reported"
+    )
+    parser.add_argument(
+        "--phases", action="store_true", help="print CPU seconds of hhdata's parts instead"
+    )
+    parser.add_argument(
+        "--worker",
+        choices=("hhdata", "hhdata-1thread", "baseline", "inflate"),
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--verdicts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,8 +304,11 @@ def main() -> int:
         for name, seconds in phases(folder).items():
             print(f"| {name} | {seconds:.2f} |")
         return 0
-    print(f"corpus {folder} ({time.perf_counter() - started:.1f} s, "
-          f"{sum(p.stat().st_size for p in files_of(folder)) / 2**20:.1f} MiB gzip)", file=sys.stderr)
+    print(
+        f"corpus {folder} ({time.perf_counter() - started:.1f} s, "
+        f"{sum(p.stat().st_size for p in files_of(folder)) / 2**20:.1f} MiB gzip)",
+        file=sys.stderr,
+    )
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     cores_before = free_cores()
     modes = ("hhdata", "hhdata-1thread", "baseline", "inflate")
@@ -267,7 +317,16 @@ def main() -> int:
     for _ in range(args.repeat):  # sides alternate, so a busy spell on the machine hits all
         for mode in modes:
             verdict_file = HERE / ".cache" / f"verdicts-{mode}.json"
-            command = [sys.executable, __file__, "--worker", mode, "--data", str(folder), "--verdicts", str(verdict_file)]
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                mode,
+                "--data",
+                str(folder),
+                "--verdicts",
+                str(verdict_file),
+            ]
             completed = subprocess.run(command, check=True, capture_output=True, text=True)
             rounds[mode].append(json.loads(completed.stdout))
             verdicts[mode].append(json.loads(verdict_file.read_text()))
@@ -276,32 +335,48 @@ def main() -> int:
     results = {mode: min(runs, key=lambda r: r["seconds"]) for mode, runs in rounds.items()}
     sides = [v for mode in ("hhdata", "hhdata-1thread", "baseline") for v in verdicts[mode]]
     same_verdicts = all(v == sides[0] for v in sides)
-    digests = {r["digest"] for mode in ("hhdata", "hhdata-1thread", "baseline") for r in rounds[mode]}
+    digests = {
+        r["digest"] for mode in ("hhdata", "hhdata-1thread", "baseline") for r in rounds[mode]
+    }
     same_pairs = len(digests) == 1
     fast, one, slow = results["hhdata"], results["hhdata-1thread"], results["baseline"]
     print("| side | wall s | CPU s | peak RSS (MiB) | pairs accepted | records quarantined |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode, label in (("baseline", "json.loads + jsonschema + split_pair + pair_id, per record"),
-                        ("hhdata", f"hhdata read_pairs (read_raw + build_pairs per file), {os.cpu_count()} threads"),
-                        ("hhdata-1thread", "hhdata read_pairs, 1 thread"),
-                        ("inflate", "floor: inflating the files only (ISA-L)")):
+    for mode, label in (
+        ("baseline", "json.loads + jsonschema + split_pair + pair_id, per record"),
+        (
+            "hhdata",
+            f"hhdata read_pairs (read_raw + build_pairs per file), {os.cpu_count()} threads",
+        ),
+        ("hhdata-1thread", "hhdata read_pairs, 1 thread"),
+        ("inflate", "floor: inflating the files only (ISA-L)"),
+    ):
         r = results[mode]
-        counts = (f"{r['accepted']:,} | {r['quarantined']:,}" if mode != "inflate"
-                  else f"({r['digest']}) | ")
-        print(f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | {counts} |")
-    print(f"\nspeed-up, wall {slow['seconds'] / fast['seconds']:.1f}x, CPU "
-          f"{slow['cpu_seconds'] / fast['cpu_seconds']:.1f}x; in one thread: wall "
-          f"{slow['seconds'] / one['seconds']:.1f}x, CPU {slow['cpu_seconds'] / one['cpu_seconds']:.1f}x; "
-          f"peak memory ratio (hhdata / baseline) "
-          f"{fast['peak_mib'] / slow['peak_mib']:.2f}; same verdict on every record: {same_verdicts}; "
-          f"same pair rows (content digest): {same_pairs}")
+        counts = (
+            f"{r['accepted']:,} | {r['quarantined']:,}"
+            if mode != "inflate"
+            else f"({r['digest']}) | "
+        )
+        print(
+            f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | {counts} |"
+        )
+    print(
+        f"\nspeed-up, wall {slow['seconds'] / fast['seconds']:.1f}x, CPU "
+        f"{slow['cpu_seconds'] / fast['cpu_seconds']:.1f}x; in one thread: wall "
+        f"{slow['seconds'] / one['seconds']:.1f}x, CPU {slow['cpu_seconds'] / one['cpu_seconds']:.1f}x; "
+        f"peak memory ratio (hhdata / baseline) "
+        f"{fast['peak_mib'] / slow['peak_mib']:.2f}; same verdict on every record: {same_verdicts}; "
+        f"same pair rows (content digest): {same_pairs}"
+    )
     if args.repeat > 1:
         for mode in modes:
             walls = ", ".join(f"{r['seconds']:.2f}" for r in rounds[mode])
             print(f"{mode}: wall s per round {walls}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, load average before the run "
-          f"{load_before}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}; CPUs two threads got before "
-          f"the run {cores_before:.1f}, after {free_cores():.1f}; Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, load average before the run "
+        f"{load_before}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}; CPUs two threads got before "
+        f"the run {cores_before:.1f}, after {free_cores():.1f}; Python {platform.python_version()}"
+    )
     if not (same_verdicts and same_pairs):
         mismatched = [v for v in verdicts["hhdata"][0] if v not in verdicts["baseline"][0]][:5]
         print(f"MISMATCH, first verdicts only hhdata gave: {mismatched}", file=sys.stderr)

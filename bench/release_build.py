@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hhdata import pipeline, synth  # noqa: E402
 from hhdata.dedup import DedupSettings  # noqa: E402
-from hhdata.pairs import build_pairs  # noqa: E402
 from hhdata.io.read import read_pairs, read_raw  # noqa: E402
+from hhdata.pairs import build_pairs  # noqa: E402
+from hhdata.pairs.transcript import split_pair  # noqa: E402
 from hhdata.release import ParquetSettings, write_data_files, write_release  # noqa: E402
 from hhdata.schema import family_of, pair_id  # noqa: E402
-from hhdata.pairs.transcript import split_pair  # noqa: E402
 
 MIN_CHUNK, MAX_CHUNK, MASK_BITS = 8 * 1024, 128 * 1024, 16  # target 64 KiB
 WINDOW, BLOCK = 48, 8 << 20
@@ -54,8 +54,12 @@ GEAR = np.random.default_rng(20240501).integers(0, 2**63, size=256, dtype=np.uin
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so it has an inverse modulo 2^64
 _BASE_INV = np.uint64(pow(int(_BASE), -1, 2**64))
 with np.errstate(over="ignore"):
-    POWERS = np.concatenate([[np.uint64(1)], np.cumprod(np.full(BLOCK + WINDOW - 1, _BASE, dtype=np.uint64))])
-    INVERSES = np.concatenate([[np.uint64(1)], np.cumprod(np.full(BLOCK + WINDOW - 1, _BASE_INV, dtype=np.uint64))])
+    POWERS = np.concatenate(
+        [[np.uint64(1)], np.cumprod(np.full(BLOCK + WINDOW - 1, _BASE, dtype=np.uint64))]
+    )
+    INVERSES = np.concatenate(
+        [[np.uint64(1)], np.cumprod(np.full(BLOCK + WINDOW - 1, _BASE_INV, dtype=np.uint64))]
+    )
 
 
 def boundary_candidates(data: bytes) -> np.ndarray:
@@ -70,7 +74,9 @@ def boundary_candidates(data: bytes) -> np.ndarray:
             lead = min(begin, WINDOW - 1)
             count = min(BLOCK, len(data) - begin) + lead
             gears = GEAR[np.frombuffer(data, dtype=np.uint8, count=count, offset=begin - lead)]
-            prefix = np.concatenate([[np.uint64(0)], np.cumsum(gears * POWERS[:count], dtype=np.uint64)])
+            prefix = np.concatenate(
+                [[np.uint64(0)], np.cumsum(gears * POWERS[:count], dtype=np.uint64)]
+            )
             ends = np.arange(WINDOW, count + 1)  # window = bytes [end - WINDOW, end)
             hashes = (prefix[ends] - prefix[ends - WINDOW]) * INVERSES[ends - WINDOW]
             hits = ends[(hashes >> np.uint64(64 - MASK_BITS)) == 0]
@@ -136,13 +142,30 @@ def usual_route(corpus: Path, out: Path, cache: Path) -> int:
             try:
                 pair = split_pair(record["chosen"], record["rejected"])
             except ValueError:
-                return {"id": None, "subset": subset, "family": family, "split": split,
-                        "prompt": [], "chosen": [], "rejected": [], "flags": []}
-            return {"id": pair_id(record["chosen"], record["rejected"]), "subset": subset,
-                    "family": family, "split": split, "prompt": pair.prompt,
-                    "chosen": pair.chosen, "rejected": pair.rejected, "flags": pair.flags}
+                return {
+                    "id": None,
+                    "subset": subset,
+                    "family": family,
+                    "split": split,
+                    "prompt": [],
+                    "chosen": [],
+                    "rejected": [],
+                    "flags": [],
+                }
+            return {
+                "id": pair_id(record["chosen"], record["rejected"]),
+                "subset": subset,
+                "family": family,
+                "split": split,
+                "prompt": pair.prompt,
+                "chosen": pair.chosen,
+                "rejected": pair.rejected,
+                "flags": pair.flags,
+            }
 
-        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
+        ds = datasets.load_dataset(
+            "json", data_files=str(path), split="train", cache_dir=str(cache)
+        )
         ds = ds.rename_columns({"chosen": "chosen_text", "rejected": "rejected_text"})
         ds = ds.map(lambda r: parse({"chosen": r["chosen_text"], "rejected": r["rejected_text"]}))
         ds = ds.filter(lambda r: r["id"] is not None)
@@ -159,8 +182,13 @@ def same_work_as_usual(corpus: Path, out: Path) -> int:
     # a release holds each pair id once; the planted exact copies share an id
     _, first = np.unique(pair_rows["id"].to_numpy(zero_copy_only=False), return_index=True)
     pair_rows = pair_rows.take(np.sort(first))
-    accounting = {"read": pair_rows.num_rows, "kept": pair_rows.num_rows, "quarantined": {},
-                  "removed": {}, "filtered": {}}
+    accounting = {
+        "read": pair_rows.num_rows,
+        "kept": pair_rows.num_rows,
+        "quarantined": {},
+        "removed": {},
+        "filtered": {},
+    }
     write_release(pair_rows, out, "1.0.0", sources=[], accounting=accounting, settings={})
     return pair_rows.num_rows
 
@@ -200,9 +228,13 @@ def run_route(route: str, work: Path) -> dict:
         rows = same_work_as_usual(corpus, work / "no-dedup")
     else:
         settings = DedupSettings(near=route == "default")
-        built = pipeline.build_release([corpus], version="1.0.0", include_synthetic=subsets,
-                                       out=work / ("releases" if route == "default" else "exact-only"),
-                                       dedup_settings=settings)
+        built = pipeline.build_release(
+            [corpus],
+            version="1.0.0",
+            include_synthetic=subsets,
+            out=work / ("releases" if route == "default" else "exact-only"),
+            dedup_settings=settings,
+        )
         rows = built.manifest["accounting"]["kept"]
     return {"seconds": time.perf_counter() - started, "rows": rows}
 
@@ -214,12 +246,20 @@ def synthetic_subsets(corpus: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=170_000)
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: a temp dir)"
+    )
     parser.add_argument("--sweep", action="store_true", help="also measure Parquet settings")
-    parser.add_argument("--sweep-only", action="store_true",
-                        help="only the settings sweep, on the releases already in --work")
-    parser.add_argument("--stages", action="store_true",
-                        help="only seconds per stage, on the corpus already in --work")
+    parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only the settings sweep, on the releases already in --work",
+    )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="only seconds per stage, on the corpus already in --work",
+    )
     parser.add_argument("--route", choices=list(ROUTES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.route:
@@ -235,12 +275,16 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf-cache")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
+    )
 
     started = time.perf_counter()
     synth.write_corpus(work / "corpus", args.pairs, seed=0)
     appended = append_new_pairs(work / "corpus", work / "corpus-1.1", 0.01, seed=10_000)
-    print(f"corpus: {args.pairs} pairs (+{appended} for 1.1.0) in {time.perf_counter() - started:.1f} s")
+    print(
+        f"corpus: {args.pairs} pairs (+{appended} for 1.1.0) in {time.perf_counter() - started:.1f} s"
+    )
     subsets = synthetic_subsets(work / "corpus")
 
     # each route in a fresh process, one after the other: none inherits another's warm
@@ -250,13 +294,20 @@ def main() -> None:
     dropped = True
     for route in ROUTES:
         dropped &= same_start(work / "corpus")
-        child = subprocess.run([sys.executable, __file__, "--work", str(work), "--route", route],
-                               check=True, capture_output=True, text=True, env=os.environ)
+        child = subprocess.run(
+            [sys.executable, __file__, "--work", str(work), "--route", route],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=os.environ,
+        )
         results[route] = json.loads(child.stdout.strip().splitlines()[-1])
         print(route, results[route], flush=True)
     if not dropped:
-        print("note: the page cache could not be dropped between routes (not root); later routes "
-              "may pay to reclaim the memory earlier ones left in it")
+        print(
+            "note: the page cache could not be dropped between routes (not root); later routes "
+            "may pay to reclaim the memory earlier ones left in it"
+        )
     theirs = results["usual"]["seconds"]
     print("\n| route | rows written | seconds | speed-up |\n|---|---:|---:|---:|")
     for route, label in ROUTES.items():
@@ -265,16 +316,27 @@ def main() -> None:
     v1_path = work / "releases" / "1.0.0"
 
     started = time.perf_counter()
-    v2 = pipeline.build_release([work / "corpus-1.1"], version="1.1.0", out=work / "releases",
-                                previous=v1_path, include_synthetic=subsets)
-    print(f"\nhhdata build_release 1.1.0 with --previous 1.0.0 (diff included): "
-          f"{time.perf_counter() - started:.1f} s")
+    v2 = pipeline.build_release(
+        [work / "corpus-1.1"],
+        version="1.1.0",
+        out=work / "releases",
+        previous=v1_path,
+        include_synthetic=subsets,
+    )
+    print(
+        f"\nhhdata build_release 1.1.0 with --previous 1.0.0 (diff included): "
+        f"{time.perf_counter() - started:.1f} s"
+    )
     sent = reupload(v1_path, v2.path)
-    print(f"\nminor version 1.1.0 ({v2.diff.change}: +{len(v2.diff.configs['all'].added)} pairs, "
-          f"-{len(v2.diff.configs['all'].removed)}, ~{len(v2.diff.configs['all'].edited)})")
+    print(
+        f"\nminor version 1.1.0 ({v2.diff.change}: +{len(v2.diff.configs['all'].added)} pairs, "
+        f"-{len(v2.diff.configs['all'].removed)}, ~{len(v2.diff.configs['all'].edited)})"
+    )
     print("| re-upload counted | bytes | % of the 1.1.0 release |\n|---|---:|---:|")
     for key in ("by_file", "by_chunk"):
-        print(f"| {key.replace('_', ' ')} | {sent[key]} | {100 * sent[key] / sent['release_bytes']:.2f}% |")
+        print(
+            f"| {key.replace('_', ' ')} | {sent[key]} | {100 * sent[key] / sent['release_bytes']:.2f}% |"
+        )
     print(f"| (release size) | {sent['release_bytes']} | 100% |")
 
     if args.sweep:
@@ -296,18 +358,34 @@ def stage_timings(corpus: Path, out: Path) -> None:
     raw = timed("read_raw (read + validate)", lambda: read_raw([corpus]))
     pair_rows, _ = timed("build_pairs (parse)", lambda: build_pairs(raw.table))
     with memory.large_run():  # as build_release runs them
-        timed("deduplicate, exact only", lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)))
-        deduplicated = timed("deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows))
+        timed(
+            "deduplicate, exact only",
+            lambda: dedup.deduplicate(pair_rows, DedupSettings(near=False)),
+        )
+        deduplicated = timed(
+            "deduplicate, exact + near (default)", lambda: dedup.deduplicate(pair_rows)
+        )
     kept = deduplicated.kept
-    timed("leakage_report, reusing deduplicate's prompt sketch (what build_release does)",
-          lambda: configs.leakage_report(kept, examples=0, sketch=deduplicated.prompt_sketch))
-    timed("leakage_report, making its own sketch (as with near=False)",
-          lambda: configs.leakage_report(kept, examples=0))
-    accounting = {"read": kept.num_rows, "kept": kept.num_rows, "quarantined": {}, "removed": {},
-                  "filtered": {}}
+    timed(
+        "leakage_report, reusing deduplicate's prompt sketch (what build_release does)",
+        lambda: configs.leakage_report(kept, examples=0, sketch=deduplicated.prompt_sketch),
+    )
+    timed(
+        "leakage_report, making its own sketch (as with near=False)",
+        lambda: configs.leakage_report(kept, examples=0),
+    )
+    accounting = {
+        "read": kept.num_rows,
+        "kept": kept.num_rows,
+        "quarantined": {},
+        "removed": {},
+        "filtered": {},
+    }
     shutil.rmtree(out, ignore_errors=True)
-    timed("write_release (Parquet, plot, manifest, card, croissant)",
-          lambda: write_release(kept, out, "1.0.0", sources=[], accounting=accounting, settings={}))
+    timed(
+        "write_release (Parquet, plot, manifest, card, croissant)",
+        lambda: write_release(kept, out, "1.0.0", sources=[], accounting=accounting, settings={}),
+    )
 
 
 def sweep(v1: Path, v2: Path, work: Path) -> None:
@@ -329,11 +407,15 @@ def sweep(v1: Path, v2: Path, work: Path) -> None:
         "zstd 1, 1k rows, CDC": ParquetSettings(compression_level=1),
         "snappy, 1k rows, CDC": ParquetSettings(compression="snappy", compression_level=None),
         "zstd 3, 10k rows, CDC": ParquetSettings(row_group_size=10_000),
-        "zstd 3, 10k rows, no CDC": ParquetSettings(row_group_size=10_000, use_content_defined_chunking=False),
+        "zstd 3, 10k rows, no CDC": ParquetSettings(
+            row_group_size=10_000, use_content_defined_chunking=False
+        ),
         "zstd 3, 100k rows, CDC": ParquetSettings(row_group_size=100_000),
     }
-    print("\n| parquet settings | data bytes | write s | re-upload, 1% appended | re-upload, 1% removed |"
-          "\n|---|---:|---:|---:|---:|")
+    print(
+        "\n| parquet settings | data bytes | write s | re-upload, 1% appended | re-upload, 1% removed |"
+        "\n|---|---:|---:|---:|---:|"
+    )
     for label, settings in candidates.items():
         folder = work / "sweep" / "".join(c if c.isalnum() else "_" for c in label)
         shutil.rmtree(folder, ignore_errors=True)
@@ -347,7 +429,9 @@ def sweep(v1: Path, v2: Path, work: Path) -> None:
         cells = []
         for change in ("appended", "removed"):
             sent = reupload(roots["base"], roots[change])
-            cells.append(f"{sent['by_chunk']} ({100 * sent['by_chunk'] / sent['release_bytes']:.2f}%)")
+            cells.append(
+                f"{sent['by_chunk']} ({100 * sent['by_chunk'] / sent['release_bytes']:.2f}%)"
+            )
         size = sum(p.stat().st_size for p in roots["base"].rglob("*.parquet"))
         print(f"| {label} | {size} | {seconds['base']:.1f} | {cells[0]} | {cells[1]} |")
     print(json.dumps(dataclasses.asdict(ParquetSettings())))

@@ -6,4 +6,12 @@ from hhdata.load import load
 from hhdata.pairs.transcript import parse_transcript, render_transcript, split_pair
 from hhdata.scan import scan
 
-__all__ = ["HhDataError", "__version__", "load", "parse_transcript", "render_transcript", "scan", "split_pair"]
+__all__ = [
+    "HhDataError",
+    "__version__",
+    "load",
+    "parse_transcript",
+    "render_transcript",
+    "scan",
+    "split_pair",
+]

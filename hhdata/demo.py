@@ -46,7 +46,9 @@ def step_load() -> None:
     print(ds)
     print(f"(loaded in {time.perf_counter() - started:.2f} s)")
     row = ds["test"][0]
-    print(f"\nfirst pair  id={row['id']}  subset={row['subset']}  family={row['family']}  flags={row['flags']}")
+    print(
+        f"\nfirst pair  id={row['id']}  subset={row['subset']}  family={row['family']}  flags={row['flags']}"
+    )
     for turn in row["prompt"]:
         print(f"  {turn['role']:>9}: {clip(turn['content'])}")
     print(f"  {'chosen':>9}: {clip(row['chosen'][0]['content'])}")
@@ -62,33 +64,49 @@ def step_validate() -> None:
     from hhdata.pairs.transcript import common_prefix_length
     from hhdata.quarantine import reason_counts
 
-    banner("2. Validate and deduplicate raw files with planted faults:  hhdata validate / hhdata dedup .demo/synth")
+    banner(
+        "2. Validate and deduplicate raw files with planted faults:  hhdata validate / hhdata dedup .demo/synth"
+    )
     truth = synth.write_corpus(WORK / "synth", n_pairs=3000, seed=0, bad_rate=0.005)
     result = read_pairs([WORK / "synth"])
     report = result.report
-    print(f"synthetic corpus (subsets named synth-*): {report.lines:,} lines read, "
-          f"{report.blank:,} blank, {report.accepted:,} pairs, {result.quarantine.num_rows:,} quarantined")
+    print(
+        f"synthetic corpus (subsets named synth-*): {report.lines:,} lines read, "
+        f"{report.blank:,} blank, {report.accepted:,} pairs, {result.quarantine.num_rows:,} quarantined"
+    )
     for reason, count in sorted(reason_counts(result.quarantine).items()):
         print(f"  quarantined {reason:<22} {count}")
     for record in result.quarantine.slice(0, 3).to_pylist():
         print(f"  e.g. {record['file']}:{record['line']}: {clip(record['message'], 70)}")
     planted = sum(1 for item in truth.bad_records if item["reason"] != "blank_line")
-    print(f"planted bad records: {planted}; quarantined: {result.quarantine.num_rows}; "
-          f"counts reconcile: {report.reconciles()}")
+    print(
+        f"planted bad records: {planted}; quarantined: {result.quarantine.num_rows}; "
+        f"counts reconcile: {report.reconciles()}"
+    )
 
     deduped = deduplicate(result.table)
     dropped = deduped.report["dropped_by_reason"]
-    print(f"\ndedup: {result.table.num_rows:,} pairs -> {deduped.kept.num_rows:,} kept, "
-          f"{deduped.drops.num_rows:,} dropped {dropped}")
-    print(f"planted: {len(truth.exact_duplicates)} exact, {len(truth.swapped_duplicates)} swapped, "
-          f"{len(truth.case_whitespace_variants)} case/whitespace copies, {len(truth.near_duplicates)} near "
-          f"duplicates (any Jaccard), {len(truth.hard_negatives)} hard negatives that must stay")
-    near = deduped.drops.filter(pc.equal(deduped.drops["reason"], "near_duplicate")).slice(0, 1).to_pylist()
+    print(
+        f"\ndedup: {result.table.num_rows:,} pairs -> {deduped.kept.num_rows:,} kept, "
+        f"{deduped.drops.num_rows:,} dropped {dropped}"
+    )
+    print(
+        f"planted: {len(truth.exact_duplicates)} exact, {len(truth.swapped_duplicates)} swapped, "
+        f"{len(truth.case_whitespace_variants)} case/whitespace copies, {len(truth.near_duplicates)} near "
+        f"duplicates (any Jaccard), {len(truth.hard_negatives)} hard negatives that must stay"
+    )
+    near = (
+        deduped.drops.filter(pc.equal(deduped.drops["reason"], "near_duplicate"))
+        .slice(0, 1)
+        .to_pylist()
+    )
     if near:
         by_id = dict(zip(result.table["id"].to_pylist(), result.table["chosen_text"].to_pylist()))
         kept, dropped = by_id[near[0]["kept_id"]], by_id[near[0]["id"]]
         start = max(0, common_prefix_length(kept, dropped) - 30)
-        print(f"a near duplicate (Jaccard {near[0]['similarity']:.2f}), side by side from character {start}:")
+        print(
+            f"a near duplicate (Jaccard {near[0]['similarity']:.2f}), side by side from character {start}:"
+        )
         print(f"  kept    {near[0]['kept_id']}: ...{clip(kept[start:], 62)}")
         print(f"  dropped {near[0]['id']}: ...{clip(dropped[start:], 62)}")
 
@@ -97,7 +115,9 @@ def step_build() -> Path:
     from hhdata.io.read import bundled_sample_path
     from hhdata.pipeline import build_release
 
-    banner(f"3. Build release {VERSION}:  hhdata build hhdata/data/hh-rlhf --version {VERSION} --out .demo/releases")
+    banner(
+        f"3. Build release {VERSION}:  hhdata build hhdata/data/hh-rlhf --version {VERSION} --out .demo/releases"
+    )
     started = time.perf_counter()
     built = build_release([bundled_sample_path()], version=VERSION, out=WORK / "releases")
     manifest = built.manifest
@@ -117,21 +137,29 @@ def step_publish(release_dir: Path) -> None:
     from hhdata import hub
     from hhdata.hub.localserver import LocalHub
 
-    banner(f"4. Publish to a local Hub and load it back:  hhdata publish {release_dir} --repo {REPO_ID}")
+    banner(
+        f"4. Publish to a local Hub and load it back:  hhdata publish {release_dir} --repo {REPO_ID}"
+    )
     with LocalHub(WORK / "hub") as server:
         env = server.env(WORK / "hf-home")
         os.environ.update(env)
         result = hub.publish(release_dir, REPO_ID, token=server.token, endpoint=server.endpoint)
-        print(f"one commit {result.commit[:12]} with {len(result.files)} files "
-              f"({result.uploaded_bytes:,} bytes uploaded), then tag {result.tag}")
+        print(
+            f"one commit {result.commit[:12]} with {len(result.files)} files "
+            f"({result.uploaded_bytes:,} bytes uploaded), then tag {result.tag}"
+        )
         for version in hub.list_versions(REPO_ID, token=server.token, endpoint=server.endpoint):
-            print(f"  hhdata versions {REPO_ID}: {version.tag}  commit {version.commit[:12]}  {version.date}")
+            print(
+                f"  hhdata versions {REPO_ID}: {version.tag}  commit {version.commit[:12]}  {version.date}"
+            )
         print(f'\n>>> hhdata.load("{REPO_ID}", "harmless", split="test", version="{VERSION}")')
         loaded = hhdata.load(REPO_ID, "harmless", split="test", version=VERSION)
         print(loaded)
         # datasets reads HF_ENDPOINT when it is imported, so the plain route runs in a fresh process
-        plain = ("import datasets; "
-                 f"print(datasets.load_dataset('{REPO_ID}', 'harmless', revision='v{VERSION}'))")
+        plain = (
+            "import datasets; "
+            f"print(datasets.load_dataset('{REPO_ID}', 'harmless', revision='v{VERSION}'))"
+        )
         print(f"\n>>> datasets.load_dataset('{REPO_ID}', 'harmless', revision='v{VERSION}')")
         subprocess.run([sys.executable, "-c", plain], env={**os.environ, **env}, check=True)
 
@@ -146,24 +174,78 @@ def run(command: list[str]) -> None:
 def step_train(release_dir: Path) -> None:
     banner("5. Train on the release: reward model -> SFT policy -> PPO (tiny models, CPU)")
     runs = WORK / "runs"
-    run(["-m", "training.reward_model", "--data", str(release_dir), "--run-dir", str(runs / "reward-model"),
-         "--max-steps", "60", "--max-length", "128"])
-    run(["-m", "training.sft", "--data", str(release_dir), "--tokenizer", str(runs / "reward-model"),
-         "--output-dir", str(runs / "sft"), "--max-steps", "60", "--max-length", "128", "--learning-rate", "3e-3"])
-    run(["-m", "training.ppo", "--data", str(release_dir), "--policy", str(runs / "sft"),
-         "--reward-model", str(runs / "reward-model"), "--output-dir", str(runs / "ppo"),
-         "--total-episodes", "128", "--batch-size", "16", "--learning-rate", "1e-3",
-         "--query-length", "96", "--response-length", "24", "--eval-prompts", "32"])
+    run(
+        [
+            "-m",
+            "training.reward_model",
+            "--data",
+            str(release_dir),
+            "--run-dir",
+            str(runs / "reward-model"),
+            "--max-steps",
+            "60",
+            "--max-length",
+            "128",
+        ]
+    )
+    run(
+        [
+            "-m",
+            "training.sft",
+            "--data",
+            str(release_dir),
+            "--tokenizer",
+            str(runs / "reward-model"),
+            "--output-dir",
+            str(runs / "sft"),
+            "--max-steps",
+            "60",
+            "--max-length",
+            "128",
+            "--learning-rate",
+            "3e-3",
+        ]
+    )
+    run(
+        [
+            "-m",
+            "training.ppo",
+            "--data",
+            str(release_dir),
+            "--policy",
+            str(runs / "sft"),
+            "--reward-model",
+            str(runs / "reward-model"),
+            "--output-dir",
+            str(runs / "ppo"),
+            "--total-episodes",
+            "128",
+            "--batch-size",
+            "16",
+            "--learning-rate",
+            "1e-3",
+            "--query-length",
+            "96",
+            "--response-length",
+            "24",
+            "--eval-prompts",
+            "32",
+        ]
+    )
 
     banner("Summary")
     reward = json.loads((runs / "reward-model" / "metrics.json").read_text())
     overall = reward["overall"]
-    print(f"reward model: held-out accuracy {overall['accuracy']:.3f} on {overall['pairs']} pairs, "
-          f"ECE {overall['ece']:.3f}  ({runs / 'reward-model'})")
+    print(
+        f"reward model: held-out accuracy {overall['accuracy']:.3f} on {overall['pairs']} pairs, "
+        f"ECE {overall['ece']:.3f}  ({runs / 'reward-model'})"
+    )
     ppo = json.loads((runs / "ppo" / "metrics.json").read_text())
     evaluation = ppo["evaluation"]
-    print(f"PPO policy: wins {evaluation['win_rate']:.1%} of {evaluation['prompts']} held-out prompts against "
-          f"the SFT reference under the reward model  ({runs / 'ppo'})")
+    print(
+        f"PPO policy: wins {evaluation['win_rate']:.1%} of {evaluation['prompts']} held-out prompts against "
+        f"the SFT reference under the reward model  ({runs / 'ppo'})"
+    )
     print(f"plots, settings, checkpoints and model cards are in {runs}/")
 
 

@@ -118,9 +118,14 @@ def _no_such_version(path: Path, version: str) -> str:
 
 def _versions_in(path: Path) -> list[str]:
     """The release versions a local folder holds (subfolders with a manifest.json), oldest first."""
-    return sorted(
-        (child.name for child in path.iterdir() if (child / "manifest.json").is_file()), key=_version_key
-    ) if path.is_dir() else []
+    return (
+        sorted(
+            (child.name for child in path.iterdir() if (child / "manifest.json").is_file()),
+            key=_version_key,
+        )
+        if path.is_dir()
+        else []
+    )
 
 
 def _version_key(name: str) -> tuple:
@@ -169,7 +174,10 @@ def _build(*paths) -> pa.Table:
 
 def _raw_tables(source) -> dict[str, pa.Table]:
     pairs = _build(source)
-    return {name: pairs.filter(pc.equal(pairs["split"], name)) for name in pc.unique(pairs["split"]).to_pylist()}
+    return {
+        name: pairs.filter(pc.equal(pairs["split"], name))
+        for name in pc.unique(pairs["split"]).to_pylist()
+    }
 
 
 def _select(tables: dict[str, pa.Table], config, split, where: str):
@@ -179,8 +187,12 @@ def _select(tables: dict[str, pa.Table], config, split, where: str):
     config = config or ALL
     if config != ALL:
         column = "family" if config in (HELPFUL, HARMLESS) else "subset"
-        subsets = sorted({s for table in tables.values() for s in pc.unique(table["subset"]).to_pylist()})
-        tables = {name: table.filter(pc.equal(table[column], config)) for name, table in tables.items()}
+        subsets = sorted(
+            {s for table in tables.values() for s in pc.unique(table["subset"]).to_pylist()}
+        )
+        tables = {
+            name: table.filter(pc.equal(table[column], config)) for name, table in tables.items()
+        }
         if not any(table.num_rows for table in tables.values()):
             raise LoadError(
                 f"config {config!r} selects no rows of {where}, which holds the subsets "

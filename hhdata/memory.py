@@ -27,7 +27,9 @@ _saved: tuple = ()
 
 def _set_hugepage(enabled: bool) -> bool | None:
     """numpy's huge-page advice (a private switch, absent in some versions): the old value."""
-    switch = getattr(getattr(getattr(np, "_core", None), "multiarray", None), "_set_madvise_hugepage", None)
+    switch = getattr(
+        getattr(getattr(np, "_core", None), "multiarray", None), "_set_madvise_hugepage", None
+    )
     return switch(enabled) if switch is not None else None
 
 

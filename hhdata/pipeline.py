@@ -93,15 +93,19 @@ def run_pipeline(
     accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
     leakage = None
     if check_leakage:
-        leakage = _BACKGROUND.submit(_leakage, deduplicated.kept, dedup_settings, deduplicated.prompt_sketch)
+        leakage = _BACKGROUND.submit(
+            _leakage, deduplicated.kept, dedup_settings, deduplicated.prompt_sketch
+        )
     return PipelineResult(
         pairs=deduplicated.kept,
         quarantine=quarantine,
         drops=deduplicated.drops,
         accounting=accounting,
         sources=describe_sources(raw.report.files, sources),
-        settings={"dedup": _jsonable(deduplicated.settings),
-                  "include_synthetic": sorted(include_synthetic)},
+        settings={
+            "dedup": _jsonable(deduplicated.settings),
+            "include_synthetic": sorted(include_synthetic),
+        },
         dedup_report=deduplicated.report,
         pending_leakage=leakage,
     )
@@ -141,10 +145,22 @@ def build_release(
     """
     check_targets(out, version, previous)
     with memory.large_run():
-        result = run_pipeline(sources, dedup_settings=dedup_settings, include_synthetic=include_synthetic,
-                              check_leakage=check_leakage, progress=progress)
-        return release_from(result, version=version, out=out, previous=previous,
-                            allow_version_mismatch=allow_version_mismatch, parquet=parquet, name=name)
+        result = run_pipeline(
+            sources,
+            dedup_settings=dedup_settings,
+            include_synthetic=include_synthetic,
+            check_leakage=check_leakage,
+            progress=progress,
+        )
+        return release_from(
+            result,
+            version=version,
+            out=out,
+            previous=previous,
+            allow_version_mismatch=allow_version_mismatch,
+            parquet=parquet,
+            name=name,
+        )
 
 
 def check_targets(out: str | Path, version: str, previous: str | Path | None) -> None:
@@ -175,10 +191,17 @@ def release_from(
         raise ReleaseError(empty)
     # the leakage check started in run_pipeline runs while the data files are written; its
     # result goes to the manifest as data
-    with release.staged_release(result.pairs, out, version, previous=previous, parquet=parquet) as staged:
+    with release.staged_release(
+        result.pairs, out, version, previous=previous, parquet=parquet
+    ) as staged:
         return release.finish_release(
-            staged, sources=result.sources, accounting=result.accounting, settings=result.settings,
-            leakage=result.leakage, previous=previous, allow_version_mismatch=allow_version_mismatch,
+            staged,
+            sources=result.sources,
+            accounting=result.accounting,
+            settings=result.settings,
+            leakage=result.leakage,
+            previous=previous,
+            allow_version_mismatch=allow_version_mismatch,
             name=name,
         )
 
@@ -191,13 +214,16 @@ def nothing_kept(result: PipelineResult) -> str | None:
         return None
     if not accounting["read"]:
         files = f"{len(result.sources)} file" + ("s" if len(result.sources) != 1 else "")
-        return (f"the sources hold no record ({files} read, all empty or blank); no release is "
-                "written: check that the right files were given")
-    left = [f"{reason} {count}" for fate in FATES
-            for reason, count in accounting[fate].items()]
-    return (f"all {accounting['read']} records read left the flow ({', '.join(left)}), so no "
-            "row is left to release; no release is written: fix the records (hhdata validate "
-            "shows them, --quarantine FILE saves them) and build again")
+        return (
+            f"the sources hold no record ({files} read, all empty or blank); no release is "
+            "written: check that the right files were given"
+        )
+    left = [f"{reason} {count}" for fate in FATES for reason, count in accounting[fate].items()]
+    return (
+        f"all {accounting['read']} records read left the flow ({', '.join(left)}), so no "
+        "row is left to release; no release is written: fix the records (hhdata validate "
+        "shows them, --quarantine FILE saves them) and build again"
+    )
 
 
 def _utf8_path(path: str | Path, flag: str) -> None:
@@ -295,7 +321,9 @@ def _relative(path: Path, roots: list[Path]) -> str:
         if root.is_dir():
             try:
                 # absolute, not resolved: Hub snapshots are symlinks into a blob store
-                return path_text(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix())
+                return path_text(
+                    Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+                )
             except ValueError:
                 continue
     return path_text(f"{path.parent.name}/{path.name}" if path.parent.name else path.name)

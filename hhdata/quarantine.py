@@ -59,15 +59,12 @@ REASONS = (
 )
 
 
-
 class Problem(NamedTuple):
     """Why one record is quarantined: a reason code, a message naming the fix, raw bytes."""
 
     reason: str
     message: str
     raw: bytes | None
-
-
 
 
 def quarantine_table(rows: list[tuple[str, int, str, str, bytes | None]]) -> pa.Table:

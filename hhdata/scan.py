@@ -68,16 +68,23 @@ def _release_folder(source, config, version) -> tuple[Path, bool]:
     if (path / MANIFEST_NAME).is_file():
         return path, False
     if path.exists():
-        versions = sorted((p.parent.name for p in path.glob(f"*/{MANIFEST_NAME}")),
-                          key=lambda v: [int(part) if part.isdigit() else -1 for part in v.split(".")])
+        versions = sorted(
+            (p.parent.name for p in path.glob(f"*/{MANIFEST_NAME}")),
+            key=lambda v: [int(part) if part.isdigit() else -1 for part in v.split(".")],
+        )
         raise LoadError(
             f"{source} is not a release (no manifest.json)"
-            + (f" and holds no version {version}; it holds {', '.join(versions)}" if versions and version
-               else "; pass the folder of one version, or the releases folder with version=")
+            + (
+                f" and holds no version {version}; it holds {', '.join(versions)}"
+                if versions and version
+                else "; pass the folder of one version, or the releases folder with version="
+            )
         )
     if _REPO_ID.fullmatch(str(source)):
         return _download(str(source), config, version), True
-    raise SourceError(f"{source} is neither a local release nor a Hub repo id ('org/name'); check the spelling")
+    raise SourceError(
+        f"{source} is neither a local release nor a Hub repo id ('org/name'); check the spelling"
+    )
 
 
 def _download(repo_id: str, config: str | None, version: str | None) -> Path:
@@ -108,7 +115,9 @@ def _check(folder: Path, relative: str, manifest: dict, *, full: bool) -> None:
     path = folder / relative
     expected = manifest["files"][relative]
     if not path.is_file():
-        raise IntegrityError(f"{path}: missing, but manifest.json lists it; re-download or rebuild the release")
+        raise IntegrityError(
+            f"{path}: missing, but manifest.json lists it; re-download or rebuild the release"
+        )
     size = path.stat().st_size
     if size != expected["bytes"]:
         raise IntegrityError(

@@ -485,11 +485,15 @@ def _make_irregular(draft: Draft, kind: str, variant: int, model: TextModel, rng
     if kind == "tag_in_reply":
         words = reply.split(" ")
         middle = len(words) // 2
-        setattr(draft, side, (
-            f"Human: {reply}",
-            f"Assistant: {reply}",
-            " ".join(words[:middle] + ["\nHuman:"] + words[middle:]),
-        )[variant % 3])
+        setattr(
+            draft,
+            side,
+            (
+                f"Human: {reply}",
+                f"Assistant: {reply}",
+                " ".join(words[:middle] + ["\nHuman:"] + words[middle:]),
+            )[variant % 3],
+        )
         return [f"tag_in_{side}"]
     fresh = " ".join(_words_for(model, rng, model.assistant_chars))
     if variant % 2 == 0 and len(draft.prompt) >= 3:  # a second assistant turn in the prompt
@@ -642,8 +646,7 @@ def _choose_sources(sources: _Sources, planned: dict[str, int], rng) -> dict[str
     near = sources.take_each([max(40, _words_needed(target + 0.02)) for target in targets])
     shorter = iter(sources.take(near.count(-1), min_words=_words_needed(0.5)))
     plans["near_duplicate"] = [
-        (index if index >= 0 else next(shorter, -1), target)
-        for index, target in zip(near, targets)
+        (index if index >= 0 else next(shorter, -1), target) for index, target in zip(near, targets)
     ]
     plans["hard_negative"] = sources.take(planned["hard_negative"], min_words=30)
     for kind in ("empty_reply", "tag_in_reply", "consecutive_assistant"):
@@ -683,8 +686,9 @@ def _plant_copies(
     return items
 
 
-def _write_files(out: Path, corpus: _Corpus, per_file: list[list[int]], truth: Truth,
-                 level: int) -> None:
+def _write_files(
+    out: Path, corpus: _Corpus, per_file: list[list[int]], truth: Truth, level: int
+) -> None:
     def write(path: Path, data: bytes) -> None:
         path.write_bytes(gzip.compress(data, compresslevel=level, mtime=0))
 
@@ -726,8 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - started
     planted = {name: len(value) for name, value in asdict(truth).items() if isinstance(value, list)}
-    print(f"wrote {args.pairs} pairs to {args.out} in {seconds:.1f} s; "
-          f"planted: {json.dumps(planted)}")
+    print(
+        f"wrote {args.pairs} pairs to {args.out} in {seconds:.1f} s; planted: {json.dumps(planted)}"
+    )
     return 0
 
 

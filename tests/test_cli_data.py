@@ -21,7 +21,9 @@ def write(path: Path, lines: list[bytes]) -> Path:
 
 
 def pair(prompt_c: str, prompt_r: str) -> bytes:
-    return json.dumps({"chosen": f"{prompt_c}\n\nAssistant: yes", "rejected": f"{prompt_r}\n\nAssistant: no"}).encode()
+    return json.dumps(
+        {"chosen": f"{prompt_c}\n\nAssistant: yes", "rejected": f"{prompt_r}\n\nAssistant: no"}
+    ).encode()
 
 
 def test_every_verb_is_documented():
@@ -53,17 +55,34 @@ def test_validate_the_bundled_sample_exits_0_and_reports_flags(sample_path, caps
 @pytest.mark.parametrize(
     ("chosen_prompt", "rejected_prompt", "reason", "message"),
     [
-        ("\n\nHuman: a", "\n\nHuman: b", "prompt_mismatch",
-         "chosen and rejected disagree before the final '\\n\\nAssistant:' tag (they differ from character 9 on)"),
-        ("\n\nAssistant: a", "\n\nAssistant: a", "no_human_turn",
-         "chosen and rejected share no '\\n\\nHuman:' turn, so there is no prompt"),
-        ("Hi\n\nHuman: a", "Hi\n\nHuman: a", "bad_transcript_start",
-         "transcript does not start with '\\n\\nHuman: ' or '\\n\\nAssistant: ' (it starts with 'Hi\\n\\nHuman: a\\n\\nAssistant: '); "
-         "HH-RLHF transcripts begin with a blank line and a speaker tag"),
+        (
+            "\n\nHuman: a",
+            "\n\nHuman: b",
+            "prompt_mismatch",
+            "chosen and rejected disagree before the final '\\n\\nAssistant:' tag (they differ from character 9 on)",
+        ),
+        (
+            "\n\nAssistant: a",
+            "\n\nAssistant: a",
+            "no_human_turn",
+            "chosen and rejected share no '\\n\\nHuman:' turn, so there is no prompt",
+        ),
+        (
+            "Hi\n\nHuman: a",
+            "Hi\n\nHuman: a",
+            "bad_transcript_start",
+            "transcript does not start with '\\n\\nHuman: ' or '\\n\\nAssistant: ' (it starts with 'Hi\\n\\nHuman: a\\n\\nAssistant: '); "
+            "HH-RLHF transcripts begin with a blank line and a speaker tag",
+        ),
     ],
 )
-def test_a_pair_without_a_prompt_exits_1_with_file_line_and_reason(tmp_path, capsys, chosen_prompt, rejected_prompt, reason, message):
-    path = write(tmp_path / "helpful-base" / "train.jsonl", [pair("\n\nHuman: q", "\n\nHuman: q"), pair(chosen_prompt, rejected_prompt)])
+def test_a_pair_without_a_prompt_exits_1_with_file_line_and_reason(
+    tmp_path, capsys, chosen_prompt, rejected_prompt, reason, message
+):
+    path = write(
+        tmp_path / "helpful-base" / "train.jsonl",
+        [pair("\n\nHuman: q", "\n\nHuman: q"), pair(chosen_prompt, rejected_prompt)],
+    )
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert out == (
@@ -76,7 +95,10 @@ def test_a_pair_without_a_prompt_exits_1_with_file_line_and_reason(tmp_path, cap
 
 
 def test_quarantine_file_holds_each_bad_record(tmp_path, capsys):
-    path = write(tmp_path / "harmless-base" / "test.jsonl", [b"{oops", b'{"chosen": "\xff", "rejected": "x"}', pair("\n\nHuman: q", "\n\nHuman: q")])
+    path = write(
+        tmp_path / "harmless-base" / "test.jsonl",
+        [b"{oops", b'{"chosen": "\xff", "rejected": "x"}', pair("\n\nHuman: q", "\n\nHuman: q")],
+    )
     out_file = tmp_path / "bad.jsonl"
     assert main(["validate", str(path), "--quarantine", str(out_file), "--examples", "0"]) == 1
     assert "wrote 2 quarantined records to " + str(out_file) in capsys.readouterr().out
@@ -88,7 +110,10 @@ def test_quarantine_file_holds_each_bad_record(tmp_path, capsys):
 
 def test_usage_and_io_errors_exit_2_with_the_fix(tmp_path, capsys, sample_path):
     assert main(["validate", str(tmp_path / "missing.jsonl")]) == 2
-    assert capsys.readouterr().err == f"hhdata validate: error: {tmp_path}/missing.jsonl does not exist; check the path\n"
+    assert (
+        capsys.readouterr().err
+        == f"hhdata validate: error: {tmp_path}/missing.jsonl does not exist; check the path\n"
+    )
     target = tmp_path / "no-such-dir" / "q.jsonl"
     assert main(["validate", str(sample_path), "--quarantine", str(target)]) == 2
     assert capsys.readouterr().err == (
@@ -102,11 +127,17 @@ def test_usage_and_io_errors_exit_2_with_the_fix(tmp_path, capsys, sample_path):
         "'helpful-online', 'helpful-rejection-sampled']; declare its family ('helpful' or 'harmless') "
         "for a new batch (in Python family= and subset=, on the command line --family and --subset)\n"
     )
-    assert main(["stats", str(odd), "--split", "train", "--subset", "batch-3", "--family", "helpful"]) == 0
+    assert (
+        main(["stats", str(odd), "--split", "train", "--subset", "batch-3", "--family", "helpful"])
+        == 0
+    )
 
 
 def test_validate_takes_any_file_as_is_and_says_what_it_did_not_know(tmp_path, capsys):
-    path = write(tmp_path / "my_batch.jsonl", [pair("\n\nHuman: q", "\n\nHuman: q"), b'{"chosen": 1, "rejected": "b"}'])
+    path = write(
+        tmp_path / "my_batch.jsonl",
+        [pair("\n\nHuman: q", "\n\nHuman: q"), b'{"chosen": 1, "rejected": "b"}'],
+    )
     assert main(["validate", str(path)]) == 1
     assert capsys.readouterr().out == (
         "read 1 file: 2 lines (0 blank), 2 records = 1 accepted + 1 quarantined\n"
@@ -122,7 +153,21 @@ def test_validate_takes_any_file_as_is_and_says_what_it_did_not_know(tmp_path, c
     assert main(["validate", str(path), "--subset", "harmless-base"]) == 0
     assert f"note: {path}: no split in its path" in capsys.readouterr().out
     # the flags still name the source when given: no notice then
-    assert main(["validate", str(path), "--subset", "batch-7", "--split", "train", "--family", "helpful"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                str(path),
+                "--subset",
+                "batch-7",
+                "--split",
+                "train",
+                "--family",
+                "helpful",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == (
         "read 1 file: 1 line (0 blank), 1 record = 1 accepted + 0 quarantined\nok: every record was accepted\n"
     )
@@ -147,10 +192,18 @@ def test_stats_of_the_bundled_sample(capsys):
 
 
 def test_show_prints_pairs_readably(tmp_path, capsys):
-    path = write(tmp_path / "helpful-base" / "test.jsonl", [
-        json.dumps({"chosen": f"\n\nHuman: question {n}\n\nAssistant: yes", "rejected": f"\n\nHuman: question {n}\n\nAssistant: no"}).encode()
-        for n in range(5)
-    ])
+    path = write(
+        tmp_path / "helpful-base" / "test.jsonl",
+        [
+            json.dumps(
+                {
+                    "chosen": f"\n\nHuman: question {n}\n\nAssistant: yes",
+                    "rejected": f"\n\nHuman: question {n}\n\nAssistant: no",
+                }
+            ).encode()
+            for n in range(5)
+        ],
+    )
     assert main(["show", str(path), "-n", "2", "--skip", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("=== pair ") == 2
@@ -168,7 +221,10 @@ def test_validate_counts_reconcile_over_many_kinds_of_trouble(tmp_path, capsys):
 
     good = [pair(f"\n\nHuman: q{n}", f"\n\nHuman: q{n}") for n in range(50)]
     write(tmp_path / "harmless-base" / "train.jsonl", good[:20] + [b"", b"{oops", b"  "])
-    write(tmp_path / "helpful-base" / "test.jsonl", good[20:30] + [pair("\n\nHuman: a", "\n\nHuman: b")])
+    write(
+        tmp_path / "helpful-base" / "test.jsonl",
+        good[20:30] + [pair("\n\nHuman: a", "\n\nHuman: b")],
+    )
     whole = gzip.compress(b"\n".join(good[30:]) + b"\n")
     (tmp_path / "helpful-online").mkdir()
     (tmp_path / "helpful-online" / "train.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])
@@ -176,9 +232,14 @@ def test_validate_counts_reconcile_over_many_kinds_of_trouble(tmp_path, capsys):
 
     assert main(["validate", str(tmp_path), "--quarantine", str(saved)]) == 1
     out = capsys.readouterr().out
-    numbers = re.match(r"read 3 files: ([\d,]+) lines \(([\d,]+) blank\), ([\d,]+) records = "
-                       r"([\d,]+) accepted \+ ([\d,]+) quarantined\n", out)
-    lines, blank, records, accepted, quarantined = (int(n.replace(",", "")) for n in numbers.groups())
+    numbers = re.match(
+        r"read 3 files: ([\d,]+) lines \(([\d,]+) blank\), ([\d,]+) records = "
+        r"([\d,]+) accepted \+ ([\d,]+) quarantined\n",
+        out,
+    )
+    lines, blank, records, accepted, quarantined = (
+        int(n.replace(",", "")) for n in numbers.groups()
+    )
     assert lines == blank + records and records == accepted + quarantined and blank == 2
     assert quarantined == len(saved.read_text().splitlines()) >= 3  # oops, prompt_mismatch, the cut
     assert f"wrote {quarantined} quarantined records" in out

@@ -32,7 +32,14 @@ def leaky():
 
 def test_config_names_and_views(leaky):
     names = configs.config_names(leaky["subset"].to_pylist())
-    assert names == ["all", "helpful", "harmless", "harmless-base", "helpful-base", "helpful-online"]
+    assert names == [
+        "all",
+        "helpful",
+        "harmless",
+        "harmless-base",
+        "helpful-base",
+        "helpful-online",
+    ]
     assert configs.select_config(leaky, "all").num_rows == 8
     assert configs.select_config(leaky, "helpful").num_rows == 5
     assert set(configs.select_config(leaky, "harmless")["subset"].to_pylist()) == {"harmless-base"}
@@ -40,13 +47,18 @@ def test_config_names_and_views(leaky):
 
 
 def test_unknown_config_names_the_ones_that_exist(leaky):
-    with pytest.raises(ConfigError, match=r"no config 'helpful-base-v2' in this table; its configs are \['all'"):
+    with pytest.raises(
+        ConfigError, match=r"no config 'helpful-base-v2' in this table; its configs are \['all'"
+    ):
         configs.select_config(leaky, "helpful-base-v2")
 
 
 def test_red_team_rows_never_form_a_pair_config(leaky):
-    mixed = leaky.set_column(leaky.schema.get_field_index("subset"), "subset",
-                             pa.array(["red-team-attempts"] + leaky["subset"].to_pylist()[1:]))
+    mixed = leaky.set_column(
+        leaky.schema.get_field_index("subset"),
+        "subset",
+        pa.array(["red-team-attempts"] + leaky["subset"].to_pylist()[1:]),
+    )
     with pytest.raises(ConfigError, match="hhdata.io.redteam.read_redteam"):
         configs.select_config(mixed, "all")
 
@@ -59,14 +71,19 @@ def test_leakage_report_counts_exact_and_near_within_and_across(leaky):
     assert report["exact"]["across_subsets"] == {}
     assert report["near"]["test_rows"] == 2
     assert report["near"]["across_subsets"] == {"harmless-base (train) -> helpful-online (test)": 1}
-    assert [example["train"]["id"] for example in report["near_examples"]] == [leaky["id"][2].as_py()]
+    assert [example["train"]["id"] for example in report["near_examples"]] == [
+        leaky["id"][2].as_py()
+    ]
 
 
 def test_resplit_fixes_the_leak_and_is_seeded(leaky):
     fixed = configs.resplit(leaky, seed=3, test_fraction=0.3)
     report = configs.leakage_report(fixed)
     assert report["near"]["test_rows"] == 0 and report["exact"]["test_rows"] == 0
-    assert fixed["split"].to_pylist() == configs.resplit(leaky, seed=3, test_fraction=0.3)["split"].to_pylist()
+    assert (
+        fixed["split"].to_pylist()
+        == configs.resplit(leaky, seed=3, test_fraction=0.3)["split"].to_pylist()
+    )
     assert fixed.drop_columns(["split"]).equals(leaky.drop_columns(["split"]))
 
 
@@ -77,14 +94,23 @@ def test_resplit_refuses_a_bad_fraction(leaky):
 
 @settings(max_examples=20, deadline=None)
 @given(
-    rows=st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.booleans(),
-                            st.sampled_from(["helpful-base", "harmless-base"])), min_size=2, max_size=16),
+    rows=st.lists(
+        st.tuples(
+            st.integers(0, len(POOL) - 1),
+            st.booleans(),
+            st.sampled_from(["helpful-base", "harmless-base"]),
+        ),
+        min_size=2,
+        max_size=16,
+    ),
     seed=st.integers(0, 2**32 - 1),
     fraction=st.floats(0.05, 0.95),
 )
 def test_resplit_never_puts_one_cluster_on_both_sides(rows, seed, fraction):
-    records = [(*(edit_prompt_word(POOL[i], 2, "axolotl") if edited else POOL[i]), subset, "train")
-               for i, edited, subset in rows]
+    records = [
+        (*(edit_prompt_word(POOL[i], 2, "axolotl") if edited else POOL[i]), subset, "train")
+        for i, edited, subset in rows
+    ]
     table = configs.resplit(pair_table(records), seed=seed, test_fraction=fraction)
     clusters, _ = configs.prompt_clusters(table)
     sides: dict[int, set] = {}
@@ -95,8 +121,11 @@ def test_resplit_never_puts_one_cluster_on_both_sides(rows, seed, fraction):
 
 
 def test_resplit_sizes_follow_the_fraction_per_subset():
-    records = [(*texts, subset, "train") for texts in long_records(40, min_words=5, seed=9)
-               for subset in ["helpful-base"]]
+    records = [
+        (*texts, subset, "train")
+        for texts in long_records(40, min_words=5, seed=9)
+        for subset in ["helpful-base"]
+    ]
     table = configs.resplit(pair_table(records), seed=1, test_fraction=0.25)
     sizes = configs.split_sizes(table)
     assert sizes["helpful-base"]["test"] == 10 and sizes["helpful-base"]["train"] == 30
@@ -104,11 +133,28 @@ def test_resplit_sizes_follow_the_fraction_per_subset():
 
 @pytest.mark.parametrize("scope", ["pair", "prompt"])
 def test_leakage_from_the_dedup_sketch_equals_leakage_made_alone(leaky, scope):
-    extra = pair_table([
-        ("\n\nHuman: Cafe\u0301 hours?\n\nAssistant: Noon.", "\n\nHuman: Cafe\u0301 hours?\n\nAssistant: Six.", "helpful-base", "test"),
-        ("\n\nHuman: Caf\u00e9 hours?\n\nAssistant: Nine.", "\n\nHuman: Caf\u00e9 hours?\n\nAssistant: Ten.", "helpful-base", "train"),
-        ("\n\nHuman: Hi\n\nAssistant: Hello there friend of mine", "\n\nHuman: Hi\n\nAssistant: Go", "harmless-base", "test"),
-    ])
+    extra = pair_table(
+        [
+            (
+                "\n\nHuman: Cafe\u0301 hours?\n\nAssistant: Noon.",
+                "\n\nHuman: Cafe\u0301 hours?\n\nAssistant: Six.",
+                "helpful-base",
+                "test",
+            ),
+            (
+                "\n\nHuman: Caf\u00e9 hours?\n\nAssistant: Nine.",
+                "\n\nHuman: Caf\u00e9 hours?\n\nAssistant: Ten.",
+                "helpful-base",
+                "train",
+            ),
+            (
+                "\n\nHuman: Hi\n\nAssistant: Hello there friend of mine",
+                "\n\nHuman: Hi\n\nAssistant: Go",
+                "harmless-base",
+                "test",
+            ),
+        ]
+    )
     settings = dedup.DedupSettings(near_scope=scope, near_action="cluster")
     result = dedup.deduplicate(pa.concat_tables([leaky, extra]), settings)
     assert len(result.prompt_sketch) == result.kept.num_rows
@@ -144,9 +190,13 @@ def python_leaks(split: list[str], subset: list[str], groups: list[int]) -> dict
             within[su] += 1
         for other in sorted(found - {su}):
             across[f"{other} (train) -> {su} (test)"] += 1
-    return {"test_rows": len(rows), "groups_on_both_sides": len({groups[r] for r in rows}),
-            "within_subset": dict(sorted(within.items())), "across_subsets": dict(sorted(across.items())),
-            "_rows": rows}
+    return {
+        "test_rows": len(rows),
+        "groups_on_both_sides": len({groups[r] for r in rows}),
+        "within_subset": dict(sorted(within.items())),
+        "across_subsets": dict(sorted(across.items())),
+        "_rows": rows,
+    }
 
 
 @pytest.mark.parametrize("seed", range(5))

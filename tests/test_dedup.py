@@ -24,13 +24,15 @@ from hhdata.schema import family_of
 
 def pair_table(records) -> pa.Table:
     """Canonical pair rows from (chosen, rejected, subset, split) records, via build_pairs."""
-    raw = pa.table({
-        "subset": [r[2] for r in records],
-        "split": [r[3] for r in records],
-        "family": [family_of(r[2]) for r in records],
-        "chosen": [r[0] for r in records],
-        "rejected": [r[1] for r in records],
-    })
+    raw = pa.table(
+        {
+            "subset": [r[2] for r in records],
+            "split": [r[3] for r in records],
+            "family": [family_of(r[2]) for r in records],
+            "chosen": [r[0] for r in records],
+            "rejected": [r[1] for r in records],
+        }
+    )
     table, quarantine = pairs.build_pairs(raw)
     assert quarantine.num_rows == 0
     return table
@@ -50,7 +52,9 @@ def long_records(n: int, min_words: int = 40, seed: int = 7) -> list[tuple[str, 
 
 def shout(text: str) -> str:
     """The transcript upper-cased, speaker tags left as they are."""
-    return text.upper().replace("\n\nHUMAN:", "\n\nHuman:").replace("\n\nASSISTANT:", "\n\nAssistant:")
+    return (
+        text.upper().replace("\n\nHUMAN:", "\n\nHuman:").replace("\n\nASSISTANT:", "\n\nAssistant:")
+    )
 
 
 def edit_prompt_word(texts: tuple[str, str], word_index: int, new_word: str) -> tuple[str, str]:
@@ -66,8 +70,10 @@ def edit_prompt_word(texts: tuple[str, str], word_index: int, new_word: str) -> 
 def hard_negative(texts: tuple[str, str], fresh: tuple[str, str]) -> tuple[str, str]:
     """The first 60% of the prompt text, then the ending and replies of another pair."""
     pair = split_pair(*texts)
-    prompt_text = "".join(f"\n\n{'Human' if t['role'] == 'user' else 'Assistant'}: {t['content']}"
-                          for t in pair.prompt)
+    prompt_text = "".join(
+        f"\n\n{'Human' if t['role'] == 'user' else 'Assistant'}: {t['content']}"
+        for t in pair.prompt
+    )
     cut = prompt_text.rfind(" ", 0, int(len(prompt_text) * 0.6))
     other = split_pair(*fresh)
     tail = " ".join(t["content"] for t in other.prompt)
@@ -83,7 +89,12 @@ def planted():
     cases = {
         "exact": (c, r, "helpful-base", "train"),
         "swapped": (r, c, "helpful-online", "train"),
-        "case_space": (shout(c).replace(" ", "  "), shout(r).replace(" ", "  "), "helpful-base", "train"),
+        "case_space": (
+            shout(c).replace(" ", "  "),
+            shout(r).replace(" ", "  "),
+            "helpful-base",
+            "train",
+        ),
         "near": (*edit_prompt_word(base[1], 5, "zebra"), "helpful-base", "train"),
         "hard_negative": (*hard_negative(base[2], base[6]), "helpful-base", "train"),
     }
@@ -105,7 +116,10 @@ def test_planted_duplicates_have_known_outcomes(planted):
     assert 0.7 <= drops[case_ids["near"]]["similarity"] < 1.0
     assert case_ids["hard_negative"] not in drops
     # the exact copy has the same id as its original: one of the two is dropped, pointing at it
-    assert Counter(result.drops["reason"].to_pylist()) == {"exact_duplicate": 3, "near_duplicate": 1}
+    assert Counter(result.drops["reason"].to_pylist()) == {
+        "exact_duplicate": 3,
+        "near_duplicate": 1,
+    }
     assert result.report["dropped_by_reason"] == {"exact_duplicate": 3, "near_duplicate": 1}
     assert result.report["cluster_size_histogram"] == {"1": 5, "2": 1, "4": 1}
 
@@ -119,7 +133,9 @@ def test_prompt_scope_also_finds_the_near_duplicate_and_not_the_hard_negative(pl
 
 def test_switches_change_what_counts_as_exact(planted):
     table, case_ids, _ = planted
-    strict = DedupSettings(lowercase=False, collapse_whitespace=False, reply_order_matters=True, near=False)
+    strict = DedupSettings(
+        lowercase=False, collapse_whitespace=False, reply_order_matters=True, near=False
+    )
     dropped = set(deduplicate(table, strict).drops["id"].to_pylist())
     assert case_ids["swapped"] not in dropped and case_ids["case_space"] not in dropped
     assert case_ids["exact"] in dropped
@@ -128,7 +144,9 @@ def test_switches_change_what_counts_as_exact(planted):
 def test_cluster_mode_keeps_near_duplicates_under_one_cluster_id(planted):
     table, case_ids, ids = planted
     result = deduplicate(table, DedupSettings(near_action="cluster"))
-    kept = {row["id"]: row["cluster_id"] for row in result.kept.select(["id", "cluster_id"]).to_pylist()}
+    kept = {
+        row["id"]: row["cluster_id"] for row in result.kept.select(["id", "cluster_id"]).to_pylist()
+    }
     assert kept[case_ids["near"]] == ids[1] == kept[ids[1]]
     assert "near_duplicate" not in result.drops["reason"].to_pylist()
     assert result.report["cluster_size_histogram"] == {"1": 5, "2": 1, "4": 1}
@@ -153,8 +171,12 @@ def test_which_copy_survives(survivor, order, expected_kept):
 
 
 def test_settings_round_trip_through_json():
-    settings = DedupSettings(survivor="subset_order", subset_order=("helpful-base",), threshold=0.8,
-                             degenerate={"empty_reply": "drop"})
+    settings = DedupSettings(
+        survivor="subset_order",
+        subset_order=("helpful-base",),
+        threshold=0.8,
+        degenerate={"empty_reply": "drop"},
+    )
     text = json.dumps(settings.to_json())
     assert DedupSettings.from_json(json.loads(text)) == settings
 
@@ -190,26 +212,37 @@ VARIANTS = {
     "edited": lambda c, r: edit_prompt_word((c, r), 3, "quokka"),
 }
 rows_strategy = st.lists(
-    st.tuples(st.integers(0, len(POOL) - 1), st.sampled_from(sorted(VARIANTS)),
-              st.sampled_from(["helpful-base", "harmless-base"]), st.sampled_from(["train", "test"])),
-    min_size=1, max_size=14,
+    st.tuples(
+        st.integers(0, len(POOL) - 1),
+        st.sampled_from(sorted(VARIANTS)),
+        st.sampled_from(["helpful-base", "harmless-base"]),
+        st.sampled_from(["train", "test"]),
+    ),
+    min_size=1,
+    max_size=14,
 )
 
 
 def build(rows):
-    return pair_table([(*VARIANTS[kind](*POOL[i]), subset, split) for i, kind, subset, split in rows])
+    return pair_table(
+        [(*VARIANTS[kind](*POOL[i]), subset, split) for i, kind, subset, split in rows]
+    )
 
 
 @hsettings(max_examples=25, deadline=None)
-@given(rows=rows_strategy, survivor=st.sampled_from(["first", "train_first"]),
-       scope=st.sampled_from(["prompt", "pair"]))
+@given(
+    rows=rows_strategy,
+    survivor=st.sampled_from(["first", "train_first"]),
+    scope=st.sampled_from(["prompt", "pair"]),
+)
 def test_laws_accounting_and_idempotence(rows, survivor, scope):
     table = build(rows)
     settings = DedupSettings(survivor=survivor, near_scope=scope)
     result = deduplicate(table, settings)
     # kept + dropped = input, as multisets of ids
-    assert Counter(result.kept["id"].to_pylist()) + Counter(result.drops["id"].to_pylist()) == Counter(
-        table["id"].to_pylist())
+    assert Counter(result.kept["id"].to_pylist()) + Counter(
+        result.drops["id"].to_pylist()
+    ) == Counter(table["id"].to_pylist())
     # a duplicate is removed, a degenerate pair filtered: the fate follows the reason's stage
     fates = {"exact_duplicate": "removed", "near_duplicate": "removed"}
     for drop in result.drops.select(["fate", "reason"]).to_pylist():
@@ -235,7 +268,7 @@ def real_records():
 def shingle_set(words: list[str], size: int = 5) -> set:
     if len(words) < size:
         return {tuple(words)} if words else set()
-    return {tuple(words[i:i + size]) for i in range(len(words) - size + 1)}
+    return {tuple(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
 def test_report_matches_an_independent_count_on_real_harmless_base():
@@ -251,17 +284,27 @@ def test_report_matches_an_independent_count_on_real_harmless_base():
     # differ by more than the threshold allows cannot reach it)
     seen, exact, near, kept_sets = set(), 0, 0, []
     for r in records:
-        key = frozenset([" ".join(r["chosen"].lower().split()), " ".join(r["rejected"].lower().split())])
+        key = frozenset(
+            [" ".join(r["chosen"].lower().split()), " ".join(r["rejected"].lower().split())]
+        )
         if key in seen:
             exact += 1
             continue
         seen.add(key)
         pair = split_pair(r["chosen"], r["rejected"])
-        words = " ".join(t["content"] for t in pair.prompt + pair.chosen + pair.rejected).lower().split()
+        words = (
+            " ".join(t["content"] for t in pair.prompt + pair.chosen + pair.rejected)
+            .lower()
+            .split()
+        )
         mine = shingle_set(words)
         turns = len(pair.prompt)
-        if any(turns == other_turns and 0.7 * len(other) <= len(mine) <= len(other) / 0.7
-               and len(mine & other) >= 0.7 * len(mine | other) for other, other_turns in kept_sets):
+        if any(
+            turns == other_turns
+            and 0.7 * len(other) <= len(mine) <= len(other) / 0.7
+            and len(mine & other) >= 0.7 * len(mine | other)
+            for other, other_turns in kept_sets
+        ):
             near += 1
         else:
             kept_sets.append((mine, turns))
@@ -273,17 +316,30 @@ def test_report_matches_an_independent_count_on_real_harmless_base():
         empty += not chosen.strip() or not rejected.strip()
         identical += " ".join(chosen.lower().split()) == " ".join(rejected.lower().split())
         roles = [t["role"] for t in pair.prompt]
-        alternates = roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
-        non_alternating += (not alternates or len(roles) % 2 == 0
-                            or "\n\nAssistant: " in chosen or "\n\nAssistant: " in rejected)
+        alternates = roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (
+            len(roles) % 2
+        )
+        non_alternating += (
+            not alternates
+            or len(roles) % 2 == 0
+            or "\n\nAssistant: " in chosen
+            or "\n\nAssistant: " in rejected
+        )
 
     assert report["input"] == len(records) == 2312
     assert report["dropped_by_reason"].get("exact_duplicate", 0) == exact
     assert report["dropped_by_reason"].get("near_duplicate", 0) == near
-    assert report["degenerate_found"] == {"identical_replies": identical, "empty_reply": empty,
-                                          "prompt_disagrees": 0, "non_alternating": non_alternating}
+    assert report["degenerate_found"] == {
+        "identical_replies": identical,
+        "empty_reply": empty,
+        "prompt_disagrees": 0,
+        "non_alternating": non_alternating,
+    }
     assert report["kept"] == len(records) - exact - near
-    assert sum(int(size) * count for size, count in report["cluster_size_histogram"].items()) == report["input"]
+    assert (
+        sum(int(size) * count for size, count in report["cluster_size_histogram"].items())
+        == report["input"]
+    )
 
 
 # ---------------------------------------------------------------- the CLI
@@ -293,27 +349,62 @@ def test_cli_dedup_and_leakage(tmp_path, capsys, planted):
     from hhdata.cli import main
 
     sample = resources.files("hhdata").joinpath("data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
-    assert main(["dedup", str(sample), "--report", str(tmp_path / "r.json"), "--drops", str(tmp_path / "d.parquet")]) == 0
+    assert (
+        main(
+            [
+                "dedup",
+                str(sample),
+                "--report",
+                str(tmp_path / "r.json"),
+                "--drops",
+                str(tmp_path / "d.parquet"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("read 2,312 records: kept 2,312, quarantined 0, dropped 0\n")
     assert json.loads((tmp_path / "r.json").read_text())["input"] == 2312
 
     table, case_ids, _ = planted
-    leaky = table.set_column(table.schema.get_field_index("split"), "split",
-                             pa.array(["train"] * (table.num_rows - 1) + ["test"]))
+    leaky = table.set_column(
+        table.schema.get_field_index("split"),
+        "split",
+        pa.array(["train"] * (table.num_rows - 1) + ["test"]),
+    )
     import pyarrow.parquet as pq
+
     pq.write_table(leaky, tmp_path / "pairs.parquet")
-    assert main(["dedup", str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "kept.parquet")]) == 0
+    assert (
+        main(["dedup", str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "kept.parquet")])
+        == 0
+    )
     assert "exact_duplicate: 3\n  near_duplicate: 1\n" in capsys.readouterr().out
     assert pq.read_table(tmp_path / "kept.parquet").num_rows == table.num_rows - 4
     # the hard negative (last row) is in test; its prompt shares only a prefix with train
     assert main(["leakage", str(tmp_path / "pairs.parquet")]) == 0
-    swapped = leaky.set_column(leaky.schema.get_field_index("split"), "split",
-                               pa.array(["test"] + ["train"] * (table.num_rows - 1)))
+    swapped = leaky.set_column(
+        leaky.schema.get_field_index("split"),
+        "split",
+        pa.array(["test"] + ["train"] * (table.num_rows - 1)),
+    )
     pq.write_table(swapped, tmp_path / "leaky.parquet")
     assert main(["leakage", str(tmp_path / "leaky.parquet")]) == 1
-    assert main(["leakage", str(tmp_path / "leaky.parquet"), "--resplit-seed", "0", "--test-fraction", "0.2",
-                 "--out", str(tmp_path / "fixed.parquet")]) == 0
+    assert (
+        main(
+            [
+                "leakage",
+                str(tmp_path / "leaky.parquet"),
+                "--resplit-seed",
+                "0",
+                "--test-fraction",
+                "0.2",
+                "--out",
+                str(tmp_path / "fixed.parquet"),
+            ]
+        )
+        == 0
+    )
     fixed = pq.read_table(tmp_path / "fixed.parquet")
     assert main(["leakage", str(tmp_path / "fixed.parquet")]) == 0
     assert fixed.num_rows == table.num_rows
@@ -323,24 +414,42 @@ WORDS = st.sampled_from(["a", "b", "c", "D", "e", "f"])
 
 
 @hsettings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.lists(WORDS, max_size=7), min_size=1, max_size=3),
-                          st.lists(WORDS, max_size=4), st.lists(WORDS, max_size=4)),
-                min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.lists(WORDS, max_size=7), min_size=1, max_size=3),
+            st.lists(WORDS, max_size=4),
+            st.lists(WORDS, max_size=4),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
 # found by CI: the prompts' data ends in a space on a 64-byte boundary (minhash.split_whitespace)
-@example(rows=[([["a"] * 7], [], ["a"]), ([["a"] * 3, ["a"] * 6], [], []), ([["a"] * 3], [], []),
-               ([["a"] * 7], [], []), ([["a"], ["a"] * 7, []], [], [])])
+@example(
+    rows=[
+        ([["a"] * 7], [], ["a"]),
+        ([["a"] * 3, ["a"] * 6], [], []),
+        ([["a"] * 3], [], []),
+        ([["a"] * 7], [], []),
+        ([["a"], ["a"] * 7, []], [], []),
+    ]
+)
 def test_pair_sketch_from_the_prompt_equals_shingling_the_whole_text(rows):
     """The pair's signature is min(prompt's, rest's), its shingles the prompt's and the
     rest's: the same as shingling near_texts directly, short prompts and empty replies too."""
+
     def turns(contents, first_role="user"):
         roles = [first_role, "assistant"] * len(contents)
         return [{"role": r, "content": " ".join(c)} for r, c in zip(roles, contents)]
 
-    table = pa.table({
-        "prompt": [turns(p) for p, _, _ in rows],
-        "chosen": [turns([c], "assistant") for _, c, _ in rows],
-        "rejected": [turns([r], "assistant") for _, _, r in rows],
-    })
+    table = pa.table(
+        {
+            "prompt": [turns(p) for p, _, _ in rows],
+            "chosen": [turns([c], "assistant") for _, c, _ in rows],
+            "rejected": [turns([r], "assistant") for _, _, r in rows],
+        }
+    )
     for kind in ("oph", "minhash"):
         settings = DedupSettings(shingle_size=3, num_perm=16, bands=4, rows=4, sketch=kind)
         pair, prompt = dedup.sketches(table, settings)
@@ -353,5 +462,7 @@ def test_pair_sketch_from_the_prompt_equals_shingling_the_whole_text(rows):
         direct = minhash.word_shingles(dedup.near_texts(table, scope), 3)
         every = sketch.shingles_of(np.arange(len(rows)))
         for row in range(len(rows)):
-            mine = set(every.hashes[every.offsets[row]:every.offsets[row + 1]].tolist())
-            assert mine == set(direct.hashes[direct.offsets[row]:direct.offsets[row + 1]].tolist())
+            mine = set(every.hashes[every.offsets[row] : every.offsets[row + 1]].tolist())
+            assert mine == set(
+                direct.hashes[direct.offsets[row] : direct.offsets[row + 1]].tolist()
+            )

@@ -15,10 +15,16 @@ from hhdata.release import ParquetSettings, diff, write_release
 
 
 def build(table: pa.Table, out, version: str, **options):
-    accounting = {"read": table.num_rows, "kept": table.num_rows, "quarantined": {},
-                  "removed": {}, "filtered": {}}
-    return write_release(table, out, version, sources=[], accounting=accounting, settings={},
-                         **options)
+    accounting = {
+        "read": table.num_rows,
+        "kept": table.num_rows,
+        "quarantined": {},
+        "removed": {},
+        "filtered": {},
+    }
+    return write_release(
+        table, out, version, sources=[], accounting=accounting, settings={}, **options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +38,15 @@ def v1(pairs, tmp_path_factory):
     return build(pairs.slice(0, 700), tmp_path_factory.mktemp("releases"), "1.0.0")
 
 
-@pytest.mark.parametrize("previous, change, expected", [
-    ("1.0.0", "patch", "1.0.1"), ("1.0.7", "minor", "1.1.0"), ("1.9.3", "major", "2.0.0"),
-    ("0.1.0", "minor", "0.2.0"),
-])
+@pytest.mark.parametrize(
+    "previous, change, expected",
+    [
+        ("1.0.0", "patch", "1.0.1"),
+        ("1.0.7", "minor", "1.1.0"),
+        ("1.9.3", "major", "2.0.0"),
+        ("0.1.0", "minor", "0.2.0"),
+    ],
+)
 def test_next_version(previous, change, expected):
     assert diff.next_version(previous, change) == expected
 
@@ -46,7 +57,11 @@ def test_appending_rows_is_minor_and_lists_the_added_ids(v1, pairs):
     assert v2.diff.change == "minor"
     assert set(v2.diff.configs["all"].added) == added
     assert v2.diff.configs["harmless-base"].removed == []
-    assert v2.manifest["previous"] == {"version": "1.0.0", "change": "minor", "version_check": "enforced"}
+    assert v2.manifest["previous"] == {
+        "version": "1.0.0",
+        "change": "minor",
+        "version_check": "enforced",
+    }
     changelog = (v2.path / "CHANGELOG.md").read_text()
     assert changelog.startswith("# Changelog\n\n## 1.1.0\n")
     assert "A minor change from 1.0.0: 100 rows added, 0 removed, 0 edited" in changelog
@@ -55,13 +70,22 @@ def test_appending_rows_is_minor_and_lists_the_added_ids(v1, pairs):
     assert v2.diff.changed_files  # the harmless-base file itself grew
 
 
-@pytest.mark.parametrize("version, expected_words", [
-    ("1.0.1", "the change from 1.0.0 is minor (100 rows added, 0 removed, 0 edited), so the "
-              "new version must be 1.1.0, not 1.0.1; use --version 1.1.0, or pass "
-              "--allow-version-mismatch"),
-    ("2.0.0", "so the new version must be 1.1.0, not 2.0.0"),
-    ("0.9.0", "version 0.9.0 is not greater than the previous release 1.0.0; the next version is 1.1.0"),
-])
+@pytest.mark.parametrize(
+    "version, expected_words",
+    [
+        (
+            "1.0.1",
+            "the change from 1.0.0 is minor (100 rows added, 0 removed, 0 edited), so the "
+            "new version must be 1.1.0, not 1.0.1; use --version 1.1.0, or pass "
+            "--allow-version-mismatch",
+        ),
+        ("2.0.0", "so the new version must be 1.1.0, not 2.0.0"),
+        (
+            "0.9.0",
+            "version 0.9.0 is not greater than the previous release 1.0.0; the next version is 1.1.0",
+        ),
+    ],
+)
 def test_a_contradicting_version_is_refused(v1, pairs, tmp_path, version, expected_words):
     with pytest.raises(VersionError) as refused:
         build(pairs, tmp_path, version, previous=v1.path)
@@ -87,8 +111,9 @@ def test_editing_a_row_is_major_and_names_it(v1, pairs, tmp_path):
     edited_id = rows["id"][3].as_py()
     flags = rows["flags"].to_pylist()
     flags[3] = sorted(set(flags[3]) | {"tag_in_prompt"}) if "tag_in_prompt" not in flags[3] else []
-    edited = rows.set_column(rows.schema.get_field_index("flags"), "flags",
-                             pa.array(flags, pa.list_(pa.string())))
+    edited = rows.set_column(
+        rows.schema.get_field_index("flags"), "flags", pa.array(flags, pa.list_(pa.string()))
+    )
     with pytest.raises(VersionError, match="is major"):
         build(edited, tmp_path, "1.1.0", previous=v1.path)
     built = build(edited, tmp_path, "2.0.0", previous=v1.path)
@@ -105,8 +130,13 @@ def test_moving_a_row_to_another_split_is_an_edit(v1, pairs, tmp_path):
 
 
 def test_same_rows_in_new_bytes_is_a_patch(v1, pairs, tmp_path):
-    built = build(pairs.slice(0, 700), tmp_path, "1.0.1", previous=v1.path,
-                  parquet=ParquetSettings(compression="snappy", compression_level=None))
+    built = build(
+        pairs.slice(0, 700),
+        tmp_path,
+        "1.0.1",
+        previous=v1.path,
+        parquet=ParquetSettings(compression="snappy", compression_level=None),
+    )
     assert built.diff.change == "patch"
     assert "data/harmless-base/test-00000-of-00001.parquet" in built.diff.changed_files
     assert all(not (c.added or c.removed or c.edited) for c in built.diff.configs.values())
@@ -130,15 +160,19 @@ def test_cli_diff_prints_counts_and_ids(v1, pairs, tmp_path, capsys):
 
 
 def test_edited_ids_look_inside_the_turns(pairs):
-    rows = pairs.slice(0, 50).select(["id", "subset", "family", "split", "prompt", "chosen",
-                                      "rejected", "flags"])
+    rows = pairs.slice(0, 50).select(
+        ["id", "subset", "family", "split", "prompt", "chosen", "rejected", "flags"]
+    )
     prompts = rows["prompt"].to_pylist()
     ids = rows["id"].to_pylist()
-    prompts[4][0]["content"] += "!"                      # one character in a turn
-    prompts[9][-1]["role"] = "assistant"                  # a role
+    prompts[4][0]["content"] += "!"  # one character in a turn
+    prompts[9][-1]["role"] = "assistant"  # a role
     prompts[17].append({"role": "user", "content": "x"})  # one more turn
-    changed = rows.set_column(rows.schema.get_field_index("prompt"), "prompt",
-                              pa.array(prompts, rows.schema.field("prompt").type))
+    changed = rows.set_column(
+        rows.schema.get_field_index("prompt"),
+        "prompt",
+        pa.array(prompts, rows.schema.field("prompt").type),
+    )
     shuffled = changed.take(pa.array(list(range(49, -1, -1))))  # order does not matter
     assert diff.edited_ids(rows, shuffled) == {ids[4], ids[9], ids[17]}
     assert diff.edited_ids(rows, rows.take(pa.array(list(range(49, -1, -1))))) == set()
@@ -165,8 +199,10 @@ def mutate(row: dict, kind: str) -> dict:
 
 
 @settings(max_examples=25, deadline=None)
-@given(edits=st.dictionaries(st.integers(0, 29), st.sampled_from(MUTATIONS), max_size=8),
-       order=st.permutations(list(range(30))))
+@given(
+    edits=st.dictionaries(st.integers(0, 29), st.sampled_from(MUTATIONS), max_size=8),
+    order=st.permutations(list(range(30))),
+)
 def test_edited_ids_are_exactly_the_rows_changed(pairs, edits, order):
     rows = pairs.slice(0, 30).select(["id", *diff._CONTENT_COLUMNS])
     listed = rows.to_pylist()

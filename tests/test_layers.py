@@ -20,11 +20,17 @@ PACKAGE = ROOT / "hhdata"
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     """Run import-linter on the hhdata found in `cwd` (the contracts in its pyproject.toml)."""
-    command = shutil.which("lint-imports", path=os.path.dirname(sys.executable)) or shutil.which("lint-imports")
+    command = shutil.which("lint-imports", path=os.path.dirname(sys.executable)) or shutil.which(
+        "lint-imports"
+    )
     if command is None:
-        pytest.fail("lint-imports is missing: pip install -e '.[dev]' (import-linter is in the dev extra)")
+        pytest.fail(
+            "lint-imports is missing: pip install -e '.[dev]' (import-linter is in the dev extra)"
+        )
     env = {**os.environ, "PYTHONPATH": str(cwd)}
-    return subprocess.run([command, "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [command, "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_imports_only_go_down():
@@ -35,7 +41,9 @@ def test_imports_only_go_down():
 
 def test_an_upward_import_breaks_the_contract(tmp_path):
     """The contract can fail: a copy of the package where the floor imports a stage is refused."""
-    shutil.copytree(PACKAGE, tmp_path / "hhdata", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    shutil.copytree(
+        PACKAGE, tmp_path / "hhdata", ignore=shutil.ignore_patterns("data", "__pycache__")
+    )
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     schema = tmp_path / "hhdata" / "schema.py"
     schema.write_text(schema.read_text() + "\nfrom hhdata.pairs import build  # noqa: E402,F401\n")
@@ -66,7 +74,11 @@ def private_names_across_modules(source: str) -> list[str]:
                 elif alias.name[:1].islower():  # a module or function: its private attributes count
                     modules.add(alias.asname or alias.name)
         elif isinstance(node, ast.Import):
-            modules.update(alias.asname or alias.name for alias in node.names if alias.name.startswith("hhdata"))
+            modules.update(
+                alias.asname or alias.name
+                for alias in node.names
+                if alias.name.startswith("hhdata")
+            )
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr):
             owner = ast.unparse(node.value)
@@ -75,7 +87,9 @@ def private_names_across_modules(source: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda path: str(path.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", sorted(PACKAGE.rglob("*.py")), ids=lambda path: str(path.relative_to(ROOT))
+)
 def test_no_private_names_across_modules(path):
     assert private_names_across_modules(path.read_text()) == []
 
@@ -86,6 +100,11 @@ def test_the_package_passes_ruff():
     command = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.which("ruff")
     if command is None:
         pytest.fail("ruff is missing: pip install -e '.[dev]' (ruff is in the dev extra)")
-    result = subprocess.run([command, "check", "--no-cache", "--output-format", "concise", "hhdata"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [command, "check", "--no-cache", "--output-format", "concise", "hhdata"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

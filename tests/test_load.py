@@ -28,10 +28,19 @@ def test_load_returns_the_bundled_sample_as_canonical_pair_rows(fresh_cache, sam
     test = ds["test"]
     assert test.num_rows == 2312
     assert test.data.table.schema.remove_metadata() == PAIR_SCHEMA
-    assert test.features["prompt"] == datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    assert test.features["prompt"] == datasets.List(
+        {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    )
     first = test[0]
-    assert (first["chosen_text"], first["rejected_text"]) == (sample_records[0]["chosen"], sample_records[0]["rejected"])
-    assert (first["subset"], first["family"], first["split"]) == ("harmless-base", "harmless", "test")
+    assert (first["chosen_text"], first["rejected_text"]) == (
+        sample_records[0]["chosen"],
+        sample_records[0]["rejected"],
+    )
+    assert (first["subset"], first["family"], first["split"]) == (
+        "harmless-base",
+        "harmless",
+        "test",
+    )
 
 
 def test_the_second_load_reads_the_cache_well_under_a_second(fresh_cache):
@@ -62,11 +71,17 @@ def test_config_and_split_select_rows(fresh_cache):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"config": "helpful"}, "config 'helpful' selects no rows of the bundled sample, which holds the subsets "
-         "['harmless-base']; pass 'all', 'helpful', 'harmless' or one of those subsets"),
+        (
+            {"config": "helpful"},
+            "config 'helpful' selects no rows of the bundled sample, which holds the subsets "
+            "['harmless-base']; pass 'all', 'helpful', 'harmless' or one of those subsets",
+        ),
         ({"split": "train"}, "the bundled sample has no split 'train'; it has ['test']"),
-        ({"version": "1.0.0"}, "version='1.0.0' names a release, but no source was given; the bundled sample "
-         "has no versions (pass a release folder or a Hub repo id)"),
+        (
+            {"version": "1.0.0"},
+            "version='1.0.0' names a release, but no source was given; the bundled sample "
+            "has no versions (pass a release folder or a Hub repo id)",
+        ),
     ],
 )
 def test_requests_the_sample_cannot_meet_are_refused(fresh_cache, kwargs, message):
@@ -79,7 +94,15 @@ def test_raw_files_load_by_split(tmp_path, fresh_cache):
     folder = tmp_path / "helpful-base"
     folder.mkdir()
     for split in ("train", "test"):
-        lines = [json.dumps({"chosen": f"\n\nHuman: {split} {n}\n\nAssistant: a", "rejected": f"\n\nHuman: {split} {n}\n\nAssistant: b"}) for n in range(3)]
+        lines = [
+            json.dumps(
+                {
+                    "chosen": f"\n\nHuman: {split} {n}\n\nAssistant: a",
+                    "rejected": f"\n\nHuman: {split} {n}\n\nAssistant: b",
+                }
+            )
+            for n in range(3)
+        ]
         (folder / f"{split}.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
     ds = hhdata.load(tmp_path)
     assert sorted(ds) == ["test", "train"] and ds["train"].num_rows == 3
@@ -90,7 +113,9 @@ def test_raw_files_load_by_split(tmp_path, fresh_cache):
 def test_an_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError) as raised:
         hhdata.load(str(tmp_path / "no" / "such" / "place"))
-    assert str(raised.value).endswith("is neither a local path nor a Hub repo id ('org/name'); check the spelling")
+    assert str(raised.value).endswith(
+        "is neither a local path nor a Hub repo id ('org/name'); check the spelling"
+    )
 
 
 def test_a_local_release_folder_goes_to_the_release_loader(tmp_path, fresh_cache, sample_path):

@@ -18,7 +18,7 @@ def python_shingles(text: str, k: int) -> set:
         return set()
     if len(words) < k:
         return {tuple(words)}
-    return {tuple(words[i:i + k]) for i in range(len(words) - k + 1)}
+    return {tuple(words[i : i + k]) for i in range(len(words) - k + 1)}
 
 
 def python_jaccard(a: str, b: str, k: int) -> float:
@@ -31,7 +31,7 @@ def python_jaccard(a: str, b: str, k: int) -> float:
 def test_shingle_counts_and_exact_jaccard_match_python_sets(texts, k):
     shingles = minhash.word_shingles(texts, k)
     for index, text in enumerate(texts):
-        distinct = np.unique(shingles.hashes[shingles.offsets[index]:shingles.offsets[index + 1]])
+        distinct = np.unique(shingles.hashes[shingles.offsets[index] : shingles.offsets[index + 1]])
         assert len(distinct) == len(python_shingles(text, k))
     pairs = np.array([(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))])
     got = minhash.exact_jaccard(shingles, pairs)
@@ -42,23 +42,28 @@ def test_shingle_counts_and_exact_jaccard_match_python_sets(texts, k):
 def test_hashes_do_not_depend_on_the_rest_of_the_corpus():
     alone = minhash.word_shingles(["the quick brown fox jumps"], 3)
     among = minhash.word_shingles(["zebra crossing here", "the quick brown fox jumps", ""], 3)
-    assert alone.hashes.tolist() == among.hashes[among.offsets[1]:among.offsets[2]].tolist()
+    assert alone.hashes.tolist() == among.hashes[among.offsets[1] : among.offsets[2]].tolist()
 
 
-@pytest.mark.parametrize("texts", [
-    ["a" * 63 + " "],  # the data ends on a 64-byte boundary, in whitespace
-    ["x", "b" * 62 + "\n"],
-    ["a a a", "a" * 124 + "\u00a0 "],
-    ["é" + "a" * 61 + " ", "", None],
-    ["a b c " * 32],
-])
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["a" * 63 + " "],  # the data ends on a 64-byte boundary, in whitespace
+        ["x", "b" * 62 + "\n"],
+        ["a a a", "a" * 124 + "\u00a0 "],
+        ["é" + "a" * 61 + " ", "", None],
+        ["a b c " * 32],
+    ],
+)
 def test_words_are_the_same_however_the_data_ends(texts):
     """Arrow's utf8_split_whitespace reads past a string that ends in whitespace; for the
     last string that is memory outside the array, and the result changed from call to
     call. word_tokens must give Python's split every time."""
     import pyarrow as pa
 
-    vocabulary = {word: minhash.word_tokens([word])[0][0] for t in texts if t for word in t.lower().split()}
+    vocabulary = {
+        word: minhash.word_tokens([word])[0][0] for t in texts if t for word in t.lower().split()
+    }
     expected = [vocabulary[w] for t in texts if t for w in t.lower().split()]
     for _ in range(40):
         tokens, offsets = minhash.word_tokens(pa.array(texts, pa.string()))
@@ -95,14 +100,19 @@ def test_long_shared_prefix_is_a_candidate_but_not_verified():
     rng = np.random.default_rng(1)
     prefix = " ".join(rng.integers(0, 10_000, 150).astype(str))
     endings = [" ".join(rng.integers(0, 10_000, 150).astype(str)) for _ in range(2)]
-    texts = [prefix + " " + endings[0], prefix + " " + endings[1], prefix + " " + endings[0] + " ok"]
+    texts = [
+        prefix + " " + endings[0],
+        prefix + " " + endings[1],
+        prefix + " " + endings[0] + " ok",
+    ]
     # loose banding (many bands of one row) makes the hard negative a candidate
     shingles = minhash.word_shingles(texts, 5)
     candidates = minhash.band_candidates(minhash.signatures(shingles, 64), 64, 1)
     assert [0, 1] in candidates.tolist()
     for verify in ("exact", "estimate"):
-        pairs, similarity = minhash.similar_pairs(texts, shingle_size=5, num_perm=64, bands=64, rows=1,
-                                                  threshold=0.7, verify=verify)
+        pairs, similarity = minhash.similar_pairs(
+            texts, shingle_size=5, num_perm=64, bands=64, rows=1, threshold=0.7, verify=verify
+        )
         assert pairs.tolist() == [[0, 2]] and similarity[0] > 0.9
 
 
@@ -115,14 +125,20 @@ def test_bucket_larger_than_max_bucket_still_links_every_member():
 
 
 def test_band_shape_is_checked():
-    with pytest.raises(ValueError, match="8 bands x 4 rows need 32 permutations, but the signatures have 16"):
+    with pytest.raises(
+        ValueError, match="8 bands x 4 rows need 32 permutations, but the signatures have 16"
+    ):
         minhash.band_candidates(np.zeros((2, 16), dtype=np.uint32), 8, 4)
 
 
 def test_signatures_are_seeded():
     shingles = minhash.word_shingles(["one two three four", "five six seven"], 2)
-    assert (minhash.signatures(shingles, 8, seed=3) == minhash.signatures(shingles, 8, seed=3)).all()
-    assert (minhash.signatures(shingles, 8, seed=3) != minhash.signatures(shingles, 8, seed=4)).any()
+    assert (
+        minhash.signatures(shingles, 8, seed=3) == minhash.signatures(shingles, 8, seed=3)
+    ).all()
+    assert (
+        minhash.signatures(shingles, 8, seed=3) != minhash.signatures(shingles, 8, seed=4)
+    ).any()
 
 
 def test_connected_components_label_by_smallest_member():
@@ -152,8 +168,12 @@ def reference_densify(bins: np.ndarray, seed: int) -> np.ndarray:
 
 
 @settings(max_examples=30, deadline=None)
-@given(texts=st.lists(WORDS.map(" ".join), min_size=1, max_size=8), k=st.integers(1, 3),
-       bins=st.sampled_from([4, 16, 37]), seed=st.integers(0, 5))
+@given(
+    texts=st.lists(WORDS.map(" ".join), min_size=1, max_size=8),
+    k=st.integers(1, 3),
+    bins=st.sampled_from([4, 16, 37]),
+    seed=st.integers(0, 5),
+)
 def test_one_permutation_hashing_fills_every_bin_by_its_definition(texts, k, bins, seed):
     shingles = minhash.word_shingles(texts, k)
     raw = minhash.oph_bins(shingles, bins, seed)
@@ -173,8 +193,10 @@ def test_one_permutation_estimate_is_unbiased_and_close_for_long_texts():
     for n in errors:
         for trial in range(200):
             base = rng.integers(0, 2**40, 2 * n).astype(np.uint64)
-            a, b = base[:n], base[n // 4: n // 4 + n]
-            jaccard = len(set(a.tolist()) & set(b.tolist())) / len(set(a.tolist()) | set(b.tolist()))
+            a, b = base[:n], base[n // 4 : n // 4 + n]
+            jaccard = len(set(a.tolist()) & set(b.tolist())) / len(
+                set(a.tolist()) | set(b.tolist())
+            )
             sketch = minhash.Shingles(np.concatenate([a, b]), np.array([0, n, 2 * n]))
             sig = minhash.oph_signatures(sketch, 128, trial)
             errors[n].append((sig[0] == sig[1]).mean() - jaccard)

@@ -22,7 +22,11 @@ def test_tiny_tokenizer_round_trips_and_has_the_special_tokens():
     ids = tokenizer(TEXTS[0])["input_ids"]
     assert tokenizer.decode(ids) == TEXTS[0]
     assert len(ids) < len(TEXTS[0]) / 2  # merges were learned, not bytes only
-    assert {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} == {"<s>", "</s>", "<pad>"}
+    assert {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} == {
+        "<s>",
+        "</s>",
+        "<pad>",
+    }
 
 
 def test_tiny_model_weights_are_decided_by_the_seed(tmp_path):
@@ -38,7 +42,9 @@ def test_tiny_model_weights_are_decided_by_the_seed(tmp_path):
     assert lm.config.vocab_size == len(tokenizer)
     first.save_pretrained(tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
-    reloaded = models.load_backbone(str(tmp_path / "saved"), models.load_tokenizer(str(tmp_path / "saved")))
+    reloaded = models.load_backbone(
+        str(tmp_path / "saved"), models.load_tokenizer(str(tmp_path / "saved"))
+    )
     assert torch.equal(reloaded.state_dict()[weight], first.state_dict()[weight])
 
 
@@ -52,10 +58,19 @@ def test_tiny_tokenizer_chat_template_renders_hh_transcripts_byte_exact():
     rows = load_pairs(None)[0]["test"]
     tokenizer = models.load_tokenizer(models.TINY, texts=[row["chosen_text"] for row in rows[:200]])
     for row in rows:
-        for reply, text in ((row["chosen"], row["chosen_text"]), (row["rejected"], row["rejected_text"])):
-            assert tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=False) == text, row["id"]
-    assert any(turn["content"] == "" for row in rows for turn in row["chosen"] + row["prompt"])  # edge case covered
-    head = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+        for reply, text in (
+            (row["chosen"], row["chosen_text"]),
+            (row["rejected"], row["rejected_text"]),
+        ):
+            assert tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=False) == text, (
+                row["id"]
+            )
+    assert any(
+        turn["content"] == "" for row in rows for turn in row["chosen"] + row["prompt"]
+    )  # edge case covered
+    head = tokenizer.apply_chat_template(
+        rows[0]["prompt"], tokenize=False, add_generation_prompt=True
+    )
     assert head == render(None, rows[0]["prompt"], rows[0]["chosen"], chat=False)[0]
     example = {key: rows[0][key] for key in ("prompt", "chosen", "rejected")}
     rendered = apply_chat_template(example, tokenizer)  # TRL's own preference-data rendering
@@ -74,7 +89,9 @@ def test_minilm_loads_offline_from_its_package():
     tokenizer = models.load_tokenizer(models.MINILM)
     model = models.load_backbone(models.MINILM, tokenizer)
     assert models.is_encoder(model.config) and model.config.hidden_size == 384
-    assert model.pooler is not None  # kept: the reward model reads it, as BertForSequenceClassification does
+    assert (
+        model.pooler is not None
+    )  # kept: the reward model reads it, as BertForSequenceClassification does
     batch = tokenizer(["a cat sat", "a dog ran far away"], return_tensors="pt", padding=True)
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -124,13 +141,31 @@ def test_smollm2_reward_model_saves_as_a_standard_sequence_classifier(tmp_path):
     loaded, loaded_tokenizer, settings = load_reward_model(tmp_path)
     before = dict(model.named_parameters())
     assert all(torch.equal(before[name], value) for name, value in loaded.named_parameters())
-    classifier, info = AutoModelForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
     assert not info["missing_keys"] and classifier.config.num_labels == 1
-    assert settings["end_of_turn_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") != classifier.config.pad_token_id
-    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "How do I bake bread at home?"}]]
-    replies = [[{"role": "assistant", "content": "Hello!"}], [{"role": "assistant", "content": "Mix flour and water."}]]
+    assert (
+        settings["end_of_turn_id"]
+        == tokenizer.convert_tokens_to_ids("<|im_end|>")
+        != classifier.config.pad_token_id
+    )
+    prompts = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "How do I bake bread at home?"}],
+    ]
+    replies = [
+        [{"role": "assistant", "content": "Hello!"}],
+        [{"role": "assistant", "content": "Mix flour and water."}],
+    ]
     texts = [reward_text(loaded_tokenizer, p, r, chat=True) for p, r in zip(prompts, replies)]
-    assert texts[0].endswith("Hello!<|im_end|>")  # read at the end of turn, not the newline after it
+    assert texts[0].endswith(
+        "Hello!<|im_end|>"
+    )  # read at the end of turn, not the newline after it
     with torch.no_grad():
-        logits = classifier(**loaded_tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0]
-    torch.testing.assert_close(logits, score(loaded, loaded_tokenizer, settings, prompts, replies), atol=1e-4, rtol=0)
+        logits = classifier(**loaded_tokenizer(texts, return_tensors="pt", padding=True)).logits[
+            :, 0
+        ]
+    torch.testing.assert_close(
+        logits, score(loaded, loaded_tokenizer, settings, prompts, replies), atol=1e-4, rtol=0
+    )

@@ -65,7 +65,10 @@ def test_real_sample_rows_carry_subset_family_split(sample_path):
 
 def test_slow_path_rows_keep_their_place_between_fast_rows():
     good = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: a\n\nAssistant: y")
-    reply_with_human = ("\n\nHuman: a\n\nAssistant: x\n\nHuman: b\n\nAssistant: c", "\n\nHuman: a\n\nAssistant: y")
+    reply_with_human = (
+        "\n\nHuman: a\n\nAssistant: x\n\nHuman: b\n\nAssistant: c",
+        "\n\nHuman: a\n\nAssistant: y",
+    )
     sentinel = ("\n\nHuman: a\x1e\n\nAssistant: x", "\n\nHuman: a\x1e\n\nAssistant: y")
     mismatch = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: x")
     assert_agrees_with_reference([good, reply_with_human, sentinel, mismatch, good])
@@ -83,10 +86,17 @@ def test_read_pairs_equals_read_raw_then_build_pairs_with_each_rows_source(tmp_p
 
     good = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: a\n\nAssistant: y")
     mismatch = ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: x")
-    for name, lines in {"helpful-base": [good, mismatch, None, good], "harmless-base": [mismatch, good, good]}.items():
+    for name, lines in {
+        "helpful-base": [good, mismatch, None, good],
+        "harmless-base": [mismatch, good, good],
+    }.items():
         (tmp_path / name).mkdir()
-        text = "".join("{oops\n" if pair is None else json.dumps({"chosen": pair[0], "rejected": pair[1]}) + "\n"
-                       for pair in lines)
+        text = "".join(
+            "{oops\n"
+            if pair is None
+            else json.dumps({"chosen": pair[0], "rejected": pair[1]}) + "\n"
+            for pair in lines
+        )
         (tmp_path / name / "train.jsonl").write_text(text)
     raw = read_raw(tmp_path)
     pairs, unsplit = build_pairs(raw.table)
@@ -95,11 +105,20 @@ def test_read_pairs_equals_read_raw_then_build_pairs_with_each_rows_source(tmp_p
     assert result.report.accepted == 4 and result.report.reconciles()
     assert result.report.quarantined == {"invalid_json": 1, "prompt_mismatch": 2}
     verdicts = {(r["file"], r["line"], r["reason"]) for r in result.quarantine.to_pylist()}
-    assert verdicts == {(r["file"], r["line"], r["reason"])
-                        for r in raw.quarantine.to_pylist() + unsplit.to_pylist()}
-    base, harm = str(tmp_path / "helpful-base" / "train.jsonl"), str(tmp_path / "harmless-base" / "train.jsonl")
-    assert result.sources.to_pylist() == [{"file": harm, "line": 2}, {"file": harm, "line": 3},
-                                          {"file": base, "line": 1}, {"file": base, "line": 4}]
+    assert verdicts == {
+        (r["file"], r["line"], r["reason"])
+        for r in raw.quarantine.to_pylist() + unsplit.to_pylist()
+    }
+    base, harm = (
+        str(tmp_path / "helpful-base" / "train.jsonl"),
+        str(tmp_path / "harmless-base" / "train.jsonl"),
+    )
+    assert result.sources.to_pylist() == [
+        {"file": harm, "line": 2},
+        {"file": harm, "line": 3},
+        {"file": base, "line": 1},
+        {"file": base, "line": 4},
+    ]
 
 
 def test_empty_table_gives_empty_results():
@@ -108,8 +127,24 @@ def test_empty_table_gives_empty_results():
 
 
 _PIECES = st.sampled_from(
-    ["\n\nHuman: ", "\n\nAssistant: ", "\n\nHuman:", "\n\nAssistant:", "Human:", "Assistant: ",
-     " ", "\n", "\n\n", "hi", "ok", "é", "\x1e", "\u3000", "\x1c", "\t"]
+    [
+        "\n\nHuman: ",
+        "\n\nAssistant: ",
+        "\n\nHuman:",
+        "\n\nAssistant:",
+        "Human:",
+        "Assistant: ",
+        " ",
+        "\n",
+        "\n\n",
+        "hi",
+        "ok",
+        "é",
+        "\x1e",
+        "\u3000",
+        "\x1c",
+        "\t",
+    ]
 )
 _TEXT = st.lists(_PIECES, max_size=10).map("".join)
 
@@ -117,8 +152,14 @@ _TEXT = st.lists(_PIECES, max_size=10).map("".join)
 @st.composite
 def hh_pairs(draw):
     """A shared prompt (sometimes broken) and two replies (sometimes holding tags)."""
-    prompt = draw(st.lists(st.tuples(st.sampled_from(["\n\nHuman: ", "\n\nAssistant: "]), _TEXT), max_size=4))
-    text = "".join(tag + content for tag, content in prompt) + draw(st.sampled_from(["\n\nHuman: ", ""])) + draw(_TEXT)
+    prompt = draw(
+        st.lists(st.tuples(st.sampled_from(["\n\nHuman: ", "\n\nAssistant: "]), _TEXT), max_size=4)
+    )
+    text = (
+        "".join(tag + content for tag, content in prompt)
+        + draw(st.sampled_from(["\n\nHuman: ", ""]))
+        + draw(_TEXT)
+    )
     text += draw(st.sampled_from(["\n\nAssistant:", "\n\nAssistant: ", ""]))
     chosen = text + draw(_TEXT)
     rejected = (draw(_TEXT) if draw(st.booleans()) and draw(st.booleans()) else text) + draw(_TEXT)

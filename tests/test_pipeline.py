@@ -38,7 +38,9 @@ def upstream(tmp_path_factory) -> Path:
     (root / "harmless-base" / "test.jsonl").write_bytes(b"\n".join(harmless) + b"\n")
     helpful = list(SAMPLE_LINES[300:500]) + [b"[1, 2]"]
     (root / "helpful-base").mkdir()
-    (root / "helpful-base" / "train.jsonl.gz").write_bytes(gzip.compress(b"\n".join(helpful), mtime=0))
+    (root / "helpful-base" / "train.jsonl.gz").write_bytes(
+        gzip.compress(b"\n".join(helpful), mtime=0)
+    )
     return root
 
 
@@ -72,9 +74,12 @@ def test_configs_follow_the_subsets_read(built):
     configs = built.manifest["configs"]
     assert list(configs) == ["all", "helpful", "harmless", "harmless-base", "helpful-base"]
     assert configs["helpful"]["splits"]["train"]["files"] == [
-        "data/helpful-base/train-00000-of-00001.parquet"]
-    assert configs["all"]["splits"]["train"]["rows"] + configs["all"]["splits"]["test"]["rows"] \
+        "data/helpful-base/train-00000-of-00001.parquet"
+    ]
+    assert (
+        configs["all"]["splits"]["train"]["rows"] + configs["all"]["splits"]["test"]["rows"]
         == built.manifest["accounting"]["kept"]
+    )
 
 
 def test_sources_are_recorded_relative_with_checksums(built, upstream):
@@ -89,7 +94,9 @@ def test_the_whole_pipeline_is_byte_reproducible(built, upstream, tmp_path):
     again = pipeline.build_release([upstream], version="1.0.0", out=tmp_path)
     for path in built.path.rglob("*"):
         if path.is_file():
-            assert (again.path / path.relative_to(built.path)).read_bytes() == path.read_bytes(), path
+            assert (again.path / path.relative_to(built.path)).read_bytes() == path.read_bytes(), (
+                path
+            )
 
 
 def test_bundled_sample_accounting_matches_an_independent_count(tmp_path):
@@ -104,23 +111,28 @@ def test_bundled_sample_accounting_matches_an_independent_count(tmp_path):
 def test_counts_that_do_not_reconcile_are_refused():
     report = ReadReport(lines=10, blank=1, accepted=9)
     drops = pa.table({"fate": ["removed"], "reason": pa.array(["exact_duplicate"], pa.string())})
-    with pytest.raises(ReleaseError, match=r"read 9 records but kept 7 \+ quarantined 0 \+ "
-                                           r"removed 1 \+ filtered 0 = 8"):
+    with pytest.raises(
+        ReleaseError,
+        match=r"read 9 records but kept 7 \+ quarantined 0 \+ "
+        r"removed 1 \+ filtered 0 = 8",
+    ):
         pipeline.reconcile(report, quarantine_table([]), drops, kept=7)
     assert pipeline.reconcile(report, quarantine_table([]), drops, kept=8)["removed"] == {
-        "exact_duplicate": 1}
-
+        "exact_duplicate": 1
+    }
 
 
 def test_each_drop_is_counted_under_the_fate_the_stage_gave_it():
     """The fate column decides, not the reason's wording: a filter whose reason mentions
     duplicates (turns repeated inside one pair) is still a filter."""
     report = ReadReport(lines=3, accepted=3)
-    drops = pa.table({"fate": ["removed", "filtered"],
-                      "reason": ["near_duplicate", "duplicate_turns"]})
+    drops = pa.table(
+        {"fate": ["removed", "filtered"], "reason": ["near_duplicate", "duplicate_turns"]}
+    )
     accounting = pipeline.reconcile(report, quarantine_table([]), drops, kept=1)
     assert accounting["removed"] == {"near_duplicate": 1}
     assert accounting["filtered"] == {"duplicate_turns": 1}
+
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
@@ -135,11 +147,13 @@ def test_synthetic_subsets_are_refused_unless_named(synthetic, tmp_path):
     with pytest.raises(ReleaseError, match="--include-synthetic synth-harmless-base"):
         pipeline.build_release([synthetic], version="1.0.0", out=tmp_path)
     with pytest.raises(ReleaseError, match=r"\['synth-helpful-base'"):
-        pipeline.build_release([synthetic], version="1.0.0", out=tmp_path,
-                               include_synthetic=["synth-harmless-base"])
+        pipeline.build_release(
+            [synthetic], version="1.0.0", out=tmp_path, include_synthetic=["synth-harmless-base"]
+        )
     assert list(tmp_path.iterdir()) == []
-    built = pipeline.build_release([synthetic], version="1.0.0", out=tmp_path,
-                                   include_synthetic=sorted(set(subsets)))
+    built = pipeline.build_release(
+        [synthetic], version="1.0.0", out=tmp_path, include_synthetic=sorted(set(subsets))
+    )
     assert built.manifest["subsets"]["synth-harmless-base"] == "harmless"
     assert built.manifest["settings"]["include_synthetic"] == sorted(set(subsets))
 
@@ -150,13 +164,37 @@ def test_cli_build_then_a_contradicting_version(upstream, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith(f"built {out / '1.0.0'}\n")
     assert "read 505  kept" in printed
-    code = main(["build", str(upstream), "--version", "1.1.0", "--out", str(out),
-                 "--previous", str(out / "1.0.0")])
+    code = main(
+        [
+            "build",
+            str(upstream),
+            "--version",
+            "1.1.0",
+            "--out",
+            str(out),
+            "--previous",
+            str(out / "1.0.0"),
+        ]
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert "the change from 1.0.0 is patch" in error and "must be 1.0.1, not 1.1.0" in error
-    assert main(["build", str(upstream), "--version", "1.1.0", "--out", str(out),
-                 "--previous", str(out / "1.0.0"), "--allow-version-mismatch"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(upstream),
+                "--version",
+                "1.1.0",
+                "--out",
+                str(out),
+                "--previous",
+                str(out / "1.0.0"),
+                "--allow-version-mismatch",
+            ]
+        )
+        == 0
+    )
     assert "1.0.0 -> 1.1.0: patch change" in capsys.readouterr().out
 
 
@@ -167,12 +205,17 @@ def test_the_upstream_layout_on_the_hub_is_a_source(local_hub, tmp_path):
     repo = "Anthropic/hh-rlhf"
     if not local_hub.repo_path(repo).exists():
         api.create_repo(repo, repo_type="dataset")
-    api.create_commit(repo, [CommitOperationAdd("harmless-base/test.jsonl.gz", str(bundled_sample_path()))],
-                      repo_type="dataset", commit_message="upstream layout")
+    api.create_commit(
+        repo,
+        [CommitOperationAdd("harmless-base/test.jsonl.gz", str(bundled_sample_path()))],
+        repo_type="dataset",
+        commit_message="upstream layout",
+    )
     built = pipeline.build_release([f"hf://{repo}"], version="1.0.0", out=tmp_path)
     digest = hashlib.sha256(bundled_sample_path().read_bytes()).hexdigest()
     assert built.manifest["sources"] == [
-        {"path": "harmless-base/test.jsonl.gz", "sha256": digest, "bytes": 742801}]
+        {"path": "harmless-base/test.jsonl.gz", "sha256": digest, "bytes": 742801}
+    ]
     assert built.manifest["accounting"]["read"] == 2312
 
 
@@ -182,7 +225,9 @@ def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
     (root / "harmless-base").mkdir(parents=True)
     (root / "harmless-base" / "train.jsonl").write_bytes(b"\n".join(SAMPLE_LINES[:40]) + b"\n")
     shared = [json.loads(line) for line in SAMPLE_LINES[:3]]
-    other_reply = [{"chosen": r["chosen"], "rejected": r["rejected"] + " (asked again)"} for r in shared]
+    other_reply = [
+        {"chosen": r["chosen"], "rejected": r["rejected"] + " (asked again)"} for r in shared
+    ]
     test_lines = [json.dumps(r).encode() for r in other_reply] + list(SAMPLE_LINES[100:120])
     (root / "harmless-base" / "test.jsonl").write_bytes(b"\n".join(test_lines) + b"\n")
     # by default the test copies go as near duplicates of their train prompts ...
@@ -190,8 +235,9 @@ def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
     assert deduplicated.accounting["removed"] == {"near_duplicate": 3}
     assert deduplicated.leakage["exact"]["test_rows"] == 0
     # ... without near dedup they stay, and the leak is reported
-    built = pipeline.build_release([root], version="1.0.0", out=tmp_path / "out",
-                                   dedup_settings=DedupSettings(near=False))
+    built = pipeline.build_release(
+        [root], version="1.0.0", out=tmp_path / "out", dedup_settings=DedupSettings(near=False)
+    )
     exact = built.manifest["leakage"]["exact"]
     assert exact["test_rows"] == 3 and exact["within_subset"] == {"harmless-base": 3}
     card = (built.path / "README.md").read_text()
@@ -200,8 +246,23 @@ def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
 
 def test_cli_build_writes_the_quarantine_and_the_drop_log(upstream, tmp_path, capsys):
     quarantine, drops = tmp_path / "quarantine.jsonl", tmp_path / "drops.jsonl"
-    assert main(["build", str(upstream), "--version", "1.0.0", "--out", str(tmp_path / "out"),
-                 "--quarantine", str(quarantine), "--drops", str(drops)]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(upstream),
+                "--version",
+                "1.0.0",
+                "--out",
+                str(tmp_path / "out"),
+                "--quarantine",
+                str(quarantine),
+                "--drops",
+                str(drops),
+            ]
+        )
+        == 0
+    )
     assert f"wrote 3 quarantined records to {quarantine}" in capsys.readouterr().out
     bad = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert sorted(r["reason"] for r in bad) == ["invalid_json", "no_human_turn", "not_an_object"]
@@ -217,7 +278,9 @@ def test_every_build_and_diff_option_is_documented():
     from hhdata.cli import build_parser
 
     docs = (Path(__file__).parent.parent / "docs" / "releases.md").read_text()
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
     for verb in ("build", "diff"):
         assert f"hhdata {verb} " in docs
         for action in subparsers.choices[verb]._actions:
@@ -267,7 +330,9 @@ def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsy
     empty.mkdir(parents=True)
     broken.mkdir(parents=True)
     (empty / "test.jsonl").write_bytes(b"\n  \n")
-    (broken / "test.jsonl").write_bytes(b'{"chosen": 1, "rejected": "b"}\n{oops\n' + SAMPLE_LINES[0] * 2 + b"\n")
+    (broken / "test.jsonl").write_bytes(
+        b'{"chosen": 1, "rejected": "b"}\n{oops\n' + SAMPLE_LINES[0] * 2 + b"\n"
+    )
     out, saved = tmp_path / "out", tmp_path / "quarantine.jsonl"
 
     assert main(["build", str(empty.parent), "--version", "1.0.0", "--out", str(out)]) == 1
@@ -275,8 +340,21 @@ def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsy
         "hhdata build: error: the sources hold no record (1 file read, all empty or blank); no "
         "release is written: check that the right files were given\n"
     )
-    assert main(["build", str(broken.parent), "--version", "1.0.0", "--out", str(out),
-                 "--quarantine", str(saved)]) == 1
+    assert (
+        main(
+            [
+                "build",
+                str(broken.parent),
+                "--version",
+                "1.0.0",
+                "--out",
+                str(out),
+                "--quarantine",
+                str(saved),
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     assert captured.err == (
         "hhdata build: error: all 3 records read left the flow (invalid_json 2, wrong_type 1), so "
@@ -309,8 +387,11 @@ def _lower_percentile(values: list[int], fraction: Fraction) -> int:
 def test_length_statistics_agree_with_a_plain_computation(tmp_path, capsys):
     """manifest.json, the card and `hhdata stats` against pure Python over the release's rows."""
     built = pipeline.build_release([bundled_sample_path()], version="1.0.0", out=tmp_path)
-    rows = [row for path in sorted((built.path / "data").rglob("*.parquet"))
-            for row in pq.read_table(path).to_pylist()]
+    rows = [
+        row
+        for path in sorted((built.path / "data").rglob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    ]
     assert len(rows) == built.manifest["accounting"]["kept"] == 2312  # every sample row
 
     def chars(turns):
@@ -324,18 +405,26 @@ def test_length_statistics_agree_with_a_plain_computation(tmp_path, capsys):
         "rejected_text": [len(row["rejected_text"]) for row in rows],
         "prompt_turns": [len(row["prompt"]) for row in rows],
     }
-    expected = {name: {"mean": round(sum(v) / len(v), 1), "median": statistics.median_low(v),
-                       "p90": _lower_percentile(v, Fraction(9, 10)),
-                       "p99": _lower_percentile(v, Fraction(99, 100)), "max": max(v)}
-                for name, v in columns.items()}
+    expected = {
+        name: {
+            "mean": round(sum(v) / len(v), 1),
+            "median": statistics.median_low(v),
+            "p90": _lower_percentile(v, Fraction(9, 10)),
+            "p99": _lower_percentile(v, Fraction(99, 100)),
+            "max": max(v),
+        }
+        for name, v in columns.items()
+    }
 
     manifest = json.loads((built.path / "manifest.json").read_text())
-    assert {name: [s["mean"], s["p50"], s["p90"], s["p99"], s["max"]] for name, s in manifest["lengths"].items()} == {
-        name: list(e.values()) for name, e in expected.items()}
+    assert {
+        name: [s["mean"], s["p50"], s["p90"], s["p99"], s["max"]]
+        for name, s in manifest["lengths"].items()
+    } == {name: list(e.values()) for name, e in expected.items()}
 
     card = (built.path / "README.md").read_text()
     header = "| field | mean | median | p90 | p99 | max |"
-    table = card[card.index(header):].split("\n\n")[0].splitlines()
+    table = card[card.index(header) :].split("\n\n")[0].splitlines()
     for name, e in expected.items():
         cells = next(line for line in table if line.startswith(f"| `{name}` |")).split("|")[2:-1]
         assert [float(cell) for cell in cells] == list(e.values()), name
@@ -345,7 +434,12 @@ def test_length_statistics_agree_with_a_plain_computation(tmp_path, capsys):
     for line in capsys.readouterr().out.splitlines()[1:]:  # after the header of subset names
         label, _, rest = line.rpartition(" ")
         printed[" ".join(label.split()[:-1])] = float(rest.replace(",", ""))  # the `all` column
-    for name, label in (("prompt_turns", "prompt turns"), ("prompt", "prompt chars"),
-                        ("chosen", "chosen chars"), ("rejected", "rejected chars")):
+    for name, label in (
+        ("prompt_turns", "prompt turns"),
+        ("prompt", "prompt chars"),
+        ("chosen", "chosen chars"),
+        ("rejected", "rejected chars"),
+    ):
         assert [printed[f"{label} {m}"] for m in ("mean", "median", "p90", "p99", "max")] == list(
-            expected[name].values()), label
+            expected[name].values()
+        ), label

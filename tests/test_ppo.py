@@ -51,7 +51,9 @@ def test_gae_matches_the_plain_sum(gamma, lam):
     rewards = torch.randn(3, 7, generator=generator, dtype=torch.float64)
     values = torch.randn(3, 7, generator=generator, dtype=torch.float64)
     advantages, returns = compute_gae(rewards, values, gamma, lam)
-    expected = torch.tensor(gae_loop(rewards.tolist(), values.tolist(), gamma, lam), dtype=torch.float64)
+    expected = torch.tensor(
+        gae_loop(rewards.tolist(), values.tolist(), gamma, lam), dtype=torch.float64
+    )
     torch.testing.assert_close(advantages, expected)
     torch.testing.assert_close(returns, expected + values)
 
@@ -163,7 +165,12 @@ def tiny_runs(tmp_path_factory):
     policy.save_pretrained(root / "sft")
     tokenizer.save_pretrained(root / "sft")
     reward = RewardModel(models.load_backbone(models.TINY, tokenizer, seed=4))
-    save_reward_model(reward, tokenizer, root / "rm" / "model", {"max_length": 128, "chat_template": False, "base_model": "tiny"})
+    save_reward_model(
+        reward,
+        tokenizer,
+        root / "rm" / "model",
+        {"max_length": 128, "chat_template": False, "base_model": "tiny"},
+    )
     write_run_settings(root / "rm", seed=4)
     return root
 
@@ -172,8 +179,17 @@ def write_run_settings(run_dir, seed: int) -> None:
     """The settings.json a reward-model run writes, as far as PPO reads it: which pairs it trained on."""
     from training.common import load_pairs
 
-    args = {"data": None, "version": None, "eval_fraction": 0.2, "train_config": "all", "max_train_pairs": None, "seed": seed}
-    (run_dir / "settings.json").write_text(json.dumps({"args": args, "provenance": load_pairs(None)[1]}))
+    args = {
+        "data": None,
+        "version": None,
+        "eval_fraction": 0.2,
+        "train_config": "all",
+        "max_train_pairs": None,
+        "seed": seed,
+    }
+    (run_dir / "settings.json").write_text(
+        json.dumps({"args": args, "provenance": load_pairs(None)[1]})
+    )
 
 
 def even_token_share(responses, response_mask):
@@ -183,9 +199,19 @@ def even_token_share(responses, response_mask):
 
 
 SMALL = dict(
-    total_episodes=256, batch_size=32, num_mini_batches=2, num_ppo_epochs=4, learning_rate=1e-2,
-    query_length=24, response_length=6, temperature=1.0, missing_stop_penalty=0.0,
-    normalize_reward=False, kl_coef=0.02, eval_prompts=16, num_samples_shown=2,
+    total_episodes=256,
+    batch_size=32,
+    num_mini_batches=2,
+    num_ppo_epochs=4,
+    learning_rate=1e-2,
+    query_length=24,
+    response_length=6,
+    temperature=1.0,
+    missing_stop_penalty=0.0,
+    normalize_reward=False,
+    kl_coef=0.02,
+    eval_prompts=16,
+    num_samples_shown=2,
 )
 
 
@@ -200,13 +226,21 @@ def test_ppo_learns_a_known_answer_reward_with_bounded_kl(tiny_runs, tmp_path):
     final = (history[-1]["score"] + history[-2]["score"]) / 2
     assert final - first["score"] > 4 * noise, [h["score"] for h in history]
     assert metrics["evaluation"]["win_rate"] > 0.65
-    assert 0 < last["kl"] < 12.0  # moved away from the reference (bounded: see the KL ablation below)
+    assert (
+        0 < last["kl"] < 12.0
+    )  # moved away from the reference (bounded: see the KL ablation below)
     for name in ("entropy", "reply_length", "pg_clipfrac", "vf_clipfrac", "value_loss", "sqrt_kl"):
         assert all(math.isfinite(h[name]) for h in history)
     saved = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert saved["history"] == history
     assert saved["reward_vs_sqrt_kl"]["slope"] > 0  # more reward was bought with more KL
-    for name in ("training.png", "reward_vs_sqrt_kl.png", "settings.json", "policy/model.safetensors", "policy/README.md"):
+    for name in (
+        "training.png",
+        "reward_vs_sqrt_kl.png",
+        "settings.json",
+        "policy/model.safetensors",
+        "policy/README.md",
+    ):
         assert (tmp_path / "ppo" / name).is_file(), name
 
 
@@ -223,7 +257,9 @@ def test_resume_equals_uninterrupted(tiny_runs, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-    drop_time = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in h]  # noqa: E731
+    drop_time = lambda h: [
+        {k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in h
+    ]  # noqa: E731
     whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     halves_metrics = json.loads((tmp_path / "halves" / "metrics.json").read_text())
     assert drop_time(whole_metrics["history"]) == drop_time(halves_metrics["history"])
@@ -231,7 +267,12 @@ def test_resume_equals_uninterrupted(tiny_runs, tmp_path):
 
 
 def test_resume_refuses_changed_settings(tiny_runs, tmp_path):
-    args = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "run"), stop_after=1, **dict(SMALL, total_episodes=64))
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        output_dir=str(tmp_path / "run"),
+        stop_after=1,
+        **dict(SMALL, total_episodes=64),
+    )
     main(args, score_fn=even_token_share)
     with pytest.raises(HhDataError, match=r"changed settings \['learning_rate'\]"):
         main(dataclasses.replace(args, resume=True, learning_rate=1.0), score_fn=even_token_share)
@@ -240,16 +281,33 @@ def test_resume_refuses_changed_settings(tiny_runs, tmp_path):
 
 
 def test_runs_against_a_reward_model_with_value_model_from_it(tiny_runs, tmp_path):
-    settings = dict(SMALL, total_episodes=32, batch_size=16, eval_prompts=8, normalize_reward=True, reward_norm_samples=16, missing_stop_penalty=1.0)
-    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(tiny_runs / "rm"), output_dir=str(tmp_path / "ppo"), **settings)
+    settings = dict(
+        SMALL,
+        total_episodes=32,
+        batch_size=16,
+        eval_prompts=8,
+        normalize_reward=True,
+        reward_norm_samples=16,
+        missing_stop_penalty=1.0,
+    )
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        reward_model=str(tiny_runs / "rm"),
+        output_dir=str(tmp_path / "ppo"),
+        **settings,
+    )
     metrics = main(args)
     assert metrics["reward_std"] > 0 and len(metrics["history"]) == 2
     evaluation = metrics["evaluation"]
     assert set(evaluation["by_family"]) == {"harmless"} and evaluation["prompts"] == 8
     assert len(evaluation["samples"]) == 2
     value = load_file(tmp_path / "ppo" / "value.safetensors")
-    reward = load_file(tiny_runs / "rm" / "model" / "model.safetensors")  # a standard sequence classifier
-    assert value["score.weight"].shape == reward["score.weight"].shape  # the value head is the reward head, trained on
+    reward = load_file(
+        tiny_runs / "rm" / "model" / "model.safetensors"
+    )  # a standard sequence classifier
+    assert (
+        value["score.weight"].shape == reward["score.weight"].shape
+    )  # the value head is the reward head, trained on
     card = (tmp_path / "ppo" / "policy" / "README.md").read_text()
     assert "win rate" in card and str(tiny_runs / "rm") in card
 
@@ -257,9 +315,20 @@ def test_runs_against_a_reward_model_with_value_model_from_it(tiny_runs, tmp_pat
 def test_refuses_a_reward_model_with_another_vocabulary(tiny_runs, tmp_path):
     other = models.train_tiny_tokenizer([f"word{i} other{i}" for i in range(200)], vocab_size=300)
     reward = RewardModel(models.load_backbone(models.TINY, other, seed=0))
-    save_reward_model(reward, other, tmp_path / "rm" / "model", {"max_length": 64, "chat_template": False, "base_model": "tiny"})
-    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(tmp_path / "rm"), output_dir=str(tmp_path / "ppo"))
-    with pytest.raises(HhDataError, match="tokenize differently; train the SFT policy with --tokenizer"):
+    save_reward_model(
+        reward,
+        other,
+        tmp_path / "rm" / "model",
+        {"max_length": 64, "chat_template": False, "base_model": "tiny"},
+    )
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        reward_model=str(tmp_path / "rm"),
+        output_dir=str(tmp_path / "ppo"),
+    )
+    with pytest.raises(
+        HhDataError, match="tokenize differently; train the SFT policy with --tokenizer"
+    ):
         main(args)
 
 
@@ -273,25 +342,45 @@ def test_evaluation_reports_each_family(tiny_runs, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from hhdata.pairs.transcript import split_pair
     from hhdata.schema import PAIR_SCHEMA, family_of, pair_id
     from hhdata.synth import generate
-    from hhdata.pairs.transcript import split_pair
     from training.common import load_pairs
 
     rows = [dict(row) for row in load_pairs(None)[0]["test"][:80]]
     for record in generate(80, seed=5):
         pair = split_pair(record["chosen"], record["rejected"])
         subset = "synth-helpful-base"
-        rows.append({"id": pair_id(record["chosen"], record["rejected"]), "subset": subset, "family": family_of(subset),
-                     "split": "test", "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-                     "chosen_text": record["chosen"], "rejected_text": record["rejected"], "flags": pair.flags})
+        rows.append(
+            {
+                "id": pair_id(record["chosen"], record["rejected"]),
+                "subset": subset,
+                "family": family_of(subset),
+                "split": "test",
+                "prompt": pair.prompt,
+                "chosen": pair.chosen,
+                "rejected": pair.rejected,
+                "chosen_text": record["chosen"],
+                "rejected_text": record["rejected"],
+                "flags": pair.flags,
+            }
+        )
     pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), tmp_path / "pairs.parquet")
     settings = dict(SMALL, total_episodes=16, batch_size=16, eval_prompts=40)
-    args = Args(policy=str(tiny_runs / "sft"), data=str(tmp_path / "pairs.parquet"), output_dir=str(tmp_path / "ppo"), **settings)
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        data=str(tmp_path / "pairs.parquet"),
+        output_dir=str(tmp_path / "ppo"),
+        **settings,
+    )
     evaluation = main(args, score_fn=even_token_share)["evaluation"]
     by_family = evaluation["by_family"]
     assert set(by_family) == {"helpful", "harmless"}
-    assert by_family["helpful"]["prompts"] + by_family["harmless"]["prompts"] == evaluation["prompts"] == 40
+    assert (
+        by_family["helpful"]["prompts"] + by_family["harmless"]["prompts"]
+        == evaluation["prompts"]
+        == 40
+    )
     assert min(part["prompts"] for part in by_family.values()) > 5
 
 
@@ -304,15 +393,20 @@ def tiny_queries(tokenizer, lengths):
     from training.ppo import fit_query
     from training.sft import encode_prompt
 
-    rows = load_pairs(None)[0]["test"][:len(lengths)]
-    return [fit_query(encode_prompt(tokenizer, row["prompt"], False)[0], n, 1) for row, n in zip(rows, lengths)]
+    rows = load_pairs(None)[0]["test"][: len(lengths)]
+    return [
+        fit_query(encode_prompt(tokenizer, row["prompt"], False)[0], n, 1)
+        for row, n in zip(rows, lengths)
+    ]
 
 
 def frequent_token(policy, queries, settings, generator_seed):
     """A token the tiny policy samples often: used as the stop token, replies end at different lengths."""
     from training.ppo import rollout
 
-    batch = rollout(policy, queries, settings, 0, -1, torch.Generator().manual_seed(generator_seed), "cpu")
+    batch = rollout(
+        policy, queries, settings, 0, -1, torch.Generator().manual_seed(generator_seed), "cpu"
+    )
     return int(batch.responses.flatten().mode().values)
 
 
@@ -328,26 +422,53 @@ def test_padded_batch_logprobs_equal_per_row_forward_passes(tiny_runs):
     policy = models.load_causal_lm(str(tiny_runs / "sft"), tokenizer).eval()
     settings = dataclasses.replace(Args(), response_length=12, temperature=0.7)
     queries = tiny_queries(tokenizer, [5, 17, 30, 9, 23, 12])
-    assert len({len(q) for q in queries}) == 6  # queries of different lengths: left padding differs per row
+    assert (
+        len({len(q) for q in queries}) == 6
+    )  # queries of different lengths: left padding differs per row
     stop = frequent_token(policy, queries, settings, 11)
-    batch = rollout(policy, queries, settings, tokenizer.pad_token_id, stop, torch.Generator().manual_seed(11), "cpu")
+    batch = rollout(
+        policy,
+        queries,
+        settings,
+        tokenizer.pad_token_id,
+        stop,
+        torch.Generator().manual_seed(11),
+        "cpu",
+    )
     lengths = batch.response_mask.sum(1).tolist()
-    assert len(set(lengths)) > 1 and batch.has_stop.any(), lengths  # replies of different lengths, some stopped
+    assert len(set(lengths)) > 1 and batch.has_stop.any(), (
+        lengths
+    )  # replies of different lengths, some stopped
     with torch.no_grad():
-        padded, _ = reply_logprobs(policy, batch.ids, batch.at, batch.responses, settings.temperature)
+        padded, _ = reply_logprobs(
+            policy, batch.ids, batch.at, batch.responses, settings.temperature
+        )
         reward_model, _, _ = load_reward_model(tiny_runs / "rm")
         read = reward_model_scores(reward_model, batch.ids, batch.mask, batch.last)
         for row, (query, n) in enumerate(zip(queries, lengths)):
             reply = batch.responses[row, :n].tolist()
             sequence = torch.tensor([query + reply])
-            logits = policy(input_ids=sequence).logits[0, len(query) - 1 : len(query) + n - 1] / settings.temperature
-            expected = F.log_softmax(logits.float(), -1).gather(1, torch.tensor(reply)[:, None]).squeeze(1)
+            logits = (
+                policy(input_ids=sequence).logits[0, len(query) - 1 : len(query) + n - 1]
+                / settings.temperature
+            )
+            expected = (
+                F.log_softmax(logits.float(), -1).gather(1, torch.tensor(reply)[:, None]).squeeze(1)
+            )
             torch.testing.assert_close(padded[row, :n], expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(batch.sample_logprobs[row, :n], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                batch.sample_logprobs[row, :n], expected, atol=1e-5, rtol=1e-5
+            )
             if batch.has_stop[row]:
-                assert batch.ids[row, batch.last[row]] == stop == reply[-1]  # the reward is read at the stop token
-            alone = reward_model(input_ids=sequence, attention_mask=None, position_ids=torch.arange(sequence.shape[1])[None],
-                                 read_at=torch.tensor([[sequence.shape[1] - 1]]))[0, 0]
+                assert (
+                    batch.ids[row, batch.last[row]] == stop == reply[-1]
+                )  # the reward is read at the stop token
+            alone = reward_model(
+                input_ids=sequence,
+                attention_mask=None,
+                position_ids=torch.arange(sequence.shape[1])[None],
+                read_at=torch.tensor([[sequence.shape[1] - 1]]),
+            )[0, 0]
             torch.testing.assert_close(read[row], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -361,7 +482,9 @@ def test_reward_is_placed_at_the_last_real_token():
     for row in range(3):
         n = int(mask[row].sum())
         for t in range(4):
-            expected = (-0.5 * float(kl[row, t]) if t < n else 0.0) + (float(scores[row]) if t == n - 1 else 0.0)
+            expected = (-0.5 * float(kl[row, t]) if t < n else 0.0) + (
+                float(scores[row]) if t == n - 1 else 0.0
+            )
             assert rewards[row, t].item() == pytest.approx(expected), (row, t)
 
 
@@ -369,7 +492,9 @@ def test_first_minibatch_ratio_is_one_and_scoring_reproduces_sampling(tiny_runs,
     """At temperature 0.7 on queries of different lengths: before the first optimiser step of each
     update the probability ratio is 1 and the approximate KL 0, and the scored log-probs are those
     the sampler drew from."""
-    settings = dict(SMALL, total_episodes=32, batch_size=16, temperature=0.7, query_length=64, eval_prompts=8)
+    settings = dict(
+        SMALL, total_episodes=32, batch_size=16, temperature=0.7, query_length=64, eval_prompts=8
+    )
     args = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "ppo"), **settings)
     history = main(args, score_fn=even_token_share)["history"]
     for record in history:
@@ -384,7 +509,9 @@ def test_kl_penalty_keeps_the_policy_closer_to_the_reference(tiny_runs, tmp_path
     ends = {}
     for coef in (0.0, 1.0):
         settings = dict(SMALL, total_episodes=128, kl_coef=coef, adaptive_kl=False, eval_prompts=16)
-        args = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / f"kl{coef}"), **settings)
+        args = Args(
+            policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / f"kl{coef}"), **settings
+        )
         metrics = main(args, score_fn=even_token_share)
         ends[coef] = (metrics["history"][-1]["kl"], metrics["held_out"][-1]["kl"])
     # a penalty that does nothing gives both runs the same numbers: strictly lower on the last
@@ -398,7 +525,12 @@ def test_value_model_starts_as_the_reward_model(tiny_runs, tmp_path):
     from training.reward_model import load_reward_model
 
     settings = dict(SMALL, total_episodes=16, batch_size=16, learning_rate=0.0, eval_prompts=8)
-    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(tiny_runs / "rm"), output_dir=str(tmp_path / "ppo"), **settings)
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        reward_model=str(tiny_runs / "rm"),
+        output_dir=str(tmp_path / "ppo"),
+        **settings,
+    )
     main(args)
     value = load_file(tmp_path / "ppo" / "value.safetensors")
     reward = load_reward_model(tiny_runs / "rm")[0].state_dict()
@@ -412,7 +544,9 @@ def test_value_model_starts_as_the_reward_model(tiny_runs, tmp_path):
 
 def chatml_tokenizer():
     """The tiny tokenizer with a ChatML template (as SmolLM2's): turns end in <|im_end|> and a newline."""
-    tokenizer = models.train_tiny_tokenizer([f"user says {i} assistant answers {i}" for i in range(200)], vocab_size=300)
+    tokenizer = models.train_tiny_tokenizer(
+        [f"user says {i} assistant answers {i}" for i in range(200)], vocab_size=300
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -442,14 +576,29 @@ def test_queries_keep_the_start_token_and_fit_the_reward_models_max_length(tiny_
     assert limit == 24
     cut = fit_query(ids, limit, start=1)
     assert cut[0] == tokenizer.bos_token_id and cut[1:] == ids[-23:]
-    with pytest.raises(HhDataError, match="--response-length 40 leaves no room for a prompt within the reward model's max length 40"):
+    with pytest.raises(
+        HhDataError,
+        match="--response-length 40 leaves no room for a prompt within the reward model's max length 40",
+    ):
         query_limit(Args(query_length=64, response_length=40), reward_max_length=40, start=1)
     # a whole run reads the reward model's max length from its saved settings
     other = tmp_path / "rm40"
     reward = RewardModel(models.load_backbone(models.TINY, tokenizer, seed=4))
-    save_reward_model(reward, tokenizer, other / "model", {"max_length": 40, "chat_template": False, "base_model": "tiny"})
-    settings = dict(SMALL, total_episodes=16, batch_size=16, query_length=64, response_length=16, eval_prompts=8)
-    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(other), output_dir=str(tmp_path / "ppo"), **settings)
+    save_reward_model(
+        reward,
+        tokenizer,
+        other / "model",
+        {"max_length": 40, "chat_template": False, "base_model": "tiny"},
+    )
+    settings = dict(
+        SMALL, total_episodes=16, batch_size=16, query_length=64, response_length=16, eval_prompts=8
+    )
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        reward_model=str(other),
+        output_dir=str(tmp_path / "ppo"),
+        **settings,
+    )
     main(args)
     saved = json.loads((tmp_path / "ppo" / "settings.json").read_text())
     assert saved["query_limit"] == 24 and saved["stop_token"] == tokenizer.eos_token
@@ -473,7 +622,9 @@ def test_split_defaults_to_train_and_held_out_prompts_are_never_trained_on():
     with pytest.raises(HhDataError, match="no `train` split"):
         choose_split({"a": rows[:5], "b": rows[5:9]}, None, "data")
     train, held_out = split_prompts(splits, "train", set(), 64, seed=1)
-    assert all(row["split"] == "test" or row in splits["test"] for row in held_out)  # the other split first
+    assert all(
+        row["split"] == "test" or row in splits["test"] for row in held_out
+    )  # the other split first
     assert len({prompt_key(r) for r in held_out}) == 64
     assert not {prompt_key(r) for r in held_out} & {prompt_key(r) for r in train}
 
@@ -496,19 +647,34 @@ def test_held_out_prompts_exclude_the_reward_models_training_prompts(tiny_runs):
 def test_a_judge_reward_model_reports_beside_the_proxy(tiny_runs, tmp_path):
     tokenizer = models.load_tokenizer(str(tiny_runs / "sft"))
     judge = tmp_path / "judge"
-    save_reward_model(RewardModel(models.load_backbone(models.TINY, tokenizer, seed=9)), tokenizer, judge / "model",
-                      {"max_length": 128, "chat_template": False, "base_model": "tiny"})
+    save_reward_model(
+        RewardModel(models.load_backbone(models.TINY, tokenizer, seed=9)),
+        tokenizer,
+        judge / "model",
+        {"max_length": 128, "chat_template": False, "base_model": "tiny"},
+    )
     write_run_settings(judge, seed=9)
     settings = dict(SMALL, total_episodes=32, batch_size=16, eval_prompts=12, save_every=1)
-    args = Args(policy=str(tiny_runs / "sft"), reward_model=str(tiny_runs / "rm"), judge=str(judge),
-                output_dir=str(tmp_path / "ppo"), **settings)
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        reward_model=str(tiny_runs / "rm"),
+        judge=str(judge),
+        output_dir=str(tmp_path / "ppo"),
+        **settings,
+    )
     metrics = main(args)
     evaluation = metrics["evaluation"]
     for name in ("proxy", "judge"):
-        assert evaluation[name]["prompts"] == 12 and set(evaluation[name]["by_family"]) == {"harmless"}
-    assert evaluation["judge"]["policy_score"] != evaluation["proxy"]["policy_score"]  # another model judged
+        assert evaluation[name]["prompts"] == 12 and set(evaluation[name]["by_family"]) == {
+            "harmless"
+        }
+    assert (
+        evaluation["judge"]["policy_score"] != evaluation["proxy"]["policy_score"]
+    )  # another model judged
     assert [p["update"] for p in metrics["held_out"]] == [0, 1, 2]
-    assert metrics["held_out"][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # update 0 is the reference itself
+    assert metrics["held_out"][0]["kl"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # update 0 is the reference itself
     assert all("judge_score" in p for p in metrics["held_out"])
     assert set(metrics["held_out_reward_vs_sqrt_kl"]) == {"score", "judge_score"}
     saved = json.loads((tmp_path / "ppo" / "settings.json").read_text())
@@ -516,7 +682,11 @@ def test_a_judge_reward_model_reports_beside_the_proxy(tiny_runs, tmp_path):
     card = (tmp_path / "ppo" / "policy" / "README.md").read_text()
     assert "judge (never optimised)" in card and str(judge) in card
     with pytest.raises(HhDataError, match="is the reward model PPO optimises"):
-        main(dataclasses.replace(args, judge=str(tiny_runs / "rm"), output_dir=str(tmp_path / "again")))
+        main(
+            dataclasses.replace(
+                args, judge=str(tiny_runs / "rm"), output_dir=str(tmp_path / "again")
+            )
+        )
 
 
 # ---- command line, checkpoints ----------------------------------------------------------------
@@ -526,12 +696,17 @@ def test_command_line_usage_error_is_one_line_and_exit_2():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "training.ppo", "--batch-size", "16", "--num-mini-batches", "3"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.ppo", "--batch-size", "16", "--num-mini-batches", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --batch-size / --num-mini-batches: 16 is not divisible by 3; pick sizes that divide exactly")
+        "error: --batch-size / --num-mini-batches: 16 is not divisible by 3; pick sizes that divide exactly"
+    )
 
 
 def test_resume_after_a_kill_in_the_checkpoint_swap(tiny_runs, tmp_path):
@@ -556,7 +731,10 @@ def test_resume_after_a_kill_in_the_checkpoint_swap(tiny_runs, tmp_path):
     main(dataclasses.replace(run, stop_after=0, resume=True), score_fn=even_token_share)
     result = load_file(tmp_path / "run" / "policy" / "model.safetensors")
     assert all(torch.equal(expected[k], result[k]) for k in expected)
-    assert not checkpoint.with_name("checkpoint.partial").exists() and not checkpoint.with_name("checkpoint.old").exists()
+    assert (
+        not checkpoint.with_name("checkpoint.partial").exists()
+        and not checkpoint.with_name("checkpoint.old").exists()
+    )
 
     # killed while writing the next checkpoint: a half-written folder beside the complete one is ignored
     run2 = dataclasses.replace(whole, output_dir=str(tmp_path / "run2"), stop_after=2)
@@ -579,18 +757,55 @@ def test_two_processes_each_resume_their_own_sampling_rng(tiny_runs, tmp_path):
     import sys
 
     def launch(output_dir, *extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "training.ppo", "--policy", str(tiny_runs / "sft"), "--reward-model", str(tiny_runs / "rm"),
-                   "--output-dir", str(output_dir), "--total-episodes", "24", "--batch-size", "8", "--num-mini-batches", "2",
-                   "--num-ppo-epochs", "2", "--learning-rate", "1e-2", "--query-length", "24", "--response-length", "6",
-                   "--eval-prompts", "4", "--reward-norm-samples", "8", "--num-samples-shown", "0", "--save-every", "1", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.ppo",
+            "--policy",
+            str(tiny_runs / "sft"),
+            "--reward-model",
+            str(tiny_runs / "rm"),
+            "--output-dir",
+            str(output_dir),
+            "--total-episodes",
+            "24",
+            "--batch-size",
+            "8",
+            "--num-mini-batches",
+            "2",
+            "--num-ppo-epochs",
+            "2",
+            "--learning-rate",
+            "1e-2",
+            "--query-length",
+            "24",
+            "--response-length",
+            "6",
+            "--eval-prompts",
+            "4",
+            "--reward-norm-samples",
+            "8",
+            "--num-samples-shown",
+            "0",
+            "--save-every",
+            "1",
+            *extra,
+        ]
         env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
 
     launch(tmp_path / "whole")
     launch(tmp_path / "halves", "--stop-after", "1")
-    ranks = [load_file(tmp_path / "halves" / "checkpoint" / f"rng-rank{rank}.safetensors") for rank in (0, 1)]
+    ranks = [
+        load_file(tmp_path / "halves" / "checkpoint" / f"rng-rank{rank}.safetensors")
+        for rank in (0, 1)
+    ]
     assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
     launch(tmp_path / "halves", "--resume")
     a = load_file(tmp_path / "whole" / "policy" / "model.safetensors")
@@ -605,12 +820,23 @@ def test_a_release_with_train_and_test_trains_on_train_and_says_so(tiny_runs, tm
 
     from hhdata.schema import PAIR_SCHEMA
 
-    rows = [dict(row, split="train" if i < 200 else "test") for i, row in enumerate(load_rows()[:300])]
+    rows = [
+        dict(row, split="train" if i < 200 else "test") for i, row in enumerate(load_rows()[:300])
+    ]
     pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), tmp_path / "pairs.parquet")
     settings = dict(SMALL, total_episodes=32, batch_size=16, eval_prompts=8, num_samples_shown=8)
-    args = Args(policy=str(tiny_runs / "sft"), data=str(tmp_path / "pairs.parquet"), output_dir=str(tmp_path / "ppo"), **settings)
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        data=str(tmp_path / "pairs.parquet"),
+        output_dir=str(tmp_path / "ppo"),
+        **settings,
+    )
     evaluation = main(args, score_fn=even_token_share)["evaluation"]
-    assert "ppo: training on split 'train' (200 rows); 8 held-out prompts" in capsys.readouterr().out
+    assert (
+        "ppo: training on split 'train' (200 rows); 8 held-out prompts" in capsys.readouterr().out
+    )
     assert json.loads((tmp_path / "ppo" / "settings.json").read_text())["split"] == "train"
     test_prompts = {row["prompt"][-1]["content"] for row in rows[200:]}
-    assert all(sample["prompt"] in test_prompts for sample in evaluation["samples"])  # held out from the test split
+    assert all(
+        sample["prompt"] in test_prompts for sample in evaluation["samples"]
+    )  # held out from the test split

@@ -16,7 +16,10 @@ from hhdata.io.read import MAX_LINE_BYTES, RAW_SCHEMA, read_raw
 
 
 def record(n: int) -> dict:
-    return {"chosen": f"\n\nHuman: q{n}\n\nAssistant: yes {n}", "rejected": f"\n\nHuman: q{n}\n\nAssistant: no {n}"}
+    return {
+        "chosen": f"\n\nHuman: q{n}\n\nAssistant: yes {n}",
+        "rejected": f"\n\nHuman: q{n}\n\nAssistant: no {n}",
+    }
 
 
 def good(n: int) -> bytes:
@@ -25,43 +28,101 @@ def good(n: int) -> bytes:
 
 HUGE = json.dumps({"chosen": "x" * (MAX_LINE_BYTES + 10), "rejected": "y"}).encode()
 
-TOO_DEEP = ("the JSON is nested too deeply to decode (over Python's recursion limit); a record is "
-            '{"chosen": "...", "rejected": "..."}: fix or remove the line')
+TOO_DEEP = (
+    "the JSON is nested too deeply to decode (over Python's recursion limit); a record is "
+    '{"chosen": "...", "rejected": "..."}: fix or remove the line'
+)
 
 # (case, bad line, reason, exact message)
 BAD_LINES = [
-    ("invalid json", b'{"chosen": "x", ', "invalid_json",
-     "Expecting property name enclosed in double quotes: column 17; fix or remove the line"),
-    ("invalid utf-8", b'{"chosen": "caf\xe9", "rejected": "b"}', "invalid_utf8",
-     "byte 15 of the line (b'\\xe9') is not valid UTF-8; re-encode the file as UTF-8"),
-    ("lone surrogate", b'{"chosen": "\\ud800", "rejected": "b"}', "invalid_utf8",
-     "'chosen' escapes a lone surrogate (\\ud800-\\udfff), which is not valid Unicode; fix the escape sequence"),
-    ("array", b'["a", "b"]', "not_an_object",
-     'the line is a JSON array, not an object; each line must be {"chosen": "...", "rejected": "..."}'),
-    ("string", b'"text"', "not_an_object",
-     'the line is a JSON string, not an object; each line must be {"chosen": "...", "rejected": "..."}'),
-    ("missing key", json.dumps({"chosen": "a"}).encode(), "missing_key",
-     "'rejected' is a required property; each line needs both 'chosen' and 'rejected'"),
-    ("extra key", json.dumps({**record(9), "score": 1}).encode(), "extra_key",
-     "Additional properties are not allowed ('score' was unexpected); remove the other keys or "
-     "convert the file to the HH-RLHF format first"),
-    ("wrong type", b'{"chosen": 5, "rejected": "b"}', "wrong_type",
-     "at 'chosen': 5 is not of type 'string'; both values must be JSON strings"),
-    ("long value", json.dumps({"chosen": ["x" * 100], "rejected": "b"}).encode(), "wrong_type",
-     f"at 'chosen': ['{'x' * 58}... (104 characters) is not of type 'string'; both values must be JSON strings"),
-    ("null", b'{"chosen": "a", "rejected": null}', "null_value",
-     "at 'rejected': None is not of type 'string'; both values must be JSON strings, not null"),
-    ("empty string", b'{"chosen": "", "rejected": "b"}', "empty_string",
-     "at 'chosen': '' should be non-empty; both transcripts must hold text"),
-    ("chosen == rejected", json.dumps({"chosen": "same", "rejected": "same"}).encode(), "chosen_equals_rejected",
-     "chosen and rejected are the same text, so the record states no preference; fix the "
-     "rejected transcript or drop the line"),
+    (
+        "invalid json",
+        b'{"chosen": "x", ',
+        "invalid_json",
+        "Expecting property name enclosed in double quotes: column 17; fix or remove the line",
+    ),
+    (
+        "invalid utf-8",
+        b'{"chosen": "caf\xe9", "rejected": "b"}',
+        "invalid_utf8",
+        "byte 15 of the line (b'\\xe9') is not valid UTF-8; re-encode the file as UTF-8",
+    ),
+    (
+        "lone surrogate",
+        b'{"chosen": "\\ud800", "rejected": "b"}',
+        "invalid_utf8",
+        "'chosen' escapes a lone surrogate (\\ud800-\\udfff), which is not valid Unicode; fix the escape sequence",
+    ),
+    (
+        "array",
+        b'["a", "b"]',
+        "not_an_object",
+        'the line is a JSON array, not an object; each line must be {"chosen": "...", "rejected": "..."}',
+    ),
+    (
+        "string",
+        b'"text"',
+        "not_an_object",
+        'the line is a JSON string, not an object; each line must be {"chosen": "...", "rejected": "..."}',
+    ),
+    (
+        "missing key",
+        json.dumps({"chosen": "a"}).encode(),
+        "missing_key",
+        "'rejected' is a required property; each line needs both 'chosen' and 'rejected'",
+    ),
+    (
+        "extra key",
+        json.dumps({**record(9), "score": 1}).encode(),
+        "extra_key",
+        "Additional properties are not allowed ('score' was unexpected); remove the other keys or "
+        "convert the file to the HH-RLHF format first",
+    ),
+    (
+        "wrong type",
+        b'{"chosen": 5, "rejected": "b"}',
+        "wrong_type",
+        "at 'chosen': 5 is not of type 'string'; both values must be JSON strings",
+    ),
+    (
+        "long value",
+        json.dumps({"chosen": ["x" * 100], "rejected": "b"}).encode(),
+        "wrong_type",
+        f"at 'chosen': ['{'x' * 58}... (104 characters) is not of type 'string'; both values must be JSON strings",
+    ),
+    (
+        "null",
+        b'{"chosen": "a", "rejected": null}',
+        "null_value",
+        "at 'rejected': None is not of type 'string'; both values must be JSON strings, not null",
+    ),
+    (
+        "empty string",
+        b'{"chosen": "", "rejected": "b"}',
+        "empty_string",
+        "at 'chosen': '' should be non-empty; both transcripts must hold text",
+    ),
+    (
+        "chosen == rejected",
+        json.dumps({"chosen": "same", "rejected": "same"}).encode(),
+        "chosen_equals_rejected",
+        "chosen and rejected are the same text, so the record states no preference; fix the "
+        "rejected transcript or drop the line",
+    ),
     ("nested 100,000 deep", b"[" * 100_000 + b"]" * 100_000, "invalid_json", TOO_DEEP),
-    ("a value nested 1,000 deep", b'{"chosen": ' + b"[" * 1000 + b"]" * 1000 + b', "rejected": "b"}',
-     "invalid_json", TOO_DEEP),
-    ("huge line", HUGE, "line_too_long",
-     f"the line is {len(HUGE)} bytes, over the limit of {MAX_LINE_BYTES} bytes "
-     "(hhdata.io.read.MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"),
+    (
+        "a value nested 1,000 deep",
+        b'{"chosen": ' + b"[" * 1000 + b"]" * 1000 + b', "rejected": "b"}',
+        "invalid_json",
+        TOO_DEEP,
+    ),
+    (
+        "huge line",
+        HUGE,
+        "line_too_long",
+        f"the line is {len(HUGE)} bytes, over the limit of {MAX_LINE_BYTES} bytes "
+        "(hhdata.io.read.MAX_LINE_BYTES); split the record or pass a larger max_line_bytes",
+    ),
 ]
 
 
@@ -72,9 +133,13 @@ def layout(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize(("case", "bad", "reason", "message"), BAD_LINES, ids=[c[0] for c in BAD_LINES])
+@pytest.mark.parametrize(
+    ("case", "bad", "reason", "message"), BAD_LINES, ids=[c[0] for c in BAD_LINES]
+)
 @pytest.mark.parametrize("compress", [False, True], ids=["jsonl", "gz"])
-def test_a_bad_line_is_quarantined_and_the_good_lines_are_read(layout, capsys, case, bad, reason, message, compress):
+def test_a_bad_line_is_quarantined_and_the_good_lines_are_read(
+    layout, capsys, case, bad, reason, message, compress
+):
     data = b"\n".join([good(1), good(2), bad, good(3)]) + b"\n"
     path = layout / ("train.jsonl.gz" if compress else "train.jsonl")
     path.write_bytes(gzip.compress(data) if compress else data)
@@ -85,11 +150,21 @@ def test_a_bad_line_is_quarantined_and_the_good_lines_are_read(layout, capsys, c
     assert result.table["chosen"].to_pylist() == [record(n)["chosen"] for n in (1, 2, 3)]
     assert result.table.schema == RAW_SCHEMA
     [row] = result.quarantine.to_pylist()
-    assert (row["file"], row["line"], row["reason"], row["message"]) == (str(path), 3, reason, message)
+    assert (row["file"], row["line"], row["reason"], row["message"]) == (
+        str(path),
+        3,
+        reason,
+        message,
+    )
     if reason != "line_too_long":
         assert row["raw"] == bad or json.loads(row["raw"]) == json.loads(bad)
     report = result.report
-    assert (report.lines, report.blank, report.accepted, report.quarantined) == (4, 0, 3, {reason: 1})
+    assert (report.lines, report.blank, report.accepted, report.quarantined) == (
+        4,
+        0,
+        3,
+        {reason: 1},
+    )
     assert report.reconciles()
 
     assert main(["validate", str(path)]) == 1
@@ -120,7 +195,7 @@ def test_a_truncated_gzip_keeps_the_records_before_the_cut(layout):
 
 def test_a_corrupt_gzip_is_reported_and_counts_reconcile(layout):
     whole = bytearray(gzip.compress(b"".join(good(n) + b"\n" for n in range(400))))
-    whole[len(whole) // 2: len(whole) // 2 + 40] = bytes(40)
+    whole[len(whole) // 2 : len(whole) // 2 + 40] = bytes(40)
     path = layout / "test.jsonl.gz"
     path.write_bytes(bytes(whole))
 
@@ -131,7 +206,9 @@ def test_a_corrupt_gzip_is_reported_and_counts_reconcile(layout):
 
 
 def test_concatenated_gzip_members_and_empty_files_are_read(layout):
-    (layout / "train.jsonl.gz").write_bytes(gzip.compress(good(1) + b"\n" + good(2) + b"\n") + gzip.compress(good(3)))
+    (layout / "train.jsonl.gz").write_bytes(
+        gzip.compress(good(1) + b"\n" + good(2) + b"\n") + gzip.compress(good(3))
+    )
     (layout / "test.jsonl").write_bytes(b"")
     result = read_raw(layout)
     assert result.table["chosen"].to_pylist() == [record(n)["chosen"] for n in (1, 2, 3)]
@@ -158,14 +235,20 @@ def test_a_huge_line_without_newline_at_the_end_of_a_file(layout):
     path.write_bytes(good(1) + b"\n" + b"x" * 3000)
     result = read_raw(path, max_line_bytes=1000)
     [row] = result.quarantine.to_pylist()
-    assert (row["line"], row["reason"], len(row["raw"])) == (2, "line_too_long", 1024)  # the first KiB is kept
+    assert (row["line"], row["reason"], len(row["raw"])) == (
+        2,
+        "line_too_long",
+        1024,
+    )  # the first KiB is kept
     assert "the line is 3000 bytes, over the limit of 1000 bytes" in row["message"]
 
 
 def test_folders_globs_and_the_upstream_layout(tmp_path):
     for subset, split in (("helpful-base", "train"), ("harmless-base", "test")):
         (tmp_path / subset).mkdir()
-        (tmp_path / subset / f"{split}.jsonl.gz").write_bytes(gzip.compress(good(1) + b"\n" + good(2)))
+        (tmp_path / subset / f"{split}.jsonl.gz").write_bytes(
+            gzip.compress(good(1) + b"\n" + good(2))
+        )
     by_folder = read_raw(tmp_path)
     assert by_folder.table.select(["subset", "split", "family"]).to_pylist()[::2] == [
         {"subset": "harmless-base", "split": "test", "family": "harmless"},
@@ -185,7 +268,9 @@ def test_arguments_name_the_subset_and_split_of_other_paths(tmp_path):
         "put it at <subset>/<split>.jsonl.gz or pass the split (in Python split= and subset=; --split and "
         "--subset for hhdata stats and show)"
     )
-    with pytest.raises(SourceError, match=r"pass the subset \(in Python split= and subset=; --split and --subset"):
+    with pytest.raises(
+        SourceError, match=r"pass the subset \(in Python split= and subset=; --split and --subset"
+    ):
         read_raw(path, split="train")
     with pytest.raises(SourceError, match="declare its family"):
         read_raw(path, subset="batch-7", split="train")
@@ -202,7 +287,9 @@ def test_a_declared_family_must_agree_with_a_known_subset(sample_path, tmp_path)
     path.write_bytes(good(1))
     with pytest.raises(SourceError, match="subset 'helpful-online' is helpful, not harmless"):
         read_raw(path, subset="helpful-online", split="train", family="harmless")
-    assert read_raw(sample_path, family="harmless").table["family"].unique().to_pylist() == ["harmless"]
+    assert read_raw(sample_path, family="harmless").table["family"].unique().to_pylist() == [
+        "harmless"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -222,7 +309,11 @@ def test_paths_that_hold_nothing_are_usage_errors(tmp_path, given, message):
 
 def test_the_bundled_sample_reads_whole(sample_path):
     result = read_raw(sample_path)
-    assert (result.report.lines, result.report.accepted, result.quarantine.num_rows) == (2312, 2312, 0)
+    assert (result.report.lines, result.report.accepted, result.quarantine.num_rows) == (
+        2312,
+        2312,
+        0,
+    )
 
 
 def is_unicode(text: str) -> bool:
@@ -262,9 +353,25 @@ def reference_verdicts(data: bytes) -> dict[int, object]:
 _LINES = st.one_of(
     st.builds(lambda n: good(n), st.integers(0, 50)),
     st.sampled_from([bad for _, bad, reason, _ in BAD_LINES if reason != "line_too_long"]),
-    st.sampled_from([b"", b"  ", b"{}", b"{ }", b"null", b"{" + good(1)[1:] + b" ", good(2) + good(3), b'{"chosen":"a","chosen":"b","rejected":"c"}']),
+    st.sampled_from(
+        [
+            b"",
+            b"  ",
+            b"{}",
+            b"{ }",
+            b"null",
+            b"{" + good(1)[1:] + b" ",
+            good(2) + good(3),
+            b'{"chosen":"a","chosen":"b","rejected":"c"}',
+        ]
+    ),
     st.builds(lambda n, cut: good(n)[:cut], st.integers(0, 5), st.integers(1, 40)),
-    st.builds(lambda n, at, byte: good(n)[:at] + bytes([byte]) + good(n)[at:], st.integers(0, 5), st.integers(0, 60), st.integers(0, 255)),
+    st.builds(
+        lambda n, at, byte: good(n)[:at] + bytes([byte]) + good(n)[at:],
+        st.integers(0, 5),
+        st.integers(0, 60),
+        st.integers(0, 255),
+    ),
 )
 
 
@@ -286,8 +393,15 @@ def test_bulk_reading_agrees_with_json_loads_line_by_line(tmp_path_factory, line
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(_LINES, min_size=1, max_size=60), st.sampled_from([1, 3, 16, 200]), st.booleans(), st.booleans())
-def test_lines_cut_between_inflated_chunks_read_the_same(tmp_path_factory, lines, read_size, compress, bom):
+@given(
+    st.lists(_LINES, min_size=1, max_size=60),
+    st.sampled_from([1, 3, 16, 200]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_lines_cut_between_inflated_chunks_read_the_same(
+    tmp_path_factory, lines, read_size, compress, bom
+):
     """Tiny chunks put line ends, CRLF pairs and the BOM across chunk boundaries."""
     from unittest import mock
 

@@ -37,13 +37,25 @@ def two_subsets(pairs: pa.Table) -> pa.Table:
 
 
 def accounting_for(table: pa.Table) -> dict:
-    return {"read": table.num_rows, "kept": table.num_rows, "quarantined": {}, "removed": {},
-            "filtered": {}}
+    return {
+        "read": table.num_rows,
+        "kept": table.num_rows,
+        "quarantined": {},
+        "removed": {},
+        "filtered": {},
+    }
 
 
 def build(table: pa.Table, out: Path, version: str = "1.0.0", **options):
-    return write_release(table, out, version, sources=[], accounting=accounting_for(table),
-                         settings={"note": "test"}, **options)
+    return write_release(
+        table,
+        out,
+        version,
+        sources=[],
+        accounting=accounting_for(table),
+        settings={"note": "test"},
+        **options,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +69,17 @@ def release(pairs, tmp_path_factory):
 
 
 def test_layout_has_every_file(release):
-    names = sorted(p.relative_to(release.path).as_posix() for p in release.path.rglob("*") if p.is_file())
+    names = sorted(
+        p.relative_to(release.path).as_posix() for p in release.path.rglob("*") if p.is_file()
+    )
     assert names == [
-        "CHANGELOG.md", "README.md", "croissant.json",
-        "data/harmless-base/test-00000-of-00001.parquet", "data/helpful-base/train-00000-of-00001.parquet",
-        "lengths.png", "manifest.json",
+        "CHANGELOG.md",
+        "README.md",
+        "croissant.json",
+        "data/harmless-base/test-00000-of-00001.parquet",
+        "data/helpful-base/train-00000-of-00001.parquet",
+        "lengths.png",
+        "manifest.json",
     ]
 
 
@@ -101,15 +119,21 @@ def test_parquet_writer_settings_are_pinned(release):
     metadata = pq.ParquetFile(release.path / data_file("harmless-base", "test")).metadata
     settings = ParquetSettings()
     assert metadata.row_group(0).column(0).compression == settings.compression.upper()
-    assert all(metadata.row_group(i).num_rows <= settings.row_group_size
-               for i in range(metadata.num_row_groups))
+    assert all(
+        metadata.row_group(i).num_rows <= settings.row_group_size
+        for i in range(metadata.num_row_groups)
+    )
     assert read_manifest(release.path)["settings"]["parquet"]["use_content_defined_chunking"]
 
 
 def test_same_inputs_give_byte_identical_releases(pairs, release, tmp_path):
     again = build(pairs, tmp_path)
-    first = {p.relative_to(release.path): p.read_bytes() for p in release.path.rglob("*") if p.is_file()}
-    second = {p.relative_to(again.path): p.read_bytes() for p in again.path.rglob("*") if p.is_file()}
+    first = {
+        p.relative_to(release.path): p.read_bytes() for p in release.path.rglob("*") if p.is_file()
+    }
+    second = {
+        p.relative_to(again.path): p.read_bytes() for p in again.path.rglob("*") if p.is_file()
+    }
     assert first.keys() == second.keys()
     different = [str(name) for name in first if first[name] != second[name]]
     assert different == []
@@ -128,7 +152,6 @@ def test_a_failed_build_leaves_no_partial_version(tmp_path, pairs):
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_staged_data_files_are_removed_when_the_release_is_not_finished(tmp_path, pairs):
     """The pipeline writes the data files while its leakage check runs; a check that fails
     then leaves neither the version nor its staging folder."""
@@ -142,12 +165,17 @@ def test_staged_data_files_are_removed_when_the_release_is_not_finished(tmp_path
 
 
 def test_leakage_handed_to_the_writer_is_written_to_the_manifest(tmp_path, pairs):
-    leaks = {"test_rows": 2, "groups_on_both_sides": 1, "within_subset": {"harmless-base": 2},
-             "across_subsets": {}}
+    leaks = {
+        "test_rows": 2,
+        "groups_on_both_sides": 1,
+        "within_subset": {"harmless-base": 2},
+        "across_subsets": {},
+    }
     leakage = {"exact": leaks, "near": leaks}
     built = build(pairs.slice(0, 50), tmp_path, leakage=leakage)
     assert built.manifest["leakage"] == leakage
     assert json.loads((built.path / "manifest.json").read_text())["leakage"] == leakage
+
 
 @pytest.mark.parametrize("version", ["1.0", "v1.0.0", "1.0.0-rc1", "01.0.0"])
 def test_a_version_must_be_major_minor_patch(tmp_path, pairs, version):
@@ -156,8 +184,13 @@ def test_a_version_must_be_major_minor_patch(tmp_path, pairs, version):
 
 
 def test_a_subset_in_two_families_is_refused(tmp_path, pairs):
-    mixed = pairs.set_column(2, "family", pc.if_else(
-        pc.equal(pc.modulo(pa.array(range(pairs.num_rows)), 2), 0), "helpful", "harmless"))
+    mixed = pairs.set_column(
+        2,
+        "family",
+        pc.if_else(
+            pc.equal(pc.modulo(pa.array(range(pairs.num_rows)), 2), 0), "helpful", "harmless"
+        ),
+    )
     with pytest.raises(ReleaseError, match="has rows in both families"):
         build(mixed, tmp_path)
 
@@ -169,7 +202,10 @@ def test_a_subset_in_two_families_is_refused(tmp_path, pairs):
         (lambda m: m["files"][next(iter(m["files"]))].update(sha256="abc"), "sha256"),
         (lambda m: m.pop("accounting"), "accounting"),
         (lambda m: m["configs"].pop("all"), "all"),
-        (lambda m: m["files"].update({"../escape.parquet": {"sha256": "0" * 64, "bytes": 1}}), "escape"),
+        (
+            lambda m: m["files"].update({"../escape.parquet": {"sha256": "0" * 64, "bytes": 1}}),
+            "escape",
+        ),
     ],
 )
 def test_the_schema_rejects_a_broken_manifest(release, edit, field):
@@ -181,7 +217,9 @@ def test_the_schema_rejects_a_broken_manifest(release, edit, field):
 
 
 def test_reading_a_folder_that_is_not_a_release_names_the_fix(tmp_path):
-    with pytest.raises(ReleaseError, match="not a release directory; pass the folder of one version"):
+    with pytest.raises(
+        ReleaseError, match="not a release directory; pass the folder of one version"
+    ):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(SchemaError, match="line 1: not valid JSON"):
@@ -195,8 +233,11 @@ def test_manifest_is_deterministic_json(release):
 
 def test_a_repeated_pair_id_is_refused(tmp_path, pairs):
     doubled = pa.concat_tables([pairs.slice(0, 3), pairs.slice(1, 1)])
-    with pytest.raises(ReleaseError, match=rf"pair id {pairs['id'][1].as_py()} appears 2 times "
-                                           r"\(1 ids repeat\).*deduplicate first"):
+    with pytest.raises(
+        ReleaseError,
+        match=rf"pair id {pairs['id'][1].as_py()} appears 2 times "
+        r"\(1 ids repeat\).*deduplicate first",
+    ):
         build(doubled, tmp_path)
 
 
@@ -208,7 +249,9 @@ def test_a_version_another_live_build_is_staging_is_refused(tmp_path, pairs):
         staging.mkdir()
         with pytest.raises(VersionError) as raised:
             build(pairs.slice(0, 20), tmp_path)
-        assert str(raised.value).startswith(f"version 1.0.0 is being built by another process (pid {other.pid}")
+        assert str(raised.value).startswith(
+            f"version 1.0.0 is being built by another process (pid {other.pid}"
+        )
         assert staging.is_dir() and not (tmp_path / "1.0.0").exists()
     finally:
         other.kill()
@@ -237,11 +280,15 @@ def test_the_build_that_loses_a_race_gets_a_clear_error(tmp_path, pairs):
     from hhdata.release import finish_release, staged_release
 
     rows = pairs.slice(0, 20)
-    with pytest.raises(VersionError, match=r"1\.0\.0 already exists: another process built version 1\.0\.0"):
+    with pytest.raises(
+        VersionError, match=r"1\.0\.0 already exists: another process built version 1\.0\.0"
+    ):
         with staged_release(rows, tmp_path, "1.0.0") as staged:
             (tmp_path / "1.0.0").mkdir()  # the other build finishes while this one writes
             (tmp_path / "1.0.0" / "manifest.json").write_text("{}")
-            finish_release(staged, sources=[], accounting=accounting_for(rows), settings={"note": "test"})
+            finish_release(
+                staged, sources=[], accounting=accounting_for(rows), settings={"note": "test"}
+            )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.0.0"]  # no staging left behind
 
 
@@ -255,7 +302,9 @@ def test_parquet_files_carry_the_versions_as_key_value_metadata(release):
         assert metadata[b"hhdata:version"] == hhdata.__version__.encode()
 
 
-def test_a_file_with_the_same_rows_keeps_its_first_release_stamp_and_bytes(pairs, release, tmp_path):
+def test_a_file_with_the_same_rows_keeps_its_first_release_stamp_and_bytes(
+    pairs, release, tmp_path
+):
     added = pairs.slice(0, 50).set_column(1, "subset", pa.array(["harmless-added"] * 50))
     added = added.set_column(2, "family", pa.array(["harmless"] * 50))
     from hhdata.schema import pair_id

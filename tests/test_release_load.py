@@ -29,10 +29,21 @@ def pairs() -> pa.Table:
 
 @pytest.fixture(scope="module")
 def built(pairs, tmp_path_factory):
-    accounting = {"read": pairs.num_rows, "kept": pairs.num_rows, "quarantined": {},
-                  "removed": {}, "filtered": {}}
-    return write_release(pairs, tmp_path_factory.mktemp("out"), "1.0.0", sources=[],
-                         accounting=accounting, settings={}).path
+    accounting = {
+        "read": pairs.num_rows,
+        "kept": pairs.num_rows,
+        "quarantined": {},
+        "removed": {},
+        "filtered": {},
+    }
+    return write_release(
+        pairs,
+        tmp_path_factory.mktemp("out"),
+        "1.0.0",
+        sources=[],
+        accounting=accounting,
+        settings={},
+    ).path
 
 
 @pytest.fixture
@@ -50,12 +61,15 @@ def test_default_config_holds_every_row(built, pairs):
     assert sorted(loaded["test"]["id"]) == sorted(pairs["id"].to_pylist())
 
 
-@pytest.mark.parametrize("config, subsets, rows", [
-    ("helpful", {"helpful-online"}, 300),
-    ("harmless", {"harmless-base"}, 2012),
-    ("helpful-online", {"helpful-online"}, 300),
-    ("all", {"helpful-online", "harmless-base"}, 2312),
-])
+@pytest.mark.parametrize(
+    "config, subsets, rows",
+    [
+        ("helpful", {"helpful-online"}, 300),
+        ("harmless", {"harmless-base"}, 2012),
+        ("helpful-online", {"helpful-online"}, 300),
+        ("all", {"helpful-online", "harmless-base"}, 2312),
+    ],
+)
 def test_a_config_is_a_view_over_its_subsets(built, config, subsets, rows):
     split = load_release(built, config, split="test")
     assert isinstance(split, datasets.Dataset)
@@ -73,8 +87,9 @@ def test_rows_are_typed_turns(built):
 
 def test_plain_datasets_load_dataset_reads_the_card_configs(built, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    helpful = datasets.load_dataset(str(built), "helpful", split="test",
-                                    cache_dir=str(tmp_path / "cache"))
+    helpful = datasets.load_dataset(
+        str(built), "helpful", split="test", cache_dir=str(tmp_path / "cache")
+    )
     assert helpful.num_rows == 300
     assert set(helpful["family"]) == {"helpful"}
     default = datasets.load_dataset(str(built), cache_dir=str(tmp_path / "cache"))
@@ -87,7 +102,9 @@ def test_a_tampered_file_is_refused(copy_of):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=rf"{HARMLESS_FILE}: sha256 [0-9a-f]{{64}} does not match"):
+    with pytest.raises(
+        IntegrityError, match=rf"{HARMLESS_FILE}: sha256 [0-9a-f]{{64}} does not match"
+    ):
         load_release(copy_of, "harmless")
     # a config that does not read the file still loads
     assert load_release(copy_of, "helpful", split="test").num_rows == 300
@@ -117,7 +134,9 @@ def test_a_file_the_manifest_does_not_list_is_refused(copy_of):
 
 
 def test_unknown_config_and_split_name_the_choices(built):
-    with pytest.raises(ReleaseError, match="has no config 'helpful-base'; choose one of all, helpful"):
+    with pytest.raises(
+        ReleaseError, match="has no config 'helpful-base'; choose one of all, helpful"
+    ):
         load_release(built, "helpful-base")
     with pytest.raises(ReleaseError, match="has no split 'train'; choose one of test"):
         load_release(built, "harmless", split="train")
@@ -127,7 +146,9 @@ def test_hhdata_load_dispatches_a_local_release(built):
     import hhdata
 
     assert hhdata.load(str(built), "helpful", split="test").num_rows == 300
-    assert hhdata.load(str(built.parent), "harmless", split="test", version="1.0.0").num_rows == 2012
+    assert (
+        hhdata.load(str(built.parent), "harmless", split="test", version="1.0.0").num_rows == 2012
+    )
 
 
 def edit_manifest(release, edit) -> None:
@@ -142,8 +163,11 @@ def test_an_edited_file_row_count_is_refused(copy_of):
         load_release(copy_of, "harmless", split="test")
     assert str(caught.value).startswith(
         f"{copy_of / HARMLESS_FILE} (config 'harmless', split 'test'): manifest.json records 9999 rows, "
-        "the file's Parquet metadata holds 2012;")
-    with pytest.raises(IntegrityError, match="records 9999 rows, the file's Parquet metadata holds 2012"):
+        "the file's Parquet metadata holds 2012;"
+    )
+    with pytest.raises(
+        IntegrityError, match="records 9999 rows, the file's Parquet metadata holds 2012"
+    ):
         verify_files(copy_of)
 
 
@@ -153,7 +177,10 @@ def test_an_edited_split_row_count_is_refused(copy_of):
         load_release(copy_of)
     assert str(caught.value).startswith(
         f"{copy_of / 'manifest.json'}: config 'all' split 'test' records 9999 rows, its Parquet files "
-        f"({HARMLESS_FILE}, {HARMLESS_FILE.replace('harmless-base', 'helpful-online')}) hold 2312;")
-    assert load_release(copy_of, "harmless", split="test").num_rows == 2012  # other configs still load
+        f"({HARMLESS_FILE}, {HARMLESS_FILE.replace('harmless-base', 'helpful-online')}) hold 2312;"
+    )
+    assert (
+        load_release(copy_of, "harmless", split="test").num_rows == 2012
+    )  # other configs still load
     with pytest.raises(IntegrityError, match="config 'all' split 'test' records 9999 rows"):
         verify_files(copy_of)

@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from hhdata.errors import HhDataError
-from hhdata.schema import PAIR_SCHEMA, pair_id
 from hhdata.pairs.transcript import render_transcript
+from hhdata.schema import PAIR_SCHEMA, pair_id
 from training import models
 from training.common import sha256_file
 from training.reward_model import (
@@ -74,7 +74,10 @@ def synthetic_rows(count: int, seed: int) -> list[dict]:
         words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
         prompt = [{"role": "user", "content": words(rng.randint(4, 30))}]
         if rng.random() < 0.3:
-            prompt += [{"role": "assistant", "content": words(5)}, {"role": "user", "content": words(6)}]
+            prompt += [
+                {"role": "assistant", "content": words(5)},
+                {"role": "user", "content": words(6)},
+            ]
         reply = words(rng.randint(3, 12)).split()
         chosen = " ".join(reply[: len(reply) // 2] + [MARKER] + reply[len(reply) // 2 :])
         rejected = words(rng.randint(3, 12))
@@ -115,7 +118,9 @@ def synthetic_release(tmp_path_factory):
         path = raw / row["subset"] / f"{row['split']}.jsonl"
         path.parent.mkdir(exist_ok=True)
         with path.open("a") as handle:
-            handle.write(json.dumps({"chosen": row["chosen_text"], "rejected": row["rejected_text"]}) + "\n")
+            handle.write(
+                json.dumps({"chosen": row["chosen_text"], "rejected": row["rejected_text"]}) + "\n"
+            )
     out = tmp_path_factory.mktemp("releases")
     subsets = ["synth-helpful-base", "synth-harmless-base"]
     return build_release(raw, version="1.0.0", out=out, include_synthetic=subsets).path
@@ -163,9 +168,13 @@ def test_micro_batches_by_length_give_the_batch_gradient(share_prefix):
     groups = length_groups(lengths, cost=8)
     assert 1 < len(groups) < len(pairs)  # a real cut, not one group and not singletons
     assert sorted(i for group in groups for i in group) == list(range(len(pairs)))
-    assert [max(lengths[i] for i in g) for g in groups] == sorted(max(lengths[i] for i in g) for g in groups)
+    assert [max(lengths[i] for i in g) for g in groups] == sorted(
+        max(lengths[i] for i in g) for g in groups
+    )
     model.zero_grad()
-    chosen, rejected, loss = accumulate_pair_loss(model, pairs, tokenizer.pad_token_id, share_prefix, "cpu", cost=8)
+    chosen, rejected, loss = accumulate_pair_loss(
+        model, pairs, tokenizer.pad_token_id, share_prefix, "cpu", cost=8
+    )
     for got, expected in zip((chosen, rejected, loss), whole[:3]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     for name, p in model.named_parameters():
@@ -204,7 +213,15 @@ def test_prefix_sharing_is_not_exact_for_an_encoder_so_it_is_refused(tmp_path, s
     with pytest.raises(HhDataError, match="bidirectional encoder.*--prefix-sharing off"):
         pair_rewards(model, pairs, tokenizer.pad_token_id, True, "cpu")
     with pytest.raises(HhDataError, match="bidirectional encoder"):
-        main(Args(data=str(synthetic_file), model=models.MINILM, prefix_sharing="on", run_dir=str(tmp_path / "run"), max_steps=1))
+        main(
+            Args(
+                data=str(synthetic_file),
+                model=models.MINILM,
+                prefix_sharing="on",
+                run_dir=str(tmp_path / "run"),
+                max_steps=1,
+            )
+        )
 
 
 def test_transcript_rendering_and_truncation_keep_reply_ends():
@@ -233,36 +250,72 @@ def test_calibration_metrics_by_hand():
 
 def test_tiny_model_learns_the_marker_per_family_from_a_release(tmp_path, synthetic_release):
     run_dir = tmp_path / "run"
-    args = Args(data=str(synthetic_release), run_dir=str(run_dir), max_length=64, batch_size=16, epochs=2, learning_rate=3e-3, save_every=1000)
+    args = Args(
+        data=str(synthetic_release),
+        run_dir=str(run_dir),
+        max_length=64,
+        batch_size=16,
+        epochs=2,
+        learning_rate=3e-3,
+        save_every=1000,
+    )
     metrics = main(args)
     assert metrics["overall"]["accuracy"] > 0.9, metrics["overall"]
     assert set(metrics["by_family"]) == {"helpful", "harmless"}
     assert set(metrics["by_subset"]) == {"synth-helpful-base", "synth-harmless-base"}
     assert metrics["overall"]["mean_margin"] > 1
-    log = [json.loads(line) for line in (run_dir / "checkpoints/step-0000050/train_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line)
+        for line in (run_dir / "checkpoints/step-0000050/train_log.jsonl").read_text().splitlines()
+    ]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
-    for name in ("metrics.json", "settings.json", "reliability.png", "margins.png", "loss.png", "model/README.md", "model/model.safetensors", "tokenizer/tokenizer.json"):
+    for name in (
+        "metrics.json",
+        "settings.json",
+        "reliability.png",
+        "margins.png",
+        "loss.png",
+        "model/README.md",
+        "model/model.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").iterdir())
     settings = json.loads((run_dir / "settings.json").read_text())
     assert settings["share_prefix"] is True and settings["train_pairs"] == 400
     assert settings["provenance"]["version"] == "1.0.0"
-    assert settings["provenance"]["manifest_sha256"] == sha256_file(synthetic_release / "manifest.json")
+    assert settings["provenance"]["manifest_sha256"] == sha256_file(
+        synthetic_release / "manifest.json"
+    )
     assert "| family helpful |" in (run_dir / "model/README.md").read_text()
 
     model, tokenizer, saved = load_reward_model(run_dir)
     rows = [r for r in synthetic_rows(500, seed=0) if r["split"] == "test"][:20]
-    chosen = score(model, tokenizer, saved, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    rejected = score(model, tokenizer, saved, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    chosen = score(
+        model, tokenizer, saved, [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    )
+    rejected = score(
+        model, tokenizer, saved, [r["prompt"] for r in rows], [r["rejected"] for r in rows]
+    )
     assert (chosen > rejected).float().mean() > 0.9
     assert_standard_reward_model(run_dir / "model", model, tokenizer, saved, rows)
     card = (run_dir / "model/README.md").read_text()
     assert "## Input format" in card and "end-of-turn token `</s>`" in card
-    assert json.dumps(reward_text(tokenizer, *EXAMPLE, chat=saved["chat_template"])) in card  # the exact example
+    assert (
+        json.dumps(reward_text(tokenizer, *EXAMPLE, chat=saved["chat_template"])) in card
+    )  # the exact example
 
 
 def test_train_config_filters_training_but_evaluation_covers_every_family(tmp_path, synthetic_file):
-    args = Args(data=str(synthetic_file), run_dir=str(tmp_path / "run"), train_config="helpful", max_length=48, max_steps=2, batch_size=8, max_eval_pairs=30)
+    args = Args(
+        data=str(synthetic_file),
+        run_dir=str(tmp_path / "run"),
+        train_config="helpful",
+        max_length=48,
+        max_steps=2,
+        batch_size=8,
+        max_eval_pairs=30,
+    )
     metrics = main(args)
     settings = json.loads((tmp_path / "run/settings.json").read_text())
     assert settings["train_pairs"] == 200
@@ -273,7 +326,15 @@ def test_train_config_filters_training_but_evaluation_covers_every_family(tmp_pa
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, synthetic_file):
-    base = Args(data=str(synthetic_file), max_length=48, batch_size=8, max_steps=6, save_every=2, max_eval_pairs=40, learning_rate=3e-3)
+    base = Args(
+        data=str(synthetic_file),
+        max_length=48,
+        batch_size=8,
+        max_steps=6,
+        save_every=2,
+        max_eval_pairs=40,
+        learning_rate=3e-3,
+    )
     whole = main(replace(base, run_dir=str(tmp_path / "whole")))
     assert main(replace(base, run_dir=str(tmp_path / "cut"), stop_after=3)) == {"stopped_after": 3}
     assert not (tmp_path / "cut/metrics.json").exists()
@@ -286,13 +347,25 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, synthetic_
     final_cut = load_file(tmp_path / "cut/checkpoints/step-0000006/model.safetensors")
     for name, tensor in final_whole.items():
         assert torch.equal(tensor, final_cut[name]), name
-    assert (tmp_path / "whole/checkpoints/step-0000006/train_log.jsonl").read_text().count("\n") == 6
-    losses = lambda run: [json.loads(l)["loss"] for l in (tmp_path / run / "checkpoints/step-0000006/train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert (tmp_path / "whole/checkpoints/step-0000006/train_log.jsonl").read_text().count(
+        "\n"
+    ) == 6
+    losses = lambda run: [
+        json.loads(l)["loss"]
+        for l in (tmp_path / run / "checkpoints/step-0000006/train_log.jsonl")
+        .read_text()
+        .splitlines()
+    ]  # noqa: E731
     assert losses("whole") == losses("cut")
 
 
 def test_help_lists_every_setting_with_its_docstring():
-    result = subprocess.run([sys.executable, "-m", "training.reward_model", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.reward_model", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--prefix-sharing {auto,on,off}" in result.stdout
     assert "pairs per optimizer step, over all processes" in result.stdout
     assert "--no-chat-template" in result.stdout
@@ -311,13 +384,18 @@ def bundled_rows():
 def full_ids(tokenizer, row, chat=False):
     """Untruncated ids of (prompt, chosen body, rejected body), as the data holds them."""
     end = end_of_turn_id(tokenizer, chat)
-    bodies = [reply_body(tokenizer, row["prompt"], reply, chat)[1] for reply in (row["chosen"], row["rejected"])]
+    bodies = [
+        reply_body(tokenizer, row["prompt"], reply, chat)[1]
+        for reply in (row["chosen"], row["rejected"])
+    ]
     prompt_text = reply_body(tokenizer, row["prompt"], row["chosen"], chat)[0]
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     return encode(prompt_text), [encode(body) for body in bodies], end
 
 
-def test_prompt_truncation_keeps_the_whole_prompt_when_it_fits_and_exactly_what_fits_otherwise(bundled_rows):
+def test_prompt_truncation_keeps_the_whole_prompt_when_it_fits_and_exactly_what_fits_otherwise(
+    bundled_rows,
+):
     """Bug 1 of issue 9: the prompt slice started at len(prompt) - room, negative whenever the
     prompt fitted in less than twice its length, and only room - len(prompt) tokens survived
     (232 of these 1,200 encodings lost prompt tokens although everything fitted)."""
@@ -335,7 +413,10 @@ def test_prompt_truncation_keeps_the_whole_prompt_when_it_fits_and_exactly_what_
                 assert [chosen[:-1], rejected[:-1]] == replies  # everything fits: nothing cut
             else:
                 cut += 1
-                assert len(kept) + longest == max_length, (max_length, row["id"])  # exactly what fits
+                assert len(kept) + longest == max_length, (
+                    max_length,
+                    row["id"],
+                )  # exactly what fits
     assert lost == 0
     assert cut > 100  # the cut branch ran too
 
@@ -350,9 +431,14 @@ def test_prompt_truncation_keeps_the_whole_prompt_when_it_fits_and_exactly_what_
 def test_truncate_pair_laws(start, prompt, replies, max_length):
     kept, *closed = truncate_pair(start, prompt, replies, 7, max_length)
     longest = max(map(len, replies)) + 1
-    assert kept[: len(start)] == start and prompt[len(prompt) - (len(kept) - len(start)) :] == kept[len(start) :]
+    assert (
+        kept[: len(start)] == start
+        and prompt[len(prompt) - (len(kept) - len(start)) :] == kept[len(start) :]
+    )
     for reply, out in zip(replies, closed):
-        assert out[-1] == 7 and reply[: len(out) - 1] == out[:-1]  # a prefix, closed by the end token
+        assert (
+            out[-1] == 7 and reply[: len(out) - 1] == out[:-1]
+        )  # a prefix, closed by the end token
         assert len(out) - 1 >= min(len(reply), max_length // 2 - 1)  # a reply keeps half the budget
     if len(start) + len(prompt) + longest <= max_length:
         assert kept == start + prompt and [out[:-1] for out in closed] == replies
@@ -367,8 +453,14 @@ def chatml_tokenizer(rows):
     """A real ChatML tokenizer as SmolLM2's: `<|im_end|>` ends turns and is also the pad token."""
     texts = [t for r in rows for t in (r["chosen_text"], r["rejected_text"])]
     tokenizer = models.train_tiny_tokenizer(texts, vocab_size=512)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
-    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]}
+    )
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     tokenizer.chat_template = (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
         "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -393,7 +485,10 @@ def test_reward_is_read_at_the_end_of_turn_token_truncated_or_not(kind, bundled_
     for max_length in (24, 64, 2048):
         pairs = [encode_pair(tokenizer, row, max_length, chat) for row in rows]
         lengths |= {len(p) + len(c) for p, c, _ in pairs}
-        for batch in (naive_batch(pairs, tokenizer.pad_token_id), packed_batch(pairs, tokenizer.pad_token_id)):
+        for batch in (
+            naive_batch(pairs, tokenizer.pad_token_id),
+            packed_batch(pairs, tokenizer.pad_token_id),
+        ):
             read = batch["input_ids"].gather(1, batch["read_at"])
             assert (read == expected).all(), kind
     assert min(lengths) <= 24 and max(lengths) > 200  # truncated and whole sequences were read
@@ -406,15 +501,32 @@ def test_start_and_end_tokens_with_id_0_are_kept(role):
     from tokenizers import models as token_models
     from transformers import PreTrainedTokenizerFast
 
-    specials = {"cls": ["[CLS]", "[SEP]", "<s>", "</s>", "<pad>"], "sep": ["[SEP]", "[CLS]", "<s>", "</s>", "<pad>"]}[role]
+    specials = {
+        "cls": ["[CLS]", "[SEP]", "<s>", "</s>", "<pad>"],
+        "sep": ["[SEP]", "[CLS]", "<s>", "</s>", "<pad>"],
+    }[role]
     bpe = Tokenizer(token_models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator([r["chosen_text"] for r in synthetic_rows(20, seed=4)], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, cls_token="[CLS]", sep_token="[SEP]", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     assert getattr(tokenizer, f"{role}_token_id") == 0
     prompt, chosen, rejected = encode_pair(tokenizer, synthetic_rows(1, seed=5)[0], 64, chat=False)
-    assert prompt[0] == tokenizer.cls_token_id and chosen[-1] == rejected[-1] == tokenizer.sep_token_id
+    assert (
+        prompt[0] == tokenizer.cls_token_id and chosen[-1] == rejected[-1] == tokenizer.sep_token_id
+    )
 
 
 # ---- prefix sharing only where the attention honours the mask and the positions --------
@@ -427,7 +539,10 @@ def test_prefix_sharing_is_exact_with_eager_attention_too():
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = RewardModel(AutoModel.from_config(config))
-    assert model.backbone.config._attn_implementation == "eager" and prefix_sharing_problem(model.backbone) is None
+    assert (
+        model.backbone.config._attn_implementation == "eager"
+        and prefix_sharing_problem(model.backbone) is None
+    )
     pairs = [encode_pair(tokenizer, row, 48, chat=False) for row in rows]
     packed = loss_and_grads(model, pairs, tokenizer.pad_token_id, share_prefix=True)
     naive = loss_and_grads(model, pairs, tokenizer.pad_token_id, share_prefix=False)
@@ -438,7 +553,9 @@ def test_prefix_sharing_is_exact_with_eager_attention_too():
 def test_prefix_sharing_refused_under_flash_attention():
     rows = synthetic_rows(4, seed=7)
     model, tokenizer = tiny_reward_model(rows)
-    model.backbone.config._attn_implementation = "flash_attention_2"  # what from_pretrained(attn_implementation=...) sets
+    model.backbone.config._attn_implementation = (
+        "flash_attention_2"  # what from_pretrained(attn_implementation=...) sets
+    )
     pairs = [encode_pair(tokenizer, row, 48, chat=False) for row in rows]
     with pytest.raises(HhDataError, match="'flash_attention_2' attention.*--prefix-sharing off"):
         pair_rewards(model, pairs, tokenizer.pad_token_id, True, "cpu")
@@ -450,18 +567,37 @@ def tiny_bloom(tmp_path_factory):
     from transformers import BloomConfig, BloomModel
 
     rows = synthetic_rows(200, seed=0)
-    tokenizer = models.load_tokenizer(models.TINY, texts=[t for r in rows for t in (r["chosen_text"], r["rejected_text"])])
+    tokenizer = models.load_tokenizer(
+        models.TINY, texts=[t for r in rows for t in (r["chosen_text"], r["rejected_text"])]
+    )
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=1, n_head=2, pad_token_id=tokenizer.pad_token_id)
+    config = BloomConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        n_layer=1,
+        n_head=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("bloom")
     BloomModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def test_prefix_sharing_refused_for_alibi_and_auto_turns_it_off(tmp_path, synthetic_file, tiny_bloom):
-    base = Args(data=str(synthetic_file), model=str(tiny_bloom), max_length=48, batch_size=8, max_steps=1, max_eval_pairs=8)
-    with pytest.raises(HhDataError, match=r"--prefix-sharing on: .* ALiBi .*; run with --prefix-sharing off"):
+def test_prefix_sharing_refused_for_alibi_and_auto_turns_it_off(
+    tmp_path, synthetic_file, tiny_bloom
+):
+    base = Args(
+        data=str(synthetic_file),
+        model=str(tiny_bloom),
+        max_length=48,
+        batch_size=8,
+        max_steps=1,
+        max_eval_pairs=8,
+    )
+    with pytest.raises(
+        HhDataError, match=r"--prefix-sharing on: .* ALiBi .*; run with --prefix-sharing off"
+    ):
         main(replace(base, prefix_sharing="on", run_dir=str(tmp_path / "on")))
     main(replace(base, run_dir=str(tmp_path / "auto")))
     assert json.loads((tmp_path / "auto/settings.json").read_text())["share_prefix"] is False
@@ -473,9 +609,13 @@ def test_prefix_sharing_refused_for_alibi_and_auto_turns_it_off(tmp_path, synthe
 def assert_standard_reward_model(folder, model, tokenizer, settings, rows):
     """Every weight loads into AutoModelForSequenceClassification (num_labels 1), and its logits on
     reward_text equal score() in a padded batch."""
-    classifier, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(
+        folder, output_loading_info=True
+    )
     assert classifier.config.num_labels == 1
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert (
+        not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ), info
     saved_tokenizer = AutoTokenizer.from_pretrained(folder)
     chat = settings["chat_template"]
     texts = [reward_text(saved_tokenizer, row["prompt"], row["chosen"], chat) for row in rows]
@@ -483,14 +623,22 @@ def assert_standard_reward_model(folder, model, tokenizer, settings, rows):
     assert [saved_tokenizer(text)["input_ids"] for text in texts] == [p + c for p, c, _ in pairs]
     fits = [i for i, (p, c, _) in enumerate(pairs) if len(p) + len(c) <= settings["max_length"]][:6]
     rows, texts, pairs = [rows[i] for i in fits], [texts[i] for i in fits], [pairs[i] for i in fits]
-    assert classifier.config.pad_token_id == saved_tokenizer.pad_token_id != settings["end_of_turn_id"]
+    assert (
+        classifier.config.pad_token_id == saved_tokenizer.pad_token_id != settings["end_of_turn_id"]
+    )
     assert len({len(p) + len(c) for p, c, _ in pairs}) > 1  # the batch below is padded
     with torch.no_grad():
-        logits = classifier.eval()(**saved_tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0]
-    ours = score(model, tokenizer, settings, [row["prompt"] for row in rows], [row["chosen"] for row in rows])
+        logits = classifier.eval()(
+            **saved_tokenizer(texts, return_tensors="pt", padding=True)
+        ).logits[:, 0]
+    ours = score(
+        model, tokenizer, settings, [row["prompt"] for row in rows], [row["chosen"] for row in rows]
+    )
     torch.testing.assert_close(logits, ours, atol=1e-5, rtol=0)
     assert ours.std() > 0  # the rewards differ: a constant would match anywhere
-    reward_pipeline = pipeline("text-classification", model=classifier, tokenizer=saved_tokenizer, function_to_apply="none")
+    reward_pipeline = pipeline(
+        "text-classification", model=classifier, tokenizer=saved_tokenizer, function_to_apply="none"
+    )
     assert reward_pipeline(texts[-1])[0]["score"] == pytest.approx(ours[-1].item(), abs=1e-5)
     return classifier
 
@@ -505,10 +653,15 @@ def test_saved_reward_model_is_a_standard_sequence_classifier(kind, tmp_path, bu
         tokenizer, chat = chatml_tokenizer(bundled_rows[:100]), True
         backbone = models.load_backbone(models.TINY, tokenizer, seed=3)
     model = RewardModel(backbone)
-    save_reward_model(model, tokenizer, tmp_path, {"max_length": 512, "chat_template": chat, "base_model": kind})
+    save_reward_model(
+        model, tokenizer, tmp_path, {"max_length": 512, "chat_template": chat, "base_model": kind}
+    )
     loaded, loaded_tokenizer, settings = load_reward_model(tmp_path)
     classifier = assert_standard_reward_model(tmp_path, loaded, loaded_tokenizer, settings, rows)
-    expected = {"minilm": "BertForSequenceClassification", "chatml": "LlamaForSequenceClassification"}[kind]
+    expected = {
+        "minilm": "BertForSequenceClassification",
+        "chatml": "LlamaForSequenceClassification",
+    }[kind]
     assert type(classifier).__name__ == expected
     if kind == "chatml":  # SmolLM2 pads with its end of turn: the saved pad must be another token
         assert settings["end_of_turn_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")

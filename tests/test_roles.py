@@ -63,7 +63,12 @@ def test_strict_roles_keeps_only_rows_that_render_and_counts_the_rest(sample, to
     strict = hhdata.load(split="test", strict_roles=True)
     assert strict.num_rows == 2312 - 8
     assert render_errors(tokenizer, strict) == {}
-    assert all(turn["content"].strip() for side in ("chosen", "rejected") for row in strict[side] for turn in row)
+    assert all(
+        turn["content"].strip()
+        for side in ("chosen", "rejected")
+        for row in strict[side]
+        for turn in row
+    )
     left_out = set(sample["id"]) - set(strict["id"])
     assert left_out == {sample[i]["id"] for i in NOT_ALTERNATING | EMPTY_REPLY}
     assert strict_counts(sample.data.table) == {"roles_not_alternating": 4, "empty_reply": 4}
@@ -84,14 +89,17 @@ def test_strict_roles_applies_to_every_split_of_a_dataset_dict():
     assert list(loaded) == ["test"] and loaded["test"].num_rows == 2304
 
 
-@pytest.mark.parametrize("roles, ok", [
-    (["user", "assistant"], True),
-    (["user", "assistant", "user", "assistant"], True),
-    (["assistant", "user", "assistant"], False),  # starts with the assistant
-    (["user", "user", "assistant"], False),
-    (["user", "assistant", "assistant"], False),
-    (["assistant"], False),  # no prompt
-])
+@pytest.mark.parametrize(
+    "roles, ok",
+    [
+        (["user", "assistant"], True),
+        (["user", "assistant", "user", "assistant"], True),
+        (["assistant", "user", "assistant"], False),  # starts with the assistant
+        (["user", "user", "assistant"], False),
+        (["user", "assistant", "assistant"], False),
+        (["assistant"], False),  # no prompt
+    ],
+)
 def test_role_orders(roles, ok):
     import pyarrow as pa
 

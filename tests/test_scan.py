@@ -19,7 +19,10 @@ from hhdata import hub
 from hhdata.errors import IntegrityError, LoadError
 from hhdata.hub.localserver.releases import build_release
 
-HELPFUL = ["data/helpful-fixture/train-00000-of-00001.parquet", "data/helpful-fixture/test-00000-of-00001.parquet"]
+HELPFUL = [
+    "data/helpful-fixture/train-00000-of-00001.parquet",
+    "data/helpful-fixture/test-00000-of-00001.parquet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,9 @@ def releases(tmp_path_factory):
 
 def read_ids(folder, files) -> list[str]:
     """The ids of some data files, read with pyarrow (not through hhdata)."""
-    return pa.concat_tables([pq.read_table(folder / f, columns=["id"]) for f in files])["id"].to_pylist()
+    return pa.concat_tables([pq.read_table(folder / f, columns=["id"]) for f in files])[
+        "id"
+    ].to_pylist()
 
 
 def test_a_local_scan_is_lazy_and_yields_the_configs_rows(releases):
@@ -41,14 +46,16 @@ def test_a_local_scan_is_lazy_and_yields_the_configs_rows(releases):
     assert isinstance(lazy, pl.LazyFrame)
     assert lazy.collect()["id"].to_list() == read_ids(first, HELPFUL)
     assert hhdata.scan(first).collect().height == 24  # the default config `all`, every split
-    assert hhdata.scan(first, "helpful", split="test").collect()["split"].unique().to_list() == ["test"]
+    assert hhdata.scan(first, "helpful", split="test").collect()["split"].unique().to_list() == [
+        "test"
+    ]
 
 
 def test_filters_and_column_choices_are_pushed_into_the_parquet_scan(releases):
     _, first, _ = releases
     query = hhdata.scan(first, "all").filter(pl.col("family") == "helpful").select("id")
     plan = query.explain()
-    scan_part = plan[plan.index("Parquet SCAN"):]
+    scan_part = plan[plan.index("Parquet SCAN") :]
     assert 'SELECTION: col("family") == "helpful"' in scan_part  # the filter runs inside the scan
     assert "PROJECT 2/10 COLUMNS" in scan_part  # only id and family are read
     assert sorted(query.collect()["id"].to_list()) == sorted(read_ids(first, HELPFUL))
@@ -79,11 +86,22 @@ def test_a_hub_scan_is_pinned_to_the_version_asked_for(local_hub, releases):
     hub.publish(second, repo_id, token=local_hub.token, retries=1, backoff=0.01)
     pinned = hhdata.scan(repo_id, "harmless", version="1.0.0").collect()
     assert sorted(pinned["id"].to_list()) == sorted(
-        read_ids(first, ["data/harmless-base/train-00000-of-00001.parquet",
-                         "data/harmless-base/test-00000-of-00001.parquet"]))
+        read_ids(
+            first,
+            [
+                "data/harmless-base/train-00000-of-00001.parquet",
+                "data/harmless-base/test-00000-of-00001.parquet",
+            ],
+        )
+    )
     latest = hhdata.scan(repo_id, "harmless").collect()
     assert latest.height == pinned.height + 6 and "harmless-added" in latest["subset"].to_list()
-    counts = hhdata.scan(repo_id, "helpful", version="1.0.0", split="train").group_by("family").len().collect()
+    counts = (
+        hhdata.scan(repo_id, "helpful", version="1.0.0", split="train")
+        .group_by("family")
+        .len()
+        .collect()
+    )
     assert counts.rows() == [("helpful", len(read_ids(first, HELPFUL[:1])))]
 
 
@@ -98,9 +116,14 @@ def test_the_cards_scan_line_runs_alone_in_a_fresh_process(local_hub, releases, 
     hub.publish(first, repo_id, token=local_hub.token, retries=1, backoff=0.01)
     code = f"import hhdata; print(hhdata.scan({repo_id!r}, 'harmless', version='1.0.0').collect().height)"
     env = {**os.environ, **local_hub.env(tmp_path / "hf-home")}
-    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    ran = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert ran.returncode == 0, ran.stderr[-2000:]
-    harmless = ["data/harmless-base/train-00000-of-00001.parquet", "data/harmless-base/test-00000-of-00001.parquet"]
+    harmless = [
+        "data/harmless-base/train-00000-of-00001.parquet",
+        "data/harmless-base/test-00000-of-00001.parquet",
+    ]
     assert ran.stdout.split()[-1] == str(len(read_ids(first, harmless)))
 
 

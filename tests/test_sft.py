@@ -22,7 +22,6 @@ from training.sft import (
     rank_batch,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
@@ -74,7 +73,13 @@ def test_long_examples_keep_their_end(rows, tokenizer):
 
 
 def test_collate_masks_padding():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+            {"input_ids": [8], "labels": [8]},
+        ],
+        pad_token_id=0,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
@@ -83,8 +88,14 @@ def test_collate_masks_padding():
 def test_sft_loss_goes_down_and_the_run_is_saved(tmp_path, rows, tokenizer):
     tokenizer.save_pretrained(tmp_path / "tok")
     args = Args(
-        model="tiny", tokenizer=str(tmp_path / "tok"), output_dir=str(tmp_path / "sft"),
-        learning_rate=3e-3, batch_size=8, max_steps=40, max_length=96, eval_rows=32,
+        model="tiny",
+        tokenizer=str(tmp_path / "tok"),
+        output_dir=str(tmp_path / "sft"),
+        learning_rate=3e-3,
+        batch_size=8,
+        max_steps=40,
+        max_length=96,
+        eval_rows=32,
     )
     metrics = main(args)
     losses = metrics["train_loss"]
@@ -92,7 +103,10 @@ def test_sft_loss_goes_down_and_the_run_is_saved(tmp_path, rows, tokenizer):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.5
     saved = tmp_path / "sft"
-    assert json.loads((saved / "metrics.json").read_text())["eval_loss_after"] == metrics["eval_loss_after"]
+    assert (
+        json.loads((saved / "metrics.json").read_text())["eval_loss_after"]
+        == metrics["eval_loss_after"]
+    )
     assert json.loads((saved / "args.json").read_text())["args"]["max_steps"] == 40
     loaded = models.load_causal_lm(str(saved), models.load_tokenizer(str(saved)))
     assert loaded.config.vocab_size == len(tokenizer)
@@ -107,14 +121,26 @@ def write_pairs(path, rows, splits):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{**row, "split": splits[i % len(splits)]} for i, row in enumerate(rows)]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{**row, "split": splits[i % len(splits)]} for i, row in enumerate(rows)]
+        ),
+        path,
+    )
     return str(path)
 
 
 def tiny_args(tmp_path, tokenizer, **changes) -> Args:
     tokenizer.save_pretrained(tmp_path / "tok")
-    settings = dict(model="tiny", tokenizer=str(tmp_path / "tok"), output_dir=str(tmp_path / "sft"),
-                    batch_size=4, max_steps=2, max_length=48, eval_rows=4)
+    settings = dict(
+        model="tiny",
+        tokenizer=str(tmp_path / "tok"),
+        output_dir=str(tmp_path / "sft"),
+        batch_size=4,
+        max_steps=2,
+        max_length=48,
+        eval_rows=4,
+    )
     return Args(**{**settings, **changes})
 
 
@@ -144,14 +170,20 @@ def test_held_out_prompts_are_never_trained_on(rows):
     train, held_out = held_out_split(repeated, eval_rows=30, seed=1)
     assert len(held_out) == 30
     assert not {prompt_key(row) for row in train} & {prompt_key(row) for row in held_out}
-    assert len(train) + len(held_out) < len(repeated)  # the held-out prompts' other rows left training
+    assert len(train) + len(held_out) < len(
+        repeated
+    )  # the held-out prompts' other rows left training
 
 
 def test_rank_batches_are_disjoint_and_cover_each_epoch():
     for world in (1, 2, 4):
         for epoch in range(2):
-            seen = [i for step in range(epoch * 5, epoch * 5 + 5) for rank in range(world)
-                    for i in rank_batch(step, 22, 4, seed=3, rank=rank, world=world)]
+            seen = [
+                i
+                for step in range(epoch * 5, epoch * 5 + 5)
+                for rank in range(world)
+                for i in rank_batch(step, 22, 4, seed=3, rank=rank, world=world)
+            ]
             assert len(seen) == len(set(seen)) == 20  # 5 batches of 4; the tail of 2 waits
 
 
@@ -167,20 +199,49 @@ def test_two_processes_train_on_disjoint_shares_of_the_epoch(tmp_path, rows, tok
 
     data = write_pairs(tmp_path / "pairs.parquet", rows[:40], ["train"])
     tokenizer.save_pretrained(tmp_path / "tok")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "training.sft", "--data", data, "--tokenizer", str(tmp_path / "tok"),
-               "--output-dir", str(tmp_path / "sft"), "--batch-size", "8", "--eval-rows", "8",
-               "--max-length", "48", "--num-epochs", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "ACCELERATE_USE_CPU": "true"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.sft",
+        "--data",
+        data,
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--output-dir",
+        str(tmp_path / "sft"),
+        "--batch-size",
+        "8",
+        "--eval-rows",
+        "8",
+        "--max-length",
+        "48",
+        "--num-epochs",
+        "1",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.getcwd(),
+        "ACCELERATE_USE_CPU": "true",
+    }
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "sft" / "train_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "sft" / "train_log.jsonl").read_text().splitlines()
+    ]
     train_rows, _ = held_out_split([{**row, "split": "train"} for row in rows[:40]], 8, seed=1)
     assert len(log) == len(train_rows) // 8 == 4
     for record in log:
         first, second = record["rows"]
         assert len(first) == len(second) == 4 and not set(first) & set(second)
-    assert sorted(i for record in log for share in record["rows"] for i in share) == sorted(r["id"] for r in train_rows)
+    assert sorted(i for record in log for share in record["rows"] for i in share) == sorted(
+        r["id"] for r in train_rows
+    )
     assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["processes"] == 2
 
 
@@ -193,7 +254,9 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, row
     data = write_pairs(tmp_path / "pairs.parquet", rows[:60], ["train"])
     settings = dict(data=data, max_steps=6, save_every=2, learning_rate=3e-3)
     whole = main(tiny_args(tmp_path, tokenizer, output_dir=str(tmp_path / "whole"), **settings))
-    broken = tiny_args(tmp_path, tokenizer, output_dir=str(tmp_path / "broken"), stop_after=3, **settings)
+    broken = tiny_args(
+        tmp_path, tokenizer, output_dir=str(tmp_path / "broken"), stop_after=3, **settings
+    )
     assert main(broken) == {"stopped_after": 3}
     assert [c.name for c in (tmp_path / "broken" / "checkpoints").iterdir()] == ["step-0000003"]
     with pytest.raises(UsageError, match="already holds a run; pass --resume"):
@@ -203,7 +266,10 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, row
     resumed = main(dataclasses.replace(broken, stop_after=0, resume=True))
     assert resumed["train_loss"] == whole["train_loss"]
     assert resumed["eval_loss_after"] == whole["eval_loss_after"]
-    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "broken" / "model.safetensors")
+    expected, got = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "broken" / "model.safetensors"),
+    )
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert [c.name for c in (tmp_path / "broken" / "checkpoints").iterdir()] == ["step-0000006"]
@@ -216,7 +282,9 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, row
 
 
 @pytest.mark.parametrize("kind", ["plain", "hh-template", "chatml"])
-def test_sft_examples_are_the_reward_models_tokens_closed_by_the_end_of_turn_token(rows, tokenizer, kind):
+def test_sft_examples_are_the_reward_models_tokens_closed_by_the_end_of_turn_token(
+    rows, tokenizer, kind
+):
     """SFT teaches the policy the end token PPO stops at and the reward model reads at.
 
     With the tiny tokenizer's HH chat template (which writes no end token) SFT once left the

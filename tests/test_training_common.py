@@ -14,7 +14,12 @@ from training.common import UsageError, load_rng_state, rng_state_path, run_cli,
 
 
 def draws(generator: torch.Generator) -> list:
-    return [random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, generator=generator))]
+    return [
+        random.random(),
+        float(np.random.rand()),
+        float(torch.rand(1)),
+        float(torch.rand(1, generator=generator)),
+    ]
 
 
 def test_each_rank_gets_back_its_own_random_numbers(tmp_path):
@@ -39,7 +44,9 @@ def test_each_rank_gets_back_its_own_random_numbers(tmp_path):
 
 def test_a_missing_rank_file_says_how_to_resume(tmp_path):
     save_rng_state(tmp_path, 0)
-    with pytest.raises(HhDataError, match="no RNG state for process 1; resume with the number of processes"):
+    with pytest.raises(
+        HhDataError, match="no RNG state for process 1; resume with the number of processes"
+    ):
         load_rng_state(tmp_path, 1)
 
 

@@ -46,7 +46,9 @@ def test_prompt_split_follows_the_shared_prefix_rule_on_every_real_pair(sample_r
         assert prompt_text + " " + pair.chosen[0]["content"] == chosen or (
             prompt_text + pair.chosen[0]["content"] == chosen
         )
-        assert chosen.endswith(pair.chosen[0]["content"]) and rejected.endswith(pair.rejected[0]["content"])
+        assert chosen.endswith(pair.chosen[0]["content"]) and rejected.endswith(
+            pair.rejected[0]["content"]
+        )
         naive = max(chosen.rfind(ASSISTANT_TAG), rejected.rfind(ASSISTANT_TAG))
         if naive + len(ASSISTANT_TAG) != len(prompt_text):
             last_tag_disagrees += 1
@@ -60,7 +62,9 @@ def test_a_reply_holding_an_assistant_tag_stays_whole():
     rejected = prompt + " No."
     pair = split_pair(chosen, rejected)
     assert pair.prompt == [{"role": "user", "content": "Tell me a story"}]
-    assert pair.chosen == [{"role": "assistant", "content": "Once upon a time.\n\nAssistant: The end."}]
+    assert pair.chosen == [
+        {"role": "assistant", "content": "Once upon a time.\n\nAssistant: The end."}
+    ]
     assert pair.flags == ["consecutive_assistant"]
 
 
@@ -69,8 +73,16 @@ def test_a_reply_holding_an_assistant_tag_stays_whole():
     [
         ("\n\nAssistant: hi", "\n\nAssistant: ho", "no_human_turn"),
         ("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: x", "prompt_mismatch"),
-        ("\n\nHuman: a\n\nAssistant: x\n\nHuman: more", "\n\nHuman: a\n\nAssistant: y", "prompt_mismatch"),
-        ("preface\n\nHuman: a\n\nAssistant: x", "preface\n\nHuman: a\n\nAssistant: y", "bad_transcript_start"),
+        (
+            "\n\nHuman: a\n\nAssistant: x\n\nHuman: more",
+            "\n\nHuman: a\n\nAssistant: y",
+            "prompt_mismatch",
+        ),
+        (
+            "preface\n\nHuman: a\n\nAssistant: x",
+            "preface\n\nHuman: a\n\nAssistant: y",
+            "bad_transcript_start",
+        ),
     ],
 )
 def test_a_pair_without_a_determinable_prompt_raises_with_its_reason(chosen, rejected, reason):
@@ -93,8 +105,22 @@ def test_prompt_end_points_past_the_final_tag():
 # transcripts built from pieces that stress the separators: tags without the space,
 # tags glued to words, blank lines, the sentinel byte, non-ASCII
 _PIECES = st.sampled_from(
-    ["\n\nHuman: ", "\n\nAssistant: ", "\n\nHuman:", "Assistant:", "Human: ", "\n", "\n\n", " ",
-     "hi", "ok.", "é", "\x1e", "\u2028", ""]
+    [
+        "\n\nHuman: ",
+        "\n\nAssistant: ",
+        "\n\nHuman:",
+        "Assistant:",
+        "Human: ",
+        "\n",
+        "\n\n",
+        " ",
+        "hi",
+        "ok.",
+        "é",
+        "\x1e",
+        "\u2028",
+        "",
+    ]
 )
 _CONTENT = st.lists(st.one_of(_PIECES, st.text(max_size=8)), max_size=6).map("".join)
 _TURNS = st.lists(

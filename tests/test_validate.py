@@ -58,7 +58,11 @@ def test_every_real_pair_row_matches_the_schema_by_both_routes(sample_pairs):
 def _replace(table: pa.Table, row: int, column: str, value) -> pa.Table:
     values = table[column].to_pylist()
     values[row] = value
-    return table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type))
+    return table.set_column(
+        table.schema.get_field_index(column),
+        column,
+        pa.array(values, table.schema.field(column).type),
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,10 +72,22 @@ def _replace(table: pa.Table, row: int, column: str, value) -> pa.Table:
         ("family", "other", "family: 'other' is not one of ['helpful', 'harmless']"),
         ("split", "dev", "split: 'dev' is not one of ['train', 'test']"),
         ("prompt", [], "prompt: [] should be non-empty"),
-        ("chosen", [{"role": "system", "content": "x"}], "chosen/0/role: 'system' is not one of ['user', 'assistant']"),
-        ("rejected", [{"role": "assistant", "content": "a"}] * 2, "rejected: [{'role': 'assistant', 'content': 'a'}, {'role': 'assistant', 'content': 'a'}] is too long"),
+        (
+            "chosen",
+            [{"role": "system", "content": "x"}],
+            "chosen/0/role: 'system' is not one of ['user', 'assistant']",
+        ),
+        (
+            "rejected",
+            [{"role": "assistant", "content": "a"}] * 2,
+            "rejected: [{'role': 'assistant', 'content': 'a'}, {'role': 'assistant', 'content': 'a'}] is too long",
+        ),
         ("flags", ["made_up"], "flags/0: 'made_up' is not one of " + str(list(FLAGS))),
-        ("flags", ["empty_chosen", "empty_chosen"], "flags: ['empty_chosen', 'empty_chosen'] has non-unique elements"),
+        (
+            "flags",
+            ["empty_chosen", "empty_chosen"],
+            "flags: ['empty_chosen', 'empty_chosen'] has non-unique elements",
+        ),
         ("subset", None, "subset: None is not of type 'string'"),
     ],
 )
@@ -94,11 +110,26 @@ def test_a_table_missing_a_column_is_refused(sample_pairs):
 
 def test_raw_validation_flags_exactly_the_rows_jsonschema_rejects():
     records = [("a", "b"), ("", "b"), ("a", ""), ("same", "same"), ("é", "e")]
-    table = pa.table({"file": ["f"] * 5, "line": list(range(1, 6)), "chosen": [c for c, _ in records], "rejected": [r for _, r in records]})
+    table = pa.table(
+        {
+            "file": ["f"] * 5,
+            "line": list(range(1, 6)),
+            "chosen": [c for c, _ in records],
+            "rejected": [r for _, r in records],
+        }
+    )
     good, quarantine = validate_raw_table(table)
     assert good["line"].to_pylist() == [1, 5]
     assert list(zip(quarantine["line"].to_pylist(), quarantine["reason"].to_pylist())) == [
-        (2, "empty_string"), (3, "empty_string"), (4, "chosen_equals_rejected")
+        (2, "empty_string"),
+        (3, "empty_string"),
+        (4, "chosen_equals_rejected"),
     ]
     check = validator(RAW_RECORD)
-    assert [check.is_valid({"chosen": c, "rejected": r}) for c, r in records] == [True, False, False, True, True]
+    assert [check.is_valid({"chosen": c, "rejected": r}) for c, r in records] == [
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]

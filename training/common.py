@@ -31,8 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hhdata.errors import HhDataError, SourceError
-from hhdata.release.manifest import MANIFEST_NAME, read_manifest
 from hhdata.io.read import bundled_sample_path
+from hhdata.release.manifest import MANIFEST_NAME, read_manifest
 
 # owner/name: what load_pairs sends to the Hub when no such local path exists
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -68,7 +68,9 @@ def choose_split(splits: dict[str, list[dict]], wanted: str | None, source: str)
     """
     if wanted is not None:
         if wanted not in splits:
-            raise UsageError(f"{source}: no split {wanted!r} (it has {sorted(splits)}); pass --split")
+            raise UsageError(
+                f"{source}: no split {wanted!r} (it has {sorted(splits)}); pass --split"
+            )
         return wanted
     if "train" in splits:
         return "train"
@@ -174,7 +176,11 @@ def load_pairs(data: str | None, version: str | None = None) -> tuple[dict[str, 
 
     if data is None:
         bundled = bundled_sample_path()
-        return _rows(hhdata.load()), {"source": "bundled", "file": bundled.name, "sha256": sha256_file(bundled)}
+        return _rows(hhdata.load()), {
+            "source": "bundled",
+            "file": bundled.name,
+            "sha256": sha256_file(bundled),
+        }
     path = Path(data)
     if path.is_file() and path.suffix == ".parquet":
         rows = pq.read_table(path).to_pylist()
@@ -209,7 +215,11 @@ def optimizer_tensors(optimizer) -> tuple[dict, list]:
     """An optimizer's state as flat tensors for safetensors ("<param index>.<name>") plus its
     param_groups for JSON, so a checkpoint needs no pickle."""
     state = optimizer.state_dict()
-    tensors = {f"{index}.{name}": value for index, moments in state["state"].items() for name, value in moments.items()}
+    tensors = {
+        f"{index}.{name}": value
+        for index, moments in state["state"].items()
+        for name, value in moments.items()
+    }
     return tensors, state["param_groups"]
 
 
@@ -266,7 +276,9 @@ def load_rng_state(folder: str | Path, rank: int, generator: torch.Generator | N
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata()
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda_states = [tensors[f"torch_cuda_{i}"] for i in range(len(tensors)) if f"torch_cuda_{i}" in tensors]
+    cuda_states = [
+        tensors[f"torch_cuda_{i}"] for i in range(len(tensors)) if f"torch_cuda_{i}" in tensors
+    ]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     if generator is not None:

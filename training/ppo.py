@@ -150,7 +150,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
+) -> torch.Tensor:
     """(values - mean) / std over the masked entries; shift_mean=False keeps the mean."""
     mean = masked_mean(values, mask)
     variance = masked_mean((values - mean) ** 2, mask)
@@ -208,7 +210,9 @@ class AdaptiveKLController:
         self.value *= 1 + error * n_steps / self.horizon
 
 
-def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor) -> torch.Tensor:
+def per_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor
+) -> torch.Tensor:
     """-kl_coef * KL at every reply token, plus the score at the reply's last real token.
 
     Shape [batch, response_length]; the last real token is the stop token where the reply
@@ -258,7 +262,9 @@ def fit_query(ids: list[int], limit: int, start: int) -> list[int]:
     return ids if len(ids) <= limit else ids[:start] + ids[len(ids) - (limit - start) :]
 
 
-def reward_model_training_prompts(run_dir: str | None, splits: dict, provenance: dict) -> set[tuple] | None:
+def reward_model_training_prompts(
+    run_dir: str | None, splits: dict, provenance: dict
+) -> set[tuple] | None:
     """The prompts a reward-model run trained on, rebuilt from its settings.json (None: unknown).
 
     The run's own rule picks its rows (reward_model.split_held_out, the family filter and
@@ -276,13 +282,17 @@ def reward_model_training_prompts(run_dir: str | None, splits: dict, provenance:
     return {prompt_key(row) for row in rows[: rm_args.get("max_train_pairs")]}
 
 
-def split_prompts(splits: dict, train_split: str, excluded: set[tuple], count: int, seed: int) -> tuple[list[dict], list[dict]]:
+def split_prompts(
+    splits: dict, train_split: str, excluded: set[tuple], count: int, seed: int
+) -> tuple[list[dict], list[dict]]:
     """(training rows, held-out rows): `count` held-out rows with distinct prompts, none in `excluded`
     (the reward models' training prompts); PPO trains on the rest of `train_split`, never on a
     held-out prompt. Rows of other splits are held out first, then rows of `train_split`.
     """
     generator = torch.Generator().manual_seed(seed)
-    shuffled = lambda rows: [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]  # noqa: E731
+    shuffled = lambda rows: [
+        rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()
+    ]  # noqa: E731
     others = [row for name, rows in sorted(splits.items()) if name != train_split for row in rows]
     held_out, chosen = [], set()
     for row in shuffled(others) + shuffled(splits[train_split]):
@@ -315,9 +325,13 @@ def sample(model, ids, mask, response_length: int, temperature: float, stop_id: 
     which truncation masks out anyway. The log-probabilities are not trained on: they check
     that scoring (`reply_logprobs`) reproduces the distribution that sampled.
     """
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: the first real token is position 0
+    positions = (mask.cumsum(1) - 1).clamp(
+        min=0
+    )  # left padding: the first real token is position 0
     # logits_to_keep=1: only the last prompt position samples, so only it needs the output layer
-    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    output = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     tokens = torch.full((ids.shape[0], response_length), stop_id, device=ids.device)
     logprobs = torch.zeros(tokens.shape, device=ids.device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -332,8 +346,16 @@ def sample(model, ids, mask, response_length: int, temperature: float, stop_id: 
         if done.all() or t + 1 == response_length:
             break
         mask, position = F.pad(mask, (0, 1), value=1), position + 1
-        cache_name = "cache" if "cache" in output else "past_key_values"  # renamed in transformers 5.x
-        output = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True, **{cache_name: output[cache_name]})
+        cache_name = (
+            "cache" if "cache" in output else "past_key_values"
+        )  # renamed in transformers 5.x
+        output = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{cache_name: output[cache_name]},
+        )
     return tokens, logprobs
 
 
@@ -373,7 +395,9 @@ def reply_logprobs(model, ids, at, responses, temperature: float):
     e.g. Gemma 2's soft-capping, would need it applied here.)
     """
     hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # shape: [batch, seq, hidden]
-    hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # shape: [batch, response_length, hidden]
+    hidden = hidden.gather(
+        1, at[..., None].expand(-1, -1, hidden.shape[-1])
+    )  # shape: [batch, response_length, hidden]
     logits = model.get_output_embeddings()(hidden) / temperature
     logprobs = F.log_softmax(logits.float(), dim=-1)  # shape: [batch, response_length, vocab]
     with torch.no_grad():  # entropy is reported, never optimised
@@ -402,14 +426,21 @@ def scoring_mask(model, mask):
 def per_token_values(value_model, ids, mask, at) -> torch.Tensor:
     """The value model's prediction before each reply token, shape [batch, response_length]."""
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    return value_model(input_ids=ids, attention_mask=scoring_mask(value_model, mask), position_ids=positions, read_at=at)
+    return value_model(
+        input_ids=ids,
+        attention_mask=scoring_mask(value_model, mask),
+        position_ids=positions,
+        read_at=at,
+    )
 
 
 def reward_model_scores(reward_model, ids, mask, last) -> torch.Tensor:
     """The reward model's score read at each reply's last token, shape [batch]."""
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     mask = scoring_mask(reward_model, mask)
-    return reward_model(input_ids=ids, attention_mask=mask, position_ids=positions, read_at=last[:, None])[:, 0]
+    return reward_model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, read_at=last[:, None]
+    )[:, 0]
 
 
 def disable_dropout(model) -> None:
@@ -417,7 +448,9 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    config = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+    config = getattr(model, "config", None) or getattr(
+        getattr(model, "backbone", None), "config", None
+    )
     for name in list(vars(config)) if config is not None else []:
         if "dropout" in name and isinstance(getattr(config, name), float):
             setattr(config, name, 0.0)
@@ -433,20 +466,30 @@ class Rollout:
     response_mask: torch.Tensor  # shape: [batch, response_length], true up to the stop token
     has_stop: torch.Tensor  # shape: [batch]
     at: torch.Tensor  # shape: [batch, response_length], column predicting each reply token
-    last: torch.Tensor  # shape: [batch], column of each reply's last token (the stop token if it stopped)
-    sample_logprobs: torch.Tensor  # shape: [batch, response_length], under the sampling distribution
+    last: (
+        torch.Tensor
+    )  # shape: [batch], column of each reply's last token (the stop token if it stopped)
+    sample_logprobs: (
+        torch.Tensor
+    )  # shape: [batch, response_length], under the sampling distribution
 
 
 @torch.no_grad()
-def rollout(model, queries: list[list[int]], args: Args, pad_id: int, stop_id: int, generator, device) -> Rollout:
+def rollout(
+    model, queries: list[list[int]], args: Args, pad_id: int, stop_id: int, generator, device
+) -> Rollout:
     """Sample replies with left padding, truncate at the stop token, re-pad to the right for scoring."""
     ids, mask = (tensor.to(device) for tensor in left_pad(queries, pad_id))
-    responses, sample_logprobs = sample(model, ids, mask, args.response_length, args.temperature, stop_id, generator)
+    responses, sample_logprobs = sample(
+        model, ids, mask, args.response_length, args.temperature, stop_id, generator
+    )
     response_mask, has_stop = truncate_at_stop(responses, stop_id)
     sequence, sequence_mask, query_lengths = right_pad(ids, mask, responses, response_mask)
     at = reply_positions(query_lengths, args.response_length, sequence.shape[1])
     last = query_lengths + response_mask.sum(1) - 1
-    return Rollout(sequence, sequence_mask, responses, response_mask, has_stop, at, last, sample_logprobs)
+    return Rollout(
+        sequence, sequence_mask, responses, response_mask, has_stop, at, last, sample_logprobs
+    )
 
 
 def make_scorer(reward_model, score_fn):
@@ -461,14 +504,19 @@ def held_out_rollouts(model, queries, args, pad_id: int, stop_id: int, device) -
     """Replies to the held-out queries, sampled from one fixed seed, so the policy at every
     saved update and the reference meet the same random numbers (common random numbers)."""
     generator = torch.Generator(device).manual_seed(args.seed + 7919)
-    return [rollout(model, queries[s : s + args.batch_size], args, pad_id, stop_id, generator, device)
-            for s in range(0, len(queries), args.batch_size)]
+    return [
+        rollout(model, queries[s : s + args.batch_size], args, pad_id, stop_id, generator, device)
+        for s in range(0, len(queries), args.batch_size)
+    ]
 
 
 def reply_texts(batches: list[Rollout], tokenizer) -> list[str]:
     """The replies' words, up to their end-of-turn token, as a judge reads them."""
-    return [tokenizer.decode(reply[keep], skip_special_tokens=True)
-            for batch in batches for reply, keep in zip(batch.responses.cpu(), batch.response_mask.cpu())]
+    return [
+        tokenizer.decode(reply[keep], skip_special_tokens=True)
+        for batch in batches
+        for reply, keep in zip(batch.responses.cpu(), batch.response_mask.cpu())
+    ]
 
 
 def make_judge(run_dir: str, batch_size: int):
@@ -479,10 +527,18 @@ def make_judge(run_dir: str, batch_size: int):
 
     def judge(rows: list[dict], texts: list[str]) -> torch.Tensor:
         replies = [[{"role": "assistant", "content": text}] for text in texts]
-        return torch.cat([
-            text_scores(model, tokenizer, settings, [row["prompt"] for row in rows[s : s + batch_size]], replies[s : s + batch_size])
-            for s in range(0, len(rows), batch_size)
-        ]).float()
+        return torch.cat(
+            [
+                text_scores(
+                    model,
+                    tokenizer,
+                    settings,
+                    [row["prompt"] for row in rows[s : s + batch_size]],
+                    replies[s : s + batch_size],
+                )
+                for s in range(0, len(rows), batch_size)
+            ]
+        ).float()
 
     return judge
 
@@ -498,13 +554,30 @@ def held_out_kl(policy, reference, batches: list[Rollout], temperature: float) -
     return torch.cat(parts)
 
 
-def held_out_point(update: int, policy, reference, score, judge, rows, queries, args, pad_id, stop_id, tokenizer, device) -> dict:
+def held_out_point(
+    update: int,
+    policy,
+    reference,
+    score,
+    judge,
+    rows,
+    queries,
+    args,
+    pad_id,
+    stop_id,
+    tokenizer,
+    device,
+) -> dict:
     """One point of the held-out reward-vs-sqrt(KL) curve: the policy's mean proxy (and judge)
     score and its KL to the reference on the held-out prompts."""
     batches = held_out_rollouts(policy, queries, args, pad_id, stop_id, device)
     kl = held_out_kl(policy, reference, batches, args.temperature).mean().item()
-    point = {"update": update, "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
-             "score": torch.cat([score(batch).cpu() for batch in batches]).mean().item()}
+    point = {
+        "update": update,
+        "kl": kl,
+        "sqrt_kl": math.sqrt(max(kl, 0.0)),
+        "score": torch.cat([score(batch).cpu() for batch in batches]).mean().item(),
+    }
     if judge is not None:
         point["judge_score"] = judge(rows, reply_texts(batches, tokenizer)).mean().item()
     return point
@@ -513,17 +586,28 @@ def held_out_point(update: int, policy, reference, score, judge, rows, queries, 
 def verdict(rows: list[dict], mine: torch.Tensor, theirs: torch.Tensor) -> dict:
     """Win rate of `mine` over `theirs` (a tie counts half) and mean scores, overall and per family."""
     wins = (mine > theirs).float() + 0.5 * (mine == theirs).float()
-    result = {"prompts": len(rows), "win_rate": wins.mean().item(), "policy_score": mine.mean().item(),
-              "reference_score": theirs.mean().item(), "by_family": {}}
+    result = {
+        "prompts": len(rows),
+        "win_rate": wins.mean().item(),
+        "policy_score": mine.mean().item(),
+        "reference_score": theirs.mean().item(),
+        "by_family": {},
+    }
     for family in sorted({row["family"] for row in rows}):
         inside = torch.tensor([row["family"] == family for row in rows])
-        result["by_family"][family] = {"prompts": int(inside.sum()), "win_rate": wins[inside].mean().item(),
-                                       "policy_score": mine[inside].mean().item(), "reference_score": theirs[inside].mean().item()}
+        result["by_family"][family] = {
+            "prompts": int(inside.sum()),
+            "win_rate": wins[inside].mean().item(),
+            "policy_score": mine[inside].mean().item(),
+            "reference_score": theirs[inside].mean().item(),
+        }
     return result
 
 
 @torch.no_grad()
-def evaluate(policy, reference, score, judge, rows, queries, args, pad_id, stop_id, tokenizer, device) -> dict:
+def evaluate(
+    policy, reference, score, judge, rows, queries, args, pad_id, stop_id, tokenizer, device
+) -> dict:
     """Held-out replies of the policy and of the reference on the same prompts, judged by the proxy
     reward model PPO optimised and, when given, by a judge it never saw.
 
@@ -531,9 +615,15 @@ def evaluate(policy, reference, score, judge, rows, queries, args, pad_id, stop_
     that wins under the proxy but not under the judge has learned the proxy's mistakes (reward
     hacking, Gao et al. 2022).
     """
-    replies = {name: held_out_rollouts(model, queries, args, pad_id, stop_id, device) for name, model in (("policy", policy), ("reference", reference))}
+    replies = {
+        name: held_out_rollouts(model, queries, args, pad_id, stop_id, device)
+        for name, model in (("policy", policy), ("reference", reference))
+    }
     texts = {name: reply_texts(batches, tokenizer) for name, batches in replies.items()}
-    proxy = {name: torch.cat([score(batch).cpu() for batch in batches]) for name, batches in replies.items()}
+    proxy = {
+        name: torch.cat([score(batch).cpu() for batch in batches])
+        for name, batches in replies.items()
+    }
     result = verdict(rows, proxy["policy"], proxy["reference"])
     result["proxy"] = {key: value for key, value in result.items()}
     judged = None
@@ -541,9 +631,21 @@ def evaluate(policy, reference, score, judge, rows, queries, args, pad_id, stop_
         judged = {name: judge(rows, texts[name]) for name in replies}
         result["judge"] = verdict(rows, judged["policy"], judged["reference"])
     result["samples"] = [
-        {"prompt": row["prompt"][-1]["content"], "reference": texts["reference"][i], "reference_score": proxy["reference"][i].item(),
-         "policy": texts["policy"][i], "policy_score": proxy["policy"][i].item(),
-         **({"reference_judge": judged["reference"][i].item(), "policy_judge": judged["policy"][i].item()} if judged else {})}
+        {
+            "prompt": row["prompt"][-1]["content"],
+            "reference": texts["reference"][i],
+            "reference_score": proxy["reference"][i].item(),
+            "policy": texts["policy"][i],
+            "policy_score": proxy["policy"][i].item(),
+            **(
+                {
+                    "reference_judge": judged["reference"][i].item(),
+                    "policy_judge": judged["policy"][i].item(),
+                }
+                if judged
+                else {}
+            ),
+        }
         for i, row in enumerate(rows[: args.num_samples_shown])
     ]
     return result
@@ -571,10 +673,16 @@ def restore_rng(state: dict[str, torch.Tensor], generator) -> None:
 
 def checkpoint_folders(folder: Path) -> tuple[Path, Path, Path]:
     """The checkpoint, the new one being written, and the previous one while it is swapped out."""
-    return folder, folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    return (
+        folder,
+        folder.with_name(folder.name + ".partial"),
+        folder.with_name(folder.name + ".old"),
+    )
 
 
-def save_checkpoint(folder: Path, accelerator, policy, value_model, optimizer, generator, state: dict) -> None:
+def save_checkpoint(
+    folder: Path, accelerator, policy, value_model, optimizer, generator, state: dict
+) -> None:
     """Weights, optimizer moments (safetensors), each process's RNG (rng-rank{N}.safetensors) and
     the run's scalars (state.json, written last: a folder without it is incomplete).
 
@@ -623,14 +731,25 @@ def load_checkpoint(folder: Path, accelerator, policy, value_model, optimizer, g
         )
     load_model(policy, folder / "policy.safetensors")
     load_model(value_model, folder / "value.safetensors")
-    restore_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), state.pop("param_groups"))
+    restore_optimizer(
+        optimizer, load_file(folder / "optimizer.safetensors"), state.pop("param_groups")
+    )
     restore_rng(load_file(folder / f"rng-rank{accelerator.process_index}.safetensors"), generator)
     return state
 
 
 # ---- reports: plots, model card ------------------------------------------------------------
 
-CURVES = ("score", "kl", "sqrt_kl", "entropy", "reply_length", "pg_clipfrac", "vf_clipfrac", "value_loss")
+CURVES = (
+    "score",
+    "kl",
+    "sqrt_kl",
+    "entropy",
+    "reply_length",
+    "pg_clipfrac",
+    "vf_clipfrac",
+    "value_loss",
+)
 
 
 def save_plots(output_dir: Path, history: list[dict], held_out: list[dict]) -> None:
@@ -652,7 +771,10 @@ def save_plots(output_dir: Path, history: list[dict], held_out: list[dict]) -> N
     figure.savefig(output_dir / "training.png", dpi=90)
     plt.close(figure)
     # Bai et al. 2022 (fig. 4): the reward-model score grows roughly linearly in sqrt(KL)
-    series = [("training batches (proxy)", history, "score", "o"), ("held-out (proxy)", held_out, "score", "s")]
+    series = [
+        ("training batches (proxy)", history, "score", "o"),
+        ("held-out (proxy)", held_out, "score", "s"),
+    ]
     if held_out and "judge_score" in held_out[0]:
         series.append(("held-out (judge)", held_out, "judge_score", "^"))
     figure, axis = plt.subplots(figsize=(6, 4.5))
@@ -661,9 +783,18 @@ def save_plots(output_dir: Path, history: list[dict], held_out: list[dict]) -> N
         line = axis.scatter(x, [point[name] for point in points], marker=marker, label=label)
         fit = sqrt_kl_fit(points, name)
         if fit is not None:
-            axis.plot(x, fit["slope"] * x + fit["intercept"], "--", color=line.get_facecolor()[0],
-                      label=f"fit: {fit['slope']:.3f} sqrt(KL) + {fit['intercept']:.3f}")
-    axis.set(xlabel="sqrt(KL to the reference) (sqrt nats)", ylabel="reward-model score", title="reward vs sqrt(KL)")
+            axis.plot(
+                x,
+                fit["slope"] * x + fit["intercept"],
+                "--",
+                color=line.get_facecolor()[0],
+                label=f"fit: {fit['slope']:.3f} sqrt(KL) + {fit['intercept']:.3f}",
+            )
+    axis.set(
+        xlabel="sqrt(KL to the reference) (sqrt nats)",
+        ylabel="reward-model score",
+        title="reward vs sqrt(KL)",
+    )
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(output_dir / "reward_vs_sqrt_kl.png", dpi=90)
@@ -688,14 +819,19 @@ def sqrt_kl_fit(points: list[dict], name: str = "score") -> dict | None:
 
 def verdict_rows(name: str, verdict_: dict) -> list[str]:
     """Table rows of one judge's verdict: overall, then per family."""
-    return [f"| {name} | {part_name} | {part['prompts']} | {part['win_rate']:.3f} | {part['policy_score']:.3f} | {part['reference_score']:.3f} |"
-            for part_name, part in [("all", verdict_)] + list(verdict_["by_family"].items())]
+    return [
+        f"| {name} | {part_name} | {part['prompts']} | {part['win_rate']:.3f} | {part['policy_score']:.3f} | {part['reference_score']:.3f} |"
+        for part_name, part in [("all", verdict_)] + list(verdict_["by_family"].items())
+    ]
 
 
 def write_card(folder: Path, settings: dict, evaluation: dict) -> None:
     """README.md of the final policy from hhdata/cards/policy_card.md."""
     template = (Path(__file__).resolve().parent.parent / "hhdata/cards/policy_card.md").read_text()
-    rows = ["| judged by | prompts | n | win rate vs reference | policy score | reference score |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| judged by | prompts | n | win rate vs reference | policy score | reference score |",
+        "|---|---|---|---|---|---|",
+    ]
     rows += verdict_rows("proxy (optimised)", evaluation["proxy"])
     if "judge" in evaluation:
         rows += verdict_rows("judge (never optimised)", evaluation["judge"])
@@ -706,10 +842,17 @@ def write_card(folder: Path, settings: dict, evaluation: dict) -> None:
     args = settings["args"]
     (folder / "README.md").write_text(
         template.format(
-            policy=args["policy"], reward_model=args["reward_model"], judge=args["judge"] or "none (pass --judge)",
-            data=json.dumps(settings["data"]), split=settings["split"], held_out=settings["held_out_prompts"],
-            episodes=args["total_episodes"], updates=settings["updates"], eval_table="\n".join(rows),
-            samples=samples, settings=json.dumps(args, indent=2),
+            policy=args["policy"],
+            reward_model=args["reward_model"],
+            judge=args["judge"] or "none (pass --judge)",
+            data=json.dumps(settings["data"]),
+            split=settings["split"],
+            held_out=settings["held_out_prompts"],
+            episodes=args["total_episodes"],
+            updates=settings["updates"],
+            eval_table="\n".join(rows),
+            samples=samples,
+            settings=json.dumps(args, indent=2),
         )
     )
 
@@ -728,39 +871,67 @@ def main(args: Args, score_fn=None) -> dict:
     device = accelerator.device
     output_dir = Path(args.output_dir)
     num_updates = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
-    mini_batch_size = exact_div(args.batch_size, args.num_mini_batches, "--batch-size / --num-mini-batches")
+    mini_batch_size = exact_div(
+        args.batch_size, args.num_mini_batches, "--batch-size / --num-mini-batches"
+    )
     if num_updates < 1:
-        raise HhDataError(f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size}; raise it")
+        raise HhDataError(
+            f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size}; raise it"
+        )
     torch.manual_seed(args.seed)
-    comparable = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}
+    comparable = {
+        k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")
+    }
     checkpoint = output_dir / "checkpoint"
     resume_from = find_checkpoint(checkpoint)
     if args.resume:
         if resume_from is None:
-            raise HhDataError(f"{output_dir}: no complete checkpoint to resume from; run without --resume")
+            raise HhDataError(
+                f"{output_dir}: no complete checkpoint to resume from; run without --resume"
+            )
         refuse_changed_settings(output_dir, "settings.json", comparable)
     elif any(folder.exists() for folder in checkpoint_folders(checkpoint)):
-        raise HhDataError(f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir")
-    if args.judge is not None and score_fn is None and Path(args.judge).resolve() == Path(args.reward_model).resolve():
-        raise HhDataError(f"--judge {args.judge} is the reward model PPO optimises; pass one trained apart (other --seed or data)")
+        raise HhDataError(
+            f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir"
+        )
+    if (
+        args.judge is not None
+        and score_fn is None
+        and Path(args.judge).resolve() == Path(args.reward_model).resolve()
+    ):
+        raise HhDataError(
+            f"--judge {args.judge} is the reward model PPO optimises; pass one trained apart (other --seed or data)"
+        )
 
     # Prompts: train on --split (default `train`); hold out prompts that neither PPO nor the
     # reward models (proxy and judge) ever trained on, so the win rate is measured honestly.
     splits, provenance = load_pairs(args.data)
     train_split = choose_split(splits, args.split, provenance["source"])
     excluded, known, unknown = set(), [], []
-    for run_dir in ((args.reward_model,) if score_fn is None else ()) + ((args.judge,) if args.judge else ()):
+    for run_dir in ((args.reward_model,) if score_fn is None else ()) + (
+        (args.judge,) if args.judge else ()
+    ):
         prompts = reward_model_training_prompts(run_dir, splits, provenance)
         (unknown if prompts is None else known).append(run_dir)
         excluded |= prompts or set()
-    train_rows, eval_rows = split_prompts(splits, train_split, excluded, args.eval_prompts, args.seed)
+    train_rows, eval_rows = split_prompts(
+        splits, train_split, excluded, args.eval_prompts, args.seed
+    )
     if not eval_rows:
-        raise HhDataError(f"{provenance['source']}: every prompt was trained on by the reward model(s); "
-                          "hold some out when training them (--eval-fraction) or pass other --data")
+        raise HhDataError(
+            f"{provenance['source']}: every prompt was trained on by the reward model(s); "
+            "hold some out when training them (--eval-fraction) or pass other --data"
+        )
     if accelerator.is_main_process:
-        print(f"ppo: training on split {train_split!r} ({len(train_rows)} rows); {len(eval_rows)} held-out prompts, "
-              f"none trained on by PPO{' or the reward model(s)' if not unknown else ''}"
-              + (f"; the training prompts of {unknown} are unknown (no settings.json)" if unknown else ""))
+        print(
+            f"ppo: training on split {train_split!r} ({len(train_rows)} rows); {len(eval_rows)} held-out prompts, "
+            f"none trained on by PPO{' or the reward model(s)' if not unknown else ''}"
+            + (
+                f"; the training prompts of {unknown} are unknown (no settings.json)"
+                if unknown
+                else ""
+            )
+        )
 
     # Models: policy and frozen reference from the SFT run; reward and value from the reward model.
     tokenizer = models.load_tokenizer(args.policy)
@@ -773,16 +944,25 @@ def main(args: Args, score_fn=None) -> dict:
                 f"{args.policy} and {args.reward_model} tokenize differently; train the SFT policy "
                 f"with --tokenizer {args.reward_model} (or on the same --model) so they share token ids"
             )
-        chat, reward_max_length = reward_settings["chat_template"], reward_settings.get("max_length")
+        chat, reward_max_length = (
+            reward_settings["chat_template"],
+            reward_settings.get("max_length"),
+        )
         # 1. the value model starts as a copy of the reward model (Ouyang et al. 2022, appendix C.3; N+ detail)
         value_model = copy.deepcopy(reward_model)
         reward_model.requires_grad_(False)
     else:
         reward_model, reward_max_length = None, None
         sft_settings = Path(args.policy) / "args.json"
-        chat = json.loads(sft_settings.read_text()).get("chat_template", False) if sft_settings.is_file() else uses_chat_template(tokenizer, True)
+        chat = (
+            json.loads(sft_settings.read_text()).get("chat_template", False)
+            if sft_settings.is_file()
+            else uses_chat_template(tokenizer, True)
+        )
         value_model = RewardModel(copy.deepcopy(policy.get_decoder()))
-        torch.nn.init.zeros_(value_model.score.weight)  # no reward model to start from: values start at 0
+        torch.nn.init.zeros_(
+            value_model.score.weight
+        )  # no reward model to start from: values start at 0
     reference.requires_grad_(False)
     # 2. dropout off in every model, so the log-probabilities of rollout and update agree (Ziegler et al. 2019; N+)
     for each in (policy, reference, value_model, reward_model):
@@ -808,7 +988,9 @@ def main(args: Args, score_fn=None) -> dict:
     # 3. Adam with eps 1e-5 over policy and value (CleanRL ppo.py; N+ "Adam epsilon")
     model = PolicyAndValue(policy, value_model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + accelerator.process_index)
+    generator = torch.Generator(device).manual_seed(
+        args.seed * 1_000_003 + accelerator.process_index
+    )
     kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
     state = {"update": 0, "history": [], "held_out": [], "reward_mean": 0.0, "reward_std": 1.0}
     if args.resume:
@@ -816,13 +998,23 @@ def main(args: Args, score_fn=None) -> dict:
         kl_controller.value = state["kl_coef"]
     model, optimizer = accelerator.prepare(model, optimizer)
     settings = {
-        "args": comparable, "data": provenance, "updates": num_updates, "chat_template": chat,
-        "split": train_split, "train_prompts": len(train_rows), "held_out_prompts": len(eval_rows),
+        "args": comparable,
+        "data": provenance,
+        "updates": num_updates,
+        "chat_template": chat,
+        "split": train_split,
+        "train_prompts": len(train_rows),
+        "held_out_prompts": len(eval_rows),
         "held_out_excludes_training_prompts_of": known,
-        "stop_token": tokenizer.convert_ids_to_tokens(stop_id), "query_limit": limit,
+        "stop_token": tokenizer.convert_ids_to_tokens(stop_id),
+        "query_limit": limit,
         "reward": "rule (score_fn)" if score_fn is not None else args.reward_model,
         "processes": accelerator.num_processes,
-        "versions": {"hhdata": hhdata.__version__, "torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
+        "versions": {
+            "hhdata": hhdata.__version__,
+            "torch": torch.__version__,
+            "transformers": sys.modules["transformers"].__version__,
+        },
     }
     for name in ("policy", "reward_model", "judge"):
         if getattr(args, name) is None:
@@ -842,29 +1034,61 @@ def main(args: Args, score_fn=None) -> dict:
     # 4. reward normalisation: shift and scale scores to mean 0, std 1 on the reference's own
     # replies, once before training (Ziegler et al. 2019, section 2.2; N+ "reward normalization")
     if args.normalize_reward and not args.resume:
-        picks = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed))[: args.reward_norm_samples]
-        raw = torch.cat([
-            score(rollout(reference, [train_queries[i] for i in picks[s : s + args.batch_size]], args, pad_id, stop_id, generator, device))
-            for s in range(0, len(picks), args.batch_size)
-        ])
+        picks = torch.randperm(
+            len(train_queries), generator=torch.Generator().manual_seed(args.seed)
+        )[: args.reward_norm_samples]
+        raw = torch.cat(
+            [
+                score(
+                    rollout(
+                        reference,
+                        [train_queries[i] for i in picks[s : s + args.batch_size]],
+                        args,
+                        pad_id,
+                        stop_id,
+                        generator,
+                        device,
+                    )
+                )
+                for s in range(0, len(picks), args.batch_size)
+            ]
+        )
         raw = accelerator.gather(raw)
         state["reward_mean"], state["reward_std"] = raw.mean().item(), max(raw.std().item(), 1e-6)
 
     batches_per_epoch = len(train_queries) // (args.batch_size * accelerator.num_processes)
     if batches_per_epoch == 0:
-        raise HhDataError(f"{provenance['source']}: {len(train_queries)} training prompts, fewer than one batch of "
-                          f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or --eval-prompts")
+        raise HhDataError(
+            f"{provenance['source']}: {len(train_queries)} training prompts, fewer than one batch of "
+            f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or --eval-prompts"
+        )
     held_out = lambda update: held_out_point(  # noqa: E731
-        update, policy, reference, score, judge, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
+        update,
+        policy,
+        reference,
+        score,
+        judge,
+        eval_rows,
+        eval_queries,
+        args,
+        pad_id,
+        stop_id,
+        tokenizer,
+        device,
+    )
     if not args.resume:  # the start of the held-out reward-vs-sqrt(KL) curve: the reference itself
         state["held_out"].append(held_out(0))
     started, started_cpu = time.perf_counter(), time.process_time()
     paused, paused_cpu = 0.0, 0.0  # time spent on held-out scoring, left out of the loop's time
     for update in range(state["update"], num_updates):
         epoch, index = divmod(update, batches_per_epoch)
-        order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed * 7 + epoch))
+        order = torch.randperm(
+            len(train_queries), generator=torch.Generator().manual_seed(args.seed * 7 + epoch)
+        )
         width = args.batch_size * accelerator.num_processes
-        mine = order[index * width : (index + 1) * width][accelerator.process_index :: accelerator.num_processes]
+        mine = order[index * width : (index + 1) * width][
+            accelerator.process_index :: accelerator.num_processes
+        ]
         lr = args.learning_rate * (1 - update / num_updates if args.anneal_lr else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -872,12 +1096,18 @@ def main(args: Args, score_fn=None) -> dict:
         with torch.no_grad():
             # 5. left padding for generation, right padding for scoring (N+ "padding"): all replies
             # start in the same column while sampling; scoring sees plain positions 0..n
-            batch = rollout(policy, [train_queries[i] for i in mine], args, pad_id, stop_id, generator, device)
+            batch = rollout(
+                policy, [train_queries[i] for i in mine], args, pad_id, stop_id, generator, device
+            )
             mask = batch.response_mask.float()  # shape: [batch, response_length]
             # 6. logits divided by the sampling temperature when scoring, so the log-probabilities
             # are those of the distribution that sampled (N+ "temperature")
-            logprobs, entropy, values = model(batch.ids, batch.mask, batch.at, batch.responses, args.temperature)
-            ref_logprobs, _ = reply_logprobs(reference, batch.ids, batch.at, batch.responses, args.temperature)
+            logprobs, entropy, values = model(
+                batch.ids, batch.mask, batch.at, batch.responses, args.temperature
+            )
+            ref_logprobs, _ = reply_logprobs(
+                reference, batch.ids, batch.at, batch.responses, args.temperature
+            )
             values = values * mask
             raw_scores = score(batch)
             scores = (raw_scores - state["reward_mean"]) / state["reward_std"]
@@ -888,13 +1118,18 @@ def main(args: Args, score_fn=None) -> dict:
             # (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020)
             kl = (logprobs - ref_logprobs) * mask  # shape: [batch, response_length]
             rewards = per_token_rewards(scores, kl, kl_controller.value, mask)
-            if args.whiten_rewards:  # N+ "reward whitening" (off by default, as in lm-human-preferences' sentiment task)
+            if (
+                args.whiten_rewards
+            ):  # N+ "reward whitening" (off by default, as in lm-human-preferences' sentiment task)
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
             advantages, returns = compute_gae(rewards, values, args.gamma, args.gae_lambda)
             # 9. advantages whitened over the batch's real tokens (N+ "advantage whitening")
             advantages = masked_whiten(advantages, mask) * mask
 
-        stats = {name: [] for name in ("pg_loss", "value_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl")}
+        stats = {
+            name: []
+            for name in ("pg_loss", "value_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl")
+        }
         # checks of the plumbing, not of learning: scoring reproduces the sampling distribution
         # (temperature, positions, padding), and before the first step the ratio is exactly 1
         sampling_error = ((logprobs - batch.sample_logprobs).abs() * mask).max()
@@ -903,19 +1138,29 @@ def main(args: Args, score_fn=None) -> dict:
             permutation = torch.randperm(args.batch_size, generator=generator, device=device)
             for first in range(0, args.batch_size, mini_batch_size):
                 i = permutation[first : first + mini_batch_size]
-                new_logprobs, _, new_values = model(batch.ids[i], batch.mask[i], batch.at[i], batch.responses[i], args.temperature)
-                pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef)
+                new_logprobs, _, new_values = model(
+                    batch.ids[i], batch.mask[i], batch.at[i], batch.responses[i], args.temperature
+                )
+                pg_loss, pg_clipfrac, approx_kl = policy_loss(
+                    new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef
+                )
                 if first_ratio_error is None:
-                    first_ratio_error = (((new_logprobs.detach() - logprobs[i]).exp() - 1).abs() * mask[i]).max()
+                    first_ratio_error = (
+                        ((new_logprobs.detach() - logprobs[i]).exp() - 1).abs() * mask[i]
+                    ).max()
                     first_approx_kl = approx_kl
                 # 10. value clipping around the rollout's values (N+ "value function loss clipping")
-                vf_loss, vf_clipfrac = value_loss(new_values, values[i], returns[i], mask[i], args.vf_clip_coef)
+                vf_loss, vf_clipfrac = value_loss(
+                    new_values, values[i], returns[i], mask[i], args.vf_clip_coef
+                )
                 loss = pg_loss + args.vf_coef * vf_loss
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-                for name, value in zip(stats, (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac, approx_kl)):
+                for name, value in zip(
+                    stats, (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac, approx_kl)
+                ):
                     stats[name].append(value)
 
         sequence_kl = accelerator.reduce(kl.sum(1).mean(), "mean").item()
@@ -929,7 +1174,10 @@ def main(args: Args, score_fn=None) -> dict:
             "entropy": accelerator.reduce(masked_mean(entropy, mask), "mean").item(),
             "reply_length": accelerator.reduce(mask.sum(1).mean(), "mean").item(),
             "no_stop_fraction": accelerator.reduce((~batch.has_stop).float().mean(), "mean").item(),
-            **{name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in stats.items()},
+            **{
+                name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
+                for name, values in stats.items()
+            },
             "kl_coef": kl_controller.value,
             "lr": lr,
             "sampling_logprob_error": accelerator.reduce(sampling_error, "max").item(),
@@ -939,34 +1187,73 @@ def main(args: Args, score_fn=None) -> dict:
         # 11. adaptive KL controller, updated with this batch's KL per reply (Ziegler et al. 2019)
         if args.adaptive_kl:
             kl_controller.update(sequence_kl, args.batch_size * accelerator.num_processes)
-        record["seconds"] = time.perf_counter() - started - paused  # wall clock since this process's first update
-        record["cpu_seconds"] = time.process_time() - started_cpu - paused_cpu  # this process's CPU time, steadier on a shared machine
+        record["seconds"] = (
+            time.perf_counter() - started - paused
+        )  # wall clock since this process's first update
+        record["cpu_seconds"] = (
+            time.process_time() - started_cpu - paused_cpu
+        )  # this process's CPU time, steadier on a shared machine
         state["history"].append(record)
         if accelerator.is_main_process:
-            print(f"ppo update {record['update']}/{num_updates} score {record['score']:.3f} kl {record['kl']:.3f} "
-                  f"entropy {record['entropy']:.2f} length {record['reply_length']:.1f} clipfrac {record['pg_clipfrac']:.3f} "
-                  f"value_loss {record['value_loss']:.3f} kl_coef {record['kl_coef']:.4f}")
+            print(
+                f"ppo update {record['update']}/{num_updates} score {record['score']:.3f} kl {record['kl']:.3f} "
+                f"entropy {record['entropy']:.2f} length {record['reply_length']:.1f} clipfrac {record['pg_clipfrac']:.3f} "
+                f"value_loss {record['value_loss']:.3f} kl_coef {record['kl_coef']:.4f}"
+            )
             for name, value in record.items():
                 writer.add_scalar(f"ppo/{name}", value, update + 1)
         state.update(update=update + 1, kl_coef=kl_controller.value)
         if (update + 1) % args.save_every == 0 or update + 1 in (num_updates, args.stop_after):
             clock, cpu_clock = time.perf_counter(), time.process_time()
             state["held_out"].append(held_out(update + 1))
-            paused, paused_cpu = paused + time.perf_counter() - clock, paused_cpu + time.process_time() - cpu_clock
-            save_checkpoint(checkpoint, accelerator, policy, value_model, optimizer, generator, state)
+            paused, paused_cpu = (
+                paused + time.perf_counter() - clock,
+                paused_cpu + time.process_time() - cpu_clock,
+            )
+            save_checkpoint(
+                checkpoint, accelerator, policy, value_model, optimizer, generator, state
+            )
         if update + 1 == args.stop_after:
-            return {"stopped_after": update + 1, "history": state["history"], "held_out": state["held_out"]}
+            return {
+                "stopped_after": update + 1,
+                "history": state["history"],
+                "held_out": state["held_out"],
+            }
 
     # The held-out judgement: final policy against the reference, same prompts, same judge.
-    evaluation = evaluate(policy, reference, score, judge, eval_rows, eval_queries, args, pad_id, stop_id, tokenizer, device)
-    metrics = {"history": state["history"], "held_out": state["held_out"], "evaluation": evaluation,
-               "reward_mean": state["reward_mean"], "reward_std": state["reward_std"]}
+    evaluation = evaluate(
+        policy,
+        reference,
+        score,
+        judge,
+        eval_rows,
+        eval_queries,
+        args,
+        pad_id,
+        stop_id,
+        tokenizer,
+        device,
+    )
+    metrics = {
+        "history": state["history"],
+        "held_out": state["held_out"],
+        "evaluation": evaluation,
+        "reward_mean": state["reward_mean"],
+        "reward_std": state["reward_std"],
+    }
     metrics["reward_vs_sqrt_kl"] = sqrt_kl_fit(state["history"])
     metrics["held_out_reward_vs_sqrt_kl"] = {
-        name: sqrt_kl_fit(state["held_out"], name) for name in ("score", "judge_score") if name in state["held_out"][0]}
+        name: sqrt_kl_fit(state["held_out"], name)
+        for name in ("score", "judge_score")
+        if name in state["held_out"][0]
+    }
     if state["history"]:
         seconds = state["history"][-1]["seconds"]
-        metrics["episodes_per_second"] = (num_updates - (state["history"][0]["update"] - 1)) * args.batch_size / seconds if seconds else None
+        metrics["episodes_per_second"] = (
+            (num_updates - (state["history"][0]["update"] - 1)) * args.batch_size / seconds
+            if seconds
+            else None
+        )
     if accelerator.is_main_process:
         final = output_dir / "policy"
         policy.save_pretrained(final, safe_serialization=True)
@@ -984,21 +1271,38 @@ def summary(evaluation: dict, history: list[dict]) -> str:
     """The printed end of a run: training's course, win rates (proxy, judge) overall and per family,
     replies side by side."""
     first, last = history[0], history[-1]
-    lines = [f"ppo: {last['update']} updates, {last['episodes']} episodes; batch score {first['score']:.3f} -> {last['score']:.3f} "
-             f"at KL {last['kl']:.2f} nats per reply to the reference"]
-    for name, part in (("proxy reward model (optimised)", evaluation["proxy"]), ("judge reward model (never optimised)", evaluation.get("judge"))):
+    lines = [
+        f"ppo: {last['update']} updates, {last['episodes']} episodes; batch score {first['score']:.3f} -> {last['score']:.3f} "
+        f"at KL {last['kl']:.2f} nats per reply to the reference"
+    ]
+    for name, part in (
+        ("proxy reward model (optimised)", evaluation["proxy"]),
+        ("judge reward model (never optimised)", evaluation.get("judge")),
+    ):
         if part is None:
             continue
-        lines.append(f"held-out, judged by the {name}: policy wins {part['win_rate']:.1%} of {part['prompts']} prompts "
-                     f"against the reference (score {part['policy_score']:.3f} vs {part['reference_score']:.3f})")
+        lines.append(
+            f"held-out, judged by the {name}: policy wins {part['win_rate']:.1%} of {part['prompts']} prompts "
+            f"against the reference (score {part['policy_score']:.3f} vs {part['reference_score']:.3f})"
+        )
         for family, share in part["by_family"].items():
-            lines.append(f"  {family}: win rate {share['win_rate']:.1%} over {share['prompts']} prompts, "
-                         f"score {share['policy_score']:.3f} vs {share['reference_score']:.3f}")
-    if "judge" in evaluation and evaluation["proxy"]["win_rate"] > 0.5 >= evaluation["judge"]["win_rate"]:
-        lines.append("the proxy prefers the policy but the judge does not: the policy learned the proxy's mistakes (reward hacking)")
+            lines.append(
+                f"  {family}: win rate {share['win_rate']:.1%} over {share['prompts']} prompts, "
+                f"score {share['policy_score']:.3f} vs {share['reference_score']:.3f}"
+            )
+    if (
+        "judge" in evaluation
+        and evaluation["proxy"]["win_rate"] > 0.5 >= evaluation["judge"]["win_rate"]
+    ):
+        lines.append(
+            "the proxy prefers the policy but the judge does not: the policy learned the proxy's mistakes (reward hacking)"
+        )
     for sample in evaluation["samples"]:
-        lines += [f"\nprompt:    {sample['prompt'][:200]!r}", f"reference: {sample['reference'][:200]!r} ({sample['reference_score']:.2f})",
-                  f"policy:    {sample['policy'][:200]!r} ({sample['policy_score']:.2f})"]
+        lines += [
+            f"\nprompt:    {sample['prompt'][:200]!r}",
+            f"reference: {sample['reference'][:200]!r} ({sample['reference_score']:.2f})",
+            f"policy:    {sample['policy'][:200]!r} ({sample['policy_score']:.2f})",
+        ]
     return "\n".join(lines)
 
 

@@ -143,7 +143,9 @@ class RewardModel(nn.Module):
 
         A pooled encoder has one reward per sequence, returned at every requested position.
         """
-        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        output = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
         if self.pooled:
             pooled = self.score(output.pooler_output).float()  # shape: [batch, 1]
             return pooled.expand(read_at.shape)
@@ -178,10 +180,15 @@ class RewardModel(nn.Module):
         config.num_labels, config.pad_token_id = 1, pad_token_id
         config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
         with torch.device(device):
-            classifier = AutoModelForSequenceClassification.from_config(config, dtype=self.score.weight.dtype)
+            classifier = AutoModelForSequenceClassification.from_config(
+                config, dtype=self.score.weight.dtype
+            )
         base = getattr(classifier, classifier.base_model_prefix)
         head = classifier_head(classifier)
-        if set(base.state_dict()) != set(self.backbone.state_dict()) or (head.bias is None) == self.pooled:
+        if (
+            set(base.state_dict()) != set(self.backbone.state_dict())
+            or (head.bias is None) == self.pooled
+        ):
             raise HhDataError(
                 f"{type(classifier).__name__} is not a backbone plus one linear head as the reward "
                 "model is; use a Llama-style decoder (tiny, smollm2-135m) or a BERT encoder (minilm)"
@@ -222,7 +229,9 @@ def render(tokenizer, prompt: list[dict], reply: list[dict], chat: bool) -> tupl
     ('\\n\\nHuman: Hi\\n\\nAssistant:', ' Yo')
     """
     if not chat:
-        return render_transcript(prompt) + ASSISTANT_TAG, render_transcript(reply)[len(ASSISTANT_TAG) :]
+        return render_transcript(prompt) + ASSISTANT_TAG, render_transcript(reply)[
+            len(ASSISTANT_TAG) :
+        ]
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     whole = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
     if not whole.startswith(head):
@@ -254,7 +263,9 @@ def template_end_id(tokenizer) -> int | None:
     """The last special token a chat template writes after a reply (`<|im_end|>` for ChatML), or None."""
     _, reply_text = render(tokenizer, *PROBE, chat=True)
     special = set(special_token_ids(tokenizer))
-    written = [t for t in tokenizer(reply_text, add_special_tokens=False)["input_ids"] if t in special]
+    written = [
+        t for t in tokenizer(reply_text, add_special_tokens=False)["input_ids"] if t in special
+    ]
     return written[-1] if written else None
 
 
@@ -317,8 +328,9 @@ def reply_body(tokenizer, prompt: list[dict], reply: list[dict], chat: bool) -> 
     return prompt_text, reply_text
 
 
-def truncate_pair(start: list[int], prompt: list[int], replies: list[list[int]], end: int,
-                  max_length: int) -> tuple[list[int], ...]:
+def truncate_pair(
+    start: list[int], prompt: list[int], replies: list[list[int]], end: int, max_length: int
+) -> tuple[list[int], ...]:
     """(start + prompt, reply + [end] for each reply), at most max_length tokens per sequence.
 
     When start + prompt + the longest reply + end fits, nothing is cut. Otherwise each reply
@@ -380,7 +392,9 @@ def reward_text(tokenizer, prompt: list[dict], reply: list[dict], chat: bool) ->
 # ---- batches: packed (prefix shared) or naive (two sequences per pair) -----------------
 
 
-def packed_batch(pairs: list[tuple[list[int], ...]], pad_id: int, boolean_mask: bool = False) -> dict:
+def packed_batch(
+    pairs: list[tuple[list[int], ...]], pad_id: int, boolean_mask: bool = False
+) -> dict:
     """One sequence per pair, prompt|chosen|rejected, with a 4D mask and restarting positions.
 
     Token i may attend to token j when j <= i in the packed order and j is in the prompt or in
@@ -439,7 +453,11 @@ def uses_alibi(config) -> bool:
     """Whether a model adds ALiBi distance biases (BLOOM, Falcon/MPT with alibi, ALiBi BERTs),
     which come from token distances, not from position ids."""
     attn_config = getattr(config, "attn_config", None)  # MPT keeps it there
-    alibi_in_attn = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    alibi_in_attn = (
+        attn_config.get("alibi")
+        if isinstance(attn_config, dict)
+        else getattr(attn_config, "alibi", False)
+    )
     return bool(
         config.model_type == "bloom"
         or getattr(config, "alibi", False) is True
@@ -472,14 +490,18 @@ def prefix_sharing_problem(backbone) -> str | None:
     return None
 
 
-def pair_rewards(model, pairs, pad_id: int, share_prefix: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(
+    model, pairs, pad_id: int, share_prefix: bool, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and rejected replies of `pairs`, each of shape [batch]."""
     if share_prefix:
         backbone = getattr(model, "module", model).backbone
         problem = prefix_sharing_problem(backbone)
         if problem is not None:
             raise HhDataError(f"prefix sharing: the model {problem}; run with --prefix-sharing off")
-        batch = packed_batch(pairs, pad_id, boolean_mask=backbone.config._attn_implementation == "sdpa")
+        batch = packed_batch(
+            pairs, pad_id, boolean_mask=backbone.config._attn_implementation == "sdpa"
+        )
         rewards = model(**{k: v.to(device) for k, v in batch.items()})  # shape: [batch, 2]
         return rewards[:, 0], rewards[:, 1]
     batch = naive_batch(pairs, pad_id)
@@ -521,8 +543,9 @@ def length_groups(lengths: list[int], cost: int) -> list[list[int]]:
     return groups[::-1]
 
 
-def accumulate_pair_loss(model, pairs, pad_id: int, share_prefix: bool, device, cost: int,
-                         backward=None, no_sync=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def accumulate_pair_loss(
+    model, pairs, pad_id: int, share_prefix: bool, device, cost: int, backward=None, no_sync=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preference loss of ``pairs`` with its gradient accumulated micro-batch by micro-batch
     (see length_groups): the same gradient as one padded batch, for less work.
 
@@ -536,13 +559,17 @@ def accumulate_pair_loss(model, pairs, pad_id: int, share_prefix: bool, device, 
     for number, group in enumerate(groups):
         last = number == len(groups) - 1
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            chosen, rejected = pair_rewards(model, [pairs[i] for i in group], pad_id, share_prefix, device)
+            chosen, rejected = pair_rewards(
+                model, [pairs[i] for i in group], pad_id, share_prefix, device
+            )
             part = -F.logsigmoid(chosen - rejected).sum() / len(pairs)
             (backward or torch.Tensor.backward)(part)
         chosen_parts.append(chosen.detach())
         rejected_parts.append(rejected.detach())
         loss = loss + part.detach()
-    where = torch.tensor([i for group in groups for i in group]).argsort().to(chosen_parts[0].device)
+    where = (
+        torch.tensor([i for group in groups for i in group]).argsort().to(chosen_parts[0].device)
+    )
     return torch.cat(chosen_parts)[where], torch.cat(rejected_parts)[where], loss
 
 
@@ -558,7 +585,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, log_lines: list[
     """Weights, optimizer moments and the RNG state as safetensors; scalars as JSON."""
     folder = run_dir / "checkpoints" / f"step-{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors"
+    )
     tensors, param_groups = optimizer_tensors(optimizer)
     tensors["torch_rng_state"] = torch.get_rng_state()
     save_file(tensors, folder / "optimizer.safetensors")
@@ -571,7 +600,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, log_lines: list[
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    complete = [c for c in sorted((run_dir / "checkpoints").glob("step-*")) if (c / "train_log.jsonl").exists()]
+    complete = [
+        c
+        for c in sorted((run_dir / "checkpoints").glob("step-*"))
+        if (c / "train_log.jsonl").exists()
+    ]
     return complete[-1] if complete else None
 
 
@@ -630,14 +663,25 @@ def load_reward_model(run_dir: str | Path, dtype: torch.dtype = torch.float32):
         )
     tokenizer = models.load_tokenizer(str(folder))
     classifier = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
-    return RewardModel.from_classifier(classifier).eval(), tokenizer, json.loads((folder / "reward_model.json").read_text())
+    return (
+        RewardModel.from_classifier(classifier).eval(),
+        tokenizer,
+        json.loads((folder / "reward_model.json").read_text()),
+    )
 
 
 @torch.no_grad()
-def score(model, tokenizer, settings: dict, prompts: list[list[dict]], replies: list[list[dict]]) -> torch.Tensor:
+def score(
+    model, tokenizer, settings: dict, prompts: list[list[dict]], replies: list[list[dict]]
+) -> torch.Tensor:
     """Rewards of `replies` (each a list with one assistant turn) after `prompts`, shape [n]."""
     pairs = [
-        encode_pair(tokenizer, {"prompt": p, "chosen": r, "rejected": r}, settings["max_length"], settings["chat_template"])
+        encode_pair(
+            tokenizer,
+            {"prompt": p, "chosen": r, "rejected": r},
+            settings["max_length"],
+            settings["chat_template"],
+        )
         for p, r in zip(prompts, replies)
     ]
     device = next(model.parameters()).device
@@ -674,7 +718,7 @@ def reliability(margins: torch.Tensor, bins: int) -> tuple[float, list[dict]]:
     """
     probability = torch.sigmoid(margins.double())
     confidence = torch.maximum(probability, 1 - probability)
-    correct = ((margins > 0).double() + 0.5 * (margins == 0).double())
+    correct = (margins > 0).double() + 0.5 * (margins == 0).double()
     which = ((confidence - 0.5) * 2 * bins).long().clamp(max=bins - 1)
     table, ece = [], 0.0
     for b in range(bins):
@@ -683,13 +727,15 @@ def reliability(margins: torch.Tensor, bins: int) -> tuple[float, list[dict]]:
             mean_confidence = confidence[inside].mean().item()
             accuracy = correct[inside].mean().item()
             ece += inside.double().mean().item() * abs(accuracy - mean_confidence)
-            table.append({
-                "low": 0.5 + b / (2 * bins),
-                "high": 0.5 + (b + 1) / (2 * bins),
-                "pairs": int(inside.sum()),
-                "confidence": mean_confidence,
-                "accuracy": accuracy,
-            })
+            table.append(
+                {
+                    "low": 0.5 + b / (2 * bins),
+                    "high": 0.5 + (b + 1) / (2 * bins),
+                    "pairs": int(inside.sum()),
+                    "confidence": mean_confidence,
+                    "accuracy": accuracy,
+                }
+            )
     return ece, table
 
 
@@ -701,13 +747,19 @@ def evaluation_metrics(rows: list[dict], margins: torch.Tensor, bins: int) -> di
             groups[key].setdefault(row[key], []).append(index)
     return {
         "overall": summarize(margins, bins),
-        "by_family": {name: summarize(margins[i], bins) for name, i in sorted(groups["family"].items())},
-        "by_subset": {name: summarize(margins[i], bins) for name, i in sorted(groups["subset"].items())},
+        "by_family": {
+            name: summarize(margins[i], bins) for name, i in sorted(groups["family"].items())
+        },
+        "by_subset": {
+            name: summarize(margins[i], bins) for name, i in sorted(groups["subset"].items())
+        },
         "reliability": reliability(margins, bins)[1],
     }
 
 
-def save_plots(run_dir: Path, margins: torch.Tensor, rows: list[dict], metrics: dict, log: list[dict]) -> None:
+def save_plots(
+    run_dir: Path, margins: torch.Tensor, rows: list[dict], metrics: dict, log: list[dict]
+) -> None:
     """reliability.png, margins.png (per family) and loss.png in the run directory."""
     import matplotlib
 
@@ -718,13 +770,22 @@ def save_plots(run_dir: Path, margins: torch.Tensor, rows: list[dict], metrics: 
     table = metrics["reliability"]
     axis.plot([0.5, 1], [0.5, 1], "--", color="gray", label="perfectly calibrated")
     axis.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], "o-", label="model")
-    axis.set(xlabel="predicted probability of the preferred reply", ylabel="frequency it was preferred", title=f"ECE {metrics['overall']['ece']:.3f}")
+    axis.set(
+        xlabel="predicted probability of the preferred reply",
+        ylabel="frequency it was preferred",
+        title=f"ECE {metrics['overall']['ece']:.3f}",
+    )
     axis.legend()
     figure.savefig(run_dir / "reliability.png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for family in sorted({row["family"] for row in rows}):
-        axis.hist([m for m, row in zip(margins.tolist(), rows) if row["family"] == family], bins=40, alpha=0.6, label=family)
+        axis.hist(
+            [m for m, row in zip(margins.tolist(), rows) if row["family"] == family],
+            bins=40,
+            alpha=0.6,
+            label=family,
+        )
     axis.set(xlabel="r_chosen - r_rejected", ylabel="pairs", title="held-out margins")
     axis.legend()
     figure.savefig(run_dir / "margins.png", dpi=100, bbox_inches="tight")
@@ -737,7 +798,9 @@ def save_plots(run_dir: Path, margins: torch.Tensor, rows: list[dict], metrics: 
 
 
 @torch.no_grad()
-def held_out_margins(model, pairs, pad_id: int, share_prefix: bool, batch_size: int, accelerator) -> torch.Tensor:
+def held_out_margins(
+    model, pairs, pad_id: int, share_prefix: bool, batch_size: int, accelerator
+) -> torch.Tensor:
     """r_chosen - r_rejected for every pair, each process scoring every world_size-th pair."""
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -751,12 +814,16 @@ def held_out_margins(model, pairs, pad_id: int, share_prefix: bool, batch_size: 
         chosen, rejected = pair_rewards(model, batch, pad_id, share_prefix, accelerator.device)
         margins.append(chosen - rejected)
     where = torch.tensor(order).argsort().to(margins[0].device)
-    gathered = accelerator.gather(torch.cat(margins)[where])  # shape: [world * share], process-major
+    gathered = accelerator.gather(
+        torch.cat(margins)[where]
+    )  # shape: [world * share], process-major
     model.train()
     return gathered.view(world, -1).t().reshape(-1)[: len(pairs)].cpu()
 
 
-def split_held_out(splits: dict[str, list[dict]], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+def split_held_out(
+    splits: dict[str, list[dict]], eval_fraction: float
+) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows): the release's own splits, or a split by pair id."""
     if "train" in splits and "test" in splits:
         return splits["train"], splits["test"]
@@ -773,7 +840,10 @@ def learning_rate(step: int, total: int, args: Args) -> float:
     return args.learning_rate * (total - step) / max(1, total - warmup)
 
 
-EXAMPLE = ([{"role": "user", "content": "How do I bake bread?"}], [{"role": "assistant", "content": "Mix flour, water and yeast."}])
+EXAMPLE = (
+    [{"role": "user", "content": "How do I bake bread?"}],
+    [{"role": "assistant", "content": "Mix flour, water and yeast."}],
+)
 
 
 def input_format(tokenizer, chat: bool, max_length: int, pooled: bool) -> tuple[str, str]:
@@ -822,7 +892,9 @@ def write_card(run_dir: Path, settings: dict, metrics: dict, tokenizer, pooled: 
             f"| {part['mean_margin']:.3f} | {part['ece']:.3f} |"
         )
     args = settings["args"]
-    reads, described = input_format(tokenizer, settings["chat_template"], args["max_length"], pooled)
+    reads, described = input_format(
+        tokenizer, settings["chat_template"], args["max_length"], pooled
+    )
     card = template.format(
         reads=reads,
         input_format=described,
@@ -895,7 +967,9 @@ def main(args: Args) -> dict:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-    model.to_classifier(tokenizer.pad_token_id, device="meta")  # fail now, not at the end, if it cannot be saved
+    model.to_classifier(
+        tokenizer.pad_token_id, device="meta"
+    )  # fail now, not at the end, if it cannot be saved
     # prefix sharing only where it is exact: causal decoders with eager/sdpa attention and position ids
     problem = prefix_sharing_problem(model.backbone)
     if args.prefix_sharing == "on" and problem is not None:
@@ -903,7 +977,9 @@ def main(args: Args) -> dict:
             f"--prefix-sharing on: --model {args.model} {problem}; run with --prefix-sharing off "
             "(auto turns it off for such models)"
         )
-    share_prefix = args.prefix_sharing == "on" or (args.prefix_sharing == "auto" and problem is None)
+    share_prefix = args.prefix_sharing == "on" or (
+        args.prefix_sharing == "auto" and problem is None
+    )
     chat = uses_chat_template(tokenizer, args.chat_template)
     settings = {
         "args": comparable,
@@ -956,8 +1032,14 @@ def main(args: Args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         chosen, rejected, loss = accumulate_pair_loss(
-            model, [train_pairs[i] for i in mine], pad_id, share_prefix, accelerator.device,
-            args.micro_batch_cost, accelerator.backward, lambda: accelerator.no_sync(model),
+            model,
+            [train_pairs[i] for i in mine],
+            pad_id,
+            share_prefix,
+            accelerator.device,
+            args.micro_batch_cost,
+            accelerator.backward,
+            lambda: accelerator.no_sync(model),
         )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -979,7 +1061,9 @@ def main(args: Args) -> dict:
         if (step + 1) % args.save_every == 0 or step + 1 in (total_steps, args.stop_after):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(run_dir, step + 1, accelerator.unwrap_model(model), optimizer, log_lines)
+                save_checkpoint(
+                    run_dir, step + 1, accelerator.unwrap_model(model), optimizer, log_lines
+                )
         if step + 1 == args.stop_after:
             return {"stopped_after": step + 1}
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started

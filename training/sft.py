@@ -45,7 +45,13 @@ from training.common import (
     save_rng_state,
 )
 from training.models import load_causal_lm, load_tokenizer
-from training.reward_model import end_of_turn_id, render, reply_body, start_token_id, uses_chat_template
+from training.reward_model import (
+    end_of_turn_id,
+    render,
+    reply_body,
+    start_token_id,
+    uses_chat_template,
+)
 
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 
@@ -88,7 +94,9 @@ class Args:
     """exit after saving the checkpoint of step N, as if killed (for testing resume; 0: never)"""
 
 
-def encode_prompt(tokenizer, prompt: list[dict[str, str]], chat: bool) -> tuple[list[int], list[int]]:
+def encode_prompt(
+    tokenizer, prompt: list[dict[str, str]], chat: bool
+) -> tuple[list[int], list[int]]:
     """Token ids of a prompt rendered as the reward model renders it, and their labels.
 
     Labels are IGNORE_INDEX except on the words of the prompt's earlier assistant turns. The
@@ -130,7 +138,9 @@ def encode_reply(tokenizer, prompt: list[dict[str, str]], content: str, chat: bo
     left out, as in encode_pair.
     """
     _, text = reply_body(tokenizer, prompt, [{"role": "assistant", "content": content}], chat)
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer, chat)]
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [
+        end_of_turn_id(tokenizer, chat)
+    ]
 
 
 def encode_example(tokenizer, row: dict, max_length: int, chat: bool) -> dict[str, list[int]]:
@@ -171,7 +181,9 @@ def held_out_split(rows: list[dict], eval_rows: int, seed: int) -> tuple[list[di
     return [row for row in order[:cut] if prompt_key(row) not in held_out_prompts], held_out
 
 
-def rank_batch(step: int, num_examples: int, batch_size: int, seed: int, rank: int, world: int) -> list[int]:
+def rank_batch(
+    step: int, num_examples: int, batch_size: int, seed: int, rank: int, world: int
+) -> list[int]:
     """Indices of the examples process `rank` of `world` trains on at optimiser step `step`.
 
     Each epoch is a fresh seeded permutation cut into batches of `batch_size` (a tail shorter
@@ -182,7 +194,9 @@ def rank_batch(step: int, num_examples: int, batch_size: int, seed: int, rank: i
     [[4, 7], [0, 3]]
     """
     epoch, index = divmod(step, num_examples // batch_size)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    order = torch.randperm(
+        num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    )
     return order[index * batch_size : (index + 1) * batch_size][rank::world].tolist()
 
 
@@ -212,7 +226,9 @@ def load_policy_tokenizer(args: Args, rows: list[dict]):
 # ---- checkpoints: safetensors for tensors, JSON for the rest ----------------------------
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, state: dict, accelerator) -> None:
+def save_checkpoint(
+    output_dir: Path, step: int, model, optimizer, state: dict, accelerator
+) -> None:
     """Weights, optimizer moments, each process's RNG state and the run's scalars.
 
     Written to ``step-N.partial`` and renamed into place once complete (a rename is atomic),
@@ -227,7 +243,9 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, state: dict, 
     save_rng_state(partial, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(partial / "model.safetensors"))  # handles tied weights
+        save_model(
+            accelerator.unwrap_model(model), str(partial / "model.safetensors")
+        )  # handles tied weights
         tensors, param_groups = optimizer_tensors(optimizer)
         save_file(tensors, partial / "optimizer.safetensors")
         (partial / "state.json").write_text(json.dumps({**state, "param_groups": param_groups}))
@@ -240,7 +258,9 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, state: dict, 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint (a ``.partial`` folder was cut short)."""
-    complete = sorted(c for c in (output_dir / "checkpoints").glob("step-*") if c.suffix != ".partial")
+    complete = sorted(
+        c for c in (output_dir / "checkpoints").glob("step-*") if c.suffix != ".partial"
+    )
     return complete[-1] if complete else None
 
 
@@ -248,7 +268,9 @@ def load_checkpoint(folder: Path, model, optimizer, rank: int) -> dict:
     """Restore what save_checkpoint wrote (this process's RNG state); returns the run's scalars."""
     load_model(model, str(folder / "model.safetensors"))
     state = json.loads((folder / "state.json").read_text())
-    restore_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), state.pop("param_groups"))
+    restore_optimizer(
+        optimizer, load_file(folder / "optimizer.safetensors"), state.pop("param_groups")
+    )
     load_rng_state(folder, rank)
     return state
 
@@ -257,7 +279,9 @@ def resumable(output_dir: Path, args: Args, comparable: dict) -> Path | None:
     """The checkpoint to continue from, or None for a fresh run; refuses what would mix two runs."""
     if not args.resume:
         if (output_dir / "checkpoints").exists():
-            raise UsageError(f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir")
+            raise UsageError(
+                f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir"
+            )
         return None
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
@@ -274,10 +298,14 @@ def main(args: Args) -> dict:
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; pick a multiple")
+        raise UsageError(
+            f"--batch-size {args.batch_size} is not divisible by the {world} processes; pick a multiple"
+        )
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
-    comparable = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}
+    comparable = {
+        k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")
+    }
     checkpoint = resumable(output_dir, args, comparable)
 
     # 1. data: the training split, less a held-out share whose prompts are never trained on
@@ -290,18 +318,28 @@ def main(args: Args) -> dict:
             f"holding out {len(eval_rows)}, fewer than --batch-size {args.batch_size}; lower it or --eval-rows"
         )
     if accelerator.is_main_process:
-        print(f"sft: training on split {split!r} of {provenance['source']}: {len(train_rows)} rows, "
-              f"{len(eval_rows)} held out (their prompts never trained on)")
+        print(
+            f"sft: training on split {split!r} of {provenance['source']}: {len(train_rows)} rows, "
+            f"{len(eval_rows)} held out (their prompts never trained on)"
+        )
 
     # 2. tokenizer and model; a resumed run reads the tokenizer it saved
-    tokenizer = load_tokenizer(str(output_dir)) if checkpoint else load_policy_tokenizer(args, train_rows)
+    tokenizer = (
+        load_tokenizer(str(output_dir)) if checkpoint else load_policy_tokenizer(args, train_rows)
+    )
     model = load_causal_lm(args.model, tokenizer, seed=args.seed)
     chat = uses_chat_template(tokenizer, args.chat_template)
     encode = lambda row: encode_example(tokenizer, row, args.max_length, chat)  # noqa: E731
     train_examples = [encode(row) for row in train_rows]
     eval_examples = [encode(row) for row in eval_rows]
-    settings = {"args": comparable, "split": split, "data": provenance, "hhdata": hhdata.__version__,
-                "chat_template": chat, "processes": world}
+    settings = {
+        "args": comparable,
+        "split": split,
+        "data": provenance,
+        "hhdata": hhdata.__version__,
+        "chat_template": chat,
+        "processes": world,
+    }
     if accelerator.is_main_process and checkpoint is None:
         output_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(output_dir)
@@ -318,7 +356,9 @@ def main(args: Args) -> dict:
         state = load_checkpoint(checkpoint, model, optimizer, rank)
     model, optimizer = accelerator.prepare(model, optimizer)
     if state["eval_loss_before"] is None:
-        state["eval_loss_before"] = mean_loss(accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device)
+        state["eval_loss_before"] = mean_loss(
+            accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device
+        )
     writer = None
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -344,7 +384,9 @@ def main(args: Args) -> dict:
             "step": step + 1,
             "loss": accelerator.reduce(loss.detach(), "mean").item(),
             "lr": lr,
-            "rows": gather_object([[train_rows[i]["id"] for i in mine]]),  # per process, in rank order
+            "rows": gather_object(
+                [[train_rows[i]["id"] for i in mine]]
+            ),  # per process, in rank order
         }
         state["log"].append(record)
         state["step"] = step + 1
@@ -359,7 +401,9 @@ def main(args: Args) -> dict:
         if step + 1 == args.stop_after:
             return {"stopped_after": step + 1}
     model.eval()
-    eval_loss_after = mean_loss(accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device)
+    eval_loss_after = mean_loss(
+        accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device
+    )
 
     metrics = {
         "split": split,
@@ -375,10 +419,14 @@ def main(args: Args) -> dict:
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (output_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["log"]))
+        (output_dir / "train_log.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in state["log"])
+        )
         writer.add_scalar("eval/loss", eval_loss_after, num_steps)
         writer.close()
-        print(f"sft: held-out loss {state['eval_loss_before']:.3f} -> {eval_loss_after:.3f}; saved {output_dir}")
+        print(
+            f"sft: held-out loss {state['eval_loss_before']:.3f} -> {eval_loss_after:.3f}; saved {output_dir}"
+        )
     return metrics
 
 

@@ -24,48 +24,80 @@ _SHOWN_CHARS = 400
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the validate, stats and show verbs."""
     validate = subparsers.add_parser(
-        "validate", help="check raw JSONL(.gz) files and report every bad record",
+        "validate",
+        help="check raw JSONL(.gz) files and report every bad record",
         description="Read raw HH-RLHF files, parse every pair and report what was quarantined, "
         "per reason, with the first examples as file:line. Exit 0 when every record was "
         "accepted, 1 when any was quarantined, 2 on a usage or I/O error.",
     )
     validate.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or globs")
-    validate.add_argument("--quarantine", metavar="FILE", help="write the bad records here as JSONL")
-    validate.add_argument("--examples", type=int, default=3, metavar="N", help="examples shown per reason (3)")
+    validate.add_argument(
+        "--quarantine", metavar="FILE", help="write the bad records here as JSONL"
+    )
+    validate.add_argument(
+        "--examples", type=int, default=3, metavar="N", help="examples shown per reason (3)"
+    )
     _source_arguments(validate)
     validate.set_defaults(func=run_validate)
 
     stats = subparsers.add_parser(
-        "stats", help="rows, turns, lengths and flags per subset",
+        "stats",
+        help="rows, turns, lengths and flags per subset",
         description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled sample.",
     )
-    stats.add_argument("paths", nargs="*", metavar="PATH", help="files, folders or globs (default: the bundled sample)")
+    stats.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files, folders or globs (default: the bundled sample)",
+    )
     _source_arguments(stats)
     stats.set_defaults(func=run_stats)
 
     show = subparsers.add_parser(
-        "show", help="print a few parsed pairs, readably",
+        "show",
+        help="print a few parsed pairs, readably",
         description="Print parsed pairs: prompt turns, then the chosen and rejected replies.",
     )
-    show.add_argument("paths", nargs="*", metavar="PATH", help="files, folders or globs (default: the bundled sample)")
+    show.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files, folders or globs (default: the bundled sample)",
+    )
     show.add_argument("-n", type=int, default=3, metavar="N", help="how many pairs (3)")
-    show.add_argument("--skip", type=int, default=0, metavar="K", help="start after the first K pairs")
+    show.add_argument(
+        "--skip", type=int, default=0, metavar="K", help="start after the first K pairs"
+    )
     _source_arguments(show)
     show.set_defaults(func=run_show)
 
 
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--subset", help="subset of files not in the <subset>/<split>.jsonl.gz layout")
+    parser.add_argument(
+        "--subset", help="subset of files not in the <subset>/<split>.jsonl.gz layout"
+    )
     parser.add_argument("--split", choices=("train", "test"), help="split of such files")
     parser.add_argument("--family", choices=("helpful", "harmless"), help="family of a new subset")
-    parser.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, metavar="N",
-                        help=f"longest line accepted, in bytes ({MAX_LINE_BYTES})")
+    parser.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=MAX_LINE_BYTES,
+        metavar="N",
+        help=f"longest line accepted, in bytes ({MAX_LINE_BYTES})",
+    )
 
 
 def _read(args, require_source: bool = True) -> ReadResult:
-    return read_pairs(args.paths, subset=args.subset, split=args.split, family=args.family,
-                      max_line_bytes=args.max_line_bytes, progress=None,
-                      require_source=require_source)
+    return read_pairs(
+        args.paths,
+        subset=args.subset,
+        split=args.split,
+        family=args.family,
+        max_line_bytes=args.max_line_bytes,
+        progress=None,
+        require_source=require_source,
+    )
 
 
 def run_validate(args) -> int:
@@ -93,9 +125,11 @@ def validation_report(result: ReadResult, examples: int = 3) -> str:
             "please report it with the input files"
         )
     files = f"{len(report.files)} file" + ("s" if len(report.files) != 1 else "")
-    lines = [f"read {files}: {_plural(report.lines, 'line')} ({report.blank:,} blank), "
-             f"{_plural(report.lines - report.blank, 'record')} = {report.accepted:,} accepted "
-             f"+ {quarantined:,} quarantined"]
+    lines = [
+        f"read {files}: {_plural(report.lines, 'line')} ({report.blank:,} blank), "
+        f"{_plural(report.lines - report.blank, 'record')} = {report.accepted:,} accepted "
+        f"+ {quarantined:,} quarantined"
+    ]
     if quarantined:
         lines.append("quarantined per reason:")
         reasons = result.quarantine.column("reason").to_pylist()
@@ -109,8 +143,11 @@ def validation_report(result: ReadResult, examples: int = 3) -> str:
         counted = ", ".join(f"{flag} {flags[flag]:,}" for flag in FLAGS if flag in flags)
         lines.append(f"flags (reported, not failures): {counted}")
     lines += [f"note: {notice}" for notice in report.notices]
-    lines.append("ok: every record was accepted" if not quarantined
-                 else "FAILED: some records were quarantined (use --quarantine FILE to save them)")
+    lines.append(
+        "ok: every record was accepted"
+        if not quarantined
+        else "FAILED: some records were quarantined (use --quarantine FILE to save them)"
+    )
     return "\n".join(lines)
 
 
@@ -144,7 +181,9 @@ def run_show(args) -> int:
 def format_pair(row: dict, number: int, total: int) -> str:
     """One pair row as readable text: header, prompt turns, then the two replies."""
     flags = ", ".join(row["flags"]) or "none"
-    lines = [f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | flags: {flags}"]
+    lines = [
+        f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | flags: {flags}"
+    ]
     for turn in row["prompt"]:
         lines.append(_turn(turn["role"], turn["content"]))
     lines.append(_turn("CHOSEN", row["chosen"][0]["content"]))
@@ -153,6 +192,10 @@ def format_pair(row: dict, number: int, total: int) -> str:
 
 
 def _turn(label: str, content: str) -> str:
-    text = content if len(content) <= _SHOWN_CHARS else content[:_SHOWN_CHARS] + f" [... {len(content) - _SHOWN_CHARS:,} more chars]"
+    text = (
+        content
+        if len(content) <= _SHOWN_CHARS
+        else content[:_SHOWN_CHARS] + f" [... {len(content) - _SHOWN_CHARS:,} more chars]"
+    )
     body = textwrap.indent(text.strip("\n") or "(empty)", "    ")
     return f"  {label}:\n{body}"

@@ -20,25 +20,51 @@ from hhdata.errors import SourceError
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the dedup, leakage and redteam verbs."""
     dedup = subparsers.add_parser(
-        "dedup", help="drop degenerate pairs, exact and near duplicates; log every drop",
+        "dedup",
+        help="drop degenerate pairs, exact and near duplicates; log every drop",
         description="Read raw HH-RLHF files (or Parquet pair tables), drop degenerate pairs, "
         "exact duplicates and near duplicates, and print what was kept and dropped per "
         "reason. read = kept + quarantined + dropped, always.",
     )
     _inputs(dedup)
-    dedup.add_argument("--report", metavar="FILE", help="write the JSON report (settings, counts, clusters, examples)")
-    dedup.add_argument("--drops", metavar="FILE", help="write the drop log (id, reason, kept_id, ...) as Parquet")
-    dedup.add_argument("--out", metavar="FILE", help="write the kept rows (with cluster_id) as Parquet")
-    dedup.add_argument("--settings", metavar="FILE", help="DedupSettings as JSON (as in a report's 'settings')")
-    dedup.add_argument("--scope", choices=("prompt", "pair"), help="near duplicates of the prompt or the whole pair")
-    dedup.add_argument("--near-action", choices=("drop", "cluster"), help="drop near duplicates or only cluster them")
-    dedup.add_argument("--threshold", type=float, metavar="J", help="Jaccard similarity of near duplicates")
-    dedup.add_argument("--survivor", choices=("first", "train_first", "subset_order"), help="which copy is kept")
-    dedup.add_argument("--no-near", action="store_true", help="exact duplicates and degenerate pairs only")
+    dedup.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write the JSON report (settings, counts, clusters, examples)",
+    )
+    dedup.add_argument(
+        "--drops", metavar="FILE", help="write the drop log (id, reason, kept_id, ...) as Parquet"
+    )
+    dedup.add_argument(
+        "--out", metavar="FILE", help="write the kept rows (with cluster_id) as Parquet"
+    )
+    dedup.add_argument(
+        "--settings", metavar="FILE", help="DedupSettings as JSON (as in a report's 'settings')"
+    )
+    dedup.add_argument(
+        "--scope",
+        choices=("prompt", "pair"),
+        help="near duplicates of the prompt or the whole pair",
+    )
+    dedup.add_argument(
+        "--near-action",
+        choices=("drop", "cluster"),
+        help="drop near duplicates or only cluster them",
+    )
+    dedup.add_argument(
+        "--threshold", type=float, metavar="J", help="Jaccard similarity of near duplicates"
+    )
+    dedup.add_argument(
+        "--survivor", choices=("first", "train_first", "subset_order"), help="which copy is kept"
+    )
+    dedup.add_argument(
+        "--no-near", action="store_true", help="exact duplicates and degenerate pairs only"
+    )
     dedup.set_defaults(func=run_dedup)
 
     leakage = subparsers.add_parser(
-        "leakage", help="prompts in both train and test (exact and near); optionally re-split",
+        "leakage",
+        help="prompts in both train and test (exact and near); optionally re-split",
         description="Report test rows whose prompt also appears in train, exactly or as a near "
         "duplicate, within each subset and across subsets. With --resplit-seed, assign "
         "train/test again keeping every prompt cluster on one side. Exit 1 when leakage "
@@ -47,13 +73,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _inputs(leakage)
     leakage.add_argument("--report", metavar="FILE", help="write the JSON leakage report")
     leakage.add_argument("--resplit-seed", type=int, metavar="SEED", help="re-split with this seed")
-    leakage.add_argument("--test-fraction", type=float, default=0.05, metavar="F",
-                         help="test share of each subset when re-splitting (0.05)")
+    leakage.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="test share of each subset when re-splitting (0.05)",
+    )
     leakage.add_argument("--out", metavar="FILE", help="write the re-split rows as Parquet")
     leakage.set_defaults(func=run_leakage)
 
     red = subparsers.add_parser(
-        "redteam", help="read red-team attempts into their own schema and summarise them",
+        "redteam",
+        help="read red-team attempts into their own schema and summarise them",
         description="Read red_team_attempts.jsonl(.gz) (a JSON array or JSON Lines), check "
         "every record against schemas/redteam_row.schema.json and print a summary.",
     )
@@ -63,9 +95,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _inputs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="raw JSONL(.gz) files, folders in the <subset>/<split> layout, globs, "
-                        "or .parquet pair tables")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="raw JSONL(.gz) files, folders in the <subset>/<split> layout, globs, "
+        "or .parquet pair tables",
+    )
 
 
 def _load(paths: list[str]) -> tuple[pa.Table, int, int]:
@@ -80,8 +116,11 @@ def _load(paths: list[str]) -> tuple[pa.Table, int, int]:
         if not Path(path).is_file():
             raise SourceError(f"{path}: no such file")
         table = pq.read_table(path)
-        tables.append(table.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA) if set(PAIR_SCHEMA.names) <= set(
-            table.column_names) else table)
+        tables.append(
+            table.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+            if set(PAIR_SCHEMA.names) <= set(table.column_names)
+            else table
+        )
         read += table.num_rows
     if raw:
         result = read_pairs(raw, progress=None)
@@ -95,8 +134,12 @@ def _settings(args):
     from hhdata.dedup.run import DedupSettings
 
     values = json.loads(Path(args.settings).read_text()) if args.settings else {}
-    chosen = {"near_scope": args.scope, "near_action": args.near_action,
-              "threshold": args.threshold, "survivor": args.survivor}
+    chosen = {
+        "near_scope": args.scope,
+        "near_action": args.near_action,
+        "threshold": args.threshold,
+        "survivor": args.survivor,
+    }
     values.update({key: value for key, value in chosen.items() if value is not None})
     if args.no_near:
         values["near"] = False
@@ -113,14 +156,22 @@ def run_dedup(args) -> int:
     with memory.large_run():
         result = deduplicate(pairs, settings)
     report = result.report
-    print(f"read {read:,} records: kept {report['kept']:,}, quarantined {quarantined:,}, "
-          f"dropped {report['dropped']:,}")
+    print(
+        f"read {read:,} records: kept {report['kept']:,}, quarantined {quarantined:,}, "
+        f"dropped {report['dropped']:,}"
+    )
     for reason, count in report["dropped_by_reason"].items():
         print(f"  {reason}: {count:,}")
-    flagged = {r: n for r, n in report["degenerate_found"].items() if settings.degenerate[r] == "flag" and n}
+    flagged = {
+        r: n
+        for r, n in report["degenerate_found"].items()
+        if settings.degenerate[r] == "flag" and n
+    }
     if flagged:
         print("flagged, kept: " + ", ".join(f"{r} {n:,}" for r, n in flagged.items()))
-    sizes = ", ".join(f"{size}: {count:,}" for size, count in report["cluster_size_histogram"].items())
+    sizes = ", ".join(
+        f"{size}: {count:,}" for size, count in report["cluster_size_histogram"].items()
+    )
     print(f"clusters by size: {sizes}")
     if args.report:
         write_report(report, args.report)
@@ -143,19 +194,26 @@ def run_leakage(args) -> int:
     report = configs.leakage_report(pairs)
     for kind in ("exact", "near"):
         found = report[kind]
-        print(f"{kind}: {found['test_rows']:,} of {report['rows']['test']:,} test rows share a prompt "
-              f"cluster with train")
+        print(
+            f"{kind}: {found['test_rows']:,} of {report['rows']['test']:,} test rows share a prompt "
+            f"cluster with train"
+        )
         for subset, count in found["within_subset"].items():
             print(f"  within {subset}: {count:,}")
         for direction, count in found["across_subsets"].items():
             print(f"  across {direction}: {count:,}")
     if args.resplit_seed is not None:
         pairs = configs.resplit(pairs, seed=args.resplit_seed, test_fraction=args.test_fraction)
-        report["resplit"] = {"seed": args.resplit_seed, "test_fraction": args.test_fraction,
-                             "sizes": configs.split_sizes(pairs)}
+        report["resplit"] = {
+            "seed": args.resplit_seed,
+            "test_fraction": args.test_fraction,
+            "sizes": configs.split_sizes(pairs),
+        }
         for subset, size in report["resplit"]["sizes"].items():
-            print(f"re-split {subset}: train {size['train']:,}, test {size['test']:,} "
-                  f"({size['test_fraction']:.2%})")
+            print(
+                f"re-split {subset}: train {size['train']:,}, test {size['test']:,} "
+                f"({size['test_fraction']:.2%})"
+            )
         if args.out:
             pq.write_table(pairs, args.out)
             print(f"wrote {pairs.num_rows:,} re-split rows to {args.out}")
@@ -175,8 +233,10 @@ def run_redteam(args) -> int:
     for row in result.quarantine.to_pylist()[:3]:
         print(f"quarantined {row['file']}: {row['reason']}: {row['message']}")
     if result.quarantine.num_rows:
-        print(f"{result.records:,} records: {table.num_rows:,} read, "
-              f"{result.quarantine.num_rows:,} quarantined")
+        print(
+            f"{result.records:,} records: {table.num_rows:,} read, "
+            f"{result.quarantine.num_rows:,} quarantined"
+        )
     if args.out:
         pq.write_table(table, args.out)
         print(f"wrote {table.num_rows:,} red-team rows to {args.out}")

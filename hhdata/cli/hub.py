@@ -21,46 +21,78 @@ def register(subparsers) -> None:
         "tag is refused unless --backport. Safe to re-run after a failure. The token comes from "
         "--token, HF_TOKEN or `hf auth login`, and is never printed.",
     )
-    publish.add_argument("release_dir", metavar="DIR", help="the folder of one version, built by `hhdata build`")
+    publish.add_argument(
+        "release_dir", metavar="DIR", help="the folder of one version, built by `hhdata build`"
+    )
     publish.add_argument("--repo", required=True, metavar="ORG/NAME", help="the Hub dataset repo")
-    publish.add_argument("--dry-run", action="store_true", help="list what would be uploaded; send nothing")
-    publish.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else huggingface.co)")
-    publish.add_argument("--token", default=None,
-                         help="write token (default: HF_TOKEN, else the Hub login; prefer those, a token "
-                         "on the command line shows in process lists)")
-    publish.add_argument("--retries", type=int, default=4,
-                         help="retries of transient failures, LFS uploads included (default: 4)")
-    publish.add_argument("--backport", action="store_true",
-                         help="publish a version below the latest one: tag it on a side branch, leave main alone")
+    publish.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded; send nothing"
+    )
+    publish.add_argument(
+        "--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else huggingface.co)"
+    )
+    publish.add_argument(
+        "--token",
+        default=None,
+        help="write token (default: HF_TOKEN, else the Hub login; prefer those, a token "
+        "on the command line shows in process lists)",
+    )
+    publish.add_argument(
+        "--retries",
+        type=int,
+        default=4,
+        help="retries of transient failures, LFS uploads included (default: 4)",
+    )
+    publish.add_argument(
+        "--backport",
+        action="store_true",
+        help="publish a version below the latest one: tag it on a side branch, leave main alone",
+    )
     publish.set_defaults(func=run_publish)
 
     versions = subparsers.add_parser(
-        "versions", help="list the published versions of a Hub dataset repo",
+        "versions",
+        help="list the published versions of a Hub dataset repo",
         description="List the release tags vX.Y.Z of a Hub dataset repo with their commit and date.",
     )
     versions.add_argument("repo", metavar="ORG/NAME", help="the Hub dataset repo")
-    versions.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else huggingface.co)")
-    versions.add_argument("--token", default=None, help="token for a private repo (default: HF_TOKEN or login)")
+    versions.add_argument(
+        "--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else huggingface.co)"
+    )
+    versions.add_argument(
+        "--token", default=None, help="token for a private repo (default: HF_TOKEN or login)"
+    )
     versions.set_defaults(func=run_versions)
 
 
 def run_publish(args: argparse.Namespace) -> int:
     try:
-        result = hub.publish(args.release_dir, args.repo, token=args.token, endpoint=args.endpoint,
-                             dry_run=args.dry_run, retries=args.retries, backport=args.backport)
+        result = hub.publish(
+            args.release_dir,
+            args.repo,
+            token=args.token,
+            endpoint=args.endpoint,
+            dry_run=args.dry_run,
+            retries=args.retries,
+            backport=args.backport,
+        )
     except IntegrityError as error:
         print(f"hhdata publish: {error}", file=sys.stderr)
         return 1
     if result.dry_run:
-        print(f"dry run: would publish {result.repo_id} {result.tag}: {len(result.files)} files, {result.bytes} bytes")
+        print(
+            f"dry run: would publish {result.repo_id} {result.tag}: {len(result.files)} files, {result.bytes} bytes"
+        )
         for path, size in result.files:
             print(f"  {size:>12}  {path}")
         return 0
     how = "tagged the commit a previous run left" if result.reused_commit else "committed"
     if args.backport:
         how += " (back-port: main unchanged)"
-    print(f"published {result.repo_id} {result.tag}: {how} {result.commit} "
-          f"({len(result.files)} files, {result.bytes} bytes; {result.uploaded_bytes} bytes new to the branch)")
+    print(
+        f"published {result.repo_id} {result.tag}: {how} {result.commit} "
+        f"({len(result.files)} files, {result.bytes} bytes; {result.uploaded_bytes} bytes new to the branch)"
+    )
     for path in result.deleted:
         print(f"  removed {path}")
     return 0

@@ -17,25 +17,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUT/VERSION/ with Parquet per subset and split, README.md (dataset card), "
         "manifest.json, CHANGELOG.md and croissant.json.",
     )
-    build.add_argument("sources", nargs="+", metavar="SOURCE",
-                       help="a folder in the upstream layout <subset>/<split>.jsonl[.gz], files, globs, "
-                       "or hf://ORG/NAME[@REVISION] for the upstream layout on the Hub")
+    build.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a folder in the upstream layout <subset>/<split>.jsonl[.gz], files, globs, "
+        "or hf://ORG/NAME[@REVISION] for the upstream layout on the Hub",
+    )
     build.add_argument("--version", required=True, metavar="X.Y.Z", help="the release's version")
-    build.add_argument("--out", required=True, metavar="DIR", help="releases folder; writes DIR/X.Y.Z/")
-    build.add_argument("--name", default="hh-rlhf", metavar="ORG/NAME",
-                       help="the release's name, best the Hub repo it will be published to: the "
-                       "card's usage code and croissant.json's url then point at it")
-    build.add_argument("--previous", metavar="DIR",
-                       help="the previous release's folder: the change is diffed against it and "
-                       "a version number that contradicts the change is refused")
-    build.add_argument("--allow-version-mismatch", action="store_true",
-                       help="release under --version even if it contradicts the change")
-    build.add_argument("--include-synthetic", action="append", default=[], metavar="SUBSET",
-                       help="let this synthetic subset (synth-*) into the release; repeat per subset")
-    build.add_argument("--quarantine", metavar="FILE",
-                       help="write the records that could not be read or split, as JSON Lines")
-    build.add_argument("--drops", metavar="FILE",
-                       help="write the drop log (id, reason, kept_id, ...) of deduplication, as JSON Lines")
+    build.add_argument(
+        "--out", required=True, metavar="DIR", help="releases folder; writes DIR/X.Y.Z/"
+    )
+    build.add_argument(
+        "--name",
+        default="hh-rlhf",
+        metavar="ORG/NAME",
+        help="the release's name, best the Hub repo it will be published to: the "
+        "card's usage code and croissant.json's url then point at it",
+    )
+    build.add_argument(
+        "--previous",
+        metavar="DIR",
+        help="the previous release's folder: the change is diffed against it and "
+        "a version number that contradicts the change is refused",
+    )
+    build.add_argument(
+        "--allow-version-mismatch",
+        action="store_true",
+        help="release under --version even if it contradicts the change",
+    )
+    build.add_argument(
+        "--include-synthetic",
+        action="append",
+        default=[],
+        metavar="SUBSET",
+        help="let this synthetic subset (synth-*) into the release; repeat per subset",
+    )
+    build.add_argument(
+        "--quarantine",
+        metavar="FILE",
+        help="write the records that could not be read or split, as JSON Lines",
+    )
+    build.add_argument(
+        "--drops",
+        metavar="FILE",
+        help="write the drop log (id, reason, kept_id, ...) of deduplication, as JSON Lines",
+    )
     build.set_defaults(func=run_build)
 
     compare = subparsers.add_parser(
@@ -60,21 +87,30 @@ def run_build(args: argparse.Namespace) -> int:
 
     pipeline.check_targets(args.out, args.version, args.previous)  # fail before the work
     with memory.large_run():  # the allocator settings of the whole build, entered once here
-        result = pipeline.run_pipeline(args.sources, include_synthetic=args.include_synthetic,
-                                       progress=None)
+        result = pipeline.run_pipeline(
+            args.sources, include_synthetic=args.include_synthetic, progress=None
+        )
         if args.quarantine:
-            print(f"wrote {write_jsonl(result.quarantine, args.quarantine)} quarantined records "
-                  f"to {args.quarantine}")
+            print(
+                f"wrote {write_jsonl(result.quarantine, args.quarantine)} quarantined records "
+                f"to {args.quarantine}"
+            )
         if args.drops:
-            print(f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}")
+            print(
+                f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}"
+            )
         empty = pipeline.nothing_kept(result)
         if empty:  # the data has the problem, not the command: exit 1, as validate does
             print(f"hhdata build: error: {empty}", file=sys.stderr)
             return 1
-        built = pipeline.release_from(result, version=args.version, out=args.out,
-                                      previous=args.previous,
-                                      allow_version_mismatch=args.allow_version_mismatch,
-                                      name=args.name)
+        built = pipeline.release_from(
+            result,
+            version=args.version,
+            out=args.out,
+            previous=args.previous,
+            allow_version_mismatch=args.allow_version_mismatch,
+            name=args.name,
+        )
     _print_built(built)
     return 0
 
@@ -87,8 +123,7 @@ def _print_built(built) -> None:
         splits = "  ".join(f"{split} {s['rows']}" for split, s in view["splits"].items())
         print(f"  {name:<28} {splits}")
     accounting = manifest["accounting"]
-    left = "  ".join(f"{fate} {sum(accounting[fate].values())}"
-                     for fate in FATES)
+    left = "  ".join(f"{fate} {sum(accounting[fate].values())}" for fate in FATES)
     print(f"read {accounting['read']}  kept {accounting['kept']}  {left}")
     if built.diff is not None:
         print(built.diff.summary())
@@ -102,8 +137,11 @@ def run_diff(args: argparse.Namespace) -> int:
     print(change.summary())
     if args.ids:
         everything = change.configs.get("all", diff.ConfigDiff())
-        for label, ids in (("added", everything.added), ("removed", everything.removed),
-                           ("edited", everything.edited)):
+        for label, ids in (
+            ("added", everything.added),
+            ("removed", everything.removed),
+            ("edited", everything.edited),
+        ):
             for pair_id in ids:
                 print(f"{label}\t{pair_id}")
     return 0

@@ -66,13 +66,14 @@ def select_config(table: pa.Table, name: str) -> pa.Table:
         return table.filter(pc.equal(table["family"], name))
     if name in subsets:
         return table.filter(pc.equal(table["subset"], name))
-    raise ConfigError(
-        f"no config {name!r} in this table; its configs are {config_names(subsets)}"
-    )
+    raise ConfigError(f"no config {name!r} in this table; its configs are {config_names(subsets)}")
 
 
-def prompt_clusters(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupSettings(),
-                    sketch: minhash.Sketch | None = None):
+def prompt_clusters(
+    table: pa.Table,
+    settings: dedup.DedupSettings = dedup.DedupSettings(),
+    sketch: minhash.Sketch | None = None,
+):
     """Near-duplicate clusters of prompts: per row, the index of its cluster's first row.
 
     Prompts equal after normalisation are in one cluster; prompts whose word-shingle Jaccard
@@ -87,7 +88,9 @@ def prompt_clusters(table: pa.Table, settings: dedup.DedupSettings = dedup.Dedup
     np.minimum.at(first_row, unique_of_row, np.arange(table.num_rows))
     pairs, _ = minhash.similar_in_sketch(
         _unique_prompt_sketch(exact.dictionary, texts, first_row, settings, sketch),
-        bands=settings.bands, rows=settings.rows, threshold=settings.threshold,
+        bands=settings.bands,
+        rows=settings.rows,
+        threshold=settings.threshold,
         verify=settings.verify,
     )
     unique_cluster = minhash.connected_components(len(exact.dictionary), pairs)
@@ -98,13 +101,19 @@ def prompt_clusters(table: pa.Table, settings: dedup.DedupSettings = dedup.Dedup
     return first_row[cluster_of_row], unique_of_row
 
 
-def _unique_prompt_sketch(unique_texts: pa.Array, texts: pa.Array, first_row: np.ndarray,
-                          settings: dedup.DedupSettings, sketch: minhash.Sketch | None):
+def _unique_prompt_sketch(
+    unique_texts: pa.Array,
+    texts: pa.Array,
+    first_row: np.ndarray,
+    settings: dedup.DedupSettings,
+    sketch: minhash.Sketch | None,
+):
     """The sketch of each normalised prompt, taken from its first row's when one is given.
 
     Shingling lower-cases and splits on whitespace, so normalising changes a prompt's
     shingles only through NFC: prompts NFC could change are shingled again, normalised.
     """
+
     def made_here(chosen: pa.Array) -> minhash.Sketch:
         shingles = minhash.word_shingles(chosen, settings.shingle_size)
         return minhash.Sketch(shingles, dedup.signatures_of(shingles, settings))
@@ -112,8 +121,10 @@ def _unique_prompt_sketch(unique_texts: pa.Array, texts: pa.Array, first_row: np
     if sketch is None:
         return made_here(unique_texts)
     if len(sketch) != len(texts):
-        raise ConfigError(f"the prompt sketch covers {len(sketch)} rows but the table has "
-                          f"{len(texts)}; pass the prompt_sketch of the DedupResult these rows came from")
+        raise ConfigError(
+            f"the prompt sketch covers {len(sketch)} rows but the table has "
+            f"{len(texts)}; pass the prompt_sketch of the DedupResult these rows came from"
+        )
     unique = sketch.take(first_row)
     if not settings.unicode_nfc:
         return unique
@@ -126,8 +137,10 @@ def _unique_prompt_sketch(unique_texts: pa.Array, texts: pa.Array, first_row: np
     place[redo] = len(first_row) + np.arange(len(redo))
     kept = unique.shingles_of(np.arange(len(unique)))
     merged = minhash.Sketch(
-        minhash.Shingles(np.concatenate([kept.hashes, again.shingles.hashes]),
-                         np.concatenate([kept.offsets, kept.offsets[-1] + again.shingles.offsets[1:]])),
+        minhash.Shingles(
+            np.concatenate([kept.hashes, again.shingles.hashes]),
+            np.concatenate([kept.offsets, kept.offsets[-1] + again.shingles.offsets[1:]]),
+        ),
         np.concatenate([unique.signatures, again.signatures]),
     )
     return merged.take(place)
@@ -153,21 +166,33 @@ def _leaks(table: pa.Table, groups: np.ndarray) -> dict:
     within = np.isin(groups[rows] * len(names) + subset[rows], train)
     # every (train subset, test subset) of a leaking row, the test row's own subset left out
     counts = last - first
-    partner = train_subset[np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)]
+    partner = train_subset[
+        np.repeat(first, counts)
+        + np.arange(counts.sum())
+        - np.repeat(np.cumsum(counts) - counts, counts)
+    ]
     mine = np.repeat(subset[rows], counts)
     other = partner != mine
     across = Counter(zip(partner[other].tolist(), mine[other].tolist()))
     return {
         "test_rows": len(rows),
         "groups_on_both_sides": len(np.unique(groups[rows])),
-        "within_subset": dict(sorted(Counter(names[i] for i in subset[rows][within].tolist()).items())),
-        "across_subsets": dict(sorted((f"{names[a]} (train) -> {names[b]} (test)", n) for (a, b), n in across.items())),
+        "within_subset": dict(
+            sorted(Counter(names[i] for i in subset[rows][within].tolist()).items())
+        ),
+        "across_subsets": dict(
+            sorted((f"{names[a]} (train) -> {names[b]} (test)", n) for (a, b), n in across.items())
+        ),
         "_rows": rows.tolist(),
     }
 
 
-def leakage_report(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupSettings(),
-                   examples: int = 3, sketch: minhash.Sketch | None = None) -> dict:
+def leakage_report(
+    table: pa.Table,
+    settings: dedup.DedupSettings = dedup.DedupSettings(),
+    examples: int = 3,
+    sketch: minhash.Sketch | None = None,
+) -> dict:
     """Prompts in both train and test, exact and near, per subset and across subsets.
 
     ``exact`` counts test rows whose normalised prompt equals a train row's prompt; ``near``
@@ -180,20 +205,37 @@ def leakage_report(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupS
     exact, near = _leaks(table, exact_groups), _leaks(table, clusters)
     split = pc.value_counts(degenerate.one_array(table["split"])).to_pylist()
     split = {count["values"]: count["counts"] for count in split}
-    is_train = pc.equal(degenerate.one_array(table["split"]), "train").to_numpy(zero_copy_only=False)
+    is_train = pc.equal(degenerate.one_array(table["split"]), "train").to_numpy(
+        zero_copy_only=False
+    )
     side_by_side = []
     exact_rows = set(exact["_rows"])
     for row in [r for r in near["_rows"] if r not in exact_rows][:examples]:
         partner = int(np.flatnonzero((clusters == clusters[row]) & is_train)[0])
         shown = table.take([row, partner])
         ids, prompts = shown["id"].to_pylist(), dedup.near_texts(shown, "prompt").to_pylist()
-        side_by_side.append({"test": {"id": ids[0], "prompt": prompts[0][:300]},
-                             "train": {"id": ids[1], "prompt": prompts[1][:300]}})
+        side_by_side.append(
+            {
+                "test": {"id": ids[0], "prompt": prompts[0][:300]},
+                "train": {"id": ids[1], "prompt": prompts[1][:300]},
+            }
+        )
     for part in (exact, near):
         del part["_rows"]
     return {
-        "settings": {key: settings.to_json()[key] for key in
-                     ("shingle_size", "sketch", "num_perm", "bands", "rows", "threshold", "verify", "seed")},
+        "settings": {
+            key: settings.to_json()[key]
+            for key in (
+                "shingle_size",
+                "sketch",
+                "num_perm",
+                "bands",
+                "rows",
+                "threshold",
+                "verify",
+                "seed",
+            )
+        },
         "rows": {"train": split.get("train", 0), "test": split.get("test", 0)},
         "exact": exact,
         "near": near,
@@ -201,8 +243,13 @@ def leakage_report(table: pa.Table, settings: dedup.DedupSettings = dedup.DedupS
     }
 
 
-def resplit(table: pa.Table, *, seed: int, test_fraction: float,
-            settings: dedup.DedupSettings = dedup.DedupSettings()) -> pa.Table:
+def resplit(
+    table: pa.Table,
+    *,
+    seed: int,
+    test_fraction: float,
+    settings: dedup.DedupSettings = dedup.DedupSettings(),
+) -> pa.Table:
     """Assign train/test again so that every prompt cluster lies on one side.
 
     Clusters are visited in a seeded random order; a cluster goes to test while the test
@@ -241,6 +288,9 @@ def split_sizes(table: pa.Table) -> dict:
     sizes = {}
     for subset in sorted({s for s, _ in counts}):
         train, test = counts[(subset, "train")], counts[(subset, "test")]
-        sizes[subset] = {"train": train, "test": test,
-                         "test_fraction": round(test / (train + test), 4)}
+        sizes[subset] = {
+            "train": train,
+            "test": test,
+            "test_fraction": round(test / (train + test), 4),
+        }
     return sizes

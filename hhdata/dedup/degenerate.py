@@ -47,7 +47,9 @@ def check_policy(policy: dict[str, str]) -> None:
     """Raise ValueError naming the bad entry unless every reason maps to 'drop' or 'flag'."""
     for reason, action in policy.items():
         if reason not in REASONS:
-            raise ValueError(f"unknown degenerate reason {reason!r}; the reasons are {list(REASONS)}")
+            raise ValueError(
+                f"unknown degenerate reason {reason!r}; the reasons are {list(REASONS)}"
+            )
         if action not in (DROP, FLAG):
             raise ValueError(
                 f"the policy for {reason!r} is {action!r}; it must be 'drop' or 'flag'"
@@ -113,14 +115,26 @@ def _rows_with_code_points(texts: pa.Array, code_points: np.ndarray) -> np.ndarr
     """Which texts hold any of the sorted code points (all >= U+0300), from the UTF-8 bytes."""
     texts = texts.cast(pa.large_string())
     _, offsets_buffer, data_buffer = texts.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
+        texts.offset : texts.offset + len(texts) + 1
+    ]
+    data = (
+        np.frombuffer(data_buffer, dtype=np.uint8)
+        if data_buffer is not None
+        else np.zeros(0, np.uint8)
+    )
     # lead bytes from 0xCC on start the code points from U+0300 on (continuations are < 0xC0)
     lead = np.flatnonzero(data >= 0xCC)
     b0, b1, b2, b3 = (data[np.minimum(lead + i, len(data) - 1)].astype(np.int64) for i in range(4))
-    code = np.where(b0 < 0xE0, ((b0 & 0x1F) << 6) | (b1 & 0x3F),
-                    np.where(b0 < 0xF0, ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F),
-                             ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F)))
+    code = np.where(
+        b0 < 0xE0,
+        ((b0 & 0x1F) << 6) | (b1 & 0x3F),
+        np.where(
+            b0 < 0xF0,
+            ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F),
+            ((b0 & 0x07) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6) | (b3 & 0x3F),
+        ),
+    )
     position = np.searchsorted(code_points, code)
     hit = code_points[np.minimum(position, len(code_points) - 1)] == code
     rows = np.searchsorted(offsets, lead[hit], side="right") - 1
@@ -142,8 +156,9 @@ def _fix_rows(texts: pa.Array, mask: np.ndarray, fix) -> pa.Array:
     return pc.replace_with_mask(texts, selected, fix(texts.filter(selected)))
 
 
-def normalize(texts: pa.Array, *, nfc: bool = True, lowercase: bool = True,
-              whitespace: bool = True) -> pa.Array:
+def normalize(
+    texts: pa.Array, *, nfc: bool = True, lowercase: bool = True, whitespace: bool = True
+) -> pa.Array:
     """Texts in a comparable form: Unicode NFC, lower case, whitespace runs as one space, trimmed.
 
     Whitespace is space, tab, newline, carriage return, vertical tab, form feed and the
@@ -160,8 +175,11 @@ def normalize(texts: pa.Array, *, nfc: bool = True, lowercase: bool = True,
     if whitespace:
         texts = pc.utf8_trim(texts, _SPACES)
         messy = pc.fill_null(pc.match_substring_regex(texts, _MESSY_WS), False)
-        texts = _fix_rows(texts, messy.to_numpy(zero_copy_only=False),
-                          lambda t: pc.replace_substring_regex(t, f"{_WS}+", " "))
+        texts = _fix_rows(
+            texts,
+            messy.to_numpy(zero_copy_only=False),
+            lambda t: pc.replace_substring_regex(t, f"{_WS}+", " "),
+        )
     return texts
 
 
@@ -203,6 +221,7 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
     >>> {reason: mask.tolist() for reason, mask in find_degenerate(table).items()}
     {'identical_replies': [True], 'empty_reply': [False], 'prompt_disagrees': [False], 'non_alternating': [False]}
     """
+
     def column(name: str) -> pa.Array:
         return one_array(pairs[name])
 
@@ -218,8 +237,10 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
         differs = ~pc.fill_null(spaced, False).to_numpy(zero_copy_only=False)
         if differs.any():  # only those rows can be the unspaced form
             rows = pa.array(np.flatnonzero(differs))
-            unspaced = pc.equal(text.take(rows), pc.binary_join_element_wise(
-                prompts.take(rows), reply.take(rows), ""))
+            unspaced = pc.equal(
+                text.take(rows),
+                pc.binary_join_element_wise(prompts.take(rows), reply.take(rows), ""),
+            )
             differs[differs] = ~pc.fill_null(unspaced, False).to_numpy(zero_copy_only=False)
         disagrees |= differs
     return {

@@ -68,8 +68,10 @@ class Shingles:
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts)
-        return Shingles(hashes=self.hashes[np.repeat(self.offsets[:-1][texts], counts) + within],
-                        offsets=offsets)
+        return Shingles(
+            hashes=self.hashes[np.repeat(self.offsets[:-1][texts], counts) + within],
+            offsets=offsets,
+        )
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,13 @@ class Sketch:
         """The sketch of the given texts, in that order. Only the signatures are copied;
         the shingles stay where they are, reached through ``rows``."""
         texts = np.asarray(texts, dtype=np.int64)
-        return Sketch(self.shingles, self.signatures[texts], self.prefix, self.prefix_rows,
-                      texts if self.rows is None else self.rows[texts])
+        return Sketch(
+            self.shingles,
+            self.signatures[texts],
+            self.prefix,
+            self.prefix_rows,
+            texts if self.rows is None else self.rows[texts],
+        )
 
     def shingles_of(self, texts: np.ndarray) -> Shingles:
         """All shingles of the given texts, in that order."""
@@ -111,8 +118,9 @@ class Sketch:
             return own
         prefix = self.prefix.take(texts)
         used = np.where(self.prefix_rows[texts], prefix.counts(), 0)
-        hashes, offsets = concat_tokens([last_tokens(prefix.hashes, prefix.offsets, used),
-                                         (own.hashes, own.offsets)])
+        hashes, offsets = concat_tokens(
+            [last_tokens(prefix.hashes, prefix.offsets, used), (own.hashes, own.offsets)]
+        )
         return Shingles(hashes, offsets)
 
 
@@ -165,7 +173,9 @@ def _may_end_in_whitespace(strings: pa.Array) -> bool:
     if data_buffer is None or len(strings) == 0:
         return False
     width = np.int64 if pa.types.is_large_string(strings.type) else np.int32
-    offsets = np.frombuffer(offsets_buffer, dtype=width)[strings.offset : strings.offset + len(strings) + 1]
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[
+        strings.offset : strings.offset + len(strings) + 1
+    ]
     if offsets[-1] == offsets[0]:
         return False
     last = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[-1] - 1]
@@ -179,7 +189,9 @@ def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
     Joining texts with a space concatenates their token lists, which is what lets a pair
     and its prompt share one tokenisation (hhdata.dedup).
     """
-    array = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
+    array = (
+        texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
+    )
     if isinstance(array, pa.ChunkedArray):
         array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
     # lower-casing never makes or removes whitespace, so only the vocabulary is lowered
@@ -196,7 +208,9 @@ def word_tokens(texts) -> tuple[np.ndarray, np.ndarray]:
     if len(empty):
         # few words are empty: an offset moves back by the empty words before it
         dropped = np.flatnonzero(codes == empty[0])
-        return vocabulary[np.delete(codes, dropped)], word_offsets - np.searchsorted(dropped, word_offsets)
+        return vocabulary[np.delete(codes, dropped)], word_offsets - np.searchsorted(
+            dropped, word_offsets
+        )
     return vocabulary[codes], word_offsets - word_offsets[0]
 
 
@@ -215,7 +229,9 @@ def concat_tokens(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
     return out, out_offsets
 
 
-def last_tokens(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def last_tokens(
+    tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Each text's last ``keep[d]`` tokens (at most all of them)."""
     keep = np.minimum(keep, np.diff(offsets))
     out_offsets = np.zeros(len(keep) + 1, dtype=np.int64)
@@ -477,7 +493,9 @@ def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
         lengths = counts[docs]
         pair_index = np.repeat(np.arange(len(pairs)), lengths)
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        side = _distinct(pair_index, shingles.hashes[np.repeat(shingles.offsets[docs], lengths) + within])
+        side = _distinct(
+            pair_index, shingles.hashes[np.repeat(shingles.offsets[docs], lengths) + within]
+        )
         sides.append(side)
         sizes.append(np.bincount(side[0], minlength=len(pairs)))
     pair_index = np.concatenate([sides[0][0], sides[1][0]])
@@ -517,12 +535,18 @@ def similar_pairs(
     if verify not in ("exact", "estimate"):
         raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
     shingles = word_shingles(texts, shingle_size)
-    return similar_in_sketch(Sketch(shingles, signatures(shingles, num_perm, seed)),
-                             bands=bands, rows=rows, threshold=threshold, verify=verify)
+    return similar_in_sketch(
+        Sketch(shingles, signatures(shingles, num_perm, seed)),
+        bands=bands,
+        rows=rows,
+        threshold=threshold,
+        verify=verify,
+    )
 
 
-def similar_in_sketch(sketch: Sketch, *, bands: int = 16, rows: int = 8, threshold: float = 0.7,
-                      verify: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+def similar_in_sketch(
+    sketch: Sketch, *, bands: int = 16, rows: int = 8, threshold: float = 0.7, verify: str = "exact"
+) -> tuple[np.ndarray, np.ndarray]:
     """similar_pairs on texts already shingled and signed (LSH, then verification)."""
     if verify not in ("exact", "estimate"):
         raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")

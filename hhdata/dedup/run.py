@@ -167,8 +167,12 @@ def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
     >>> normalized(pa.array(["  Hello\\n\\nWORLD "]), DedupSettings()).to_pylist()
     ['hello world']
     """
-    return degenerate.normalize(texts, nfc=settings.unicode_nfc, lowercase=settings.lowercase,
-                                whitespace=settings.collapse_whitespace)
+    return degenerate.normalize(
+        texts,
+        nfc=settings.unicode_nfc,
+        lowercase=settings.lowercase,
+        whitespace=settings.collapse_whitespace,
+    )
 
 
 def survivor_order(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
@@ -214,7 +218,9 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
     prompt = degenerate.one_array(pairs["prompt"])
     turns = prompt.values
     texts = [pc.struct_field(turns, "content")] + [
-        degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n") for side in ("chosen", "rejected")]
+        degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n")
+        for side in ("chosen", "rejected")
+    ]
     # the turn contents and the two replies normalised in parallel threads (Arrow's string
     # kernels release the GIL)
     with ThreadPoolExecutor(max_workers=max(1, min(workers or 3, os.cpu_count() or 1))) as pool:
@@ -226,14 +232,21 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
     is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
     turn_codes = turn_codes * 2 + is_user
     offsets = prompt.offsets.to_numpy().astype(np.int64)
-    prompt_hashes = [_sequence_hashes(turn_codes, offsets, multiplier).view(np.int64)
-                     for multiplier in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)]
-    first, second = codes[: pairs.num_rows].astype(np.int64), codes[pairs.num_rows :].astype(np.int64)
+    prompt_hashes = [
+        _sequence_hashes(turn_codes, offsets, multiplier).view(np.int64)
+        for multiplier in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+    ]
+    first, second = (
+        codes[: pairs.num_rows].astype(np.int64),
+        codes[pairs.num_rows :].astype(np.int64),
+    )
     if not settings.reply_order_matters:
         first, second = np.minimum(first, second), np.maximum(first, second)
     if pairs.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
-    _, label = np.unique(np.stack([*prompt_hashes, first, second], axis=1), axis=0, return_inverse=True)
+    _, label = np.unique(
+        np.stack([*prompt_hashes, first, second], axis=1), axis=0, return_inverse=True
+    )
     return label.ravel().astype(np.int64)
 
 
@@ -242,8 +255,10 @@ def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
     then (scope 'pair') both final replies."""
     parts = [degenerate.joined_contents(degenerate.one_array(pairs["prompt"]), " ")]
     if scope == "pair":
-        parts += [degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")
-                  for side in ("chosen", "rejected")]
+        parts += [
+            degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")
+            for side in ("chosen", "rejected")
+        ]
     return pc.binary_join_element_wise(*parts, " ") if len(parts) > 1 else parts[0]
 
 
@@ -260,8 +275,11 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
     # the three sides in parallel threads: Arrow's kernels and numpy release the GIL
     with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
         prompt_tokens, *replies = pool.map(
-            lambda side: minhash.word_tokens(degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")),
-            ("prompt", "chosen", "rejected"))
+            lambda side: minhash.word_tokens(
+                degenerate.joined_contents(degenerate.one_array(pairs[side]), " ")
+            ),
+            ("prompt", "chosen", "rejected"),
+        )
 
         def prompt_part():
             shingles = minhash.token_shingles(*prompt_tokens, k)
@@ -275,7 +293,8 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
             whole = prompt_words >= k
             carried = np.where(whole, np.where(reply_words > 0, k - 1, 0), prompt_words)
             rest = minhash.token_shingles(
-                *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k)
+                *minhash.concat_tokens([minhash.last_tokens(*prompt_tokens, carried), *replies]), k
+            )
             return rest, whole, _raw_signatures(rest, settings)
 
         # the prompt's signatures and the rest's shingles and signatures, side by side
@@ -286,7 +305,9 @@ def sketches(pairs: pa.Table, settings: DedupSettings) -> tuple[minhash.Sketch, 
             return prompt, prompt
         rest, whole, signatures = rest_future.result()
     signatures[whole] = np.minimum(signatures[whole], prompt_raw[whole])
-    return minhash.Sketch(rest, _finished(signatures, settings), prefix=prompt_shingles, prefix_rows=whole), prompt
+    return minhash.Sketch(
+        rest, _finished(signatures, settings), prefix=prompt_shingles, prefix_rows=whole
+    ), prompt
 
 
 def signatures_of(shingles: minhash.Shingles, settings: DedupSettings) -> np.ndarray:
@@ -337,8 +358,11 @@ def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity
     order = np.arange(len(rows))
     prompt_sketch = prompts_of_all.take(rows)
     unique_pairs, similarity = minhash.similar_in_sketch(
-        of_all.take(rows[first_row]), bands=settings.bands, rows=settings.rows,
-        threshold=settings.threshold, verify=settings.verify,
+        of_all.take(rows[first_row]),
+        bands=settings.bands,
+        rows=settings.rows,
+        threshold=settings.threshold,
+        verify=settings.verify,
     )
     if settings.same_turn_count and len(unique_pairs):
         turns_of_unique = turns[rows[first_row]]
@@ -391,7 +415,9 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
         )
     # one array per column, made once: every stage below reads whole columns
     pairs = pairs.select(PAIR_SCHEMA.names)
-    pairs = pa.table([degenerate.one_array(column) for column in pairs.columns], schema=pairs.schema)
+    pairs = pa.table(
+        [degenerate.one_array(column) for column in pairs.columns], schema=pairs.schema
+    )
     ids = pairs["id"].to_numpy(zero_copy_only=False)
     n = pairs.num_rows
 
@@ -413,7 +439,9 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
 _EXACT_WORKERS_BESIDE_SKETCHES = 1
 
 
-def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching, checking) -> DedupResult:
+def _deduplicate(
+    pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching, checking
+) -> DedupResult:
     """deduplicate on one array per column; ``sketching`` and ``checking``: the futures of
     _near_inputs(pairs) and of degenerate.find_degenerate(pairs), when started."""
     n = pairs.num_rows
@@ -423,13 +451,19 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     similarity = np.full(n, np.nan)
     cluster = np.arange(n)
 
-    keys = exact_keys(pairs, settings, workers=_EXACT_WORKERS_BESIDE_SKETCHES if sketching else None)
+    keys = exact_keys(
+        pairs, settings, workers=_EXACT_WORKERS_BESIDE_SKETCHES if sketching else None
+    )
 
     # 1. degenerate pairs
     if checking is not None:
         masks = checking.result()
     else:
-        masks = degenerate.find_degenerate(pairs) if n else {r: np.zeros(0, bool) for r in degenerate.REASONS}
+        masks = (
+            degenerate.find_degenerate(pairs)
+            if n
+            else {r: np.zeros(0, bool) for r in degenerate.REASONS}
+        )
     policy = settings.degenerate
     flagged = {}
     for code in degenerate.REASONS:
@@ -458,7 +492,9 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
     if settings.near and len(order):
         # the texts' identity is made here while the second thread finishes the sketches
         identity = _text_identity(pairs, settings)
-        dropped, edges, survivor_sketch = _near_duplicates(order, settings, sketching.result(), identity)
+        dropped, edges, survivor_sketch = _near_duplicates(
+            order, settings, sketching.result(), identity
+        )
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim
@@ -488,7 +524,9 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
         local_of_row = np.full(n, -1, dtype=np.int64)
         local_of_row[order] = np.arange(len(order))
         prompt_sketch = survivor_sketch.take(local_of_row[keep])
-    flags = degenerate.add_flags(degenerate.one_array(pairs["flags"]), {c: m & keep for c, m in flagged.items()})
+    flags = degenerate.add_flags(
+        degenerate.one_array(pairs["flags"]), {c: m & keep for c, m in flagged.items()}
+    )
     kept = pairs.set_column(PAIR_SCHEMA.get_field_index("flags"), "flags", flags)
     kept = kept.filter(pa.array(keep)).append_column(
         "cluster_id", pa.array(ids[cluster][keep].tolist(), pa.string())
@@ -509,14 +547,22 @@ def _deduplicate(pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sket
         schema=DROPS_SCHEMA,
     )
     clustered = keep | np.isin(reason, [EXACT_DUPLICATE, NEAR_DUPLICATE])
-    report = dedup_report(pairs, kept, drops, settings, {c: int(m.sum()) for c, m in masks.items()},
-                          ids[cluster][clustered].tolist())
-    return DedupResult(kept=kept, drops=drops, report=report, settings=settings,
-                       prompt_sketch=prompt_sketch)
+    report = dedup_report(
+        pairs,
+        kept,
+        drops,
+        settings,
+        {c: int(m.sum()) for c, m in masks.items()},
+        ids[cluster][clustered].tolist(),
+    )
+    return DedupResult(
+        kept=kept, drops=drops, report=report, settings=settings, prompt_sketch=prompt_sketch
+    )
 
 
-def dedup_report(pairs, kept, drops, settings, degenerate_found, cluster_of_rows,
-                 examples: int = 3) -> dict:
+def dedup_report(
+    pairs, kept, drops, settings, degenerate_found, cluster_of_rows, examples: int = 3
+) -> dict:
     """Counts per reason, cluster sizes and side-by-side examples of each kind of drop.
 
     ``cluster_of_rows`` holds the cluster id of every row that is kept or dropped as a
@@ -530,7 +576,9 @@ def dedup_report(pairs, kept, drops, settings, degenerate_found, cluster_of_rows
     }
     wanted = {row[key] for rows in shown.values() for row in rows for key in ("id", "kept_id")}
     by_id = {}
-    chosen = pairs.filter(pc.is_in(pairs["id"], pa.array(sorted(i for i in wanted if i), pa.string())))
+    chosen = pairs.filter(
+        pc.is_in(pairs["id"], pa.array(sorted(i for i in wanted if i), pa.string()))
+    )
     for row in chosen.select(["id", "subset", "split", "prompt"]).to_pylist():
         by_id.setdefault(row["id"], row)
     side_by_side = {
@@ -559,8 +607,13 @@ def dedup_report(pairs, kept, drops, settings, degenerate_found, cluster_of_rows
 
 def _example(row: dict) -> dict:
     last_user = next((t["content"] for t in reversed(row["prompt"]) if t["role"] == "user"), "")
-    return {"id": row["id"], "subset": row["subset"], "split": row["split"],
-            "turns": len(row["prompt"]), "last_user_turn": last_user[:300]}
+    return {
+        "id": row["id"],
+        "subset": row["subset"],
+        "split": row["split"],
+        "turns": len(row["prompt"]),
+        "last_user_turn": last_user[:300],
+    }
 
 
 def write_report(report: dict, path) -> None:

@@ -52,12 +52,16 @@ def hub_api(token: str | None = None, endpoint: str | None = None) -> HfApi:
     if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in {"1", "TRUE", "YES", "ON"}:
         # huggingface_hub reads this once at import; honour a value set later (tests, demo).
         constants.HF_HUB_DISABLE_XET = True
-    return HfApi(endpoint=endpoint.rstrip("/"), token=token or os.environ.get("HF_TOKEN") or _login_token())
+    return HfApi(
+        endpoint=endpoint.rstrip("/"), token=token or os.environ.get("HF_TOKEN") or _login_token()
+    )
 
 
 def _login_token() -> str | None:
     """The token `hf auth login` stored, from HF_TOKEN_PATH or HF_HOME as they are now."""
-    path = os.environ.get("HF_TOKEN_PATH") or (os.path.join(os.environ["HF_HOME"], "token") if os.environ.get("HF_HOME") else None)
+    path = os.environ.get("HF_TOKEN_PATH") or (
+        os.path.join(os.environ["HF_HOME"], "token") if os.environ.get("HF_HOME") else None
+    )
     if path and os.path.isfile(path):
         return Path(path).read_text().strip() or None
     return get_token()  # huggingface_hub's own lookup (paths fixed at its import)
@@ -69,14 +73,22 @@ def http_status(error: BaseException) -> int | None:
 
 
 def _is_transient(error: BaseException) -> bool:
-    if isinstance(error, (_http.TransportError, ConnectionError, TimeoutError)) or _is_upload_failure(error):
+    if isinstance(
+        error, (_http.TransportError, ConnectionError, TimeoutError)
+    ) or _is_upload_failure(error):
         return True
     status = http_status(error)
-    return isinstance(error, HfHubHTTPError) and status is not None and (status in TRANSIENT_STATUS or status >= 500)
+    return (
+        isinstance(error, HfHubHTTPError)
+        and status is not None
+        and (status in TRANSIENT_STATUS or status >= 500)
+    )
 
 
 _HTTP_FAILURES = (HfHubHTTPError, _http.HTTPError, ConnectionError, TimeoutError)
-_UPLOAD_FAILED = "Error while uploading"  # how huggingface_hub words the RuntimeError around a failed LFS upload
+_UPLOAD_FAILED = (
+    "Error while uploading"  # how huggingface_hub words the RuntimeError around a failed LFS upload
+)
 
 
 def _is_upload_failure(error: BaseException) -> bool:
@@ -116,7 +128,9 @@ def _explain(error: BaseException, repo_id: str, doing: str) -> HubError:
             "write token with --token / token=, set HF_TOKEN, or run `hf auth login`"
         )
     if status == 403:
-        return HubError(f"{repo_id}: the token may not write to this repo while {doing} (403); use a token with write access")
+        return HubError(
+            f"{repo_id}: the token may not write to this repo while {doing} (403); use a token with write access"
+        )
     if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)) or status == 404:
         return HubError(
             f"{repo_id}: not found on the Hub while {doing} (404); check the repo name, the version "
@@ -161,19 +175,36 @@ def quiet_unless_terminal():
 
 
 # -- versions ---------------------------------------------------------------------------
-def list_versions(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> list[Version]:
+def list_versions(
+    repo_id: str, *, token: str | None = None, endpoint: str | None = None
+) -> list[Version]:
     """The releases of a repo (tags ``vX.Y.Z``), oldest version first, with commit and date."""
     api = hub_api(token, endpoint)
-    refs = retrying(lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE), retries=2, backoff=0.5,
-                     repo_id=repo_id, doing="listing tags")
+    refs = retrying(
+        lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE),
+        retries=2,
+        backoff=0.5,
+        repo_id=repo_id,
+        doing="listing tags",
+    )
     versions = []
     for ref in refs.tags:
         match = VERSION_TAG.match(ref.name)
         if not match:
             continue
         commit = ref.target_commit
-        info = retrying(lambda: api.dataset_info(repo_id, revision=commit), retries=2, backoff=0.5,  # noqa: B023 - called at once
-                        repo_id=repo_id, doing=f"reading {ref.name}")
+        info = retrying(
+            lambda commit=commit: api.dataset_info(repo_id, revision=commit),
+            retries=2,
+            backoff=0.5,
+            repo_id=repo_id,
+            doing=f"reading {ref.name}",
+        )
         date = info.last_modified.isoformat() if info.last_modified else None
-        versions.append((tuple(map(int, match.groups())), Version(ref.name[1:], ref.name, ref.target_commit, date)))
+        versions.append(
+            (
+                tuple(map(int, match.groups())),
+                Version(ref.name[1:], ref.name, ref.target_commit, date),
+            )
+        )
     return [version for _, version in sorted(versions)]

@@ -64,23 +64,43 @@ def download_release(
 
     def fetch(patterns):
         return snapshot_download(
-            repo_id, repo_type=REPO_TYPE, revision=tag, allow_patterns=patterns, endpoint=api.endpoint,
-            token=api.token, cache_dir=_cache_dir(cache_dir), force_download=force_download,
+            repo_id,
+            repo_type=REPO_TYPE,
+            revision=tag,
+            allow_patterns=patterns,
+            endpoint=api.endpoint,
+            token=api.token,
+            cache_dir=_cache_dir(cache_dir),
+            force_download=force_download,
         )
 
-    folder = Path(retrying(lambda: fetch([MANIFEST_NAME]), retries=2, backoff=0.5, repo_id=repo_id,
-                            doing=f"downloading {tag}/{MANIFEST_NAME}"))
+    folder = Path(
+        retrying(
+            lambda: fetch([MANIFEST_NAME]),
+            retries=2,
+            backoff=0.5,
+            repo_id=repo_id,
+            doing=f"downloading {tag}/{MANIFEST_NAME}",
+        )
+    )
     manifest = read_manifest(folder)
     wanted = sorted({f for files in config_files(manifest, config).values() for f in files})
-    retrying(lambda: fetch([MANIFEST_NAME, *wanted]), retries=2, backoff=0.5, repo_id=repo_id,
-              doing=f"downloading {tag}")
+    retrying(
+        lambda: fetch([MANIFEST_NAME, *wanted]),
+        retries=2,
+        backoff=0.5,
+        repo_id=repo_id,
+        doing=f"downloading {tag}",
+    )
     return folder
 
 
 def _resolve_tag(repo_id, version, *, token, endpoint) -> str:
     versions = list_versions(repo_id, token=token, endpoint=endpoint)
     if not versions:
-        raise VersionError(f"{repo_id}: no release tags (vX.Y.Z) on the Hub; publish one with `hhdata publish`")
+        raise VersionError(
+            f"{repo_id}: no release tags (vX.Y.Z) on the Hub; publish one with `hhdata publish`"
+        )
     if version is None:
         return versions[-1].tag
     tag = f"v{version.removeprefix('v')}"
@@ -117,12 +137,21 @@ def load_from_hub(
     from hhdata.release.load import load_release
 
     if repo_id == UPSTREAM_REPO:
-        return _load_upstream(repo_id, config, split, version, token=token, endpoint=endpoint, cache_dir=cache_dir)
+        return _load_upstream(
+            repo_id, config, split, version, token=token, endpoint=endpoint, cache_dir=cache_dir
+        )
 
     def fetch(force: bool) -> Path:
         with quiet_unless_terminal():
-            return download_release(repo_id, version, config, token=token, endpoint=endpoint,
-                                    cache_dir=cache_dir, force_download=force)
+            return download_release(
+                repo_id,
+                version,
+                config,
+                token=token,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+                force_download=force,
+            )
 
     folder = fetch(force_download)
     try:
@@ -158,12 +187,18 @@ class UpstreamFiles:
     unverified: list[str]
 
     def files(self, subset: str | None = None) -> list[Path]:
-        return [self.folder / p for p in self.verified + self.unverified if subset is None or p.startswith(f"{subset}/")]
+        return [
+            self.folder / p
+            for p in self.verified + self.unverified
+            if subset is None or p.startswith(f"{subset}/")
+        ]
 
 
 def upstream_checksums() -> dict[str, tuple[int, str] | None]:
     """path -> (bytes, sha256) from UPSTREAM_MANIFEST.md; None where it records no checksum."""
-    text = resources.files("hhdata").joinpath("data/hh-rlhf/UPSTREAM_MANIFEST.md").read_text("utf-8")
+    text = (
+        resources.files("hhdata").joinpath("data/hh-rlhf/UPSTREAM_MANIFEST.md").read_text("utf-8")
+    )
     sums: dict[str, tuple[int, str] | None] = {}
     for line in text.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -192,18 +227,47 @@ def fetch_upstream(
     """
     api = hub_api(token, endpoint)
     # one commit for the listing and the download, even if the branch moves meanwhile
-    commit = retrying(lambda: api.dataset_info(repo_id, revision=revision).sha,
-                       retries=2, backoff=0.5, repo_id=repo_id, doing=f"resolving {revision}")
-    listed = retrying(lambda: api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=commit),
-                       retries=2, backoff=0.5, repo_id=repo_id, doing="listing files")
-    wanted = [p for p in listed if re.fullmatch(r"[^/]+/[^/]+\.jsonl(\.gz)?", p)
-              and (subsets is None or p.split("/")[0] in subsets)]
+    commit = retrying(
+        lambda: api.dataset_info(repo_id, revision=revision).sha,
+        retries=2,
+        backoff=0.5,
+        repo_id=repo_id,
+        doing=f"resolving {revision}",
+    )
+    listed = retrying(
+        lambda: api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=commit),
+        retries=2,
+        backoff=0.5,
+        repo_id=repo_id,
+        doing="listing files",
+    )
+    wanted = [
+        p
+        for p in listed
+        if re.fullmatch(r"[^/]+/[^/]+\.jsonl(\.gz)?", p)
+        and (subsets is None or p.split("/")[0] in subsets)
+    ]
     if not wanted:
-        raise HubError(f"{repo_id}@{revision}: no <subset>/<file>.jsonl.gz files{f' for {subsets}' if subsets else ''}")
-    snapshot = Path(retrying(
-        lambda: snapshot_download(repo_id, repo_type=REPO_TYPE, revision=commit, allow_patterns=wanted,
-                                  endpoint=api.endpoint, token=api.token, cache_dir=_cache_dir(cache_dir)),
-        retries=2, backoff=0.5, repo_id=repo_id, doing="downloading upstream files"))
+        raise HubError(
+            f"{repo_id}@{revision}: no <subset>/<file>.jsonl.gz files{f' for {subsets}' if subsets else ''}"
+        )
+    snapshot = Path(
+        retrying(
+            lambda: snapshot_download(
+                repo_id,
+                repo_type=REPO_TYPE,
+                revision=commit,
+                allow_patterns=wanted,
+                endpoint=api.endpoint,
+                token=api.token,
+                cache_dir=_cache_dir(cache_dir),
+            ),
+            retries=2,
+            backoff=0.5,
+            repo_id=repo_id,
+            doing="downloading upstream files",
+        )
+    )
     sums = upstream_checksums()
     verified, unverified = [], []
     for relative in wanted:
@@ -243,14 +307,24 @@ def _load_upstream(repo_id, config, split, version, *, token, endpoint, cache_di
 
     revision = version or "main"
     with quiet_unless_terminal():
-        fetched = fetch_upstream(repo_id, [config] if config else None, revision=revision,
-                                 token=token, endpoint=endpoint, cache_dir=cache_dir)
+        fetched = fetch_upstream(
+            repo_id,
+            [config] if config else None,
+            revision=revision,
+            token=token,
+            endpoint=endpoint,
+            cache_dir=cache_dir,
+        )
     by_split: dict[str, list[str]] = {}
     for path in fetched.files(config):
         name = path.name.split(".")[0]
         by_split.setdefault(name, []).append(str(path))
     if split is not None and split not in by_split:
-        raise HubError(f"{repo_id}@{revision}: no split {split!r} for {config or 'any subset'}; have {sorted(by_split)}")
+        raise HubError(
+            f"{repo_id}@{revision}: no split {split!r} for {config or 'any subset'}; have {sorted(by_split)}"
+        )
     data_files = {split: by_split[split]} if split else by_split
-    loaded = datasets.load_dataset("json", data_files=data_files, cache_dir=os.environ.get("HF_DATASETS_CACHE"))
+    loaded = datasets.load_dataset(
+        "json", data_files=data_files, cache_dir=os.environ.get("HF_DATASETS_CACHE")
+    )
     return loaded[split] if split else loaded

@@ -85,7 +85,9 @@ def release_files(release_dir: str | Path) -> list[tuple[str, int]]:
     """
     root = Path(release_dir)
     if not root.is_dir():
-        raise ReleaseError(f"{root}: not a directory; pass the folder of one version, e.g. out/1.0.0")
+        raise ReleaseError(
+            f"{root}: not a directory; pass the folder of one version, e.g. out/1.0.0"
+        )
     found, odd = _folder_entries(root)
     if MANIFEST_NAME in odd:  # never read a manifest through a link
         raise ReleaseError(_refusal(root, [], odd))
@@ -184,7 +186,9 @@ def _remote_files(api: HfApi, repo_id: str, commit: str) -> dict:
     """path -> RepoFile of every file in a commit."""
     return {
         item.path: item
-        for item in api.list_repo_tree(repo_id, repo_type=REPO_TYPE, revision=commit, recursive=True)
+        for item in api.list_repo_tree(
+            repo_id, repo_type=REPO_TYPE, revision=commit, recursive=True
+        )
         if hasattr(item, "blob_id")
     }
 
@@ -237,11 +241,15 @@ def publish(
     if dry_run:
         return PublishResult(repo_id, version, tag, None, files, dry_run=True)
     if backport and parent_commit is not None:
-        raise ReleaseError("parent_commit pins main, and a back-port leaves main alone: drop parent_commit")
+        raise ReleaseError(
+            "parent_commit pins main, and a back-port leaves main alone: drop parent_commit"
+        )
 
     api = hub_api(token, endpoint)
     if api.token is None:
-        raise HubError(f"{repo_id}: publishing needs a write token; pass --token / token=, set HF_TOKEN, or run `hf auth login`")
+        raise HubError(
+            f"{repo_id}: publishing needs a write token; pass --token / token=, set HF_TOKEN, or run `hf auth login`"
+        )
 
     def call(fn, doing):
         return retrying(fn, retries=retries, backoff=backoff, repo_id=repo_id, doing=doing)
@@ -253,14 +261,22 @@ def publish(
     if _needs_backport(refs, version, backport, repo_id):
         branch = BACKPORT_BRANCH.format(version=version)
         base = _backport_base(refs, version, repo_id)
-        call(lambda: api.create_branch(repo_id, branch=branch, revision=base, repo_type=REPO_TYPE, exist_ok=True),
-             f"creating the back-port branch {branch}")
+        call(
+            lambda: api.create_branch(
+                repo_id, branch=branch, revision=base, repo_type=REPO_TYPE, exist_ok=True
+            ),
+            f"creating the back-port branch {branch}",
+        )
         refs = call(lambda: api.list_repo_refs(repo_id, repo_type=REPO_TYPE), "reading refs")
     head = _branch_head(refs, repo_id, branch)
     remote = call(lambda: _remote_files(api, repo_id, head), "listing the branch")
     local_ids = _local_ids(release_dir, files, remote)
     deleted = sorted(set(remote) - KEEP_ON_HUB - set(local_ids))
-    unchanged = sorted(path for path, wanted in local_ids.items() if path in remote and _remote_id(remote[path]) == wanted)
+    unchanged = sorted(
+        path
+        for path, wanted in local_ids.items()
+        if path in remote and _remote_id(remote[path]) == wanted
+    )
 
     with quiet_unless_terminal():
         if _holds_release(remote, local_ids) and parent_commit in (None, head):
@@ -271,13 +287,22 @@ def publish(
             reused = False
         _tag(api, call, repo_id, tag, commit, version)
     if branch != constants.DEFAULT_REVISION:  # the tag keeps the commit; the side branch is done
-        call(lambda: api.delete_branch(repo_id, branch=branch, repo_type=REPO_TYPE), f"deleting {branch}")
-    return PublishResult(repo_id, version, tag, commit, files, deleted, unchanged, reused_commit=reused)
+        call(
+            lambda: api.delete_branch(repo_id, branch=branch, repo_type=REPO_TYPE),
+            f"deleting {branch}",
+        )
+    return PublishResult(
+        repo_id, version, tag, commit, files, deleted, unchanged, reused_commit=reused
+    )
 
 
 def _published(refs) -> list[tuple[tuple[int, int, int], object]]:
     """(version, ref) of every release tag vX.Y.Z, oldest first."""
-    tags = [(tuple(map(int, m.groups())), ref) for ref in refs.tags if (m := VERSION_TAG.match(ref.name))]
+    tags = [
+        (tuple(map(int, m.groups())), ref)
+        for ref in refs.tags
+        if (m := VERSION_TAG.match(ref.name))
+    ]
     return sorted(tags, key=lambda pair: pair[0])
 
 
@@ -305,7 +330,11 @@ def _needs_backport(refs, version: str, backport: bool, repo_id: str) -> bool:
 def _backport_base(refs, version: str, repo_id: str) -> str:
     """The commit a back-port builds on: the highest tag below it, else main's head."""
     below = [ref for number, ref in _published(refs) if number < parse_version(version)]
-    return below[-1].target_commit if below else _branch_head(refs, repo_id, constants.DEFAULT_REVISION)
+    return (
+        below[-1].target_commit
+        if below
+        else _branch_head(refs, repo_id, constants.DEFAULT_REVISION)
+    )
 
 
 def _branch_head(refs, repo_id: str, branch: str = constants.DEFAULT_REVISION) -> str:
@@ -363,8 +392,12 @@ def _commit(api, call, release_dir, manifest, target: _Target, files, deleted) -
             if _holds_release(remote, _local_ids(release_dir, files, remote)):
                 return head
         return api.create_commit(
-            repo_id, operations, repo_type=REPO_TYPE, revision=target.branch,
-            commit_message=f"Release {version}", commit_description=f"hhdata release {version}: {len(files)} files",
+            repo_id,
+            operations,
+            repo_type=REPO_TYPE,
+            revision=target.branch,
+            commit_message=f"Release {version}",
+            commit_description=f"hhdata release {version}: {len(files)} files",
             parent_commit=parent,
         ).oid
 
@@ -385,7 +418,13 @@ def _commit(api, call, release_dir, manifest, target: _Target, files, deleted) -
 def _tag(api, call, repo_id: str, tag: str, commit: str, version: str) -> None:
     def attempt():
         try:
-            api.create_tag(repo_id, tag=tag, revision=commit, repo_type=REPO_TYPE, tag_message=f"Release {version}")
+            api.create_tag(
+                repo_id,
+                tag=tag,
+                revision=commit,
+                repo_type=REPO_TYPE,
+                tag_message=f"Release {version}",
+            )
         except HfHubHTTPError as error:
             if http_status(error) != 409:
                 raise

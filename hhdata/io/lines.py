@@ -67,7 +67,7 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
     chunks = Chunks(path, advance)
     for index, chunk in enumerate(chunks):
         if index == 0 and chunk.startswith(_BOM):
-            chunk = chunk[len(_BOM):]
+            chunk = chunk[len(_BOM) :]
             notices.append(f"{shown}: starts with a UTF-8 byte order mark; ignored")
         if skipping:
             newline = chunk.find(b"\n")
@@ -76,7 +76,7 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
                 continue
             number += 1
             yield number, too_long(pending, skipping + newline, max_line_bytes)
-            skipping, pending, chunk = 0, b"", chunk[newline + 1:]
+            skipping, pending, chunk = 0, b"", chunk[newline + 1 :]
         start = 0  # where the chunk's own lines begin
         if pending:
             newline = chunk.find(b"\n")
@@ -85,7 +85,7 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
             else:
                 # the line cut between two chunks is a block of its own, so the chunk itself
                 # is never copied (a fresh multi-MB buffer costs its page faults each time)
-                line = pending + chunk[:newline + 1]
+                line = pending + chunk[: newline + 1]
                 yield Block(line, np.array([0]), np.array([len(line) - 1]), number + 1)
                 number += 1
                 pending, start = b"", newline + 1
@@ -97,7 +97,7 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
                 starts = np.concatenate([[start], ends[:-1] + 1])
                 yield Block(chunk, starts, ends, number + 1)
                 number += len(ends)
-            pending = chunk[last + 1:] if last >= 0 else chunk[start:]
+            pending = chunk[last + 1 :] if last >= 0 else chunk[start:]
         if len(pending) > max_line_bytes:
             skipping, pending = len(pending), pending[:RAW_HEAD]
     if skipping:
@@ -108,18 +108,29 @@ def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iter
         number += 1
     if chunks.failure is not None:
         reason, what = chunks.failure
-        yield number + 1, q.Problem(reason, (
-            f"{shown} is {what} after line {number} (the last complete line); the "
-            f"{number} lines before the cut were read; re-download or re-compress the file"
-        ), pending[:RAW_HEAD] if not skipping else b"")
+        yield (
+            number + 1,
+            q.Problem(
+                reason,
+                (
+                    f"{shown} is {what} after line {number} (the last complete line); the "
+                    f"{number} lines before the cut were read; re-download or re-compress the file"
+                ),
+                pending[:RAW_HEAD] if not skipping else b"",
+            ),
+        )
 
 
 def too_long(head: bytes, size: int, limit: int) -> q.Problem:
     """The quarantine entry of a line over the limit, with its first RAW_HEAD bytes."""
-    return q.Problem(q.LINE_TOO_LONG, (
-        f"the line is {size} bytes, over the limit of {limit} bytes (hhdata.io.read."
-        "MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"
-    ), head[:RAW_HEAD])
+    return q.Problem(
+        q.LINE_TOO_LONG,
+        (
+            f"the line is {size} bytes, over the limit of {limit} bytes (hhdata.io.read."
+            "MAX_LINE_BYTES); split the record or pass a larger max_line_bytes"
+        ),
+        head[:RAW_HEAD],
+    )
 
 
 class Chunks:
@@ -154,7 +165,9 @@ class Chunks:
                         self.advance(len(block))
                         yield block
         except OSError as error:
-            raise SourceError(f"cannot read {path_text(self.path)}: {error.strerror or error}") from None
+            raise SourceError(
+                f"cannot read {path_text(self.path)}: {error.strerror or error}"
+            ) from None
 
     def _gunzip(self, file) -> Iterator[bytes]:
         stream = _inflate.decompressobj(wbits=31)

@@ -44,7 +44,6 @@ _RUN_LINES = 1024  # lines per call of Arrow's JSON reader
 _RETRY_LINES = 32  # a run with a bad line is redone in runs this long, then line by line
 
 
-
 class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     chosen: str
     rejected: str
@@ -102,7 +101,9 @@ def read_raw(
     >>> result.report.accepted, result.table.column_names[:2]
     (2312, ['file', 'line'])
     """
-    return _read(paths, subset, split, family, max_line_bytes, progress, require_source, pairs=False)
+    return _read(
+        paths, subset, split, family, max_line_bytes, progress, require_source, pairs=False
+    )
 
 
 def read_pairs(
@@ -130,16 +131,23 @@ def read_pairs(
     return _read(paths, subset, split, family, max_line_bytes, progress, require_source, pairs=True)
 
 
-def _read(paths, subset, split, family, max_line_bytes, progress, require_source, *, pairs: bool) -> ReadResult:
+def _read(
+    paths, subset, split, family, max_line_bytes, progress, require_source, *, pairs: bool
+) -> ReadResult:
     """read_raw, or read_pairs when ``pairs``."""
     skipped: list[Path] = []
     files = resolve_paths(paths, skipped)
     sources = [_source_of(path, subset, split, family, require_source) for path in files]
     report = ReadReport(files=[str(path) for path in files])
-    report.notices += [f"{path_text(path)}: red-team attempts, not preference pairs: skipped (check them "
-                       f"with `hhdata redteam {path_text(path)}`)" for path in skipped]
+    report.notices += [
+        f"{path_text(path)}: red-team attempts, not preference pairs: skipped (check them "
+        f"with `hhdata redteam {path_text(path)}`)"
+        for path in skipped
+    ]
     for path, source in zip(files, sources):
-        unknown = [name for name, value in zip(("subset", "split", "family"), source) if value is None]
+        unknown = [
+            name for name, value in zip(("subset", "split", "family"), source) if value is None
+        ]
         if unknown:
             report.notices.append(
                 f"{path_text(path)}: no {' or '.join(unknown)} in its path or the arguments; "
@@ -155,7 +163,9 @@ def _read(paths, subset, split, family, max_line_bytes, progress, require_source
 
     def read_one(index: int):
         part = ReadReport()
-        table, bad = _read_file(files[index], sources[index], max_line_bytes, part, bar.update if bar else _ignore)
+        table, bad = _read_file(
+            files[index], sources[index], max_line_bytes, part, bar.update if bar else _ignore
+        )
         table, invalid = validate_raw_table(table)
         bad = q.concat([bad, invalid])
         if not pairs:
@@ -172,7 +182,10 @@ def _read(paths, subset, split, family, max_line_bytes, progress, require_source
     workers = max(1, min(len(files), os.cpu_count() or 1, 8))
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {index: pool.submit(read_one, index) for index in sorted(range(len(files)), key=lambda i: -sizes[i])}
+            futures = {
+                index: pool.submit(read_one, index)
+                for index in sorted(range(len(files)), key=lambda i: -sizes[i])
+            }
             for index in range(len(files)):
                 table, bad, kept, part = futures[index].result()
                 tables.append(table)
@@ -189,8 +202,12 @@ def _read(paths, subset, split, family, max_line_bytes, progress, require_source
     report.quarantined = q.reason_counts(quarantine)
     if not pairs:
         return ReadResult(pa.concat_tables([RAW_SCHEMA.empty_table(), *tables]), quarantine, report)
-    return ReadResult(pa.concat_tables([PAIR_SCHEMA.empty_table(), *tables]), quarantine, report,
-                      pa.concat_tables([RAW_SCHEMA.empty_table().select(["file", "line"]), *lines]))
+    return ReadResult(
+        pa.concat_tables([PAIR_SCHEMA.empty_table(), *tables]),
+        quarantine,
+        report,
+        pa.concat_tables([RAW_SCHEMA.empty_table().select(["file", "line"]), *lines]),
+    )
 
 
 def _ignore(_: int) -> None:
@@ -210,7 +227,9 @@ def is_redteam_file(path: Path) -> bool:
     return path.name.split(".")[0] == REDTEAM_STEM
 
 
-def resolve_paths(paths: str | Path | Iterable[str | Path], skipped: list[Path] | None = None) -> list[Path]:
+def resolve_paths(
+    paths: str | Path | Iterable[str | Path], skipped: list[Path] | None = None
+) -> list[Path]:
     """Expand files, folders (every *.jsonl and *.jsonl.gz below) and globs, in order.
 
     Red-team attempts found in a folder or by a glob (a clone of the upstream repo holds
@@ -252,8 +271,13 @@ def resolve_paths(paths: str | Path | Iterable[str | Path], skipped: list[Path] 
 _HOW_TO_PASS = "(in Python split= and subset=; --split and --subset for hhdata stats and show)"
 
 
-def _source_of(path: Path, subset: str | None, split: str | None, family: str | None,
-               require_source: bool = True):
+def _source_of(
+    path: Path,
+    subset: str | None,
+    split: str | None,
+    family: str | None,
+    require_source: bool = True,
+):
     """(subset, split, family) of a file: the arguments, else the upstream layout.
 
     Without ``require_source`` what neither tells stays None (validation does not need it)
@@ -347,10 +371,14 @@ class _Rows:
         """The file's records: text columns chunked as read (no copy), the rest constant."""
         self._flush()
         lines = np.concatenate([np.zeros(0, np.int64), *self.numbers])
-        constant = [pa.repeat(pa.scalar(value, pa.string()), len(lines), memory_pool=ARROW_POOL)
-                    for value in (self.name, *self.source)]
+        constant = [
+            pa.repeat(pa.scalar(value, pa.string()), len(lines), memory_pool=ARROW_POOL)
+            for value in (self.name, *self.source)
+        ]
         text = [pa.chunked_array(self.chunks[key], pa.string()) for key in ("chosen", "rejected")]
-        return pa.Table.from_arrays([constant[0], pa.array(lines), *constant[1:], *text], schema=RAW_SCHEMA)
+        return pa.Table.from_arrays(
+            [constant[0], pa.array(lines), *constant[1:], *text], schema=RAW_SCHEMA
+        )
 
     def _flush(self) -> None:
         if self.single["line"]:
@@ -393,13 +421,15 @@ def _read_block(block: Block, rows: _Rows, max_line_bytes: int) -> int:
     return int(crlf.sum())
 
 
-def _read_run(block: Block, starts, ends, low: int, high: int, rows: _Rows, size: int = _RUN_LINES) -> None:
+def _read_run(
+    block: Block, starts, ends, low: int, high: int, rows: _Rows, size: int = _RUN_LINES
+) -> None:
     """Lines low..high-1 with Arrow's JSON reader, ``size`` at a time. A run it refuses, or
     reads into a different number of rows, is redone in runs of _RETRY_LINES, then line
     by line."""
     for start in range(low, high, size):
         stop = min(start + size, high)
-        view = memoryview(block.buffer)[starts[start]: ends[stop - 1]]
+        view = memoryview(block.buffer)[starts[start] : ends[stop - 1]]
         try:
             records = pa_json.read_json(
                 pa.py_buffer(view),
@@ -443,15 +473,19 @@ def _invalid_utf8_rows(records: pa.Table, first: int = 0) -> np.ndarray:
         if records.num_rows == 1:
             return np.array([first])
     half = records.num_rows // 2
-    return np.concatenate([
-        _invalid_utf8_rows(records.slice(0, half), first),
-        _invalid_utf8_rows(records.slice(half), first + half),
-    ])
+    return np.concatenate(
+        [
+            _invalid_utf8_rows(records.slice(0, half), first),
+            _invalid_utf8_rows(records.slice(half), first + half),
+        ]
+    )
 
 
-def _read_line(block: Block, starts, ends, index: int, rows: _Rows, max_line_bytes: int | None) -> None:
+def _read_line(
+    block: Block, starts, ends, index: int, rows: _Rows, max_line_bytes: int | None
+) -> None:
     number = block.first + index
-    line = block.buffer[starts[index]: ends[index]]
+    line = block.buffer[starts[index] : ends[index]]
     if max_line_bytes is not None and len(line) > max_line_bytes:
         rows.quarantine(number, too_long(line[:RAW_HEAD], len(line), max_line_bytes))
     else:

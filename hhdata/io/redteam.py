@@ -39,7 +39,11 @@ from hhdata.schema import RED_TEAM_SUBSET, REDTEAM_SCHEMA
 CONFIG = RED_TEAM_SUBSET
 _UPSTREAM_TYPO = {"task_descripton_harmlessness_score": "task_description_harmlessness_score"}
 # jsonschema keyword of a record's first error -> quarantine reason code
-_REASON_OF_KEYWORD = {"required": q.MISSING_KEY, "additionalProperties": q.EXTRA_KEY, "type": q.WRONG_TYPE}
+_REASON_OF_KEYWORD = {
+    "required": q.MISSING_KEY,
+    "additionalProperties": q.EXTRA_KEY,
+    "type": q.WRONG_TYPE,
+}
 
 
 @dataclass
@@ -96,8 +100,10 @@ def _records(path: Path) -> list[tuple[object, str | None]]:
                 f"not valid JSON ({error.msg}); re-download or fix the file"
             ) from None
         except RecursionError:
-            raise SchemaError(f"{path_text(path)}: the JSON array is nested too deeply to "
-                              "decode; re-download or fix the file") from None
+            raise SchemaError(
+                f"{path_text(path)}: the JSON array is nested too deeply to "
+                "decode; re-download or fix the file"
+            ) from None
     records = []
     for line in text.splitlines():
         if line.strip():
@@ -106,7 +112,9 @@ def _records(path: Path) -> list[tuple[object, str | None]]:
             except json.JSONDecodeError as error:
                 records.append((line, f"{error.msg}: column {error.colno}; fix or remove the line"))
             except RecursionError:
-                records.append((line, "the JSON is nested too deeply to decode; fix or remove the line"))
+                records.append(
+                    (line, "the JSON is nested too deeply to decode; fix or remove the line")
+                )
     return records
 
 
@@ -138,7 +146,9 @@ def read_redteam(path: str | Path) -> RedTeamResult:
     """
     path = Path(path)
     if not path.is_file():
-        raise SourceError(f"{path_text(path)}: no such file; pass the red_team_attempts.jsonl(.gz) file")
+        raise SourceError(
+            f"{path_text(path)}: no such file; pass the red_team_attempts.jsonl(.gz) file"
+        )
     name = path_text(path)
     records = _records(path)
     first = records[0][0] if records else None
@@ -161,8 +171,11 @@ def read_redteam(path: str | Path) -> RedTeamResult:
     # the values' ranges, lengths and patterns, vectorised; jsonschema words the failures
     failing = np.flatnonzero(row_problems(table, row_validator().schema))
     for index in failing:
-        bad.append(_quarantined(name, numbers[index], records[numbers[index] - 1][0],
-                                _explain(rows[index])))
+        bad.append(
+            _quarantined(
+                name, numbers[index], records[numbers[index] - 1][0], _explain(rows[index])
+            )
+        )
     bad.sort(key=lambda entry: entry[1])
     return RedTeamResult(drop_rows(table, failing), q.quarantine_table(bad), len(records))
 
@@ -180,22 +193,30 @@ def _check(record: object) -> tuple[tuple[str, str] | None, dict | None]:
     if not isinstance(record, dict):
         return (q.NOT_AN_OBJECT, "is not a JSON object; each red-team attempt is one object"), None
     text = record.get("transcript", "")
-    if not isinstance(text, str):  # the row schema holds it parsed (an array): word it as upstream has it
-        return ((q.NULL_VALUE if text is None else q.WRONG_TYPE),
-                f"transcript: {text!r} is not a string; it is the Human/Assistant text of the attempt"), None
+    if not isinstance(
+        text, str
+    ):  # the row schema holds it parsed (an array): word it as upstream has it
+        return (
+            (q.NULL_VALUE if text is None else q.WRONG_TYPE),
+            f"transcript: {text!r} is not a string; it is the Human/Assistant text of the attempt",
+        ), None
     try:
         row = to_row(record)
     except TranscriptError as error:
         return (error.reason, f"transcript: {error}"), None
     types = _top_level_types()
-    if row.keys() == types.keys() and all(_holds(row[key], *allowed) for key, allowed in types.items()):
+    if row.keys() == types.keys() and all(
+        _holds(row[key], *allowed) for key, allowed in types.items()
+    ):
         return None, row
     return _explain(row) or (q.SCHEMA_VIOLATION, "does not follow the row schema"), None
 
 
 def _explain(row: dict) -> tuple[str, str] | None:
     """jsonschema's reason and message for a row that breaks the row schema, else None."""
-    errors = sorted(row_validator().iter_errors(row), key=lambda e: (_about_derived(e), list(e.absolute_path)))
+    errors = sorted(
+        row_validator().iter_errors(row), key=lambda e: (_about_derived(e), list(e.absolute_path))
+    )
     if not errors:
         return None
     error = errors[0]
@@ -203,8 +224,9 @@ def _explain(row: dict) -> tuple[str, str] | None:
     if reason == q.WRONG_TYPE and error.instance is None:
         reason = q.NULL_VALUE
     field = "/".join(str(part) for part in error.absolute_path) or "(the record)"
-    return reason, (f"{field}: {error.message}; fix the record to follow "
-                    "hhdata/schemas/redteam_row.schema.json")
+    return reason, (
+        f"{field}: {error.message}; fix the record to follow hhdata/schemas/redteam_row.schema.json"
+    )
 
 
 def _about_derived(error) -> bool:
@@ -214,12 +236,20 @@ def _about_derived(error) -> bool:
     about the transcript names the record's own key, so it is the one reported.
     """
     return error.validator == "required" and any(
-        error.message == f"{key!r} is a required property" for key in ("id", "transcript_text"))
+        error.message == f"{key!r} is a required property" for key in ("id", "transcript_text")
+    )
 
 
 # JSON type -> the Python types json.loads gives for it (exact: a bool is not a number)
-_PYTHON_OF_JSON = {"string": {str}, "number": {int, float}, "integer": {int}, "boolean": {bool},
-                   "null": {type(None)}, "array": {list}, "object": {dict}}
+_PYTHON_OF_JSON = {
+    "string": {str},
+    "number": {int, float},
+    "integer": {int},
+    "boolean": {bool},
+    "null": {type(None)},
+    "array": {list},
+    "object": {dict},
+}
 
 
 @lru_cache(maxsize=1)
@@ -227,21 +257,27 @@ def _top_level_types() -> dict[str, tuple[frozenset | None, frozenset | None]]:
     """Each property of the row schema: the Python types its value may have, and those of
     its items when the schema types them plainly (not by ``$ref``); None where the schema
     names no type. What a row needs before Arrow can hold it."""
-    return {key: (_python_types(rule.get("type")), _python_types(rule.get("items", {}).get("type")))
-            for key, rule in row_validator().schema["properties"].items()}
+    return {
+        key: (_python_types(rule.get("type")), _python_types(rule.get("items", {}).get("type")))
+        for key, rule in row_validator().schema["properties"].items()
+    }
 
 
 def _python_types(kinds: str | list[str] | None) -> frozenset | None:
     if not kinds:
         return None
-    return frozenset().union(*(_PYTHON_OF_JSON[kind] for kind in ([kinds] if isinstance(kinds, str) else kinds)))
+    return frozenset().union(
+        *(_PYTHON_OF_JSON[kind] for kind in ([kinds] if isinstance(kinds, str) else kinds))
+    )
 
 
 def _holds(value: object, types: frozenset | None, item_types: frozenset | None) -> bool:
     """True when a value has one of the types, and so does each of its items if it is a list."""
     if types is not None and type(value) not in types:
         return False
-    return item_types is None or type(value) is not list or all(type(v) in item_types for v in value)
+    return (
+        item_types is None or type(value) is not list or all(type(v) in item_types for v in value)
+    )
 
 
 def check_redteam_table(table: pa.Table) -> None:
@@ -253,7 +289,9 @@ def check_redteam_table(table: pa.Table) -> None:
         )
     missing = [name for name in REDTEAM_SCHEMA.names if name not in table.column_names]
     if missing:
-        raise SchemaError(f"not a red-team table: missing columns {missing}; read it with read_redteam")
+        raise SchemaError(
+            f"not a red-team table: missing columns {missing}; read it with read_redteam"
+        )
 
 
 def summary(table: pa.Table) -> dict:
@@ -263,5 +301,9 @@ def summary(table: pa.Table) -> dict:
     for rating, model in zip(table["rating"].to_pylist(), table["model_type"].to_pylist()):
         ratings[str(rating)] = ratings.get(str(rating), 0) + 1
         models[model] = models.get(model, 0) + 1
-    return {"config": CONFIG, "rows": table.num_rows, "rating": dict(sorted(ratings.items())),
-            "model_type": dict(sorted(models.items()))}
+    return {
+        "config": CONFIG,
+        "rows": table.num_rows,
+        "rating": dict(sorted(ratings.items())),
+        "model_type": dict(sorted(models.items())),
+    }

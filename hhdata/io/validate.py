@@ -93,20 +93,26 @@ def explain_raw_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
-        return (q.INVALID_UTF8, (
-            f"byte {error.start} of the line ({line[error.start:error.start + 1]!r}) is not "
-            "valid UTF-8; re-encode the file as UTF-8"
-        )), None
+        return (
+            q.INVALID_UTF8,
+            (
+                f"byte {error.start} of the line ({line[error.start : error.start + 1]!r}) is not "
+                "valid UTF-8; re-encode the file as UTF-8"
+            ),
+        ), None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         return (q.INVALID_JSON, f"{error.msg}: column {error.colno}; fix or remove the line"), None
     except RecursionError:
         # json.loads recurses once per level; a record is two strings, never this deep
-        return (q.INVALID_JSON, (
-            "the JSON is nested too deeply to decode (over Python's recursion limit); a "
-            'record is {"chosen": "...", "rejected": "..."}: fix or remove the line'
-        )), None
+        return (
+            q.INVALID_JSON,
+            (
+                "the JSON is nested too deeply to decode (over Python's recursion limit); a "
+                'record is {"chosen": "...", "rejected": "..."}: fix or remove the line'
+            ),
+        ), None
     problem = explain_raw_record(record)
     if problem:
         return problem, None
@@ -114,10 +120,13 @@ def explain_raw_line(line: bytes) -> tuple[tuple[str, str] | None, dict | None]:
         try:
             record[key].encode("utf-8")
         except UnicodeEncodeError:
-            return (q.INVALID_UTF8, (
-                f"'{key}' escapes a lone surrogate (\\ud800-\\udfff), which is not valid "
-                "Unicode; fix the escape sequence"
-            )), None
+            return (
+                q.INVALID_UTF8,
+                (
+                    f"'{key}' escapes a lone surrogate (\\ud800-\\udfff), which is not valid "
+                    "Unicode; fix the escape sequence"
+                ),
+            ), None
     return None, record
 
 
@@ -126,7 +135,7 @@ def _short(error) -> str:
     shown = repr(error.instance)
     if len(shown) > 80 and error.message.startswith(shown):
         cut = f"{shown[:60]}... ({len(shown):,} characters)"
-        return cut + error.message[len(shown):]
+        return cut + error.message[len(shown) :]
     return error.message
 
 
@@ -147,10 +156,15 @@ def validate_raw_table(table: pa.Table) -> tuple[pa.Table, pa.Table]:
         return table, q.quarantine_table([])
     rows = []
     for index in np.flatnonzero(bad):
-        record = {"chosen": table["chosen"][index].as_py(), "rejected": table["rejected"][index].as_py()}
+        record = {
+            "chosen": table["chosen"][index].as_py(),
+            "rejected": table["rejected"][index].as_py(),
+        }
         reason, message = explain_raw_record(record)
         raw = json.dumps(record, ensure_ascii=False).encode("utf-8")
-        rows.append((table["file"][index].as_py(), table["line"][index].as_py(), reason, message, raw))
+        rows.append(
+            (table["file"][index].as_py(), table["line"][index].as_py(), reason, message, raw)
+        )
     return drop_rows(table, np.flatnonzero(bad)), q.quarantine_table(rows)
 
 

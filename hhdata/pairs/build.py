@@ -63,7 +63,9 @@ def build_pairs(raw: pa.Table, workers: int | None = None) -> tuple[pa.Table, pa
     """
     missing = [name for name in _RAW_COLUMNS if name not in raw.column_names]
     if missing:
-        raise SchemaError(f"the raw table lacks the columns {missing}; read it with hhdata.io.read.read_raw")
+        raise SchemaError(
+            f"the raw table lacks the columns {missing}; read it with hhdata.io.read.read_raw"
+        )
     # batches of rows small enough to stay in the CPU cache, in parallel threads
     # (pyarrow.compute and numpy release the GIL); workers=1 builds them in this thread
     batches = [raw.slice(start, _BATCH_ROWS) for start in range(0, raw.num_rows, _BATCH_ROWS)]
@@ -83,7 +85,9 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     """build_pairs on one batch of rows."""
     chosen, rejected = _one_buffer(raw["chosen"]), _one_buffer(raw["rejected"])
     if chosen.null_count or rejected.null_count:
-        raise SchemaError("the raw table has null transcripts; read it with hhdata.io.read.read_raw")
+        raise SchemaError(
+            "the raw table has null transcripts; read it with hhdata.io.read.read_raw"
+        )
     c, r = _Texts.of(chosen), _Texts.of(rejected)
     c_tags, r_tags = _find_tags(c), _find_tags(r)
     split = _split_fast(c, r, c_tags, r_tags)
@@ -96,7 +100,9 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     np.cumsum(turn_counts, out=prompt_offsets[1:])
     role = pc.if_else(pa.array(roles), t.USER, t.ASSISTANT)
     prompt = pa.ListArray.from_arrays(
-        pa.array(prompt_offsets), pa.StructArray.from_arrays([role, turns], fields=list(TURN)), type=TURNS
+        pa.array(prompt_offsets),
+        pa.StructArray.from_arrays([role, turns], fields=list(TURN)),
+        type=TURNS,
     )
     all_fast = len(index) == len(split.fast)
     # the original texts are the raw table's own buffers; the one-buffer copies above are
@@ -130,7 +136,11 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def _one_buffer(column: pa.ChunkedArray) -> pa.Array:
     """The column as one array (combine_chunks, but from ARROW_POOL, which it ignores)."""
-    return pa.concat_arrays(column.chunks, memory_pool=ARROW_POOL) if column.num_chunks else pa.array([], column.type)
+    return (
+        pa.concat_arrays(column.chunks, memory_pool=ARROW_POOL)
+        if column.num_chunks
+        else pa.array([], column.type)
+    )
 
 
 class _Texts(NamedTuple):
@@ -144,7 +154,9 @@ class _Texts(NamedTuple):
     @classmethod
     def of(cls, array: pa.Array) -> _Texts:
         array = array.cast(pa.string())
-        offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset: array.offset + len(array) + 1]
+        offsets = np.frombuffer(array.buffers()[1], np.int32)[
+            array.offset : array.offset + len(array) + 1
+        ]
         offsets = offsets.astype(np.int64)
         data = np.frombuffer(array.buffers()[2] or b"", np.uint8)
         return cls(array, data, offsets[:-1], offsets[1:])
@@ -177,7 +189,11 @@ def _find_tags(texts: _Texts) -> _Tags:
     inside = colon < ends[row]  # the word and its colon lie in one row
     start, row, user, colon = start[inside], row[inside], user[inside], colon[inside]
     row_start, row_end = starts[row], ends[row]
-    blank_before = (start - 2 >= row_start) & (_byte_at(data, start - 1) == 10) & (_byte_at(data, start - 2) == 10)
+    blank_before = (
+        (start - 2 >= row_start)
+        & (_byte_at(data, start - 1) == 10)
+        & (_byte_at(data, start - 2) == 10)
+    )
     space_after = (colon + 1 < row_end) & (_byte_at(data, colon + 1) == 32)
     return _Tags(start, row, user, blank_before, space_after)
 
@@ -193,7 +209,9 @@ def _word_before(data: np.ndarray, colon: np.ndarray, low: int, word: bytes) -> 
     numbers = np.ndarray((len(data) - len(rest) + 1,), size, data, 0, (1,))
     room = colon - low >= len(word)
     at = np.where(room, colon, len(word))
-    found = (numbers[at - len(rest)] == np.frombuffer(rest, size)[0]) & (data[at - len(word)] == word[0])
+    found = (numbers[at - len(rest)] == np.frombuffer(rest, size)[0]) & (
+        data[at - len(word)] == word[0]
+    )
     return found & room
 
 
@@ -219,7 +237,9 @@ def _split_fast(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags) -> _Split:
     r_last_human = _last_of_row(r_tags, r_tags.user & r_tags.blank_before, rows)
     fast &= (r.ends - r.starts >= length) & (r_last_human - r.starts == last_human - c.starts)
     length = np.where(fast, length, 0)
-    same = pc.equal(_cut(c, c.starts + length), _cut(r, r.starts + length)).to_numpy(zero_copy_only=False)
+    same = pc.equal(_cut(c, c.starts + length), _cut(r, r.starts + length)).to_numpy(
+        zero_copy_only=False
+    )
     fast &= same[0::2]
     length = np.where(fast, length, 0)
     reply_c, reply_r = c.starts + length, r.starts + length
@@ -270,7 +290,9 @@ def _cut(texts: _Texts, cuts: np.ndarray, ends: np.ndarray | None = None) -> pa.
     return pa.Array.from_buffers(pa.string(), len(bounds) - 1, [None, pa.py_buffer(bounds), data])
 
 
-def _prompt_turns(c: _Texts, c_tags: _Tags, split: _Split) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+def _prompt_turns(
+    c: _Texts, c_tags: _Tags, split: _Split
+) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Contents, roles and rows of the prompt turns of the fast rows, in order.
 
     The prompt's separators are its turn tags with a space after, and its final tag (the
@@ -278,7 +300,11 @@ def _prompt_turns(c: _Texts, c_tags: _Tags, split: _Split) -> tuple[pa.Array, np
     separator leaves the fast path (``split.fast`` is updated), as split_pair quarantines it.
     """
     final = split.final[c_tags.row]
-    separator = c_tags.blank_before & (c_tags.space_after | (c_tags.start == final)) & (c_tags.start <= final)
+    separator = (
+        c_tags.blank_before
+        & (c_tags.space_after | (c_tags.start == final))
+        & (c_tags.start <= final)
+    )
     start, row, user = c_tags.start[separator], c_tags.row[separator], c_tags.user[separator]
     first = np.insert(row[1:] != row[:-1], 0, True) if len(row) else np.zeros(0, dtype=bool)
     split.fast[row[first][start[first] - 2 != c.starts[row[first]]]] = False
@@ -301,11 +327,23 @@ def _one_reply(reply: pa.Array) -> pa.Array:
     """Each reply as a one-turn assistant list."""
     role = pa.repeat(pa.scalar(t.ASSISTANT, pa.string()), len(reply), memory_pool=ARROW_POOL)
     structs = pa.StructArray.from_arrays([role, reply.cast(pa.string())], fields=list(TURN))
-    return pa.ListArray.from_arrays(pa.array(np.arange(len(reply) + 1, dtype=np.int32)), structs, type=TURNS)
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(len(reply) + 1, dtype=np.int32)), structs, type=TURNS
+    )
 
 
-def _flags(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags, split: _Split, index: np.ndarray,
-           prompt: pa.Array, turn_user: np.ndarray, turn_row: np.ndarray, replies: tuple[pa.Array, pa.Array]) -> pa.Array:
+def _flags(
+    c: _Texts,
+    r: _Texts,
+    c_tags: _Tags,
+    r_tags: _Tags,
+    split: _Split,
+    index: np.ndarray,
+    prompt: pa.Array,
+    turn_user: np.ndarray,
+    turn_row: np.ndarray,
+    replies: tuple[pa.Array, pa.Array],
+) -> pa.Array:
     """The flags of the fast rows (hhdata.pairs.transcript.pair_flags), in the order of FLAGS.
 
     Tag positions settle most rows at once; the reference's own tests run only on the few
@@ -315,20 +353,31 @@ def _flags(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags, split: _Split, in
     found = {flag: np.zeros(len(split.fast), dtype=bool) for flag in t.FLAGS}  # by batch row
     position = np.full(len(split.fast), -1)
     position[index] = np.arange(len(index))
-    sides = ((c, c_tags, split.reply_c, replies[0], t.EMPTY_CHOSEN, t.TAG_IN_CHOSEN),
-             (r, r_tags, split.reply_r, replies[1], t.EMPTY_REJECTED, t.TAG_IN_REJECTED))
+    sides = (
+        (c, c_tags, split.reply_c, replies[0], t.EMPTY_CHOSEN, t.TAG_IN_CHOSEN),
+        (r, r_tags, split.reply_r, replies[1], t.EMPTY_REJECTED, t.TAG_IN_REJECTED),
+    )
     for texts, tags, reply_start, reply, empty, inline in sides:
         begins = reply_start[tags.row]
         separator = ~tags.user & tags.blank_before & tags.space_after & (tags.start - 2 >= begins)
         found[t.CONSECUTIVE_ASSISTANT][tags.row[separator]] = True
         maybe_inline = tags.row[~tags.blank_before & (tags.start >= begins)]
-        _confirm(found[inline], maybe_inline, position, reply, lambda text: t.INLINE_TAG_RE.search(text))
-        maybe_empty = np.flatnonzero((reply_start >= texts.ends) | _MAYBE_SPACE[_byte_at(texts.data, reply_start)])
+        _confirm(
+            found[inline], maybe_inline, position, reply, lambda text: t.INLINE_TAG_RE.search(text)
+        )
+        maybe_empty = np.flatnonzero(
+            (reply_start >= texts.ends) | _MAYBE_SPACE[_byte_at(texts.data, reply_start)]
+        )
         _confirm(found[empty], maybe_empty, position, reply, lambda text: not text.strip())
     final = split.final[c_tags.row]
     maybe_in_prompt = c_tags.row[~c_tags.blank_before & (c_tags.start < final)]
-    _confirm(found[t.TAG_IN_PROMPT], maybe_in_prompt, position, prompt,
-             lambda turns: any(t.INLINE_TAG_RE.search(turn["content"]) for turn in turns))
+    _confirm(
+        found[t.TAG_IN_PROMPT],
+        maybe_in_prompt,
+        position,
+        prompt,
+        lambda turns: any(t.INLINE_TAG_RE.search(turn["content"]) for turn in turns),
+    )
     repeat = (turn_user[1:] == turn_user[:-1]) & (turn_row[1:] == turn_row[:-1])
     found[t.CONSECUTIVE_USER][turn_row[1:][repeat & turn_user[1:]]] = True
     found[t.CONSECUTIVE_ASSISTANT][turn_row[1:][repeat & ~turn_user[1:]]] = True
@@ -340,7 +389,9 @@ def _flags(c: _Texts, r: _Texts, c_tags: _Tags, r_tags: _Tags, split: _Split, in
     return pa.ListArray.from_arrays(pa.array(offsets), values, type=pa.list_(pa.string()))
 
 
-def _confirm(flag: np.ndarray, rows: np.ndarray, position: np.ndarray, values: pa.Array, test) -> None:
+def _confirm(
+    flag: np.ndarray, rows: np.ndarray, position: np.ndarray, values: pa.Array, test
+) -> None:
     """Set flag[row] for the candidate rows of the fast path whose value passes test."""
     rows = np.unique(rows)
     rows = rows[position[rows] >= 0]
@@ -352,16 +403,24 @@ def _ids(chosen: pa.Array, rejected: pa.Array) -> pa.Array:
     """hhdata.schema.pair_id of every row: one sha256 call per row over chosen, NUL, rejected
     joined by Arrow (hashlib releases the GIL for inputs of 2 KiB or more, about a fifth of
     the rows), the 20 hex digits written by numpy."""
-    joined = pc.binary_join_element_wise(chosen, rejected, "\x00", memory_pool=ARROW_POOL).cast(pa.string())
-    bounds = np.frombuffer(joined.buffers()[1], np.int32)[joined.offset: joined.offset + len(joined) + 1].tolist()
+    joined = pc.binary_join_element_wise(chosen, rejected, "\x00", memory_pool=ARROW_POOL).cast(
+        pa.string()
+    )
+    bounds = np.frombuffer(joined.buffers()[1], np.int32)[
+        joined.offset : joined.offset + len(joined) + 1
+    ].tolist()
     data = memoryview(joined.buffers()[2] or b"")
     sha256 = hashlib.sha256
-    digests = b"".join([sha256(data[start:stop]).digest() for start, stop in zip(bounds, bounds[1:])])
+    digests = b"".join(
+        [sha256(data[start:stop]).digest() for start, stop in zip(bounds, bounds[1:])]
+    )
     head = np.frombuffer(digests, np.uint8).reshape(len(joined), 32)[:, :10]
     hexed = np.empty((len(joined), 20), np.uint8)
     hexed[:, 0::2], hexed[:, 1::2] = _HEX[head >> 4], _HEX[head & 15]
     offsets = np.arange(0, 20 * len(joined) + 1, 20, dtype=np.int32)
-    return pa.Array.from_buffers(pa.string(), len(joined), [None, pa.py_buffer(offsets), pa.py_buffer(hexed)])
+    return pa.Array.from_buffers(
+        pa.string(), len(joined), [None, pa.py_buffer(offsets), pa.py_buffer(hexed)]
+    )
 
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -378,8 +437,18 @@ def _split_slow(raw: pa.Table, index: np.ndarray):
         try:
             pair = t.split_pair(record["chosen"], record["rejected"])
         except PairError as error:
-            raw_json = json.dumps({"chosen": record["chosen"], "rejected": record["rejected"]}, ensure_ascii=False)
-            bad.append((record.get("file"), record.get("line"), error.reason, str(error), raw_json.encode("utf-8", "surrogatepass")))
+            raw_json = json.dumps(
+                {"chosen": record["chosen"], "rejected": record["rejected"]}, ensure_ascii=False
+            )
+            bad.append(
+                (
+                    record.get("file"),
+                    record.get("line"),
+                    error.reason,
+                    str(error),
+                    raw_json.encode("utf-8", "surrogatepass"),
+                )
+            )
             continue
         kept.append(position)
         rows.append(

@@ -37,12 +37,17 @@ def _stats(pairs: pa.Table) -> dict:
     prompt_chars = np.zeros(rows, dtype=np.int64)
     if rows:
         prompt = pairs["prompt"].combine_chunks()
-        contents = pc.utf8_length(pc.list_flatten(prompt).field("content")).to_numpy(zero_copy_only=False)
-        prompt_chars = np.bincount(pc.list_parent_indices(prompt).to_numpy(), contents,
-                                   minlength=rows).astype(np.int64)
+        contents = pc.utf8_length(pc.list_flatten(prompt).field("content")).to_numpy(
+            zero_copy_only=False
+        )
+        prompt_chars = np.bincount(
+            pc.list_parent_indices(prompt).to_numpy(), contents, minlength=rows
+        ).astype(np.int64)
     return {
         "rows": rows,
-        "splits": dict(sorted((c["values"], c["counts"]) for c in pc.value_counts(pairs["split"]).to_pylist())),
+        "splits": dict(
+            sorted((c["values"], c["counts"]) for c in pc.value_counts(pairs["split"]).to_pylist())
+        ),
         "prompt_turns": _summary(turns),
         "prompt_chars": _summary(prompt_chars),
         "chosen_chars": _summary(_reply_lengths(pairs["chosen"])),
@@ -76,8 +81,13 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     if len(values) == 0:
         return {"mean": 0.0, "median": 0, "p90": 0, "p99": 0, "max": 0}
     median, p90, p99 = np.percentile(values, [50, 90, 99], method="lower")
-    return {"mean": round(float(values.mean()), 1), "median": int(median), "p90": int(p90),
-            "p99": int(p99), "max": int(values.max())}
+    return {
+        "mean": round(float(values.mean()), 1),
+        "median": int(median),
+        "p90": int(p90),
+        "p99": int(p99),
+        "max": int(values.max()),
+    }
 
 
 def format_stats(stats: dict[str, dict]) -> str:
@@ -88,16 +98,25 @@ def format_stats(stats: dict[str, dict]) -> str:
     splits = sorted({s for n in names for s in stats[n]["splits"]})
     for split in splits:
         lines.append((f"  {split}", *(f"{stats[n]['splits'].get(split, 0):,}" for n in names)))
-    for key, label in (("prompt_turns", "prompt turns"), ("prompt_chars", "prompt chars"),
-                       ("chosen_chars", "chosen chars"), ("rejected_chars", "rejected chars")):
+    for key, label in (
+        ("prompt_turns", "prompt turns"),
+        ("prompt_chars", "prompt chars"),
+        ("chosen_chars", "chosen chars"),
+        ("rejected_chars", "rejected chars"),
+    ):
         for measure in MEASURES:
             shown = "{:,.1f}" if measure == "mean" else "{:,}"
-            lines.append((f"{label} {measure}", *(shown.format(stats[n][key][measure]) for n in names)))
+            lines.append(
+                (f"{label} {measure}", *(shown.format(stats[n][key][measure]) for n in names))
+            )
     flags = [flag for flag in FLAGS if any(flag in stats[n]["flags"] for n in names)]
     for flag in flags:
         lines.append((f"flag {flag}", *(f"{stats[n]['flags'].get(flag, 0):,}" for n in names)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line)).rstrip()
+        "  ".join(
+            cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+            for i, cell in enumerate(line)
+        ).rstrip()
         for line in lines
     )

@@ -33,8 +33,13 @@ CITATION_BIBTEX = """@misc{bai2022training,
   archivePrefix = {arXiv},
   primaryClass = {cs.CL}
 }"""
-_SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                    (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"))
+_SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+)
 
 
 def card_metadata(manifest: dict) -> dict:
@@ -46,23 +51,34 @@ def card_metadata(manifest: dict) -> dict:
         entry = {"config_name": name}
         if view["default"]:
             entry["default"] = True
-        entry["data_files"] = [{"split": split, "path": list(s["files"])}
-                               for split, s in view["splits"].items()]
+        entry["data_files"] = [
+            {"split": split, "path": list(s["files"])} for split, s in view["splits"].items()
+        ]
         configs.append(entry)
         files = {path for s in view["splits"].values() for path in s["files"]}
-        infos.append({
-            "config_name": name,
-            "features": features,
-            "splits": [{"name": split, "num_bytes": _memory_bytes(manifest, s["files"]),
-                        "num_examples": s["rows"]} for split, s in view["splits"].items()],
-            "download_size": sum(manifest["files"][path]["bytes"] for path in sorted(files)),
-            "dataset_size": _memory_bytes(manifest, sorted(files)),
-        })
+        infos.append(
+            {
+                "config_name": name,
+                "features": features,
+                "splits": [
+                    {
+                        "name": split,
+                        "num_bytes": _memory_bytes(manifest, s["files"]),
+                        "num_examples": s["rows"],
+                    }
+                    for split, s in view["splits"].items()
+                ],
+                "download_size": sum(manifest["files"][path]["bytes"] for path in sorted(files)),
+                "dataset_size": _memory_bytes(manifest, sorted(files)),
+            }
+        )
     return {
         "license": "mit",
         "language": ["en"],
         "pretty_name": f"{manifest['name']} {manifest['version']}",
-        "size_categories": [next((label for limit, label in _SIZE_CATEGORIES if total < limit), "n>10M")],
+        "size_categories": [
+            next((label for limit, label in _SIZE_CATEGORIES if total < limit), "n>10M")
+        ],
         "task_categories": ["text-generation"],
         "tags": ["human-feedback", "rlhf", "preference", "harmlessness", "helpfulness"],
         "configs": configs,
@@ -94,19 +110,33 @@ def render_card(manifest: dict) -> str:
     True
     """
     template = Template(resources.files("hhdata").joinpath(TEMPLATE).read_text("utf-8"))
-    header = yaml.dump(card_metadata(manifest), Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=1000)
-    splits = sorted({split for view in manifest["configs"].values() for split in view["splits"]},
-                    key=lambda s: (s != "train", s))
+    header = yaml.dump(
+        card_metadata(manifest),
+        Dumper=_NoAliasDumper,
+        sort_keys=False,
+        allow_unicode=True,
+        width=1000,
+    )
+    splits = sorted(
+        {split for view in manifest["configs"].values() for split in view["splits"]},
+        key=lambda s: (s != "train", s),
+    )
     config_rows = [
-        [f"`{name}`" + (" (default)" if view["default"] else ""),
-         *(view["splits"].get(split, {}).get("rows", 0) for split in splits),
-         ", ".join(sorted({p.split("/")[1] for s in view["splits"].values() for p in s["files"]}))]
+        [
+            f"`{name}`" + (" (default)" if view["default"] else ""),
+            *(view["splits"].get(split, {}).get("rows", 0) for split in splits),
+            ", ".join(
+                sorted({p.split("/")[1] for s in view["splits"].values() for p in s["files"]})
+            ),
+        ]
         for name, view in manifest["configs"].items()
     ]
     accounting = manifest["accounting"]
     accounting_rows = [["read", "", accounting["read"]], ["kept", "", accounting["kept"]]]
     for fate in ("quarantined", "removed", "filtered"):
-        accounting_rows += [[fate, f"`{reason}`", count] for reason, count in accounting[fate].items()]
+        accounting_rows += [
+            [fate, f"`{reason}`", count] for reason, count in accounting[fate].items()
+        ]
     previous = manifest["previous"]
     return template.substitute(
         yaml=header,
@@ -116,18 +146,26 @@ def render_card(manifest: dict) -> str:
         tool_version=manifest["tool"]["version"],
         pyarrow_version=manifest["tool"]["pyarrow"],
         schema_version=manifest["schema_version"],
-        previous=(f"A {previous['change']} change from {previous['version']}; see CHANGELOG.md."
-                  if previous else "The first release."),
+        previous=(
+            f"A {previous['change']} change from {previous['version']}; see CHANGELOG.md."
+            if previous
+            else "The first release."
+        ),
         config_table=_table(["config", *splits, "subsets"], config_rows),
-        length_table=_table(["field", "mean", "median", "p90", "p99", "max"],
-                            [[f"`{name}`", s["mean"], s["p50"], s["p90"], s["p99"], s["max"]]
-                             for name, s in manifest["lengths"].items()]),
+        length_table=_table(
+            ["field", "mean", "median", "p90", "p99", "max"],
+            [
+                [f"`{name}`", s["mean"], s["p50"], s["p90"], s["p99"], s["max"]]
+                for name, s in manifest["lengths"].items()
+            ],
+        ),
         plot="lengths.png",
         accounting_table=_table(["fate", "reason", "rows"], accounting_rows),
         flags_table=_table(["flag", "rows"], [[f"`{f}`", n] for f, n in manifest["flags"].items()]),
-        sources_table=_table(["file", "bytes", "sha256"],
-                             [[f"`{s['path']}`", s["bytes"], f"`{s['sha256']}`"]
-                              for s in manifest["sources"]]),
+        sources_table=_table(
+            ["file", "bytes", "sha256"],
+            [[f"`{s['path']}`", s["bytes"], f"`{s['sha256']}`"] for s in manifest["sources"]],
+        ),
         settings=json.dumps(manifest["settings"], indent=2),
         citation=CITATION_BIBTEX,
         leakage=_leakage(manifest.get("leakage")),
@@ -136,7 +174,9 @@ def render_card(manifest: dict) -> str:
     )
 
 
-STRICT_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"  # its chat template refuses non-alternating roles
+STRICT_MODEL = (
+    "mistralai/Mistral-7B-Instruct-v0.3"  # its chat template refuses non-alternating roles
+)
 _USAGE = """Configs: $configs. `repo` below is $where.
 
 ```python
@@ -207,8 +247,10 @@ def usage(manifest: dict) -> str:
     Every ``python`` block runs as written (tests/test_card.py executes them in order).
     """
     configs = manifest["configs"]
-    config = next((name for name in ("helpful", "harmless") if name in configs),
-                  next(name for name, view in configs.items() if view["default"]))
+    config = next(
+        (name for name in ("helpful", "harmless") if name in configs),
+        next(name for name, view in configs.items() if view["default"]),
+    )
     splits = list(configs[config]["splits"])
     split = "train" if "train" in splits else splits[0]
     named = is_repo_id(manifest["name"])
@@ -217,11 +259,17 @@ def usage(manifest: dict) -> str:
             f"`{name}`{' (default)' if view['default'] else ''} ({', '.join(view['splits'])})"
             for name, view in configs.items()
         ),
-        where=("its Hub repo id; a local copy of this version's folder works the same way" if named
-               else "the folder of this README; once published, the Hub repo id (`org/name`)"),
+        where=(
+            "its Hub repo id; a local copy of this version's folder works the same way"
+            if named
+            else "the folder of this README; once published, the Hub repo id (`org/name`)"
+        ),
         # datasets needs a folder name it can read a dataset name from: not "."
-        repo_line=(f'repo = "{manifest["name"]}"' if named else
-                   'import os\n\nrepo = os.getcwd()  # run in the folder of this README'),
+        repo_line=(
+            f'repo = "{manifest["name"]}"'
+            if named
+            else "import os\n\nrepo = os.getcwd()  # run in the folder of this README"
+        ),
         config=config,
         split=split,
         version=manifest["version"],
@@ -255,8 +303,10 @@ def _leakage(leakage: dict | None) -> str:
     if leakage is None:
         return "Train/test prompt leakage was not checked for this release."
     exact, near = leakage["exact"], leakage["near"]
-    where = "; ".join(f"{name}: {count}" for name, count in
-                      {**near["within_subset"], **near["across_subsets"]}.items())
+    where = "; ".join(
+        f"{name}: {count}"
+        for name, count in {**near["within_subset"], **near["across_subsets"]}.items()
+    )
     return (
         f"Train/test leakage: {exact['test_rows']} test pairs have a prompt that is also a "
         f"train prompt (after normalisation) and {near['test_rows']} share a near-duplicate "

@@ -22,7 +22,11 @@ CONFORMS_TO = "http://mlcommons.org/croissant/1.0"
 UPSTREAM_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf"
 SPLITS = "splits"
 # Croissant's semantic split types; other split names get none
-SPLIT_TYPES = {"train": "cr:TrainingSplit", "validation": "cr:ValidationSplit", "test": "cr:TestSplit"}
+SPLIT_TYPES = {
+    "train": "cr:TrainingSplit",
+    "validation": "cr:ValidationSplit",
+    "test": "cr:TestSplit",
+}
 CONTEXT = {
     "@language": "en",
     "@vocab": "https://schema.org/",
@@ -67,7 +71,9 @@ _TURN_COLUMNS = ("prompt", "chosen", "rejected")
 
 def croissant(manifest: dict) -> dict:
     """The Croissant 1.0 JSON-LD document of a release."""
-    data_files = {path: entry for path, entry in manifest["files"].items() if path.endswith(".parquet")}
+    data_files = {
+        path: entry for path, entry in manifest["files"].items() if path.endswith(".parquet")
+    }
     distribution = [
         {
             "@type": "cr:FileObject",
@@ -84,22 +90,26 @@ def croissant(manifest: dict) -> dict:
     for config, view in manifest["configs"].items():
         files = sorted({path for split in view["splits"].values() for path in split["files"]})
         file_set = f"files-{config}"
-        distribution.append({
-            "@type": "cr:FileSet",
-            "@id": file_set,
-            "name": file_set,
-            "encodingFormat": "application/x-parquet",
-            "includes": files,
-        })
-        record_sets.append({
-            "@type": "cr:RecordSet",
-            "@id": config,
-            "name": config,
-            "description": f"config {config}: "
-                           + ", ".join(f"{split} {s['rows']} pairs" for split, s in view["splits"].items()),
-            "key": {"@id": f"{config}/id"},
-            "field": _fields(config, file_set),
-        })
+        distribution.append(
+            {
+                "@type": "cr:FileSet",
+                "@id": file_set,
+                "name": file_set,
+                "encodingFormat": "application/x-parquet",
+                "includes": files,
+            }
+        )
+        record_sets.append(
+            {
+                "@type": "cr:RecordSet",
+                "@id": config,
+                "name": config,
+                "description": f"config {config}: "
+                + ", ".join(f"{split} {s['rows']} pairs" for split, s in view["splits"].items()),
+                "key": {"@id": f"{config}/id"},
+                "field": _fields(config, file_set),
+            }
+        )
     document = {
         "@context": CONTEXT,
         "@type": "sc:Dataset",
@@ -137,7 +147,9 @@ def _splits(manifest: dict) -> dict:
     names = []
     for view in manifest["configs"].values():
         names += [split for split in view["splits"] if split not in names]
-    data = [{f"{SPLITS}/name": name, f"{SPLITS}/url": SPLIT_TYPES.get(name, name)} for name in names]
+    data = [
+        {f"{SPLITS}/name": name, f"{SPLITS}/url": SPLIT_TYPES.get(name, name)} for name in names
+    ]
     return {
         "@type": "cr:RecordSet",
         "@id": SPLITS,
@@ -161,23 +173,46 @@ def _fields(config: str, file_set: str) -> list[dict]:
         return found
 
     fields = [
-        {"@type": "cr:Field", "@id": f"{config}/{column}", "name": column,
-         "dataType": "sc:Text", "source": source(column)}
+        {
+            "@type": "cr:Field",
+            "@id": f"{config}/{column}",
+            "name": column,
+            "dataType": "sc:Text",
+            "source": source(column),
+        }
         for column in _TEXT_COLUMNS
     ]
     split = next(field for field in fields if field["name"] == "split")
     split["references"] = {"field": {"@id": f"{SPLITS}/name"}}
     for column in _TURN_COLUMNS:
-        fields.append({
-            "@type": "cr:Field", "@id": f"{config}/{column}", "name": column, "repeated": True,
-            "subField": [
-                {"@type": "cr:Field", "@id": f"{config}/{column}/{part}", "name": part,
-                 "dataType": "sc:Text", "source": source(column, part)}
-                for part in ("role", "content")
-            ],
-        })
-    fields.append({"@type": "cr:Field", "@id": f"{config}/flags", "name": "flags",
-                   "dataType": "sc:Text", "repeated": True, "source": source("flags")})
+        fields.append(
+            {
+                "@type": "cr:Field",
+                "@id": f"{config}/{column}",
+                "name": column,
+                "repeated": True,
+                "subField": [
+                    {
+                        "@type": "cr:Field",
+                        "@id": f"{config}/{column}/{part}",
+                        "name": part,
+                        "dataType": "sc:Text",
+                        "source": source(column, part),
+                    }
+                    for part in ("role", "content")
+                ],
+            }
+        )
+    fields.append(
+        {
+            "@type": "cr:Field",
+            "@id": f"{config}/flags",
+            "name": "flags",
+            "dataType": "sc:Text",
+            "repeated": True,
+            "source": source("flags"),
+        }
+    )
     return fields
 
 

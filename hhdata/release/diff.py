@@ -90,16 +90,22 @@ class ReleaseDiff:
 
     def summary(self) -> str:
         """A few readable lines: the kind of change and the counts per config."""
-        lines = [f"{self.old_version} -> {self.new_version}: {self.change} change "
-                 f"({len(self.changed_files)} files with different bytes)"]
+        lines = [
+            f"{self.old_version} -> {self.new_version}: {self.change} change "
+            f"({len(self.changed_files)} files with different bytes)"
+        ]
         width = max((len(name) for name in self.configs), default=6)
         for name, config in self.configs.items():
-            lines.append(f"  {name:<{width}}  +{len(config.added)} added  "
-                         f"-{len(config.removed)} removed  ~{len(config.edited)} edited")
+            lines.append(
+                f"  {name:<{width}}  +{len(config.added)} added  "
+                f"-{len(config.removed)} removed  ~{len(config.edited)} edited"
+            )
         return "\n".join(lines)
 
 
-def diff_releases(old: str | Path, new: str | Path, *, new_manifest: dict | None = None) -> ReleaseDiff:
+def diff_releases(
+    old: str | Path, new: str | Path, *, new_manifest: dict | None = None
+) -> ReleaseDiff:
     """Diff two release directories config by config.
 
     ``new_manifest`` lets a release being built be compared before its manifest is written.
@@ -125,7 +131,8 @@ def diff_releases(old: str | Path, new: str | Path, *, new_manifest: dict | None
             edited=sorted(edited_anywhere & before & after),
         )
     changed = sorted(
-        path for path in _union(old_manifest["files"], new_manifest["files"])
+        path
+        for path in _union(old_manifest["files"], new_manifest["files"])
         if old_manifest["files"].get(path, {}).get("sha256")
         != new_manifest["files"].get(path, {}).get("sha256")
     )
@@ -138,8 +145,14 @@ def _union(first: dict, second: dict) -> list[str]:
 
 def _read_rows(root: Path, manifest: dict) -> tuple[dict[str, set[str]], pa.Table]:
     """The ids of each data file, and every row's id and content columns in one table."""
-    data_files = sorted({path for config in manifest["configs"].values()
-                         for split in config["splits"].values() for path in split["files"]})
+    data_files = sorted(
+        {
+            path
+            for config in manifest["configs"].values()
+            for split in config["splits"].values()
+            for path in split["files"]
+        }
+    )
     ids, tables = {}, []
     for path in data_files:
         table = pq.read_table(root / path, columns=["id", *_CONTENT_COLUMNS])
@@ -150,7 +163,9 @@ def _read_rows(root: Path, manifest: dict) -> tuple[dict[str, set[str]], pa.Tabl
 
 def _config_ids(manifest: dict, name: str, ids: dict[str, set[str]]) -> set[str]:
     config = manifest["configs"].get(name, {"splits": {}})
-    return set().union(*(ids[path] for split in config["splits"].values() for path in split["files"]))
+    return set().union(
+        *(ids[path] for split in config["splits"].values() for path in split["files"])
+    )
 
 
 def edited_ids(old: pa.Table | None, new: pa.Table | None) -> set[str]:
@@ -182,8 +197,10 @@ def _differs(left: pa.Array, right: pa.Array) -> np.ndarray:
             differs |= _differs(left_field, right_field)
         return differs
     unequal = pc.fill_null(pc.not_equal(left, right), False).to_numpy(zero_copy_only=False)
-    return unequal | (left.is_null().to_numpy(zero_copy_only=False)
-                      != right.is_null().to_numpy(zero_copy_only=False))
+    return unequal | (
+        left.is_null().to_numpy(zero_copy_only=False)
+        != right.is_null().to_numpy(zero_copy_only=False)
+    )
 
 
 def check_version(change: ReleaseDiff, allow_mismatch: bool = False) -> dict:
@@ -207,14 +224,19 @@ def check_version(change: ReleaseDiff, allow_mismatch: bool = False) -> dict:
                 f"version must be {expected}, not {new}; use --version {expected}, or pass "
                 "--allow-version-mismatch to release it as a different number anyway"
             )
-    return {"version": old, "change": change.change,
-            "version_check": "enforced" if new == expected else "overridden"}
+    return {
+        "version": old,
+        "change": change.change,
+        "version_check": "enforced" if new == expected else "overridden",
+    }
 
 
 def _counts(change: ReleaseDiff) -> str:
     everything = change.configs.get("all", ConfigDiff())
-    return (f"{len(everything.added)} rows added, {len(everything.removed)} removed, "
-            f"{len(everything.edited)} edited")
+    return (
+        f"{len(everything.added)} rows added, {len(everything.removed)} removed, "
+        f"{len(everything.edited)} edited"
+    )
 
 
 def read_changelog_entries(release_dir: str | Path) -> str:
@@ -230,22 +252,36 @@ def changelog(manifest: dict, change: ReleaseDiff | None, history: str = "") -> 
     version = manifest["version"]
     if change is None:
         total = sum(s["rows"] for s in manifest["configs"]["all"]["splits"].values())
-        entry = [f"## {version}\n", f"First release: {total} pairs in "
-                 f"{len(manifest['subsets'])} subsets ({', '.join(manifest['subsets'])}).\n"]
+        entry = [
+            f"## {version}\n",
+            f"First release: {total} pairs in "
+            f"{len(manifest['subsets'])} subsets ({', '.join(manifest['subsets'])}).\n",
+        ]
     else:
-        entry = [f"## {version}\n",
-                 f"A {change.change} change from {change.old_version}: {_counts(change)}; "
-                 f"{len(change.changed_files)} files have different bytes.\n",
-                 "| config | added | removed | edited |", "|---|---:|---:|---:|"]
-        entry += [f"| {name} | {len(c.added)} | {len(c.removed)} | {len(c.edited)} |"
-                  for name, c in change.configs.items()]
+        entry = [
+            f"## {version}\n",
+            f"A {change.change} change from {change.old_version}: {_counts(change)}; "
+            f"{len(change.changed_files)} files have different bytes.\n",
+            "| config | added | removed | edited |",
+            "|---|---:|---:|---:|",
+        ]
+        entry += [
+            f"| {name} | {len(c.added)} | {len(c.removed)} | {len(c.edited)} |"
+            for name, c in change.configs.items()
+        ]
         entry.append("")
         everything = change.configs.get("all", ConfigDiff())
-        for label, ids in (("Added", everything.added), ("Removed", everything.removed),
-                           ("Edited", everything.edited)):
+        for label, ids in (
+            ("Added", everything.added),
+            ("Removed", everything.removed),
+            ("Edited", everything.edited),
+        ):
             if ids:
                 shown = ids[:CHANGELOG_IDS_SHOWN]
                 more = f" (first {len(shown)} of {len(ids)})" if len(ids) > len(shown) else ""
-                entry += [f"<details><summary>{label} ids{more}</summary>\n",
-                          " ".join(shown), "\n</details>\n"]
+                entry += [
+                    f"<details><summary>{label} ids{more}</summary>\n",
+                    " ".join(shown),
+                    "\n</details>\n",
+                ]
     return CHANGELOG_TITLE + "\n" + "\n".join(entry) + "\n" + (f"\n{history}" if history else "")

@@ -65,7 +65,9 @@ def verify_files(root: str | Path, manifest: dict | None = None) -> dict:
     for relative in manifest["files"]:
         data = read_verified(root, relative, manifest)
         if "rows" in manifest["files"][relative]:
-            rows[relative] = check_file_rows(Path(root) / relative, data, manifest["files"][relative])
+            rows[relative] = check_file_rows(
+                Path(root) / relative, data, manifest["files"][relative]
+            )
     for config in manifest["configs"]:
         check_config_rows(root, manifest, config, rows)
     return manifest
@@ -82,7 +84,9 @@ def check_file_rows(path: Path, data: bytes, entry: dict, where: str = "") -> in
     return actual
 
 
-def check_config_rows(root, manifest: dict, config: str, rows: dict[str, int], only: str | None = None) -> None:
+def check_config_rows(
+    root, manifest: dict, config: str, rows: dict[str, int], only: str | None = None
+) -> None:
     """Each split's row count in the manifest against the footers of its files (``rows``)."""
     for split, view in manifest["configs"][config]["splits"].items():
         if only is not None and split != only:
@@ -137,15 +141,20 @@ def load_release(
         for relative in files:
             data = read_verified(path, relative, manifest)
             where = f" (config {config!r}, split {name!r})"
-            rows[relative] = check_file_rows(Path(path) / relative, data, manifest["files"][relative], where)
+            rows[relative] = check_file_rows(
+                Path(path) / relative, data, manifest["files"][relative], where
+            )
             tables.append(pq.read_table(pa.BufferReader(data)))
         check_config_rows(path, manifest, config, rows, only=name)
         table = pa.concat_tables(tables).select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
         info = datasets.DatasetInfo(
-            description=f"{manifest['name']} {manifest['version']}", features=FEATURES,
+            description=f"{manifest['name']} {manifest['version']}",
+            features=FEATURES,
             version=manifest["version"],
         )
-        loaded[name] = datasets.Dataset(InMemoryTable(table), info=info, split=datasets.NamedSplit(name))
+        loaded[name] = datasets.Dataset(
+            InMemoryTable(table), info=info, split=datasets.NamedSplit(name)
+        )
     if split is not None:
         return loaded[split]
     return datasets.DatasetDict(loaded)

@@ -103,7 +103,9 @@ def read_manifest(release_dir: str | Path) -> dict:
     return manifest
 
 
-def length_stats(table: pa.Table, turn_lengths: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+def length_stats(
+    table: pa.Table, turn_lengths: dict[str, np.ndarray] | None = None
+) -> dict[str, dict[str, float]]:
     """Character lengths of the prompt (all turns), the two replies and the transcripts.
     ``turn_lengths``: text_lengths of prompt, chosen and rejected when already computed.
 
@@ -113,7 +115,10 @@ def length_stats(table: pa.Table, turn_lengths: dict[str, np.ndarray] | None = N
     ...     "rejected": [[{"role": "assistant", "content": ""}]]})))
     ['chosen', 'chosen_text', 'prompt', 'prompt_turns', 'rejected', 'rejected_text']
     """
-    columns = dict(turn_lengths or {name: text_lengths(table, name) for name in ("prompt", "chosen", "rejected")})
+    columns = dict(
+        turn_lengths
+        or {name: text_lengths(table, name) for name in ("prompt", "chosen", "rejected")}
+    )
     columns["chosen_text"] = pc.utf8_length(table["chosen_text"]).to_numpy()
     columns["rejected_text"] = pc.utf8_length(table["rejected_text"]).to_numpy()
     columns["prompt_turns"] = pc.list_value_length(table["prompt"]).to_numpy()
@@ -126,7 +131,9 @@ def text_lengths(table: pa.Table, turns_column: str) -> np.ndarray:
     column = table[turns_column]
     parts = []
     for turns in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        flat = pc.utf8_length(pc.struct_field(turns.flatten(), "content")).to_numpy(zero_copy_only=False)
+        flat = pc.utf8_length(pc.struct_field(turns.flatten(), "content")).to_numpy(
+            zero_copy_only=False
+        )
         offsets = turns.offsets.to_numpy() - turns.offsets[0].as_py()
         sums = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
         parts.append(sums[offsets[1:]] - sums[offsets[:-1]])

@@ -146,9 +146,16 @@ def write_release(
     ``allow_version_mismatch``. The same as staging the data files, then finish_release.
     """
     with staged_release(pairs, out, version, previous=previous, parquet=parquet) as staged:
-        return finish_release(staged, sources=sources, accounting=accounting, settings=settings,
-                              leakage=leakage, previous=previous,
-                              allow_version_mismatch=allow_version_mismatch, name=name)
+        return finish_release(
+            staged,
+            sources=sources,
+            accounting=accounting,
+            settings=settings,
+            leakage=leakage,
+            previous=previous,
+            allow_version_mismatch=allow_version_mismatch,
+            name=name,
+        )
 
 
 @contextlib.contextmanager
@@ -191,8 +198,13 @@ def finish_release(
 ) -> Release:
     """The manifest, diff, changelog, croissant.json and card of a staged release, then the
     folder moved to ``<out>/<version>/`` (see write_release for the arguments)."""
-    metadata = {"sources": sources, "accounting": accounting, "settings": settings,
-                "leakage": leakage, "name": name}
+    metadata = {
+        "sources": sources,
+        "accounting": accounting,
+        "settings": settings,
+        "leakage": leakage,
+        "name": name,
+    }
     manifest, change = _build(staged, metadata, previous, allow_version_mismatch)
     final = Path(staged.out) / staged.version
     _move_into_place(staged.staging, final)
@@ -259,7 +271,9 @@ def _write_data(pairs, staging, version, previous, parquet):
     rows = canonical_rows(pairs)
     stamp = file_metadata(version)
     with ThreadPoolExecutor(max_workers=1) as pool:  # the plot is drawn while the files are written
-        lengths = pool.submit(lambda: {name: text_lengths(rows, name) for name in ("prompt", "chosen", "rejected")})
+        lengths = pool.submit(
+            lambda: {name: text_lengths(rows, name) for name in ("prompt", "chosen", "rejected")}
+        )
         plot = pool.submit(lambda: _plot(lengths.result(), staging))
         files = write_data_files(rows, staging, parquet, stamp, previous)
         files[PLOT_NAME] = plot.result()
@@ -373,7 +387,9 @@ def write_data_files(
 
     def write(key: tuple[str, str]) -> tuple[str, dict]:
         subset, split = key
-        part = rows.filter(pc.and_(pc.equal(rows["subset"], subset), pc.equal(rows["split"], split)))
+        part = rows.filter(
+            pc.and_(pc.equal(rows["subset"], subset), pc.equal(rows["split"], split))
+        )
         relative = data_file(subset, split)
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         if relative in earlier:  # try the earlier stamp: the same bytes if the rows are the same
@@ -419,13 +435,16 @@ def config_views(rows: pa.Table) -> dict[str, dict]:
             members[family] = chosen
     for subset in families:
         members[subset] = [subset]
-    counts = {(k["subset"], k["split"]): k["id_count"]
-              for k in rows.group_by(["subset", "split"]).aggregate([("id", "count")]).to_pylist()}
+    counts = {
+        (k["subset"], k["split"]): k["id_count"]
+        for k in rows.group_by(["subset", "split"]).aggregate([("id", "count")]).to_pylist()
+    }
     configs = {}
     for config, subsets in members.items():
         splits = {}
-        for split in sorted({split for (subset, split) in counts if subset in subsets},
-                            key=_split_order):
+        for split in sorted(
+            {split for (subset, split) in counts if subset in subsets}, key=_split_order
+        ):
             parts = [subset for subset in subsets if (subset, split) in counts]
             splits[split] = {
                 "rows": sum(counts[(subset, split)] for subset in parts),
@@ -448,8 +467,14 @@ def _plot(lengths_of: dict[str, np.ndarray], root: Path) -> dict:
     bins = np.logspace(0, 5, 51)
     for column, colour in (("prompt", "#4c72b0"), ("chosen", "#55a868"), ("rejected", "#c44e52")):
         lengths = np.maximum(lengths_of[column], 1)
-        axes.hist(lengths, bins=bins, histtype="step", linewidth=1.5, color=colour,
-                  label=f"{column} (median {int(np.median(lengths)) if len(lengths) else 0})")
+        axes.hist(
+            lengths,
+            bins=bins,
+            histtype="step",
+            linewidth=1.5,
+            color=colour,
+            label=f"{column} (median {int(np.median(lengths)) if len(lengths) else 0})",
+        )
     axes.set_xscale("log")
     axes.set_xlabel("characters")
     axes.set_ylabel("pairs")

@@ -83,24 +83,53 @@ class LocalHub:
         config = self.root / "olah.toml"
         config.write_text(
             OLAH_CONFIG.format(
-                olah_port=self.olah_port, port=self.port, cache=self.root / "olah-cache", mirrors=self.repos
+                olah_port=self.olah_port,
+                port=self.port,
+                cache=self.root / "olah-cache",
+                mirrors=self.repos,
             )
         )
         self._olah = self._spawn(
             "olah",
-            [sys.executable, "-m", "olah.server", "--config", str(config), "--host", "127.0.0.1",
-             "--port", str(self.olah_port), "--log-path", str(self.logs / "olah")],
+            [
+                sys.executable,
+                "-m",
+                "olah.server",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.olah_port),
+                "--log-path",
+                str(self.logs / "olah"),
+            ],
         )
         self.start_front()
-        self._wait(f"http://127.0.0.1:{self.olah_port}/api/datasets/none/none/refs", self._olah, "olah")
+        self._wait(
+            f"http://127.0.0.1:{self.olah_port}/api/datasets/none/none/refs", self._olah, "olah"
+        )
         return self
 
     def start_front(self) -> None:
         """(Re)start the write server on the same port, e.g. after kill_front()."""
         self._front = self._spawn(
             "front",
-            [sys.executable, "-m", "hhdata.hub.localserver.front", "--root", str(self.repos), "--port", str(self.port),
-             "--olah-port", str(self.olah_port), "--token", self.token, "--fired-log", str(self.fired_log)],
+            [
+                sys.executable,
+                "-m",
+                "hhdata.hub.localserver.front",
+                "--root",
+                str(self.repos),
+                "--port",
+                str(self.port),
+                "--olah-port",
+                str(self.olah_port),
+                "--token",
+                self.token,
+                "--fired-log",
+                str(self.fired_log),
+            ],
         )
         self._wait(f"{self.endpoint}/api/whoami-v2", self._front, "front", token=self.token)
 
@@ -140,7 +169,15 @@ class LocalHub:
         return self.repos / f"{repo_type}s" / repo_id
 
     def lfs_object(self, repo_id: str, oid: str, repo_type: str = "dataset") -> Path:
-        return self.repo_path(repo_id, repo_type) / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+        return (
+            self.repo_path(repo_id, repo_type)
+            / ".git"
+            / "lfs"
+            / "objects"
+            / oid[:2]
+            / oid[2:4]
+            / oid
+        )
 
     def arm_faults(self, faults: list[dict]) -> None:
         """Arm faults on the write server, e.g. ``[{"route": "commit", "action": "exit", "times": 1}]``.
@@ -152,7 +189,9 @@ class LocalHub:
         """
         self.fired_log.write_text("")
         request = urllib.request.Request(
-            f"{self.endpoint}/_hubserver/faults", data=json.dumps(faults).encode(), method="POST",
+            f"{self.endpoint}/_hubserver/faults",
+            data=json.dumps(faults).encode(),
+            method="POST",
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         urllib.request.urlopen(request, timeout=10).read()
@@ -164,7 +203,9 @@ class LocalHub:
         """
         if not self.fired_log.is_file():
             return []
-        return [json.loads(line) for line in self.fired_log.read_text().splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in self.fired_log.read_text().splitlines() if line.strip()
+        ]
 
     def received_bytes(self) -> dict[str, int]:
         """Request body bytes the write server received so far, by route (lfs_upload, commit, ...)."""
@@ -175,8 +216,9 @@ class LocalHub:
         return self._stats()["requests"]
 
     def _stats(self) -> dict:
-        request = urllib.request.Request(f"{self.endpoint}/_hubserver/stats",
-                                         headers={"Authorization": f"Bearer {self.token}"})
+        request = urllib.request.Request(
+            f"{self.endpoint}/_hubserver/stats", headers={"Authorization": f"Bearer {self.token}"}
+        )
         return json.loads(urllib.request.urlopen(request, timeout=10).read())
 
     def env(self, hf_home: Path | str) -> dict[str, str]:
@@ -193,9 +235,16 @@ class LocalHub:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+        }
         try:
-            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env)
+            return subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env
+            )
         finally:
             log.close()
 
@@ -204,15 +253,21 @@ class LocalHub:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise HubServerError(f"local Hub {name} exited with {proc.returncode}; see {self.logs / name}.log")
+                raise HubServerError(
+                    f"local Hub {name} exited with {proc.returncode}; see {self.logs / name}.log"
+                )
             try:
-                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2).read()
+                urllib.request.urlopen(
+                    urllib.request.Request(url, headers=headers), timeout=2
+                ).read()
                 return
             except urllib.error.HTTPError:
                 return  # it answered
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.1)
-        raise HubServerError(f"local Hub {name} did not answer {url} in {self.startup_timeout} s; see {self.logs / name}.log")
+        raise HubServerError(
+            f"local Hub {name} did not answer {url} in {self.startup_timeout} s; see {self.logs / name}.log"
+        )
 
 
 __all__ = ["LocalHub", "HubServerError", "free_port"]

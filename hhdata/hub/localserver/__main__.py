@@ -17,7 +17,9 @@ from hhdata.hub.localserver import LocalHub
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a local Hugging Face Hub on 127.0.0.1")
     parser.add_argument("--root", required=True, help="folder for repositories, caches and logs")
-    parser.add_argument("--token", default=None, help="write token to accept (default: a random one)")
+    parser.add_argument(
+        "--token", default=None, help="write token to accept (default: a random one)"
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

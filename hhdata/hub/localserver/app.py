@@ -32,17 +32,33 @@ from hhdata.hub.localserver.gitstore import GitStoreError, Repo
 
 TYPES = "models|datasets|spaces"
 REPO = r"(?P<repo>[^/]+/[^/]+)"
-LFS_SUFFIXES = tuple(f".{ext}" for ext in ("parquet", "arrow", "gz", "zip", "zst", "png", "jpg", "bin", "safetensors", "pt"))
+LFS_SUFFIXES = tuple(
+    f".{ext}"
+    for ext in ("parquet", "arrow", "gz", "zip", "zst", "png", "jpg", "bin", "safetensors", "pt")
+)
 LFS_MIN_SIZE = 10 * 1024 * 1024
-HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
+HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+}
 INVALID_TOKEN = "Invalid credentials in Authorization header"
 
 
 class HubState:
     """Everything the server knows: where repos live, valid tokens, olah's address, faults."""
 
-    def __init__(self, root: Path, tokens: dict[str, str], olah: tuple[str, int] | None,
-                 fired_log: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        tokens: dict[str, str],
+        olah: tuple[str, int] | None,
+        fired_log: Path | None = None,
+    ):
         self.root = root
         self.fired_log = fired_log
         self.tokens = tokens  # token -> user name
@@ -65,7 +81,11 @@ class HubState:
         """The first armed fault for this route and moment, counting it down."""
         with self.lock:
             for fault in self.faults:
-                if fault["route"] == route and fault.get("when", "before") == when and fault["times"] > 0:
+                if (
+                    fault["route"] == route
+                    and fault.get("when", "before") == when
+                    and fault["times"] > 0
+                ):
                     fault["times"] -= 1
                     self.record_fired(fault, route, when)
                     return fault
@@ -75,7 +95,12 @@ class HubState:
         """Append the fault that is about to act to fired_log (flushed: an exit follows)."""
         if self.fired_log is None:
             return
-        entry = {"route": route, "when": when, "action": fault["action"], "status": fault.get("status")}
+        entry = {
+            "route": route,
+            "when": when,
+            "action": fault["action"],
+            "status": fault.get("status"),
+        }
         with open(self.fired_log, "a", encoding="utf-8") as log:
             log.write(json.dumps(entry) + "\n")
 
@@ -157,8 +182,14 @@ class HubHandler(BaseHTTPRequestHandler):
             self.reply(error.status, {"error": str(error)}, error.error_code)
 
     def count_received(self, path: str) -> None:
-        route = next((h.__name__.removeprefix("do_route_") for m, pattern, h in ROUTES
-                      if m == self.command and re.fullmatch(pattern, path)), "read")
+        route = next(
+            (
+                h.__name__.removeprefix("do_route_")
+                for m, pattern, h in ROUTES
+                if m == self.command and re.fullmatch(pattern, path)
+            ),
+            "read",
+        )
         with self.state.lock:
             received = self.state.received
             received[route] = received.get(route, 0) + int(self.headers.get("Content-Length") or 0)
@@ -188,7 +219,9 @@ class HubHandler(BaseHTTPRequestHandler):
         for key, value in response.getheaders():
             if key.lower() not in HOP_HEADERS | {"server", "date"}:
                 self.send_header(key, value)
-        length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(payload))
+        length = (
+            response.getheader("Content-Length") if self.command == "HEAD" else str(len(payload))
+        )
         self.send_header("Content-Length", length or "0")
         self.end_headers()
         if self.command != "HEAD":
@@ -200,13 +233,20 @@ class HubHandler(BaseHTTPRequestHandler):
         user = self.user()
         if user is None:
             raise GitStoreError(401, "no token given")
-        self.reply(200, {"type": "user", "name": user, "orgs": [], "auth": {"accessToken": {"role": "write"}}})
+        self.reply(
+            200,
+            {"type": "user", "name": user, "orgs": [], "auth": {"accessToken": {"role": "write"}}},
+        )
 
     def do_route_create_repo(self) -> None:
         self.writer()
         payload = json.loads(self.body() or b"{}")
         kind = f"{payload.get('type') or 'model'}s"
-        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        repo_id = (
+            f"{payload['organization']}/{payload['name']}"
+            if payload.get("organization")
+            else payload["name"]
+        )
         if "/" not in repo_id:
             repo_id = f"{self.writer()}/{repo_id}"
         repo = self.state.repo(kind, repo_id)
@@ -215,7 +255,10 @@ class HubHandler(BaseHTTPRequestHandler):
         with repo.lock:
             if repo.exists():
                 # like the Hub: 409 with the repo's url, which create_repo(exist_ok=True) returns
-                self.reply(409, {"error": f"You already created this {kind[:-1]} repo: {repo_id}", "url": url})
+                self.reply(
+                    409,
+                    {"error": f"You already created this {kind[:-1]} repo: {repo_id}", "url": url},
+                )
                 return
             repo.path.mkdir(parents=True, exist_ok=True)
         repo.init()
@@ -225,7 +268,11 @@ class HubHandler(BaseHTTPRequestHandler):
         self.writer()
         payload = json.loads(self.body() or b"{}")
         kind = f"{payload.get('type') or 'model'}s"
-        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        repo_id = (
+            f"{payload['organization']}/{payload['name']}"
+            if payload.get("organization")
+            else payload["name"]
+        )
         repo = self.existing(kind, repo_id)
         with repo.lock:
             shutil.rmtree(repo.path)
@@ -251,10 +298,21 @@ class HubHandler(BaseHTTPRequestHandler):
         files = []
         for item in json.loads(self.body())["files"]:
             sample = base64.b64decode(item["sample"])
-            lfs = item["path"].endswith(LFS_SUFFIXES) or item["size"] >= LFS_MIN_SIZE or b"\0" in sample
+            lfs = (
+                item["path"].endswith(LFS_SUFFIXES)
+                or item["size"] >= LFS_MIN_SIZE
+                or b"\0" in sample
+            )
             entry = current.get(item["path"])
             oid = None if entry is None else (entry.lfs_oid or entry.blob)
-            files.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+            files.append(
+                {
+                    "path": item["path"],
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": oid,
+                }
+            )
         self.reply(200, {"files": files, "commitOid": head})
 
     def do_route_lfs_batch(self, kind: str | None, repo: str) -> None:
@@ -262,7 +320,9 @@ class HubHandler(BaseHTTPRequestHandler):
         kind = kind or "models"
         store = self.existing(kind, repo)
         request = json.loads(self.body())
-        if request.get("operation") != "upload" or "basic" not in request.get("transfers", ["basic"]):
+        if request.get("operation") != "upload" or "basic" not in request.get(
+            "transfers", ["basic"]
+        ):
             raise GitStoreError(400, "this server supports only the basic upload transfer")
         objects = []
         for obj in request["objects"]:
@@ -305,7 +365,10 @@ class HubHandler(BaseHTTPRequestHandler):
             elif item["key"] == "lfsFile":
                 oid = value["oid"]
                 if not store.has_lfs(oid):
-                    raise GitStoreError(422, f"LFS object {oid} for {value['path']} was never uploaded; upload it first")
+                    raise GitStoreError(
+                        422,
+                        f"LFS object {oid} for {value['path']} was never uploaded; upload it first",
+                    )
                 lfs_files[value["path"]] = (oid, store.lfs_path(oid).stat().st_size)
             elif item["key"] in ("deletedFile", "deletedFolder"):
                 deletions.append(value["path"])
@@ -315,12 +378,24 @@ class HubHandler(BaseHTTPRequestHandler):
         if store.resolve(f"refs/heads/{branch}") is None:
             raise GitStoreError(404, f"branch {branch} not found", "RevisionNotFound")
         oid = store.commit(
-            branch, header.get("summary", "commit"), files, lfs_files, deletions,
-            header.get("parentCommit"), header.get("description", ""),
+            branch,
+            header.get("summary", "commit"),
+            files,
+            lfs_files,
+            deletions,
+            header.get("parentCommit"),
+            header.get("description", ""),
         )
         self.fault("commit", "after")
         prefix = "" if kind == "models" else f"{kind}/"
-        self.reply(200, {"commitUrl": f"{self.base_url()}/{prefix}{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+        self.reply(
+            200,
+            {
+                "commitUrl": f"{self.base_url()}/{prefix}{repo}/commit/{oid}",
+                "commitOid": oid,
+                "pullRequestUrl": None,
+            },
+        )
 
     # -- refs -----------------------------------------------------------------------------
     def do_route_create_tag(self, kind: str, repo: str, rev: str) -> None:
@@ -337,7 +412,9 @@ class HubHandler(BaseHTTPRequestHandler):
     def do_route_create_branch(self, kind: str, repo: str, rev: str) -> None:
         self.writer()
         payload = json.loads(self.body() or b"{}")
-        self.existing(kind, repo).create_ref(f"refs/heads/{unquote(rev)}", payload.get("startingPoint") or "main")
+        self.existing(kind, repo).create_ref(
+            f"refs/heads/{unquote(rev)}", payload.get("startingPoint") or "main"
+        )
         self.reply(200, {})
 
     def do_route_delete_branch(self, kind: str, repo: str, rev: str) -> None:
@@ -349,7 +426,13 @@ class HubHandler(BaseHTTPRequestHandler):
     def do_route_stats(self) -> None:
         self.writer()
         with self.state.lock:
-            self.reply(200, {"received_bytes": dict(self.state.received), "requests": dict(self.state.requests)})
+            self.reply(
+                200,
+                {
+                    "received_bytes": dict(self.state.received),
+                    "requests": dict(self.state.requests),
+                },
+            )
 
     def do_route_faults(self) -> None:
         self.writer()
@@ -365,9 +448,17 @@ ROUTES = [
     ("DELETE", r"/api/repos/delete", H.do_route_delete_repo),
     ("POST", r"/api/validate-yaml", H.do_route_validate_yaml),
     ("POST", rf"/api/(?P<kind>{TYPES})/{REPO}/preupload/(?P<rev>[^/]+)", H.do_route_preupload),
-    ("POST", rf"/(?:(?P<kind>datasets|spaces)/)?{REPO}\.git/info/lfs/objects/batch", H.do_route_lfs_batch),
+    (
+        "POST",
+        rf"/(?:(?P<kind>datasets|spaces)/)?{REPO}\.git/info/lfs/objects/batch",
+        H.do_route_lfs_batch,
+    ),
     ("PUT", rf"/_lfs/(?P<kind>{TYPES})/{REPO}/(?P<oid>[0-9a-f]{{64}})", H.do_route_lfs_upload),
-    ("POST", rf"/_lfs/(?P<kind>{TYPES})/{REPO}/(?P<oid>[0-9a-f]{{64}})/verify", H.do_route_lfs_verify),
+    (
+        "POST",
+        rf"/_lfs/(?P<kind>{TYPES})/{REPO}/(?P<oid>[0-9a-f]{{64}})/verify",
+        H.do_route_lfs_verify,
+    ),
     ("POST", rf"/api/(?P<kind>{TYPES})/{REPO}/commit/(?P<rev>[^/]+)", H.do_route_commit),
     ("POST", rf"/api/(?P<kind>{TYPES})/{REPO}/tag/(?P<rev>[^/]+)", H.do_route_create_tag),
     ("DELETE", rf"/api/(?P<kind>{TYPES})/{REPO}/tag/(?P<rev>[^/]+)", H.do_route_delete_tag),
@@ -392,13 +483,17 @@ def olah_path(path: str) -> str:
 
 
 def make_server(
-    host: str, port: int, root: Path, tokens: dict[str, str], olah: tuple[str, int] | None,
+    host: str,
+    port: int,
+    root: Path,
+    tokens: dict[str, str],
+    olah: tuple[str, int] | None,
     fired_log: Path | None = None,
 ) -> ThreadingHTTPServer:
     """A ready-to-serve write server over the repositories under `root`."""
-    handler = type("BoundHubHandler", (HubHandler,), {"state": HubState(root, tokens, olah, fired_log)})
+    handler = type(
+        "BoundHubHandler", (HubHandler,), {"state": HubState(root, tokens, olah, fired_log)}
+    )
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
-
-

@@ -20,7 +20,9 @@ from pathlib import Path
 
 ZERO_OID = "0" * 40
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
-LFS_POINTER_RE = re.compile(r"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize (\d+)\n$")
+LFS_POINTER_RE = re.compile(
+    r"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize (\d+)\n$"
+)
 GITATTRIBUTES = "".join(
     f"*.{ext} filter=lfs diff=lfs merge=lfs -text\n"
     for ext in ("parquet", "arrow", "gz", "zip", "zst", "png", "jpg", "bin", "safetensors", "pt")
@@ -67,10 +69,15 @@ class Repo:
         full_env = {**os.environ, **IDENTITY, **(env or {})}
         result = subprocess.run(
             ["git", "--git-dir", str(self.git_dir), "--work-tree", str(self.path), *args],
-            input=input, capture_output=True, env=full_env, check=False,
+            input=input,
+            capture_output=True,
+            env=full_env,
+            check=False,
         )
         if result.returncode != 0:
-            raise GitStoreError(500, f"git {' '.join(args)} failed: {result.stderr.decode(errors='replace')}")
+            raise GitStoreError(
+                500, f"git {' '.join(args)} failed: {result.stderr.decode(errors='replace')}"
+            )
         return result.stdout.decode().strip()
 
     def exists(self) -> bool:
@@ -79,9 +86,13 @@ class Repo:
     def init(self) -> str:
         """Create the repository with an initial commit holding .gitattributes, as the Hub does."""
         self.path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "init", "-q", "-b", "main", str(self.path)], check=True, capture_output=True)
+        subprocess.run(
+            ["git", "init", "-q", "-b", "main", str(self.path)], check=True, capture_output=True
+        )
         self.lfs_dir.mkdir(parents=True, exist_ok=True)
-        return self.commit("main", "initial commit", {".gitattributes": GITATTRIBUTES.encode()}, {}, [], None)
+        return self.commit(
+            "main", "initial commit", {".gitattributes": GITATTRIBUTES.encode()}, {}, [], None
+        )
 
     def resolve(self, revision: str) -> str | None:
         """The commit id a branch, tag or commit id names, or None."""
@@ -96,7 +107,7 @@ class Repo:
         refs = {}
         for line in out.splitlines():
             name, *oids = line.split()
-            refs[name[len(prefix):]] = oids[0]
+            refs[name[len(prefix) :]] = oids[0]
         return refs
 
     # -- LFS ------------------------------------------------------------------------------
@@ -123,7 +134,9 @@ class Repo:
                 remaining -= len(chunk)
         if remaining or digest.hexdigest() != oid:
             os.unlink(tmp.name)
-            raise GitStoreError(400, f"uploaded content does not match LFS oid {oid} (or was truncated)")
+            raise GitStoreError(
+                400, f"uploaded content does not match LFS oid {oid} (or was truncated)"
+            )
         os.replace(tmp.name, target)
 
     # -- trees and commits ----------------------------------------------------------------
@@ -163,21 +176,36 @@ class Repo:
             head = self.resolve(f"refs/heads/{branch}")
             if parent is not None and (head is None or not head.startswith(parent)):
                 raise GitStoreError(
-                    412, f"parent commit {parent} is stale: branch {branch} is now at {head}", "PreconditionFailed"
+                    412,
+                    f"parent commit {parent} is stale: branch {branch} is now at {head}",
+                    "PreconditionFailed",
                 )
             with tempfile.TemporaryDirectory() as tmp:
                 env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
                 if head is not None:
                     self.git("read-tree", head, env=env)
                 for path in deletions:
-                    self.git("rm", "-r", "--cached", "--ignore-unmatch", "-q", "--", path.rstrip("/"), env=env)
+                    self.git(
+                        "rm",
+                        "-r",
+                        "--cached",
+                        "--ignore-unmatch",
+                        "-q",
+                        "--",
+                        path.rstrip("/"),
+                        env=env,
+                    )
                 for path, (oid, size) in lfs_files.items():
                     if not self.has_lfs(oid):
-                        raise GitStoreError(422, f"LFS object {oid} for {path} was never uploaded; upload it first")
+                        raise GitStoreError(
+                            422, f"LFS object {oid} for {path} was never uploaded; upload it first"
+                        )
                     files = {**files, path: LFS_POINTER.format(oid=oid, size=size).encode()}
                 for path, content in files.items():
                     blob = self.git("hash-object", "-w", "--stdin", input=content)
-                    self.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+                    self.git(
+                        "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env
+                    )
                 tree = self.git("write-tree", env=env)
             parents = ["-p", head] if head is not None else []
             text = message if not description else f"{message}\n\n{description}"
@@ -192,7 +220,9 @@ class Repo:
             if commit is None:
                 raise GitStoreError(404, f"revision {target} not found", "RevisionNotFound")
             if self.resolve(ref) is not None:
-                raise GitStoreError(409, f"{ref} already exists; refs are never moved or overwritten")
+                raise GitStoreError(
+                    409, f"{ref} already exists; refs are never moved or overwritten"
+                )
             self.git("update-ref", ref, commit, ZERO_OID)
 
     def delete_ref(self, ref: str) -> None:
@@ -200,4 +230,3 @@ class Repo:
             if self.resolve(ref) is None:
                 raise GitStoreError(404, f"{ref} not found", "RevisionNotFound")
             self.git("update-ref", "-d", ref)
-

@@ -19,7 +19,9 @@ from hhdata.pairs.transcript import split_pair
 from hhdata.release.write import write_release
 from hhdata.schema import PAIR_SCHEMA, pair_id
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+SAMPLE = (
+    Path(__file__).resolve().parents[2] / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+)
 
 
 def sample_pairs(count: int, offset: int = 0) -> pa.Table:
@@ -37,20 +39,31 @@ def sample_pairs(count: int, offset: int = 0) -> pa.Table:
             except PairError:
                 continue
             helpful = number % 2 == 1  # fixed per record, so a bigger count only adds rows
-            rows.append({
-                "id": pair_id(record["chosen"], record["rejected"]),
-                "subset": "helpful-fixture" if helpful else "harmless-base",
-                "family": "helpful" if helpful else "harmless",
-                "split": "test" if number % 4 < 2 else "train",
-                "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-                "chosen_text": record["chosen"], "rejected_text": record["rejected"],
-                "flags": list(pair.flags),
-            })
+            rows.append(
+                {
+                    "id": pair_id(record["chosen"], record["rejected"]),
+                    "subset": "helpful-fixture" if helpful else "harmless-base",
+                    "family": "helpful" if helpful else "harmless",
+                    "split": "test" if number % 4 < 2 else "train",
+                    "prompt": pair.prompt,
+                    "chosen": pair.chosen,
+                    "rejected": pair.rejected,
+                    "chosen_text": record["chosen"],
+                    "rejected_text": record["rejected"],
+                    "flags": list(pair.flags),
+                }
+            )
     return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
 
 
-def build_release(out: Path, version: str, count: int = 24, previous: Path | None = None, added: int = 0,
-                  drop: str | None = None) -> Path:
+def build_release(
+    out: Path,
+    version: str,
+    count: int = 24,
+    previous: Path | None = None,
+    added: int = 0,
+    drop: str | None = None,
+) -> Path:
     """Write ``<out>/<version>/`` with `count` rows and return its path.
 
     `added` more records, taken after the first `count`, go into a new subset
@@ -66,8 +79,24 @@ def build_release(out: Path, version: str, count: int = 24, previous: Path | Non
         for row in extra:
             row.update(subset="harmless-added", family="harmless")
         pairs = pa.concat_tables([pairs, pa.Table.from_pylist(extra, schema=PAIR_SCHEMA)])
-    accounting = {"read": pairs.num_rows, "kept": pairs.num_rows, "quarantined": {}, "removed": {}, "filtered": {}}
-    sources = [{"path": "harmless-base/test.jsonl.gz", "sha256": "0" * 64, "bytes": SAMPLE.stat().st_size}]
-    release = write_release(pairs, out, version, sources=sources, accounting=accounting, settings={},
-                            previous=previous, allow_version_mismatch=previous is None)
+    accounting = {
+        "read": pairs.num_rows,
+        "kept": pairs.num_rows,
+        "quarantined": {},
+        "removed": {},
+        "filtered": {},
+    }
+    sources = [
+        {"path": "harmless-base/test.jsonl.gz", "sha256": "0" * 64, "bytes": SAMPLE.stat().st_size}
+    ]
+    release = write_release(
+        pairs,
+        out,
+        version,
+        sources=sources,
+        accounting=accounting,
+        settings={},
+        previous=previous,
+        allow_version_mismatch=previous is None,
+    )
     return release.path
