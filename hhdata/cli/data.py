@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read raw HH-RLHF files, parse every pair and report what was quarantined, "
         "per reason, with the first examples as file:line. Exit 0 when every record was "
         "accepted, 1 when any was quarantined, 2 on a usage or I/O error.",
+        epilog="Example: hhdata validate data/*/train.jsonl.gz --quarantine bad.jsonl",
     )
     validate.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or globs")
     validate.add_argument(
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stats",
         help="rows, turns, lengths and flags per subset",
         description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled sample.",
+        epilog="Example: hhdata stats data/helpful-base/test.jsonl.gz",
     )
     stats.add_argument(
         "paths",
@@ -58,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "show",
         help="print a few parsed pairs, readably",
         description="Print parsed pairs: prompt turns, then the chosen and rejected replies.",
+        epilog="Example: hhdata show -n 2 --skip 10",
     )
     show.add_argument(
         "paths",

@@ -20,6 +20,7 @@ def register(subparsers) -> None:
         "checked; any other file or a symlink in the folder stops it. A version at or below the latest "
         "tag is refused unless --backport. Safe to re-run after a failure. The token comes from "
         "--token, HF_TOKEN or `hf auth login`, and is never printed.",
+        epilog="Example: hhdata publish releases/1.1.0 --repo org/hh-rlhf",
     )
     publish.add_argument(
         "release_dir", metavar="DIR", help="the folder of one version, built by `hhdata build`"
@@ -54,6 +55,7 @@ def register(subparsers) -> None:
         "versions",
         help="list the published versions of a Hub dataset repo",
         description="List the release tags vX.Y.Z of a Hub dataset repo with their commit and date.",
+        epilog="Example: hhdata versions org/hh-rlhf",
     )
     versions.add_argument("repo", metavar="ORG/NAME", help="the Hub dataset repo")
     versions.add_argument(
