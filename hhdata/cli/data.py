@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats = subparsers.add_parser(
         "stats",
         help="rows, turns, lengths and flags per subset",
-        description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled sample.",
+        description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled "
+        "sample.",
         epilog="Example: hhdata stats data/helpful-base/test.jsonl.gz",
     )
     stats.add_argument(
@@ -185,7 +186,8 @@ def format_pair(row: dict, number: int, total: int) -> str:
     """One pair row as readable text: header, prompt turns, then the two replies."""
     flags = ", ".join(row["flags"]) or "none"
     lines = [
-        f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | flags: {flags}"
+        f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | "
+        f"flags: {flags}"
     ]
     for turn in row["prompt"]:
         lines.append(_turn(turn["role"], turn["content"]))

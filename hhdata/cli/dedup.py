@@ -198,7 +198,8 @@ def run_leakage(args) -> int:
     for kind in ("exact", "near"):
         found = report[kind]
         print(
-            f"{kind}: {found['test_rows']:,} of {report['rows']['test']:,} test rows share a prompt "
+            f"{kind}: {found['test_rows']:,} of {report['rows']['test']:,} test rows share a "
+            "prompt "
             f"cluster with train"
         )
         for subset, count in found["within_subset"].items():

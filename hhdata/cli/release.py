@@ -99,7 +99,8 @@ def run_build(args: argparse.Namespace) -> int:
             )
         if args.drops:
             print(
-                f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}"
+                f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to "
+                f"{args.drops}"
             )
         empty = pipeline.nothing_kept(result)
         if empty:  # the data has the problem, not the command: exit 1, as validate does
