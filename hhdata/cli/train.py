@@ -69,7 +69,7 @@ def missing_train_extra() -> list[str]:
 
 
 def run_train(args) -> int:
-    """Run `python -m <module> <argv>` in this interpreter; its exit code is ours."""
+    """Run `python -m <module> <argv>` with this interpreter; its exit code is ours."""
     missing = missing_train_extra()
     if missing:
         raise TrainExtraMissing(
