@@ -2,12 +2,16 @@
 #   make demo   build, publish, load and train on the bundled HH-RLHF sample
 #   make test   run the test suite (and the doctests of hhdata and training)
 #   make bench-smoke   load the real SmolLM2-135M (the benchmark-marked model tests)
+#   make install-check   a new user's route: a fresh venv, pip install '.[train]', the demo from
+#                        another folder (minutes; needs the package registries, so not in make test)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hhdata-installed
 
-.PHONY: demo test bench bench-smoke venv clean
+INSTALL_CHECK ?= /tmp/hhdata-install-check
+
+.PHONY: demo test bench bench-smoke install-check venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +37,14 @@ bench: $(STAMP)
 # make test never loads the real model; this does (minutes on two busy cores: GGUF de-quantisation)
 bench-smoke: $(STAMP)
 	$(PY) -m pytest -q -m benchmark tests/test_models.py
+
+install-check:
+	rm -rf $(INSTALL_CHECK) && mkdir -p $(INSTALL_CHECK)
+	$(PYTHON) -m venv $(INSTALL_CHECK)/venv
+	$(INSTALL_CHECK)/venv/bin/python -m pip install --quiet '.[train]'
+	rm -rf build *.egg-info
+	cd $(INSTALL_CHECK) && venv/bin/hhdata train --help > /dev/null
+	cd $(INSTALL_CHECK) && venv/bin/python -m hhdata.demo
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

@@ -120,11 +120,13 @@ def main() -> None:
                 sent = sum(after.values()) - sum(before.values())
                 rows.append((route, version, result["seconds"], sent, release_bytes[version]))
                 print(
-                    f"{route:8} {version}: {result['seconds']:.2f} s, {sent} bytes received by the Hub"
+                    f"{route:8} {version}: {result['seconds']:.2f} s, {sent} bytes received by the "
+                    "Hub"
                 )
 
     print(
-        f"\nmachine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
+        f"\nmachine: {platform.platform()}, {os.cpu_count()} cpus, python "
+        f"{platform.python_version()}"
     )
     print("| route | version | publish s | bytes sent | bytes sent / release bytes |")
     print("|---|---|---|---|---|")
@@ -134,7 +136,8 @@ def main() -> None:
     for version in ("1.0.0", "1.1.0"):
         (hs, hb), (ds, db) = by[("hhdata", version)], by[("datasets", version)]
         print(
-            f"{version}: time datasets/hhdata = {ds / hs:.2f}x, bytes datasets/hhdata = {db / hb:.2f}x"
+            f"{version}: time datasets/hhdata = {ds / hs:.2f}x, bytes datasets/hhdata = "
+            f"{db / hb:.2f}x"
         )
 
 

@@ -138,7 +138,7 @@ def usual_route(corpus: Path, out: Path, cache: Path) -> int:
         subset, split = path.parent.name, path.name.split(".")[0]
         family = family_of(subset)
 
-        def parse(record):
+        def parse(record, subset=subset, family=family, split=split):  # bound per file
             try:
                 pair = split_pair(record["chosen"], record["rejected"])
             except ValueError:
@@ -177,7 +177,8 @@ def usual_route(corpus: Path, out: Path, cache: Path) -> int:
 
 
 def same_work_as_usual(corpus: Path, out: Path) -> int:
-    """hhdata's stages doing what the usual route does: read, parse, write (no dedup beyond one row per id)."""
+    """hhdata's stages doing what the usual route does: read, parse, write (no dedup beyond
+    one row per id)."""
     pair_rows = read_pairs([corpus]).table
     # a release holds each pair id once; the planted exact copies share an id
     _, first = np.unique(pair_rows["id"].to_numpy(zero_copy_only=False), return_index=True)
@@ -283,7 +284,8 @@ def main() -> None:
     synth.write_corpus(work / "corpus", args.pairs, seed=0)
     appended = append_new_pairs(work / "corpus", work / "corpus-1.1", 0.01, seed=10_000)
     print(
-        f"corpus: {args.pairs} pairs (+{appended} for 1.1.0) in {time.perf_counter() - started:.1f} s"
+        f"corpus: {args.pairs} pairs (+{appended} for 1.1.0) in "
+        f"{time.perf_counter() - started:.1f} s"
     )
     subsets = synthetic_subsets(work / "corpus")
 
@@ -335,7 +337,8 @@ def main() -> None:
     print("| re-upload counted | bytes | % of the 1.1.0 release |\n|---|---:|---:|")
     for key in ("by_file", "by_chunk"):
         print(
-            f"| {key.replace('_', ' ')} | {sent[key]} | {100 * sent[key] / sent['release_bytes']:.2f}% |"
+            f"| {key.replace('_', ' ')} | {sent[key]} | "
+            f"{100 * sent[key] / sent['release_bytes']:.2f}% |"
         )
     print(f"| (release size) | {sent['release_bytes']} | 100% |")
 
@@ -413,7 +416,8 @@ def sweep(v1: Path, v2: Path, work: Path) -> None:
         "zstd 3, 100k rows, CDC": ParquetSettings(row_group_size=100_000),
     }
     print(
-        "\n| parquet settings | data bytes | write s | re-upload, 1% appended | re-upload, 1% removed |"
+        "\n| parquet settings | data bytes | write s | re-upload, 1% appended | re-upload, 1% "
+        "removed |"
         "\n|---|---:|---:|---:|---:|"
     )
     for label, settings in candidates.items():

@@ -1,4 +1,4 @@
-"""`make demo`: the whole loop on the bundled HH-RLHF sample, in a few minutes on two cores.
+"""The whole loop on the bundled HH-RLHF sample, in a few minutes on two cores (`make demo`).
 
 1. load the bundled sample in one line and print its statistics;
 2. validate raw files with planted faults: the bad lines are quarantined, the rest read;
@@ -12,6 +12,8 @@ olah, in the `train` extra). Everything is written under `.demo/`, which is rebu
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -47,7 +49,8 @@ def step_load() -> None:
     print(f"(loaded in {time.perf_counter() - started:.2f} s)")
     row = ds["test"][0]
     print(
-        f"\nfirst pair  id={row['id']}  subset={row['subset']}  family={row['family']}  flags={row['flags']}"
+        f"\nfirst pair  id={row['id']}  subset={row['subset']}  family={row['family']}  "
+        f"flags={row['flags']}"
     )
     for turn in row["prompt"]:
         print(f"  {turn['role']:>9}: {clip(turn['content'])}")
@@ -65,14 +68,16 @@ def step_validate() -> None:
     from hhdata.quarantine import reason_counts
 
     banner(
-        "2. Validate and deduplicate raw files with planted faults:  hhdata validate / hhdata dedup .demo/synth"
+        "2. Validate and deduplicate raw files with planted faults:  "
+        "hhdata validate / hhdata dedup .demo/synth"
     )
     truth = synth.write_corpus(WORK / "synth", n_pairs=3000, seed=0, bad_rate=0.005)
     result = read_pairs([WORK / "synth"])
     report = result.report
     print(
         f"synthetic corpus (subsets named synth-*): {report.lines:,} lines read, "
-        f"{report.blank:,} blank, {report.accepted:,} pairs, {result.quarantine.num_rows:,} quarantined"
+        f"{report.blank:,} blank, {report.accepted:,} pairs, "
+        f"{result.quarantine.num_rows:,} quarantined"
     )
     for reason, count in sorted(reason_counts(result.quarantine).items()):
         print(f"  quarantined {reason:<22} {count}")
@@ -92,8 +97,9 @@ def step_validate() -> None:
     )
     print(
         f"planted: {len(truth.exact_duplicates)} exact, {len(truth.swapped_duplicates)} swapped, "
-        f"{len(truth.case_whitespace_variants)} case/whitespace copies, {len(truth.near_duplicates)} near "
-        f"duplicates (any Jaccard), {len(truth.hard_negatives)} hard negatives that must stay"
+        f"{len(truth.case_whitespace_variants)} case/whitespace copies, "
+        f"{len(truth.near_duplicates)} near duplicates (any Jaccard), "
+        f"{len(truth.hard_negatives)} hard negatives that must stay"
     )
     near = (
         deduped.drops.filter(pc.equal(deduped.drops["reason"], "near_duplicate"))
@@ -105,7 +111,8 @@ def step_validate() -> None:
         kept, dropped = by_id[near[0]["kept_id"]], by_id[near[0]["id"]]
         start = max(0, common_prefix_length(kept, dropped) - 30)
         print(
-            f"a near duplicate (Jaccard {near[0]['similarity']:.2f}), side by side from character {start}:"
+            f"a near duplicate (Jaccard {near[0]['similarity']:.2f}), side by side from "
+            f"character {start}:"
         )
         print(f"  kept    {near[0]['kept_id']}: ...{clip(kept[start:], 62)}")
         print(f"  dropped {near[0]['id']}: ...{clip(dropped[start:], 62)}")
@@ -116,7 +123,8 @@ def step_build() -> Path:
     from hhdata.pipeline import build_release
 
     banner(
-        f"3. Build release {VERSION}:  hhdata build hhdata/data/hh-rlhf --version {VERSION} --out .demo/releases"
+        f"3. Build release {VERSION}:  "
+        f"hhdata build hhdata/data/hh-rlhf --version {VERSION} --out .demo/releases"
     )
     started = time.perf_counter()
     built = build_release([bundled_sample_path()], version=VERSION, out=WORK / "releases")
@@ -138,7 +146,8 @@ def step_publish(release_dir: Path) -> None:
     from hhdata.hub.localserver import LocalHub
 
     banner(
-        f"4. Publish to a local Hub and load it back:  hhdata publish {release_dir} --repo {REPO_ID}"
+        "4. Publish to a local Hub and load it back:  "
+        f"hhdata publish {release_dir} --repo {REPO_ID}"
     )
     with LocalHub(WORK / "hub") as server:
         env = server.env(WORK / "hf-home")
@@ -150,7 +159,8 @@ def step_publish(release_dir: Path) -> None:
         )
         for version in hub.list_versions(REPO_ID, token=server.token, endpoint=server.endpoint):
             print(
-                f"  hhdata versions {REPO_ID}: {version.tag}  commit {version.commit[:12]}  {version.date}"
+                f"  hhdata versions {REPO_ID}: {version.tag}  commit {version.commit[:12]}  "
+                f"{version.date}"
             )
         print(f'\n>>> hhdata.load("{REPO_ID}", "harmless", split="test", version="{VERSION}")')
         loaded = hhdata.load(REPO_ID, "harmless", split="test", version=VERSION)
@@ -243,13 +253,39 @@ def step_train(release_dir: Path) -> None:
     ppo = json.loads((runs / "ppo" / "metrics.json").read_text())
     evaluation = ppo["evaluation"]
     print(
-        f"PPO policy: wins {evaluation['win_rate']:.1%} of {evaluation['prompts']} held-out prompts against "
-        f"the SFT reference under the reward model  ({runs / 'ppo'})"
+        f"PPO policy: wins {evaluation['win_rate']:.1%} of {evaluation['prompts']} held-out "
+        f"prompts against the SFT reference under the reward model  ({runs / 'ppo'})"
     )
     print(f"plots, settings, checkpoints and model cards are in {runs}/")
 
 
-def main() -> None:
+# what the demo needs beyond the data toolkit: the trainers' packages and the local Hub (olah)
+NEEDS = ("torch", "transformers", "accelerate", "olah")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo takes no flags; --help says what it does and where it writes."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hhdata.demo",
+        description=__doc__.split("\n\n")[0]
+        + " Writes .demo/ in the current folder (rebuilt on every run); needs the train "
+        "extra: pip install 'hhdata[train]'.",
+        epilog="Example: cd /tmp && python -m hhdata.demo",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the five steps; 2 with one line naming the install when the train extra is missing."""
+    parse_args(argv)
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"python -m hhdata.demo: error: the demo needs {', '.join(missing)}, which this "
+            "environment lacks; install them with pip install 'hhdata[train]'",
+            file=sys.stderr,
+        )
+        return 2
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir()
     started = time.perf_counter()
@@ -259,7 +295,8 @@ def main() -> None:
     step_publish(release_dir)
     step_train(release_dir)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

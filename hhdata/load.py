@@ -94,7 +94,8 @@ def load(
 
 
 def _check_version(release_dir: Path, version: str) -> None:
-    """Refuse version= that differs from the release a version folder holds (never load another one)."""
+    """Refuse version= that differs from the release a version folder holds (never load
+    another one)."""
     from hhdata.release.manifest import read_manifest
 
     held = read_manifest(release_dir)["version"]
@@ -106,7 +107,8 @@ def _check_version(release_dir: Path, version: str) -> None:
 
 
 def _no_such_version(path: Path, version: str) -> str:
-    """Why version= fails for a local path: which versions the folder holds, or that it is raw data."""
+    """Why version= fails for a local path: which versions the folder holds, or that it is
+    raw data."""
     versions = _versions_in(path)
     if versions:
         return (

@@ -506,7 +506,8 @@ def _make_irregular(draft: Draft, kind: str, variant: int, model: TextModel, rng
 def _json_line(chosen: str, rejected: str) -> bytes:
     """One record as upstream writes it: raw UTF-8, ", " and ": " separators.
 
-    msgspec escapes strings exactly as ``json.dumps(ensure_ascii=False)`` does, 3x faster.
+    msgspec escapes strings exactly as ``json.dumps(ensure_ascii=False)`` does, faster
+    (bench/synth.md).
     """
     return b"".join((b'{"chosen": ', _encode(chosen), b', "rejected": ', _encode(rejected), b"}"))
 
@@ -572,7 +573,7 @@ def write_corpus(
     splits, in upstream proportions. n_pairs counts every valid record, planted copies
     included; bad lines (``bad_rate``, default ``rates.bad_record`` = 0) come on top. The same
     seed gives byte-identical files (gzip mtime 0, no file name). gzip level 1 by default:
-    8x faster than level 6 on this text for files 15% larger.
+    much faster than level 6 for slightly larger files (bench/synth.md).
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as out:

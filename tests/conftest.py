@@ -37,7 +37,8 @@ def sample_records(sample_path) -> list[dict]:
 
 @pytest.fixture
 def one_torch_thread():
-    """One torch thread for a trainer test: on two shared cores, more threads only wait for each other."""
+    """One torch thread for a trainer test: on two shared cores, more threads only wait for
+    each other."""
     import torch
 
     threads = torch.get_num_threads()

@@ -18,7 +18,8 @@ from hhdata.hub.localserver import LocalHub
 
 @pytest.fixture(scope="module")
 def local_hub(tmp_path_factory):
-    """A running LocalHub (endpoint, token, bad_token, kill_front(), start_front(), arm_faults())."""
+    """A running LocalHub (endpoint, token, bad_token, kill_front(), start_front(),
+    arm_faults())."""
     root = tmp_path_factory.mktemp("local-hub")
     hub = LocalHub(root).start()
     env = hub.env(root / "hf-home")

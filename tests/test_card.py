@@ -193,7 +193,8 @@ def test_croissant_validates_with_mlcroissant_and_yields_each_configs_rows(relea
     assert dataset.metadata.ctx.issues.errors == set()
     # the one recommendation left: a publication date would make builds depend on the clock
     assert [w for w in dataset.metadata.ctx.issues.warnings] == [
-        '[Metadata(hh-rlhf)] Property "https://schema.org/datePublished" is recommended, but does not exist.'
+        '[Metadata(hh-rlhf)] Property "https://schema.org/datePublished" is recommended, but does '
+        "not exist."
     ]
     records = list(dataset.records("helpful"))
     on_disk = pq.read_table(release.path / HELPFUL_FILE)
@@ -285,7 +286,8 @@ def usage_release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def strict_model(tmp_path_factory):
-    """A folder named like the card's model id, holding the tiny Llama with a strict chat template."""
+    """A folder named like the card's model id, holding the tiny Llama with a strict chat
+    template."""
     from transformers import LlamaForCausalLM
 
     from hhdata.release.card import STRICT_MODEL

@@ -82,7 +82,8 @@ def test_appending_rows_is_minor_and_lists_the_added_ids(v1, pairs):
         ("2.0.0", "so the new version must be 1.1.0, not 2.0.0"),
         (
             "0.9.0",
-            "version 0.9.0 is not greater than the previous release 1.0.0; the next version is 1.1.0",
+            "version 0.9.0 is not greater than the previous release 1.0.0; the next version is "
+            "1.1.0",
         ),
     ],
 )

@@ -119,7 +119,8 @@ def test_plain_datasets_load_dataset_reads_the_tagged_release(
     code = (
         "import datasets, json, sys\n"
         f"ds = datasets.load_dataset({repo_id!r}, 'helpful', revision='v1.0.0')\n"
-        "print(json.dumps({s: ds[s].num_rows for s in ds} | {'family': sorted(set(ds['train']['family']))}))\n"
+        "print(json.dumps({s: ds[s].num_rows for s in ds} | {'family': "
+        "sorted(set(ds['train']['family']))}))\n"
     )
     env = {**os.environ, **local_hub.env(tmp_path / "hf-home")}
     run = subprocess.run(

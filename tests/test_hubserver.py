@@ -186,7 +186,10 @@ def test_lfs_upload_with_wrong_content_or_missing_object_is_refused(local_hub, a
     assert put.status_code == 400
     ndjson = (
         b'{"key":"header","value":{"summary":"x"}}\n'
-        + f'{{"key":"lfsFile","value":{{"path":"d.parquet","algo":"sha256","oid":"{oid}","size":14}}}}\n'.encode()
+        + (
+            '{"key":"lfsFile","value":{"path":"d.parquet","algo":"sha256",'
+            f'"oid":"{oid}","size":14}}}}\n'
+        ).encode()
     )
     commit = httpx.post(
         f"{local_hub.endpoint}/api/datasets/{repo}/commit/main",

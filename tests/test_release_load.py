@@ -162,7 +162,8 @@ def test_an_edited_file_row_count_is_refused(copy_of):
     with pytest.raises(IntegrityError) as caught:
         load_release(copy_of, "harmless", split="test")
     assert str(caught.value).startswith(
-        f"{copy_of / HARMLESS_FILE} (config 'harmless', split 'test'): manifest.json records 9999 rows, "
+        f"{copy_of / HARMLESS_FILE} (config 'harmless', split 'test'): manifest.json records 9999 "
+        "rows, "
         "the file's Parquet metadata holds 2012;"
     )
     with pytest.raises(
@@ -176,7 +177,8 @@ def test_an_edited_split_row_count_is_refused(copy_of):
     with pytest.raises(IntegrityError) as caught:
         load_release(copy_of)
     assert str(caught.value).startswith(
-        f"{copy_of / 'manifest.json'}: config 'all' split 'test' records 9999 rows, its Parquet files "
+        f"{copy_of / 'manifest.json'}: config 'all' split 'test' records 9999 rows, its Parquet "
+        "files "
         f"({HARMLESS_FILE}, {HARMLESS_FILE.replace('harmless-base', 'helpful-online')}) hold 2312;"
     )
     assert (

@@ -14,13 +14,20 @@ import sys
 from hhdata import __version__
 from hhdata.errors import HhDataError
 
-COMMAND_MODULES = ("hhdata.cli.data", "hhdata.cli.release", "hhdata.cli.hub", "hhdata.cli.dedup")
+COMMAND_MODULES = (
+    "hhdata.cli.data",
+    "hhdata.cli.release",
+    "hhdata.cli.hub",
+    "hhdata.cli.dedup",
+    "hhdata.cli.train",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hhdata",
         description="Validate, deduplicate, release and load human preference data (HH-RLHF).",
+        epilog="Example: hhdata build raw/ --version 1.0.0 --out releases/",
     )
     parser.add_argument("--version", action="version", version=f"hhdata {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

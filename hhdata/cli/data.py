@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read raw HH-RLHF files, parse every pair and report what was quarantined, "
         "per reason, with the first examples as file:line. Exit 0 when every record was "
         "accepted, 1 when any was quarantined, 2 on a usage or I/O error.",
+        epilog="Example: hhdata validate data/*/train.jsonl.gz --quarantine bad.jsonl",
     )
     validate.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or globs")
     validate.add_argument(
@@ -43,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats = subparsers.add_parser(
         "stats",
         help="rows, turns, lengths and flags per subset",
-        description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled sample.",
+        description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled "
+        "sample.",
+        epilog="Example: hhdata stats data/helpful-base/test.jsonl.gz",
     )
     stats.add_argument(
         "paths",
@@ -58,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "show",
         help="print a few parsed pairs, readably",
         description="Print parsed pairs: prompt turns, then the chosen and rejected replies.",
+        epilog="Example: hhdata show -n 2 --skip 10",
     )
     show.add_argument(
         "paths",
@@ -182,7 +186,8 @@ def format_pair(row: dict, number: int, total: int) -> str:
     """One pair row as readable text: header, prompt turns, then the two replies."""
     flags = ", ".join(row["flags"]) or "none"
     lines = [
-        f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | flags: {flags}"
+        f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | "
+        f"flags: {flags}"
     ]
     for turn in row["prompt"]:
         lines.append(_turn(turn["role"], turn["content"]))

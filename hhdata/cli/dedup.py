@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read raw HH-RLHF files (or Parquet pair tables), drop degenerate pairs, "
         "exact duplicates and near duplicates, and print what was kept and dropped per "
         "reason. read = kept + quarantined + dropped, always.",
+        epilog="Example: hhdata dedup raw/ --report dedup.json --out kept.parquet",
     )
     _inputs(dedup)
     dedup.add_argument(
@@ -69,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "duplicate, within each subset and across subsets. With --resplit-seed, assign "
         "train/test again keeping every prompt cluster on one side. Exit 1 when leakage "
         "is found and not re-split.",
+        epilog="Example: hhdata leakage raw/ --resplit-seed 0 --out resplit.parquet",
     )
     _inputs(leakage)
     leakage.add_argument("--report", metavar="FILE", help="write the JSON leakage report")
@@ -88,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read red-team attempts into their own schema and summarise them",
         description="Read red_team_attempts.jsonl(.gz) (a JSON array or JSON Lines), check "
         "every record against schemas/redteam_row.schema.json and print a summary.",
+        epilog="Example: hhdata redteam red_team_attempts.jsonl.gz --out red.parquet",
     )
     red.add_argument("path", metavar="PATH", help="the red-team attempts file")
     red.add_argument("--out", metavar="FILE", help="write the rows as Parquet")
@@ -195,7 +198,8 @@ def run_leakage(args) -> int:
     for kind in ("exact", "near"):
         found = report[kind]
         print(
-            f"{kind}: {found['test_rows']:,} of {report['rows']['test']:,} test rows share a prompt "
+            f"{kind}: {found['test_rows']:,} of {report['rows']['test']:,} test rows share a "
+            "prompt "
             f"cluster with train"
         )
         for subset, count in found["within_subset"].items():

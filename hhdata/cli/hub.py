@@ -14,12 +14,17 @@ def register(subparsers) -> None:
     publish = subparsers.add_parser(
         "publish",
         help="upload a release directory as one Hub commit and tag it vX.Y.Z",
-        description="Upload a release directory (e.g. out/1.0.0) to a Hub dataset repo as one commit "
-        "pinned to the branch's parent commit, then tag it v<version>. Only the files manifest.json "
-        "lists (plus the manifest, card, changelog and croissant.json) are sent, after their sha256 is "
-        "checked; any other file or a symlink in the folder stops it. A version at or below the latest "
+        description="Upload a release directory (e.g. out/1.0.0) to a Hub dataset repo as one "
+        "commit "
+        "pinned to the branch's parent commit, then tag it v<version>. Only the files "
+        "manifest.json "
+        "lists (plus the manifest, card, changelog and croissant.json) are sent, after their "
+        "sha256 is "
+        "checked; any other file or a symlink in the folder stops it. A version at or below the "
+        "latest "
         "tag is refused unless --backport. Safe to re-run after a failure. The token comes from "
         "--token, HF_TOKEN or `hf auth login`, and is never printed.",
+        epilog="Example: hhdata publish releases/1.1.0 --repo org/hh-rlhf",
     )
     publish.add_argument(
         "release_dir", metavar="DIR", help="the folder of one version, built by `hhdata build`"
@@ -53,7 +58,9 @@ def register(subparsers) -> None:
     versions = subparsers.add_parser(
         "versions",
         help="list the published versions of a Hub dataset repo",
-        description="List the release tags vX.Y.Z of a Hub dataset repo with their commit and date.",
+        description="List the release tags vX.Y.Z of a Hub dataset repo with their commit and "
+        "date.",
+        epilog="Example: hhdata versions org/hh-rlhf",
     )
     versions.add_argument("repo", metavar="ORG/NAME", help="the Hub dataset repo")
     versions.add_argument(
@@ -81,7 +88,8 @@ def run_publish(args: argparse.Namespace) -> int:
         return 1
     if result.dry_run:
         print(
-            f"dry run: would publish {result.repo_id} {result.tag}: {len(result.files)} files, {result.bytes} bytes"
+            f"dry run: would publish {result.repo_id} {result.tag}: {len(result.files)} files, "
+            f"{result.bytes} bytes"
         )
         for path, size in result.files:
             print(f"  {size:>12}  {path}")
@@ -91,7 +99,8 @@ def run_publish(args: argparse.Namespace) -> int:
         how += " (back-port: main unchanged)"
     print(
         f"published {result.repo_id} {result.tag}: {how} {result.commit} "
-        f"({len(result.files)} files, {result.bytes} bytes; {result.uploaded_bytes} bytes new to the branch)"
+        f"({len(result.files)} files, {result.bytes} bytes; {result.uploaded_bytes} bytes new to "
+        "the branch)"
     )
     for path in result.deleted:
         print(f"  removed {path}")

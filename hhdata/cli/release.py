@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read, validate, parse and deduplicate raw files, then write "
         "OUT/VERSION/ with Parquet per subset and split, README.md (dataset card), "
         "manifest.json, CHANGELOG.md and croissant.json.",
+        epilog="Example: hhdata build raw/ --version 1.0.0 --out releases/",
     )
     build.add_argument(
         "sources",
@@ -70,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pair ids added, removed and edited between two releases, and the version kind",
         description="Compare two release folders config by config and say whether the "
         "change is a patch, minor or major version.",
+        epilog="Example: hhdata diff releases/1.0.0 releases/1.1.0 --ids",
     )
     compare.add_argument("old", metavar="OLD", help="the older release's folder")
     compare.add_argument("new", metavar="NEW", help="the newer release's folder")
@@ -97,7 +99,8 @@ def run_build(args: argparse.Namespace) -> int:
             )
         if args.drops:
             print(
-                f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to {args.drops}"
+                f"wrote {pipeline.write_drops(result.drops, args.drops)} dropped pairs to "
+                f"{args.drops}"
             )
         empty = pipeline.nothing_kept(result)
         if empty:  # the data has the problem, not the command: exit 1, as validate does

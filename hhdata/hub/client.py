@@ -47,7 +47,8 @@ class Version:
 
 # -- connection -------------------------------------------------------------------------
 def hub_api(token: str | None = None, endpoint: str | None = None) -> HfApi:
-    """An HfApi for `endpoint` (else HF_ENDPOINT now) with the token from the argument, HF_TOKEN or login."""
+    """An HfApi for `endpoint` (else HF_ENDPOINT now) with the token from the argument,
+    HF_TOKEN or the Hub login."""
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in {"1", "TRUE", "YES", "ON"}:
         # huggingface_hub reads this once at import; honour a value set later (tests, demo).
@@ -129,24 +130,28 @@ def _explain(error: BaseException, repo_id: str, doing: str) -> HubError:
         )
     if status == 403:
         return HubError(
-            f"{repo_id}: the token may not write to this repo while {doing} (403); use a token with write access"
+            f"{repo_id}: the token may not write to this repo while {doing} (403); use a token "
+            "with write access"
         )
     if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)) or status == 404:
         return HubError(
-            f"{repo_id}: not found on the Hub while {doing} (404); check the repo name, the version "
+            f"{repo_id}: not found on the Hub while {doing} (404); check the repo name, the "
+            "version "
             "and the endpoint (HF_ENDPOINT)"
         )
     if _is_transient(error):
         return HubError(
             f"{repo_id}: the Hub is unreachable or failing while {doing} ({type(error).__name__}"
-            f"{f' {status}' if status else ''}); it is safe to re-run the same command: a publish resumes "
+            f"{f' {status}' if status else ''}); it is safe to re-run the same command: a publish "
+            "resumes "
             "where it stopped and tags only a complete commit"
         )
     return HubError(f"{repo_id}: the Hub refused {doing}: {str(error).splitlines()[0]}")
 
 
 def retrying(call, *, retries: int, backoff: float, repo_id: str, doing: str):
-    """Run call(); retry transient failures (5xx, 429, connection errors) with exponential backoff."""
+    """Run call(); retry transient failures (5xx, 429, connection errors), backing off
+    exponentially."""
     for attempt in range(retries + 1):
         try:
             return call()

@@ -106,7 +106,8 @@ def _resolve_tag(repo_id, version, *, token, endpoint) -> str:
     tag = f"v{version.removeprefix('v')}"
     if tag not in {v.tag for v in versions}:
         raise VersionError(
-            f"{repo_id}: no version {version}; published versions: {', '.join(v.version for v in versions)}"
+            f"{repo_id}: no version {version}; published versions: "
+            f"{', '.join(v.version for v in versions)}"
         )
     return tag
 
@@ -167,10 +168,12 @@ def load_from_hub(
 
 
 def _bad_copy(repo_id: str, folder: Path, cache_dir, error: IntegrityError) -> IntegrityError:
-    """The error for a file that failed its check in a fresh download: the cache or the Hub is bad."""
+    """The error for a file that failed its check in a fresh download: the cache or the Hub
+    is bad."""
     cached = Path(_cache_dir(cache_dir)) / f"datasets--{repo_id.replace('/', '--')}"
     return IntegrityError(
-        f"{repo_id}@{folder.name[:12]}: {error}. It was downloaded again and still differs from what "
+        f"{repo_id}@{folder.name[:12]}: {error}. It was downloaded again and still differs from "
+        "what "
         "the release's manifest recorded, so the copy in the cache or on the Hub is bad: clear the "
         f"cache (`hf cache delete`, or remove {cached}) and load with force_download=True; if it "
         "persists, the file on the Hub is bad: do not use it, report it to the repo owner"
@@ -180,7 +183,8 @@ def _bad_copy(repo_id: str, folder: Path, cache_dir, error: IntegrityError) -> I
 # -- the raw upstream layout --------------------------------------------------------------
 @dataclass(frozen=True)
 class UpstreamFiles:
-    """A local copy of upstream files: folder, the files checked, and those with no recorded checksum."""
+    """A local copy of upstream files: folder, the files checked, and those with no recorded
+    checksum."""
 
     folder: Path
     verified: list[str]
@@ -249,7 +253,8 @@ def fetch_upstream(
     ]
     if not wanted:
         raise HubError(
-            f"{repo_id}@{revision}: no <subset>/<file>.jsonl.gz files{f' for {subsets}' if subsets else ''}"
+            f"{repo_id}@{revision}: no <subset>/<file>.jsonl.gz "
+            f"files{f' for {subsets}' if subsets else ''}"
         )
     snapshot = Path(
         retrying(
@@ -321,7 +326,8 @@ def _load_upstream(repo_id, config, split, version, *, token, endpoint, cache_di
         by_split.setdefault(name, []).append(str(path))
     if split is not None and split not in by_split:
         raise HubError(
-            f"{repo_id}@{revision}: no split {split!r} for {config or 'any subset'}; have {sorted(by_split)}"
+            f"{repo_id}@{revision}: no split {split!r} for {config or 'any subset'}; have "
+            f"{sorted(by_split)}"
         )
     data_files = {split: by_split[split]} if split else by_split
     loaded = datasets.load_dataset(

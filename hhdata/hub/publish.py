@@ -68,7 +68,8 @@ class PublishResult:
 
     @property
     def uploaded_bytes(self) -> int:
-        """Bytes of the files the commit added or changed (0 when an earlier run's commit was reused)."""
+        """Bytes of the files the commit added or changed (0 when an earlier run's commit was
+        reused)."""
         if self.reused_commit:
             return 0
         return sum(size for path, size in self.files if path not in set(self.unchanged))
@@ -100,7 +101,8 @@ def release_files(release_dir: str | Path) -> list[tuple[str, int]]:
 
 
 def _folder_entries(root: Path) -> tuple[dict[str, int], dict[str, str]]:
-    """Regular files (path -> bytes) and everything else (path -> what it is) under root, links not followed."""
+    """Regular files (path -> bytes) and everything else (path -> what it is) under root,
+    links not followed."""
     found, odd = {}, {}
     for folder, dirs, names in os.walk(root, followlinks=False):
         for name in sorted(dirs + names):
@@ -120,7 +122,8 @@ def _refusal(root: Path, unlisted: list[str], odd: dict[str, str]) -> str:
     problems = [f"{path} is {what}" for path, what in sorted(odd.items())]
     problems += [f"{path} is not listed in manifest.json" for path in unlisted if path not in odd]
     return (
-        f"{root}: refusing to publish: {'; '.join(problems)}; a release folder holds only the regular "
+        f"{root}: refusing to publish: {'; '.join(problems)}; a release folder holds only the "
+        "regular "
         f"files manifest.json lists, plus {MANIFEST_NAME} and {', '.join(RELEASE_DOCUMENTS)}: "
         "remove the others (or rebuild the release with `hhdata build`)"
     )
@@ -138,7 +141,8 @@ def _read_release(release_dir: Path) -> tuple[dict, list[tuple[str, int]]]:
 
 
 def _raw_manifest(root: Path) -> dict:
-    """manifest.json as plain JSON, before its schema (which requires a row) is checked; {} if unreadable.
+    """manifest.json as plain JSON, before its schema (which requires a row) is checked; {}
+    if unreadable.
 
     An empty release written by an hhdata older than that schema rule must still get the
     "holds no rows" reason rather than a schema error that says to rebuild it.
@@ -161,7 +165,8 @@ def _refuse_empty(release_dir: Path, manifest: dict) -> None:
     if not any(isinstance(entry, dict) and entry.get("rows") for entry in files.values()):
         raise ReleaseError(
             f"{release_dir}: release {manifest.get('version')} holds no rows (accounting: "
-            f"{manifest.get('accounting')}); an empty release is not published: see why the build kept "
+            f"{manifest.get('accounting')}); an empty release is not published: see why the build "
+            "kept "
             "nothing (its quarantine and drop logs), fix the input and build again"
         )
 
@@ -248,7 +253,8 @@ def publish(
     api = hub_api(token, endpoint)
     if api.token is None:
         raise HubError(
-            f"{repo_id}: publishing needs a write token; pass --token / token=, set HF_TOKEN, or run `hf auth login`"
+            f"{repo_id}: publishing needs a write token; pass --token / token=, set HF_TOKEN, or "
+            "run `hf auth login`"
         )
 
     def call(fn, doing):
@@ -307,14 +313,17 @@ def _published(refs) -> list[tuple[tuple[int, int, int], object]]:
 
 
 def _needs_backport(refs, version: str, backport: bool, repo_id: str) -> bool:
-    """True when `version` is below the latest tag and a back-port was asked for; refuse the rest."""
+    """True when `version` is below the latest tag and a back-port was asked for; refuse the
+    rest."""
     published = _published(refs)
     latest = published[-1] if published else None
     if latest is not None and parse_version(version) < latest[0]:
         if not backport:
             raise VersionError(
-                f"{repo_id}: version {version} is below the latest published version {latest[1].name[1:]}, "
-                "and main must keep the highest version (plain `datasets.load_dataset` reads main); "
+                f"{repo_id}: version {version} is below the latest published version "
+                f"{latest[1].name[1:]}, "
+                "and main must keep the highest version (plain `datasets.load_dataset` reads "
+                "main); "
                 "to publish it as a back-port that is only tagged and leaves main alone, pass "
                 "--backport (backport=True)"
             )
@@ -322,7 +331,8 @@ def _needs_backport(refs, version: str, backport: bool, repo_id: str) -> bool:
     if backport:
         raise VersionError(
             f"{repo_id}: --backport is for a version below the latest published one "
-            f"({latest[1].name[1:] if latest else 'none yet'}); {version} is the newest: publish it without --backport"
+            f"({latest[1].name[1:] if latest else 'none yet'}); {version} is the newest: publish "
+            "it without --backport"
         )
     return False
 
@@ -371,7 +381,8 @@ def _operations(release_dir: Path, manifest: dict, files, deleted) -> list:
         if expected is not None and operation.upload_info.sha256.hex() != expected["sha256"]:
             raise IntegrityError(
                 f"{release_dir / path}: changed since it was verified (sha256 no longer matches "
-                "manifest.json); nothing was sent: stop whatever writes into the release folder, then re-run"
+                "manifest.json); nothing was sent: stop whatever writes into the release folder, "
+                "then re-run"
             )
         operations.append(operation)
     return operations + [CommitOperationDelete(path) for path in deleted]
@@ -406,10 +417,13 @@ def _commit(api, call, release_dir, manifest, target: _Target, files, deleted) -
     except HubError as error:
         if getattr(error, "status", None) == 412:
             raise HubError(
-                f"{repo_id}: the branch {target.branch} moved since commit {parent[:12]}, so the release "
+                f"{repo_id}: the branch {target.branch} moved since commit {parent[:12]}, so the "
+                "release "
                 f"commit was refused and nothing was tagged; see what was published meanwhile "
-                f"(`hhdata versions {repo_id}`): if it is a newer version, this one can only go out as a "
-                "back-port (--backport, main unchanged); otherwise review the new commits and publish "
+                f"(`hhdata versions {repo_id}`): if it is a newer version, this one can only go "
+                "out as a "
+                "back-port (--backport, main unchanged); otherwise review the new commits and "
+                "publish "
                 "again without a pinned parent"
             ) from None
         raise

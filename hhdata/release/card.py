@@ -25,14 +25,24 @@ DESCRIPTION = (
     "(Bai et al. 2022), as canonical pair rows: prompt turns, chosen and rejected final "
     "replies, the original transcripts, subset, family and parsing flags."
 )
-CITATION_BIBTEX = """@misc{bai2022training,
-  title = {Training a Helpful and Harmless Assistant with Reinforcement Learning from Human Feedback},
-  author = {Yuntao Bai and Andy Jones and Kamal Ndousse and Amanda Askell and Anna Chen and Nova DasSarma and Dawn Drain and Stanislav Fort and Deep Ganguli and Tom Henighan and Nicholas Joseph and Saurav Kadavath and Jackson Kernion and Tom Conerly and Sheer El-Showk and Nelson Elhage and Zac Hatfield-Dodds and Danny Hernandez and Tristan Hume and Scott Johnston and Shauna Kravec and Liane Lovitt and Neel Nanda and Catherine Olsson and Dario Amodei and Tom Brown and Jack Clark and Sam McCandlish and Chris Olah and Ben Mann and Jared Kaplan},
-  year = {2022},
-  eprint = {2204.05862},
-  archivePrefix = {arXiv},
-  primaryClass = {cs.CL}
-}"""
+_AUTHORS = (
+    "Yuntao Bai, Andy Jones, Kamal Ndousse, Amanda Askell, Anna Chen, Nova DasSarma, Dawn Drain, "
+    "Stanislav Fort, Deep Ganguli, Tom Henighan, Nicholas Joseph, Saurav Kadavath, Jackson "
+    "Kernion, Tom Conerly, Sheer El-Showk, Nelson Elhage, Zac Hatfield-Dodds, Danny Hernandez, "
+    "Tristan Hume, Scott Johnston, Shauna Kravec, Liane Lovitt, Neel Nanda, Catherine Olsson, "
+    "Dario Amodei, Tom Brown, Jack Clark, Sam McCandlish, Chris Olah, Ben Mann, Jared Kaplan"
+).split(", ")
+CITATION_BIBTEX = (
+    "@misc{bai2022training,\n"
+    "  title = {Training a Helpful and Harmless Assistant with Reinforcement Learning from Human "
+    "Feedback},\n"
+    f"  author = {{{' and '.join(_AUTHORS)}}},\n"
+    "  year = {2022},\n"
+    "  eprint = {2204.05862},\n"
+    "  archivePrefix = {arXiv},\n"
+    "  primaryClass = {cs.CL}\n"
+    "}"
+)
 _SIZE_CATEGORIES = (
     (1_000, "n<1K"),
     (10_000, "1K<n<10K"),
@@ -311,5 +321,6 @@ def _leakage(leakage: dict | None) -> str:
         f"Train/test leakage: {exact['test_rows']} test pairs have a prompt that is also a "
         f"train prompt (after normalisation) and {near['test_rows']} share a near-duplicate "
         f"prompt cluster with train pairs{f' ({where})' if where else ''}. "
-        "`hhdata.dedup.configs.resplit` makes a group-aware split that keeps each cluster on one side."
+        "`hhdata.dedup.configs.resplit` makes a group-aware split that keeps each cluster on one "
+        "side."
     )

@@ -78,8 +78,10 @@ def check_file_rows(path: Path, data: bytes, entry: dict, where: str = "") -> in
     actual = pq.read_metadata(pa.BufferReader(data)).num_rows
     if actual != entry["rows"]:
         raise IntegrityError(
-            f"{path}{where}: manifest.json records {entry['rows']} rows, the file's Parquet metadata "
-            f"holds {actual}; the manifest was edited after the build: re-download or rebuild the release"
+            f"{path}{where}: manifest.json records {entry['rows']} rows, the file's Parquet "
+            "metadata "
+            f"holds {actual}; the manifest was edited after the build: re-download or rebuild the "
+            "release"
         )
     return actual
 
@@ -95,7 +97,8 @@ def check_config_rows(
         if all(f in rows for f in view["files"]) and actual != view["rows"]:
             raise IntegrityError(
                 f"{Path(root) / 'manifest.json'}: config {config!r} split {split!r} records "
-                f"{view['rows']} rows, its Parquet files ({', '.join(view['files'])}) hold {actual}; "
+                f"{view['rows']} rows, its Parquet files ({', '.join(view['files'])}) hold "
+                f"{actual}; "
                 "the manifest was edited after the build: re-download or rebuild the release"
             )
 

@@ -15,8 +15,9 @@ written with the pinned ParquetSettings, and nothing depends on the clock. The d
 is assembled under a hidden staging name (``.<version>.partial-<pid>``) and renamed into
 place only when complete, so a crash never leaves a half-built version, and an existing
 version is never overwritten. A staging folder whose process is gone (a killed build) is
-removed by the next build into the same folder, whatever its version; one whose process is alive means another build
-of the version is running, and the new one stops with a message naming its pid.
+removed by the next build into the same folder, whatever its version; one whose process is
+alive means another build of the version is running, and the new one stops with a message
+naming its pid.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ def finish_release(
 
 
 def _claim_version(out: Path, version: str) -> None:
-    """Remove staging folders of killed builds (of any version); refuse while a live one builds `version`.
+    """Remove staging folders of killed builds (of any version); refuse while a live one
+    builds `version`.
 
     Any version's: a killed build of a version that is never built again would otherwise
     leave its hidden staging folder in `out` forever.

@@ -180,7 +180,9 @@ class LocalHub:
         )
 
     def arm_faults(self, faults: list[dict]) -> None:
-        """Arm faults on the write server, e.g. ``[{"route": "commit", "action": "exit", "times": 1}]``.
+        """Arm faults on the write server.
+
+        For example ``[{"route": "commit", "action": "exit", "times": 1}]``.
 
         `route` is a handler name (commit, preupload, lfs_batch, lfs_upload, create_tag, ...),
         `action` is "exit" (the process dies, no reply) or "status" (answer `status`),
@@ -208,7 +210,8 @@ class LocalHub:
         ]
 
     def received_bytes(self) -> dict[str, int]:
-        """Request body bytes the write server received so far, by route (lfs_upload, commit, ...)."""
+        """Request body bytes the write server received so far, by route (lfs_upload,
+        commit, ...)."""
         return self._stats()["received_bytes"]
 
     def requests(self) -> dict[str, int]:
@@ -266,7 +269,8 @@ class LocalHub:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.1)
         raise HubServerError(
-            f"local Hub {name} did not answer {url} in {self.startup_timeout} s; see {self.logs / name}.log"
+            f"local Hub {name} did not answer {url} in {self.startup_timeout} s; see "
+            f"{self.logs / name}.log"
         )
 
 
