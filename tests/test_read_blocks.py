@@ -26,7 +26,10 @@ def pair(n: int, reply: str = "yes") -> bytes:
 def mismatch(n: int) -> bytes:
     """A well-formed record whose prompt cannot be determined (pair-level quarantine)."""
     return json.dumps(
-        {"chosen": f"\n\nHuman: a{n}\n\nAssistant: x", "rejected": f"\n\nHuman: b{n}\n\nAssistant: y"}
+        {
+            "chosen": f"\n\nHuman: a{n}\n\nAssistant: x",
+            "rejected": f"\n\nHuman: b{n}\n\nAssistant: y",
+        }
     ).encode()
 
 
@@ -67,7 +70,9 @@ def write(tmp_path, data: bytes):
 
 @pytest.mark.parametrize("block_bytes", [1, 40, 64, 300, 1000])
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["lf", "crlf"])
-@pytest.mark.parametrize("last_newline", [True, False], ids=["ends-with-newline", "no-last-newline"])
+@pytest.mark.parametrize(
+    "last_newline", [True, False], ids=["ends-with-newline", "no-last-newline"]
+)
 @pytest.mark.parametrize("reader", [read_pairs, read_raw])
 def test_ranges_give_the_same_rows_lines_and_quarantine(
     tmp_path, block_bytes, newline, last_newline, reader
@@ -115,9 +120,7 @@ def test_a_line_over_the_limit_in_a_later_range_is_quarantined_at_its_line(tmp_p
 
     cut = read_pairs(path, block_bytes=100, max_line_bytes=200)
 
-    assert [(r["line"], r["reason"]) for r in cut.quarantine.to_pylist()] == [
-        (3, "line_too_long")
-    ]
+    assert [(r["line"], r["reason"]) for r in cut.quarantine.to_pylist()] == [(3, "line_too_long")]
     assert outcome(cut) == outcome(read_pairs(path, block_bytes=WHOLE, max_line_bytes=200))
 
 

@@ -3,20 +3,24 @@
 Thin commands over hhdata.io.read, hhdata.pairs and hhdata.pairs.stats. Exit codes: 0 every
 record was accepted (flags are reported, not failures), 1 some record was quarantined,
 2 usage or I/O error (raised as HhDataError and printed by hhdata.cli.main).
+
+Arrow and the readers are imported when a command runs, not when the parser is built, so
+``hhdata --help`` starts at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import textwrap
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
-from hhdata import quarantine as q
 from hhdata.errors import HhDataError
-from hhdata.io.read import MAX_LINE_BYTES, ReadResult, read_pairs
-from hhdata.pairs.stats import flag_counts, format_stats, pair_stats
-from hhdata.pairs.transcript import FLAGS
+from hhdata.io import MAX_LINE_BYTES
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from hhdata.io.read import ReadResult
 
 _SHOWN_CHARS = 400
 
@@ -37,13 +41,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument(
         "--examples", type=int, default=3, metavar="N", help="examples shown per reason (3)"
     )
+    validate.add_argument(
+        "--stats",
+        action="store_true",
+        help="also print the statistics of the accepted pairs (as `hhdata stats`; slower)",
+    )
     _source_arguments(validate)
     validate.set_defaults(func=run_validate)
 
     stats = subparsers.add_parser(
         "stats",
         help="rows, turns, lengths and flags per subset",
-        description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled sample.",
+        description="Statistics of the parsed pairs, per subset; with no PATH, of the bundled "
+        "sample.",
     )
     stats.add_argument(
         "paths",
@@ -88,7 +98,9 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(args, require_source: bool = True) -> ReadResult:
+def _read(args, require_source: bool = True, pair_ids: bool = True) -> ReadResult:
+    from hhdata.io.read import read_pairs
+
     return read_pairs(
         args.paths,
         subset=args.subset,
@@ -97,6 +109,7 @@ def _read(args, require_source: bool = True) -> ReadResult:
         max_line_bytes=args.max_line_bytes,
         progress=None,
         require_source=require_source,
+        pair_ids=pair_ids,
     )
 
 
@@ -105,9 +118,16 @@ def run_validate(args) -> int:
 
     Any file is validated as is: its subset, split and family matter only for a build, so
     a file outside the upstream layout needs no flags here (a notice says what was unknown).
+    The pair ids are not computed (a build computes them); --stats adds the statistics.
     """
-    result = _read(args, require_source=False)
+    from hhdata import quarantine as q
+
+    result = _read(args, require_source=False, pair_ids=False)
     print(validation_report(result, args.examples))
+    if args.stats:
+        from hhdata.pairs.stats import format_stats, pair_stats
+
+        print(format_stats(pair_stats(result.table)))
     if args.quarantine:
         written = q.write_jsonl(result.quarantine, args.quarantine)
         print(f"wrote {written:,} quarantined records to {args.quarantine}")
@@ -116,6 +136,11 @@ def run_validate(args) -> int:
 
 def validation_report(result: ReadResult, examples: int = 3) -> str:
     """The text ``hhdata validate`` prints: counts, reasons with file:line examples, flags."""
+    import pyarrow as pa
+
+    from hhdata.pairs.stats import flag_counts
+    from hhdata.pairs.transcript import FLAGS
+
     report = result.report
     quarantined = sum(report.quarantined.values())
     if not report.reconciles():  # the reader lost or invented a line: never print such counts
@@ -165,6 +190,8 @@ def _pairs(args) -> pa.Table:
 
 def run_stats(args) -> int:
     """Print statistics of the parsed pairs."""
+    from hhdata.pairs.stats import format_stats, pair_stats
+
     print(format_stats(pair_stats(_pairs(args))))
     return 0
 
@@ -182,7 +209,8 @@ def format_pair(row: dict, number: int, total: int) -> str:
     """One pair row as readable text: header, prompt turns, then the two replies."""
     flags = ", ".join(row["flags"]) or "none"
     lines = [
-        f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} | flags: {flags}"
+        f"=== pair {number:,} of {total:,} | {row['subset']}/{row['split']} | id {row['id']} "
+        f"| flags: {flags}"
     ]
     for turn in row["prompt"]:
         lines.append(_turn(turn["role"], turn["content"]))

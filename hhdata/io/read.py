@@ -298,7 +298,8 @@ REDTEAM_STEM = "red_team_attempts"  # upstream's red-team file: attempts, not pr
 
 
 def is_redteam_file(path: Path) -> bool:
-    """True for upstream's red-team attempts file (red_team_attempts.jsonl[.gz]), read by hhdata.redteam."""
+    """True for upstream's red-team attempts file (red_team_attempts.jsonl[.gz]), read by
+    hhdata.redteam."""
     return path.name.split(".")[0] == REDTEAM_STEM
 
 
@@ -327,7 +328,8 @@ def resolve_paths(
         elif path.is_file():
             if is_redteam_file(path):
                 raise SourceError(
-                    f"{path_text(path)} holds red-team attempts, not preference pairs: read and check it "
+                    f"{path_text(path)} holds red-team attempts, not preference pairs: read and "
+                    "check it "
                     f"with `hhdata redteam {path_text(path)}` (hhdata.redteam.read_redteam)"
                 )
             files.append(path)
