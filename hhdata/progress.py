@@ -33,6 +33,16 @@ def shown(show: bool | None = None) -> bool:
         return False
 
 
+def _size() -> tuple[int, int]:
+    """The terminal's (columns, rows); 80 x 24 where it reports none: a fresh
+    pseudo-terminal says 0 x 0, and tqdm draws nothing on a terminal of 0 rows."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 80, 24
+    return size.columns or 80, size.lines or 24
+
+
 def _ignore(_: int) -> None:
     """advance() when no bar is drawn."""
 
@@ -51,6 +61,7 @@ def stage(
         return
     from tqdm import tqdm
 
+    columns, rows = _size()
     bar = tqdm(
         total=total,
         desc=label,
@@ -58,7 +69,8 @@ def stage(
         unit_scale=unit == "B",
         file=sys.stderr,
         leave=True,
-        dynamic_ncols=True,
+        ncols=columns,
+        nrows=rows,
     )
     try:
         yield bar.update

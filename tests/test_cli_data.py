@@ -191,6 +191,17 @@ def test_stats_of_the_bundled_sample(capsys):
     assert "flag tag_in_chosen 24 24" in [" ".join(line.split()) for line in lines]
 
 
+def test_validate_prints_the_statistics_only_when_asked(sample_path, capsys):
+    assert main(["validate", str(sample_path)]) == 0
+    plain = capsys.readouterr().out
+    assert main(["stats", str(sample_path)]) == 0
+    stats = capsys.readouterr().out
+
+    assert main(["validate", str(sample_path), "--stats"]) == 0
+    assert capsys.readouterr().out == plain + stats
+    assert "prompt chars mean" not in plain
+
+
 def test_show_prints_pairs_readably(tmp_path, capsys):
     path = write(
         tmp_path / "helpful-base" / "test.jsonl",
