@@ -139,17 +139,18 @@ def test_gzip_and_small_files_are_one_range(tmp_path, sample_path):
     assert byte_ranges(path, 1 << 20) == [(0, None)]
 
 
-def test_the_validation_shortcut_gives_the_rows_of_a_full_read_less_the_ids(tmp_path):
-    """hhdata validate skips the pair ids: every other column and the quarantine agree."""
+def test_fewer_columns_give_the_same_values_and_quarantine(tmp_path):
+    """hhdata validate keeps only the flags (no ids, no texts): the rest of the read agrees."""
     path = write(tmp_path, b"\n".join(LINES) + b"\n")
 
-    full = read_pairs(path)
-    lean = read_pairs(path, pair_ids=False)
-
-    assert lean.table.drop_columns(["id"]).equals(full.table.drop_columns(["id"]))
-    assert lean.table["id"].null_count == lean.table.num_rows
-    assert lean.quarantine.equals(full.quarantine)
-    assert lean.sources.equals(full.sources)
+    full = read_pairs(path, block_bytes=100)
+    for columns in (["flags"], ["subset", "prompt", "flags"], ["id", "chosen_text"]):
+        lean = read_pairs(path, block_bytes=100, columns=columns)
+        assert lean.table.column_names == columns
+        assert lean.table.equals(full.table.select(columns))
+        assert lean.quarantine.equals(full.quarantine)
+        assert lean.sources.equals(full.sources)
+        assert outcome(lean)[3] == outcome(full)[3]
 
 
 _LINE = st.one_of(

@@ -98,7 +98,7 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(args, require_source: bool = True, pair_ids: bool = True) -> ReadResult:
+def _read(args, require_source: bool = True, columns: list[str] | None = None) -> ReadResult:
     from hhdata.io.read import read_pairs
 
     return read_pairs(
@@ -109,7 +109,7 @@ def _read(args, require_source: bool = True, pair_ids: bool = True) -> ReadResul
         max_line_bytes=args.max_line_bytes,
         progress=None,
         require_source=require_source,
-        pair_ids=pair_ids,
+        columns=columns,
     )
 
 
@@ -118,11 +118,13 @@ def run_validate(args) -> int:
 
     Any file is validated as is: its subset, split and family matter only for a build, so
     a file outside the upstream layout needs no flags here (a notice says what was unknown).
-    The pair ids are not computed (a build computes them); --stats adds the statistics.
+    Only the flags of the pairs are kept (no ids, no texts: a build computes those), unless
+    --stats asks for the statistics of the accepted pairs.
     """
     from hhdata import quarantine as q
 
-    result = _read(args, require_source=False, pair_ids=False)
+    keep = ["subset", "split", "prompt", "chosen", "rejected", "flags"] if args.stats else ["flags"]
+    result = _read(args, require_source=False, columns=keep)
     print(validation_report(result, args.examples))
     if args.stats:
         from hhdata.pairs.stats import format_stats, pair_stats

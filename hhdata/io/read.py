@@ -124,7 +124,7 @@ def read_pairs(
     progress: bool | None = False,
     require_source: bool = True,
     block_bytes: int = BLOCK_BYTES,
-    pair_ids: bool = True,
+    columns: Iterable[str] | None = None,
 ) -> ReadResult:
     """read_raw, then hhdata.pairs.build_pairs: a ReadResult whose table holds pair rows and
     whose ``sources`` holds the file and line each row came from.
@@ -132,8 +132,11 @@ def read_pairs(
     Each file's pairs are built by the thread that read it, as soon as it is read, so one
     file's parsing overlaps the next file's reading. The quarantine holds the bad lines and
     the pairs whose prompt cannot be determined, by file and line; the report's counts
-    still reconcile (accepted = pair rows). The arguments are read_raw's; pair_ids=False
-    leaves the id column null (validation needs no ids, and they are a third of the cost).
+    still reconcile (accepted = pair rows). The arguments are read_raw's, and columns:
+    keep only these columns of the pair rows (None: all of hhdata.schema.PAIR_SCHEMA).
+    Without "id" the pair ids (a sha256 per row, a third of the parse) are not computed;
+    without the text columns each range's texts are freed as soon as it is parsed, so
+    memory stays at a few ranges: ``hhdata validate`` keeps only "flags".
 
     >>> result = read_pairs(bundled_sample_path())
     >>> result.report.accepted, result.sources.num_rows, result.report.reconciles()
@@ -143,7 +146,7 @@ def read_pairs(
         paths,
         _Options(subset, split, family, max_line_bytes, progress, require_source, block_bytes),
         pairs=True,
-        pair_ids=pair_ids,
+        columns=None if columns is None else list(columns),
     )
 
 
@@ -171,7 +174,7 @@ class _Part(NamedTuple):
     crlf: int
 
 
-def _read(paths, options: _Options, *, pairs: bool, pair_ids: bool = True) -> ReadResult:
+def _read(paths, options: _Options, *, pairs: bool, columns: list[str] | None = None):
     """read_raw, or read_pairs when ``pairs``."""
     skipped: list[Path] = []
     files = resolve_paths(paths, skipped)
@@ -216,7 +219,9 @@ def _read(paths, options: _Options, *, pairs: bool, pair_ids: bool = True) -> Re
         if not pairs:
             return _Part(table, bad.sort_by("line"), None, part, crlf)
         # this thread is one of the pool's, so the batches are built one after the other
-        rows, unsplit = build_pairs(table, workers=1, pair_ids=pair_ids)
+        rows, unsplit = build_pairs(table, workers=1, pair_ids=columns is None or "id" in columns)
+        if columns is not None:
+            rows = rows.select(columns)
         kept = table.select(["file", "line"])
         if unsplit.num_rows:
             kept = kept.filter(pc.invert(pc.is_in(kept["line"], unsplit["line"])))
@@ -251,8 +256,9 @@ def _read(paths, options: _Options, *, pairs: bool, pair_ids: bool = True) -> Re
     report.quarantined = q.reason_counts(quarantine)
     if not pairs:
         return ReadResult(pa.concat_tables([RAW_SCHEMA.empty_table(), *tables]), quarantine, report)
+    empty = PAIR_SCHEMA.empty_table()
     return ReadResult(
-        pa.concat_tables([PAIR_SCHEMA.empty_table(), *tables]),
+        pa.concat_tables([empty if columns is None else empty.select(columns), *tables]),
         quarantine,
         report,
         pa.concat_tables([RAW_SCHEMA.empty_table().select(["file", "line"]), *lines]),
