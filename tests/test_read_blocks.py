@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hhdata.errors import SchemaError
 from hhdata.io.lines import byte_ranges
 from hhdata.io.read import read_pairs, read_raw
 
@@ -151,6 +152,11 @@ def test_fewer_columns_give_the_same_values_and_quarantine(tmp_path):
         assert lean.quarantine.equals(full.quarantine)
         assert lean.sources.equals(full.sources)
         assert outcome(lean)[3] == outcome(full)[3]
+
+
+def test_an_unknown_column_is_refused_with_the_choices(sample_path):
+    with pytest.raises(SchemaError, match=r"no pair column \['text'\]; choose columns from"):
+        read_pairs(sample_path, columns=["flags", "text"])
 
 
 _LINE = st.one_of(

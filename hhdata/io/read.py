@@ -35,7 +35,7 @@ import pyarrow.json as pa_json
 from hhdata import progress as bars
 from hhdata import quarantine as q
 from hhdata._arrow import ARROW_POOL
-from hhdata.errors import SourceError
+from hhdata.errors import SchemaError, SourceError
 from hhdata.io import MAX_LINE_BYTES
 from hhdata.io.lines import RAW_HEAD, Block, blocks, byte_ranges, path_text, too_long
 from hhdata.io.validate import explain_raw_line, validate_raw_table
@@ -97,7 +97,8 @@ def read_raw(
 
     subset and split come from a path ``<subset>/<split>.jsonl[.gz]``; arguments, when
     given, override the path. family is needed only for a subset hhdata does not know, and
-    must agree with a known subset's. progress=None shows a bar when stderr is a terminal.
+    must agree with a known subset's. progress=None shows a bar when stderr is a terminal
+    outside CI (hhdata.progress).
     With ``require_source=False`` a file whose subset, split or family neither its path nor
     the arguments tell is read as is, with nulls there and a notice (validation needs no
     split; a build does). An uncompressed file over block_bytes is read in ranges of
@@ -142,11 +143,18 @@ def read_pairs(
     >>> result.report.accepted, result.sources.num_rows, result.report.reconciles()
     (2312, 2312, True)
     """
+    if columns is not None:
+        columns = list(columns)
+        unknown = [name for name in columns if name not in PAIR_SCHEMA.names]
+        if unknown:
+            raise SchemaError(
+                f"read_pairs: no pair column {unknown}; choose columns from {PAIR_SCHEMA.names}"
+            )
     return _read(
         paths,
         _Options(subset, split, family, max_line_bytes, progress, require_source, block_bytes),
         pairs=True,
-        columns=None if columns is None else list(columns),
+        columns=columns,
     )
 
 
