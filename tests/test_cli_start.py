@@ -77,7 +77,24 @@ def test_help_imports_nothing_heavy(verb):
 
 def test_the_probe_sees_a_heavy_import_when_a_command_runs(sample_path):
     """The same probe after a real validation finds Arrow: the check above can fail."""
-    assert "pyarrow" in heavy(loaded_after("validate", str(sample_path)))
+    modules = loaded_after("validate", str(sample_path))
+    assert "pyarrow" in heavy(modules)
+    assert "pandas" not in modules  # validate declines pyarrow's probe for pandas
+
+
+def test_pandas_still_imports_after_a_validation(sample_path):
+    code = (
+        "import contextlib, io\n"
+        "from hhdata.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main(['validate', {str(sample_path)!r}]) == 0\n"
+        "import pyarrow as pa\n"
+        "print(pa.table({'a': [1, 2]}).to_pandas()['a'].sum())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert done.stdout.split() == ["3"]
 
 
 def test_importing_hhdata_is_light_and_its_names_still_work():
