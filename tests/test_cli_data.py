@@ -59,7 +59,8 @@ def test_validate_the_bundled_sample_exits_0_and_reports_flags(sample_path, caps
             "\n\nHuman: a",
             "\n\nHuman: b",
             "prompt_mismatch",
-            "chosen and rejected disagree before the final '\\n\\nAssistant:' tag (they differ from character 9 on)",
+            "chosen and rejected disagree before the final '\\n\\nAssistant:' tag (they differ "
+            "from character 9 on)",
         ),
         (
             "\n\nAssistant: a",
@@ -71,7 +72,8 @@ def test_validate_the_bundled_sample_exits_0_and_reports_flags(sample_path, caps
             "Hi\n\nHuman: a",
             "Hi\n\nHuman: a",
             "bad_transcript_start",
-            "transcript does not start with '\\n\\nHuman: ' or '\\n\\nAssistant: ' (it starts with 'Hi\\n\\nHuman: a\\n\\nAssistant: '); "
+            "transcript does not start with '\\n\\nHuman: ' or '\\n\\nAssistant: ' (it starts "
+            "with 'Hi\\n\\nHuman: a\\n\\nAssistant: '); "
             "HH-RLHF transcripts begin with a blank line and a speaker tag",
         ),
     ],
@@ -117,15 +119,17 @@ def test_usage_and_io_errors_exit_2_with_the_fix(tmp_path, capsys, sample_path):
     target = tmp_path / "no-such-dir" / "q.jsonl"
     assert main(["validate", str(sample_path), "--quarantine", str(target)]) == 2
     assert capsys.readouterr().err == (
-        f"hhdata validate: error: cannot write the quarantine to {target}: No such file or directory; "
+        f"hhdata validate: error: cannot write the quarantine to {target}: No such file or "
+        "directory; "
         "pass a --quarantine path in a folder you can write to\n"
     )
     odd = write(tmp_path / "batch.jsonl", [pair("\n\nHuman: q", "\n\nHuman: q")])
     assert main(["stats", str(odd), "--split", "train", "--subset", "batch-3"]) == 2
     assert capsys.readouterr().err == (
-        f"hhdata stats: error: {odd}: subset 'batch-3' is not one of ['harmless-base', 'helpful-base', "
-        "'helpful-online', 'helpful-rejection-sampled']; declare its family ('helpful' or 'harmless') "
-        "for a new batch (in Python family= and subset=, on the command line --family and --subset)\n"
+        f"hhdata stats: error: {odd}: subset 'batch-3' is not one of ['harmless-base', "
+        "'helpful-base', 'helpful-online', 'helpful-rejection-sampled']; declare its family "
+        "('helpful' or 'harmless') for a new batch (in Python family= and subset=, on the "
+        "command line --family and --subset)\n"
     )
     assert (
         main(["stats", str(odd), "--split", "train", "--subset", "batch-3", "--family", "helpful"])
@@ -169,7 +173,8 @@ def test_validate_takes_any_file_as_is_and_says_what_it_did_not_know(tmp_path, c
         == 0
     )
     assert capsys.readouterr().out == (
-        "read 1 file: 1 line (0 blank), 1 record = 1 accepted + 0 quarantined\nok: every record was accepted\n"
+        "read 1 file: 1 line (0 blank), 1 record = 1 accepted + 0 quarantined\n"
+        "ok: every record was accepted\n"
     )
 
 
