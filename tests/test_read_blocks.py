@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -152,6 +153,20 @@ def test_fewer_columns_give_the_same_values_and_quarantine(tmp_path):
         assert lean.quarantine.equals(full.quarantine)
         assert lean.sources.equals(full.sources)
         assert outcome(lean)[3] == outcome(full)[3]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["jsonl", "gz"])
+def test_segments_handed_over_while_reading_change_nothing(tmp_path, compress):
+    """A range (or a whole gzip file) is validated and parsed in segments as it is read."""
+    from unittest import mock
+
+    data = b"\r\n".join(LINES * 5)  # no newline at the end
+    path = write(tmp_path, gzip.compress(data) if compress else data)
+    whole = outcome(read_pairs(path, block_bytes=WHOLE))
+
+    with mock.patch("hhdata.io.lines.READ_SIZE", 64), mock.patch("hhdata.io.read.SEGMENT_BYTES", 1):
+        assert outcome(read_pairs(path, block_bytes=WHOLE)) == whole
+        assert outcome(read_pairs(path, block_bytes=500)) == whole
 
 
 def test_an_unknown_column_is_refused_with_the_choices(sample_path):

@@ -44,6 +44,7 @@ from hhdata.schema import PAIR_SCHEMA, RAW_SCHEMA, SPLITS, family_of
 __all__ = ["MAX_LINE_BYTES", "ReadReport", "ReadResult", "read_pairs", "read_raw"]
 
 BLOCK_BYTES = 16 * 2**20  # an uncompressed file larger than this is read in ranges, in threads
+SEGMENT_BYTES = 16 * 2**20  # bytes read (inflated) between two hand-overs to validate and parse
 _RUN_LINES = 1024  # lines per call of Arrow's JSON reader
 _RETRY_LINES = 32  # a run with a bad line is redone in runs this long, then line by line
 
@@ -219,21 +220,39 @@ def _read(paths, options: _Options, *, pairs: bool, columns: list[str] | None = 
     def read_one(task: tuple[int, int, int | None], advance) -> _Part:
         index, start, stop = task
         part = ReadReport()
-        table, bad, crlf = _read_file(
-            files[index], sources[index], options.max_line_bytes, part, advance, start, stop
+        pieces: list[tuple[pa.Table, pa.Table, pa.Table | None]] = []
+
+        def segment(table: pa.Table) -> None:
+            """Validate (and parse) the next segment of the range as soon as it is read."""
+            table, invalid = validate_raw_table(table)
+            if not pairs:
+                pieces.append((table, invalid, None))
+                return
+            # this thread is one of the pool's, so the batches are built one after the other
+            rows, unsplit = build_pairs(
+                table, workers=1, pair_ids=columns is None or "id" in columns
+            )
+            if columns is not None:
+                rows = rows.select(columns)
+            kept = table.select(["file", "line"])
+            if unsplit.num_rows:
+                kept = kept.filter(pc.invert(pc.is_in(kept["line"], unsplit["line"])))
+            pieces.append((rows, q.concat([invalid, unsplit]), kept))
+
+        bad, crlf = _read_file(
+            files[index],
+            sources[index],
+            options.max_line_bytes,
+            part,
+            advance,
+            segment,
+            start,
+            stop,
         )
-        table, invalid = validate_raw_table(table)
-        bad = q.concat([bad, invalid])
-        if not pairs:
-            return _Part(table, bad.sort_by("line"), None, part, crlf)
-        # this thread is one of the pool's, so the batches are built one after the other
-        rows, unsplit = build_pairs(table, workers=1, pair_ids=columns is None or "id" in columns)
-        if columns is not None:
-            rows = rows.select(columns)
-        kept = table.select(["file", "line"])
-        if unsplit.num_rows:
-            kept = kept.filter(pc.invert(pc.is_in(kept["line"], unsplit["line"])))
-        return _Part(rows, q.concat([bad, unsplit]).sort_by("line"), kept, part, crlf)
+        table = pa.concat_tables([piece[0] for piece in pieces])
+        bad = q.concat([bad, *(piece[1] for piece in pieces)]).sort_by("line")
+        kept = None if not pairs else pa.concat_tables([piece[2] for piece in pieces])
+        return _Part(table, bad, kept, part, crlf)
 
     # ranges in parallel threads: inflating, Arrow's JSON reader and numpy release the GIL.
     # The largest start first, so the threads finish together; results keep file order.
@@ -401,20 +420,26 @@ def _source_of(
         ) from None
 
 
-def _read_file(path, source, max_line_bytes, report, advance, start=0, stop=None):
-    """One file's (or range's) accepted records as a table, its quarantine, and how many
-    of its lines end with CRLF."""
+def _read_file(path, source, max_line_bytes, report, advance, segment, start=0, stop=None):
+    """Read a file (or a range of it): its accepted records go to segment(table), in line
+    order, about every SEGMENT_BYTES read (so a whole gzip file's texts need not be held
+    at once); returns its quarantine and how many of its lines end with CRLF."""
     rows = _Rows(path_text(path), source)
-    crlf = 0
+    crlf = read = 0
     for item in blocks(path, max_line_bytes, report.notices, advance, start, stop):
         if isinstance(item, Block):
             crlf += _read_block(item, rows, max_line_bytes)
+            read += len(item.buffer)
+            if read >= SEGMENT_BYTES:
+                segment(rows.table())
+                read = 0
         else:
             number, problem = item
             rows.quarantine(number, problem)
+    segment(rows.table())
     report.lines += rows.lines
     report.blank += rows.blank
-    return rows.table(), q.quarantine_table(rows.bad), crlf
+    return q.quarantine_table(rows.bad), crlf
 
 
 class _Rows:
@@ -458,14 +483,17 @@ class _Rows:
         self.bad.append((self.name, number, *problem))
 
     def table(self) -> pa.Table:
-        """The file's records: text columns chunked as read (no copy), the rest constant."""
+        """The records added since the last call: text columns chunked as read (no copy),
+        the rest constant."""
         self._flush()
         lines = np.concatenate([np.zeros(0, np.int64), *self.numbers])
+        self.numbers = []
+        text = [pa.chunked_array(self.chunks[key], pa.string()) for key in ("chosen", "rejected")]
+        self.chunks = {"chosen": [], "rejected": []}
         constant = [
             pa.repeat(pa.scalar(value, pa.string()), len(lines), memory_pool=ARROW_POOL)
             for value in (self.name, *self.source)
         ]
-        text = [pa.chunked_array(self.chunks[key], pa.string()) for key in ("chosen", "rejected")]
         return pa.Table.from_arrays(
             [constant[0], pa.array(lines), *constant[1:], *text], schema=RAW_SCHEMA
         )
