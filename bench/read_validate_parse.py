@@ -76,6 +76,16 @@ def hhdata_verdicts(result) -> tuple[dict, list]:
 
 def run_baseline(folder: Path) -> tuple[dict, list]:
     """The usual way, one record at a time."""
+    return baseline(files_of(folder))
+
+
+def baseline(paths: list[Path], pair_ids: bool = True) -> tuple[dict, list]:
+    """json.loads + jsonschema + split_pair (+ pair_id), one record at a time, over plain
+    or gzip JSONL files: verdicts by (file, line) and the accepted rows.
+
+    Also the jsonschema route of bench/validate_cli.py (with pair_ids=False: a validation
+    needs no ids).
+    """
     import gzip
 
     from jsonschema import Draft202012Validator
@@ -93,8 +103,10 @@ def run_baseline(folder: Path) -> tuple[dict, list]:
         "minLength": "empty_string",
     }
     verdicts, rows = {}, []
-    for path in files_of(folder):
-        with gzip.open(path, "rb") as lines:
+    for path in paths:
+        with path.open("rb") as head:
+            compressed = head.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if compressed else path.open("rb") as lines:
             for number, raw in enumerate(lines, start=1):
                 key = (str(path), number)
                 try:
@@ -129,7 +141,8 @@ def run_baseline(folder: Path) -> tuple[dict, list]:
                 except PairError as error:
                     verdicts[key] = error.reason
                     continue
-                rows.append((key, record, pair, pair_id(record["chosen"], record["rejected"])))
+                row_id = pair_id(record["chosen"], record["rejected"]) if pair_ids else None
+                rows.append((key, record, pair, row_id))
     return verdicts, rows
 
 
@@ -358,14 +371,17 @@ def main() -> int:
             else f"({r['digest']}) | "
         )
         print(
-            f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | {counts} |"
+            f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+            f"{r['peak_mib']:.0f} | {counts} |"
         )
     print(
         f"\nspeed-up, wall {slow['seconds'] / fast['seconds']:.1f}x, CPU "
         f"{slow['cpu_seconds'] / fast['cpu_seconds']:.1f}x; in one thread: wall "
-        f"{slow['seconds'] / one['seconds']:.1f}x, CPU {slow['cpu_seconds'] / one['cpu_seconds']:.1f}x; "
+        f"{slow['seconds'] / one['seconds']:.1f}x, "
+        f"CPU {slow['cpu_seconds'] / one['cpu_seconds']:.1f}x; "
         f"peak memory ratio (hhdata / baseline) "
-        f"{fast['peak_mib'] / slow['peak_mib']:.2f}; same verdict on every record: {same_verdicts}; "
+        f"{fast['peak_mib'] / slow['peak_mib']:.2f}; "
+        f"same verdict on every record: {same_verdicts}; "
         f"same pair rows (content digest): {same_pairs}"
     )
     if args.repeat > 1:
@@ -373,8 +389,9 @@ def main() -> int:
             walls = ", ".join(f"{r['seconds']:.2f}" for r in rounds[mode])
             print(f"{mode}: wall s per round {walls}")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, load average before the run "
-        f"{load_before}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}; CPUs two threads got before "
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, load average before "
+        f"the run {load_before}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+        "CPUs two threads got before "
         f"the run {cores_before:.1f}, after {free_cores():.1f}; Python {platform.python_version()}"
     )
     if not (same_verdicts and same_pairs):

@@ -72,8 +72,8 @@ def test_validate_the_bundled_sample_exits_0_and_reports_flags(sample_path, caps
             "Hi\n\nHuman: a",
             "Hi\n\nHuman: a",
             "bad_transcript_start",
-            "transcript does not start with '\\n\\nHuman: ' or '\\n\\nAssistant: ' (it starts with "
-            "'Hi\\n\\nHuman: a\\n\\nAssistant: '); "
+            "transcript does not start with '\\n\\nHuman: ' or '\\n\\nAssistant: ' (it starts "
+            "with 'Hi\\n\\nHuman: a\\n\\nAssistant: '); "
             "HH-RLHF transcripts begin with a blank line and a speaker tag",
         ),
     ],
@@ -127,11 +127,9 @@ def test_usage_and_io_errors_exit_2_with_the_fix(tmp_path, capsys, sample_path):
     assert main(["stats", str(odd), "--split", "train", "--subset", "batch-3"]) == 2
     assert capsys.readouterr().err == (
         f"hhdata stats: error: {odd}: subset 'batch-3' is not one of ['harmless-base', "
-        "'helpful-base', "
-        "'helpful-online', 'helpful-rejection-sampled']; declare its family ('helpful' or "
-        "'harmless') "
-        "for a new batch (in Python family= and subset=, on the command line --family and "
-        "--subset)\n"
+        "'helpful-base', 'helpful-online', 'helpful-rejection-sampled']; declare its family "
+        "('helpful' or 'harmless') for a new batch (in Python family= and subset=, on the "
+        "command line --family and --subset)\n"
     )
     assert (
         main(["stats", str(odd), "--split", "train", "--subset", "batch-3", "--family", "helpful"])
@@ -175,8 +173,8 @@ def test_validate_takes_any_file_as_is_and_says_what_it_did_not_know(tmp_path, c
         == 0
     )
     assert capsys.readouterr().out == (
-        "read 1 file: 1 line (0 blank), 1 record = 1 accepted + 0 quarantined\nok: every record "
-        "was accepted\n"
+        "read 1 file: 1 line (0 blank), 1 record = 1 accepted + 0 quarantined\n"
+        "ok: every record was accepted\n"
     )
 
 
@@ -196,6 +194,17 @@ def test_stats_of_the_bundled_sample(capsys):
     assert lines[0].split() == ["harmless-base", "all"]
     assert lines[1].split() == ["rows", "2,312", "2,312"]
     assert "flag tag_in_chosen 24 24" in [" ".join(line.split()) for line in lines]
+
+
+def test_validate_prints_the_statistics_only_when_asked(sample_path, capsys):
+    assert main(["validate", str(sample_path)]) == 0
+    plain = capsys.readouterr().out
+    assert main(["stats", str(sample_path)]) == 0
+    stats = capsys.readouterr().out
+
+    assert main(["validate", str(sample_path), "--stats"]) == 0
+    assert capsys.readouterr().out == plain + stats
+    assert "prompt chars mean" not in plain
 
 
 def test_show_prints_pairs_readably(tmp_path, capsys):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from hhdata.errors import SourceError
+
+if TYPE_CHECKING:  # Arrow is imported when a command runs, so --help starts at once
+    import pyarrow as pa
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,6 +110,9 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
 
 def _load(paths: list[str]) -> tuple[pa.Table, int, int]:
     """Pair rows from the inputs, with the records read and quarantined."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from hhdata.io.read import read_pairs
     from hhdata.schema import PAIR_SCHEMA
 
@@ -151,6 +155,8 @@ def _settings(args):
 
 def run_dedup(args) -> int:
     """Deduplicate and print the accounting; 0 unless an error is raised."""
+    import pyarrow.parquet as pq
+
     from hhdata import memory
     from hhdata.dedup.run import deduplicate, write_report
 
@@ -190,6 +196,8 @@ def run_dedup(args) -> int:
 
 def run_leakage(args) -> int:
     """Report leakage; 1 when some test prompt is in train and no re-split was asked for."""
+    import pyarrow.parquet as pq
+
     from hhdata.dedup import configs
     from hhdata.dedup.run import write_report
 
@@ -229,6 +237,8 @@ def run_leakage(args) -> int:
 
 def run_redteam(args) -> int:
     """Read red-team attempts and print their summary."""
+    import pyarrow.parquet as pq
+
     from hhdata.io import redteam
 
     result = redteam.read_redteam(args.path)

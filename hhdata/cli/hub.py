@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hhdata import hub
 from hhdata.errors import IntegrityError
 
 
@@ -73,6 +72,8 @@ def register(subparsers) -> None:
 
 
 def run_publish(args: argparse.Namespace) -> int:
+    from hhdata import hub  # here, not at the top: --help starts without the Hub client
+
     try:
         result = hub.publish(
             args.release_dir,
@@ -108,6 +109,8 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_versions(args: argparse.Namespace) -> int:
+    from hhdata import hub
+
     versions = hub.list_versions(args.repo, token=args.token, endpoint=args.endpoint)
     if not versions:
         print(f"{args.repo}: no published versions", file=sys.stderr)

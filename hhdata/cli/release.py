@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hhdata.schema import FATES
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `build` and `diff` verbs."""
@@ -120,6 +118,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 def _print_built(built) -> None:
     """Where the release is, its configs, the accounting and the change against --previous."""
+    from hhdata.schema import FATES  # here, not at the top: --help starts without Arrow
+
     manifest = built.manifest
     print(f"built {built.path}")
     for name, view in manifest["configs"].items():

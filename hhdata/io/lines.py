@@ -6,6 +6,10 @@ Block (the chunk and the line bounds, found with numpy), never copying a chunk: 
 cut between two chunks is a block of its own. A line over the limit is not held in
 memory (its first RAW_HEAD bytes are kept for the quarantine); a gzip stream that ends
 early, or is corrupt, ends the blocks with the cut line's quarantine entry.
+
+``byte_ranges`` cuts a large uncompressed file at newlines into ranges that threads read
+side by side; ``blocks`` of a range numbers its lines from 1, and the reader adds the
+lines of the ranges before it.
 """
 
 from __future__ import annotations
@@ -55,18 +59,65 @@ def path_text(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def blocks(path: Path, max_line_bytes: int, notices: list[str], advance) -> Iterator:
+def byte_ranges(path: Path, block_bytes: int) -> list[tuple[int, int | None]]:
+    """(start, stop) ranges of a file, each about block_bytes long and cut just after a
+    newline, so every line lies in one range; stop None is the end of the file.
+
+    A gzip file is one range (a deflate stream cannot be entered in the middle), and so
+    is a file no larger than block_bytes. A cut that would fall inside the previous
+    range's line (a line longer than a block) moves on to the line's end.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            if size <= block_bytes or file.read(2) == _GZIP_MAGIC:
+                return [(0, None)]
+            cuts = [0]
+            for target in range(block_bytes, size, block_bytes):
+                if target <= cuts[-1]:
+                    continue
+                cut = _next_line_start(file, target - 1)
+                if cut is None:
+                    break
+                if cut < size and cut > cuts[-1]:
+                    cuts.append(cut)
+    except OSError as error:
+        raise SourceError(f"cannot read {path_text(path)}: {error.strerror or error}") from None
+    return list(zip(cuts, [*cuts[1:], None]))
+
+
+def _next_line_start(file, at: int) -> int | None:
+    """The offset just after the first newline at or after ``at``, None if there is none."""
+    file.seek(at)
+    while piece := file.read(1 << 16):
+        newline = piece.find(b"\n")
+        if newline >= 0:
+            return at + newline + 1
+        at += len(piece)
+    return None
+
+
+def blocks(
+    path: Path,
+    max_line_bytes: int,
+    notices: list[str],
+    advance,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator:
     """Block of complete lines, or (line number, q.Problem) for an over-long or cut line.
 
-    advance(n) is told the bytes read from disk; notices get what is odd but fine.
+    advance(n) is told the bytes read from disk; notices get what is odd but fine. With
+    start and stop (from byte_ranges) only that range of an uncompressed file is read, its
+    lines numbered from 1.
     """
     shown = path_text(path)
     number = 0
     pending = b""
     skipping = 0  # bytes of an over-long line seen so far, 0 when not in one
-    chunks = Chunks(path, advance)
+    chunks = Chunks(path, advance, start, stop)
     for index, chunk in enumerate(chunks):
-        if index == 0 and chunk.startswith(_BOM):
+        if index == 0 and start == 0 and chunk.startswith(_BOM):
             chunk = chunk[len(_BOM) :]
             notices.append(f"{shown}: starts with a UTF-8 byte order mark; ignored")
         if skipping:
@@ -136,8 +187,9 @@ def too_long(head: bytes, size: int, limit: int) -> q.Problem:
 class Chunks:
     """The decompressed bytes of a file in chunks; ``failure`` tells a cut gzip stream."""
 
-    def __init__(self, path: Path, advance):
+    def __init__(self, path: Path, advance, start: int = 0, stop: int | None = None):
         self.path, self.advance = path, advance
+        self.start, self.stop = start, stop
         self.failure: tuple[str, str] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
@@ -157,13 +209,15 @@ class Chunks:
         try:
             with self.path.open("rb") as file:
                 head = file.read(2)
-                file.seek(0)
-                if head == _GZIP_MAGIC:
+                file.seek(self.start)
+                if head == _GZIP_MAGIC and self.start == 0:
                     yield from self._gunzip(file)
-                else:
-                    while block := file.read(READ_SIZE * 4):
-                        self.advance(len(block))
-                        yield block
+                    return
+                left = float("inf") if self.stop is None else self.stop - self.start
+                while left > 0 and (block := file.read(int(min(READ_SIZE * 4, left)))):
+                    left -= len(block)
+                    self.advance(len(block))
+                    yield block
         except OSError as error:
             raise SourceError(
                 f"cannot read {path_text(self.path)}: {error.strerror or error}"

@@ -2,7 +2,8 @@
 
 ``read_raw`` takes files, folders in the upstream layout ``<subset>/<split>.jsonl[.gz]``
 and globs, several files at once in threads (the largest first). It streams each file
-(gzip detected by its magic bytes, inflated with ISA-L), finds the lines with numpy and
+(gzip detected by its magic bytes, inflated with ISA-L; a large uncompressed file in
+ranges of BLOCK_BYTES cut at newlines, side by side), finds the lines with numpy and
 reads runs of plain lines (``{..."}``, as upstream writes them) with Arrow's JSON reader
 against the record's shape; other lines go one by one (msgspec). Rows Arrow read but the
 rules refuse (a null, bytes that are not UTF-8, found by halving the run) and every line
@@ -19,27 +20,31 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
-from tqdm import tqdm
 
+from hhdata import progress as bars
 from hhdata import quarantine as q
 from hhdata._arrow import ARROW_POOL
-from hhdata.errors import SourceError
-from hhdata.io.lines import RAW_HEAD, Block, blocks, path_text, too_long
+from hhdata.errors import SchemaError, SourceError
+from hhdata.io import MAX_LINE_BYTES
+from hhdata.io.lines import RAW_HEAD, Block, blocks, byte_ranges, path_text, too_long
 from hhdata.io.validate import explain_raw_line, validate_raw_table
 from hhdata.schema import PAIR_SCHEMA, RAW_SCHEMA, SPLITS, family_of
 
-MAX_LINE_BYTES = 4 * 2**20
+__all__ = ["MAX_LINE_BYTES", "ReadReport", "ReadResult", "read_pairs", "read_raw"]
+
+BLOCK_BYTES = 16 * 2**20  # an uncompressed file larger than this is read in ranges, in threads
+SEGMENT_BYTES = 16 * 2**20  # bytes read (inflated) between two hand-overs to validate and parse
 _RUN_LINES = 1024  # lines per call of Arrow's JSON reader
 _RETRY_LINES = 32  # a run with a bad line is redone in runs this long, then line by line
 
@@ -87,22 +92,27 @@ def read_raw(
     max_line_bytes: int = MAX_LINE_BYTES,
     progress: bool | None = False,
     require_source: bool = True,
+    block_bytes: int = BLOCK_BYTES,
 ) -> ReadResult:
     """Read raw JSONL(.gz) records from files, upstream-layout folders or globs.
 
     subset and split come from a path ``<subset>/<split>.jsonl[.gz]``; arguments, when
     given, override the path. family is needed only for a subset hhdata does not know, and
-    must agree with a known subset's. progress=None shows a bar when stderr is a terminal.
+    must agree with a known subset's. progress=None shows a bar when stderr is a terminal
+    outside CI (hhdata.progress).
     With ``require_source=False`` a file whose subset, split or family neither its path nor
     the arguments tell is read as is, with nulls there and a notice (validation needs no
-    split; a build does).
+    split; a build does). An uncompressed file over block_bytes is read in ranges of
+    about that size, cut at newlines, in threads; the result is the same for any size.
 
     >>> result = read_raw(bundled_sample_path())
     >>> result.report.accepted, result.table.column_names[:2]
     (2312, ['file', 'line'])
     """
     return _read(
-        paths, subset, split, family, max_line_bytes, progress, require_source, pairs=False
+        paths,
+        _Options(subset, split, family, max_line_bytes, progress, require_source, block_bytes),
+        pairs=False,
     )
 
 
@@ -115,6 +125,8 @@ def read_pairs(
     max_line_bytes: int = MAX_LINE_BYTES,
     progress: bool | None = False,
     require_source: bool = True,
+    block_bytes: int = BLOCK_BYTES,
+    columns: Iterable[str] | None = None,
 ) -> ReadResult:
     """read_raw, then hhdata.pairs.build_pairs: a ReadResult whose table holds pair rows and
     whose ``sources`` holds the file and line each row came from.
@@ -122,22 +134,63 @@ def read_pairs(
     Each file's pairs are built by the thread that read it, as soon as it is read, so one
     file's parsing overlaps the next file's reading. The quarantine holds the bad lines and
     the pairs whose prompt cannot be determined, by file and line; the report's counts
-    still reconcile (accepted = pair rows). The arguments are read_raw's.
+    still reconcile (accepted = pair rows). The arguments are read_raw's, and columns:
+    keep only these columns of the pair rows (None: all of hhdata.schema.PAIR_SCHEMA).
+    Without "id" the pair ids (a sha256 per row, a third of the parse) are not computed;
+    without the text columns each range's texts are freed as soon as it is parsed, so
+    memory stays at a few ranges: ``hhdata validate`` keeps only "flags".
 
     >>> result = read_pairs(bundled_sample_path())
     >>> result.report.accepted, result.sources.num_rows, result.report.reconciles()
     (2312, 2312, True)
     """
-    return _read(paths, subset, split, family, max_line_bytes, progress, require_source, pairs=True)
+    if columns is not None:
+        columns = list(columns)
+        unknown = [name for name in columns if name not in PAIR_SCHEMA.names]
+        if unknown:
+            raise SchemaError(
+                f"read_pairs: no pair column {unknown}; choose columns from {PAIR_SCHEMA.names}"
+            )
+    return _read(
+        paths,
+        _Options(subset, split, family, max_line_bytes, progress, require_source, block_bytes),
+        pairs=True,
+        columns=columns,
+    )
 
 
-def _read(
-    paths, subset, split, family, max_line_bytes, progress, require_source, *, pairs: bool
-) -> ReadResult:
+@dataclass(frozen=True)
+class _Options:
+    """The arguments read_raw and read_pairs share."""
+
+    subset: str | None
+    split: str | None
+    family: str | None
+    max_line_bytes: int
+    progress: bool | None
+    require_source: bool
+    block_bytes: int
+
+
+class _Part(NamedTuple):
+    """What the thread that read one range of a file returns; lines are numbered from 1
+    in the range until _join shifts them."""
+
+    table: pa.Table
+    bad: pa.Table
+    kept: pa.Table | None  # read_pairs: file and line of each pair row
+    report: ReadReport
+    crlf: int
+
+
+def _read(paths, options: _Options, *, pairs: bool, columns: list[str] | None = None):
     """read_raw, or read_pairs when ``pairs``."""
     skipped: list[Path] = []
     files = resolve_paths(paths, skipped)
-    sources = [_source_of(path, subset, split, family, require_source) for path in files]
+    sources = [
+        _source_of(path, options.subset, options.split, options.family, options.require_source)
+        for path in files
+    ]
     report = ReadReport(files=[str(path) for path in files])
     report.notices += [
         f"{path_text(path)}: red-team attempts, not preference pairs: skipped (check them "
@@ -154,64 +207,119 @@ def _read(
                 "validated as is (only a build needs them: put the file at "
                 "<subset>/<split>.jsonl[.gz], or pass --subset, --split and --family)"
             )
-    tables, quarantines, lines = [], [], []
-    show = sys.stderr.isatty() if progress is None else progress
     sizes = [path.stat().st_size for path in files]
-    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="read") if show else None
+    # (file, start, stop): a large uncompressed file in ranges cut at newlines, the rest whole
+    tasks = [
+        (index, start, stop)
+        for index, path in enumerate(files)
+        for start, stop in byte_ranges(path, options.block_bytes)
+    ]
     if pairs:
         from hhdata.pairs.build import build_pairs
 
-    def read_one(index: int):
+    def read_one(task: tuple[int, int, int | None], advance) -> _Part:
+        index, start, stop = task
         part = ReadReport()
-        table, bad = _read_file(
-            files[index], sources[index], max_line_bytes, part, bar.update if bar else _ignore
-        )
-        table, invalid = validate_raw_table(table)
-        bad = q.concat([bad, invalid])
-        if not pairs:
-            return table, bad.sort_by("line"), None, part
-        # this thread is one of the pool's, so the batches are built one after the other
-        rows, unsplit = build_pairs(table, workers=1)
-        kept = table.select(["file", "line"])
-        if unsplit.num_rows:
-            kept = kept.filter(pc.invert(pc.is_in(kept["line"], unsplit["line"])))
-        return rows, q.concat([bad, unsplit]).sort_by("line"), kept, part
+        pieces: list[tuple[pa.Table, pa.Table, pa.Table | None]] = []
 
-    # files in parallel threads: inflating, Arrow's JSON reader and numpy release the GIL.
-    # The largest files start first, so the threads finish together; results keep file order.
-    workers = max(1, min(len(files), os.cpu_count() or 1, 8))
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {
-                index: pool.submit(read_one, index)
-                for index in sorted(range(len(files)), key=lambda i: -sizes[i])
-            }
-            for index in range(len(files)):
-                table, bad, kept, part = futures[index].result()
-                tables.append(table)
-                quarantines.append(bad)
-                lines.append(kept)
-                report.lines += part.lines
-                report.blank += part.blank
-                report.notices += part.notices
-    finally:
-        if bar:
-            bar.close()
+        def segment(table: pa.Table) -> None:
+            """Validate (and parse) the next segment of the range as soon as it is read."""
+            table, invalid = validate_raw_table(table)
+            if not pairs:
+                pieces.append((table, invalid, None))
+                return
+            # this thread is one of the pool's, so the batches are built one after the other
+            rows, unsplit = build_pairs(
+                table, workers=1, pair_ids=columns is None or "id" in columns
+            )
+            if columns is not None:
+                rows = rows.select(columns)
+            kept = table.select(["file", "line"])
+            if unsplit.num_rows:
+                kept = kept.filter(pc.invert(pc.is_in(kept["line"], unsplit["line"])))
+            pieces.append((rows, q.concat([invalid, unsplit]), kept))
+
+        bad, crlf = _read_file(
+            files[index],
+            sources[index],
+            options.max_line_bytes,
+            part,
+            advance,
+            segment,
+            start,
+            stop,
+        )
+        table = pa.concat_tables([piece[0] for piece in pieces])
+        bad = q.concat([bad, *(piece[1] for piece in pieces)]).sort_by("line")
+        kept = None if not pairs else pa.concat_tables([piece[2] for piece in pieces])
+        return _Part(table, bad, kept, part, crlf)
+
+    # ranges in parallel threads: inflating, Arrow's JSON reader and numpy release the GIL.
+    # The largest start first, so the threads finish together; results keep file order.
+    def size_of(task: tuple[int, int, int | None]) -> int:
+        index, start, stop = task
+        return (sizes[index] if stop is None else stop) - start
+
+    workers = max(1, min(len(tasks), os.cpu_count() or 1, 8))
+    with (
+        bars.stage("read", total=sum(sizes), unit="B", show=options.progress) as advance,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        futures = {
+            task: pool.submit(read_one, task, advance)
+            for task in sorted(tasks, key=lambda task: -size_of(task))
+        }
+        parts = [futures[task].result() for task in tasks]
+    tables, quarantines, lines = [], [], []
+    for index, path in enumerate(files):
+        table, bad, kept = _join(
+            [part for task, part in zip(tasks, parts) if task[0] == index], report, path
+        )
+        tables.append(table)
+        quarantines.append(bad)
+        lines.append(kept)
     quarantine = q.concat(quarantines)
     report.accepted = sum(table.num_rows for table in tables)
     report.quarantined = q.reason_counts(quarantine)
     if not pairs:
         return ReadResult(pa.concat_tables([RAW_SCHEMA.empty_table(), *tables]), quarantine, report)
+    empty = PAIR_SCHEMA.empty_table()
     return ReadResult(
-        pa.concat_tables([PAIR_SCHEMA.empty_table(), *tables]),
+        pa.concat_tables([empty if columns is None else empty.select(columns), *tables]),
         quarantine,
         report,
         pa.concat_tables([RAW_SCHEMA.empty_table().select(["file", "line"]), *lines]),
     )
 
 
-def _ignore(_: int) -> None:
-    """Progress callback when no bar is shown."""
+def _join(parts: list[_Part], report: ReadReport, path: Path):
+    """One file's table, quarantine and kept lines from its ranges, in order: each range's
+    line numbers shifted by the lines of the ranges before it. Adds the counts to report."""
+    tables, quarantines, kept = [], [], []
+    before = crlf = 0
+    for part in parts:
+        tables.append(_shift_lines(part.table, before))
+        quarantines.append(_shift_lines(part.bad, before))
+        kept.append(None if part.kept is None else _shift_lines(part.kept, before))
+        before += part.report.lines
+        report.lines += part.report.lines
+        report.blank += part.report.blank
+        report.notices += part.report.notices
+        crlf += part.crlf
+    if crlf:
+        report.notices.append(f"{path_text(path)}: {crlf} lines end with CRLF (\\r\\n); read as LF")
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    lines = None if kept[0] is None else pa.concat_tables(kept)
+    return table, q.concat(quarantines), lines
+
+
+def _shift_lines(table: pa.Table, lines_before: int) -> pa.Table:
+    """The table with lines_before added to its line column (if it has one)."""
+    if not lines_before or "line" not in table.column_names:
+        return table
+    at = table.column_names.index("line")
+    shifted = pc.add(table["line"], pa.scalar(lines_before, table.schema.field(at).type))
+    return table.set_column(at, table.schema.field(at), shifted)
 
 
 def bundled_sample_path() -> Path:
@@ -223,7 +331,8 @@ REDTEAM_STEM = "red_team_attempts"  # upstream's red-team file: attempts, not pr
 
 
 def is_redteam_file(path: Path) -> bool:
-    """True for upstream's red-team attempts file (red_team_attempts.jsonl[.gz]), read by hhdata.redteam."""
+    """True for upstream's red-team attempts file (red_team_attempts.jsonl[.gz]), read by
+    hhdata.redteam."""
     return path.name.split(".")[0] == REDTEAM_STEM
 
 
@@ -252,7 +361,8 @@ def resolve_paths(
         elif path.is_file():
             if is_redteam_file(path):
                 raise SourceError(
-                    f"{path_text(path)} holds red-team attempts, not preference pairs: read and check it "
+                    f"{path_text(path)} holds red-team attempts, not preference pairs: read and "
+                    "check it "
                     f"with `hhdata redteam {path_text(path)}` (hhdata.redteam.read_redteam)"
                 )
             files.append(path)
@@ -310,21 +420,26 @@ def _source_of(
         ) from None
 
 
-def _read_file(path, source, max_line_bytes, report, advance):
-    """One file's accepted records as a table, and its quarantine."""
+def _read_file(path, source, max_line_bytes, report, advance, segment, start=0, stop=None):
+    """Read a file (or a range of it): its accepted records go to segment(table), in line
+    order, about every SEGMENT_BYTES read (so a whole gzip file's texts need not be held
+    at once); returns its quarantine and how many of its lines end with CRLF."""
     rows = _Rows(path_text(path), source)
-    crlf = 0
-    for item in blocks(path, max_line_bytes, report.notices, advance):
+    crlf = read = 0
+    for item in blocks(path, max_line_bytes, report.notices, advance, start, stop):
         if isinstance(item, Block):
             crlf += _read_block(item, rows, max_line_bytes)
+            read += len(item.buffer)
+            if read >= SEGMENT_BYTES:
+                segment(rows.table())
+                read = 0
         else:
             number, problem = item
             rows.quarantine(number, problem)
+    segment(rows.table())
     report.lines += rows.lines
     report.blank += rows.blank
-    if crlf:
-        report.notices.append(f"{path_text(path)}: {crlf} lines end with CRLF (\\r\\n); read as LF")
-    return rows.table(), q.quarantine_table(rows.bad)
+    return q.quarantine_table(rows.bad), crlf
 
 
 class _Rows:
@@ -368,14 +483,17 @@ class _Rows:
         self.bad.append((self.name, number, *problem))
 
     def table(self) -> pa.Table:
-        """The file's records: text columns chunked as read (no copy), the rest constant."""
+        """The records added since the last call: text columns chunked as read (no copy),
+        the rest constant."""
         self._flush()
         lines = np.concatenate([np.zeros(0, np.int64), *self.numbers])
+        self.numbers = []
+        text = [pa.chunked_array(self.chunks[key], pa.string()) for key in ("chosen", "rejected")]
+        self.chunks = {"chosen": [], "rejected": []}
         constant = [
             pa.repeat(pa.scalar(value, pa.string()), len(lines), memory_pool=ARROW_POOL)
             for value in (self.name, *self.source)
         ]
-        text = [pa.chunked_array(self.chunks[key], pa.string()) for key in ("chosen", "rejected")]
         return pa.Table.from_arrays(
             [constant[0], pa.array(lines), *constant[1:], *text], schema=RAW_SCHEMA
         )

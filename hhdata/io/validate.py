@@ -3,7 +3,8 @@
 The schemas are the source of truth. ``row_problems`` compiles the keywords the schemas
 use (type, required, const, minLength, pattern, enum, minimum, maximum, minItems, maxItems,
 items, uniqueItems) into pyarrow.compute predicates over a whole table at once; only the
-rows that fail are then handed to the ``jsonschema`` library, which words the exact message. The Arrow schema of
+rows that fail are then handed to the ``jsonschema`` library, which words the exact message.
+The Arrow schema of
 the pair row follows from its JSON Schema too (``arrow_schema``), and a test checks that
 it equals hhdata.schema.PAIR_SCHEMA.
 """
@@ -13,14 +14,17 @@ from __future__ import annotations
 import json
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from jsonschema import Draft202012Validator
 
 from hhdata import quarantine as q
 from hhdata.errors import SchemaError
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 RAW_RECORD = "raw_record"
 PAIR_ROW = "pair_row"
@@ -50,7 +54,13 @@ def load_schema(name: str) -> dict:
 
 @cache
 def validator(name: str) -> Draft202012Validator:
-    """The jsonschema validator of a shipped schema (checked to be a valid 2020-12 schema)."""
+    """The jsonschema validator of a shipped schema (checked to be a valid 2020-12 schema).
+
+    Imported on first use: only failing rows need it, and a clean read should not pay for
+    importing it (a tenth of a second).
+    """
+    from jsonschema import Draft202012Validator
+
     schema = load_schema(name)
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
@@ -59,8 +69,9 @@ def validator(name: str) -> Draft202012Validator:
 def explain_raw_record(record: object) -> tuple[str, str] | None:
     """Reason code and message for a decoded raw record that breaks the rules, else None.
 
-    >>> explain_raw_record({"chosen": "a"})
-    ('missing_key', "'rejected' is a required property; each line needs both 'chosen' and 'rejected'")
+    >>> explain_raw_record({"chosen": "a"})  # doctest: +NORMALIZE_WHITESPACE
+    ('missing_key',
+     "'rejected' is a required property; each line needs both 'chosen' and 'rejected'")
     """
     if not isinstance(record, dict):
         return q.NOT_AN_OBJECT, (

@@ -49,12 +49,15 @@ _WORDS = {True: b"Human", False: b"Assistant"}  # key: is the user's tag
 _FINAL_TAG_BYTES = len(t.ASSISTANT_TAG) - 2  # "Assistant:" after the blank line
 
 
-def build_pairs(raw: pa.Table, workers: int | None = None) -> tuple[pa.Table, pa.Table]:
+def build_pairs(
+    raw: pa.Table, workers: int | None = None, *, pair_ids: bool = True
+) -> tuple[pa.Table, pa.Table]:
     """Pair rows for every raw record whose prompt can be determined, and a quarantine.
 
     raw has the columns of hhdata.io.read.RAW_SCHEMA (file and line are used for the
     quarantine when present). Rows keep their input order. Batches of rows are built in
-    ``workers`` threads (default: one per CPU, at most 8).
+    ``workers`` threads (default: one per CPU, at most 8). pair_ids=False leaves the id
+    column null: a validation needs the verdicts and flags, not the ids (sha256 per row).
 
     >>> from hhdata.io.read import read_raw, bundled_sample_path
     >>> pairs, bad = build_pairs(read_raw(bundled_sample_path()).table)
@@ -71,17 +74,17 @@ def build_pairs(raw: pa.Table, workers: int | None = None) -> tuple[pa.Table, pa
     batches = [raw.slice(start, _BATCH_ROWS) for start in range(0, raw.num_rows, _BATCH_ROWS)]
     workers = max(1, min(len(batches), workers or os.cpu_count() or 1, 8))
     if workers == 1:
-        results = [_build_batch(batch) for batch in batches]
+        results = [_build_batch(batch, pair_ids) for batch in batches]
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_build_batch, batches))
+            results = list(pool.map(_build_batch, batches, [pair_ids] * len(batches)))
     return (
         pa.concat_tables([PAIR_SCHEMA.empty_table(), *(pairs for pairs, _ in results)]),
         q.concat([bad for _, bad in results]),
     )
 
 
-def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
+def _build_batch(raw: pa.Table, pair_ids: bool = True) -> tuple[pa.Table, pa.Table]:
     """build_pairs on one batch of rows."""
     chosen, rejected = _one_buffer(raw["chosen"]), _one_buffer(raw["rejected"])
     if chosen.null_count or rejected.null_count:
@@ -108,7 +111,12 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     # the original texts are the raw table's own buffers; the one-buffer copies above are
     # scratch, freed with the batch (and their memory reused by the next one)
     fast_raw = raw if all_fast else _take(raw, index)
-    ids = _ids(chosen, rejected) if all_fast else _take(_ids(chosen, rejected), index)
+    if not pair_ids:
+        ids = pa.nulls(len(index), pa.string())
+    elif all_fast:
+        ids = _ids(chosen, rejected)
+    else:
+        ids = _take(_ids(chosen, rejected), index)
     flags = _flags(c, r, c_tags, r_tags, split, index, prompt, roles, turn_row, (reply_c, reply_r))
     fast_table = pa.table(
         {
@@ -127,7 +135,7 @@ def _build_batch(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     )
     if all_fast:
         return fast_table, q.quarantine_table([])
-    slow_rows, slow_index, bad = _split_slow(raw, np.flatnonzero(~split.fast))
+    slow_rows, slow_index, bad = _split_slow(raw, np.flatnonzero(~split.fast), pair_ids)
     slow_table = pa.Table.from_pylist(slow_rows, PAIR_SCHEMA)
     order = np.argsort(np.concatenate([index, slow_index]), kind="stable")
     pairs = pa.concat_tables([fast_table, slow_table]).take(pa.array(order))
@@ -426,7 +434,7 @@ def _ids(chosen: pa.Array, rejected: pa.Array) -> pa.Array:
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
-def _split_slow(raw: pa.Table, index: np.ndarray):
+def _split_slow(raw: pa.Table, index: np.ndarray, pair_ids: bool = True):
     """The reference split_pair on the rows the fast path left: rows, their index, quarantine."""
     rows, kept, bad = [], [], []
     if len(index) == 0:
@@ -453,7 +461,7 @@ def _split_slow(raw: pa.Table, index: np.ndarray):
         kept.append(position)
         rows.append(
             {
-                "id": pair_id(record["chosen"], record["rejected"]),
+                "id": pair_id(record["chosen"], record["rejected"]) if pair_ids else None,
                 "subset": record["subset"],
                 "family": record["family"],
                 "split": record["split"],
