@@ -357,17 +357,15 @@ def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity
     unique_of_row, first_row = rank[inverse.ravel()], first_row[by_appearance]
     order = np.arange(len(rows))
     prompt_sketch = prompts_of_all.take(rows)
+    # with same_turn_count, texts of different prompt lengths are never compared
     unique_pairs, similarity = minhash.similar_in_sketch(
         of_all.take(rows[first_row]),
         bands=settings.bands,
         rows=settings.rows,
         threshold=settings.threshold,
         verify=settings.verify,
+        groups=turns[rows[first_row]] if settings.same_turn_count else None,
     )
-    if settings.same_turn_count and len(unique_pairs):
-        turns_of_unique = turns[rows[first_row]]
-        same = turns_of_unique[unique_pairs[:, 0]] == turns_of_unique[unique_pairs[:, 1]]
-        unique_pairs, similarity = unique_pairs[same], similarity[same]
     neighbours: dict[int, list[tuple[int, float]]] = {}
     for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
         neighbours.setdefault(u, []).append((v, sim))
