@@ -531,3 +531,27 @@ def test_decisions_equal_the_implementation_before_issue_12(
     leakage = configs.leakage_report(result.kept, settings, sketch=result.prompt_sketch)
     assert result.report["dropped_by_reason"] == dropped
     assert _outcome_digest(result, leakage) == digest
+
+
+@pytest.mark.parametrize("copies", [1, 6])
+def test_exact_keys_group_rows_by_their_normalised_texts_with_and_without_repeats(copies):
+    # with copies > 1 most texts repeat, so only the distinct ones are normalised
+    base = long_records(5, min_words=5)
+    variants = [(shout(c), shout(r)) for c, r in base] + [(c + "  \t ", r) for c, r in base]
+    records = [(c, r, "harmless-base", "train") for c, r in (base + variants) * copies]
+    table = pair_table(records)
+    keys = dedup.exact_keys(table, DedupSettings())
+    normalised = [
+        (
+            tuple(" ".join(t["content"].lower().split()) for t in row["prompt"]),
+            frozenset(
+                " ".join(t["content"].lower().split()) for t in row["chosen"] + row["rejected"]
+            ),
+        )
+        for row in table.select(["prompt", "chosen", "rejected"]).to_pylist()
+    ]
+    first_of = {}
+    expected = [first_of.setdefault(n, i) for i, n in enumerate(normalised)]
+    found = {}
+    assert [found.setdefault(k, i) for i, k in enumerate(keys.tolist())] == expected
+    assert len(set(expected)) == 5

@@ -144,8 +144,18 @@ def _rows_with_code_points(texts: pa.Array, code_points: np.ndarray) -> np.ndarr
 
 
 def nfc_may_change(texts: pa.Array) -> np.ndarray:
-    """Which texts Unicode NFC might change (False means the text is certainly in NFC)."""
-    return _rows_with_code_points(texts, _nfc_unstable())
+    """Which texts Unicode NFC might change (False means the text is certainly in NFC).
+
+    ASCII texts are in NFC: only the others' bytes are scanned (most texts are ASCII).
+    """
+    other = np.flatnonzero(
+        ~pc.fill_null(pc.string_is_ascii(texts), True).to_numpy(zero_copy_only=False)
+    )
+    mask = np.zeros(len(texts), dtype=bool)
+    if len(other):
+        chosen = texts.take(pa.array(other))
+        mask[other] = _rows_with_code_points(chosen, _nfc_unstable())
+    return mask
 
 
 def _fix_rows(texts: pa.Array, mask: np.ndarray, fix) -> pa.Array:

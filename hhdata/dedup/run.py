@@ -221,14 +221,14 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
         degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n")
         for side in ("chosen", "rejected")
     ]
-    # the turn contents and the two replies normalised in parallel threads (Arrow's string
-    # kernels release the GIL)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers or 3, os.cpu_count() or 1))) as pool:
-        contents, *replies = pool.map(lambda text: normalized(text, settings), texts)
-        turn_encoding = pool.submit(lambda: contents.dictionary_encode().indices)
-        # one dictionary for both replies, so a reply has the same code on either side
-        codes = pa.concat_arrays(replies).dictionary_encode().indices.to_numpy(zero_copy_only=False)
-        turn_codes = turn_encoding.result().to_numpy(zero_copy_only=False).astype(np.int64)
+    # the turn contents and the replies (one dictionary for both, so a reply has the same
+    # code on either side) encoded in parallel threads (Arrow's kernels release the GIL)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers or 2, os.cpu_count() or 1))) as pool:
+        turn_codes, codes = pool.map(
+            lambda text: _normalized_codes(text, settings),
+            [texts[0], pa.concat_arrays(texts[1:])],
+        )
+    turn_codes = turn_codes.astype(np.int64)
     is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
     turn_codes = turn_codes * 2 + is_user
     offsets = prompt.offsets.to_numpy().astype(np.int64)
@@ -244,10 +244,40 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
         first, second = np.minimum(first, second), np.maximum(first, second)
     if pairs.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
-    _, label = np.unique(
-        np.stack([*prompt_hashes, first, second], axis=1), axis=0, return_inverse=True
-    )
-    return label.ravel().astype(np.int64)
+    return _row_labels([*prompt_hashes, first, second])
+
+
+def _row_labels(columns: list[np.ndarray]) -> np.ndarray:
+    """The rank of each row among the distinct rows of the columns, in lexicographic order
+    (np.unique(axis=0)'s inverse, by one lexsort of integer columns)."""
+    order = np.lexsort(columns[::-1])
+    new_row = np.zeros(len(order), dtype=bool)
+    new_row[0] = True
+    for column in columns:
+        ordered = column[order]
+        new_row[1:] |= ordered[1:] != ordered[:-1]
+    label = np.empty(len(order), dtype=np.int64)
+    label[order] = np.cumsum(new_row) - 1
+    return label
+
+
+# texts sampled to decide whether normalising only the distinct ones pays
+_REPEAT_SAMPLE = 20_000
+
+
+def _normalized_codes(texts: pa.Array, settings: DedupSettings) -> np.ndarray:
+    """A code per text (numbered by first appearance), equal for texts equal after
+    normalisation. Where texts repeat (several comparisons per conversation share turns)
+    only the distinct ones are normalised; where a sample shows few repeats, all are."""
+    sample = texts.slice(0, _REPEAT_SAMPLE)
+    if len(sample.unique()) > 0.8 * len(sample):
+        return (
+            normalized(texts, settings).dictionary_encode().indices.to_numpy(zero_copy_only=False)
+        )
+    encoded = texts.dictionary_encode()
+    distinct = normalized(encoded.dictionary, settings).dictionary_encode().indices
+    raw = encoded.indices.to_numpy(zero_copy_only=False)
+    return distinct.to_numpy(zero_copy_only=False)[raw]
 
 
 def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
