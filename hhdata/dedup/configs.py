@@ -281,8 +281,11 @@ def resplit(
 def split_sizes(table: pa.Table) -> dict:
     """Rows per subset and split, and the test fraction of each subset.
 
-    >>> split_sizes(pa.table({"subset": ["a", "a", "b"], "split": ["train", "test", "train"]}))
-    {'a': {'train': 1, 'test': 1, 'test_fraction': 0.5}, 'b': {'train': 1, 'test': 0, 'test_fraction': 0.0}}
+    >>> sizes = split_sizes(
+    ...     pa.table({"subset": ["a", "a", "b"], "split": ["train", "test", "train"]})
+    ... )
+    >>> sizes["a"], sizes["b"]["test_fraction"]
+    ({'train': 1, 'test': 1, 'test_fraction': 0.5}, 0.0)
     """
     counts = Counter(zip(table["subset"].to_pylist(), table["split"].to_pylist()))
     sizes = {}
