@@ -193,6 +193,28 @@ def normalize(
     return texts
 
 
+# texts sampled to decide whether normalising only the distinct ones pays
+_REPEAT_SAMPLE = 20_000
+
+
+def normalized_forms(texts: pa.Array, **settings) -> tuple[np.ndarray, pa.Array]:
+    """(code per text, distinct normalised forms): ``forms[codes[i]]`` is text i normalised
+    (see normalize; ``settings`` are its keywords), forms numbered by first appearance.
+
+    Where texts repeat (comparisons that share turns and replies) only the distinct ones
+    are normalised; where a sample of the first texts shows few repeats, all are, which
+    saves the extra encoding. Both ways give the same codes.
+    """
+    sample = texts.slice(0, _REPEAT_SAMPLE)
+    if texts.null_count or len(sample.unique()) > 0.8 * len(sample):
+        encoded = normalize(texts, **settings).dictionary_encode()
+        return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary
+    raw = texts.dictionary_encode()
+    forms = normalize(raw.dictionary, **settings).dictionary_encode()
+    codes = forms.indices.to_numpy(zero_copy_only=False)
+    return codes[raw.indices.to_numpy(zero_copy_only=False)], forms.dictionary
+
+
 def _rendered_prompts(prompt: pa.Array) -> pa.Array:
     """Each prompt rendered as a transcript up to and including the final Assistant tag."""
     turns = prompt.values
@@ -238,8 +260,10 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
         return one_array(pairs[name])
 
     replies = [joined_contents(column(side), "\n") for side in ("chosen", "rejected")]
-    chosen, rejected = normalize(replies[0], nfc=False), normalize(replies[1], nfc=False)
-    empty = pc.or_(pc.equal(pc.utf8_length(chosen), 0), pc.equal(pc.utf8_length(rejected), 0))
+    n = pairs.num_rows
+    # both sides in one dictionary of normalised forms: equal codes, equal replies
+    codes, forms = normalized_forms(pa.concat_arrays(replies), nfc=False)
+    empty_form = pc.equal(pc.utf8_length(forms), 0).to_numpy(zero_copy_only=False)
     prompts = _rendered_prompts(column("prompt"))
     disagrees = np.zeros(pairs.num_rows, dtype=bool)
     for side, reply in zip(("chosen_text", "rejected_text"), replies):
@@ -256,8 +280,8 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
             differs[differs] = ~pc.fill_null(unspaced, False).to_numpy(zero_copy_only=False)
         disagrees |= differs
     return {
-        IDENTICAL_REPLIES: pc.equal(chosen, rejected).to_numpy(zero_copy_only=False),
-        EMPTY_REPLY: empty.to_numpy(zero_copy_only=False),
+        IDENTICAL_REPLIES: codes[:n] == codes[n:],
+        EMPTY_REPLY: empty_form[codes[:n]] | empty_form[codes[n:]],
         PROMPT_DISAGREES: disagrees,
         NON_ALTERNATING: _non_alternating(column("prompt"), replies),
     }

@@ -261,23 +261,16 @@ def _row_labels(columns: list[np.ndarray]) -> np.ndarray:
     return label
 
 
-# texts sampled to decide whether normalising only the distinct ones pays
-_REPEAT_SAMPLE = 20_000
-
-
 def _normalized_codes(texts: pa.Array, settings: DedupSettings) -> np.ndarray:
     """A code per text (numbered by first appearance), equal for texts equal after
-    normalisation. Where texts repeat (several comparisons per conversation share turns)
-    only the distinct ones are normalised; where a sample shows few repeats, all are."""
-    sample = texts.slice(0, _REPEAT_SAMPLE)
-    if len(sample.unique()) > 0.8 * len(sample):
-        return (
-            normalized(texts, settings).dictionary_encode().indices.to_numpy(zero_copy_only=False)
-        )
-    encoded = texts.dictionary_encode()
-    distinct = normalized(encoded.dictionary, settings).dictionary_encode().indices
-    raw = encoded.indices.to_numpy(zero_copy_only=False)
-    return distinct.to_numpy(zero_copy_only=False)[raw]
+    normalisation (each distinct text normalised once where texts repeat)."""
+    codes, _ = degenerate.normalized_forms(
+        texts,
+        nfc=settings.unicode_nfc,
+        lowercase=settings.lowercase,
+        whitespace=settings.collapse_whitespace,
+    )
+    return codes
 
 
 def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
