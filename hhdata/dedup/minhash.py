@@ -457,7 +457,9 @@ def band_candidates(
     packed = [
         _capped_bucket_pairs(band_keys(sig, band, rows), max_bucket, group) for band in range(bands)
     ]
-    keys = sorted_distinct(np.concatenate(packed)) if packed else np.empty(0, np.uint64)
+    merged = np.concatenate(packed) if packed else np.empty(0, np.uint64)
+    del packed  # the bands' arrays, before the sort
+    keys = sorted_distinct(merged)
     found = np.stack([keys >> _MASK32, keys & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
     return usable[found].reshape(-1, 2)
 
@@ -485,10 +487,15 @@ def _capped_bucket_pairs(keys: np.ndarray, max_bucket: int, group: np.ndarray | 
 
 
 def sorted_distinct(values: np.ndarray) -> np.ndarray:
-    """The distinct values, sorted: np.unique by one in-place sort (numpy's unique may
-    take a slower hash-based path for integers)."""
-    values = np.sort(values)
-    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+    """The distinct values, sorted: np.unique by one sort (numpy's unique may take a
+    slower hash-based path for integers). ``values`` is sorted in place."""
+    values.sort()
+    if len(values) == 0:
+        return values
+    first = np.empty(len(values), dtype=bool)
+    first[0] = True
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    return values[first]
 
 
 def _within(counts: np.ndarray) -> np.ndarray:
@@ -515,6 +522,26 @@ def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 _LOOKUP_BLOCK = 1 << 22
 
 
+def _text_shingle_keys(shingles: Shingles) -> tuple[np.ndarray, np.uint64]:
+    """Each text's distinct shingles as sorted keys ``text * V + shingle number`` (shingles
+    numbered in hash order, V of them), and V. Temporary arrays are freed as soon as they
+    are used: this is the near stage's largest allocation."""
+    order = np.argsort(shingles.hashes)
+    ordered = shingles.hashes[order]
+    new = np.zeros(len(order), dtype=bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    del ordered
+    rank = np.cumsum(new, dtype=np.uint64)
+    del new
+    number = np.empty_like(rank)
+    number[order] = rank
+    del order, rank
+    width = np.uint64(int(number.max(initial=0)) + 1)
+    with np.errstate(over="ignore"):
+        number += np.repeat(np.arange(len(shingles), dtype=np.uint64) * width, shingles.counts())
+    return sorted_distinct(number), width
+
+
 def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
     """Exact Jaccard similarity of the shingle sets of each pair, all pairs at once.
 
@@ -525,14 +552,7 @@ def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
     """
     if len(pairs) == 0:
         return np.empty(0)
-    # every distinct shingle numbered in hash order
-    order = np.argsort(shingles.hashes)
-    ordered = shingles.hashes[order]
-    number = np.empty(len(order), dtype=np.uint64)
-    number[order] = np.cumsum(np.r_[False, ordered[1:] != ordered[:-1]], dtype=np.uint64)
-    width = np.uint64(int(number.max(initial=0)) + 1)
-    text = np.repeat(np.arange(len(shingles), dtype=np.uint64), shingles.counts())
-    keys = sorted_distinct(text * width + number)
+    keys, width = _text_shingle_keys(shingles)
     sizes = np.bincount((keys // width).astype(np.int64), minlength=len(shingles))
     starts = np.cumsum(sizes) - sizes
     a, b = pairs[:, 0], pairs[:, 1]
