@@ -212,8 +212,8 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
     A row is its prompt turns (role and normalised content, in order) and its two
     normalised replies. Turn contents and replies are dictionary-encoded exactly; a prompt's
     sequence of turn codes is identified by two independent 64-bit hashes (a false match
-    needs both to collide: about n**2 / 2**129 for n rows). The turn contents and the two
-    replies are normalised in up to ``workers`` threads (default 3).
+    needs both to collide: about n**2 / 2**129 for n rows). The turn contents and the
+    replies (both sides together) are normalised in up to ``workers`` threads (default 2).
     """
     prompt = degenerate.one_array(pairs["prompt"])
     turns = prompt.values
