@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.util
 import json
 from collections import Counter
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +18,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from hhdata import pairs, synth
-from hhdata.dedup import DedupSettings, DedupSettingsError, deduplicate, minhash
+from hhdata.dedup import DedupSettings, DedupSettingsError, configs, deduplicate, minhash
 from hhdata.dedup import run as dedup
 from hhdata.errors import SchemaError
+from hhdata.io import read
 from hhdata.pairs.transcript import parse_transcript, split_pair
 from hhdata.schema import family_of
 
@@ -466,3 +470,88 @@ def test_pair_sketch_from_the_prompt_equals_shingling_the_whole_text(rows):
             assert mine == set(
                 direct.hashes[direct.offsets[row] : direct.offsets[row + 1]].tolist()
             )
+
+
+def _bench_corpora():
+    """bench/corpora.py (the dense benchmark corpus), imported by path: bench/ is no package."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "corpora.py"
+    spec = importlib.util.spec_from_file_location("bench_corpora", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def two_shapes(tmp_path_factory):
+    """4,000 pairs of each corpus shape: dense (shared turns and prompts, giant LSH
+    buckets) and sparse (the synthetic corpus with planted duplicates)."""
+    root = tmp_path_factory.mktemp("shapes")
+    _bench_corpora().write(4000, 0, "single", root / "dense")
+    synth.write_corpus(root / "sparse", 4000, seed=0)
+    return {shape: read.read_pairs([root / shape]).table for shape in ("dense", "sparse")}
+
+
+def _outcome_digest(result, leakage) -> str:
+    """sha256 of the kept rows (id, cluster_id, flags), the whole drop log and the leakage
+    counts: equal digests, equal decisions."""
+    kept = result.kept.select(["id", "cluster_id", "flags"]).to_pylist()
+    leaks = {kind: leakage[kind] for kind in ("exact", "near")}
+    text = json.dumps([kept, result.drops.to_pylist(), leaks], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# digests of the decisions of the implementation before issue 12 (commit 0e41e38: Python
+# sets of candidates, exact Jaccard by sorting each pair's shingles), on the same corpora
+@pytest.mark.parametrize(
+    "shape, changes, dropped, digest",
+    [
+        ("dense", {}, {"near_duplicate": 118}, "a958c111b5ae3a0d"),
+        ("dense", {"near_action": "cluster"}, {}, "827382d0abbdf59c"),
+        (
+            "dense",
+            {"near_scope": "prompt", "survivor": "first"},
+            {"near_duplicate": 2578},
+            "cd45a30d268aabb5",
+        ),
+        ("sparse", {}, {"exact_duplicate": 72, "near_duplicate": 32}, "299a534a7f578a32"),
+        ("sparse", {"near_action": "cluster"}, {"exact_duplicate": 72}, "f55ab7febea3d56c"),
+        (
+            "sparse",
+            {"near_scope": "prompt", "survivor": "first"},
+            {"exact_duplicate": 72, "near_duplicate": 15},
+            "86eebcbdd5bbee2d",
+        ),
+    ],
+)
+def test_decisions_equal_the_implementation_before_issue_12(
+    two_shapes, shape, changes, dropped, digest
+):
+    settings = DedupSettings(**changes)
+    result = deduplicate(two_shapes[shape], settings)
+    leakage = configs.leakage_report(result.kept, settings, sketch=result.prompt_sketch)
+    assert result.report["dropped_by_reason"] == dropped
+    assert _outcome_digest(result, leakage) == digest
+
+
+@pytest.mark.parametrize("copies", [1, 6])
+def test_exact_keys_group_rows_by_their_normalised_texts_with_and_without_repeats(copies):
+    # with copies > 1 most texts repeat, so only the distinct ones are normalised
+    base = long_records(5, min_words=5)
+    variants = [(shout(c), shout(r)) for c, r in base] + [(c + "  \t ", r) for c, r in base]
+    records = [(c, r, "harmless-base", "train") for c, r in (base + variants) * copies]
+    table = pair_table(records)
+    keys = dedup.exact_keys(table, DedupSettings())
+    normalised = [
+        (
+            tuple(" ".join(t["content"].lower().split()) for t in row["prompt"]),
+            frozenset(
+                " ".join(t["content"].lower().split()) for t in row["chosen"] + row["rejected"]
+            ),
+        )
+        for row in table.select(["prompt", "chosen", "rejected"]).to_pylist()
+    ]
+    first_of = {}
+    expected = [first_of.setdefault(n, i) for i, n in enumerate(normalised)]
+    found = {}
+    assert [found.setdefault(k, i) for i, k in enumerate(keys.tolist())] == expected
+    assert len(set(expected)) == 5

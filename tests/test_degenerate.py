@@ -1,4 +1,4 @@
-"""hhdata.dedup.degenerate: each reason code on a pair built to have it, and the per-reason policy."""
+"""hhdata.dedup.degenerate: each reason code on a pair built to have it, and the policy."""
 
 from __future__ import annotations
 
@@ -88,6 +88,14 @@ def test_each_reason_is_found(name):
     pair, expected = CASES[name]
     masks = degenerate.find_degenerate(table_of([pair]))
     assert [reason for reason, mask in masks.items() if mask[0]] == expected
+
+
+def test_each_reason_is_found_when_replies_repeat():
+    # every reply repeats, so each distinct reply is normalised once (normalized_forms)
+    names = sorted(CASES) * 5
+    masks = degenerate.find_degenerate(table_of([CASES[name][0] for name in names]))
+    for i, name in enumerate(names):
+        assert [reason for reason, mask in masks.items() if mask[i]] == CASES[name][1], name
 
 
 def test_policy_drops_or_flags_per_reason():

@@ -1,4 +1,4 @@
-"""hhdata.dedup.minhash: shingles, signatures, banding and verification against plain Python sets."""
+"""hhdata.dedup.minhash: shingles, signatures, banding, verification against plain Python."""
 
 from __future__ import annotations
 
@@ -202,3 +202,81 @@ def test_one_permutation_estimate_is_unbiased_and_close_for_long_texts():
             errors[n].append((sig[0] == sig[1]).mean() - jaccard)
     assert abs(np.mean(errors[5])) < 0.03 and abs(np.mean(errors[200])) < 0.01
     assert np.std(errors[200]) < 0.05  # MinHash with 128 permutations: ~0.043
+
+
+def reference_candidates(sig, bands, rows, max_bucket, groups=None) -> list[list[int]]:
+    """band_candidates by its definition: dict buckets, each of a bucket's first max_bucket
+    members (by index) paired with every later member, pairs of one group only."""
+    found = set()
+    usable = [i for i in range(len(sig)) if sig[i, 0] != np.iinfo(np.uint32).max]
+    for band in range(bands):
+        buckets: dict[tuple, list[int]] = {}
+        for i in usable:
+            buckets.setdefault(tuple(sig[i, band * rows : (band + 1) * rows]), []).append(i)
+        for members in buckets.values():
+            for head_rank, i in enumerate(members[:max_bucket]):
+                for j in members[head_rank + 1 :]:
+                    if groups is None or groups[i] == groups[j]:
+                        found.add((i, j))
+    return [list(pair) for pair in sorted(found)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(0, 2), min_size=8, max_size=8 * 40),
+    max_bucket=st.integers(1, 6),
+    grouped=st.booleans(),
+)
+def test_candidates_follow_the_definition_with_capped_buckets_and_groups(
+    values, max_bucket, grouped
+):
+    sig = np.array(values[: len(values) // 8 * 8], dtype=np.uint32).reshape(-1, 8)
+    sig[::5] = np.iinfo(np.uint32).max  # some empty texts
+    groups = np.arange(len(sig)) % 2 if grouped else None
+    found = minhash.band_candidates(sig, 2, 4, max_bucket=max_bucket, groups=groups)
+    assert found.tolist() == reference_candidates(sig, 2, 4, max_bucket, groups)
+
+
+def test_giant_buckets_of_a_dense_corpus_give_the_defined_candidates_and_verified_pairs():
+    # many texts share long stretches (one shared opening, a few endings): buckets far
+    # larger than the cap, as in a dense corpus of shared prompts
+    rng = np.random.default_rng(5)
+    opening = " ".join(rng.integers(0, 50, 60).astype(str))
+    endings = [" ".join(rng.integers(0, 10_000, 12).astype(str)) for _ in range(40)]
+    texts = [f"{opening} {endings[e]} {endings[f]}" for e, f in rng.integers(0, 40, (300, 2))]
+    shingles = minhash.word_shingles(texts, 5)
+    sig = minhash.oph_signatures(shingles, 64, seed=2)
+    groups = rng.integers(0, 2, len(texts))
+    candidates = minhash.band_candidates(sig, 16, 4, max_bucket=8, groups=groups)
+    assert candidates.tolist() == reference_candidates(sig, 16, 4, 8, groups)
+    assert len(candidates) > 1000
+    pairs, similarity = minhash.similar_in_sketch(
+        minhash.Sketch(shingles, sig), bands=16, rows=4, threshold=0.8, groups=groups
+    )
+    # every verified pair is one of the capped candidates, with its exact Jaccard; every
+    # capped candidate at or above the threshold (estimate within 0.15) is verified
+    expected = {}
+    for i, j in minhash.band_candidates(sig, 16, 4, groups=groups).tolist():
+        exact = python_jaccard(texts[i], texts[j], 5)
+        if exact >= 0.8 and (sig[i] == sig[j]).mean() >= 0.8 - 0.15:
+            expected[(i, j)] = exact
+    assert dict(zip(map(tuple, pairs.tolist()), similarity.tolist())) == expected
+    assert len(expected) > 30
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), edges=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 39))))
+def test_connected_components_equal_a_plain_union_find(n, edges):
+    edges = [(i, j) for i, j in edges if i < n and j < n]
+    parent = list(range(n))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in edges:
+        ri, rj = root(i), root(j)
+        parent[max(ri, rj)] = min(ri, rj)
+    labels = minhash.connected_components(n, np.array(edges, dtype=np.int64).reshape(-1, 2))
+    assert labels.tolist() == [root(i) for i in range(n)]

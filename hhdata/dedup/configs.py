@@ -82,21 +82,27 @@ def prompt_clusters(
     prompt_sketch); without it the prompts are shingled and signed here.
     """
     texts = dedup.near_texts(table, "prompt")
-    exact = dedup.normalized(texts, settings).dictionary_encode()
-    unique_of_row = exact.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    first_row = np.full(len(exact.dictionary), table.num_rows, dtype=np.int64)
+    # prompts shared by several comparisons are normalised once
+    unique_of_row, forms = degenerate.normalized_forms(
+        texts,
+        nfc=settings.unicode_nfc,
+        lowercase=settings.lowercase,
+        whitespace=settings.collapse_whitespace,
+    )
+    unique_of_row = unique_of_row.astype(np.int64)
+    first_row = np.full(len(forms), table.num_rows, dtype=np.int64)
     np.minimum.at(first_row, unique_of_row, np.arange(table.num_rows))
     pairs, _ = minhash.similar_in_sketch(
-        _unique_prompt_sketch(exact.dictionary, texts, first_row, settings, sketch),
+        _unique_prompt_sketch(forms, texts, first_row, settings, sketch),
         bands=settings.bands,
         rows=settings.rows,
         threshold=settings.threshold,
         verify=settings.verify,
     )
-    unique_cluster = minhash.connected_components(len(exact.dictionary), pairs)
+    unique_cluster = minhash.connected_components(len(forms), pairs)
     # the first row of each cluster names it
     cluster_of_row = unique_cluster[unique_of_row]
-    first_row = np.full(len(exact.dictionary), table.num_rows, dtype=np.int64)
+    first_row = np.full(len(forms), table.num_rows, dtype=np.int64)
     np.minimum.at(first_row, cluster_of_row, np.arange(table.num_rows))
     return first_row[cluster_of_row], unique_of_row
 
@@ -281,8 +287,11 @@ def resplit(
 def split_sizes(table: pa.Table) -> dict:
     """Rows per subset and split, and the test fraction of each subset.
 
-    >>> split_sizes(pa.table({"subset": ["a", "a", "b"], "split": ["train", "test", "train"]}))
-    {'a': {'train': 1, 'test': 1, 'test_fraction': 0.5}, 'b': {'train': 1, 'test': 0, 'test_fraction': 0.0}}
+    >>> sizes = split_sizes(
+    ...     pa.table({"subset": ["a", "a", "b"], "split": ["train", "test", "train"]})
+    ... )
+    >>> sizes["a"], sizes["b"]["test_fraction"]
+    ({'train': 1, 'test': 1, 'test_fraction': 0.5}, 0.0)
     """
     counts = Counter(zip(table["subset"].to_pylist(), table["split"].to_pylist()))
     sizes = {}

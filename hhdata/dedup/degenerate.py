@@ -144,8 +144,18 @@ def _rows_with_code_points(texts: pa.Array, code_points: np.ndarray) -> np.ndarr
 
 
 def nfc_may_change(texts: pa.Array) -> np.ndarray:
-    """Which texts Unicode NFC might change (False means the text is certainly in NFC)."""
-    return _rows_with_code_points(texts, _nfc_unstable())
+    """Which texts Unicode NFC might change (False means the text is certainly in NFC).
+
+    ASCII texts are in NFC: only the others' bytes are scanned (most texts are ASCII).
+    """
+    other = np.flatnonzero(
+        ~pc.fill_null(pc.string_is_ascii(texts), True).to_numpy(zero_copy_only=False)
+    )
+    mask = np.zeros(len(texts), dtype=bool)
+    if len(other):
+        chosen = texts.take(pa.array(other))
+        mask[other] = _rows_with_code_points(chosen, _nfc_unstable())
+    return mask
 
 
 def _fix_rows(texts: pa.Array, mask: np.ndarray, fix) -> pa.Array:
@@ -183,6 +193,28 @@ def normalize(
     return texts
 
 
+# texts sampled to decide whether normalising only the distinct ones pays
+_REPEAT_SAMPLE = 20_000
+
+
+def normalized_forms(texts: pa.Array, **settings) -> tuple[np.ndarray, pa.Array]:
+    """(code per text, distinct normalised forms): ``forms[codes[i]]`` is text i normalised
+    (see normalize; ``settings`` are its keywords), forms numbered by first appearance.
+
+    Where texts repeat (comparisons that share turns and replies) only the distinct ones
+    are normalised; where a sample of the first texts shows few repeats, all are, which
+    saves the extra encoding. Both ways give the same codes.
+    """
+    sample = texts.slice(0, _REPEAT_SAMPLE)
+    if texts.null_count or len(sample.unique()) > 0.8 * len(sample):
+        encoded = normalize(texts, **settings).dictionary_encode()
+        return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary
+    raw = texts.dictionary_encode()
+    forms = normalize(raw.dictionary, **settings).dictionary_encode()
+    codes = forms.indices.to_numpy(zero_copy_only=False)
+    return codes[raw.indices.to_numpy(zero_copy_only=False)], forms.dictionary
+
+
 def _rendered_prompts(prompt: pa.Array) -> pa.Array:
     """Each prompt rendered as a transcript up to and including the final Assistant tag."""
     turns = prompt.values
@@ -214,20 +246,24 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
     """A boolean mask per reason code: which rows are degenerate for that reason.
 
     >>> from hhdata.pairs.transcript import split_pair
-    >>> p = split_pair("\\n\\nHuman: Hi\\n\\nAssistant: Hello", "\\n\\nHuman: Hi\\n\\nAssistant: hello ")
+    >>> p = split_pair(
+    ...     "\\n\\nHuman: Hi\\n\\nAssistant: Hello", "\\n\\nHuman: Hi\\n\\nAssistant: hello "
+    ... )
     >>> table = pa.table({"prompt": [p.prompt], "chosen": [p.chosen], "rejected": [p.rejected],
     ...     "chosen_text": ["\\n\\nHuman: Hi\\n\\nAssistant: Hello"],
     ...     "rejected_text": ["\\n\\nHuman: Hi\\n\\nAssistant: hello "], "flags": [p.flags]})
-    >>> {reason: mask.tolist() for reason, mask in find_degenerate(table).items()}
-    {'identical_replies': [True], 'empty_reply': [False], 'prompt_disagrees': [False], 'non_alternating': [False]}
+    >>> [reason for reason, mask in find_degenerate(table).items() if mask[0]]
+    ['identical_replies']
     """
 
     def column(name: str) -> pa.Array:
         return one_array(pairs[name])
 
     replies = [joined_contents(column(side), "\n") for side in ("chosen", "rejected")]
-    chosen, rejected = normalize(replies[0], nfc=False), normalize(replies[1], nfc=False)
-    empty = pc.or_(pc.equal(pc.utf8_length(chosen), 0), pc.equal(pc.utf8_length(rejected), 0))
+    n = pairs.num_rows
+    # both sides in one dictionary of normalised forms: equal codes, equal replies
+    codes, forms = normalized_forms(pa.concat_arrays(replies), nfc=False)
+    empty_form = pc.equal(pc.utf8_length(forms), 0).to_numpy(zero_copy_only=False)
     prompts = _rendered_prompts(column("prompt"))
     disagrees = np.zeros(pairs.num_rows, dtype=bool)
     for side, reply in zip(("chosen_text", "rejected_text"), replies):
@@ -244,8 +280,8 @@ def find_degenerate(pairs: pa.Table) -> dict[str, np.ndarray]:
             differs[differs] = ~pc.fill_null(unspaced, False).to_numpy(zero_copy_only=False)
         disagrees |= differs
     return {
-        IDENTICAL_REPLIES: pc.equal(chosen, rejected).to_numpy(zero_copy_only=False),
-        EMPTY_REPLY: empty.to_numpy(zero_copy_only=False),
+        IDENTICAL_REPLIES: codes[:n] == codes[n:],
+        EMPTY_REPLY: empty_form[codes[:n]] | empty_form[codes[n:]],
         PROMPT_DISAGREES: disagrees,
         NON_ALTERNATING: _non_alternating(column("prompt"), replies),
     }

@@ -430,12 +430,20 @@ def band_keys(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
     return key
 
 
-def band_candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
+def band_candidates(
+    sig: np.ndarray,
+    bands: int,
+    rows: int,
+    max_bucket: int = 64,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
     """Candidate pairs (i, j), i < j, whose signatures agree on every row of some band.
 
-    Only the first ``max_bucket`` members of a bucket are paired with every other member,
-    so a huge bucket costs at most ``max_bucket`` pairs per member. Empty texts (all-max
-    signatures) are never candidates.
+    Only the first ``max_bucket`` members of a bucket (by index) are paired with every
+    other member, so a huge bucket costs at most ``max_bucket`` pairs per member. Empty
+    texts (all-max signatures) are never candidates. With ``groups`` (one label per text)
+    only texts of the same group are paired: what a filter on the result would keep, but
+    never held in memory. Pairs come sorted, each once.
     """
     if bands * rows > sig.shape[1]:
         raise ValueError(
@@ -444,68 +452,127 @@ def band_candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64
         )
     usable = np.flatnonzero(sig[:, 0] != np.iinfo(np.uint32).max)
     sig = sig[usable]
-    pairs = []
-    for band in range(bands):
-        keys = band_keys(sig, band, rows)
-        order = np.argsort(keys)
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        sizes = np.diff(np.r_[starts, len(keys)])
-        twos = starts[sizes == 2]  # the common case, all at once
-        pairs.append(np.stack([order[twos], order[twos + 1]], axis=1))
-        for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
-            members = np.sort(order[start : start + size])
-            heads = members[: min(size, max_bucket)]
-            left, right = np.repeat(heads, size), np.tile(members, len(heads))
-            pairs.append(np.stack([left[left < right], right[left < right]], axis=1))
-    found = np.concatenate(pairs).astype(np.int64) if pairs else np.empty((0, 2), np.int64)
-    found = usable[np.sort(found, axis=1)]
-    return np.unique(found, axis=0) if len(found) else found.reshape(0, 2)
+    group = None if groups is None else np.asarray(groups)[usable]
+    # each band's pairs as packed keys i << 32 | j: de-duplicated by one sort of integers
+    packed = [
+        _capped_bucket_pairs(band_keys(sig, band, rows), max_bucket, group) for band in range(bands)
+    ]
+    merged = np.concatenate(packed) if packed else np.empty(0, np.uint64)
+    del packed  # the bands' arrays, before the sort
+    keys = sorted_distinct(merged)
+    found = np.stack([keys >> _MASK32, keys & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
+    return usable[found].reshape(-1, 2)
+
+
+def _capped_bucket_pairs(keys: np.ndarray, max_bucket: int, group: np.ndarray | None) -> np.ndarray:
+    """The pairs of texts with equal keys, as packed uint64 ``i << 32 | j`` (i < j): each of
+    a bucket's first ``max_bucket`` members with every later member, all buckets at once."""
+    order = np.argsort(keys, kind="stable")  # a bucket's members in index order
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    shared = ends - starts > 1
+    starts, ends = starts[shared], ends[shared]
+    heads = np.minimum(ends - starts, max_bucket)
+    # one entry per head: its position in `order`, and how many members follow it
+    head_at = np.repeat(starts, heads) + _within(heads)
+    follow = np.repeat(ends, heads) - head_at - 1
+    left = np.repeat(head_at, follow)
+    right = left + 1 + _within(follow)
+    left, right = order[left], order[right]
+    if group is not None:
+        same = group[left] == group[right]
+        left, right = left[same], right[same]
+    return (left.astype(np.uint64) << _MASK32) | right.astype(np.uint64)
+
+
+def sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted: np.unique by one sort (numpy's unique may take a
+    slower hash-based path for integers). ``values`` is sorted in place."""
+    values.sort()
+    if len(values) == 0:
+        return values
+    first = np.empty(len(values), dtype=bool)
+    first[0] = True
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    return values[first]
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., c - 1 for each count c, concatenated."""
+    total = int(counts.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+# candidate pairs compared per block: two (block x num_perm) uint32 arrays of a few MB
+_ESTIMATE_BLOCK = 16384
 
 
 def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """MinHash estimate of the Jaccard similarity of each candidate pair."""
-    if len(pairs) == 0:
-        return np.empty(0)
-    return (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
+    estimate = np.empty(len(pairs))
+    for start in range(0, len(pairs), _ESTIMATE_BLOCK):
+        block = pairs[start : start + _ESTIMATE_BLOCK]
+        equal = np.count_nonzero(sig[block[:, 0]] == sig[block[:, 1]], axis=1)
+        estimate[start : start + len(block)] = equal / sig.shape[1]
+    return estimate
 
 
-def _distinct(pair_index: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort (pair, hash) entries and drop repeats."""
-    order = np.lexsort((hashes, pair_index))
-    pair_index, hashes = pair_index[order], hashes[order]
-    first = np.ones(len(hashes), dtype=bool)
-    first[1:] = (pair_index[1:] != pair_index[:-1]) | (hashes[1:] != hashes[:-1])
-    return pair_index[first], hashes[first]
+# shingles looked up per block of pairs in exact_jaccard: a few arrays of 32 MB
+_LOOKUP_BLOCK = 1 << 22
+
+
+def _text_shingle_keys(shingles: Shingles) -> tuple[np.ndarray, np.uint64]:
+    """Each text's distinct shingles as sorted keys ``text * V + shingle number`` (shingles
+    numbered in hash order, V of them), and V. Temporary arrays are freed as soon as they
+    are used: this is the near stage's largest allocation."""
+    order = np.argsort(shingles.hashes)
+    ordered = shingles.hashes[order]
+    new = np.zeros(len(order), dtype=bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    del ordered
+    rank = np.cumsum(new, dtype=np.uint64)
+    del new
+    number = np.empty_like(rank)
+    number[order] = rank
+    del order, rank
+    width = np.uint64(int(number.max(initial=0)) + 1)
+    with np.errstate(over="ignore"):
+        number += np.repeat(np.arange(len(shingles), dtype=np.uint64) * width, shingles.counts())
+    return sorted_distinct(number), width
 
 
 def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
     """Exact Jaccard similarity of the shingle sets of each pair, all pairs at once.
 
-    Two empty texts have similarity 1.
+    Each text's distinct shingles are sorted once, as keys ``text * V + shingle number``
+    (V distinct shingles); a pair's intersection is then found by looking each shingle of
+    its smaller text up among the larger text's keys (binary search), so the cost follows
+    the pairs' smaller sides, with no sort per pair. Two empty texts have similarity 1.
     """
     if len(pairs) == 0:
         return np.empty(0)
-    counts = shingles.counts()
-    sides, sizes = [], []
-    for column in (0, 1):
-        docs = pairs[:, column]
-        lengths = counts[docs]
-        pair_index = np.repeat(np.arange(len(pairs)), lengths)
-        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        side = _distinct(
-            pair_index, shingles.hashes[np.repeat(shingles.offsets[docs], lengths) + within]
+    keys, width = _text_shingle_keys(shingles)
+    sizes = np.bincount((keys // width).astype(np.int64), minlength=len(shingles))
+    starts = np.cumsum(sizes) - sizes
+    a, b = pairs[:, 0], pairs[:, 1]
+    small = np.where(sizes[a] <= sizes[b], a, b)
+    large = np.where(sizes[a] <= sizes[b], b, a).astype(np.uint64)
+    intersection = np.zeros(len(pairs), dtype=np.int64)
+    looked_up = np.cumsum(sizes[small])
+    cuts = np.searchsorted(looked_up, np.arange(0, looked_up[-1], _LOOKUP_BLOCK), side="right")
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(pairs)]):
+        if hi <= lo:
+            continue
+        counts = sizes[small[lo:hi]]
+        at = np.repeat(starts[small[lo:hi]], counts) + _within(counts)
+        wanted = np.repeat(large[lo:hi], counts) * width + keys[at] % width
+        place = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        hit = keys[place] == wanted
+        intersection[lo:hi] = np.bincount(
+            np.repeat(np.arange(hi - lo), counts)[hit], minlength=hi - lo
         )
-        sides.append(side)
-        sizes.append(np.bincount(side[0], minlength=len(pairs)))
-    pair_index = np.concatenate([sides[0][0], sides[1][0]])
-    hashes = np.concatenate([sides[0][1], sides[1][1]])
-    order = np.lexsort((hashes, pair_index))
-    pair_index, hashes = pair_index[order], hashes[order]
-    # each side is a set now, so an equal neighbour within a pair is one shared shingle
-    shared = (pair_index[1:] == pair_index[:-1]) & (hashes[1:] == hashes[:-1])
-    intersection = np.bincount(pair_index[1:][shared], minlength=len(pairs))
-    union = sizes[0] + sizes[1] - intersection
+    union = sizes[a] + sizes[b] - intersection
     return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
 
 
@@ -545,13 +612,23 @@ def similar_pairs(
 
 
 def similar_in_sketch(
-    sketch: Sketch, *, bands: int = 16, rows: int = 8, threshold: float = 0.7, verify: str = "exact"
+    sketch: Sketch,
+    *,
+    bands: int = 16,
+    rows: int = 8,
+    threshold: float = 0.7,
+    verify: str = "exact",
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """similar_pairs on texts already shingled and signed (LSH, then verification)."""
+    """similar_pairs on texts already shingled and signed (LSH, then verification).
+
+    With ``groups`` (one label per text) only texts of the same group can be similar;
+    the others are never verified.
+    """
     if verify not in ("exact", "estimate"):
         raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
     sig = sketch.signatures
-    candidates = band_candidates(sig, bands, rows)
+    candidates = band_candidates(sig, bands, rows, groups=groups)
     estimate = estimated_jaccard(sig, candidates)
     if verify == "estimate":
         keep = estimate >= threshold
@@ -566,22 +643,29 @@ def similar_in_sketch(
 def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Component label of each of n items under the given edges: the smallest member index.
 
+    Vectorised label propagation: every edge lowers the label of both ends' labels to the
+    smaller of the two, then labels jump to their label's label until they stop moving;
+    repeated until every edge joins equal labels. A label is always a member of its item's
+    component and never rises, so the smallest member ends as the label of all.
+
     >>> connected_components(4, np.array([[1, 3]])).tolist()
     [0, 1, 2, 1]
     """
-    parent: dict[int, int] = {}
-
-    def root(i: int) -> int:
-        while parent.get(i, i) != i:
-            parent[i] = parent.get(parent[i], parent[i])
-            i = parent[i]
-        return i
-
-    for i, j in np.asarray(pairs, dtype=np.int64).reshape(-1, 2).tolist():
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
     labels = np.arange(n, dtype=np.int64)
-    for i in list(parent):
-        labels[i] = root(i)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    a, b = pairs[:, 0], pairs[:, 1]
+    while len(pairs):
+        low = np.minimum(labels[a], labels[b])
+        np.minimum.at(labels, labels[a], low)
+        np.minimum.at(labels, labels[b], low)
+        while True:
+            jumped = labels[labels]
+            if (jumped == labels).all():
+                break
+            labels = jumped
+        joined = labels[a] == labels[b]
+        if joined.all():
+            break
+        a, b = a[~joined], b[~joined]
+        pairs = pairs[~joined]
     return labels

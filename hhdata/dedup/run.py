@@ -212,8 +212,8 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
     A row is its prompt turns (role and normalised content, in order) and its two
     normalised replies. Turn contents and replies are dictionary-encoded exactly; a prompt's
     sequence of turn codes is identified by two independent 64-bit hashes (a false match
-    needs both to collide: about n**2 / 2**129 for n rows). The turn contents and the two
-    replies are normalised in up to ``workers`` threads (default 3).
+    needs both to collide: about n**2 / 2**129 for n rows). The turn contents and the
+    replies (both sides together) are normalised in up to ``workers`` threads (default 2).
     """
     prompt = degenerate.one_array(pairs["prompt"])
     turns = prompt.values
@@ -221,14 +221,14 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
         degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n")
         for side in ("chosen", "rejected")
     ]
-    # the turn contents and the two replies normalised in parallel threads (Arrow's string
-    # kernels release the GIL)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers or 3, os.cpu_count() or 1))) as pool:
-        contents, *replies = pool.map(lambda text: normalized(text, settings), texts)
-        turn_encoding = pool.submit(lambda: contents.dictionary_encode().indices)
-        # one dictionary for both replies, so a reply has the same code on either side
-        codes = pa.concat_arrays(replies).dictionary_encode().indices.to_numpy(zero_copy_only=False)
-        turn_codes = turn_encoding.result().to_numpy(zero_copy_only=False).astype(np.int64)
+    # the turn contents and the replies (one dictionary for both, so a reply has the same
+    # code on either side) encoded in parallel threads (Arrow's kernels release the GIL)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers or 2, os.cpu_count() or 1))) as pool:
+        turn_codes, codes = pool.map(
+            lambda text: _normalized_codes(text, settings),
+            [texts[0], pa.concat_arrays(texts[1:])],
+        )
+    turn_codes = turn_codes.astype(np.int64)
     is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
     turn_codes = turn_codes * 2 + is_user
     offsets = prompt.offsets.to_numpy().astype(np.int64)
@@ -244,10 +244,33 @@ def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = N
         first, second = np.minimum(first, second), np.maximum(first, second)
     if pairs.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
-    _, label = np.unique(
-        np.stack([*prompt_hashes, first, second], axis=1), axis=0, return_inverse=True
+    return _row_labels([*prompt_hashes, first, second])
+
+
+def _row_labels(columns: list[np.ndarray]) -> np.ndarray:
+    """The rank of each row among the distinct rows of the columns, in lexicographic order
+    (np.unique(axis=0)'s inverse, by one lexsort of integer columns)."""
+    order = np.lexsort(columns[::-1])
+    new_row = np.zeros(len(order), dtype=bool)
+    new_row[0] = True
+    for column in columns:
+        ordered = column[order]
+        new_row[1:] |= ordered[1:] != ordered[:-1]
+    label = np.empty(len(order), dtype=np.int64)
+    label[order] = np.cumsum(new_row) - 1
+    return label
+
+
+def _normalized_codes(texts: pa.Array, settings: DedupSettings) -> np.ndarray:
+    """A code per text (numbered by first appearance), equal for texts equal after
+    normalisation (each distinct text normalised once where texts repeat)."""
+    codes, _ = degenerate.normalized_forms(
+        texts,
+        nfc=settings.unicode_nfc,
+        lowercase=settings.lowercase,
+        whitespace=settings.collapse_whitespace,
     )
-    return label.ravel().astype(np.int64)
+    return codes
 
 
 def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
@@ -357,17 +380,15 @@ def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity
     unique_of_row, first_row = rank[inverse.ravel()], first_row[by_appearance]
     order = np.arange(len(rows))
     prompt_sketch = prompts_of_all.take(rows)
+    # with same_turn_count, texts of different prompt lengths are never compared
     unique_pairs, similarity = minhash.similar_in_sketch(
         of_all.take(rows[first_row]),
         bands=settings.bands,
         rows=settings.rows,
         threshold=settings.threshold,
         verify=settings.verify,
+        groups=turns[rows[first_row]] if settings.same_turn_count else None,
     )
-    if settings.same_turn_count and len(unique_pairs):
-        turns_of_unique = turns[rows[first_row]]
-        same = turns_of_unique[unique_pairs[:, 0]] == turns_of_unique[unique_pairs[:, 1]]
-        unique_pairs, similarity = unique_pairs[same], similarity[same]
     neighbours: dict[int, list[tuple[int, float]]] = {}
     for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
         neighbours.setdefault(u, []).append((v, sim))
