@@ -64,7 +64,8 @@ def heavy_head(rng: np.random.Generator, size: int, n: int, exponent: float) -> 
 
 
 def transcript(turns: list[tuple[str, str]]) -> str:
-    return "".join(f"\n\n{'Human' if role == 'user' else 'Assistant'}: {text}" for role, text in turns)
+    tags = {"user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{tags[role]}: {text}" for role, text in turns)
 
 
 def dense_pairs(n_pairs: int, seed: int):
@@ -91,7 +92,10 @@ def dense_pairs(n_pairs: int, seed: int):
                     r += 2
                     if a == b:
                         continue
-                    yield (prompt + f"\n\nAssistant: {assistant[a]}", prompt + f"\n\nAssistant: {assistant[b]}")
+                    yield (
+                        prompt + f"\n\nAssistant: {assistant[a]}",
+                        prompt + f"\n\nAssistant: {assistant[b]}",
+                    )
                     made += 1
                     if made == n_pairs:
                         return
@@ -103,21 +107,30 @@ def write(n_pairs: int, seed: int, layout: str, out: Path) -> dict[str, int]:
     """Write the corpus; returns the pair count per written file."""
     rng = np.random.default_rng(seed + 1)
     if layout == "single":
-        paths = {("harmless-base", "train"): out / "harmless-base" / "train.jsonl",
-                 ("harmless-base", "test"): out / "harmless-base" / "test.jsonl"}
+        paths = {
+            ("harmless-base", "train"): out / "harmless-base" / "train.jsonl",
+            ("harmless-base", "test"): out / "harmless-base" / "test.jsonl",
+        }
     else:
-        paths = {(subset, split): out / subset / f"{split}.jsonl.gz"
-                 for subset in GZIP_SUBSETS for split in ("train", "test")}
+        paths = {
+            (subset, split): out / subset / f"{split}.jsonl.gz"
+            for subset in GZIP_SUBSETS
+            for split in ("train", "test")
+        }
     keys = list(paths)
     handles = {}
     for key, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        handles[key] = gzip.open(path, "wb", compresslevel=6) if layout == "gzip" else open(path, "wb")
+        gzipped = layout == "gzip"
+        handles[key] = gzip.open(path, "wb", compresslevel=6) if gzipped else open(path, "wb")
     counts = dict.fromkeys(keys, 0)
     try:
         for chosen, rejected in dense_pairs(n_pairs, seed):
             split = "test" if rng.random() < TEST_SHARE else "train"
-            subset = keys[0][0] if layout == "single" else GZIP_SUBSETS[int(rng.integers(len(GZIP_SUBSETS)))]
+            if layout == "single":
+                subset = keys[0][0]
+            else:
+                subset = GZIP_SUBSETS[int(rng.integers(len(GZIP_SUBSETS)))]
             line = json.dumps({"chosen": chosen, "rejected": rejected}, ensure_ascii=False)
             handles[(subset, split)].write(line.encode() + b"\n")
             counts[(subset, split)] += 1

@@ -80,7 +80,8 @@ def prepare(corpus: Path, work: Path) -> dict:
 
 
 def shingle_strings(texts: list[str], k: int) -> list[list[str]]:
-    """The same shingles as hhdata.dedup.minhash, as strings: k lower-cased words joined by a space."""
+    """The same shingles as hhdata.dedup.minhash, as strings: k lower-cased words joined by a
+    space."""
     sets = []
     for text in texts:
         words = text.lower().split()
@@ -250,8 +251,9 @@ def run_stage(work: Path, corpus: Path, scope: str, sketch: str = "oph") -> tupl
         )
 
     lines = [
-        f"\n`deduplicate(pairs, DedupSettings(near_scope={scope!r}, sketch={sketch!r}))` on {pairs.num_rows:,} "
-        f"pairs: {seconds:.1f} s wall, {cpu:.1f} s CPU, dropped {result.report['dropped_by_reason']}\n",
+        f"\n`deduplicate(pairs, DedupSettings(near_scope={scope!r}, sketch={sketch!r}))` on "
+        f"{pairs.num_rows:,} pairs: {seconds:.1f} s wall, {cpu:.1f} s CPU, dropped "
+        f"{result.report['dropped_by_reason']}\n",
         "| planted | count | dropped onto its original |",
         "|---|---:|---:|",
     ]
@@ -260,7 +262,8 @@ def run_stage(work: Path, corpus: Path, scope: str, sketch: str = "oph") -> tupl
     near = truth["near_duplicates"]
     high = [item for item in near if item["jaccard"] >= settings.threshold]
     lines.append(
-        f"| near_duplicates, prompt J >= {settings.threshold} | {len(high)} | {sum(map(caught, high))} |"
+        f"| near_duplicates, prompt J >= {settings.threshold} | {len(high)} "
+        f"| {sum(map(caught, high))} |"
     )
     lines.append(f"| near_duplicates, all | {len(near)} | {sum(map(caught, near))} |")
     negatives = truth["hard_negatives"]
@@ -337,8 +340,9 @@ def main() -> None:
                 1 for key in old.keys() & new.keys() if old[key]["kept_id"] == new[key]["kept_id"]
             )
             text += (
-                f"\nDrops compared: {len(old):,} with minhash, {len(new):,} with oph; {same:,} the same row "
-                f"dropped onto the same kept row; only minhash: {len(old.keys() - new.keys())}, "
+                f"\nDrops compared: {len(old):,} with minhash, {len(new):,} with oph; {same:,} the "
+                f"same row dropped onto the same kept row; only minhash: "
+                f"{len(old.keys() - new.keys())}, "
                 f"only oph: {len(new.keys() - old.keys())}\n"
             )
         print(text)
@@ -362,11 +366,13 @@ def main() -> None:
 
     rows = prepared["rows"]
     lines = [
-        f"\n### {rows:,} pairs, shingles of {args.shingle_size} words, {args.num_perm} permutations, "
-        f"{args.bands} bands x {args.rows} rows, threshold {args.threshold}\n",
+        f"\n### {rows:,} pairs, shingles of {args.shingle_size} words, {args.num_perm} "
+        f"permutations, {args.bands} bands x {args.rows} rows, threshold {args.threshold}\n",
         f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, Python "
         f"{platform.python_version()}; one run, tools one after another in fresh processes.\n",
-        "| tool | wall s | CPU s | pairs/s (wall) | vs datasketch (wall, CPU) | vs rensa (wall, CPU) | recall (J >= threshold) | hard negatives merged | similar pairs | peak RSS MiB (before start) |",
+        "| tool | wall s | CPU s | pairs/s (wall) | vs datasketch (wall, CPU) | vs rensa (wall, "
+        "CPU) | recall (J >= threshold) | hard negatives merged | similar pairs "
+        "| peak RSS MiB (before start) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, m in results.items():
@@ -380,16 +386,21 @@ def main() -> None:
             for base in ("datasketch", "rensa")
         }
         lines.append(
-            f"| {tool} | {m['seconds']:.1f} | {m['cpu_seconds']:.1f} | {rows / m['seconds']:,.0f} | {versus['datasketch']} | "
+            f"| {tool} | {m['seconds']:.1f} | {m['cpu_seconds']:.1f} | {rows / m['seconds']:,.0f} "
+            f"| {versus['datasketch']} | "
             f"{versus['rensa']} | {m['recall']:.4f} ({m['near_found']}/{m['near_planted']}) | "
-            f"{m['hard_negatives_merged']} | {m['pairs']:,} | {m['peak_mib']:,.0f} ({m['baseline_mib']:,.0f}) |"
+            f"{m['hard_negatives_merged']} | {m['pairs']:,} | {m['peak_mib']:,.0f} "
+            f"({m['baseline_mib']:,.0f}) |"
         )
     if exact is not None:
         lines.append(
-            f"\nExact deduplication of all {rows:,} pairs: keys (normalise + encode) "
-            f"{exact['exact_keys_seconds']:.2f} s wall, {exact['exact_keys_cpu_seconds']:.2f} s CPU; whole "
+            f"\nExact deduplication of all {rows:,} pairs: "
+            "keys (normalise + encode) "
+            f"{exact['exact_keys_seconds']:.2f} s wall, "
+            f"{exact['exact_keys_cpu_seconds']:.2f} s CPU; whole "
             f"`deduplicate(near=False)` (with degenerate checks and the report) "
-            f"{exact['deduplicate_seconds']:.2f} s wall, {exact['deduplicate_cpu_seconds']:.2f} s CPU; "
+            f"{exact['deduplicate_seconds']:.2f} s wall, "
+            f"{exact['deduplicate_cpu_seconds']:.2f} s CPU; "
             f"dropped {exact['dropped']}.\n"
         )
     text = "\n".join(lines)

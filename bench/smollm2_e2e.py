@@ -7,7 +7,8 @@ score and KL per update and the held-out win rate. Settings are small (few steps
 lengths) so that the whole chain finishes in minutes on two CPU cores; the figures show the
 chain works with a pretrained model, not what a full run reaches. Results: smollm2_e2e.md.
 
-    PYTHONPATH=. .venv/bin/python bench/smollm2_e2e.py --work /tmp/bench-e2e --out bench/.cache/e2e.json
+    PYTHONPATH=. .venv/bin/python bench/smollm2_e2e.py --work /tmp/bench-e2e \
+        --out bench/.cache/e2e.json
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def run(work: Path, scale: int) -> dict:
         (work / f"{name}.log").write_text(done.stdout + done.stderr)
         if done.returncode:
             raise SystemExit(
-                f"{name} failed (exit {done.returncode}); see {work / f'{name}.log'}:\n{done.stderr[-2000:]}"
+                f"{name} failed (exit {done.returncode}); see {work / f'{name}.log'}:\n"
+                f"{done.stderr[-2000:]}"
             )
         print(f"  {name}: {seconds[name]} s", flush=True)
     return {"seconds": seconds, "total_seconds": round(sum(seconds.values()), 1), **figures(work)}

@@ -139,7 +139,8 @@ def build_release(
     ``name`` is best the Hub repo id the release will be published under (``org/name``):
     the card's usage code and croissant.json's ``url`` then point at it.
 
-    >>> built = build_release([read.bundled_sample_path()], version="1.0.0", out="out")  # doctest: +SKIP
+    >>> sample = [read.bundled_sample_path()]
+    >>> built = build_release(sample, version="1.0.0", out="out")  # doctest: +SKIP
     >>> built.path, list(built.manifest["configs"])  # doctest: +SKIP
     (PosixPath('out/1.0.0'), ['all', 'harmless', 'harmless-base'])
     """

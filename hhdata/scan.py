@@ -121,7 +121,8 @@ def _check(folder: Path, relative: str, manifest: dict, *, full: bool) -> None:
     size = path.stat().st_size
     if size != expected["bytes"]:
         raise IntegrityError(
-            f"{path}: {size} bytes, manifest.json says {expected['bytes']}; re-download or rebuild the release"
+            f"{path}: {size} bytes, manifest.json says {expected['bytes']}; re-download or rebuild "
+            "the release"
         )
     if full and file_digest(path)[0] != expected["sha256"]:
         raise IntegrityError(

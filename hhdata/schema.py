@@ -54,8 +54,10 @@ def family_of(subset: str, declared: str | None = None) -> str:
     labelled helpful would put its rows in the wrong config, so the contradiction raises
     ValueError.
 
-    >>> family_of("harmless-base"), family_of("synth-helpful-online"), family_of("batch-7", "helpful")
-    ('harmless', 'helpful', 'helpful')
+    >>> family_of("harmless-base"), family_of("synth-helpful-online")
+    ('harmless', 'helpful')
+    >>> family_of("batch-7", "helpful")
+    'helpful'
     """
     if declared is not None and declared not in (HELPFUL, HARMLESS):
         raise ValueError(f"family must be 'helpful' or 'harmless', not {declared!r}")

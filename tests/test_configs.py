@@ -1,4 +1,5 @@
-"""hhdata.dedup.configs: config views, leakage (exact and near, within and across subsets), resplit."""
+"""hhdata.dedup.configs: config views, leakage (exact and near, within and across subsets),
+resplit."""
 
 from __future__ import annotations
 

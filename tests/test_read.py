@@ -51,19 +51,22 @@ BAD_LINES = [
         "lone surrogate",
         b'{"chosen": "\\ud800", "rejected": "b"}',
         "invalid_utf8",
-        "'chosen' escapes a lone surrogate (\\ud800-\\udfff), which is not valid Unicode; fix the escape sequence",
+        "'chosen' escapes a lone surrogate (\\ud800-\\udfff), which is not valid Unicode; fix the "
+        "escape sequence",
     ),
     (
         "array",
         b'["a", "b"]',
         "not_an_object",
-        'the line is a JSON array, not an object; each line must be {"chosen": "...", "rejected": "..."}',
+        'the line is a JSON array, not an object; each line must be {"chosen": "...", "rejected": '
+        '"..."}',
     ),
     (
         "string",
         b'"text"',
         "not_an_object",
-        'the line is a JSON string, not an object; each line must be {"chosen": "...", "rejected": "..."}',
+        'the line is a JSON string, not an object; each line must be {"chosen": "...", '
+        '"rejected": "..."}',
     ),
     (
         "missing key",
@@ -88,7 +91,8 @@ BAD_LINES = [
         "long value",
         json.dumps({"chosen": ["x" * 100], "rejected": "b"}).encode(),
         "wrong_type",
-        f"at 'chosen': ['{'x' * 58}... (104 characters) is not of type 'string'; both values must be JSON strings",
+        f"at 'chosen': ['{'x' * 58}... (104 characters) is not of type 'string'; both values must "
+        "be JSON strings",
     ),
     (
         "null",
@@ -265,7 +269,8 @@ def test_arguments_name_the_subset_and_split_of_other_paths(tmp_path):
         read_raw(path)
     assert str(raised.value) == (
         f"cannot tell the split of {path}: its name is not train.jsonl[.gz] or test.jsonl[.gz]; "
-        "put it at <subset>/<split>.jsonl.gz or pass the split (in Python split= and subset=; --split and "
+        "put it at <subset>/<split>.jsonl.gz or pass the split (in Python split= and subset=; "
+        "--split and "
         "--subset for hhdata stats and show)"
     )
     with pytest.raises(
@@ -445,5 +450,6 @@ def test_a_folder_named_with_a_byte_that_is_not_utf8(tmp_path, capsys):
     assert main(["build", root, "--version", "1.0.0", "--out", os.path.join(root, "out")]) == 2
     assert capsys.readouterr().err == (
         f"hhdata build: error: the --out folder {tmp_path}/batch\\xff/out has bytes in its path "
-        "that are not UTF-8, where a release cannot be written; choose a folder whose path is UTF-8\n"
+        "that are not UTF-8, where a release cannot be written; choose a folder whose path is "
+        "UTF-8\n"
     )

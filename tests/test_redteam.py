@@ -251,8 +251,8 @@ def test_a_clone_of_the_upstream_repo_validates_and_builds_without_its_red_team_
     out = capsys.readouterr().out
     assert out.startswith("read 1 file: 3 lines (0 blank), 3 records = 3 accepted + 0 quarantined")
     assert (
-        f"note: {red}: red-team attempts, not preference pairs: skipped (check them with `hhdata redteam {red}`)"
-        in out
+        f"note: {red}: red-team attempts, not preference pairs: skipped (check them with "
+        f"`hhdata redteam {red}`)" in out
     )
     assert main(["build", str(clone), "--version", "1.0.0", "--out", str(tmp_path / "out")]) == 0
     assert (
@@ -262,8 +262,8 @@ def test_a_clone_of_the_upstream_repo_validates_and_builds_without_its_red_team_
     capsys.readouterr()
     assert main(["validate", str(red)]) == 2  # named on its own: pointed at the reader that fits
     assert capsys.readouterr().err == (
-        f"hhdata validate: error: {red} holds red-team attempts, not preference pairs: read and check "
-        f"it with `hhdata redteam {red}` (hhdata.redteam.read_redteam)\n"
+        f"hhdata validate: error: {red} holds red-team attempts, not preference pairs: read "
+        f"and check it with `hhdata redteam {red}` (hhdata.redteam.read_redteam)\n"
     )
     assert main(["redteam", str(red)]) == 0
 

@@ -1,4 +1,5 @@
-"""Rows strict chat templates accept (hhdata.pairs.roles): checked by rendering with a real strict template."""
+"""Rows strict chat templates accept (hhdata.pairs.roles): checked by rendering with a real
+strict template."""
 
 from __future__ import annotations
 

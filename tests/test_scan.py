@@ -1,4 +1,5 @@
-"""hhdata.scan: a lazy polars frame over a release, local or on the (local) Hub, pinned to a version."""
+"""hhdata.scan: a lazy polars frame over a release, local or on the (local) Hub, pinned to a
+version."""
 
 from __future__ import annotations
 
@@ -114,7 +115,10 @@ def test_the_cards_scan_line_runs_alone_in_a_fresh_process(local_hub, releases, 
     _, first, _ = releases
     repo_id = f"org/hh-{uuid.uuid4().hex[:8]}"
     hub.publish(first, repo_id, token=local_hub.token, retries=1, backoff=0.01)
-    code = f"import hhdata; print(hhdata.scan({repo_id!r}, 'harmless', version='1.0.0').collect().height)"
+    code = (
+        f"import hhdata; print(hhdata.scan({repo_id!r}, 'harmless', version='1.0.0')"
+        ".collect().height)"
+    )
     env = {**os.environ, **local_hub.env(tmp_path / "hf-home")}
     ran = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300

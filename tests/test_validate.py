@@ -80,7 +80,8 @@ def _replace(table: pa.Table, row: int, column: str, value) -> pa.Table:
         (
             "rejected",
             [{"role": "assistant", "content": "a"}] * 2,
-            "rejected: [{'role': 'assistant', 'content': 'a'}, {'role': 'assistant', 'content': 'a'}] is too long",
+            "rejected: [{'role': 'assistant', 'content': 'a'}, {'role': 'assistant', 'content': "
+            "'a'}] is too long",
         ),
         ("flags", ["made_up"], "flags/0: 'made_up' is not one of " + str(list(FLAGS))),
         (

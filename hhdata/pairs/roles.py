@@ -35,11 +35,13 @@ def accepts_strict_template(row: dict) -> bool:
     A plain predicate for ``datasets.Dataset.filter``: ``ds.filter(accepts_strict_template)``.
 
     >>> turn = lambda role, text: {"role": role, "content": text}
-    >>> accepts_strict_template({"prompt": [turn("user", "Hi")], "chosen": [turn("assistant", "Hello")],
+    >>> accepts_strict_template({"prompt": [turn("user", "Hi")],
+    ...                          "chosen": [turn("assistant", "Hello")],
     ...                          "rejected": [turn("assistant", "Go away")]})
     True
     >>> accepts_strict_template({"prompt": [turn("user", "Hi"), turn("assistant", "Hm")],
-    ...                          "chosen": [turn("assistant", "Hello")], "rejected": [turn("assistant", "No")]})
+    ...                          "chosen": [turn("assistant", "Hello")],
+    ...                          "rejected": [turn("assistant", "No")]})
     False
     """
     for side in REPLIES:

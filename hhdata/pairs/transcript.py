@@ -147,9 +147,12 @@ def _reply(remainder: str) -> str:
 def split_pair(chosen_text: str, rejected_text: str) -> Pair:
     """Split a chosen/rejected pair into prompt turns, the two replies, and flags.
 
-    >>> pair = split_pair("\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "\\n\\nHuman: Hi\\n\\nAssistant: Go away")
-    >>> pair.prompt, pair.chosen, pair.rejected
-    ([{'role': 'user', 'content': 'Hi'}], [{'role': 'assistant', 'content': 'Hello!'}], [{'role': 'assistant', 'content': 'Go away'}])
+    >>> pair = split_pair("\\n\\nHuman: Hi\\n\\nAssistant: Hello!",
+    ...                   "\\n\\nHuman: Hi\\n\\nAssistant: Go away")
+    >>> pair.prompt
+    [{'role': 'user', 'content': 'Hi'}]
+    >>> pair.chosen, pair.rejected
+    ([{'role': 'assistant', 'content': 'Hello!'}], [{'role': 'assistant', 'content': 'Go away'}])
 
     Raises PairError (reason ``no_human_turn``, ``prompt_mismatch`` or
     ``bad_transcript_start``) when the prompt cannot be determined.
