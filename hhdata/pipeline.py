@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from hhdata import memory
+from hhdata import progress as bars
 from hhdata.dedup import configs
 from hhdata.dedup import run as dedup
 from hhdata.errors import ReleaseError
@@ -81,6 +82,8 @@ def run_pipeline(
     ReleaseError when a synthetic subset is read without being named in
     ``include_synthetic``, or when the counts do not reconcile. Allocator settings are the
     caller's: build_release and ``hhdata build`` run it inside hhdata.memory.large_run().
+    ``progress`` draws a bar per stage on stderr (reading, exact dedup, near stages); None
+    draws them on a terminal outside CI (hhdata.progress), as ``hhdata build`` does.
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
     sources = resolve_sources(sources)
@@ -88,7 +91,7 @@ def run_pipeline(
     # lines and the pairs whose prompt cannot be found
     raw = read.read_pairs(sources, progress=progress)
     _refuse_synthetic(raw.table, raw.quarantine, set(include_synthetic))
-    deduplicated = dedup.deduplicate(raw.table, dedup_settings)
+    deduplicated = dedup.deduplicate(raw.table, dedup_settings, progress=progress)
     quarantine = raw.quarantine
     accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
     leakage = None
@@ -161,6 +164,7 @@ def build_release(
             allow_version_mismatch=allow_version_mismatch,
             parquet=parquet,
             name=name,
+            progress=progress,
         )
 
 
@@ -182,10 +186,12 @@ def release_from(
     allow_version_mismatch: bool = False,
     parquet: release.ParquetSettings = release.ParquetSettings(),
     name: str = release.DEFAULT_NAME,
+    progress: bool | None = False,
 ) -> release.Release:
     """Write the release directory of a pipeline run (see hhdata.release.write_release).
 
-    Raises ReleaseError when the run kept no row (see nothing_kept).
+    Raises ReleaseError when the run kept no row (see nothing_kept). ``progress`` draws a
+    bar for writing the Parquet files and one for the leakage check (see run_pipeline).
     """
     empty = nothing_kept(result)
     if empty:
@@ -193,18 +199,29 @@ def release_from(
     # the leakage check started in run_pipeline runs while the data files are written; its
     # result goes to the manifest as data
     with release.staged_release(
-        result.pairs, out, version, previous=previous, parquet=parquet
+        result.pairs, out, version, previous=previous, parquet=parquet, progress=progress
     ) as staged:
         return release.finish_release(
             staged,
             sources=result.sources,
             accounting=result.accounting,
             settings=result.settings,
-            leakage=result.leakage,
+            leakage=_wait_for_leakage(result, progress),
             previous=previous,
             allow_version_mismatch=allow_version_mismatch,
             name=name,
         )
+
+
+def _wait_for_leakage(result: PipelineResult, progress: bool | None) -> dict | None:
+    """The leakage check's result, behind a bar that fills when it is done: the check runs
+    in the background thread while the files are written, so its bar opens only now."""
+    if result.pending_leakage is None:
+        return None
+    with bars.stage("leakage check", total=1, unit="steps", show=progress) as advance:
+        leakage = result.leakage
+        advance(1)
+    return leakage
 
 
 def nothing_kept(result: PipelineResult) -> str | None:

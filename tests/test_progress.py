@@ -18,30 +18,21 @@ from hhdata import progress
 ROOT = Path(__file__).parent.parent
 
 
-def run_validate(
-    path: Path, terminal: bool, size: tuple[int, int] = (24, 80), **env: str
+def run_hhdata(
+    args: list[str], terminal: bool, size: tuple[int, int] = (24, 80), **env: str
 ) -> tuple[str, str]:
-    """stdout and stderr of `python -m hhdata.cli validate PATH`, stderr a pty of size
-    (rows, columns) or a pipe."""
+    """stdout and stderr of `python -m hhdata.cli ARGS`, stderr a pty of size (rows,
+    columns) or a pipe; env is added to the environment, without any CI variable of ours."""
     environment = {k: v for k, v in os.environ.items() if k not in ("CI", "HHDATA_NO_PROGRESS")}
     environment |= env
+    command = [sys.executable, "-m", "hhdata.cli", *args]
     if not terminal:
-        done = subprocess.run(
-            [sys.executable, "-m", "hhdata.cli", "validate", str(path)],
-            capture_output=True,
-            text=True,
-            env=environment,
-            cwd=ROOT,
-        )
+        done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT)
         return done.stdout, done.stderr
     main, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     with subprocess.Popen(
-        [sys.executable, "-m", "hhdata.cli", "validate", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=secondary,
-        env=environment,
-        cwd=ROOT,
+        command, stdout=subprocess.PIPE, stderr=secondary, env=environment, cwd=ROOT
     ) as child:
         os.close(secondary)
         shown = b""
@@ -56,6 +47,13 @@ def run_validate(
         out = child.stdout.read().decode()
     os.close(main)
     return out, shown.decode(errors="replace")
+
+
+def run_validate(
+    path: Path, terminal: bool, size: tuple[int, int] = (24, 80), **env: str
+) -> tuple[str, str]:
+    """stdout and stderr of `python -m hhdata.cli validate PATH` (see run_hhdata)."""
+    return run_hhdata(["validate", str(path)], terminal, size, **env)
 
 
 @pytest.mark.parametrize("size", [(24, 80), (0, 0)], ids=["24x80", "no-size"])

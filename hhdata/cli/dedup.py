@@ -130,7 +130,7 @@ def _load(paths: list[str]) -> tuple[pa.Table, int, int]:
         )
         read += table.num_rows
     if raw:
-        result = read_pairs(raw, progress=None)
+        result = read_pairs(raw, progress=None)  # None: a bar on a terminal outside CI
         tables.append(result.table)
         read += result.table.num_rows + result.quarantine.num_rows
         quarantined += result.quarantine.num_rows
@@ -163,7 +163,7 @@ def run_dedup(args) -> int:
     settings = _settings(args)
     pairs, read, quarantined = _load(args.paths)
     with memory.large_run():
-        result = deduplicate(pairs, settings)
+        result = deduplicate(pairs, settings, progress=None)
     report = result.report
     print(
         f"read {read:,} records: kept {report['kept']:,}, quarantined {quarantined:,}, "
@@ -198,11 +198,15 @@ def run_leakage(args) -> int:
     """Report leakage; 1 when some test prompt is in train and no re-split was asked for."""
     import pyarrow.parquet as pq
 
+    from hhdata import progress
     from hhdata.dedup import configs
     from hhdata.dedup.run import write_report
 
     pairs, _, _ = _load(args.paths)
-    report = configs.leakage_report(pairs)
+    # the check has no inner count to show: the bar says it runs and fills when it is done
+    with progress.stage("leakage check", total=1, unit="steps") as advance:
+        report = configs.leakage_report(pairs)
+        advance(1)
     for kind in ("exact", "near"):
         found = report[kind]
         print(

@@ -87,6 +87,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     pipeline.check_targets(args.out, args.version, args.previous)  # fail before the work
     with memory.large_run():  # the allocator settings of the whole build, entered once here
+        # progress=None: a bar per stage on a terminal outside CI, nothing in pipes and logs
         result = pipeline.run_pipeline(
             args.sources, include_synthetic=args.include_synthetic, progress=None
         )
@@ -111,6 +112,7 @@ def run_build(args: argparse.Namespace) -> int:
             previous=args.previous,
             allow_version_mismatch=args.allow_version_mismatch,
             name=args.name,
+            progress=None,
         )
     _print_built(built)
     return 0

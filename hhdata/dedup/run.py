@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hhdata import progress as bars
 from hhdata._arrow import splitmix64
 from hhdata.dedup import degenerate, minhash
 from hhdata.errors import HhDataError, SchemaError
@@ -364,10 +366,17 @@ def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     return identity.to_numpy(zero_copy_only=False)
 
 
-def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity: np.ndarray):
+def _near_duplicates(
+    rows: np.ndarray,
+    settings: DedupSettings,
+    inputs,
+    identity: np.ndarray,
+    advance: Callable[[int], None],
+):
     """Near duplicates among ``rows`` (the exact survivors, in survivor order), numbered
     0..len(rows)-1: (dropped -> (kept, similarity)) in drop mode, the similar pairs of
-    kept ones, and the prompts' sketch of each (for the leakage check).
+    kept ones, and the prompts' sketch of each (for the leakage check). ``advance(1)``
+    after each of its two steps: candidates banded and verified, survivors chosen.
 
     Rows with the same text are similar (1.0); each distinct text is compared once.
     """
@@ -389,6 +398,7 @@ def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity
         verify=settings.verify,
         groups=turns[rows[first_row]] if settings.same_turn_count else None,
     )
+    advance(1)
     neighbours: dict[int, list[tuple[int, float]]] = {}
     for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
         neighbours.setdefault(u, []).append((v, sim))
@@ -416,13 +426,18 @@ def _near_duplicates(rows: np.ndarray, settings: DedupSettings, inputs, identity
         (kept_row_of_unique.get(u), kept_row_of_unique.get(v)) for u, v in unique_pairs.tolist()
     ]
     edges = same_text + [(a, b) for a, b in row_edges if a is not None and b is not None]
+    advance(1)
     return dropped, edges, prompt_sketch
 
 
-def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> DedupResult:
+def deduplicate(
+    pairs: pa.Table, settings: DedupSettings = DedupSettings(), progress: bool | None = False
+) -> DedupResult:
     """Drop degenerate pairs, exact and near duplicates; every input row is kept or logged.
 
     On large tables run it inside hhdata.memory.large_run(), as ``hhdata dedup`` does.
+    ``progress`` draws a bar per stage on stderr (exact dedup, near: sketching, near:
+    banding + verification); None draws them on a terminal outside CI (hhdata.progress).
 
     Returns kept rows (PAIR_SCHEMA plus ``cluster_id``: the id of the cluster's
     representative, the row's own id for a singleton), a drop log (id, fate, reason, kept_id,
@@ -450,7 +465,7 @@ def deduplicate(pairs: pa.Table, settings: DedupSettings = DedupSettings()) -> D
     # without a near stage the second thread checks for degenerate pairs instead
     checking = pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
     try:
-        return _deduplicate(pairs, settings, ids, sketching, checking)
+        return _deduplicate(pairs, settings, ids, sketching, checking, progress)
     finally:
         pool.shutdown(cancel_futures=True)
 
@@ -461,7 +476,12 @@ _EXACT_WORKERS_BESIDE_SKETCHES = 1
 
 
 def _deduplicate(
-    pairs: pa.Table, settings: DedupSettings, ids: np.ndarray, sketching, checking
+    pairs: pa.Table,
+    settings: DedupSettings,
+    ids: np.ndarray,
+    sketching,
+    checking,
+    progress: bool | None = False,
 ) -> DedupResult:
     """deduplicate on one array per column; ``sketching`` and ``checking``: the futures of
     _near_inputs(pairs) and of degenerate.find_degenerate(pairs), when started."""
@@ -472,39 +492,43 @@ def _deduplicate(
     similarity = np.full(n, np.nan)
     cluster = np.arange(n)
 
-    keys = exact_keys(
-        pairs, settings, workers=_EXACT_WORKERS_BESIDE_SKETCHES if sketching else None
-    )
-
-    # 1. degenerate pairs
-    if checking is not None:
-        masks = checking.result()
-    else:
-        masks = (
-            degenerate.find_degenerate(pairs)
-            if n
-            else {r: np.zeros(0, bool) for r in degenerate.REASONS}
+    # one bar per stage on a terminal (hhdata.progress); the stages have no inner count
+    # worth the cost of reporting, so each bar fills when its stage ends
+    with bars.stage("exact dedup", total=n, unit="pairs", show=progress) as advance:
+        keys = exact_keys(
+            pairs, settings, workers=_EXACT_WORKERS_BESIDE_SKETCHES if sketching else None
         )
-    policy = settings.degenerate
-    flagged = {}
-    for code in degenerate.REASONS:
-        if policy[code] == degenerate.DROP:
-            dropped = masks[code] & (reason == None)  # noqa: E711 (element-wise)
-            reason[dropped], fate[dropped] = code, FILTERED
-        else:
-            flagged[code] = masks[code]
-    alive = reason == None  # noqa: E711
 
-    # 2. exact duplicates, first survivor of each key in survivor order
-    order = survivor_order(pairs, settings)
-    order = order[alive[order]]
-    _, first_in_order, group = np.unique(keys[order], return_index=True, return_inverse=True)
-    survivor_of = order[first_in_order][group]
-    duplicate = survivor_of != order
-    reason[order[duplicate]], fate[order[duplicate]] = EXACT_DUPLICATE, REMOVED
-    kept_index[order[duplicate]] = survivor_of[duplicate]
-    similarity[order[duplicate]] = 1.0
-    cluster[order] = survivor_of
+        # 1. degenerate pairs
+        if checking is not None:
+            masks = checking.result()
+        else:
+            masks = (
+                degenerate.find_degenerate(pairs)
+                if n
+                else {r: np.zeros(0, bool) for r in degenerate.REASONS}
+            )
+        policy = settings.degenerate
+        flagged = {}
+        for code in degenerate.REASONS:
+            if policy[code] == degenerate.DROP:
+                dropped = masks[code] & (reason == None)  # noqa: E711 (element-wise)
+                reason[dropped], fate[dropped] = code, FILTERED
+            else:
+                flagged[code] = masks[code]
+        alive = reason == None  # noqa: E711
+
+        # 2. exact duplicates, first survivor of each key in survivor order
+        order = survivor_order(pairs, settings)
+        order = order[alive[order]]
+        _, first_in_order, group = np.unique(keys[order], return_index=True, return_inverse=True)
+        survivor_of = order[first_in_order][group]
+        duplicate = survivor_of != order
+        reason[order[duplicate]], fate[order[duplicate]] = EXACT_DUPLICATE, REMOVED
+        kept_index[order[duplicate]] = survivor_of[duplicate]
+        similarity[order[duplicate]] = 1.0
+        cluster[order] = survivor_of
+        advance(n)
 
     # 3. near duplicates among the exact survivors
     order = order[~duplicate]
@@ -513,9 +537,15 @@ def _deduplicate(
     if settings.near and len(order):
         # the texts' identity is made here while the second thread finishes the sketches
         identity = _text_identity(pairs, settings)
-        dropped, edges, survivor_sketch = _near_duplicates(
-            order, settings, sketching.result(), identity
-        )
+        # the sketches were made in the second thread since deduplicate started
+        with bars.stage("near: sketching", total=n, unit="pairs", show=progress) as advance:
+            inputs = sketching.result()
+            advance(n)
+        label = "near: banding + verification"
+        with bars.stage(label, total=2, unit="steps", show=progress) as advance:
+            dropped, edges, survivor_sketch = _near_duplicates(
+                order, settings, inputs, identity, advance
+            )
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim

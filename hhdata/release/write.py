@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hhdata import progress as bars
 from hhdata._version import __version__
 from hhdata.errors import ReleaseError, VersionError
 from hhdata.release import card, croissant, diff
@@ -167,9 +168,11 @@ def staged_release(
     *,
     previous: str | Path | None = None,
     parquet: ParquetSettings = ParquetSettings(),
+    progress: bool | None = False,
 ):
     """Write the data files of ``<out>/<version>/`` into a staging folder and yield them
     (a StagedRelease); the staging folder is removed unless finish_release moved it into place.
+    ``progress`` counts the files written on a bar (see write_data_files).
 
     The pipeline checks train/test leakage while the files are written, then hands the
     result to finish_release.
@@ -180,7 +183,7 @@ def staged_release(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        rows, files, lengths = _write_data(pairs, staging, version, previous, parquet)
+        rows, files, lengths = _write_data(pairs, staging, version, previous, parquet, progress)
         yield StagedRelease(Path(out), version, staging, rows, files, lengths, parquet)
     finally:  # after finish_release the folder is renamed, and this finds nothing to remove
         shutil.rmtree(staging, ignore_errors=True)
@@ -268,7 +271,7 @@ def new_version_dir(out: str | Path, version: str) -> Path:
     return final
 
 
-def _write_data(pairs, staging, version, previous, parquet):
+def _write_data(pairs, staging, version, previous, parquet, progress=False):
     """The canonical rows, their data files and plot in ``staging``, and the text lengths."""
     rows = canonical_rows(pairs)
     stamp = file_metadata(version)
@@ -277,7 +280,7 @@ def _write_data(pairs, staging, version, previous, parquet):
             lambda: {name: text_lengths(rows, name) for name in ("prompt", "chosen", "rejected")}
         )
         plot = pool.submit(lambda: _plot(lengths.result(), staging))
-        files = write_data_files(rows, staging, parquet, stamp, previous)
+        files = write_data_files(rows, staging, parquet, stamp, previous, progress=progress)
         files[PLOT_NAME] = plot.result()
     return rows, files, lengths.result()
 
@@ -373,6 +376,7 @@ def write_data_files(
     parquet: ParquetSettings,
     stamp: dict[str, str] | None = None,
     previous: str | Path | None = None,
+    progress: bool | None = False,
 ) -> dict[str, dict]:
     """Write one Parquet file per (subset, split), rows in input order; returns file entries.
 
@@ -383,6 +387,8 @@ def write_data_files(
 
     Files are written by a thread pool (pyarrow compresses without the GIL); each file's
     bytes depend only on its rows, stamp and the settings, so the result is the same either way.
+    ``progress`` counts the files written on a bar ("writing Parquet"); None draws it on a
+    terminal outside CI (hhdata.progress).
     """
     options = parquet.write_options()
     earlier = _previous_files(previous)
@@ -403,8 +409,18 @@ def write_data_files(
         pq.write_table(part.replace_schema_metadata(stamp), root / relative, **options)
         return relative, file_entry(root, relative, part)
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return dict(pool.map(write, _subset_splits(rows)))
+    keys = _subset_splits(rows)
+    with (
+        bars.stage("writing Parquet", total=len(keys), unit="files", show=progress) as advance,
+        ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
+    ):
+
+        def counted(key: tuple[str, str]) -> tuple[str, dict]:
+            written = write(key)
+            advance(1)
+            return written
+
+        return dict(pool.map(counted, keys))
 
 
 def _previous_files(previous: str | Path | None) -> dict[str, tuple[dict, str]]:
