@@ -71,6 +71,9 @@ def stage(
         leave=True,
         ncols=columns,
         nrows=rows,
+        # stages counted in steps or pairs often finish in one update, where a rate means
+        # nothing: show the count and the time taken; bytes keep tqdm's rate and estimate
+        bar_format=None if unit == "B" else "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]",
     )
     try:
         yield bar.update
