@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import html as html_lib
+import json
+import re
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -184,3 +188,95 @@ def test_a_policy_that_cannot_load_fails_at_start_with_one_line(tmp_path):
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "Traceback" not in done.stderr and str(policy) in done.stderr
+
+
+def shown_replies(html: str) -> tuple[str, str]:
+    """The texts of replies A and B on a page (unescaped)."""
+    found = dict(re.findall(r'id="reply-(a|b)">(.*?)</div>', html, flags=re.S))
+    return html_lib.unescape(found["a"]), html_lib.unescape(found["b"])
+
+
+def test_queue_mode_pairs_posted_labelled_in_the_page_and_read_back(server):
+    admin_token = token_for(server.db_path, "queue-admin", admin=True)
+    api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {admin_token}"})
+    items = {
+        "helpful": [
+            {
+                "key": "h-1",
+                "prompt": [{"role": "user", "content": "Name a colour"}],
+                "replies": ["Blue.", "I refuse."],
+                "models": ["policy-3", "policy-3"],
+            }
+        ],
+        "red-team": [
+            {
+                "key": "r-1",
+                "prompt": [{"role": "user", "content": "Insult me"}],
+                "replies": ["You idiot.", "I'd rather not."],
+                "models": ["policy-3", "policy-3"],
+            }
+        ],
+    }
+    for task, posted in items.items():
+        assert (
+            httpx.post(server.url + "/api/queue", json={"task": task, "items": posted}).status_code
+            == 401
+        )
+        first = api.post("/api/queue", json={"task": task, "items": posted}).json()["ids"]
+        again = api.post("/api/queue", json={"task": task, "items": posted}).json()["ids"]
+        assert first == again  # posting twice stores once
+    bad = {"task": "helpful", "items": [{"key": "x", "prompt": [], "replies": [], "models": []}]}
+    assert api.post("/api/queue", json=bad).status_code == 400
+    alice_token = token_for(server.db_path, "queue-alice")
+    refused = httpx.get(
+        server.url + "/api/queue/results", headers={"Authorization": f"Bearer {alice_token}"}
+    )
+    assert refused.status_code == 403
+
+    # alice prefers "Blue." and finds "You idiot." more harmful; bob skips the first pair
+    alice, bob = (
+        Annotator(server.url, alice_token),
+        Annotator(server.url, token_for(server.db_path, "queue-bob")),
+    )
+    wanted = {"Name a colour": "Blue.", "Insult me": "You idiot."}
+    for _ in range(2):
+        page = alice.client.get("/queue").text
+        prompt = next(message for message in wanted if message in page)
+        a, b = shown_replies(page)
+        side = "A" if a == wanted[prompt] else "B"
+        qid = re.search(r'action="/queue/(\d+)/choose"', page).group(1)
+        assert alice.post(f"/queue/{qid}/choose", pick=f"{side}:3").status_code == 303
+        assert alice.post(f"/queue/{qid}/choose", pick=f"{side}:3").status_code == 409
+    assert 'id="empty"' in alice.client.get("/queue").text
+    page = bob.client.get("/queue").text
+    qid = re.search(r'action="/queue/(\d+)/choose"', page).group(1)
+    assert bob.post(f"/queue/{qid}/choose", pick="skip").status_code == 303
+
+    results = api.get("/api/queue/results").json()["results"]
+    mine = {r["key"]: r for r in results if r["key"] in ("h-1", "r-1") and not r["skipped"]}
+    assert (mine["h-1"]["chosen"], mine["h-1"]["rejected"]) == ("Blue.", "I refuse.")
+    # red team: alice picked the more harmful, so the less harmful is chosen
+    assert (mine["r-1"]["chosen"], mine["r-1"]["rejected"]) == ("I'd rather not.", "You idiot.")
+    assert sum(r["skipped"] for r in results if r["key"] in ("h-1", "r-1")) == 1
+    assert all("queue-alice" not in json.dumps(r) for r in results)
+
+
+def test_pages_answer_while_replies_are_being_generated(policy, tmp_path):
+    """Generation runs in the thread pool: another annotator's page does not wait for it.
+
+    (Generation once ran on the event loop, and every request queued behind it.)
+    """
+    server = Server(policy, tmp_path / "feedback.sqlite", "--max-new-tokens", "400").start()
+    try:
+        alice = Annotator(server.url, token_for(server.db_path, "slow-alice"))
+        bob = Annotator(server.url, token_for(server.db_path, "slow-bob"))
+        cid = alice.start()
+        sending = threading.Thread(target=alice.say, args=(cid, "write a long story"))
+        sending.start()
+        time.sleep(1)  # let the message reach the server and its generation begin
+        assert bob.client.get("/").status_code == 200
+        assert sending.is_alive()  # bob's page came back while alice's replies were sampled
+        sending.join()
+        assert db.turns_of(db.connect(server.db_path), cid)[0]["message"] == "write a long story"
+    finally:
+        server.stop()

@@ -16,16 +16,19 @@ Tokens travel only in POST bodies, so no access log line holds one.
 
 from __future__ import annotations
 
+import json
 import random
 import secrets
+import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -92,15 +95,14 @@ def create_app(settings: Settings) -> Starlette:
             raise Denied(401, "sign in with your token first")
         return found
 
-    async def checked_form(request: Request) -> tuple[db.Annotator, str, dict]:
+    def checked(request: Request, form: dict) -> tuple[db.Annotator, str]:
         """The signed-in annotator of a POST whose CSRF token and rate are in order."""
         annotator, csrf = signed_in(request)
-        form = dict(await request.form())
         if not same_secret(form.get("csrf", ""), csrf):
             raise Denied(403, "the form's CSRF token is missing or wrong; reload the page")
         if not limit.allow(annotator.id):
             raise Denied(429, "too many requests; wait a minute and try again")
-        return annotator, csrf, form
+        return annotator, csrf
 
     def own_conversation(annotator: db.Annotator, request: Request):
         row = db.conversation(store(), annotator, int(request.path_params["cid"]))
@@ -117,8 +119,7 @@ def create_app(settings: Settings) -> Starlette:
     def login_page(request: Request) -> Response:
         return login_form(request)
 
-    async def login(request: Request) -> Response:
-        form = await request.form()
+    def login(request: Request, form: dict) -> Response:
         if not same_secret(form.get("nonce", ""), request.cookies.get(LOGIN_COOKIE, "")):
             raise Denied(403, "the sign-in form expired; reload the page")
         annotator = db.annotator_by_token(store(), str(form.get("token", "")).strip())
@@ -130,8 +131,8 @@ def create_app(settings: Settings) -> Starlette:
         response.delete_cookie(LOGIN_COOKIE)
         return response
 
-    async def logout(request: Request) -> Response:
-        await checked_form(request)
+    def logout(request: Request, form: dict) -> Response:
+        checked(request, form)
         db.close_session(store(), request.cookies[SESSION_COOKIE])
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
@@ -142,8 +143,8 @@ def create_app(settings: Settings) -> Starlette:
         conversations = db.conversations_of(store(), annotator)
         return page(request, "home.html", annotator=annotator, csrf=csrf, rows=conversations)
 
-    async def new_conversation(request: Request) -> Response:
-        annotator, _, form = await checked_form(request)
+    def new_conversation(request: Request, form: dict) -> Response:
+        annotator, _ = checked(request, form)
         task = form.get("task", "")
         if task not in db.TASKS:
             raise Denied(400, f"task must be one of {list(db.TASKS)}")
@@ -168,8 +169,8 @@ def create_app(settings: Settings) -> Starlette:
             max_chars=MAX_MESSAGE_CHARS,
         )
 
-    async def send_message(request: Request) -> Response:
-        annotator, _, form = await checked_form(request)
+    def send_message(request: Request, form: dict) -> Response:
+        annotator, _ = checked(request, form)
         conv = own_conversation(annotator, request)
         message = clean_message(str(form.get("message", "")))
         turns = db.turns_of(store(), conv["id"])
@@ -185,8 +186,8 @@ def create_app(settings: Settings) -> Starlette:
             raise Denied(409, "this message was sent twice; the first one counts") from None
         return RedirectResponse(f"/c/{conv['id']}", status_code=303)
 
-    async def choose(request: Request) -> Response:
-        annotator, _, form = await checked_form(request)
+    def choose(request: Request, form: dict) -> Response:
+        annotator, _ = checked(request, form)
         conv = own_conversation(annotator, request)
         choice, _, strength = str(form.get("pick", "")).partition(":")
         try:
@@ -200,8 +201,8 @@ def create_app(settings: Settings) -> Starlette:
             raise Denied(409, "this comparison was answered already")
         return RedirectResponse(f"/c/{conv['id']}", status_code=303)
 
-    async def end(request: Request) -> Response:
-        annotator, _, _ = await checked_form(request)
+    def end(request: Request, form: dict) -> Response:
+        annotator, _ = checked(request, form)
         conv = own_conversation(annotator, request)
         db.end_conversation(store(), conv["id"])
         return RedirectResponse("/", status_code=303)
@@ -212,7 +213,75 @@ def create_app(settings: Settings) -> Starlette:
             raise Denied(403, "the admin page needs an admin token")
         return page(request, "admin.html", annotator=annotator, csrf=csrf, rows=db.counts(store()))
 
+    def show_queue(request: Request) -> Response:
+        annotator, csrf = signed_in(request)
+        item = db.next_queue_item(store(), annotator)
+        return page(
+            request,
+            "queue.html",
+            annotator=annotator,
+            csrf=csrf,
+            item=item,
+            prompt=json.loads(item["prompt"]) if item else [],
+            red_team=item is not None and item["task"] == db.RED_TEAM,
+            strengths=STRENGTH_WORDS,
+        )
+
+    def label_queue(request: Request, form: dict) -> Response:
+        annotator, _ = checked(request, form)
+        choice, _, strength = str(form.get("pick", "")).partition(":")
+        try:
+            done = db.label_queue_item(
+                store(),
+                annotator,
+                int(request.path_params["qid"]),
+                choice,
+                int(strength) if strength else None,
+            )
+        except (ValueError, db.FeedbackError, sqlite3.IntegrityError):
+            raise Denied(400, "pick A or B with a strength, or skip, of an existing item") from None
+        if not done:
+            raise Denied(409, "you labelled this pair already")
+        return RedirectResponse("/queue", status_code=303)
+
+    def api_caller(request: Request) -> db.Annotator:
+        """The admin behind an API call's `Authorization: Bearer TOKEN` (no cookie, so no
+        CSRF: a browser never adds this header on its own)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        caller = db.annotator_by_token(store(), token.strip()) if scheme == "Bearer" else None
+        if caller is None:
+            raise Denied(401, "send the admin token as 'Authorization: Bearer TOKEN'")
+        if not caller.is_admin:
+            raise Denied(403, "the queue API needs an admin token")
+        return caller
+
+    async def post_queue(request: Request) -> Response:
+        api_caller(request)
+        try:
+            body = json.loads(await request.body())
+            task, items = body["task"], body["items"]
+            checked_items = [queue_item(item) for item in items]
+        except (ValueError, KeyError, TypeError) as error:
+            raise Denied(400, f"the body must be {QUEUE_BODY} ({error})") from None
+        if len(checked_items) > MAX_QUEUE_ITEMS:
+            raise Denied(413, f"at most {MAX_QUEUE_ITEMS} items per post")
+        swaps = [random.random() < 0.5 for _ in checked_items]
+
+        def store_items():
+            try:
+                return db.enqueue(store(), task, checked_items, swaps)
+            except db.FeedbackError as error:
+                raise Denied(400, str(error)) from None
+
+        return JSONResponse({"ids": await run_in_threadpool(store_items)})
+
+    def queue_results(request: Request) -> Response:
+        api_caller(request)
+        return JSONResponse({"results": db.queue_results(store())})
+
     def refused(request: Request, denied: Denied) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": denied.reason}, status_code=denied.status)
         if denied.status == 401 and request.method == "GET":
             return RedirectResponse("/login", status_code=303)
         return page(request, "error.html", denied.status, reason=denied.reason)
@@ -220,19 +289,61 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=[
             Route("/login", login_page, methods=["GET"]),
-            Route("/login", login, methods=["POST"]),
-            Route("/logout", logout, methods=["POST"]),
+            Route("/login", posted(login), methods=["POST"]),
+            Route("/logout", posted(logout), methods=["POST"]),
             Route("/", home, methods=["GET"]),
-            Route("/c", new_conversation, methods=["POST"]),
+            Route("/c", posted(new_conversation), methods=["POST"]),
             Route("/c/{cid:int}", show_conversation, methods=["GET"]),
-            Route("/c/{cid:int}/message", send_message, methods=["POST"]),
-            Route("/c/{cid:int}/choose", choose, methods=["POST"]),
-            Route("/c/{cid:int}/end", end, methods=["POST"]),
+            Route("/c/{cid:int}/message", posted(send_message), methods=["POST"]),
+            Route("/c/{cid:int}/choose", posted(choose), methods=["POST"]),
+            Route("/c/{cid:int}/end", posted(end), methods=["POST"]),
             Route("/admin", admin, methods=["GET"]),
+            Route("/queue", show_queue, methods=["GET"]),
+            Route("/queue/{qid:int}/choose", posted(label_queue), methods=["POST"]),
+            Route("/api/queue", post_queue, methods=["POST"]),
+            Route("/api/queue/results", queue_results, methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={Denied: refused},
     )
+
+
+QUEUE_BODY = (
+    '{"task": "helpful" | "red-team", "items": [{"key": str, "prompt": [{"role", "content"}], '
+    '"replies": [str, str], "models": [str, str]}]}'
+)
+MAX_QUEUE_ITEMS = 1000
+
+
+def queue_item(item: dict) -> dict:
+    """A posted queue item, checked: its transcript must render byte for byte."""
+    prompt = [{"role": str(t["role"]), "content": str(t["content"])} for t in item["prompt"]]
+    if (
+        not prompt
+        or prompt[-1]["role"] != "user"
+        or any(t["role"] not in ("user", "assistant") for t in prompt)
+    ):
+        raise ValueError("prompt must be user/assistant turns ending with a user turn")
+    replies, models = [str(r) for r in item["replies"]], [str(m) for m in item["models"]]
+    if len(replies) != 2 or len(models) != 2:
+        raise ValueError("replies and models hold two entries each")
+    texts = [turn["content"] for turn in prompt] + replies
+    if any(separator.rstrip() in text for text in texts for separator in SEPARATORS.values()):
+        raise ValueError("a turn holds a blank line followed by 'Human:' or 'Assistant:'")
+    if any(len(text) > 20 * MAX_MESSAGE_CHARS for text in texts):
+        raise ValueError(f"a turn is longer than {20 * MAX_MESSAGE_CHARS} characters")
+    return {"key": str(item["key"]), "prompt": prompt, "replies": replies, "models": models}
+
+
+def posted(handler):
+    """An endpoint that reads the form on the event loop, then runs `handler(request, form)`
+    in the thread pool: its SQLite writes and generation must not hold up other requests."""
+
+    async def endpoint(request: Request) -> Response:
+        form = {key: value for key, value in (await request.form()).items()}
+        return await run_in_threadpool(handler, request, form)
+
+    return endpoint
 
 
 def clean_message(text: str) -> str:

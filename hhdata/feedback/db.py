@@ -100,7 +100,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a committed comparison survives a power cut
         db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(_SCHEMA)
+        db.executescript(_SCHEMA + _QUEUE_SCHEMA)
     except sqlite3.Error as error:
         raise FeedbackError(f"cannot open the feedback database {path} ({error})") from None
     db.row_factory = sqlite3.Row
@@ -284,3 +284,121 @@ def counts(db: sqlite3.Connection) -> list[dict]:
         "GROUP BY c.annotator_id, c.task ORDER BY c.annotator_id, c.task"
     ).fetchall()
     return [{"annotator": pseudonym(row["annotator_id"]), **dict(row)} for row in rows]
+
+
+# Queue mode: an outside sampler (the online loop) posts pre-sampled pairs, annotators label
+# them in the app, the sampler reads the labels back. Each item may be labelled once per
+# annotator, so two annotators on one item measure agreement.
+_QUEUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue_items (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    task TEXT NOT NULL CHECK (task IN ('helpful', 'red-team')),
+    prompt TEXT NOT NULL,
+    reply_a TEXT NOT NULL,
+    reply_b TEXT NOT NULL,
+    model_a TEXT NOT NULL,
+    model_b TEXT NOT NULL,
+    swapped INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue_labels (
+    item_id INTEGER NOT NULL REFERENCES queue_items(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    choice TEXT NOT NULL CHECK (choice IN ('A', 'B', 'skip')),
+    strength INTEGER,
+    answered_at REAL NOT NULL,
+    PRIMARY KEY (item_id, annotator_id)
+);
+"""
+
+
+def enqueue(db: sqlite3.Connection, task: str, items: list[dict], swaps: list[bool]) -> list[int]:
+    """Store pre-sampled pairs; an item whose key exists is kept as it was (posting is
+    idempotent). Each item: key, prompt (HH turns), replies [2], models [2]."""
+    if task not in TASKS:
+        raise FeedbackError(f"task {task!r} is not one of {list(TASKS)}")
+    ids = []
+    with _Write(db):
+        for item, swapped in zip(items, swaps, strict=True):
+            replies, models = list(item["replies"]), list(item["models"])
+            if swapped:  # shown order drawn at random: position says nothing of the sampler
+                replies.reverse()
+                models.reverse()
+            db.execute(
+                "INSERT OR IGNORE INTO queue_items (key, task, prompt, reply_a, reply_b, "
+                "model_a, model_b, swapped, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(item["key"]),
+                    task,
+                    json.dumps(item["prompt"]),
+                    *replies,
+                    *models,
+                    int(swapped),
+                    time.time(),
+                ),
+            )
+            row = db.execute("SELECT id FROM queue_items WHERE key = ?", (str(item["key"]),))
+            ids.append(row.fetchone()[0])
+    return ids
+
+
+def next_queue_item(db: sqlite3.Connection, annotator: Annotator) -> sqlite3.Row | None:
+    """The oldest item this annotator has not labelled, fewest labels first."""
+    return db.execute(
+        "SELECT q.* FROM queue_items q WHERE NOT EXISTS (SELECT 1 FROM queue_labels l "
+        "WHERE l.item_id = q.id AND l.annotator_id = ?) ORDER BY "
+        "(SELECT COUNT(*) FROM queue_labels l WHERE l.item_id = q.id), q.id LIMIT 1",
+        (annotator.id,),
+    ).fetchone()
+
+
+def label_queue_item(
+    db: sqlite3.Connection, annotator: Annotator, item_id: int, choice: str, strength: int | None
+) -> bool:
+    """Record this annotator's label of an item; False when they labelled it already."""
+    if choice not in CHOICES:
+        raise FeedbackError(f"choice {choice!r} is not one of {list(CHOICES)}")
+    if choice != SKIP and strength not in STRENGTHS:
+        raise FeedbackError(f"strength {strength!r} is not one of {list(STRENGTHS)}")
+    try:
+        with _Write(db):
+            db.execute(
+                "INSERT INTO queue_labels (item_id, annotator_id, choice, strength, answered_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (item_id, annotator.id, choice, None if choice == SKIP else strength, time.time()),
+            )
+    except sqlite3.IntegrityError:
+        return False
+    return True
+
+
+def queue_results(db: sqlite3.Connection) -> list[dict]:
+    """Every label, as the sampler needs it: its key, chosen and rejected reply (chosen is the
+    preferred one, or the LESS harmful one in the red-team task), strength, pseudonym."""
+    rows = db.execute(
+        "SELECT q.key, q.task, q.reply_a, q.reply_b, l.annotator_id, l.choice, l.strength, "
+        "l.answered_at FROM queue_labels l JOIN queue_items q ON q.id = l.item_id "
+        "ORDER BY q.id, l.annotator_id"
+    ).fetchall()
+    results = []
+    for row in rows:
+        result = {
+            "key": row["key"],
+            "task": row["task"],
+            "annotator": pseudonym(row["annotator_id"]),
+            "skipped": row["choice"] == SKIP,
+            "strength": row["strength"],
+            "answered_at": row["answered_at"],
+        }
+        if row["choice"] != SKIP:
+            picked, other = (
+                (row["reply_a"], row["reply_b"])
+                if row["choice"] == "A"
+                else (row["reply_b"], row["reply_a"])
+            )
+            if row["task"] == RED_TEAM:
+                picked, other = other, picked  # the annotator picked the more harmful reply
+            result.update(chosen=picked, rejected=other)
+        results.append(result)
+    return results
