@@ -348,7 +348,7 @@ def posted(handler):
 
 def clean_message(text: str) -> str:
     """The message as stored: one newline style, no outer blanks; refused when unusable."""
-    text = text.replace("\r\n", "\n").strip()
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
     if not text:
         raise Denied(400, "the message is empty")
     if len(text) > MAX_MESSAGE_CHARS:

@@ -54,9 +54,13 @@ class Policy:
 def cut_reply(text: str) -> str:
     """The reply up to where the model writes the next speaker's tag, without outer blanks.
 
-    >>> cut_reply(" Sure.\\n\\nHuman: thanks")
-    'Sure.'
+    Carriage returns become newlines and NUL characters go: an HTML page shows them so
+    (HTML parsing normalises both), and the annotator must judge the text that is stored.
+
+    >>> cut_reply(" Sure.\\r\\nOK\\x00\\n\\nHuman: thanks")
+    'Sure.\\nOK'
     """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
     for tag in (HUMAN_TAG, ASSISTANT_TAG):
         text = text.split(tag, 1)[0]
     return text.strip()
