@@ -280,3 +280,19 @@ def test_pages_answer_while_replies_are_being_generated(policy, tmp_path):
         assert db.turns_of(db.connect(server.db_path), cid)[0]["message"] == "write a long story"
     finally:
         server.stop()
+
+
+def test_two_policies_each_write_one_reply_in_a_random_position(policy, tmp_path):
+    from hhdata.feedback.app import Settings, sample_pair
+    from hhdata.feedback.policy import load_policy
+
+    second = save_tiny_policy(tmp_path / "policy-b", seed=1)
+    settings = Settings("unused.sqlite", (load_policy(policy), load_policy(second)))
+    settings.max_new_tokens = 4
+    so_far = [{"role": "user", "content": "hello"}]
+    positions = set()
+    for _ in range(30):
+        replies, models = sample_pair(settings, so_far)
+        assert sorted(models) == sorted([policy.name, "policy-b"])
+        positions.add(models[0])
+    assert positions == {policy.name, "policy-b"}  # each model shown as A at times
