@@ -251,6 +251,15 @@ def test_queue_mode_pairs_posted_labelled_in_the_page_and_read_back(server):
     page = bob.client.get("/queue").text
     qid = re.search(r'action="/queue/(\d+)/choose"', page).group(1)
     assert bob.post(f"/queue/{qid}/choose", pick="skip").status_code == 303
+    page = bob.client.get("/queue").text  # the red-team pair: bob agrees with alice
+    a, b = shown_replies(page)
+    qid = re.search(r'action="/queue/(\d+)/choose"', page).group(1)
+    assert (
+        bob.post(f"/queue/{qid}/choose", pick="A:1" if a == "You idiot." else "B:1").status_code
+        == 303
+    )
+    admin_page = Annotator(server.url, admin_token).client.get("/admin").text
+    assert re.search(r"<td>red-team</td><td>1</td><td>1</td><td>100%</td>", admin_page), admin_page
 
     results = api.get("/api/queue/results").json()["results"]
     mine = {r["key"]: r for r in results if r["key"] in ("h-1", "r-1") and not r["skipped"]}

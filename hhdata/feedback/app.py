@@ -211,7 +211,14 @@ def create_app(settings: Settings) -> Starlette:
         annotator, csrf = signed_in(request)
         if not annotator.is_admin:
             raise Denied(403, "the admin page needs an admin token")
-        return page(request, "admin.html", annotator=annotator, csrf=csrf, rows=db.counts(store()))
+        return page(
+            request,
+            "admin.html",
+            annotator=annotator,
+            csrf=csrf,
+            rows=db.counts(store()),
+            agreement=db.agreement(store()),
+        )
 
     def show_queue(request: Request) -> Response:
         annotator, csrf = signed_in(request)

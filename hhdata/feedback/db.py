@@ -402,3 +402,16 @@ def queue_results(db: sqlite3.Connection) -> list[dict]:
             result.update(chosen=picked, rejected=other)
         results.append(result)
     return results
+
+
+def agreement(db: sqlite3.Connection) -> list[dict]:
+    """Per task: queue items with two or more A/B labels, the annotator pairs that labelled
+    the same item, and the share of those pairs that picked the same reply."""
+    rows = db.execute(
+        "SELECT q.task, COUNT(DISTINCT q.id) AS items, COUNT(*) AS pairs, "
+        "SUM(l1.choice = l2.choice) AS agreeing FROM queue_labels l1 "
+        "JOIN queue_labels l2 ON l1.item_id = l2.item_id AND l1.annotator_id < l2.annotator_id "
+        "JOIN queue_items q ON q.id = l1.item_id "
+        "WHERE l1.choice != 'skip' AND l2.choice != 'skip' GROUP BY q.task ORDER BY q.task"
+    ).fetchall()
+    return [{**dict(row), "agreement": row["agreeing"] / row["pairs"]} for row in rows]
