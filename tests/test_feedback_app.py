@@ -305,3 +305,26 @@ def test_two_policies_each_write_one_reply_in_a_random_position(policy, tmp_path
         assert sorted(models) == sorted([policy.name, "policy-b"])
         positions.add(models[0])
     assert positions == {policy.name, "policy-b"}  # each model shown as A at times
+
+
+def test_a_cancelled_generation_stores_nothing(policy, tmp_path):
+    long_replies = ("--max-new-tokens", "2000", "--rate-limit", "100000")
+    server = Server(policy, tmp_path / "feedback.sqlite", *long_replies).start()
+    try:
+        alice = Annotator(server.url, token_for(server.db_path, "cancel-alice"))
+        cid = alice.start()
+        assert alice.post(f"/c/{cid}/cancel").status_code == 409  # nothing running
+        sent = []
+        sending = threading.Thread(target=lambda: sent.append(alice.say(cid, "a long story")))
+        sending.start()
+        deadline = time.monotonic() + 120
+        while (code := alice.post(f"/c/{cid}/cancel").status_code) == 409:
+            assert time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.2)
+        assert code == 204
+        sending.join()
+        assert sent[0].status_code == 303
+        assert db.turns_of(db.connect(server.db_path), cid) == []
+        assert 'id="message-box"' in alice.client.get(f"/c/{cid}").text  # the box is back
+    finally:
+        server.stop()

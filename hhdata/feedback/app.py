@@ -79,6 +79,7 @@ def create_app(settings: Settings) -> Starlette:
     templates = Jinja2Templates(env=env)
     local = threading.local()
     limit = RateLimit(settings.rate_limit, per_seconds=60)
+    cancels: dict[int, threading.Event] = {}  # conversation id -> its running generation
 
     def store():
         if not hasattr(local, "db"):
@@ -179,12 +180,27 @@ def create_app(settings: Settings) -> Starlette:
         if turns and turns[-1]["choice"] is None:
             raise Denied(409, "answer the open comparison before writing again")
         so_far = db.history(turns) + [{"role": "user", "content": message}]
-        replies, models = sample_pair(settings, so_far)
+        stop = cancels.setdefault(conv["id"], threading.Event())
+        try:
+            replies, models = sample_pair(settings, so_far, stop)
+        finally:
+            cancels.pop(conv["id"], None)
+        if stop.is_set():  # cancelled: nothing is stored, the message box comes back
+            return RedirectResponse(f"/c/{conv['id']}", status_code=303)
         try:
             db.add_turn(store(), conv["id"], len(turns), message, replies, models)
         except db.FeedbackError:
             raise Denied(409, "this message was sent twice; the first one counts") from None
         return RedirectResponse(f"/c/{conv['id']}", status_code=303)
+
+    def cancel(request: Request, form: dict) -> Response:
+        annotator, _ = checked(request, form)
+        conv = own_conversation(annotator, request)
+        running = cancels.get(conv["id"])
+        if running is None:
+            raise Denied(409, "no reply is being generated")
+        running.set()
+        return Response(status_code=204)
 
     def choose(request: Request, form: dict) -> Response:
         annotator, _ = checked(request, form)
@@ -303,6 +319,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/c/{cid:int}", show_conversation, methods=["GET"]),
             Route("/c/{cid:int}/message", posted(send_message), methods=["POST"]),
             Route("/c/{cid:int}/choose", posted(choose), methods=["POST"]),
+            Route("/c/{cid:int}/cancel", posted(cancel), methods=["POST"]),
             Route("/c/{cid:int}/end", posted(end), methods=["POST"]),
             Route("/admin", admin, methods=["GET"]),
             Route("/queue", show_queue, methods=["GET"]),
@@ -366,17 +383,19 @@ def clean_message(text: str) -> str:
     return text
 
 
-def sample_pair(settings: Settings, so_far: list[dict[str, str]]):
-    """Two replies to the conversation, one per policy, in random order: (replies, models)."""
+def sample_pair(settings: Settings, so_far: list[dict[str, str]], stop=None):
+    """Two replies to the conversation, one per policy, in random order: (replies, models).
+    Setting the event `stop` cuts the sampling short (the caller then discards it)."""
     sampling = {
         "max_new_tokens": settings.max_new_tokens,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
+        "stop": stop,
     }
     first, second = settings.policies
     replies = [first.reply(so_far, **sampling), second.reply(so_far, **sampling)]
     for _ in range(3):  # identical replies make no comparison; sample B again
-        if replies[0] != replies[1]:
+        if replies[0] != replies[1] or (stop is not None and stop.is_set()):
             break
         replies[1] = second.reply(so_far, **sampling)
     candidates = list(zip(replies, (first.model_id, second.model_id)))

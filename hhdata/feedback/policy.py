@@ -29,9 +29,18 @@ class Policy:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        stop: threading.Event | None = None,
     ) -> str:
-        """Sample the assistant's next reply to the conversation so far."""
+        """Sample the assistant's next reply to the conversation so far; setting `stop`
+        ends the sampling after the current token (the annotator cancelled)."""
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                # shape: [batch]; one flag for every row
+                cancelled = stop is not None and stop.is_set()
+                return torch.full((input_ids.shape[0],), cancelled, dtype=torch.bool)
 
         prompt = render_transcript(so_far) + ASSISTANT_TAG
         encoded = self.tokenizer(prompt, return_tensors="pt")
@@ -43,6 +52,7 @@ class Policy:
                 top_p=top_p,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                stopping_criteria=StoppingCriteriaList([Cancelled()]),
             )
         # shape: [1, prompt + new tokens]; keep the new tokens only
         text = self.tokenizer.decode(

@@ -7,3 +7,14 @@ document.addEventListener("submit", (event) => {
   const busy = form.querySelector(".busy");
   if (busy) busy.hidden = false;
 });
+
+// Cancel: ask the server to stop sampling; the pending send then returns to the same page
+// with nothing stored, and the message box comes back.
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("#cancel");
+  if (!button) return;
+  const form = button.closest("form");
+  const body = new URLSearchParams({ csrf: form.querySelector("[name=csrf]").value });
+  button.disabled = true;
+  fetch(button.dataset.url, { method: "POST", body, credentials: "same-origin" });
+});
