@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "hhdata.cli.hub",
     "hhdata.cli.dedup",
     "hhdata.cli.train",
+    "hhdata.cli.feedback",
 )
 
 

@@ -1,0 +1,96 @@
+"""Export the answered comparisons as raw HH-RLHF JSONL, one pair per compared turn.
+
+Layout: ``OUT/<subset>/train.jsonl.gz`` (what ``hhdata validate`` and ``hhdata build`` read)
+and beside each data file ``train.provenance.json``: one entry per data line, in the same
+order (annotator pseudonym, models, strength, task, times). The subsets are the upstream
+ones whose collection these comparisons repeat (Bai et al. 2022, section 2): helpfulness
+comparisons from a deployed, updated policy are ``helpful-online``; red-team comparisons are
+``harmless-base``. Both are subsets hhdata knows, so a build needs no extra flags; the
+sidecar tells these rows from upstream's.
+
+Each transcript is the conversation so far (earlier messages and the replies picked then)
+plus this turn's message and one candidate, rendered by hhdata.pairs.transcript, so it
+parses back to exactly those turns. chosen is the preferred reply (helpful task) or the
+LESS harmful one (red-team: the annotator picks the more harmful, the dataset keeps the
+other as chosen, as upstream's harmless-base does). Skipped turns are never exported.
+
+Exports are idempotent: rows are ordered by conversation and turn, gzip writes no time or
+name, JSON keys are sorted, so the same database gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+from pathlib import Path
+
+from hhdata.feedback.db import HELPFUL, RED_TEAM, history, pseudonym
+from hhdata.pairs.transcript import ASSISTANT, USER, render_transcript
+
+SUBSETS = {HELPFUL: "helpful-online", RED_TEAM: "harmless-base"}
+SPLIT = "train"
+
+
+def export_pairs(db: sqlite3.Connection) -> dict[str, list[tuple[dict, dict]]]:
+    """Per subset, the (record, provenance) of every answered comparison, in a fixed order."""
+    by_subset: dict[str, list[tuple[dict, dict]]] = {subset: [] for subset in SUBSETS.values()}
+    conversations = db.execute("SELECT * FROM conversations ORDER BY id").fetchall()
+    for conv in conversations:
+        turns = db.execute(
+            "SELECT * FROM turns WHERE conversation_id = ? ORDER BY idx", (conv["id"],)
+        ).fetchall()
+        for position, turn in enumerate(turns):
+            if turn["choice"] not in ("A", "B"):
+                continue  # pending or skipped: no preference to export
+            record = _record(history(turns[:position]), turn, conv["task"])
+            provenance = {
+                "annotator": pseudonym(conv["annotator_id"]),
+                "task": conv["task"],
+                "conversation": conv["id"],
+                "turn": turn["idx"],
+                "models": {"A": turn["model_a"], "B": turn["model_b"]},
+                "picked": turn["choice"],
+                "strength": turn["strength"],
+                "settings": json.loads(conv["settings"]),
+                "created_at": turn["created_at"],
+                "answered_at": turn["answered_at"],
+            }
+            by_subset[SUBSETS[conv["task"]]].append((record, provenance))
+    return by_subset
+
+
+def _record(so_far: list[dict[str, str]], turn: sqlite3.Row, task: str) -> dict[str, str]:
+    """The raw {chosen, rejected} record of one answered turn."""
+    picked, other = ("reply_a", "reply_b") if turn["choice"] == "A" else ("reply_b", "reply_a")
+    if task == RED_TEAM:
+        picked, other = other, picked  # the annotator picked the more harmful reply
+    prompt = so_far + [{"role": USER, "content": turn["message"]}]
+    return {
+        "chosen": render_transcript(prompt + [{"role": ASSISTANT, "content": turn[picked]}]),
+        "rejected": render_transcript(prompt + [{"role": ASSISTANT, "content": turn[other]}]),
+    }
+
+
+def export(db: sqlite3.Connection, out: str | Path) -> dict[str, int]:
+    """Write OUT/<subset>/train.jsonl.gz and its provenance sidecar; rows per subset.
+
+    A subset with no comparison gets no file (an empty file would make an empty config).
+    """
+    out = Path(out)
+    written = {}
+    for subset, rows in export_pairs(db).items():
+        if not rows:
+            continue
+        folder = out / subset
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record, _ in rows)
+        with open(folder / f"{SPLIT}.jsonl.gz", "wb") as raw:
+            # mtime=0 and no file name in the header: identical bytes on every export
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+                gz.write(lines.encode())
+        sidecar = [provenance for _, provenance in rows]
+        text = json.dumps(sidecar, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+        (folder / f"{SPLIT}.provenance.json").write_text(text, encoding="utf-8")
+        written[subset] = len(rows)
+    return written
