@@ -370,6 +370,23 @@ def cross_table(options) -> dict:
     return table
 
 
+def encoding(options) -> dict:
+    """Seconds to encode the first --pairs bundled pairs with encode_pair (tiny tokenizer and
+    its chat template, --max-length), and a digest of the ids (the same before and after)."""
+    import hashlib
+
+    rows = load_pairs(None)[0]["test"][: options.pairs]
+    tokenizer = models.load_tokenizer(models.TINY, texts=[r["chosen_text"] for r in rows])
+    chat = uses_chat_template(tokenizer, True)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    pairs = [encode_pair(tokenizer, row, options.max_length, chat) for row in rows]
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "digest": hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16],
+    }
+
+
 def describe() -> dict:
     return {
         "machine": platform.platform(),
@@ -381,7 +398,7 @@ def describe() -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["throughput", "cv", "crosstable"])
+    parser.add_argument("what", choices=["throughput", "cv", "crosstable", "encode"])
     parser.add_argument(
         "--model",
         default=models.TINY,
@@ -395,6 +412,7 @@ if __name__ == "__main__":
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=1000, help="encode: pairs to encode")
     parser.add_argument("--tools", default="ours,trl", help="cv: which trainers to run")
     parser.add_argument(
         "--ours",
@@ -415,9 +433,13 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     options = parser.parse_args()
-    results = {"throughput": throughput, "cv": cross_validation, "crosstable": cross_table}[
-        options.what
-    ](options)
+    modes = {
+        "throughput": throughput,
+        "cv": cross_validation,
+        "crosstable": cross_table,
+        "encode": encoding,
+    }
+    results = modes[options.what](options)
     results["machine"] = describe()
     text = json.dumps(results, indent=1)
     print(text)
