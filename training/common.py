@@ -199,9 +199,9 @@ def load_pairs(data: str | None, version: str | None = None) -> tuple[dict[str, 
             return _rows(hhdata.load(data)), {"source": data, "raw": True, "sha256": digest}
         if not HUB_REPO_ID.fullmatch(data):
             raise SourceError(
-                f"{data}: no such file or directory, and not a Hub repo id (owner/name); pass a "
-                "release directory, a .parquet of pair rows, raw HH files or a Hub repo id to "
-                "--data"
+                f"{data}: no such file or directory, and not a Hub repo id (owner/name); pass "
+                "a release directory, a .parquet of pair rows, raw HH files or a Hub repo id "
+                "to --data"
             )
         from hhdata.hub import download_release
 

@@ -126,8 +126,7 @@ def prefix_sharing_problem(backbone) -> str | None:
     if uses_alibi(config) or "position_ids" not in inspect.signature(backbone.forward).parameters:
         return (
             f"({config.model_type}) places tokens by ALiBi distances, not position ids, so the "
-            "rejected "
-            "reply cannot restart its positions after the prompt"
+            "rejected reply cannot restart its positions after the prompt"
         )
     return None
 

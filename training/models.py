@@ -58,8 +58,8 @@ HH_CHAT_TEMPLATE = (
     "{%- if message['role'] == 'user' -%}{{ '\n\nHuman: ' + message['content'] }}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ '\n\nAssistant: ' }}{% generation %}{{ message['content'] }}{% endgeneration %}"
-    "{%- else -%}{{ raise_exception('HH-RLHF turns are user or assistant, not ' + message['role']) "
-    "}}"
+    "{%- else -%}{{ raise_exception('HH-RLHF turns are user or assistant, not ' "
+    "+ message['role']) }}"
     "{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
 )

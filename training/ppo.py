@@ -248,8 +248,8 @@ def main(args: Args, score_fn=None) -> dict:
     )
     if num_updates < 1:
         raise HhDataError(
-            f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size}; "
-            "raise it"
+            f"--total-episodes {args.total_episodes} is less than one batch of "
+            f"{args.batch_size}; raise it"
         )
     torch.manual_seed(args.seed)
     resume_from = run.start_or_resume(output_dir, args, "settings.json", "--output-dir")
@@ -299,8 +299,8 @@ def main(args: Args, score_fn=None) -> dict:
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise HhDataError(
                 f"{args.policy} and {args.reward_model} tokenize differently; train the SFT policy "
-                f"with --tokenizer {args.reward_model} (or on the same --model) so they share "
-                "token ids"
+                f"with --tokenizer {args.reward_model} (or on the same --model) so they "
+                "share token ids"
             )
         chat, reward_max_length = (
             reward_settings["chat_template"],
@@ -340,9 +340,10 @@ def main(args: Args, score_fn=None) -> dict:
     # within the reward model's max length, as in its training (text.encode_pair)
     start = start_length(tokenizer, chat)
     limit = query_limit(args, reward_max_length, start)
-    encode = lambda row: fit_query(encode_prompt(tokenizer, row["prompt"], chat)[0], limit, start)  # noqa: E731
-    train_queries = [encode(row) for row in train_rows]
-    eval_queries = [encode(row) for row in eval_rows]
+    train_queries, eval_queries = (
+        [fit_query(encode_prompt(tokenizer, row["prompt"], chat)[0], limit, start) for row in rows]
+        for rows in (train_rows, eval_rows)
+    )
 
     # 3. Adam with eps 1e-5 over policy and value (CleanRL ppo.py; N+ "Adam epsilon")
     model = PolicyAndValue(policy, value_model)
@@ -408,25 +409,28 @@ def main(args: Args, score_fn=None) -> dict:
     batches_per_epoch = len(train_queries) // (args.batch_size * accelerator.num_processes)
     if batches_per_epoch == 0:
         raise HhDataError(
-            f"{provenance['source']}: {len(train_queries)} training prompts, fewer than one batch "
-            "of "
-            f"{args.batch_size} x {accelerator.num_processes} processes; lower --batch-size or "
-            "--eval-prompts"
+            f"{provenance['source']}: {len(train_queries)} training prompts, fewer than one "
+            f"batch of {args.batch_size} x {accelerator.num_processes} processes; lower "
+            "--batch-size or --eval-prompts"
         )
-    held_out = lambda update: held_out_point(  # noqa: E731
-        update,
-        policy,
-        reference,
-        score,
-        judge,
-        eval_rows,
-        eval_queries,
-        args,
-        pad_id,
-        stop_id,
-        tokenizer,
-        device,
-    )
+
+    def held_out(update: int) -> dict:
+        """The policy's held-out score and KL to the reference now (ppo_eval.held_out_point)."""
+        return held_out_point(
+            update,
+            policy,
+            reference,
+            score,
+            judge,
+            eval_rows,
+            eval_queries,
+            args,
+            pad_id,
+            stop_id,
+            tokenizer,
+            device,
+        )
+
     if not args.resume:  # the start of the held-out reward-vs-sqrt(KL) curve: the reference itself
         state["held_out"].append(held_out(0))
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -463,16 +467,14 @@ def main(args: Args, score_fn=None) -> dict:
             raw_scores = score(batch)
             scores = (raw_scores - state["reward_mean"]) / state["reward_std"]
             # 7. truncation at the stop token (above, in rollout) and a penalty for replies that
-            # never
-            # stop (Ziegler et al. 2019 "penalty_reward_value"; TRL's missing_eos_penalty)
+            # never stop (Ziegler et al. 2019 "penalty_reward_value"; TRL's missing_eos_penalty)
             scores = scores - args.missing_stop_penalty * (~batch.has_stop).float()
             # 8. per-token KL penalty to the reference, score added at the reply's last token
             # (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020)
             kl = (logprobs - ref_logprobs) * mask  # shape: [batch, response_length]
             rewards = per_token_rewards(scores, kl, kl_controller.value, mask)
-            if (
-                args.whiten_rewards
-            ):  # N+ "reward whitening" (off by default, as in lm-human-preferences' sentiment task)
+            # N+ "reward whitening" (off by default, as in lm-human-preferences' sentiment task)
+            if args.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
             advantages, returns = compute_gae(rewards, values, args.gamma, args.gae_lambda)
             # 9. advantages whitened over the batch's real tokens (N+ "advantage whitening")

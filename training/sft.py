@@ -182,9 +182,10 @@ def main(args: Args) -> dict:
     )
     model = load_causal_lm(args.model, tokenizer, seed=args.seed)
     chat = uses_chat_template(tokenizer, args.chat_template)
-    encode = lambda row: encode_example(tokenizer, row, args.max_length, chat)  # noqa: E731
-    train_examples = [encode(row) for row in train_rows]
-    eval_examples = [encode(row) for row in eval_rows]
+    train_examples, eval_examples = (
+        [encode_example(tokenizer, row, args.max_length, chat) for row in rows]
+        for rows in (train_rows, eval_rows)
+    )
     settings = run.settings_record(
         args, split=split, data=provenance, chat_template=chat, processes=world
     )
