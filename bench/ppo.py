@@ -37,9 +37,9 @@ def prepare(out: Path, settings: dict) -> None:
 
     from training import models
     from training.common import load_pairs
-    from training.ppo import fit_query
     from training.reward_model import RewardModel, save_reward_model
-    from training.sft import encode_prompt
+    from training.rollout import fit_query
+    from training.text import encode_prompt
 
     rows = load_pairs(None)[0]["test"]
     tokenizer = models.train_tiny_tokenizer(
@@ -113,7 +113,8 @@ def run_ours(out: Path, settings: dict) -> dict:
 
 
 def run_trl(out: Path, settings: dict) -> dict:
-    """TRL 1.12.0's trl.experimental.ppo.PPOTrainer on the same models; seconds of trainer.train()."""
+    """TRL 1.12.0's trl.experimental.ppo.PPOTrainer on the same models; seconds of
+    trainer.train()."""
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
     import trl
     from datasets import Dataset
@@ -198,8 +199,10 @@ def compare(out: Path, settings: dict, repeats: int, threads: int) -> None:
     """Prepare once, alternate the sides `repeats` times, print a markdown table."""
     if not TRL_PYTHON.exists():
         raise SystemExit(
-            "no .venv-trl112: python -m venv .venv-trl112 && echo $PWD/.venv/lib/python3.11/site-packages > "
-            ".venv-trl112/lib/python3.11/site-packages/zz_main.pth && .venv-trl112/bin/pip install --no-deps trl==1.12.0"
+            "no .venv-trl112: python -m venv .venv-trl112 && echo "
+            "$PWD/.venv/lib/python3.11/site-packages > "
+            ".venv-trl112/lib/python3.11/site-packages/zz_main.pth && .venv-trl112/bin/pip install "
+            "--no-deps trl==1.12.0"
         )
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -220,10 +223,12 @@ def compare(out: Path, settings: dict, repeats: int, threads: int) -> None:
         for name in ("ours", "trl"):
             results[name].append(side(name, out, settings, threads))
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}; settings {json.dumps(settings)}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"threads {threads}; settings {json.dumps(settings)}"
     )
     print(
-        "| trainer | run | episodes | loop wall s | episodes/s (wall) | loop CPU s | episodes/s (CPU) | final score | final KL |"
+        "| trainer | run | episodes | loop wall s | episodes/s (wall) | loop CPU s | episodes/s "
+        "(CPU) | final score | final KL |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     rates: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
@@ -236,8 +241,10 @@ def compare(out: Path, settings: dict, repeats: int, threads: int) -> None:
             rates["wall"].setdefault(name, []).append(wall)
             rates["cpu"].setdefault(name, []).append(cpu)
             print(
-                f"| {label} | {index} | {result['episodes']} | {result['seconds']:.1f} | {wall:.2f} | "
-                f"{result['cpu_seconds']:.1f} | {cpu:.2f} | {result['final_score']:.3f} | {result['final_kl']:.3f} |"
+                f"| {label} | {index} | {result['episodes']} | {result['seconds']:.1f} | "
+                f"{wall:.2f} | "
+                f"{result['cpu_seconds']:.1f} | {cpu:.2f} | {result['final_score']:.3f} | "
+                f"{result['final_kl']:.3f} |"
             )
     print()
     for clock, by_side in rates.items():
@@ -248,7 +255,8 @@ def compare(out: Path, settings: dict, repeats: int, threads: int) -> None:
             else (pairs[len(pairs) // 2 - 1] + pairs[len(pairs) // 2]) / 2
         )
         print(
-            f"speed-up by {clock} time: median of the {len(pairs)} alternating pairs {median:.2f}x, "
+            f"speed-up by {clock} time: median of the {len(pairs)} alternating pairs "
+            f"{median:.2f}x, "
             f"best against best {max(by_side['ours']) / max(by_side['trl']):.2f}x"
         )
 

@@ -1,10 +1,11 @@
 """Benchmark training.reward_model against TRL 1.16's RewardTrainer, side by side in one run, CPU.
 
 throughput: the same initial weights (our seeded model; TRL gets the same backbone and head
-    in the AutoModelForSequenceClassification the trainer saves), the same token ids (our truncation, handed to
-    TRL pre-tokenized), the same batches in the same order, batch size, max length, optimizer,
-    learning-rate schedule and fp32 precision. Reports pairs per second of the training loop
-    and the largest per-step loss difference (the same math should give the same curve).
+    in the AutoModelForSequenceClassification the trainer saves), the same token ids (our
+    truncation, handed to TRL pre-tokenized), the same batches in the same order, batch size,
+    max length, optimizer, learning-rate schedule and fp32 precision. Reports pairs per second
+    of the training loop and the largest per-step loss difference (the same math should give
+    the same curve).
 
 cv: 5-fold cross-validation on the real harmless-base test split with the minilm backbone:
     train on four folds, test on the fifth, one epoch at the same budget for both tools. Both
@@ -42,15 +43,8 @@ from hhdata.pairs.transcript import render_transcript
 from hhdata.schema import PAIR_SCHEMA, pair_id
 from training import models
 from training.common import load_pairs
-from training.reward_model import (
-    Args,
-    RewardModel,
-    encode_pair,
-    main,
-    reward_pad_id,
-    split_held_out,
-    uses_chat_template,
-)
+from training.reward_model import Args, RewardModel, main, split_held_out
+from training.text import encode_pair, reward_pad_id, uses_chat_template
 
 
 class LossLog(TrainerCallback):
@@ -228,7 +222,8 @@ def trl_accuracy(model, pairs, pad_id: int, batch_size: int = 32) -> float:
 
 
 def cross_validation(options) -> dict:
-    """k-fold accuracy of both tools with the minilm backbone on the real harmless-base test split."""
+    """k-fold accuracy of both tools with the minilm backbone on the real harmless-base test
+    split."""
     work = Path(tempfile.mkdtemp(prefix="bench-rm-cv-"))
     splits, _ = load_pairs(None)
     folds = fold_rows(splits["test"], options.folds, options.seed)
@@ -319,9 +314,10 @@ def family_marker_rows(count: int, seed: int) -> list[dict]:
     """Synthetic pairs whose preferred reply depends on the family, as helpful/harmless do."""
     rng = torch.Generator().manual_seed(seed)
     words = "the a cat dog tree house river blue green quick slow happy run jump sing read".split()
-    text = lambda n: " ".join(
-        words[i] for i in torch.randint(len(words), (n,), generator=rng).tolist()
-    )  # noqa: E731
+
+    def text(n: int) -> str:
+        return " ".join(words[i] for i in torch.randint(len(words), (n,), generator=rng).tolist())
+
     rows = []
     for index in range(count):
         family = "helpful" if index % 2 else "harmless"
@@ -374,6 +370,23 @@ def cross_table(options) -> dict:
     return table
 
 
+def encoding(options) -> dict:
+    """Seconds to encode the first --pairs bundled pairs with encode_pair (tiny tokenizer and
+    its chat template, --max-length), and a digest of the ids (the same before and after)."""
+    import hashlib
+
+    rows = load_pairs(None)[0]["test"][: options.pairs]
+    tokenizer = models.load_tokenizer(models.TINY, texts=[r["chosen_text"] for r in rows])
+    chat = uses_chat_template(tokenizer, True)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    pairs = [encode_pair(tokenizer, row, options.max_length, chat) for row in rows]
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "digest": hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16],
+    }
+
+
 def describe() -> dict:
     return {
         "machine": platform.platform(),
@@ -385,7 +398,7 @@ def describe() -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["throughput", "cv", "crosstable"])
+    parser.add_argument("what", choices=["throughput", "cv", "crosstable", "encode"])
     parser.add_argument(
         "--model",
         default=models.TINY,
@@ -399,6 +412,7 @@ if __name__ == "__main__":
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=1000, help="encode: pairs to encode")
     parser.add_argument("--tools", default="ours,trl", help="cv: which trainers to run")
     parser.add_argument(
         "--ours",
@@ -419,9 +433,13 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     options = parser.parse_args()
-    results = {"throughput": throughput, "cv": cross_validation, "crosstable": cross_table}[
-        options.what
-    ](options)
+    modes = {
+        "throughput": throughput,
+        "cv": cross_validation,
+        "crosstable": cross_table,
+        "encode": encoding,
+    }
+    results = modes[options.what](options)
     results["machine"] = describe()
     text = json.dumps(results, indent=1)
     print(text)

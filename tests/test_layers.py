@@ -101,7 +101,7 @@ def test_the_package_passes_ruff():
     if command is None:
         pytest.fail("ruff is missing: pip install -e '.[dev]' (ruff is in the dev extra)")
     result = subprocess.run(
-        [command, "check", "--no-cache", "--output-format", "concise", "hhdata"],
+        [command, "check", "--no-cache", "--output-format", "concise", "hhdata", "training"],
         cwd=ROOT,
         capture_output=True,
         text=True,

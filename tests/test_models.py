@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training import models
-from training.reward_model import render
+from training.text import render
 
 TEXTS = ["\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast."] * 30
 
@@ -127,13 +127,8 @@ def test_smollm2_reward_model_saves_as_a_standard_sequence_classifier(tmp_path):
     # SmolLM2 pads with <|im_end|>, its end of turn, so the saved pad token must be another one
     from transformers import AutoModelForSequenceClassification
 
-    from training.reward_model import (
-        RewardModel,
-        load_reward_model,
-        reward_text,
-        save_reward_model,
-        score,
-    )
+    from training.reward_model import RewardModel, load_reward_model, save_reward_model, score
+    from training.text import reward_text
 
     tokenizer = models.load_tokenizer(models.SMOLLM2)
     model = RewardModel(models.load_backbone(models.SMOLLM2, tokenizer))

@@ -19,11 +19,10 @@ from training.ppo import (
     main,
     masked_whiten,
     policy_loss,
-    right_pad,
-    truncate_at_stop,
     value_loss,
 )
 from training.reward_model import RewardModel, save_reward_model
+from training.rollout import right_pad, truncate_at_stop
 
 # ---- the math against plain loops over Python floats ---------------------------------------
 
@@ -155,7 +154,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """A tiny random policy (standing in for an SFT run) and an untrained reward model on its vocabulary."""
+    """A tiny random policy (standing in for an SFT run) and an untrained reward model on its
+    vocabulary."""
     from training.common import load_pairs
 
     root = tmp_path_factory.mktemp("runs")
@@ -176,7 +176,8 @@ def tiny_runs(tmp_path_factory):
 
 
 def write_run_settings(run_dir, seed: int) -> None:
-    """The settings.json a reward-model run writes, as far as PPO reads it: which pairs it trained on."""
+    """The settings.json a reward-model run writes, as far as PPO reads it: which pairs it trained
+    on."""
     from training.common import load_pairs
 
     args = {
@@ -257,9 +258,12 @@ def test_resume_equals_uninterrupted(tiny_runs, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-    drop_time = lambda h: [
-        {k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in h
-    ]  # noqa: E731
+
+    def drop_time(history):
+        return [
+            {k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in history
+        ]
+
     whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     halves_metrics = json.loads((tmp_path / "halves" / "metrics.json").read_text())
     assert drop_time(whole_metrics["history"]) == drop_time(halves_metrics["history"])
@@ -338,7 +342,8 @@ def test_batch_sizes_must_divide():
 
 
 def test_evaluation_reports_each_family(tiny_runs, tmp_path):
-    """Harmless prompts from the bundled sample and helpful ones from hhdata.synth, in one parquet."""
+    """Harmless prompts from the bundled sample and helpful ones from hhdata.synth, in one
+    parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -390,8 +395,8 @@ def test_evaluation_reports_each_family(tiny_runs, tmp_path):
 def tiny_queries(tokenizer, lengths):
     """Real bundled prompts cut (keeping the start token) to different lengths."""
     from training.common import load_pairs
-    from training.ppo import fit_query
-    from training.sft import encode_prompt
+    from training.rollout import fit_query
+    from training.text import encode_prompt
 
     rows = load_pairs(None)[0]["test"][: len(lengths)]
     return [
@@ -401,8 +406,9 @@ def tiny_queries(tokenizer, lengths):
 
 
 def frequent_token(policy, queries, settings, generator_seed):
-    """A token the tiny policy samples often: used as the stop token, replies end at different lengths."""
-    from training.ppo import rollout
+    """A token the tiny policy samples often: used as the stop token, replies end at different
+    lengths."""
+    from training.rollout import rollout
 
     batch = rollout(
         policy, queries, settings, 0, -1, torch.Generator().manual_seed(generator_seed), "cpu"
@@ -415,8 +421,9 @@ def test_padded_batch_logprobs_equal_per_row_forward_passes(tiny_runs):
     unpadded sequence at temperature 0.7; the reward model's score is read at the stop token."""
     import torch.nn.functional as F
 
-    from training.ppo import reply_logprobs, reward_model_scores, rollout
+    from training.fast import reply_logprobs
     from training.reward_model import load_reward_model
+    from training.rollout import reward_model_scores, rollout
 
     tokenizer = models.load_tokenizer(str(tiny_runs / "sft"))
     policy = models.load_causal_lm(str(tiny_runs / "sft"), tokenizer).eval()
@@ -505,7 +512,8 @@ def test_first_minibatch_ratio_is_one_and_scoring_reproduces_sampling(tiny_runs,
 
 
 def test_kl_penalty_keeps_the_policy_closer_to_the_reference(tiny_runs, tmp_path):
-    """KL ablation: same seed and data, a fixed KL coefficient of 1.0 ends nearer the reference than 0."""
+    """KL ablation: same seed and data, a fixed KL coefficient of 1.0 ends nearer the reference
+    than 0."""
     ends = {}
     for coef in (0.0, 1.0):
         settings = dict(SMALL, total_episodes=128, kl_coef=coef, adaptive_kl=False, eval_prompts=16)
@@ -521,7 +529,8 @@ def test_kl_penalty_keeps_the_policy_closer_to_the_reference(tiny_runs, tmp_path
 
 
 def test_value_model_starts_as_the_reward_model(tiny_runs, tmp_path):
-    """With a learning rate of 0 nothing trains: the saved value model must be the reward model, tensor by tensor."""
+    """With a learning rate of 0 nothing trains: the saved value model must be the reward model,
+    tensor by tensor."""
     from training.reward_model import load_reward_model
 
     settings = dict(SMALL, total_episodes=16, batch_size=16, learning_rate=0.0, eval_prompts=8)
@@ -543,20 +552,22 @@ def test_value_model_starts_as_the_reward_model(tiny_runs, tmp_path):
 
 
 def chatml_tokenizer():
-    """The tiny tokenizer with a ChatML template (as SmolLM2's): turns end in <|im_end|> and a newline."""
+    """The tiny tokenizer with a ChatML template (as SmolLM2's): turns end in <|im_end|> and a
+    newline."""
     tokenizer = models.train_tiny_tokenizer(
         [f"user says {i} assistant answers {i}" for i in range(200)], vocab_size=300
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% "
+        "endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     return tokenizer
 
 
 def test_end_of_turn_token_is_im_end_with_a_chat_template_and_eos_without():
-    from training.ppo import end_of_turn_id
+    from training.text import end_of_turn_id
 
     tokenizer = chatml_tokenizer()
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -566,8 +577,8 @@ def test_end_of_turn_token_is_im_end_with_a_chat_template_and_eos_without():
 
 
 def test_queries_keep_the_start_token_and_fit_the_reward_models_max_length(tiny_runs, tmp_path):
-    from training.ppo import fit_query, query_limit
-    from training.sft import encode_prompt
+    from training.rollout import fit_query, query_limit
+    from training.text import encode_prompt
 
     tokenizer = models.load_tokenizer(str(tiny_runs / "sft"))
     row = next(r for r in load_rows() if len(encode_prompt(tokenizer, r["prompt"], False)[0]) > 60)
@@ -578,7 +589,8 @@ def test_queries_keep_the_start_token_and_fit_the_reward_models_max_length(tiny_
     assert cut[0] == tokenizer.bos_token_id and cut[1:] == ids[-23:]
     with pytest.raises(
         HhDataError,
-        match="--response-length 40 leaves no room for a prompt within the reward model's max length 40",
+        match="--response-length 40 leaves no room for a prompt within the reward model's "
+        "max length 40",
     ):
         query_limit(Args(query_length=64, response_length=40), reward_max_length=40, start=1)
     # a whole run reads the reward model's max length from its saved settings
@@ -611,7 +623,8 @@ def load_rows():
 
 
 def test_split_defaults_to_train_and_held_out_prompts_are_never_trained_on():
-    from training.ppo import choose_split, prompt_key, split_prompts
+    from training.common import choose_split, prompt_key
+    from training.ppo_eval import split_prompts
 
     rows = load_rows()
     splits = {"train": rows[:1500], "test": rows[1500:]}
@@ -632,8 +645,8 @@ def test_split_defaults_to_train_and_held_out_prompts_are_never_trained_on():
 def test_held_out_prompts_exclude_the_reward_models_training_prompts(tiny_runs):
     """On the bundled sample (one split) the reward model holds out pairs by id: PPO's held-out
     prompts come only from those; before, ~80% of them were reward-model training prompts."""
-    from training.common import load_pairs
-    from training.ppo import prompt_key, reward_model_training_prompts, split_prompts
+    from training.common import load_pairs, prompt_key
+    from training.ppo_eval import reward_model_training_prompts, split_prompts
     from training.reward_model import split_held_out
 
     splits, provenance = load_pairs(None)
@@ -705,13 +718,14 @@ def test_command_line_usage_error_is_one_line_and_exit_2():
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --batch-size / --num-mini-batches: 16 is not divisible by 3; pick sizes that divide exactly"
+        "error: --batch-size / --num-mini-batches: 16 is not divisible by 3; pick sizes that "
+        "divide exactly"
     )
 
 
-def test_resume_after_a_kill_in_the_checkpoint_swap(tiny_runs, tmp_path):
-    """A kill can leave the previous checkpoint renamed aside and the new one complete or half
-    written; resume takes the latest complete one and ends as the uninterrupted run does."""
+def test_resume_after_a_kill_while_saving_a_checkpoint(tiny_runs, tmp_path):
+    """A kill can leave the new checkpoint half written (`step-N.partial`) or complete beside the
+    previous one; resume takes the latest complete one and ends as the uninterrupted run does."""
     import shutil
 
     settings = dict(SMALL, total_episodes=48, batch_size=16, eval_prompts=8, save_every=1)
@@ -721,27 +735,23 @@ def test_resume_after_a_kill_in_the_checkpoint_swap(tiny_runs, tmp_path):
 
     run = dataclasses.replace(whole, output_dir=str(tmp_path / "run"), stop_after=1)
     main(run, score_fn=even_token_share)
+    checkpoints = tmp_path / "run" / "checkpoints"
     after_one = tmp_path / "after-one"
-    shutil.copytree(tmp_path / "run" / "checkpoint", after_one)
+    shutil.copytree(checkpoints / "step-0000001", after_one)
     main(dataclasses.replace(run, stop_after=2, resume=True), score_fn=even_token_share)
-    checkpoint = tmp_path / "run" / "checkpoint"
-    # killed after renaming the old checkpoint aside, before renaming the new one into place
-    checkpoint.rename(checkpoint.with_name("checkpoint.partial"))
-    shutil.copytree(after_one, checkpoint.with_name("checkpoint.old"))
+    # killed after renaming the new checkpoint into place, before deleting the previous one
+    shutil.copytree(after_one, checkpoints / "step-0000001")
     main(dataclasses.replace(run, stop_after=0, resume=True), score_fn=even_token_share)
     result = load_file(tmp_path / "run" / "policy" / "model.safetensors")
     assert all(torch.equal(expected[k], result[k]) for k in expected)
-    assert (
-        not checkpoint.with_name("checkpoint.partial").exists()
-        and not checkpoint.with_name("checkpoint.old").exists()
-    )
+    assert [c.name for c in checkpoints.iterdir()] == ["step-0000003"]
 
-    # killed while writing the next checkpoint: a half-written folder beside the complete one is ignored
+    # killed while writing the next checkpoint: a half-written folder beside the complete one
     run2 = dataclasses.replace(whole, output_dir=str(tmp_path / "run2"), stop_after=2)
     main(run2, score_fn=even_token_share)
-    partial = tmp_path / "run2" / "checkpoint.partial"
+    partial = tmp_path / "run2" / "checkpoints" / "step-0000003.partial"
     partial.mkdir()
-    shutil.copy(tmp_path / "run2" / "checkpoint" / "policy.safetensors", partial)
+    shutil.copy(partial.with_name("step-0000002") / "policy.safetensors", partial)
     main(dataclasses.replace(run2, stop_after=0, resume=True), score_fn=even_token_share)
     result = load_file(tmp_path / "run2" / "policy" / "model.safetensors")
     assert all(torch.equal(expected[k], result[k]) for k in expected)
@@ -803,7 +813,7 @@ def test_two_processes_each_resume_their_own_sampling_rng(tiny_runs, tmp_path):
     launch(tmp_path / "whole")
     launch(tmp_path / "halves", "--stop-after", "1")
     ranks = [
-        load_file(tmp_path / "halves" / "checkpoint" / f"rng-rank{rank}.safetensors")
+        load_file(tmp_path / "halves/checkpoints/step-0000001" / f"rng-rank{rank:03d}.safetensors")
         for rank in (0, 1)
     ]
     assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])

@@ -27,29 +27,32 @@ from hhdata.pairs.transcript import render_transcript
 from hhdata.schema import PAIR_SCHEMA, pair_id
 from training import models
 from training.common import sha256_file
-from training.reward_model import (
-    EXAMPLE,
-    Args,
-    RewardModel,
+from training.fast import (
     accumulate_pair_loss,
-    encode_pair,
-    end_of_turn_id,
     length_groups,
-    load_reward_model,
-    main,
     naive_batch,
     packed_batch,
     pair_length,
     pair_rewards,
-    preference_loss,
     prefix_sharing_problem,
-    reliability,
+)
+from training.preference_eval import reliability, summarize
+from training.reward_model import (
+    EXAMPLE,
+    Args,
+    RewardModel,
+    load_reward_model,
+    main,
+    preference_loss,
+    save_reward_model,
+    score,
+)
+from training.text import (
+    encode_pair,
+    end_of_turn_id,
     render,
     reply_body,
     reward_text,
-    save_reward_model,
-    score,
-    summarize,
     truncate_pair,
     uses_chat_template,
 )
@@ -173,7 +176,7 @@ def test_micro_batches_by_length_give_the_batch_gradient(share_prefix):
     )
     model.zero_grad()
     chosen, rejected, loss = accumulate_pair_loss(
-        model, pairs, tokenizer.pad_token_id, share_prefix, "cpu", cost=8
+        preference_loss, model, pairs, tokenizer.pad_token_id, share_prefix, "cpu", cost=8
     )
     for got, expected in zip((chosen, rejected, loss), whole[:3]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -350,12 +353,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, synthetic_
     assert (tmp_path / "whole/checkpoints/step-0000006/train_log.jsonl").read_text().count(
         "\n"
     ) == 6
-    losses = lambda run: [
-        json.loads(l)["loss"]
-        for l in (tmp_path / run / "checkpoints/step-0000006/train_log.jsonl")
-        .read_text()
-        .splitlines()
-    ]  # noqa: E731
+
+    def losses(run):
+        log = (tmp_path / run / "checkpoints/step-0000006/train_log.jsonl").read_text()
+        return [json.loads(line)["loss"] for line in log.splitlines()]
+
     assert losses("whole") == losses("cut")
 
 
@@ -462,8 +464,10 @@ def chatml_tokenizer(rows):
         "<|im_end|>",
     )
     tokenizer.chat_template = (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+        "message['content'] + "
+        "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ "
+        "'<|im_start|>assistant\\n' }}{% endif %}"
     )
     return tokenizer
 
@@ -563,7 +567,8 @@ def test_prefix_sharing_refused_under_flash_attention():
 
 @pytest.fixture(scope="module")
 def tiny_bloom(tmp_path_factory):
-    """A real ALiBi model (BLOOM, random, tiny) with the tiny tokenizer, as a local model directory."""
+    """A real ALiBi model (BLOOM, random, tiny) with the tiny tokenizer, as a local model
+    directory."""
     from transformers import BloomConfig, BloomModel
 
     rows = synthetic_rows(200, seed=0)

@@ -9,18 +9,9 @@ import pytest
 import torch
 
 from training import models
-from training.common import UsageError, load_pairs
-from training.sft import (
-    IGNORE_INDEX,
-    Args,
-    collate,
-    encode_example,
-    encode_prompt,
-    held_out_split,
-    main,
-    prompt_key,
-    rank_batch,
-)
+from training.common import UsageError, load_pairs, prompt_key
+from training.sft import Args, collate, held_out_split, main, rank_batch
+from training.text import IGNORE_INDEX, encode_example, encode_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -47,7 +38,8 @@ def test_labels_cover_exactly_the_assistant_turns(rows, tokenizer):
         assert len(example["input_ids"]) == len(example["labels"])
         words = [turn["content"] for turn in row["prompt"] if turn["role"] == "assistant"]
         expected = "".join(words) + " " + row["chosen"][0]["content"] + tokenizer.eos_token
-        # every labelled token is the assistant's; byte-level BPE may merge a word's leading space into it
+        # every labelled token is the assistant's; byte-level BPE may merge a word's leading space
+        # into it
         assert labelled_text(tokenizer, example).replace(" ", "") == expected.replace(" ", "")
         for turn in row["prompt"]:
             if turn["role"] == "user" and len(turn["content"]) > 20:
@@ -292,7 +284,7 @@ def test_sft_examples_are_the_reward_models_tokens_closed_by_the_end_of_turn_tok
     after `<|im_end|>`, which the reward model never sees.
     """
     from tests.test_reward_model import chatml_tokenizer
-    from training.reward_model import encode_pair, end_of_turn_id
+    from training.text import encode_pair, end_of_turn_id
 
     chat = kind != "plain"
     if kind == "chatml":

@@ -56,15 +56,18 @@ def refuse_changed_settings(run_dir: Path, settings_file: str, comparable: dict)
     changed = sorted(k for k in comparable if saved.get(k) != comparable[k])
     if changed:
         raise UsageError(
-            f"{run_dir}: cannot resume with changed settings {changed}; use those in {settings_file}"
+            f"{run_dir}: cannot resume with changed settings {changed}; use those in "
+            f"{settings_file}"
         )
 
 
 def choose_split(splits: dict[str, list[dict]], wanted: str | None, source: str) -> str:
     """The split a trainer trains on: `wanted`, else `train`, else the data's only split.
 
-    >>> choose_split({"train": [], "test": []}, None, "rel"), choose_split({"test": []}, None, "rel")
-    ('train', 'test')
+    >>> choose_split({"train": [], "test": []}, None, "rel")
+    'train'
+    >>> choose_split({"test": []}, None, "rel")
+    'test'
     """
     if wanted is not None:
         if wanted not in splits:
@@ -196,8 +199,9 @@ def load_pairs(data: str | None, version: str | None = None) -> tuple[dict[str, 
             return _rows(hhdata.load(data)), {"source": data, "raw": True, "sha256": digest}
         if not HUB_REPO_ID.fullmatch(data):
             raise SourceError(
-                f"{data}: no such file or directory, and not a Hub repo id (owner/name); pass a "
-                "release directory, a .parquet of pair rows, raw HH files or a Hub repo id to --data"
+                f"{data}: no such file or directory, and not a Hub repo id (owner/name); pass "
+                "a release directory, a .parquet of pair rows, raw HH files or a Hub repo id "
+                "to --data"
             )
         from hhdata.hub import download_release
 

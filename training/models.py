@@ -58,7 +58,8 @@ HH_CHAT_TEMPLATE = (
     "{%- if message['role'] == 'user' -%}{{ '\n\nHuman: ' + message['content'] }}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ '\n\nAssistant: ' }}{% generation %}{{ message['content'] }}{% endgeneration %}"
-    "{%- else -%}{{ raise_exception('HH-RLHF turns are user or assistant, not ' + message['role']) }}"
+    "{%- else -%}{{ raise_exception('HH-RLHF turns are user or assistant, not ' "
+    "+ message['role']) }}"
     "{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
 )
@@ -106,7 +107,9 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTra
     >>> tok = train_tiny_tokenizer(["hello world"] * 20, vocab_size=300)
     >>> tok.decode(tok("hello world")["input_ids"])
     'hello world'
-    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    >>> tok.apply_chat_template(
+    ...     [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    ... )
     '\\n\\nHuman: Hi\\n\\nAssistant:'
     """
     tokenizer = Tokenizer(models.BPE())

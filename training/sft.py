@@ -18,10 +18,8 @@ policy and the reward model read the same token ids (PPO checks this).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,31 +27,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_file, load_model, save_file, save_model
 
-import hhdata
-from training.common import (
-    UsageError,
-    choose_split,
-    load_pairs,
-    load_rng_state,
-    optimizer_tensors,
-    prompt_key,
-    refuse_changed_settings,
-    restore_optimizer,
-    run_cli,
-    save_rng_state,
-)
+from training import run
+from training.common import UsageError, choose_split, load_pairs, prompt_key, run_cli
 from training.models import load_causal_lm, load_tokenizer
-from training.reward_model import (
-    end_of_turn_id,
-    render,
-    reply_body,
-    start_token_id,
-    uses_chat_template,
-)
-
-IGNORE_INDEX = -100  # label value torch's cross-entropy skips
+from training.text import IGNORE_INDEX, encode_example, uses_chat_template
 
 
 @dataclass(frozen=True)
@@ -61,13 +39,16 @@ class Args:
     """Supervised fine-tuning on the chosen transcripts, loss on assistant turns only."""
 
     model: str = "tiny"
-    """`tiny` (random init, for tests), `smollm2-135m` (pretrained, offline), a Hub id or a local path"""
+    """`tiny` (random init, for tests), `smollm2-135m` (pretrained, offline), a Hub id or a local
+    path"""
     tokenizer: str | None = None
-    """directory of a saved tokenizer to use instead of the model's own, e.g. the reward model's run dir"""
+    """directory of a saved tokenizer to use instead of the model's own, e.g. the reward model's
+    run dir"""
     data: str | None = None
     """a release directory, a .parquet of pair rows or a Hub repo id; default: the bundled sample"""
     split: str | None = None
-    """split to train on; default `train` where the release has it, else its only split (the bundled sample: `test`)"""
+    """split to train on; default `train` where the release has it, else its only split (the
+    bundled sample: `test`)"""
     output_dir: str = "runs/sft"
     """where the model, tokenizer, metrics.json and args.json are written"""
     seed: int = 1
@@ -92,67 +73,6 @@ class Args:
     """continue from the latest checkpoint in output_dir (same settings required)"""
     stop_after: int = 0
     """exit after saving the checkpoint of step N, as if killed (for testing resume; 0: never)"""
-
-
-def encode_prompt(
-    tokenizer, prompt: list[dict[str, str]], chat: bool
-) -> tuple[list[int], list[int]]:
-    """Token ids of a prompt rendered as the reward model renders it, and their labels.
-
-    Labels are IGNORE_INDEX except on the words of the prompt's earlier assistant turns. The
-    ids (without labels) are PPO's queries, so policy and reward model read the same tokens.
-
-    >>> from training.models import train_tiny_tokenizer
-    >>> tok = train_tiny_tokenizer(["\\n\\nHuman: hi\\n\\nAssistant: hello"] * 20, vocab_size=300)
-    >>> ids, labels = encode_prompt(tok, [{"role": "user", "content": "hi"}], chat=False)
-    >>> tok.decode(ids, skip_special_tokens=True), set(labels)
-    ('\\n\\nHuman: hi\\n\\nAssistant:', {-100})
-    """
-    text, _ = render(tokenizer, prompt, [{"role": "assistant", "content": ""}], chat)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    # the start token opens the prompt unless the template writes it, as in encode_pair
-    start = [start_token_id(tokenizer)]
-    if start[0] is None or encoded["input_ids"][:1] == start:
-        start = []
-    # character spans of the assistant turns' words, found in order; a token that overlaps one
-    # is a target (e.g. " Are", whose space belongs to the tag but whose word is the reply's)
-    spans, cursor = [], 0
-    for turn in prompt:
-        found = text.find(turn["content"], cursor)
-        if found >= 0:
-            cursor = found + len(turn["content"])
-            if turn["role"] == "assistant":
-                spans.append((found, cursor))
-    labels = [
-        token if any(first < high and low < last for low, high in spans) else IGNORE_INDEX
-        for token, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
-    return start + encoded["input_ids"], [IGNORE_INDEX] * len(start) + labels
-
-
-def encode_reply(tokenizer, prompt: list[dict[str, str]], content: str, chat: bool) -> list[int]:
-    """Token ids of a final reply as it follows its prompt, closed by the end-of-turn token.
-
-    The same end token the reward model reads at and PPO stops at (end_of_turn_id), whether
-    or not a chat template writes one; what a template writes after it (ChatML's newline) is
-    left out, as in encode_pair.
-    """
-    _, text = reply_body(tokenizer, prompt, [{"role": "assistant", "content": content}], chat)
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [
-        end_of_turn_id(tokenizer, chat)
-    ]
-
-
-def encode_example(tokenizer, row: dict, max_length: int, chat: bool) -> dict[str, list[int]]:
-    """input_ids and labels of one chosen conversation; labels are IGNORE_INDEX off the assistant turns.
-
-    The reply's end token is a target too: PPO truncates replies at it. Long conversations
-    keep their end (the final reply) and lose their oldest tokens.
-    """
-    ids, labels = encode_prompt(tokenizer, row["prompt"], chat)
-    reply = encode_reply(tokenizer, row["prompt"], row["chosen"][0]["content"], chat)
-    ids, labels = ids + reply, labels + reply
-    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:]}
 
 
 def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -223,90 +143,22 @@ def load_policy_tokenizer(args: Args, rows: list[dict]):
     return load_tokenizer(args.model, texts=texts)
 
 
-# ---- checkpoints: safetensors for tensors, JSON for the rest ----------------------------
-
-
-def save_checkpoint(
-    output_dir: Path, step: int, model, optimizer, state: dict, accelerator
-) -> None:
-    """Weights, optimizer moments, each process's RNG state and the run's scalars.
-
-    Written to ``step-N.partial`` and renamed into place once complete (a rename is atomic),
-    then older checkpoints are deleted: a kill at any moment leaves a complete one.
-    """
-    folder = output_dir / "checkpoints" / f"step-{step:07d}"
-    partial = folder.with_name(folder.name + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_rng_state(partial, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(
-            accelerator.unwrap_model(model), str(partial / "model.safetensors")
-        )  # handles tied weights
-        tensors, param_groups = optimizer_tensors(optimizer)
-        save_file(tensors, partial / "optimizer.safetensors")
-        (partial / "state.json").write_text(json.dumps({**state, "param_groups": param_groups}))
-        partial.rename(folder)
-        for old in (output_dir / "checkpoints").glob("step-*"):
-            if old != folder:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a ``.partial`` folder was cut short)."""
-    complete = sorted(
-        c for c in (output_dir / "checkpoints").glob("step-*") if c.suffix != ".partial"
-    )
-    return complete[-1] if complete else None
-
-
-def load_checkpoint(folder: Path, model, optimizer, rank: int) -> dict:
-    """Restore what save_checkpoint wrote (this process's RNG state); returns the run's scalars."""
-    load_model(model, str(folder / "model.safetensors"))
-    state = json.loads((folder / "state.json").read_text())
-    restore_optimizer(
-        optimizer, load_file(folder / "optimizer.safetensors"), state.pop("param_groups")
-    )
-    load_rng_state(folder, rank)
-    return state
-
-
-def resumable(output_dir: Path, args: Args, comparable: dict) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run; refuses what would mix two runs."""
-    if not args.resume:
-        if (output_dir / "checkpoints").exists():
-            raise UsageError(
-                f"{output_dir} already holds a run; pass --resume to continue it or pick another --output-dir"
-            )
-        return None
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is None:
-        raise UsageError(f"{output_dir}: no checkpoint to resume from; run without --resume")
-    refuse_changed_settings(output_dir, "args.json", comparable)
-    return checkpoint
-
-
 # ---- the run ---------------------------------------------------------------------------
 
 
 def main(args: Args) -> dict:
-    """Train, save model + tokenizer + metrics.json + args.json to args.output_dir; return metrics."""
+    """Train, save model + tokenizer + metrics.json + args.json to args.output_dir; return
+    metrics."""
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.batch_size % world:
         raise UsageError(
-            f"--batch-size {args.batch_size} is not divisible by the {world} processes; pick a multiple"
+            f"--batch-size {args.batch_size} is not divisible by the {world} processes; pick a "
+            "multiple"
         )
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
-    comparable = {
-        k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")
-    }
-    checkpoint = resumable(output_dir, args, comparable)
+    checkpoint = run.start_or_resume(output_dir, args, "args.json", "--output-dir")
 
     # 1. data: the training split, less a held-out share whose prompts are never trained on
     splits, provenance = load_pairs(args.data)
@@ -315,7 +167,8 @@ def main(args: Args) -> dict:
     if len(train_rows) < args.batch_size:
         raise UsageError(
             f"{provenance['source']}: split {split!r} leaves {len(train_rows)} training rows after "
-            f"holding out {len(eval_rows)}, fewer than --batch-size {args.batch_size}; lower it or --eval-rows"
+            f"holding out {len(eval_rows)}, fewer than --batch-size {args.batch_size}; lower it or "
+            "--eval-rows"
         )
     if accelerator.is_main_process:
         print(
@@ -329,21 +182,16 @@ def main(args: Args) -> dict:
     )
     model = load_causal_lm(args.model, tokenizer, seed=args.seed)
     chat = uses_chat_template(tokenizer, args.chat_template)
-    encode = lambda row: encode_example(tokenizer, row, args.max_length, chat)  # noqa: E731
-    train_examples = [encode(row) for row in train_rows]
-    eval_examples = [encode(row) for row in eval_rows]
-    settings = {
-        "args": comparable,
-        "split": split,
-        "data": provenance,
-        "hhdata": hhdata.__version__,
-        "chat_template": chat,
-        "processes": world,
-    }
+    train_examples, eval_examples = (
+        [encode_example(tokenizer, row, args.max_length, chat) for row in rows]
+        for rows in (train_rows, eval_rows)
+    )
+    settings = run.settings_record(
+        args, split=split, data=provenance, chat_template=chat, processes=world
+    )
     if accelerator.is_main_process and checkpoint is None:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        run.write_json(output_dir / "args.json", settings)
         tokenizer.save_pretrained(output_dir)
-        (output_dir / "args.json").write_text(json.dumps(settings, indent=2))
 
     steps_per_epoch = len(train_examples) // args.batch_size
     num_steps = steps_per_epoch * args.num_epochs
@@ -353,19 +201,15 @@ def main(args: Args) -> dict:
     pad, device = tokenizer.pad_token_id, accelerator.device
     state = {"step": 0, "log": [], "eval_loss_before": None}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, rank)
+        state = run.load_checkpoint(checkpoint, {"model": model}, optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     if state["eval_loss_before"] is None:
         state["eval_loss_before"] = mean_loss(
             accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device
         )
-    writer = None
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(output_dir / "tensorboard", purge_step=state["step"] + 1)
-        if checkpoint is None:
-            writer.add_scalar("eval/loss", state["eval_loss_before"], 0)
+    writer = run.tensorboard(output_dir, state["step"] + 1, accelerator)
+    if checkpoint is None:
+        run.add_scalars(writer, "eval", {"loss": state["eval_loss_before"]}, 0)
 
     # 3. train: cross-entropy on the assistant tokens; lr decays linearly to zero
     start = time.perf_counter()
@@ -390,14 +234,15 @@ def main(args: Args) -> dict:
         }
         state["log"].append(record)
         state["step"] = step + 1
-        if writer is not None:
-            writer.add_scalar("train/loss", record["loss"], step + 1)
-            writer.add_scalar("train/lr", lr, step + 1)
+        run.add_scalars(writer, "train", {"loss": record["loss"], "lr": lr}, step + 1)
+        if accelerator.is_main_process:
             if (step + 1) % 20 == 0 or step + 1 == num_steps:
                 recent = [r["loss"] for r in state["log"][-20:]]
                 print(f"sft step {step + 1}/{num_steps} loss {sum(recent) / len(recent):.3f}")
         if (step + 1) % args.save_every == 0 or step + 1 in (num_steps, args.stop_after):
-            save_checkpoint(output_dir, step + 1, model, optimizer, state, accelerator)
+            run.save_checkpoint(
+                output_dir, step + 1, {"model": model}, optimizer, accelerator, state
+            )
         if step + 1 == args.stop_after:
             return {"stopped_after": step + 1}
     model.eval()
@@ -418,14 +263,15 @@ def main(args: Args) -> dict:
     }
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        run.write_json(output_dir / "metrics.json", metrics)
         (output_dir / "train_log.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in state["log"])
         )
         writer.add_scalar("eval/loss", eval_loss_after, num_steps)
         writer.close()
         print(
-            f"sft: held-out loss {state['eval_loss_before']:.3f} -> {eval_loss_after:.3f}; saved {output_dir}"
+            f"sft: held-out loss {state['eval_loss_before']:.3f} -> {eval_loss_after:.3f}; saved "
+            f"{output_dir}"
         )
     return metrics
 
