@@ -38,7 +38,7 @@ def packed_batch(
     Token i may attend to token j when j <= i in the packed order and j is in the prompt or in
     i's own reply. Padding attends only to itself, so no softmax row is empty. The mask is
     additive (0 or the float minimum) unless `boolean_mask`, which SDPA takes as is (True =
-    attend): measured ~15% faster forward on CPU than the additive mask.
+    attend), faster on CPU than the additive mask (bench/reward_model.md).
     """
     length = max(len(p) + len(c) + len(r) for p, c, r in pairs)
     ids = torch.full((len(pairs), length), pad_id)
