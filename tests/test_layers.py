@@ -44,12 +44,31 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     shutil.copytree(
         PACKAGE, tmp_path / "hhdata", ignore=shutil.ignore_patterns("data", "__pycache__")
     )
+    shutil.copytree(
+        ROOT / "training", tmp_path / "training", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     schema = tmp_path / "hhdata" / "schema.py"
     schema.write_text(schema.read_text() + "\nfrom hhdata.pairs import build  # noqa: E402,F401\n")
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "hhdata.schema is not allowed to import hhdata.pairs" in result.stdout
+
+
+def test_an_upward_import_between_trainers_breaks_the_contract(tmp_path):
+    """The trainers' layers can fail too: text.py (shared encoding) importing a trainer."""
+    for package in ("hhdata", "training"):
+        shutil.copytree(
+            ROOT / package,
+            tmp_path / package,
+            ignore=shutil.ignore_patterns("data", "__pycache__"),
+        )
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    text = tmp_path / "training" / "text.py"
+    text.write_text(text.read_text() + "\nfrom training import sft  # noqa: E402,F401\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "training.text is not allowed to import training.sft" in result.stdout
 
 
 def _private(name: str) -> bool:
