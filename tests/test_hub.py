@@ -562,3 +562,21 @@ def test_a_release_with_no_rows_is_not_published(local_hub, tmp_path, repo_id, c
     assert cli_main(["publish", str(empty), "--repo", repo_id, "--token", local_hub.token]) == 2
     assert "release 1.0.0 holds no rows" in capsys.readouterr().err
     assert not local_hub.repo_path(repo_id).exists()
+
+
+def test_a_release_built_for_another_repo_is_not_published_there(
+    local_hub, releases, repo_id, tmp_path, capsys
+):
+    """Its card's usage code and croissant.json's url name the repo it was built for."""
+    copy = tmp_path / "1.0.0"
+    shutil.copytree(releases[0], copy)
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["name"] = "org/elsewhere"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    with pytest.raises(hhdata.errors.ReleaseError, match="built for org/elsewhere"):
+        hub.publish(copy, repo_id, token=local_hub.token, dry_run=True)
+    assert cli_main(["publish", str(copy), "--repo", repo_id, "--token", local_hub.token]) == 2
+    err = capsys.readouterr().err
+    assert f"rebuild it with --name {repo_id}" in err and "Traceback" not in err
+    assert not local_hub.repo_path(repo_id).exists()

@@ -129,6 +129,20 @@ def _refusal(root: Path, unlisted: list[str], odd: dict[str, str]) -> str:
     )
 
 
+def _refuse_other_repo(release_dir: Path, manifest: dict, repo_id: str) -> None:
+    """A release built for one repo (``--name org/x``) names it in its card's usage code and
+    croissant.json's url; published elsewhere, both would point users at the wrong place."""
+    from hhdata.release.card import is_repo_id
+
+    name = manifest["name"]
+    if is_repo_id(name) and name != repo_id:
+        raise ReleaseError(
+            f"{release_dir}: the release was built for {name} (--name): its card's usage code "
+            f"and croissant.json's url point there, not to {repo_id}; publish it to {name}, or "
+            f"rebuild it with --name {repo_id}"
+        )
+
+
 def _read_release(release_dir: Path) -> tuple[dict, list[tuple[str, int]]]:
     """The manifest and the files to send, after checking the folder and every checksum."""
     from hhdata.release.load import verify_files
@@ -241,6 +255,7 @@ def publish(
     """
     release_dir = Path(release_dir)
     manifest, files = _read_release(release_dir)
+    _refuse_other_repo(release_dir, manifest, repo_id)
     version = manifest["version"]
     tag = f"v{version}"
     if dry_run:
