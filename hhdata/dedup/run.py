@@ -36,7 +36,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hhdata import progress as bars
-from hhdata._arrow import splitmix64
+from hhdata._arrow import (
+    code_points,
+    splitmix64,
+    string_buffers,
+    text_hashes,
+    utf8_chars_at,
+)
 from hhdata.dedup import degenerate, minhash
 from hhdata.errors import HhDataError, SchemaError
 from hhdata.schema import DROPS_SCHEMA, FILTERED, PAIR_SCHEMA, REMOVED
@@ -208,48 +214,78 @@ def _sequence_hashes(codes: np.ndarray, offsets: np.ndarray, multiplier: int) ->
     return splitmix64(sums ^ lengths.astype(np.uint64))
 
 
+# multipliers of the two prompt hashes, and what a user turn's text hash is xor-ed with
+_PROMPT_MULTIPLIERS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+_USER_MARK = np.uint64(0xD6E8FEB86659FD93)
+
+
 def exact_keys(pairs: pa.Table, settings: DedupSettings, workers: int | None = None) -> np.ndarray:
     """One int64 label per row; equal labels are exact duplicates under the settings.
 
     A row is its prompt turns (role and normalised content, in order) and its two
-    normalised replies. Turn contents and replies are dictionary-encoded exactly; a prompt's
-    sequence of turn codes is identified by two independent 64-bit hashes (a false match
-    needs both to collide: about n**2 / 2**129 for n rows). The turn contents and the
-    replies (both sides together) are normalised in up to ``workers`` threads (default 2).
+    normalised replies. Each text is identified by two independent 64-bit hashes of its
+    normalised form (hhdata._arrow.text_hashes), a prompt by two 64-bit polynomial hashes of
+    its turns' (a false match needs both hashes to collide: about n**2 / 2**129 for n
+    texts or rows). The turn contents and each side's replies are hashed in up to
+    ``workers`` threads (default 2); only the texts whose normal form is not simply their
+    ASCII lower case are normalised (see _normalized_hashes).
     """
+    if pairs.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
     prompt = degenerate.one_array(pairs["prompt"])
     turns = prompt.values
     texts = [pc.struct_field(turns, "content")] + [
-        degenerate.joined_contents(degenerate.one_array(pairs[side]), "\n")
-        for side in ("chosen", "rejected")
+        _reply_texts(degenerate.one_array(pairs[side])) for side in ("chosen", "rejected")
     ]
-    # the turn contents and the replies (one dictionary for both, so a reply has the same
-    # code on either side) encoded in parallel threads (Arrow's kernels release the GIL)
+    # the three text columns in parallel threads (Arrow, numpy and polars release the GIL)
     with ThreadPoolExecutor(max_workers=max(1, min(workers or 2, os.cpu_count() or 1))) as pool:
-        turn_codes, codes = pool.map(
-            lambda text: _normalized_codes(text, settings),
-            [texts[0], pa.concat_arrays(texts[1:])],
+        turn_hashes, chosen, rejected = pool.map(
+            lambda text: _normalized_hashes(text, settings), texts
         )
-    turn_codes = turn_codes.astype(np.int64)
     is_user = pc.equal(pc.struct_field(turns, "role"), "user").to_numpy(zero_copy_only=False)
-    turn_codes = turn_codes * 2 + is_user
+    role = np.where(is_user, _USER_MARK, np.uint64(0))
     offsets = prompt.offsets.to_numpy().astype(np.int64)
     prompt_hashes = [
-        _sequence_hashes(turn_codes, offsets, multiplier).view(np.int64)
-        for multiplier in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+        _sequence_hashes(hashes ^ role, offsets, multiplier)
+        for hashes, multiplier in zip(turn_hashes, _PROMPT_MULTIPLIERS)
     ]
-    first, second = (
-        codes[: pairs.num_rows].astype(np.int64),
-        codes[pairs.num_rows :].astype(np.int64),
-    )
-    if not settings.reply_order_matters:
-        first, second = np.minimum(first, second), np.maximum(first, second)
-    if pairs.num_rows == 0:
-        return np.zeros(0, dtype=np.int64)
-    return _row_labels([*prompt_hashes, first, second])
+    first, second = chosen, rejected
+    if not settings.reply_order_matters:  # the smaller reply first, by (hash, hash)
+        swap = (chosen[0] > rejected[0]) | ((chosen[0] == rejected[0]) & (chosen[1] > rejected[1]))
+        first = tuple(np.where(swap, r, c) for c, r in zip(chosen, rejected))
+        second = tuple(np.where(swap, c, r) for c, r in zip(chosen, rejected))
+    return _row_labels([*prompt_hashes, *first, *second])
+
+
+def _reply_texts(replies: pa.Array) -> pa.Array:
+    """Each row's final reply as one text: its turns' contents joined by newlines (a reply
+    of one turn, the usual case, is its content, taken without a copy)."""
+    offsets = replies.offsets.to_numpy()
+    single = replies.null_count == 0 and np.array_equal(offsets, np.arange(len(offsets)))
+    if single:
+        return pc.struct_field(replies.values, "content")
+    return degenerate.joined_contents(replies, "\n")
 
 
 def _row_labels(columns: list[np.ndarray]) -> np.ndarray:
+    """A label per row, equal for rows equal in every (64-bit integer) column.
+
+    Rows are grouped by one 64-bit hash of their columns and each group is checked column
+    by column; should two different rows share a hash, the rows are labelled by one lexsort
+    of the columns instead (_lexsorted_labels), so the labels are exact either way.
+    """
+    columns = [np.asarray(column).view(np.uint64) for column in columns]
+    combined = np.zeros(len(columns[0]), dtype=np.uint64)
+    for column in columns:
+        combined = splitmix64(combined ^ column, in_place=True)
+    _, first, label = np.unique(combined, return_index=True, return_inverse=True)
+    representative = first[label]
+    if all(np.array_equal(column[representative], column) for column in columns):
+        return label.astype(np.int64)
+    return _lexsorted_labels(columns)
+
+
+def _lexsorted_labels(columns: list[np.ndarray]) -> np.ndarray:
     """The rank of each row among the distinct rows of the columns, in lexicographic order
     (np.unique(axis=0)'s inverse, by one lexsort of integer columns)."""
     order = np.lexsort(columns[::-1])
@@ -263,16 +299,89 @@ def _row_labels(columns: list[np.ndarray]) -> np.ndarray:
     return label
 
 
-def _normalized_codes(texts: pa.Array, settings: DedupSettings) -> np.ndarray:
-    """A code per text (numbered by first appearance), equal for texts equal after
-    normalisation (each distinct text normalised once where texts repeat)."""
-    codes, _ = degenerate.normalized_forms(
-        texts,
-        nfc=settings.unicode_nfc,
-        lowercase=settings.lowercase,
-        whitespace=settings.collapse_whitespace,
-    )
-    return codes
+# texts sampled to decide whether hashing only the distinct texts pays
+_REPEAT_SAMPLE = 20_000
+
+
+def _normalized_hashes(texts: pa.Array, settings: DedupSettings) -> tuple[np.ndarray, ...]:
+    """text_hashes of each text's normal form (``normalized``), without normalising most
+    texts: equal hashes, equal normal forms.
+
+    Where a sample of the texts shows repeats (comparisons that share turns and replies),
+    the distinct texts are found first (Arrow's dictionary) and only they are hashed.
+    """
+    sample = texts.slice(0, _REPEAT_SAMPLE)
+    if texts.null_count or len(sample.unique()) > 0.8 * len(sample):
+        return _hashes_of_forms(texts, settings)
+    raw = texts.dictionary_encode()
+    indices = raw.indices.to_numpy(zero_copy_only=False)
+    return tuple(hashes[indices] for hashes in _hashes_of_forms(raw.dictionary, settings))
+
+
+def _hashes_of_forms(texts: pa.Array, settings: DedupSettings) -> tuple[np.ndarray, ...]:
+    """text_hashes of the normal forms: of the ASCII lower case (or the text itself, without
+    lowercase) where that is the normal form, of ``normalized`` where it may not be."""
+    import polars as pl  # a dependency of hhdata; imported here, so `hhdata --help` starts fast
+
+    simple = pl.Series(pc.ascii_lower(texts) if settings.lowercase else texts)
+    hashes = text_hashes(simple)
+    needs = _needs_normalizing(texts, settings)
+    if settings.collapse_whitespace:  # two spaces in a row (a SIMD search in polars)
+        needs |= simple.str.contains("  ", literal=True).fill_null(False).to_numpy()
+    rows = np.flatnonzero(needs)
+    if len(rows):
+        for whole, fixed in zip(
+            hashes, text_hashes(normalized(texts.take(pa.array(rows)), settings))
+        ):
+            whole[rows] = fixed
+    return hashes
+
+
+def _needs_normalizing(texts: pa.Array, settings: DedupSettings) -> np.ndarray:
+    """Which texts ``normalized`` may change beyond ASCII lower case, but for two spaces in a
+    row (True may be too many: a text flagged is normalised in full; one left out must be
+    exactly its simple form).
+
+    Found in the UTF-8 bytes: with whitespace collapsed, a control byte below 0x0E (tab,
+    newline, vertical tab, form feed and carriage return among them) or a space at either
+    end; and a character the settings' NFC, lower case or whitespace rules touch
+    (_changed_code_points).
+    """
+    offsets, data = string_buffers(texts)
+    start, stop = int(offsets[0]), int(offsets[-1])
+    data, offsets = data[start:stop], offsets - start
+    found = np.zeros(len(texts), dtype=bool)
+    positions = []  # byte positions that put their text among those to normalise
+    if settings.unicode_nfc or settings.lowercase or settings.collapse_whitespace:
+        # lead bytes of the characters from U+0080 on (continuation bytes are below 0xC0)
+        lead = np.flatnonzero(data >= 0xC2)
+        chars = utf8_chars_at(data, lead)
+        distinct = np.unique(chars)
+        changed = _changed_code_points(code_points(distinct), settings)
+        positions.append(lead[changed[np.searchsorted(distinct, chars)]])
+    if settings.collapse_whitespace:
+        positions.append(np.flatnonzero(data < 0x0E))
+        nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
+        for edge in (data[offsets[nonempty]], data[offsets[nonempty + 1] - 1]):
+            found[nonempty[(edge == 0x20) | (edge < 0x0E)]] = True
+    for position in positions:
+        found[np.searchsorted(offsets, position, side="right") - 1] = True
+    return found
+
+
+def _changed_code_points(points: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """Which of these code points (all from U+0080 on) ``normalized`` may change or treat as
+    whitespace: those hhdata.dedup.degenerate.nfc_may_change flags (with NFC), those Arrow's
+    lower case changes (with lowercase) and the no-break space (with whitespace)."""
+    chars = pa.array([chr(point) for point in points.tolist()], pa.string())
+    changed = np.zeros(len(points), dtype=bool)
+    if settings.unicode_nfc:
+        changed |= degenerate.nfc_may_change(chars)
+    if settings.lowercase:
+        changed |= ~pc.equal(pc.utf8_lower(chars), chars).to_numpy(zero_copy_only=False)
+    if settings.collapse_whitespace:
+        changed |= points == 0xA0
+    return changed
 
 
 def near_texts(pairs: pa.Table, scope: str) -> pa.Array:
