@@ -318,16 +318,32 @@ def _normalized_hashes(texts: pa.Array, settings: DedupSettings) -> tuple[np.nda
     return tuple(hashes[indices] for hashes in _hashes_of_forms(raw.dictionary, settings))
 
 
+# bytes of text handled at a time by _hashes_of_forms: small enough to stay in cache
+# through the passes over it, and for its temporaries to be reused rather than paged in
+_CHUNK_BYTES = 1 << 22
+
+
 def _hashes_of_forms(texts: pa.Array, settings: DedupSettings) -> tuple[np.ndarray, ...]:
     """text_hashes of the normal forms: of the ASCII lower case (or the text itself, without
     lowercase) where that is the normal form, of ``normalized`` where it may not be."""
     import polars as pl  # a dependency of hhdata; imported here, so `hhdata --help` starts fast
 
-    simple = pl.Series(pc.ascii_lower(texts) if settings.lowercase else texts)
-    hashes = text_hashes(simple)
-    needs = _needs_normalizing(texts, settings)
-    if settings.collapse_whitespace:  # two spaces in a row (a SIMD search in polars)
-        needs |= simple.str.contains("  ", literal=True).fill_null(False).to_numpy()
+    offsets, _ = string_buffers(texts)
+    cuts = np.unique(
+        np.r_[
+            np.searchsorted(offsets, np.arange(offsets[0], offsets[-1], _CHUNK_BYTES)), len(texts)
+        ]
+    )
+    hashes = tuple(np.empty(len(texts), dtype=np.uint64) for _ in range(2))
+    needs = np.zeros(len(texts), dtype=bool)
+    for low, high in zip(cuts[:-1], cuts[1:]):
+        part = texts.slice(low, high - low)
+        simple = pl.Series(pc.ascii_lower(part) if settings.lowercase else part)
+        for whole, found in zip(hashes, text_hashes(simple)):
+            whole[low:high] = found
+        needs[low:high] = _needs_normalizing(part, settings)
+        if settings.collapse_whitespace:  # two spaces in a row (a SIMD search in polars)
+            needs[low:high] |= simple.str.contains("  ", literal=True).fill_null(False).to_numpy()
     rows = np.flatnonzero(needs)
     if len(rows):
         for whole, fixed in zip(
