@@ -138,6 +138,41 @@ def help_times(repeat: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def inflate(folder: Path, repeat: int) -> None:
+    """CPU seconds to inflate every gzip file under folder, by ISA-L (what hhdata.io.lines
+    uses), zlib-ng (when installed: pip install zlib-ng) and zlib, in 1 MiB reads as
+    hhdata does: best of ``repeat``."""
+    import resource
+    import zlib
+
+    from isal import isal_zlib
+
+    decoders = {"isal": isal_zlib, "zlib": zlib}
+    try:
+        from zlib_ng import zlib_ng
+
+        decoders["zlib-ng"] = zlib_ng
+    except ImportError:
+        print("zlib-ng is not installed: not measured")
+    blobs = [path.read_bytes() for path in sorted(folder.rglob("*.jsonl.gz"))]
+    best = {}
+    for _ in range(repeat):
+        for name, module in decoders.items():
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            before, inflated = usage.ru_utime + usage.ru_stime, 0
+            for blob in blobs:
+                stream = module.decompressobj(wbits=31)
+                for at in range(0, len(blob), 1 << 20):
+                    inflated += len(stream.decompress(blob[at : at + (1 << 20)]))
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            seconds = usage.ru_utime + usage.ru_stime - before
+            best[name] = min(best.get(name, seconds), seconds)
+    gzipped = sum(len(blob) for blob in blobs)
+    print(f"{len(blobs)} gzip files, {gzipped / 2**20:.0f} MiB -> {inflated / 2**20:.0f} MiB")
+    for name, seconds in sorted(best.items(), key=lambda item: item[1]):
+        print(f"{name}: {seconds:.3f} CPU s (best of {repeat})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -147,7 +182,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds (best and median reported)")
     parser.add_argument("--help-repeat", type=int, default=10, help="starts of each --help")
     parser.add_argument("--route", nargs="+", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--inflate", action="store_true", help="only time gzip decoders on the sparse corpus"
+    )
     args = parser.parse_args()
+    if args.inflate:
+        inflate(args.sparse, args.repeat)
+        return 0
     if args.route:
         print(json.dumps(route(args.route)))
         return 0
