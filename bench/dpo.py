@@ -278,10 +278,10 @@ def parse(argv=None):
 if __name__ == "__main__":
     options = parse()
     load = os.getloadavg()
-    results = throughput(options)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
+    results = throughput(options)
     record = {
         "options": vars(options),
         "commit": commit,
