@@ -233,6 +233,7 @@ def test_dpo_learns_the_marker_word_and_flipped_labels_fail(tmp_path, flip):
     assert json.loads((run_dir / "metrics.json").read_text())["overall"]["accuracy"] == accuracy
     card = (run_dir / "policy" / "README.md").read_text()
     assert "family helpful" in card and f"{accuracy:.3f}" in card
+    assert "16 steps of 16 pairs" in card
     assert (run_dir / "policy" / "model.safetensors").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     loaded = models.load_causal_lm(

@@ -275,6 +275,8 @@ def write_card(folder: Path, settings: dict, metrics: dict) -> None:
         policy=args["policy"],
         loss=loss,
         beta=args["beta"],
+        steps=settings["total_steps"],
+        batch_size=args["batch_size"],
         train_pairs=settings["train_pairs"],
         eval_pairs=settings["eval_pairs"],
         source=settings["data"]["source"],
