@@ -13,6 +13,10 @@ hhdata.pairs.transcript keeps its fast parser beside the plain one:
   whole sequence again at every step: the same tokens from the same generator;
 - reply-only logits ``reply_logprobs`` (the output layer only at the reply's positions)
   against ``reply_logprobs_reference`` (logits of every position, then the reply's picked).
+- DPO's reply log-probabilities ``pair_logprobs`` (prompt | chosen | rejected packed as for
+  the reward model, the output layer only at reply positions, micro-batched by
+  ``accumulate_reply_loss``) against ``pair_logprobs_reference`` (each prompt + reply alone,
+  every position's logits), in tests/test_dpo.py.
 """
 
 from __future__ import annotations
@@ -321,3 +325,150 @@ def reply_logprobs_reference(model, ids, at, responses, temperature: float):
     logprobs = F.log_softmax(logits.float(), dim=-1)  # shape: [batch, response_length, vocab]
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     return logprobs.gather(2, responses[..., None]).squeeze(2), entropy.detach()
+
+
+# ---- DPO: log-probabilities of both replies, the prompt computed once ----------------------
+
+
+def reply_slots(pairs: list[tuple[list[int], ...]], share_prefix: bool) -> dict:
+    """Where each reply token is predicted, in the batch packed_batch (share_prefix) or
+    naive_batch builds: `at` (the position whose output predicts it), `targets` (the token)
+    and `slot` (0 chosen, 1 rejected, -1 padding), each of shape [rows, tokens].
+
+    Packed, a chosen token k is predicted at p - 1 + k; the rejected reply's first token also
+    at the prompt's last position p - 1 (it continues the prompt, not the chosen reply), and
+    its token k >= 1 at p + c + k - 1. Naive, rows are the chosen sequences, then the rejected.
+
+    >>> reply_slots([([1, 2], [3, 4], [5])], share_prefix=True)["at"].tolist()
+    [[1, 2, 1]]
+    """
+    if share_prefix:
+        rows = [
+            (
+                [p - 1 + k for k in range(len(c))]
+                + [p - 1]
+                + [p + len(c) + k for k in range(len(r) - 1)],
+                c + r,
+                [0] * len(c) + [1] * len(r),
+            )
+            for p, c, r in ((len(prompt), chosen, rejected) for prompt, chosen, rejected in pairs)
+        ]
+    else:
+        rows = [
+            ([len(prompt) - 1 + k for k in range(len(reply))], reply, [slot] * len(reply))
+            for slot in (0, 1)
+            for prompt, reply in ((pair[0], pair[1 + slot]) for pair in pairs)
+        ]
+    width = max(len(targets) for _, targets, _ in rows)
+    at = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.zeros((len(rows), width), dtype=torch.long)
+    slot = torch.full((len(rows), width), -1)
+    for row, (positions, tokens, slots) in enumerate(rows):
+        at[row, : len(tokens)] = torch.tensor(positions)
+        targets[row, : len(tokens)] = torch.tensor(tokens)
+        slot[row, : len(tokens)] = torch.tensor(slots)
+    return {"at": at, "targets": targets, "slot": slot}
+
+
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32, or float64 where the model computes in float64: a log-softmax over
+    the vocabulary in half precision loses the small probabilities."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+class ReplyLogprobs(torch.nn.Module):
+    """A causal LM that returns the summed log-probabilities of the replies of a batch from
+    packed_batch or naive_batch plus reply_slots, shape [rows, 2] (chosen, rejected).
+
+    A module, so that a data-parallel wrapper sees the forward pass. Only the reply tokens'
+    positions go through the output layer (the vocabulary projection is the costliest layer of
+    a small model; the prompt's logits are never used), as reply_logprobs does for PPO.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, at, targets, slot):
+        decoder = self.model.get_decoder()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # shape: [rows, seq, hidden]
+        # shape: [rows, tokens, hidden]
+        picked = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = at_least_fp32(self.model.get_output_embeddings()(picked))  # [rows, tokens, vocab]
+        logprobs = logits.log_softmax(-1).gather(2, targets[..., None]).squeeze(2)
+        return torch.stack([(logprobs * (slot == s)).sum(1) for s in (0, 1)], 1)
+
+
+def pair_logprobs(scorer, pairs, pad_id: int, share_prefix: bool, device) -> torch.Tensor:
+    """Summed log-probabilities of (chosen, rejected) for each pair, shape [batch, 2].
+
+    `scorer` is a ReplyLogprobs (possibly wrapped for data parallelism). With `share_prefix`
+    the pair is one packed sequence (packed_batch): the prompt is computed once for both
+    replies; otherwise each reply is its own right-padded sequence after the prompt.
+    """
+    model = getattr(scorer, "module", scorer).model
+    if share_prefix:
+        problem = prefix_sharing_problem(model.get_decoder())
+        if problem is not None:
+            raise HhDataError(f"prefix sharing: the model {problem}; run with --prefix-sharing off")
+        sdpa = model.config._attn_implementation == "sdpa"
+        batch = packed_batch(pairs, pad_id, boolean_mask=sdpa)
+    else:
+        batch = naive_batch(pairs, pad_id)
+    del batch["read_at"]
+    batch |= reply_slots(pairs, share_prefix)
+    sums = scorer(**{k: v.to(device) for k, v in batch.items()})  # shape: [rows, 2]
+    if share_prefix:
+        return sums
+    return torch.stack([sums[: len(pairs), 0], sums[len(pairs) :, 1]], 1)
+
+
+def pair_logprobs_reference(model, pairs) -> torch.Tensor:
+    """What pair_logprobs computes, the plain way: each prompt + reply run alone through the
+    whole model, log-softmax of every position's logits, the reply's tokens picked and
+    summed. Shape [batch, 2]."""
+    sums = []
+    for prompt, *replies in pairs:
+        for reply in replies:
+            ids = torch.tensor([prompt + reply])
+            logprobs = at_least_fp32(model(input_ids=ids).logits[0, :-1]).log_softmax(-1)
+            picked = logprobs.gather(1, ids[0, 1:, None]).squeeze(1)  # shape: [seq - 1]
+            sums.append(picked[len(prompt) - 1 :].sum())
+    return torch.stack(sums).view(len(pairs), 2)
+
+
+def accumulate_reply_loss(
+    loss_fn,
+    scorer,
+    pairs,
+    pad_id: int,
+    share_prefix: bool,
+    device,
+    cost: int,
+    backward=None,
+    no_sync=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """accumulate_pair_loss for losses of reply log-probabilities (DPO): the gradient of the
+    batch's loss accumulated micro-batch by micro-batch of similar length (length_groups).
+
+    ``loss_fn(logprobs, indices, batch_pairs)`` gets the micro-batch's [n, 2] log-probs, the
+    indices of its pairs in ``pairs`` (to look up the reference's) and the batch's pair count,
+    and returns the micro-batch's share of the batch's mean loss.
+    Returns the log-probs (detached, [batch, 2], in the order of ``pairs``) and the loss.
+    """
+    groups = length_groups([pair_length(pair, share_prefix) for pair in pairs], cost)
+    parts, loss = [], 0.0
+    for number, group in enumerate(groups):
+        last = number == len(groups) - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            logprobs = pair_logprobs(
+                scorer, [pairs[i] for i in group], pad_id, share_prefix, device
+            )
+            part = loss_fn(logprobs, group, len(pairs))
+            (backward or torch.Tensor.backward)(part)
+        parts.append(logprobs.detach())
+        loss = loss + part.detach()
+    where = torch.tensor([i for group in groups for i in group]).argsort().to(parts[0].device)
+    return torch.cat(parts)[where], loss
