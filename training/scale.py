@@ -75,7 +75,17 @@ def make_accelerator(precision: str) -> Accelerator:
 
     accelerate trains in plain fp32 when fp16 is asked for on a CPU (no GradScaler there);
     that is refused here rather than run at another precision than the one recorded.
+    accelerate keeps one state per process and refuses a second precision in it; a process
+    that runs several trainers in turn (tests, a notebook, an online loop) drops the old
+    state first, as transformers' Trainer does, keeping the process group.
     """
+    from accelerate.state import AcceleratorState
+
+    if (
+        AcceleratorState._shared_state.get("_mixed_precision", PRECISIONS[precision])
+        != (PRECISIONS[precision])
+    ):
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=PRECISIONS[precision])
     if precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError(
@@ -95,7 +105,7 @@ def enable_gradient_checkpointing(model) -> None:
         raise UsageError(
             f"--gradient-checkpointing: {type(model).__name__} does not support it; run without it"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def lora_targets(model_type: str, names: str | None = None) -> list[str]:
