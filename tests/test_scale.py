@@ -313,3 +313,97 @@ def test_two_gloo_processes_train_the_reward_model_as_one(tmp_path, synthetic_fi
         assert torch.allclose(b[name], tensor, atol=1e-5), name
     assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-4)
     assert two["overall"]["accuracy"] == one["overall"]["accuracy"]
+
+
+# ---- the accelerate configs ------------------------------------------------------------------
+
+
+def launch_environment(config: str) -> tuple[object, dict]:
+    """What `accelerate launch --config_file training/configs/<config>.yaml` makes of a config:
+    the launcher's validated arguments and the environment it gives each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    argv = ["--config_file", f"training/configs/{config}.yaml", "-m", "training.sft"]
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    return args, prepare_multi_gpu_env(args)
+
+
+def test_the_accelerate_configs_mean_what_docs_scaling_says(monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+
+    args, _ = launch_environment("ddp")
+    assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+    args, environment = launch_environment("fsdp")
+    assert args.use_fsdp
+    assert {k: environment[k] for k in ("FSDP_SHARDING_STRATEGY", "FSDP_USE_ORIG_PARAMS")} == {
+        "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+        "FSDP_USE_ORIG_PARAMS": "true",  # frozen and trained weights in one FSDP unit (LoRA)
+    }
+    assert environment["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    for stage in (2, 3):
+        args, environment = launch_environment(f"deepspeed-zero{stage}")
+        with monkeypatch.context() as patch:
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            plugin = DeepSpeedPlugin()  # reads the launcher's environment, as each process does
+        assert plugin.zero_stage == stage
+        gather = plugin.deepspeed_config["zero_optimization"][
+            "stage3_gather_16bit_weights_on_model_save"
+        ]
+        assert gather == (stage == 3)
+    docs = open("docs/scaling.md").read()
+    for config in ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        assert f"accelerate launch --config_file training/configs/{config}.yaml" in docs
+
+
+def test_sharded_launches_are_refused_until_checkpoints_gather_shards():
+    from accelerate.utils import DistributedType
+
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UsageError, match="launch with training/configs/ddp.yaml"):
+            scale.refuse_sharding(sharded)
+    scale.refuse_sharding(DistributedType.MULTI_GPU)  # DDP: every process holds whole weights
+    scale.refuse_sharding(DistributedType.MULTI_CPU)
+
+
+# ---- bench/gpu_check.sh ------------------------------------------------------------------------
+
+
+def gpu_check(*argv: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PYTHONPATH": os.getcwd(),
+        "PATH": "/usr/bin:/bin",
+    }
+    return subprocess.run(
+        ["bash", "bench/gpu_check.sh", *argv], capture_output=True, text=True, timeout=900, env=env
+    )
+
+
+def test_gpu_check_stops_at_the_first_failure(tmp_path):
+    """set -euo pipefail: no output folder is a usage error, and without a GPU (no nvidia-smi
+    here) the script stops before running anything."""
+    usage = gpu_check(tmp_path=tmp_path)
+    assert usage.returncode != 0 and "usage: bash bench/gpu_check.sh" in usage.stderr
+    no_gpu = gpu_check(str(tmp_path / "out"), tmp_path=tmp_path)
+    assert no_gpu.returncode != 0 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.benchmark  # minutes on two busy cores: four trainer runs
+def test_gpu_check_dry_run_writes_its_table(tmp_path):
+    done = gpu_check("--dry-run", str(tmp_path / "out"), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["dry_run"] and [run["run"] for run in result["runs"]] == [
+        "reward model",
+        "reward model LoRA r16",
+        "PPO",
+        "PPO LoRA r16",
+    ]
+    assert all(run["tokens_per_second"] > 0 for run in result["runs"])
+    assert "| PPO LoRA r16 | 2 |" in (tmp_path / "out" / "results.md").read_text()

@@ -15,8 +15,11 @@ Every trainer takes the same flags (``ScaleArgs``, which its ``Args`` extends):
 - ``AdapterDisabled``: the frozen reference of PPO (and DPO) as the policy with its adapters
   switched off, so one copy of the weights serves both.
 
-Sharding (DDP, FSDP, DeepSpeed ZeRO) comes from the accelerate config a run is launched with
-(training/configs/, docs/scaling.md), not from flags.
+Data parallelism comes from the accelerate config a run is launched with
+(training/configs/ddp.yaml, docs/scaling.md), not from flags. The FSDP and DeepSpeed ZeRO
+configs there are validated by accelerate's loader, but ``make_accelerator`` refuses them:
+run.save_checkpoint and the final saves assume whole weights and optimizer moments in every
+process, which sharding splits (docs/scaling.md says what is missing).
 
 >>> lora_targets("llama")
 ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
@@ -31,6 +34,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from training.common import UsageError
 
@@ -48,6 +52,8 @@ LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> accelerate's
+# launches whose processes hold only a shard of the weights and optimizer moments
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 @dataclass(frozen=True)
@@ -81,18 +87,33 @@ def make_accelerator(precision: str) -> Accelerator:
     """
     from accelerate.state import AcceleratorState
 
-    if (
-        AcceleratorState._shared_state.get("_mixed_precision", PRECISIONS[precision])
-        != (PRECISIONS[precision])
-    ):
+    wanted = PRECISIONS[precision]
+    if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=PRECISIONS[precision])
+    accelerator = Accelerator(mixed_precision=wanted)
+    refuse_sharding(accelerator.distributed_type)
     if precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError(
             "--precision fp16 needs a GPU (accelerate's fp16 loss scaling does not run on the "
             "CPU); use --precision bf16 or fp32 here"
         )
     return accelerator
+
+
+def refuse_sharding(distributed_type: DistributedType) -> None:
+    """Refuse a launch under FSDP or DeepSpeed (training/configs/fsdp.yaml, deepspeed-zero*.yaml).
+
+    The trainers' checkpoints (run.save_checkpoint) and final saves take the weights and the
+    optimizer moments from one process, which under sharding holds only its part of them.
+    """
+    if distributed_type in SHARDED:
+        raise UsageError(
+            f"launched with {distributed_type.value} (training/configs/fsdp.yaml or "
+            "deepspeed-zero*.yaml): the trainers' checkpoints and saved models assume every "
+            "process holds whole weights and optimizer moments, which sharding splits, so they "
+            "would be wrong; launch with training/configs/ddp.yaml, with --lora-rank and "
+            "--gradient-checkpointing to fit (docs/scaling.md)"
+        )
 
 
 def enable_gradient_checkpointing(model) -> None:
