@@ -192,6 +192,20 @@ def test_sft_in_bf16_with_lora_and_checkpointing_saves_a_plain_model(tmp_path, r
     assert settings["precision"] == "bf16" and settings["lora_rank"] == 4
 
 
+def test_an_interrupted_lora_run_resumes_to_the_same_weights(tmp_path, rows, tokenizer):
+    """Checkpoints hold the adapters beside the frozen weights; resuming rebuilds the adapters
+    and lands on the unbroken run's merged model."""
+    data = write_pairs(tmp_path / "pairs.parquet", rows[:40], ["train"])
+    flags = dict(data=data, max_steps=3, save_every=10, lora_rank=4, learning_rate=1e-2)
+    whole = tiny_args(tmp_path, tokenizer, output_dir=str(tmp_path / "whole"), **flags)
+    sft.main(whole)
+    cut = dataclasses.replace(whole, output_dir=str(tmp_path / "cut"), stop_after=2)
+    assert sft.main(cut) == {"stopped_after": 2}
+    sft.main(dataclasses.replace(cut, stop_after=0, resume=True))
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_reward_model_in_bf16_with_lora_saves_a_plain_classifier(tmp_path, synthetic_file):  # noqa: F811
     args = reward_model.Args(
         data=str(synthetic_file),
