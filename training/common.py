@@ -90,7 +90,17 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (attribute docstrings)."""
+    """The docstring written under each field of a dataclass (attribute docstrings), those of
+    its dataclass bases included (the trainers' Args extend training.scale.ScaleArgs)."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(own_field_docs(klass))
+    return docs
+
+
+def own_field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings written in the body of `cls` itself."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}

@@ -14,6 +14,7 @@ its source; "N+" is Huang et al. 2023, "The N+ Implementation Details of RLHF wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -22,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from safetensors.torch import save_model
 
 from hhdata.errors import HhDataError
-from training import models, run
+from training import models, run, scale
 from training.common import choose_split, load_pairs, run_cli
 from training.fast import reply_logprobs
 from training.ppo_eval import (
@@ -52,7 +52,7 @@ from training.text import encode_prompt, end_of_turn_id, uses_chat_template
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(scale.ScaleArgs):
     """PPO against a trained reward model, on the prompts of a release."""
 
     policy: str = "runs/sft"
@@ -79,6 +79,9 @@ class Args:
     """minibatches each batch is split into for the PPO epochs"""
     num_ppo_epochs: int = 4
     """passes of PPO over each batch of rollouts"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches each minibatch is cut into, their gradients summed before the one optimizer
+    step (the same step as the whole minibatch at once, for less memory)"""
     learning_rate: float = 1e-5
     """Adam learning rate of policy and value model (use ~1e-3 for the tiny model)"""
     anneal_lr: bool = True
@@ -239,12 +242,17 @@ def main(args: Args, score_fn=None) -> dict:
     rule on the reply tokens (a known-answer reward for tests); the value model then starts
     from the policy's own backbone.
     """
-    accelerator = Accelerator()
+    accelerator = scale.make_accelerator(args.precision)
     device = accelerator.device
     output_dir = Path(args.output_dir)
     num_updates = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     mini_batch_size = exact_div(
         args.batch_size, args.num_mini_batches, "--batch-size / --num-mini-batches"
+    )
+    micro_batch_size = exact_div(
+        mini_batch_size,
+        args.gradient_accumulation_steps,
+        "--batch-size / --num-mini-batches / --gradient-accumulation-steps",
     )
     if num_updates < 1:
         raise HhDataError(
@@ -293,7 +301,6 @@ def main(args: Args, score_fn=None) -> dict:
     # Models: policy and frozen reference from the SFT run; reward and value from the reward model.
     tokenizer = models.load_tokenizer(args.policy)
     policy = models.load_causal_lm(args.policy, tokenizer)
-    reference = models.load_causal_lm(args.policy, tokenizer)
     if score_fn is None:
         reward_model, reward_tokenizer, reward_settings = load_reward_model(args.reward_model)
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -321,14 +328,25 @@ def main(args: Args, score_fn=None) -> dict:
         value_model = RewardModel(copy.deepcopy(policy.get_decoder()))
         # no reward model to start from: values start at 0
         torch.nn.init.zeros_(value_model.score.weight)
-    reference.requires_grad_(False)
     # 2. dropout off in every model, so the log-probabilities of rollout and update agree (Ziegler
     # et al. 2019; N+)
-    for each in (policy, reference, value_model, reward_model):
+    for each in (policy, value_model, reward_model):
         if each is not None:
             run.disable_dropout(each)
             each.eval()
-    reference.to(device)
+    if args.gradient_checkpointing:
+        scale.enable_gradient_checkpointing(policy)
+        scale.enable_gradient_checkpointing(value_model.backbone)
+    policy_lora = scale.maybe_add_lora(policy, args)
+    value_lora = scale.maybe_add_lora(value_model.backbone, args)  # its head trains in full
+    if policy_lora is not None:
+        # the frozen reference is the SFT policy, which is the policy with its adapters off: one
+        # copy of the weights serves both (as TRL does with peft)
+        reference = scale.AdapterDisabled(policy, policy_lora)
+    else:
+        reference = models.load_causal_lm(args.policy, tokenizer).requires_grad_(False)
+        run.disable_dropout(reference)
+        reference.eval().to(device)
     if reward_model is not None:
         reward_model.to(device)
     score = make_scorer(reward_model, score_fn)
@@ -347,7 +365,9 @@ def main(args: Args, score_fn=None) -> dict:
 
     # 3. Adam with eps 1e-5 over policy and value (CleanRL ppo.py; N+ "Adam epsilon")
     model = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    optimizer = torch.optim.Adam(
+        scale.trainable_parameters(model), lr=args.learning_rate, eps=args.adam_eps
+    )
     generator = torch.Generator(device).manual_seed(
         args.seed * 1_000_003 + accelerator.process_index
     )
@@ -387,22 +407,23 @@ def main(args: Args, score_fn=None) -> dict:
         picks = torch.randperm(
             len(train_queries), generator=torch.Generator().manual_seed(args.seed)
         )[: args.reward_norm_samples]
-        raw = torch.cat(
-            [
-                score(
-                    rollout(
-                        reference,
-                        [train_queries[i] for i in picks[s : s + args.batch_size]],
-                        args,
-                        pad_id,
-                        stop_id,
-                        generator,
-                        device,
+        with accelerator.autocast():  # generation at the run's precision
+            raw = torch.cat(
+                [
+                    score(
+                        rollout(
+                            reference,
+                            [train_queries[i] for i in picks[s : s + args.batch_size]],
+                            args,
+                            pad_id,
+                            stop_id,
+                            generator,
+                            device,
+                        )
                     )
-                )
-                for s in range(0, len(picks), args.batch_size)
-            ]
-        )
+                    for s in range(0, len(picks), args.batch_size)
+                ]
+            )
         raw = accelerator.gather(raw)
         state["reward_mean"], state["reward_std"] = raw.mean().item(), max(raw.std().item(), 1e-6)
 
@@ -416,20 +437,21 @@ def main(args: Args, score_fn=None) -> dict:
 
     def held_out(update: int) -> dict:
         """The policy's held-out score and KL to the reference now (ppo_eval.held_out_point)."""
-        return held_out_point(
-            update,
-            policy,
-            reference,
-            score,
-            judge,
-            eval_rows,
-            eval_queries,
-            args,
-            pad_id,
-            stop_id,
-            tokenizer,
-            device,
-        )
+        with accelerator.autocast():
+            return held_out_point(
+                update,
+                policy,
+                reference,
+                score,
+                judge,
+                eval_rows,
+                eval_queries,
+                args,
+                pad_id,
+                stop_id,
+                tokenizer,
+                device,
+            )
 
     if not args.resume:  # the start of the held-out reward-vs-sqrt(KL) curve: the reference itself
         state["held_out"].append(held_out(0))
@@ -448,7 +470,7 @@ def main(args: Args, score_fn=None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():
             # 5. left padding for generation, right padding for scoring (N+ "padding"): all replies
             # start in the same column while sampling; scoring sees plain positions 0..n
             batch = rollout(
@@ -488,34 +510,54 @@ def main(args: Args, score_fn=None) -> dict:
         # (temperature, positions, padding), and before the first step the ratio is exactly 1
         sampling_error = ((logprobs - batch.sample_logprobs).abs() * mask).max()
         first_ratio_error = None
-        for _ in range(args.num_ppo_epochs):
-            permutation = torch.randperm(args.batch_size, generator=generator, device=device)
-            for first in range(0, args.batch_size, mini_batch_size):
-                i = permutation[first : first + mini_batch_size]
-                new_logprobs, _, new_values = model(
-                    batch.ids[i], batch.mask[i], batch.at[i], batch.responses[i], args.temperature
-                )
-                pg_loss, pg_clipfrac, approx_kl = policy_loss(
-                    new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef
-                )
-                if first_ratio_error is None:
-                    first_ratio_error = (
-                        ((new_logprobs.detach() - logprobs[i]).exp() - 1).abs() * mask[i]
-                    ).max()
-                    first_approx_kl = approx_kl
-                # 10. value clipping around the rollout's values (N+ "value function loss clipping")
-                vf_loss, vf_clipfrac = value_loss(
-                    new_values, values[i], returns[i], mask[i], args.vf_clip_coef
-                )
-                loss = pg_loss + args.vf_coef * vf_loss
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                for name, value in zip(
-                    stats, (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac, approx_kl)
-                ):
-                    stats[name].append(value)
+        # gradient checkpointing acts in training mode only (dropout is off either way)
+        with scale.training_mode(model, args.gradient_checkpointing):
+            for _ in range(args.num_ppo_epochs):
+                permutation = torch.randperm(args.batch_size, generator=generator, device=device)
+                for first in range(0, args.batch_size, mini_batch_size):
+                    minibatch = permutation[first : first + mini_batch_size]
+                    minibatch_tokens = mask[minibatch].sum().clamp(min=1)
+                    sums = dict.fromkeys(stats, 0.0)
+                    for start in range(0, mini_batch_size, micro_batch_size):
+                        i = minibatch[start : start + micro_batch_size]
+                        # 12. gradient accumulation: each micro-batch's masked means weighted by
+                        # its share of the minibatch's tokens, so the summed gradient is exactly
+                        # the whole minibatch's (not a mean of per-micro-batch means); processes
+                        # reduce gradients once, at the last micro-batch
+                        share = mask[i].sum() / minibatch_tokens
+                        last = start + micro_batch_size == mini_batch_size
+                        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                            new_logprobs, _, new_values = model(
+                                batch.ids[i],
+                                batch.mask[i],
+                                batch.at[i],
+                                batch.responses[i],
+                                args.temperature,
+                            )
+                            pg_loss, pg_clipfrac, approx_kl = policy_loss(
+                                new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef
+                            )
+                            if first_ratio_error is None:
+                                first_ratio_error = (
+                                    ((new_logprobs.detach() - logprobs[i]).exp() - 1).abs()
+                                    * mask[i]
+                                ).max()
+                                first_approx_kl = approx_kl
+                            # 10. value clipping around the rollout's values (N+ "value function
+                            # loss clipping")
+                            vf_loss, vf_clipfrac = value_loss(
+                                new_values, values[i], returns[i], mask[i], args.vf_clip_coef
+                            )
+                            loss = pg_loss + args.vf_coef * vf_loss
+                            accelerator.backward(loss * share)
+                        parts = (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac)
+                        for name, value in zip(stats, (*parts, approx_kl)):
+                            sums[name] = sums[name] + value * share
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    for name, value in sums.items():
+                        stats[name].append(value)
 
         sequence_kl = accelerator.reduce(kl.sum(1).mean(), "mean").item()
         record = {
@@ -575,19 +617,20 @@ def main(args: Args, score_fn=None) -> dict:
             }
 
     # The held-out judgement: final policy against the reference, same prompts, same judge.
-    evaluation = evaluate(
-        policy,
-        reference,
-        score,
-        judge,
-        eval_rows,
-        eval_queries,
-        args,
-        pad_id,
-        stop_id,
-        tokenizer,
-        device,
-    )
+    with accelerator.autocast():
+        evaluation = evaluate(
+            policy,
+            reference,
+            score,
+            judge,
+            eval_rows,
+            eval_queries,
+            args,
+            pad_id,
+            stop_id,
+            tokenizer,
+            device,
+        )
     metrics = {
         "history": state["history"],
         "held_out": state["held_out"],
@@ -610,6 +653,8 @@ def main(args: Args, score_fn=None) -> dict:
         )
     if accelerator.is_main_process:
         final = output_dir / "policy"
+        scale.merge_lora(policy_lora)  # plain transformers models are saved
+        scale.merge_lora(value_lora)
         policy.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         save_model(value_model, output_dir / "value.safetensors")

@@ -30,11 +30,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch import nn
 
 from hhdata.errors import HhDataError
-from training import models, run
+from training import models, run, scale
 from training.common import load_pairs, run_cli
 from training.fast import accumulate_pair_loss, pair_rewards, prefix_sharing_problem
 from training.preference_eval import evaluation_metrics, held_out_margins, save_plots
@@ -51,7 +50,7 @@ FAMILIES = ("helpful", "harmless")
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(scale.ScaleArgs):
     data: str | None = None
     """pair rows: a local release directory, a Hub repo id, a .parquet file of pair rows, or
     (when omitted) the bundled harmless-base sample"""
@@ -101,8 +100,6 @@ class Args:
     chat_template: bool = True
     """render with the tokenizer's chat template when it has one (else the Human/Assistant
     format)"""
-    precision: Literal["no", "bf16"] = "no"
-    """mixed precision, passed to accelerate"""
     eval_batch_size: int = 32
     """pairs per evaluation batch"""
     save_every: int = 50
@@ -409,7 +406,7 @@ def write_card(run_dir: Path, settings: dict, metrics: dict, tokenizer, pooled: 
 def main(args: Args) -> dict:
     """Train, evaluate and save a reward model; returns the metrics written to metrics.json."""
     run_dir = Path(args.run_dir)
-    accelerator = Accelerator(mixed_precision=args.precision)
+    accelerator = scale.make_accelerator(args.precision)
     torch.manual_seed(args.seed)
     if args.batch_size % accelerator.num_processes:
         raise HhDataError(
@@ -448,6 +445,9 @@ def main(args: Args) -> dict:
     if not args.dropout:  # as usual for RLHF reward models (N+; TRL's disable_dropout)
         run.disable_dropout(model)
     model.to_classifier(tokenizer.pad_token_id, device="meta")  # fail now if it cannot be saved
+    if args.gradient_checkpointing:
+        scale.enable_gradient_checkpointing(model.backbone)
+    lora = scale.maybe_add_lora(model.backbone, args)  # adapters in the backbone; the head trains
     # prefix sharing only where it is exact: causal decoders, eager/sdpa attention, position ids
     problem = prefix_sharing_problem(model.backbone)
     if args.prefix_sharing == "on" and problem is not None:
@@ -478,7 +478,7 @@ def main(args: Args) -> dict:
     eval_pairs = [encode_pair(tokenizer, row, args.max_length, chat) for row in eval_rows]
     pad_id = reward_pad_id(tokenizer, chat)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+        scale.trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     state = {"step": 0, "log": []}
     if checkpoint is not None:
@@ -546,6 +546,7 @@ def main(args: Args) -> dict:
     }
     if accelerator.is_main_process:
         trained_model = accelerator.unwrap_model(model)
+        scale.merge_lora(lora)  # a plain sequence classifier is saved
         saved = {"max_length": args.max_length, "chat_template": chat, "base_model": args.model}
         save_reward_model(trained_model, tokenizer, run_dir / "model", saved)
         run.write_json(run_dir / "metrics.json", metrics)

@@ -25,17 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from training import run
+from training import run, scale
 from training.common import UsageError, choose_split, load_pairs, prompt_key, run_cli
 from training.models import load_causal_lm, load_tokenizer
 from training.text import IGNORE_INDEX, encode_example, uses_chat_template
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(scale.ScaleArgs):
     """Supervised fine-tuning on the chosen transcripts, loss on assistant turns only."""
 
     model: str = "tiny"
@@ -149,7 +148,7 @@ def load_policy_tokenizer(args: Args, rows: list[dict]):
 def main(args: Args) -> dict:
     """Train, save model + tokenizer + metrics.json + args.json to args.output_dir; return
     metrics."""
-    accelerator = Accelerator()
+    accelerator = scale.make_accelerator(args.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.batch_size % world:
         raise UsageError(
@@ -181,6 +180,9 @@ def main(args: Args) -> dict:
         load_tokenizer(str(output_dir)) if checkpoint else load_policy_tokenizer(args, train_rows)
     )
     model = load_causal_lm(args.model, tokenizer, seed=args.seed)
+    if args.gradient_checkpointing:
+        scale.enable_gradient_checkpointing(model)
+    lora = scale.maybe_add_lora(model, args)
     chat = uses_chat_template(tokenizer, args.chat_template)
     train_examples, eval_examples = (
         [encode_example(tokenizer, row, args.max_length, chat) for row in rows]
@@ -197,16 +199,17 @@ def main(args: Args) -> dict:
     num_steps = steps_per_epoch * args.num_epochs
     if args.max_steps:
         num_steps = min(num_steps, args.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(scale.trainable_parameters(model), lr=args.learning_rate)
     pad, device = tokenizer.pad_token_id, accelerator.device
     state = {"step": 0, "log": [], "eval_loss_before": None}
     if checkpoint is not None:
         state = run.load_checkpoint(checkpoint, {"model": model}, optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     if state["eval_loss_before"] is None:
-        state["eval_loss_before"] = mean_loss(
-            accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device
-        )
+        with accelerator.autocast():
+            state["eval_loss_before"] = mean_loss(
+                accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device
+            )
     writer = run.tensorboard(output_dir, state["step"] + 1, accelerator)
     if checkpoint is None:
         run.add_scalars(writer, "eval", {"loss": state["eval_loss_before"]}, 0)
@@ -246,9 +249,10 @@ def main(args: Args) -> dict:
         if step + 1 == args.stop_after:
             return {"stopped_after": step + 1}
     model.eval()
-    eval_loss_after = mean_loss(
-        accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device
-    )
+    with accelerator.autocast():
+        eval_loss_after = mean_loss(
+            accelerator.unwrap_model(model), eval_examples, pad, args.batch_size, device
+        )
 
     metrics = {
         "split": split,
@@ -262,6 +266,7 @@ def main(args: Args) -> dict:
         "seconds": time.perf_counter() - start,  # wall time of this (possibly resumed) process
     }
     if accelerator.is_main_process:
+        scale.merge_lora(lora)  # a plain causal LM is saved, whatever trained
         accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
         run.write_json(output_dir / "metrics.json", metrics)
         (output_dir / "train_log.jsonl").write_text(
