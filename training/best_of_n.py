@@ -7,7 +7,7 @@ This command gives it two ways:
 
 (a) as a policy: the mean reward of the best of the first n samples for each n of ``--n``,
     beside the analytic KL of best-of-n to the sampling policy, log n - (n - 1) / n
-    (Stiennon et al. 2020, appendix G.3; Hilton, "KL divergence of best-of-n"), and beside
+    (Stiennon et al. 2020; the formula is exact without ties), and beside
     PPO's held-out reward vs KL when ``--ppo-run`` names a PPO run;
 (b) as data: one comparison per prompt, the best reply against the worst (or a random
     worse one), in raw HH JSONL with a provenance sidecar, ready for ``hhdata build``.
@@ -96,8 +96,8 @@ def n_values(text: str) -> list[int]:
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n || policy) in nats: log n - (n - 1) / n (Stiennon et al. 2020, appendix
-    G.3), exact for continuous rewards without ties, an upper bound otherwise.
+    """KL(best-of-n || policy) in nats: log n - (n - 1) / n (Stiennon et al. 2020),
+    exact for continuous rewards without ties, an upper bound otherwise.
 
     >>> best_of_n_kl(1), round(best_of_n_kl(4), 4)
     (0.0, 0.6363)
