@@ -3,6 +3,7 @@ its KL column, and the written comparisons read back by hhdata's own reader."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -95,11 +96,20 @@ def report(tiny_runs, tmp_path_factory):
         ppo_run=str(ppo),
         output_dir=str(out / "run"),
     )
-    return main(args), out / "run"
+    return main(args), out / "run", args
+
+
+def test_the_command_samples_the_same_with_and_without_sharing_the_prompt(report, tmp_path):
+    """--no-share-prompt (N copies of each prompt, the plain path) gives the same replies and
+    rewards as the shared prompt pass."""
+    result, _, args = report
+    plain = main(dataclasses.replace(args, share_prompt=False, output_dir=str(tmp_path)))
+    assert plain["replies"] == result["replies"]
+    torch.testing.assert_close(torch.tensor(plain["rewards"]), torch.tensor(result["rewards"]))
 
 
 def test_best_reward_is_monotone_in_n_and_the_kl_column_is_the_formula(report):
-    result, folder = report
+    result, folder, _ = report
     curve = result["curve"]
     assert [point["n"] for point in curve] == [1, 2, 4, 8]
     rewards = torch.tensor(result["rewards"])  # shape: [prompts, 8]
@@ -120,7 +130,7 @@ def test_best_reward_is_monotone_in_n_and_the_kl_column_is_the_formula(report):
 
 
 def test_written_comparisons_validate_and_parse_back_byte_exactly(report):
-    result, folder = report
+    result, folder, _ = report
     data = result["data"]
     assert data["subset"] == "harmless-best-of-8"
     path = folder / "data" / "harmless-best-of-8" / "train.jsonl.gz"

@@ -65,6 +65,10 @@ class Args:
     """sampling temperature (1.0: the policy's own distribution, which the KL formula assumes)"""
     batch_size: int = 4
     """prompts per sampling batch (each with max(N) replies)"""
+    share_prompt: bool = True
+    """run each prompt once and repeat its key-value cache for its N replies (the same samples
+    as N copies of the prompt, which --no-share-prompt runs: the reference, and the benchmark's
+    baseline)"""
     seed: int = 1
     """seed of the prompt choice and of the sampling"""
     ppo_run: str | None = None
@@ -141,15 +145,22 @@ def encode_queries(tokenizer, rows: list[dict], chat: bool, query_length: int) -
 @torch.no_grad()
 def sample_replies(model, tokenizer, queries, copies: int, args, stop_id: int) -> list[list[str]]:
     """`copies` replies to each query, as text (up to the end-of-turn token), one list per
-    query; the prompt's forward pass is shared by its replies (fast.sample, copies=)."""
+    query; the prompt's forward pass is shared by its replies (fast.sample, copies=) unless
+    --no-share-prompt."""
     generator = torch.Generator().manual_seed(args.seed)
     texts: list[list[str]] = []
     for first in range(0, len(queries), args.batch_size):
         ids, mask = left_pad(queries[first : first + args.batch_size], tokenizer.pad_token_id)
         # shape: [batch * copies, response_length]; row i * copies + k is query i's k-th reply
-        tokens, _ = sample(
-            model, ids, mask, args.response_length, args.temperature, stop_id, generator, copies
-        )
+        if args.share_prompt:
+            tokens, _ = sample(
+                model, ids, mask, args.response_length, args.temperature, stop_id, generator, copies
+            )
+        else:
+            ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+            tokens, _ = sample(
+                model, ids, mask, args.response_length, args.temperature, stop_id, generator
+            )
         keep, _ = truncate_at_stop(tokens, stop_id)
         decoded = [
             tokenizer.decode(reply[kept], skip_special_tokens=True)
