@@ -88,7 +88,39 @@ def runs(tmp_path_factory):
     ppo_settings = {"args": {"reward_model": str(root / "proxy"), "judge": None}}
     (root / "ppo" / "settings.json").write_text(json.dumps(ppo_settings))
     (root / "ppo" / "policy" / "README.md").write_text("# A PPO policy\n\nIts own card.\n")
+    write_two_family_pairs(root / "pairs.parquet")
     return root
+
+
+def write_two_family_pairs(path: Path) -> None:
+    """Harmless pairs from the bundled sample and helpful ones from hhdata.synth, in one
+    parquet of pair rows, so every table has both families' columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hhdata.pairs.transcript import split_pair
+    from hhdata.schema import PAIR_SCHEMA, family_of, pair_id
+    from hhdata.synth import generate
+
+    rows = [dict(row) for row in load_pairs(None)[0]["test"][:40]]
+    for record in generate(40, seed=5):
+        pair = split_pair(record["chosen"], record["rejected"])
+        subset = "synth-helpful-base"
+        rows.append(
+            {
+                "id": pair_id(record["chosen"], record["rejected"]),
+                "subset": subset,
+                "family": family_of(subset),
+                "split": "test",
+                "prompt": pair.prompt,
+                "chosen": pair.chosen,
+                "rejected": pair.rejected,
+                "chosen_text": record["chosen"],
+                "rejected_text": record["rejected"],
+                "flags": pair.flags,
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), path)
 
 
 def policy_flags(runs: Path) -> list[str]:
@@ -120,8 +152,10 @@ def evaluated(runs, tmp_path_factory):
         str(runs / "judge"),
         "--tasks",
         str(LOCAL_TASK),
+        "--data",
+        str(runs / "pairs.parquet"),
         "--prompts",
-        "12",
+        "16",
         "--query-length",
         "48",
         "--response-length",
@@ -156,13 +190,21 @@ def test_the_table_has_every_policy_and_column(evaluated):
         "policy",
         "judge score: all",
         "judge score: harmless",
+        "judge score: helpful",
         "KL to sft",
         "reply tokens: all",
         "reply tokens: harmless",
+        "reply tokens: helpful",
     ]
     assert [row[0] for row in body] == ["base", "sft", "ppo"]
     header, body = table_rows(markdown, "| policy | against")
-    assert header == ["policy", "against", "win rate: all", "win rate: harmless"]
+    assert header == [
+        "policy",
+        "against",
+        "win rate: all",
+        "win rate: harmless",
+        "win rate: helpful",
+    ]
     assert len(body) == 6  # every ordered pair of the three policies
     header, body = table_rows(markdown, "| policy | hh_mc")
     assert header == ["policy", "hh_mc: accuracy", "hh_mc: alignment tax vs base"]
@@ -174,18 +216,18 @@ def test_the_json_and_the_table_agree(evaluated):
     evaluation, folder = evaluated
     markdown = (folder / "evaluation.md").read_text()
     _, body = table_rows(markdown, "| policy | judge score")
-    for name, score_all, score_harmless, kl, tokens_all, _ in body:
+    for name, *scores, kl, tokens_all, _, _ in body:
         result = evaluation["policies"][name]
-        for cell, stat in (
-            (score_all, result["score"]["all"]),
-            (score_harmless, result["score"]["harmless"]),
-        ):
+        for cell, part in zip(scores, ("all", "harmless", "helpful")):
+            stat = result["score"][part]
             assert cell == f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
         assert kl == f"{result['kl_to_reference']:.3f}"
         assert tokens_all == f"{result['reply_tokens']['all']['mean']:.1f}"
-        assert result["score"]["all"]["n"] == evaluation["prompts"]["all"] == 12
+        counts = {part: result["score"][part]["n"] for part in ("all", "harmless", "helpful")}
+        assert counts == evaluation["prompts"] and counts["all"] == 16
+        assert min(counts["harmless"], counts["helpful"]) > 2
     _, body = table_rows(markdown, "| policy | against")
-    for mine, theirs, rate, _ in body:
+    for mine, theirs, rate, *_ in body:
         assert rate == f"{evaluation['win_rates'][mine][theirs]['all']:.3f}"
         # a win counts for one side, a tie half for each: the two rates add up to one
         other = evaluation["win_rates"][theirs][mine]["all"]
