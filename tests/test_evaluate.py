@@ -41,7 +41,7 @@ def mc_items() -> list[dict]:
 
 def learn_the_answers(model, tokenizer, steps: int = 40) -> None:
     """A few steps of language modelling on the task's questions with their right answers, so
-    one policy knows more than the base (its capability rises: a negative alignment tax)."""
+    one policy knows more than the base (its capability rises: an alignment bonus)."""
     texts = [
         f"\n\nHuman: {item['question']}\n\nAssistant: {item['choices'][item['label']]}"
         for item in mc_items()
@@ -207,7 +207,7 @@ def test_the_table_has_every_policy_and_column(evaluated):
     ]
     assert len(body) == 6  # every ordered pair of the three policies
     header, body = table_rows(markdown, "| policy | hh_mc")
-    assert header == ["policy", "hh_mc: accuracy", "hh_mc: alignment tax vs base"]
+    assert header == ["policy", "hh_mc: accuracy", "hh_mc: Δ vs base"]
     assert [row[0] for row in body] == ["base", "sft", "ppo"]
     assert (folder / "evaluation.png").stat().st_size > 0
 
@@ -236,7 +236,7 @@ def test_the_json_and_the_table_agree(evaluated):
     for name, accuracy, tax in body:
         result = evaluation["capability"][name]["hh_mc"]
         assert accuracy == f"{result['acc']:.3f} ± {result['stderr']:.3f}"
-        assert tax == f"{result['tax']:+.3f}"
+        assert tax == f"{result['vs_base']:+.3f}"
 
 
 def test_kl_to_the_reference_and_the_alignment_tax(evaluated):
@@ -253,9 +253,9 @@ def test_kl_to_the_reference_and_the_alignment_tax(evaluated):
         expected = math.sqrt(acc * (1 - acc) * n / (n - 1) / n)
         assert capability[name]["hh_mc"]["stderr"] == pytest.approx(expected, abs=1e-6)
     assert capability["sft"]["hh_mc"]["acc"] > capability["base"]["hh_mc"]["acc"] + 0.2
-    tax = capability["sft"]["hh_mc"]["acc"] - capability["base"]["hh_mc"]["acc"]
-    assert capability["sft"]["hh_mc"]["tax"] == pytest.approx(tax)
-    assert capability["base"]["hh_mc"]["tax"] == 0.0
+    bonus = capability["sft"]["hh_mc"]["acc"] - capability["base"]["hh_mc"]["acc"]
+    assert capability["sft"]["hh_mc"]["vs_base"] == pytest.approx(bonus)
+    assert capability["base"]["hh_mc"]["vs_base"] == 0.0
 
 
 def test_the_card_section_is_written_once_and_replaced(runs, evaluated):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -354,9 +355,13 @@ def main(args: Args) -> dict:
     run.disable_dropout(policy)
     chat = policy_chat(args.policy, tokenizer)
     queries = encode_queries(tokenizer, rows, chat, args.query_length)
-    texts = sample_replies(
-        policy, tokenizer, queries, copies, args, end_of_turn_id(tokenizer, chat)
-    )
+    started, started_cpu = time.perf_counter(), time.process_time()
+    stop_id = end_of_turn_id(tokenizer, chat)
+    texts = sample_replies(policy, tokenizer, queries, copies, args, stop_id)
+    sampling = {  # the part --share-prompt speeds up (bench/best_of_n.md)
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - started_cpu,
+    }
 
     # 3. every reply scored by the reward model, reading the text as it was trained to
     judge = make_judge(args.reward_model, args.batch_size * copies)
@@ -402,6 +407,7 @@ def main(args: Args) -> dict:
         "ppo": ppo,
         "prompts": len(rows),
         "samples_per_prompt": copies,
+        "sampling": sampling,
         "prompt_ids": [row["id"] for row in rows],
         "replies": texts,  # shape: [prompts, N], as the reward model read them
         "rewards": rewards.tolist(),  # shape: [prompts, N]: the curve is recomputable from it
@@ -422,7 +428,8 @@ def main(args: Args) -> dict:
     print(table(curve, ppo))
     print(
         f"best-of-n: {len(picked)} comparisons ({args.rejected} as rejected) written to "
-        f"{written}; skipped {skipped}"
+        f"{written}; skipped {skipped}; sampling took {sampling['seconds']:.1f} s "
+        f"({sampling['cpu_seconds']:.1f} s CPU)"
     )
     return report
 

@@ -8,7 +8,8 @@
 - Capability: zero-shot tasks through EleutherAI's lm-evaluation-harness (``lm_eval``'s
   Python API, the ``eval`` extra): any task name it knows, or a task YAML file (or folder)
   read offline, e.g. tests/data/hh_mc; accuracy with its standard error per policy, and the
-  alignment tax: accuracy minus the base policy's (Bai et al. 2022, section 4.2).
+  alignment tax or bonus: accuracy minus the base policy's, negative where alignment cost
+  capability (Bai et al. 2022).
 
 Writes evaluation.md (the tables), evaluation.png and evaluation.json into --out, and the
 tables into each policy's model card (README.md in its folder), in a marked section that a
@@ -311,10 +312,11 @@ def capability(policies: dict[str, Path], tasks: str, args: Args) -> dict:
 
 
 def alignment_tax(capabilities: dict, base: str) -> None:
-    """Add `tax` (accuracy minus the base policy's) to every policy's task results."""
+    """Add `vs_base` (accuracy minus the base policy's: negative is an alignment tax, positive
+    a bonus) to every policy's task results."""
     for tasks in capabilities.values():
         for task, result in tasks.items():
-            result["tax"] = result["acc"] - capabilities[base][task]["acc"]
+            result["vs_base"] = result["acc"] - capabilities[base][task]["acc"]
 
 
 # ---- reports: the table, the plot, the cards ------------------------------------------------
@@ -364,9 +366,7 @@ def tables(evaluation: dict) -> str:
         tasks = list(next(iter(capabilities.values())))
         lines += [
             "",
-            "| policy | "
-            + " | ".join(f"{t}: accuracy | {t}: alignment tax vs {base}" for t in tasks)
-            + " |",
+            "| policy | " + " | ".join(f"{t}: accuracy | {t}: Δ vs {base}" for t in tasks) + " |",
             "|---|" + "---|" * (2 * len(tasks)),
         ]
         for name, results in capabilities.items():
@@ -375,8 +375,13 @@ def tables(evaluation: dict) -> str:
                 result = results[task]
                 stderr = result["stderr"]
                 spread = "" if stderr is None else f" ± {stderr:.3f}"
-                cells += [f"{result['acc']:.3f}{spread}", f"{result['tax']:+.3f}"]
+                cells += [f"{result['acc']:.3f}{spread}", f"{result['vs_base']:+.3f}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Zero-shot accuracy ± standard error (lm_eval); Δ vs {base} is the accuracy minus "
+            f"{base}'s: negative is an alignment tax, positive a bonus.",
+        ]
     return "\n".join(lines) + "\n"
 
 
