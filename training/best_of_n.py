@@ -143,9 +143,20 @@ def encode_queries(tokenizer, rows: list[dict], chat: bool, query_length: int) -
     ]
 
 
+def reply_content(text: str) -> str:
+    """A sampled reply's text as its turn's content: without the one space that separates it
+    from the ``Assistant:`` tag (the query ends with the bare tag, so the reply starts with it),
+    as hhdata.pairs.transcript splits a transcript.
+
+    >>> reply_content(" Sure.")
+    'Sure.'
+    """
+    return text.removeprefix(" ")
+
+
 @torch.no_grad()
 def sample_replies(model, tokenizer, queries, copies: int, args, stop_id: int) -> list[list[str]]:
-    """`copies` replies to each query, as text (up to the end-of-turn token), one list per
+    """`copies` replies to each query, as turn contents (up to the end-of-turn token), one list per
     query; the prompt's forward pass is shared by its replies (fast.sample, copies=) unless
     --no-share-prompt."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -164,7 +175,7 @@ def sample_replies(model, tokenizer, queries, copies: int, args, stop_id: int) -
             )
         keep, _ = truncate_at_stop(tokens, stop_id)
         decoded = [
-            tokenizer.decode(reply[kept], skip_special_tokens=True)
+            reply_content(tokenizer.decode(reply[kept], skip_special_tokens=True))
             for reply, kept in zip(tokens, keep)
         ]
         texts += [decoded[i : i + copies] for i in range(0, len(decoded), copies)]

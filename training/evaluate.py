@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from training import models, run
-from training.best_of_n import encode_queries, mean_with_ci, policy_chat
+from training.best_of_n import encode_queries, mean_with_ci, policy_chat, reply_content
 from training.common import UsageError, choose_split, load_pairs, run_cli
 from training.ppo_eval import held_out_kl, held_out_prompts, make_judge, reply_texts, verdict
 from training.rollout import rollout
@@ -171,7 +171,7 @@ def answer(model, tokenizer, folder: Path, rows: list[dict], args: Args):
         )
         for s in range(0, len(queries), args.batch_size)
     ]
-    return batches, reply_texts(batches, tokenizer)
+    return batches, [reply_content(text) for text in reply_texts(batches, tokenizer)]
 
 
 def per_family(rows: list[dict], values: torch.Tensor) -> dict:
