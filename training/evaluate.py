@@ -268,22 +268,35 @@ def local_task(path: Path) -> dict:
     return config
 
 
-def capability(policies: dict[str, Path], tasks: str, args: Args) -> dict:
-    """{policy: {task: {"acc", "stderr"}}}: each policy through lm_eval.simple_evaluate with
-    an HFLM around the loaded model, zero-shot."""
-    names, configs = task_specs(tasks)
-    if not names and not configs:
-        return {}
+def task_manager(names: list[str]):
+    """lm_eval's TaskManager, after checking that every task name is one it knows (before any
+    model is loaded). Indexing lm_eval's own task folders takes seconds; local task files need
+    none of it."""
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UsageError(
             "--tasks needs lm-evaluation-harness: pip install 'hhdata[eval]'"
         ) from None
-    # indexing lm_eval's own task folders takes seconds; local task files need none of it
     manager = TaskManager(include_defaults=bool(names))
+    unknown = sorted(set(names) - set(manager.match_tasks(names)))
+    if unknown:
+        raise UsageError(
+            f"--tasks {','.join(unknown)}: neither an lm_eval task name nor a file; pass names "
+            "that `lm_eval ls tasks` lists, or the path of a task YAML file or folder"
+        )
+    return manager
+
+
+def capability(
+    policies: dict[str, Path], names: list[str], configs: list[dict], manager, args: Args
+) -> dict:
+    """{policy: {task: {"acc", "stderr"}}}: each policy through lm_eval.simple_evaluate with
+    an HFLM around the loaded model, zero-shot, on the tasks `names` and `configs`
+    (task_specs)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for name, folder in policies.items():
@@ -458,6 +471,8 @@ def main(args: Args) -> dict:
     if args.judge is None:
         raise UsageError("no --judge given; pass a reward-model run none of the policies used")
     refuse_trained_against_judge(policies, args.judge)
+    names, configs = task_specs(args.tasks)
+    manager = task_manager(names) if names or configs else None
     torch.manual_seed(args.seed)
 
     # 1. the held-out prompts: never trained on by the judge (when its settings.json says)
@@ -474,7 +489,7 @@ def main(args: Args) -> dict:
 
     # 2. preference under the judge, 3. capability through lm_eval
     results, win_rates = preference(policies, rows, args, reference)
-    capabilities = capability(policies, args.tasks, args)
+    capabilities = capability(policies, names, configs, manager, args) if manager else {}
     if capabilities:
         alignment_tax(capabilities, base)
 
