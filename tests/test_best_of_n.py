@@ -131,14 +131,14 @@ def test_best_reward_is_monotone_in_n_and_the_kl_column_is_the_formula(report):
 
 def test_written_comparisons_validate_and_parse_back_byte_exactly(report):
     result, folder, _ = report
-    data = result["data"]
-    assert data["subset"] == "harmless-best-of-8"
+    [data] = result["data"]  # the bundled sample's prompts are all harmless: one subset
+    assert data["subset"] == "harmless-best-of-8" and data["family"] == "harmless"
     path = folder / "data" / "harmless-best-of-8" / "train.jsonl.gz"
     assert data["path"] == str(path)
     records = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
     sidecar = json.loads((path.parent / "train.provenance.json").read_text())
     assert len(records) == len(sidecar) == data["comparisons"] > 0
-    assert data["comparisons"] + sum(data["skipped"].values()) == result["prompts"]
+    assert data["comparisons"] + sum(result["skipped"].values()) == result["prompts"]
     read = read_pairs(path, family="harmless")  # what `hhdata validate` runs
     assert read.quarantine.num_rows == 0
     rows = read.table.to_pylist()
@@ -187,3 +187,33 @@ def test_n_must_be_positive_integers():
     for bad in ("0,2", "a", ""):
         with pytest.raises(UsageError, match="--n"):
             n_values(bad)
+
+
+def test_each_family_gets_its_own_subset(tiny_runs, tmp_path):
+    """Helpful and harmless prompts give two subsets (a subset has one family), each read back
+    with nothing quarantined; naming one subset for both is refused before any sampling."""
+    from tests.test_evaluate import write_two_family_pairs
+
+    write_two_family_pairs(tmp_path / "pairs.parquet")
+    args = Args(
+        policy=str(tiny_runs / "sft"),
+        reward_model=str(tiny_runs / "rm"),
+        data=str(tmp_path / "pairs.parquet"),
+        n="1,4",
+        prompts=12,
+        query_length=48,
+        response_length=6,
+        output_dir=str(tmp_path / "run"),
+    )
+    with pytest.raises(UsageError, match=r"--subset mine: the prompts hold families"):
+        main(dataclasses.replace(args, subset="mine"))
+    assert not (tmp_path / "run").exists()
+    result = main(args)
+    parts = {part["family"]: part for part in result["data"]}
+    assert sorted(parts) == ["harmless", "helpful"]
+    for family, part in parts.items():
+        assert part["subset"] == f"{family}-best-of-4" and part["comparisons"] > 0
+        read = read_pairs(part["path"], family=family)
+        assert read.quarantine.num_rows == 0 and read.table.num_rows == part["comparisons"]
+        assert set(read.table.column("family").to_pylist()) == {family}
+    assert set(result["curve"][0]["by_family"]) == {"harmless", "helpful"}

@@ -237,12 +237,13 @@ def round_trips(prompt: list[dict], reply: str) -> bool:
 
 
 def comparisons(rows, texts, rewards: torch.Tensor, rejected: str, seed: int) -> tuple[list, dict]:
-    """One comparison per prompt: (row, best index, rejected index), and how many prompts were
-    skipped per reason. Rejected is the worst reply, or a random one scored strictly below the
-    best; replies that do not round-trip through the transcript format are never picked."""
+    """One comparison per prompt: (prompt index, best sample, rejected sample), and how many
+    prompts were skipped per reason. Rejected is the worst reply, or a random one scored
+    strictly below the best; replies that do not round-trip through the transcript format are
+    never picked."""
     generator = torch.Generator().manual_seed(seed)
     kept, skipped = [], {"no_reply_round_trips": 0, "no_worse_reply": 0}
-    for row, replies, scores in zip(rows, texts, rewards):
+    for index, (row, replies, scores) in enumerate(zip(rows, texts, rewards)):
         usable = [i for i, text in enumerate(replies) if round_trips(row["prompt"], text)]
         if not usable:
             skipped["no_reply_round_trips"] += 1
@@ -256,34 +257,32 @@ def comparisons(rows, texts, rewards: torch.Tensor, rejected: str, seed: int) ->
             other = min(worse, key=lambda i: scores[i].item())
         else:
             other = worse[torch.randint(len(worse), (1,), generator=generator).item()]
-        kept.append((row, best, other))
+        kept.append((index, best, other))
     return kept, skipped
 
 
-def write_comparisons(folder: Path, picked, texts_of, rewards_of, provenance: dict) -> Path:
+def write_comparisons(folder: Path, rows, texts, rewards, picked, provenance: dict) -> Path:
     """Raw HH JSONL (``{"chosen": ..., "rejected": ...}`` per line, gzip with a fixed mtime)
     at `folder`/<split>.jsonl.gz, and the provenance sidecar beside it: one JSON object per
     line, same order (the contract ``hhdata build`` reads)."""
     folder.mkdir(parents=True, exist_ok=True)
     split = provenance["split"]
     lines, sidecar = [], []
-    for row, best, other in picked:
-        chosen, rejected = texts_of(row, best), texts_of(row, other)
+    for index, best, other in picked:
+        prompt = rows[index]["prompt"]
         record = {
-            "chosen": render_transcript(row["prompt"] + [{"role": "assistant", "content": chosen}]),
-            "rejected": render_transcript(
-                row["prompt"] + [{"role": "assistant", "content": rejected}]
-            ),
+            side: render_transcript(prompt + [{"role": "assistant", "content": texts[index][k]}])
+            for side, k in (("chosen", best), ("rejected", other))
         }
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         sidecar.append(
             {
                 **{k: v for k, v in provenance.items() if k != "split"},
-                "prompt_source_id": row["id"],
+                "prompt_source_id": rows[index]["id"],
                 "chosen_sample": best,
                 "rejected_sample": other,
-                "chosen_reward": rewards_of(row, best),
-                "rejected_reward": rewards_of(row, other),
+                "chosen_reward": round(rewards[index, best].item(), 6),
+                "rejected_reward": round(rewards[index, other].item(), 6),
             }
         )
     path = folder / f"{split}.jsonl.gz"
@@ -359,6 +358,13 @@ def main(args: Args) -> dict:
             f"{provenance['source']}: every prompt was trained on by {args.reward_model}; pass "
             "other --data"
         )
+    families = sorted({row["family"] for row in rows})
+    if args.subset and len(families) > 1:
+        raise UsageError(
+            f"--subset {args.subset}: the prompts hold families {families}, and a subset has "
+            "one; leave out --subset (one `<family>-best-of-N` subset each) or pass --data with "
+            "one family's prompts"
+        )
 
     # 2. N replies per prompt from one shared prompt pass, cut at the end-of-turn token
     tokenizer = models.load_tokenizer(args.policy)
@@ -383,34 +389,39 @@ def main(args: Args) -> dict:
     curve = reward_curve(rows, rewards, ns)
     ppo = ppo_points(args.ppo_run, args.reward_model)
 
-    # 5. (b) best-of-N as data: the best reply against the worst (or a random worse) one
-    families = {row["family"] for row in rows}
-    if len(families) > 1:
-        raise UsageError(
-            f"{provenance['source']}: the prompts hold families {sorted(families)}, but a subset "
-            "has one; pass --data with one family's prompts"
-        )
-    family = families.pop()
-    subset = args.subset or f"{family}-best-of-{copies}"
+    # 5. (b) best-of-N as data: the best reply against the worst (or a random worse) one,
+    # one subset per family (a subset has one family)
     picked, skipped = comparisons(rows, texts, rewards, args.rejected, args.seed)
-    written = None
-    if picked:
-        position = {id(row): i for i, row in enumerate(rows)}
-        written = write_comparisons(
-            output_dir / "data" / subset,
-            picked,
-            lambda row, k: texts[position[id(row)]][k],
-            lambda row, k: round(rewards[position[id(row)], k].item(), 6),
+    written = []
+    for family in families:
+        mine = [pick for pick in picked if rows[pick[0]]["family"] == family]
+        subset = args.subset or f"{family}-best-of-{copies}"
+        path = None
+        if mine:
+            path = write_comparisons(
+                output_dir / "data" / subset,
+                rows,
+                texts,
+                rewards,
+                mine,
+                {
+                    "split": args.data_split,
+                    "method": f"best-of-{copies}",
+                    "family": family,
+                    "rejected": args.rejected,
+                    "policy": args.policy,
+                    "reward_model": args.reward_model,
+                    "seed": args.seed,
+                    "temperature": args.temperature,
+                },
+            )
+        written.append(
             {
-                "split": args.data_split,
-                "method": f"best-of-{copies}",
+                "subset": subset,
                 "family": family,
-                "rejected": args.rejected,
-                "policy": args.policy,
-                "reward_model": args.reward_model,
-                "seed": args.seed,
-                "temperature": args.temperature,
-            },
+                "path": path and str(path),
+                "comparisons": len(mine),
+            }
         )
 
     report = {
@@ -422,13 +433,8 @@ def main(args: Args) -> dict:
         "prompt_ids": [row["id"] for row in rows],
         "replies": texts,  # shape: [prompts, N], as the reward model read them
         "rewards": rewards.tolist(),  # shape: [prompts, N]: the curve is recomputable from it
-        "data": {
-            "path": str(written) if written else None,
-            "subset": subset,
-            "family": family,
-            "comparisons": len(picked),
-            "skipped": skipped,
-        },
+        "data": written,
+        "skipped": skipped,
         "settings": run.settings_record(
             args, data=provenance, chat_template=chat, reward_model_prompts_unknown=bool(unknown)
         ),
@@ -439,8 +445,8 @@ def main(args: Args) -> dict:
     print(table(curve, ppo))
     print(
         f"best-of-n: {len(picked)} comparisons ({args.rejected} as rejected) written to "
-        f"{written}; skipped {skipped}; sampling took {sampling['seconds']:.1f} s "
-        f"({sampling['cpu_seconds']:.1f} s CPU)"
+        f"{[part['path'] for part in written]}; skipped {skipped}; sampling took "
+        f"{sampling['seconds']:.1f} s ({sampling['cpu_seconds']:.1f} s CPU)"
     )
     return report
 
