@@ -138,9 +138,16 @@ def parse_args(cls, argv: list[str] | None = None):
             parser.add_argument(
                 flag, choices=typing.get_args(kind), default=field.default, help=help_text
             )
+        elif typing.get_origin(kind) is tuple:  # `tuple[str, ...]`: a flag given once per value
+            parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
-    return cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    for field in dataclasses.fields(cls):  # repeated flags: a tuple, the default when absent
+        if isinstance(field.default, tuple):
+            given = values[field.name]
+            values[field.name] = field.default if given is None else tuple(given)
+    return cls(**values)
 
 
 def run_cli(main: Callable, cls, argv: list[str] | None = None) -> None:

@@ -233,13 +233,28 @@ def accumulate_pair_loss(
 
 
 @torch.no_grad()
-def sample(model, ids, mask, response_length: int, temperature: float, stop_id: int, generator):
+def sample(
+    model,
+    ids,
+    mask,
+    response_length: int,
+    temperature: float,
+    stop_id: int,
+    generator,
+    copies: int = 1,
+):
     """Sample replies to left-padded queries with a key-value cache: the tokens and their
-    log-probabilities under the sampling distribution, each of shape [batch, response_length].
+    log-probabilities under the sampling distribution, each of shape [batch * copies,
+    response_length].
 
     Stops early once every reply has emitted `stop_id`; the rest is filled with `stop_id`,
     which truncation masks out anyway. The log-probabilities are not trained on: they check
     that scoring (`reply_logprobs`) reproduces the distribution that sampled.
+
+    `copies` > 1 samples that many replies per query (best-of-N) from one forward pass over
+    the queries: their key-value cache is repeated, not recomputed. Row i * copies + k is
+    query i's k-th reply; the same as sampling `ids.repeat_interleave(copies, 0)` (a test
+    checks it).
     """
     # left padding: the first real token is position 0
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -247,6 +262,12 @@ def sample(model, ids, mask, response_length: int, temperature: float, stop_id: 
     output = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
+    cache_name = "cache" if "cache" in output else "past_key_values"  # renamed in 5.x
+    if copies > 1:  # shape: [batch * copies, ...]: the prompt's work shared by its replies
+        output[cache_name].batch_repeat_interleave(copies)
+        output.logits = output.logits.repeat_interleave(copies, 0)
+        ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+        positions = positions.repeat_interleave(copies, 0)
     tokens = torch.full((ids.shape[0], response_length), stop_id, device=ids.device)
     logprobs = torch.zeros(tokens.shape, device=ids.device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -261,7 +282,6 @@ def sample(model, ids, mask, response_length: int, temperature: float, stop_id: 
         if done.all() or t + 1 == response_length:
             break
         mask, position = F.pad(mask, (0, 1), value=1), position + 1
-        cache_name = "cache" if "cache" in output else "past_key_values"  # renamed in 5.x
         output = model(
             input_ids=token[:, None],
             attention_mask=mask,
