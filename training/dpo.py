@@ -16,6 +16,10 @@ chosen | rejected packed in one sequence with a block mask, as the reward model 
 ``training/fast.py``); the reference's log-probabilities are computed once per pair before
 training and kept (the reference is frozen). Held out: the implicit-reward accuracy and
 margins per family and subset (``training/preference_eval.py``).
+
+The scale flags (``training/scale.py``: ``--precision``, ``--gradient-checkpointing``,
+``--lora-rank``) apply; under LoRA the reference is the policy with its adapters off, so one
+copy of the SFT weights serves both, and the saved policy is merged.
 """
 
 from __future__ import annotations
