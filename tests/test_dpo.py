@@ -314,6 +314,35 @@ def test_lora_dpo_in_bf16_with_checkpointing_trains_adapters_and_saves_a_plain_m
     assert settings["precision"] == "bf16" and settings["lora_rank"] == 4
 
 
+def test_an_interrupted_lora_run_resumes_to_the_same_adapters(tmp_path, marker_file):
+    """Checkpoints hold the adapters beside the frozen weights; a resumed run rebuilds the
+    adapters (and the optimizer over them only) and lands on the unbroken run's weights."""
+    base = Args(
+        policy="tiny",
+        data=str(marker_file),
+        learning_rate=1e-2,
+        batch_size=8,
+        max_steps=4,
+        save_every=2,
+        max_length=48,
+        max_eval_pairs=8,
+        lora_rank=4,
+    )
+    whole = main(replace(base, output_dir=str(tmp_path / "whole")))
+    main(replace(base, output_dir=str(tmp_path / "cut"), stop_after=2))
+    resumed = main(replace(base, output_dir=str(tmp_path / "cut"), resume=True))
+    assert resumed["train"]["loss"] == whole["train"]["loss"]
+    assert resumed["overall"] == whole["overall"]
+    final = "checkpoints/step-0000004/policy.safetensors"
+    final_whole, final_cut = (
+        load_file(tmp_path / "whole" / final),
+        load_file(tmp_path / "cut" / final),
+    )
+    assert any("lora_B" in name for name in final_whole)
+    for name, tensor in final_whole.items():
+        assert torch.equal(tensor, final_cut[name]), name
+
+
 @pytest.fixture(scope="module")
 def tiny_pairs():
     """A tiny tokenizer and a few pairs of real HH-RLHF text."""
