@@ -1,5 +1,6 @@
 """DPO: prefix sharing is exact, the losses match their formulas, it learns a planted
-preference (and flipped labels unlearn it), and resume changes nothing."""
+preference (and flipped labels unlearn it), resume changes nothing, and the scale flags (LoRA
+against the base as reference, bf16, gradient checkpointing) work."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from hhdata.pairs.transcript import render_transcript
 from hhdata.schema import PAIR_SCHEMA, pair_id
-from training import models
+from tests.test_scale import count_calls
+from training import models, scale
 from training.common import UsageError, load_pairs, parse_args, run_cli
-from training.dpo import Args, dpo_loss, main
+from training.dpo import Args, dpo_loss, frozen_reference, main
 from training.fast import (
     ReplyLogprobs,
     accumulate_reply_loss,
@@ -269,6 +272,141 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, marker_fil
     )
     for name, tensor in final_whole.items():
         assert torch.equal(tensor, final_cut[name]), name
+
+
+# ---- the scale flags: LoRA with the base as reference, bf16, gradient checkpointing --------
+
+
+def test_lora_dpo_in_bf16_with_checkpointing_trains_adapters_and_saves_a_plain_model(
+    tmp_path, marker_file
+):
+    run_dir = tmp_path / "dpo"
+    metrics = main(
+        Args(
+            policy="tiny",
+            data=str(marker_file),
+            output_dir=str(run_dir),
+            learning_rate=1e-2,
+            batch_size=8,
+            max_steps=2,
+            max_length=48,
+            max_eval_pairs=8,
+            precision="bf16",
+            gradient_checkpointing=True,
+            lora_rank=4,
+        )
+    )
+    losses = metrics["train"]["loss"]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+    # the adapters start as a zero update: the policy is its reference, in bf16 too
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    checkpoint = load_file(run_dir / "checkpoints/step-0000002/policy.safetensors")
+    assert any(".lora_A." in name for name in checkpoint)  # resumable with its adapters
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    tokenizer = models.load_tokenizer(str(run_dir / "tokenizer"))
+    initial = models.load_causal_lm(models.TINY, tokenizer, seed=1).state_dict()  # --seed 1
+    saved = loaded.state_dict()
+    assert set(saved) == set(initial)  # merged: plain names, no adapter left
+    changed = {name for name in initial if not torch.equal(saved[name], initial[name])}
+    targets = scale.lora_targets("llama")
+    assert changed and all(name.split(".")[-2] in targets for name in changed)
+    settings = json.loads((run_dir / "settings.json").read_text())["args"]
+    assert settings["precision"] == "bf16" and settings["lora_rank"] == 4
+
+
+def test_an_interrupted_lora_run_resumes_to_the_same_adapters(tmp_path, marker_file):
+    """Checkpoints hold the adapters beside the frozen weights; a resumed run rebuilds the
+    adapters (and the optimizer over them only) and lands on the unbroken run's weights."""
+    base = Args(
+        policy="tiny",
+        data=str(marker_file),
+        learning_rate=1e-2,
+        batch_size=8,
+        max_steps=4,
+        save_every=2,
+        max_length=48,
+        max_eval_pairs=8,
+        lora_rank=4,
+    )
+    whole = main(replace(base, output_dir=str(tmp_path / "whole")))
+    main(replace(base, output_dir=str(tmp_path / "cut"), stop_after=2))
+    resumed = main(replace(base, output_dir=str(tmp_path / "cut"), resume=True))
+    assert resumed["train"]["loss"] == whole["train"]["loss"]
+    assert resumed["overall"] == whole["overall"]
+    final = "checkpoints/step-0000004/policy.safetensors"
+    final_whole, final_cut = (
+        load_file(tmp_path / "whole" / final),
+        load_file(tmp_path / "cut" / final),
+    )
+    assert any("lora_B" in name for name in final_whole)
+    for name, tensor in final_whole.items():
+        assert torch.equal(tensor, final_cut[name]), name
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs():
+    """A tiny tokenizer and a few pairs of real HH-RLHF text."""
+    rows = load_pairs(None)[0]["test"][:200]
+    tokenizer = models.train_tiny_tokenizer([r["chosen_text"] for r in rows], vocab_size=512)
+    return tokenizer, [encode_pair(tokenizer, row, 64, chat=False) for row in rows[:6]]
+
+
+def test_the_reference_with_adapters_off_equals_a_frozen_sft_copy(tiny_pairs):
+    tokenizer, pairs = tiny_pairs
+    args = Args(policy=models.TINY, seed=5)
+    accelerator = scale.make_accelerator("fp32")
+    policy = models.load_causal_lm(models.TINY, tokenizer, seed=5)  # the SFT weights
+    lora = scale.add_lora(policy, rank=4, alpha=8)
+    with torch.no_grad():  # trained adapters: the policy is no longer its base
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.2)
+    shared = frozen_reference(policy, lora, args, tokenizer, accelerator)
+    separate = frozen_reference(policy, None, args, tokenizer, accelerator)  # another copy
+    pad = tokenizer.pad_token_id
+    expected = separate(pairs, pad, True, 4)
+    torch.testing.assert_close(shared(pairs, pad, True, 4), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        adapted = pair_logprobs(ReplyLogprobs(policy), pairs, pad, True, "cpu")
+    assert (adapted - expected).abs().max() > 0.1  # the adapters are on for the policy itself
+    assert all(parameter.grad is None for parameter in policy.parameters())
+
+
+def test_in_bf16_the_reference_runs_under_the_policys_autocast(tiny_pairs):
+    """At step 0 the adapters are a zero update: the policy (prepared, so under accelerate's
+    autocast) and its reference must give the same log-probs, or the first loss is not
+    log 2 and the implicit rewards carry a bf16 rounding offset."""
+    tokenizer, pairs = tiny_pairs
+    accelerator = scale.make_accelerator("bf16")
+    policy = models.load_causal_lm(models.TINY, tokenizer, seed=5)
+    lora = scale.add_lora(policy, rank=4, alpha=8)
+    scorer = accelerator.prepare(ReplyLogprobs(policy))
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        in_bf16 = pair_logprobs(scorer, pairs, pad, True, "cpu")
+        in_fp32 = pair_logprobs(ReplyLogprobs(policy), pairs, pad, True, "cpu")
+    assert not torch.equal(in_bf16, in_fp32)  # autocast acts on the policy
+    reference = frozen_reference(policy, lora, Args(policy=models.TINY), tokenizer, accelerator)
+    assert torch.equal(reference(pairs, pad, True, 4), in_bf16)
+
+
+def test_gradient_checkpointing_gives_the_dpo_gradients(tiny_pairs):
+    tokenizer, pairs = tiny_pairs
+    tokens = torch.tensor([[len(c), len(r)] for _, c, r in pairs])
+    reference = torch.full((len(pairs), 2), -50.0)
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        policy = models.load_causal_lm(models.TINY, tokenizer, seed=2).train()
+        if checkpointing:
+            scale.enable_gradient_checkpointing(policy)
+        count = count_calls(policy.model.layers[0].mlp)
+        logprobs = pair_logprobs(ReplyLogprobs(policy), pairs, tokenizer.pad_token_id, True, "cpu")
+        dpo_loss(logprobs, reference, tokens, Args()).backward()
+        grads[checkpointing] = {n: p.grad for n, p in policy.named_parameters()}
+        calls[checkpointing] = len(count)
+    assert calls == {False: 1, True: 2}  # the layer ran again in the backward pass
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 # ---- the command line ------------------------------------------------------------------------

@@ -16,10 +16,15 @@ chosen | rejected packed in one sequence with a block mask, as the reward model 
 ``training/fast.py``); the reference's log-probabilities are computed once per pair before
 training and kept (the reference is frozen). Held out: the implicit-reward accuracy and
 margins per family and subset (``training/preference_eval.py``).
+
+The scale flags (``training/scale.py``: ``--precision``, ``--gradient-checkpointing``,
+``--lora-rank``) apply; under LoRA the reference is the policy with its adapters off, so one
+copy of the SFT weights serves both, and the saved policy is merged.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -29,9 +34,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 
-from training import models, run
+from training import models, run, scale
 from training.common import UsageError, load_pairs, prompt_key, run_cli
 from training.fast import (
     ReplyLogprobs,
@@ -46,7 +50,7 @@ from training.text import encode_pair, uses_chat_template
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(scale.ScaleArgs):
     """DPO of a policy on the preference pairs of a release, against its frozen SFT reference."""
 
     policy: str = "runs/sft"
@@ -249,6 +253,33 @@ def all_logprobs(
     return gathered.view(world, -1, 2).transpose(0, 1).reshape(-1, 2)[: len(pairs)].cpu()
 
 
+def frozen_reference(policy, lora, args: Args, tokenizer, accelerator):
+    """The frozen reference (the SFT policy the run starts from) as a function of (pairs,
+    pad_id, share_prefix, batch_size) that returns their summed log-probs, like all_logprobs.
+
+    With LoRA it is the policy with its adapters off (scale.AdapterDisabled): one copy of the
+    weights serves both, as TRL does with peft. Without, a second frozen copy of the SFT
+    weights. Either runs under the run's autocast, as the policy does, so the two agree at
+    step 0 in bf16 too.
+    """
+    if lora is not None:
+        base = scale.AdapterDisabled(policy, lora)
+        scorer = ReplyLogprobs(policy)
+        run_reference = functools.partial(base.without_adapters, all_logprobs, scorer)
+    else:
+        reference = models.load_causal_lm(args.policy, tokenizer, seed=args.seed)
+        run.disable_dropout(reference)
+        reference.requires_grad_(False).eval().to(accelerator.device)
+        run_reference = functools.partial(all_logprobs, ReplyLogprobs(reference))
+
+    def reference_logprobs(pairs, pad_id: int, share_prefix: bool, batch_size: int):
+        """Summed log-probs of (chosen, rejected) of `pairs` under the reference, [pairs, 2]."""
+        with accelerator.autocast():
+            return run_reference(pairs, pad_id, share_prefix, batch_size, accelerator)
+
+    return reference_logprobs
+
+
 # ---- the model card --------------------------------------------------------------------------
 
 
@@ -302,7 +333,7 @@ def main(args: Args) -> dict:
     if args.label_smoothing and args.loss == "ipo":
         raise UsageError("--label-smoothing applies to --loss sigmoid only; drop one of them")
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator()
+    accelerator = scale.make_accelerator(args.precision)
     world = accelerator.num_processes
     if args.batch_size % world:
         raise UsageError(
@@ -330,10 +361,10 @@ def main(args: Args) -> dict:
     chat = uses_chat_template(tokenizer, args.chat_template)
     check_chat_template(args, chat)
     policy = models.load_causal_lm(args.policy, tokenizer, seed=args.seed)
-    reference = models.load_causal_lm(args.policy, tokenizer, seed=args.seed)
-    for model in (policy, reference):
-        run.disable_dropout(model)
-    reference.requires_grad_(False).eval()
+    run.disable_dropout(policy)
+    if args.gradient_checkpointing:
+        scale.enable_gradient_checkpointing(policy)
+    lora = scale.maybe_add_lora(policy, args)
     problem = prefix_sharing_problem(policy.get_decoder())
     if args.prefix_sharing == "on" and problem is not None:
         raise UsageError(
@@ -364,13 +395,13 @@ def main(args: Args) -> dict:
     tokens = torch.tensor([[len(c), len(r)] for _, c, r in train_pairs])  # shape: [pairs, 2]
     pad_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+        scale.trainable_parameters(policy), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     state = {"step": 0, "log": []}
     if checkpoint is not None:
         state = run.load_checkpoint(checkpoint, {"policy": policy}, optimizer, accelerator)
     scorer, optimizer = accelerator.prepare(ReplyLogprobs(policy), optimizer)
-    reference_scorer = ReplyLogprobs(reference.to(accelerator.device))
+    reference_logprobs_of = frozen_reference(policy, lora, args, tokenizer, accelerator)
     writer = run.tensorboard(output_dir, state["step"] + 1, accelerator)
 
     # 3. the reference's log-probs, once per pair the run trains on: it is frozen, so every
@@ -378,13 +409,8 @@ def main(args: Args) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
     used = sorted({i for s in range(total_steps) for i in step_batch(s, len(train_pairs), args)})
     reference_logprobs = torch.full((len(train_pairs), 2), math.nan)  # shape: [pairs, 2]
-    reference_logprobs[used] = all_logprobs(
-        reference_scorer,
-        [train_pairs[i] for i in used],
-        pad_id,
-        share_prefix,
-        args.eval_batch_size,
-        accelerator,
+    reference_logprobs[used] = reference_logprobs_of(
+        [train_pairs[i] for i in used], pad_id, share_prefix, args.eval_batch_size
     )
     reference_logprobs = reference_logprobs.to(accelerator.device)
     tokens = tokens.to(accelerator.device)
@@ -451,9 +477,7 @@ def main(args: Args) -> dict:
     policy_eval = all_logprobs(
         scorer, eval_pairs, pad_id, share_prefix, args.eval_batch_size, accelerator
     )
-    reference_eval = all_logprobs(
-        reference_scorer, eval_pairs, pad_id, share_prefix, args.eval_batch_size, accelerator
-    )
+    reference_eval = reference_logprobs_of(eval_pairs, pad_id, share_prefix, args.eval_batch_size)
     rewards = implicit_rewards(policy_eval, reference_eval, args.beta)  # shape: [pairs, 2]
     margins = rewards[:, 0] - rewards[:, 1]
     metrics = evaluation_metrics(eval_rows, margins, args.calibration_bins)
@@ -470,6 +494,7 @@ def main(args: Args) -> dict:
     }
     if accelerator.is_main_process:
         final = output_dir / "policy"
+        scale.merge_lora(lora)  # a plain causal LM is saved, whatever trained
         policy.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         run.write_json(output_dir / "metrics.json", metrics)

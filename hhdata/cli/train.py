@@ -1,4 +1,4 @@
-"""`hhdata train reward-model|sft|ppo [flags]`: the reference trainers, from the one command.
+"""`hhdata train reward-model|sft|ppo|dpo [flags]`: the reference trainers, from the one command.
 
 Each verb runs ``python -m training.<module>`` with the flags that follow it, untouched, so its
 help, flags and exit codes are the trainer's own. The trainers need the `train` extra (torch,
@@ -20,6 +20,7 @@ TRAINERS = {
     "reward-model": ("training.reward_model", "a Bradley-Terry reward model on a release"),
     "sft": ("training.sft", "supervised fine-tuning on the chosen replies (PPO's start)"),
     "ppo": ("training.ppo", "PPO of an SFT policy against a reward model"),
+    "dpo": ("training.dpo", "DPO of an SFT policy on the pairs, no reward model"),
 }
 # what `pip install 'hhdata[train]'` adds that the trainers cannot start without
 TRAIN_EXTRA = ("torch", "transformers", "accelerate")
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a reward model, an SFT policy or PPO (needs hhdata[train])",
         description="Run a reference trainer on a release. The flags after the trainer's name "
         "go to it unchanged: `hhdata train sft --help` lists them. `hhdata train X` is "
-        "`python -m training.X` (reward_model, sft, ppo). Needs the train extra: "
+        "`python -m training.X` (reward_model, sft, ppo, dpo). Needs the train extra: "
         f"{INSTALL_HINT}.",
         epilog="Example: hhdata train reward-model --data releases/1.0.0 --run-dir runs/rm",
         formatter_class=_WideHelp,
