@@ -194,6 +194,17 @@ def test_raw_subset_is_byte_exact_hh_with_one_provenance_object_per_line(unbroke
         assert meta["key"] == label["key"]
     # the release's helpful-online rows are exactly these transcripts
     rows = load_release(unbroken / "releases" / "1.2.0")["train"].to_list()
+    # the release manifest summarises the sidecar (hhdata build, issue 14's provenance key)
+    summary = read_manifest(unbroken / "releases" / "1.2.0")["provenance"]["helpful-online/train"]
+    assert summary["rows"] == len(lines)
+    assert (
+        summary["sha256"]
+        == hashlib.sha256((raw / "train.provenance.json").read_bytes()).hexdigest()
+    )
+    rounds = [p["round"] for p in provenance]
+    assert summary["fields"]["round"] == {"1": rounds.count(1), "2": rounds.count(2)}
+    assert summary["fields"]["labeller"] == {f"gold:{start['gold']}": len(lines)}
+    assert summary["fields"]["tau"] == {"1.0": len(lines)}
     released = {r["chosen_text"] for r in rows if r["subset"] == "helpful-online"}
     dropped = sum(online.read_journal(unbroken)[(2, "release")]["result"]["dropped"].values())
     assert released <= {json.loads(line)["chosen"] for line in lines}
