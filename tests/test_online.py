@@ -125,6 +125,7 @@ def gz_lines(path: Path) -> list[str]:
 # ---- the loop --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_rounds_release_minor_versions_locally_and_on_the_hub(unbroken, start, local_hub):
     from huggingface_hub import HfApi
 
@@ -164,6 +165,7 @@ def test_two_rounds_release_minor_versions_locally_and_on_the_hub(unbroken, star
     assert {"v1.1.0", "v1.2.0"} <= tags
 
 
+@pytest.mark.slow
 def test_raw_subset_is_byte_exact_hh_with_one_provenance_object_per_line(unbroken, start):
     raw = unbroken / "raw" / "helpful-online"
     lines = gz_lines(raw / "train.jsonl.gz")
@@ -211,6 +213,7 @@ def test_raw_subset_is_byte_exact_hh_with_one_provenance_object_per_line(unbroke
     assert len(released) == len(lines) - dropped
 
 
+@pytest.mark.slow
 def test_measurements_go_to_rounds_json_the_plot_and_the_readme(unbroken):
     report = json.loads((unbroken / "rounds.json").read_text())
     assert [r["version"] for r in report["rounds"]] == ["1.1.0", "1.2.0"]
@@ -244,6 +247,7 @@ def tree_digest(work_dir: Path) -> dict[str, str]:
     return digests
 
 
+@pytest.mark.slow
 def test_a_kill_after_each_step_resumes_to_the_same_final_state(
     unbroken, start, local_hub, tmp_path, monkeypatch
 ):
@@ -264,6 +268,7 @@ def test_a_kill_after_each_step_resumes_to_the_same_final_state(
     assert tree_digest(work_dir) == tree_digest(unbroken)
 
 
+@pytest.mark.slow
 def test_a_fresh_loop_refuses_a_used_work_dir_and_resume_refuses_changed_settings(unbroken, start):
     with pytest.raises(online.UsageError, match="already holds a loop; pass --resume"):
         online.main(loop_args(start, unbroken))
@@ -385,6 +390,7 @@ def test_a_reply_is_cut_where_the_model_starts_a_new_turn():
     assert online.reply_text(tokenizer, ids, torch.ones_like(ids, dtype=torch.bool)) == "Sure."
 
 
+@pytest.mark.slow
 def test_the_queue_labeller_posts_the_pairs_waits_for_people_and_reads_their_labels(
     tmp_path, monkeypatch
 ):
