@@ -51,6 +51,6 @@ def test_help_ends_with_an_example_that_parses(verb, capsys):
 def test_train_lists_each_trainer_on_one_line(capsys):
     text = help_text(["train", "--help"], capsys)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")}
-    assert set(lines) == {"reward-model", "sft", "ppo", "dpo"}
+    assert set(lines) == {"reward-model", "sft", "ppo", "dpo", "best-of-n", "evaluate", "online"}
     assert all(len(line.split()) > 3 for line in lines.values()), lines  # name, then its help
     assert "pip install 'hhdata[train]'" in " ".join(text.split())

@@ -1,4 +1,6 @@
-"""`hhdata train reward-model|sft|ppo|dpo [flags]`: the reference trainers, from the one command.
+"""`hhdata train TRAINER [flags]`: the reference trainers and tools, from the one command.
+
+TRAINER is reward-model, sft, ppo, dpo, best-of-n, evaluate or online.
 
 Each verb runs ``python -m training.<module>`` with the flags that follow it, untouched, so its
 help, flags and exit codes are the trainer's own. The trainers need the `train` extra (torch,
@@ -21,6 +23,9 @@ TRAINERS = {
     "sft": ("training.sft", "supervised fine-tuning on the chosen replies (PPO's start)"),
     "ppo": ("training.ppo", "PPO of an SFT policy against a reward model"),
     "dpo": ("training.dpo", "DPO of an SFT policy on the pairs, no reward model"),
+    "best-of-n": ("training.best_of_n", "N replies per prompt, the best by a reward model"),
+    "evaluate": ("training.evaluate", "policies side by side: judge, KL, lm_eval tasks"),
+    "online": ("training.online", "rounds of sample, label, release, retrain"),
 }
 # what `pip install 'hhdata[train]'` adds that the trainers cannot start without
 TRAIN_EXTRA = ("torch", "transformers", "accelerate")
@@ -35,10 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the train verb with one sub-verb per trainer."""
     train = subparsers.add_parser(
         "train",
-        help="train a reward model, an SFT policy or PPO (needs hhdata[train])",
+        help="reward model, SFT, PPO, DPO, best-of-N, evaluation, online loop (hhdata[train])",
         description="Run a reference trainer on a release. The flags after the trainer's name "
         "go to it unchanged: `hhdata train sft --help` lists them. `hhdata train X` is "
-        "`python -m training.X` (reward_model, sft, ppo, dpo). Needs the train extra: "
+        "`python -m training.X` with - as _ (reward_model, sft, ppo, dpo, best_of_n, evaluate, "
+        "online). Needs the train extra: "
         f"{INSTALL_HINT}.",
         epilog="Example: hhdata train reward-model --data releases/1.0.0 --run-dir runs/rm",
         formatter_class=_WideHelp,
