@@ -559,7 +559,7 @@ def test_exact_keys_group_rows_by_their_normalised_texts_with_and_without_repeat
 
 
 # small batches and partitions, so the streaming near stage crosses several of each
-_SMALL_STREAM = dedup.NearStream(min_rows=0, batch_rows=700, partitions=3)
+_SMALL_STREAM = dedup.NearStream(min_rows=0, batch_rows=700, pairs_per_partition=3000)
 
 
 @pytest.mark.parametrize("shape", ["dense", "sparse"])

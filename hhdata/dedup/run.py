@@ -175,14 +175,11 @@ class NearStream:
     the leakage check); larger ones stream"""
     batch_rows: int = 65_536
     """rows shingled and signed at a time"""
-    partitions: int = 0
-    """candidate partitions, verified one at a time; 0: one per 262,144 distinct texts"""
+    pairs_per_partition: int = 1 << 24
+    """candidate pairs (counted once per band) per partition, verified one at a time"""
     temp_dir: str | None = None
     """where the sketches and candidates are spilled (default: the system's temp folder,
     TMPDIR); about 1.5 KB a row on the dense benchmark corpus, removed at the end"""
-
-    def partitions_for(self, texts: int) -> int:
-        return self.partitions or max(1, -(-texts // 262_144))
 
 
 def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
@@ -399,9 +396,7 @@ def _spilled_similar(spilled: spill.SpilledSketch, texts, settings, stream, fold
     """minhash.similar_in_sketch over the rows ``texts`` of a spilled sketch, partition by
     partition: the same pairs and similarities."""
     groups = spilled.turns[texts] if settings.same_turn_count else None
-    paths = spill.partitioned_candidates(
-        spilled, texts, groups, stream.partitions_for(len(texts)), folder
-    )
+    paths = spill.partitioned_candidates(spilled, texts, groups, stream.pairs_per_partition, folder)
     return spill.verified_partitions(spilled, texts, paths, settings.threshold, settings.verify)
 
 

@@ -101,9 +101,9 @@ class SpilledSketch:
         """Every row's key in one band (read whole: 8 bytes a row)."""
         return np.fromfile(self.folder / f"band-{band:03d}.u64", dtype=np.uint64)
 
-    def signatures_of(self, rows: np.ndarray) -> np.ndarray:
-        """The signatures of the given rows, copied into memory."""
-        return self._signatures.array[rows]
+    def signature_map(self) -> np.ndarray:
+        """Every row's signature, mapped from the file (pages read as they are used)."""
+        return self._signatures.array
 
     def nonempty(self, rows: np.ndarray) -> np.ndarray:
         """Whether each given row has any shingle (empty texts are never candidates)."""
@@ -129,35 +129,57 @@ def partitioned_candidates(
     spilled: SpilledSketch,
     texts: np.ndarray,
     groups: np.ndarray | None,
-    partitions: int,
+    pairs_per_partition: int,
     folder: Path,
     max_bucket: int = 64,
 ) -> list[Path]:
     """minhash.band_candidates over the rows ``texts`` of a spilled sketch (text t is row
-    ``texts[t]``), written to ``partitions`` files of packed pairs ``i << 32 | j`` by ranges
-    of ``i`` (pairs may repeat across bands: each file is de-duplicated when read)."""
+    ``texts[t]``), written to files of packed pairs ``i << 32 | j`` by ranges of ``i``
+    (pairs may repeat across bands: each file is de-duplicated when read).
+
+    The ranges are cut so each file holds about ``pairs_per_partition`` pairs: a bucket's
+    pairs all start at its first members, so equal ranges would put most pairs in the
+    first. Each band's pairs are made once, counted per ``i`` and kept in a file of their
+    own, then routed.
+    """
+    folder = Path(folder)
     usable = np.flatnonzero(spilled.nonempty(texts))
     group = None if groups is None else np.asarray(groups)[usable]
-    paths = [Path(folder) / f"candidates-{p:04d}.u64" for p in range(partitions)]
-    # partition p holds first indices in [bounds[p], bounds[p + 1])
-    bounds = (np.arange(partitions + 1) * len(texts)) // partitions
+    pairs_from = np.zeros(len(texts) + 1, dtype=np.int64)  # pairs whose first text is i
+    band_paths = []
+    for band in range(spilled.bands):
+        keys = spilled.band(band)[texts[usable]]
+        packed = minhash.capped_bucket_pairs(keys, max_bucket, group)
+        del keys
+        first = usable[(packed >> np.uint64(32)).astype(np.int64)]
+        second = usable[(packed & _LOW32).astype(np.int64)]
+        del packed
+        pairs_from[1:] += np.bincount(first, minlength=len(texts))
+        band_paths.append(folder / f"band-pairs-{band:03d}.u64")
+        ((first.astype(np.uint64) << np.uint64(32)) | second.astype(np.uint64)).tofile(
+            band_paths[-1]
+        )
+        del first, second
+    # partition p holds first indices in [bounds[p], bounds[p + 1]): cut where the running
+    # count of pairs passes each multiple of the budget
+    cumulative = np.cumsum(pairs_from)
+    budget = max(pairs_per_partition, 1)
+    targets = np.arange(budget, int(cumulative[-1]), budget)
+    cut = np.searchsorted(cumulative, targets, side="right") - 1
+    bounds = np.unique(np.r_[0, cut, len(texts)])
+    paths = [folder / f"candidates-{p:05d}.u64" for p in range(len(bounds) - 1)]
     handles = [open(path, "wb") for path in paths]
     try:
-        for band in range(spilled.bands):
-            keys = spilled.band(band)[texts[usable]]
-            packed = minhash.capped_bucket_pairs(keys, max_bucket, group)
-            del keys
-            first = usable[(packed >> np.uint64(32)).astype(np.int64)]
-            second = usable[(packed & _LOW32).astype(np.int64)]
-            del packed
-            where = np.searchsorted(bounds, first, side="right") - 1
+        for band_path in band_paths:
+            pairs = np.fromfile(band_path, dtype=np.uint64)
+            band_path.unlink()
+            where = np.searchsorted(bounds, (pairs >> np.uint64(32)).astype(np.int64), "right")
             order = np.argsort(where, kind="stable")
-            cuts = np.searchsorted(where[order], np.arange(partitions + 1))
-            pairs = (first.astype(np.uint64) << np.uint64(32)) | second.astype(np.uint64)
+            edges = np.searchsorted(where[order], np.arange(1, len(paths) + 2))
             pairs = pairs[order]
-            del first, second, where, order
+            del where, order
             for p, handle in enumerate(handles):
-                pairs[cuts[p] : cuts[p + 1]].tofile(handle)
+                pairs[edges[p] : edges[p + 1]].tofile(handle)
     finally:
         for handle in handles:
             handle.close()
@@ -189,19 +211,31 @@ def verified_partitions(
 
 def _verified(spilled, texts, candidates, threshold, verify):
     """One partition's candidates (text indices) kept by their similarity."""
-    involved = np.unique(candidates)
-    local = np.searchsorted(involved, candidates)
-    sig = spilled.signatures_of(texts[involved])
-    estimate = minhash.estimated_jaccard(sig, local)
-    del sig
+    estimate = _estimates(spilled, texts, candidates)
     if verify == "estimate":
         keep = estimate >= threshold
         return candidates[keep], estimate[keep]
-    close = estimate >= threshold - 0.15
-    candidates, local = candidates[close], local[close]
-    needed = np.unique(local)
+    candidates = candidates[estimate >= threshold - 0.15]
+    needed = np.unique(candidates)
     similarity = minhash.exact_jaccard(
-        spilled.shingles_of(texts[involved[needed]]), np.searchsorted(needed, local)
+        spilled.shingles_of(texts[needed]), np.searchsorted(needed, candidates)
     )
     keep = similarity >= threshold
     return candidates[keep], similarity[keep]
+
+
+# candidate pairs estimated between hand-backs of the signature file's pages
+_ESTIMATE_PAIRS = 1 << 21
+
+
+def _estimates(spilled, texts, candidates):
+    """minhash.estimated_jaccard of the candidates, reading the signatures of each block
+    of pairs from the mapped file and handing its pages back as it goes."""
+    estimate = np.empty(len(candidates))
+    for start in range(0, len(candidates), _ESTIMATE_PAIRS):
+        block = texts[candidates[start : start + _ESTIMATE_PAIRS]]
+        estimate[start : start + len(block)] = minhash.estimated_jaccard(
+            spilled.signature_map(), block
+        )
+        spilled.release()
+    return estimate
