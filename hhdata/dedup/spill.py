@@ -9,8 +9,9 @@ Here the same answer is reached in pieces (docs/dedup.md, "Large tables"):
    file per band; only the shingle offsets stay in memory.
 2. **Band, then partition** (``partitioned_candidates``): one band at a time, the texts'
    keys are read back and each bucket's pairs made exactly as minhash.band_candidates
-   makes them (capped buckets, same groups); every pair ``i << 32 | j`` is appended to the
-   file of the partition that holds ``i`` (partitions are ranges of ``i``).
+   makes them (capped buckets, same groups) and counted per first text; then every pair
+   ``i << 32 | j`` goes to the file of the partition that holds ``i`` (partitions are
+   ranges of ``i`` cut to hold about as many pairs each).
 3. **Verify per partition** (``verified_partitions``): a partition's pairs are sorted and
    de-duplicated, estimated from the signatures on disk, and the survivors' exact Jaccard
    is computed from the shingles of just the texts involved, read back from disk.
