@@ -229,8 +229,8 @@ def scale(sizes: dict[str, list[int]], work: Path) -> list[str]:
     """`hhdata build` over sizes of each shape; markdown lines with the ratios to the smallest."""
     lines = [
         "| corpus | pairs | wall s | user s | sys s | peak RSS MB | pairs vs first "
-        "| time vs first | memory vs first |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| time vs first | CPU vs first | memory vs first |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape, counts in sizes.items():
         first = None
@@ -242,10 +242,11 @@ def scale(sizes: dict[str, list[int]], work: Path) -> list[str]:
             shutil.rmtree(out, ignore_errors=True)
             first = first or (pairs, run)
             times, memory = run["wall"] / first[1]["wall"], run["peak_mb"] / first[1]["peak_mb"]
+            cpu = (run["user"] + run["sys"]) / (first[1]["user"] + first[1]["sys"])
             lines.append(
                 f"| {shape} | {pairs:,} | {run['wall']:.1f} | {run['user']:.1f} | "
                 f"{run['sys']:.1f} | {run['peak_mb']:,.0f} | {pairs / first[0]:.1f}x | "
-                f"{times:.2f}x | {memory:.2f}x |"
+                f"{times:.2f}x | {cpu:.2f}x | {memory:.2f}x |"
             )
             print(lines[-1], flush=True)
     return lines

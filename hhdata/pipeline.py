@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from hhdata import memory
 from hhdata import progress as bars
-from hhdata.dedup import configs
+from hhdata.dedup import configs, degenerate
 from hhdata.dedup import run as dedup
 from hhdata.errors import ReleaseError
 from hhdata.io import read
@@ -95,9 +95,14 @@ def run_pipeline(
     # lines and the pairs whose prompt cannot be found
     raw = read.read_pairs(sources, progress=progress)
     _refuse_synthetic(raw.table, raw.quarantine, set(include_synthetic))
-    deduplicated = dedup.deduplicate(raw.table, dedup_settings, progress=progress)
-    quarantine = raw.quarantine
-    accounting = reconcile(raw.report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
+    quarantine, report = raw.quarantine, raw.report
+    # the read result (and with it the chunked table) is let go before the copy is made
+    columns, schema = raw.table.columns, raw.table.schema
+    del raw
+    table = one_chunk(columns, schema)
+    deduplicated = dedup.deduplicate(table, dedup_settings, progress=progress)
+    del table  # only the kept rows go on: the input table is freed before the files are written
+    accounting = reconcile(report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
     leakage = None
     if check_leakage:
         leakage = _BACKGROUND.submit(
@@ -108,7 +113,7 @@ def run_pipeline(
         quarantine=quarantine,
         drops=deduplicated.drops,
         accounting=accounting,
-        sources=describe_sources(raw.report.files, sources),
+        sources=describe_sources(report.files, sources),
         settings={
             "dedup": _jsonable(deduplicated.settings),
             "include_synthetic": sorted(include_synthetic),
@@ -117,6 +122,20 @@ def run_pipeline(
         pending_leakage=leakage,
         provenance=provenance,
     )
+
+
+def one_chunk(columns: list, schema: pa.Schema) -> pa.Table:
+    """A table of one array per column, as deduplicate wants it, made column by column.
+
+    ``columns`` (a table's chunked columns, which nothing else should hold) is emptied as
+    it goes, so each chunked column is freed as soon as its copy is made: the peak is the
+    table and one column, not the table twice. A column that already is one array is not
+    copied.
+    """
+    arrays = []
+    while columns:
+        arrays.append(degenerate.one_array(columns.pop(0)))
+    return pa.table(arrays, schema=schema)
 
 
 # one thread for the leakage checks of pipeline runs (see PipelineResult)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib.util
@@ -555,3 +556,27 @@ def test_exact_keys_group_rows_by_their_normalised_texts_with_and_without_repeat
     found = {}
     assert [found.setdefault(k, i) for i, k in enumerate(keys.tolist())] == expected
     assert len(set(expected)) == 5
+
+
+# small batches and partitions, so the streaming near stage crosses several of each
+_SMALL_STREAM = dedup.NearStream(min_rows=0, batch_rows=700, pairs_per_partition=3000)
+
+
+@pytest.mark.parametrize("shape", ["dense", "sparse"])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"near_action": "cluster"}, {"near_scope": "prompt", "survivor": "first"}],
+)
+def test_streaming_near_stage_equals_the_in_memory_one(two_shapes, shape, changes, tmp_path):
+    settings = DedupSettings(**changes)
+    reference = deduplicate(two_shapes[shape], settings, stream=None)
+    streamed = deduplicate(
+        two_shapes[shape],
+        settings,
+        stream=dataclasses.replace(_SMALL_STREAM, temp_dir=str(tmp_path)),
+    )
+    assert streamed.prompt_sketch is None
+    assert streamed.kept.equals(reference.kept)
+    assert streamed.drops.equals(reference.drops)
+    assert streamed.report == reference.report
+    assert list(tmp_path.iterdir()) == []  # the spilled files are gone

@@ -496,3 +496,38 @@ def test_length_statistics_agree_with_a_plain_computation(tmp_path, capsys):
         assert [printed[f"{label} {m}"] for m in ("mean", "median", "p90", "p99", "max")] == list(
             expected[name].values()
         ), label
+
+
+def test_one_chunk_frees_each_chunked_column_as_it_copies_it():
+    """The pipeline hands deduplicate one array per column without holding the read table
+    twice: Arrow's allocations peak at the table plus one column, not two tables."""
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())  # its own statistics
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        table = pa.table(
+            {
+                name: pa.chunked_array(
+                    [
+                        pa.array([f"{name} {i} " * 20 for i in range(j, j + 2_000)])
+                        for j in range(0, 20_000, 2_000)
+                    ]
+                )
+                for name in "abcd"
+            }
+        )
+        expected = {name: table[name].to_pylist() for name in "abcd"}
+        start, column = pool.bytes_allocated(), table["a"].nbytes
+        assert start >= 4 * column
+        columns, schema = table.columns, table.schema
+        del table
+        combined = pipeline.one_chunk(columns, schema)
+        assert columns == []
+        assert [combined[name].num_chunks for name in "abcd"] == [1, 1, 1, 1]
+        assert {name: combined[name].to_pylist() for name in "abcd"} == expected
+        # the four chunked columns (start) and at most one copy beside them
+        peak = pool.max_memory() - start
+        del combined  # every buffer goes back before the pool is dropped
+        assert peak < 1.5 * column
+    finally:
+        pa.set_memory_pool(previous)

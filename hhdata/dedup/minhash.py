@@ -455,7 +455,7 @@ def band_candidates(
     group = None if groups is None else np.asarray(groups)[usable]
     # each band's pairs as packed keys i << 32 | j: de-duplicated by one sort of integers
     packed = [
-        _capped_bucket_pairs(band_keys(sig, band, rows), max_bucket, group) for band in range(bands)
+        capped_bucket_pairs(band_keys(sig, band, rows), max_bucket, group) for band in range(bands)
     ]
     merged = np.concatenate(packed) if packed else np.empty(0, np.uint64)
     del packed  # the bands' arrays, before the sort
@@ -464,7 +464,7 @@ def band_candidates(
     return usable[found].reshape(-1, 2)
 
 
-def _capped_bucket_pairs(keys: np.ndarray, max_bucket: int, group: np.ndarray | None) -> np.ndarray:
+def capped_bucket_pairs(keys: np.ndarray, max_bucket: int, group: np.ndarray | None) -> np.ndarray:
     """The pairs of texts with equal keys, as packed uint64 ``i << 32 | j`` (i < j): each of
     a bucket's first ``max_bucket`` members with every later member, all buckets at once."""
     order = np.argsort(keys, kind="stable")  # a bucket's members in index order

@@ -26,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +45,7 @@ from hhdata._arrow import (
     text_hashes,
     utf8_chars_at,
 )
-from hhdata.dedup import degenerate, minhash
+from hhdata.dedup import degenerate, minhash, spill
 from hhdata.errors import HhDataError, SchemaError
 from hhdata.schema import DROPS_SCHEMA, FILTERED, PAIR_SCHEMA, REMOVED
 
@@ -167,6 +169,24 @@ class DedupResult:
     report: dict
     settings: DedupSettings
     prompt_sketch: minhash.Sketch | None = None
+
+
+@dataclass(frozen=True)
+class NearStream:
+    """How the near stage bounds its memory on large tables (hhdata.dedup.spill). None of
+    these changes a result: only where the intermediate data lives."""
+
+    min_rows: int = 250_000
+    """tables with fewer rows keep every sketch in memory (and hand the prompts' sketch to
+    the leakage check); larger ones stream"""
+    batch_rows: int = 65_536
+    """rows shingled and signed at a time"""
+    pairs_per_partition: int = 1 << 24
+    """candidate pairs (counted once per band) per partition, verified one at a time"""
+    temp_dir: str | None = None
+    """where the sketches and candidates are spilled (default: the system's temp folder,
+    TMPDIR): about 1.8 KB a row for the sketches plus 8 bytes a candidate pair per band
+    (about 4-5 GB at 1.7M dense benchmark pairs), removed at the end"""
 
 
 def normalized(texts: pa.Array, settings: DedupSettings) -> pa.Array:
@@ -485,6 +505,27 @@ def _near_inputs(pairs: pa.Table, settings: DedupSettings):
     return of_rows, of_prompts, turns.to_numpy(zero_copy_only=False)
 
 
+def _spilled_inputs(pairs: pa.Table, settings: DedupSettings, stream: NearStream, folder: Path):
+    """_near_inputs for a large table, in row batches written to ``folder``
+    (hhdata.dedup.spill): every row's sketch of its near text, and its prompt turns."""
+    spilled = spill.SpilledSketch(folder, settings.bands, settings.rows, settings.num_perm)
+    for start in range(0, pairs.num_rows, stream.batch_rows):
+        batch = pairs.slice(start, stream.batch_rows)
+        of_rows, _ = sketches(batch, settings)
+        turns = pc.list_value_length(degenerate.one_array(batch["prompt"]))
+        spilled.append(of_rows, turns.to_numpy(zero_copy_only=False))
+        del of_rows
+    return spilled.finish()
+
+
+def _spilled_similar(spilled: spill.SpilledSketch, texts, settings, stream, folder):
+    """minhash.similar_in_sketch over the rows ``texts`` of a spilled sketch, partition by
+    partition: the same pairs and similarities."""
+    groups = spilled.turns[texts] if settings.same_turn_count else None
+    paths = spill.partitioned_candidates(spilled, texts, groups, stream.pairs_per_partition, folder)
+    return spill.verified_partitions(spilled, texts, paths, settings.threshold, settings.verify)
+
+
 def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     """A code per row's near text: equal codes, equal texts."""
     identity = near_texts(pairs, settings.near_scope).dictionary_encode().indices
@@ -497,15 +538,17 @@ def _near_duplicates(
     inputs,
     identity: np.ndarray,
     advance: Callable[[int], None],
+    stream: NearStream | None = None,
+    folder: Path | None = None,
 ):
     """Near duplicates among ``rows`` (the exact survivors, in survivor order), numbered
     0..len(rows)-1: (dropped -> (kept, similarity)) in drop mode, the similar pairs of
-    kept ones, and the prompts' sketch of each (for the leakage check). ``advance(1)``
-    after each of its two steps: candidates banded and verified, survivors chosen.
+    kept ones, and the prompts' sketch of each (for the leakage check; None when
+    ``inputs`` were spilled to ``folder`` by _spilled_inputs). ``advance(1)`` after each
+    of its two steps: candidates banded and verified, survivors chosen.
 
     Rows with the same text are similar (1.0); each distinct text is compared once.
     """
-    of_all, prompts_of_all, turns = inputs
     # distinct texts numbered by first appearance among the survivors
     _, first_row, inverse = np.unique(identity[rows], return_index=True, return_inverse=True)
     by_appearance = np.argsort(first_row, kind="stable")
@@ -513,16 +556,23 @@ def _near_duplicates(
     rank[by_appearance] = np.arange(len(first_row))
     unique_of_row, first_row = rank[inverse.ravel()], first_row[by_appearance]
     order = np.arange(len(rows))
-    prompt_sketch = prompts_of_all.take(rows)
-    # with same_turn_count, texts of different prompt lengths are never compared
-    unique_pairs, similarity = minhash.similar_in_sketch(
-        of_all.take(rows[first_row]),
-        bands=settings.bands,
-        rows=settings.rows,
-        threshold=settings.threshold,
-        verify=settings.verify,
-        groups=turns[rows[first_row]] if settings.same_turn_count else None,
-    )
+    if isinstance(inputs, spill.SpilledSketch):  # a large table: no prompt sketch kept
+        unique_pairs, similarity = _spilled_similar(
+            inputs, rows[first_row], settings, stream, folder
+        )
+        prompt_sketch = None
+    else:
+        of_all, prompts_of_all, turns = inputs
+        prompt_sketch = prompts_of_all.take(rows)
+        # with same_turn_count, texts of different prompt lengths are never compared
+        unique_pairs, similarity = minhash.similar_in_sketch(
+            of_all.take(rows[first_row]),
+            bands=settings.bands,
+            rows=settings.rows,
+            threshold=settings.threshold,
+            verify=settings.verify,
+            groups=turns[rows[first_row]] if settings.same_turn_count else None,
+        )
     advance(1)
     neighbours: dict[int, list[tuple[int, float]]] = {}
     for (u, v), sim in zip(unique_pairs.tolist(), similarity.tolist()):
@@ -556,13 +606,20 @@ def _near_duplicates(
 
 
 def deduplicate(
-    pairs: pa.Table, settings: DedupSettings = DedupSettings(), progress: bool | None = False
+    pairs: pa.Table,
+    settings: DedupSettings = DedupSettings(),
+    progress: bool | None = False,
+    stream: NearStream | None = NearStream(),
 ) -> DedupResult:
     """Drop degenerate pairs, exact and near duplicates; every input row is kept or logged.
 
     On large tables run it inside hhdata.memory.large_run(), as ``hhdata dedup`` does.
     ``progress`` draws a bar per stage on stderr (exact dedup, near: sketching, near:
     banding + verification); None draws them on a terminal outside CI (hhdata.progress).
+    Tables of ``stream.min_rows`` rows or more are sketched in batches and their candidates
+    verified per partition, spilled to a temporary folder (NearStream, hhdata.dedup.spill):
+    the same result in bounded memory, without ``prompt_sketch``. ``stream=None`` keeps
+    everything in memory at any size.
 
     Returns kept rows (PAIR_SCHEMA plus ``cluster_id``: the id of the cluster's
     representative, the row's own id for a singleton), a drop log (id, fate, reason, kept_id,
@@ -585,14 +642,37 @@ def deduplicate(
     # the near stage's sketches of every row, made in a second thread while this one finds
     # degenerate pairs and exact duplicates (Arrow and numpy release the GIL); the near
     # stage then takes the rows that survive
+    streaming = stream is not None and settings.near and n and n >= stream.min_rows
+    folder = (
+        tempfile.TemporaryDirectory(prefix="hhdata-near-", dir=stream.temp_dir)
+        if streaming
+        else None
+    )
     pool = ThreadPoolExecutor(max_workers=1)
-    sketching = pool.submit(_near_inputs, pairs, settings) if settings.near and n else None
+    sketching = None
+    if streaming:
+        sketching = pool.submit(_spilled_inputs, pairs, settings, stream, Path(folder.name))
+    elif settings.near and n:
+        sketching = pool.submit(_near_inputs, pairs, settings)
     # without a near stage the second thread checks for degenerate pairs instead
     checking = pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
     try:
-        return _deduplicate(pairs, settings, ids, sketching, checking, progress)
+        return _deduplicate(
+            pairs,
+            settings,
+            ids,
+            sketching,
+            checking,
+            progress,
+            stream,
+            Path(folder.name) if folder else None,
+        )
     finally:
         pool.shutdown(cancel_futures=True)
+        if streaming and not sketching.cancelled() and sketching.exception() is None:
+            sketching.result().close()
+        if folder is not None:
+            folder.cleanup()
 
 
 # exact_keys' threads while the sketches are made in another thread (chosen by measurement:
@@ -607,9 +687,12 @@ def _deduplicate(
     sketching,
     checking,
     progress: bool | None = False,
+    stream: NearStream | None = None,
+    folder: Path | None = None,
 ) -> DedupResult:
     """deduplicate on one array per column; ``sketching`` and ``checking``: the futures of
-    _near_inputs(pairs) and of degenerate.find_degenerate(pairs), when started."""
+    _near_inputs(pairs) (or _spilled_inputs into ``folder``) and of
+    degenerate.find_degenerate(pairs), when started."""
     n = pairs.num_rows
     reason = np.full(n, None, dtype=object)
     fate = np.full(n, None, dtype=object)  # set with every reason: REMOVED or FILTERED
@@ -669,8 +752,9 @@ def _deduplicate(
         label = "near: banding + verification"
         with bars.stage(label, total=2, unit="steps", show=progress) as advance:
             dropped, edges, survivor_sketch = _near_duplicates(
-                order, settings, inputs, identity, advance
+                order, settings, inputs, identity, advance, stream, folder
             )
+        del inputs
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim

@@ -1,0 +1,242 @@
+"""The near stage in bounded memory: sketches kept on disk, candidates in partitions.
+
+hhdata.dedup.minhash.similar_in_sketch holds every text's shingles and signatures and
+every band's candidate pairs at once; at ten times HH-RLHF's size that is over 10 GB.
+Here the same answer is reached in pieces (docs/dedup.md, "Large tables"):
+
+1. **Sketch in row batches** (``SpilledSketch.append``): each batch's full shingles and
+   signatures go to two files in a temporary folder, and each band's 64-bit key to one
+   file per band; only the shingle offsets stay in memory.
+2. **Band, then partition** (``partitioned_candidates``): one band at a time, the texts'
+   keys are read back and each bucket's pairs made exactly as minhash.band_candidates
+   makes them (capped buckets, same groups) and counted per first text; then every pair
+   ``i << 32 | j`` goes to the file of the partition that holds ``i`` (partitions are
+   ranges of ``i`` cut to hold about as many pairs each).
+3. **Verify per partition** (``verified_partitions``): a partition's pairs are sorted and
+   de-duplicated, estimated from the signatures on disk, and the survivors' exact Jaccard
+   is computed from the shingles of just the texts involved, read back from disk.
+
+Partitions are ranges of the first index, so their sorted pairs concatenate into the
+sorted pairs similar_in_sketch returns: the same pairs and similarities, in the same order
+(tests/test_dedup.py compares both paths). The files are read through memory maps whose
+pages are handed back after each band or partition, so the resident set stays bounded.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hhdata.dedup import minhash
+
+_EMPTY_SIGNATURE = np.iinfo(np.uint32).max
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+class _Mapped:
+    """A read-only memory map of a file as a numpy array; ``release`` hands its resident
+    pages back to the kernel (they stay in the page cache, and are read again if used)."""
+
+    def __init__(self, path: Path, dtype, width: int = 1):
+        self._file = open(path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), size, prot=mmap.PROT_READ) if size else None
+        flat = np.frombuffer(self._map, dtype=dtype) if size else np.empty(0, dtype)
+        self.array = flat.reshape(-1, width) if width > 1 else flat
+
+    def release(self) -> None:
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.array = None
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+
+class SpilledSketch:
+    """Shingles, signatures and band keys of every row, written batch by batch to
+    ``folder``; rows must be appended in order. Call ``finish`` before reading."""
+
+    def __init__(self, folder: Path, bands: int, rows: int, num_perm: int):
+        self.folder = Path(folder)
+        self.bands, self.rows, self.num_perm = bands, rows, num_perm
+        self._band_files = [open(self.folder / f"band-{b:03d}.u64", "wb") for b in range(bands)]
+        self._signature_file = open(self.folder / "signatures.u32", "wb")
+        self._shingle_file = open(self.folder / "shingles.u64", "wb")
+        self._offsets = [np.zeros(1, dtype=np.int64)]
+        self._turns: list[np.ndarray] = []
+        self._signatures: _Mapped | None = None
+        self._shingles: _Mapped | None = None
+
+    def append(self, sketch: minhash.Sketch, turns: np.ndarray) -> None:
+        """Add a batch of rows: their sketch (full shingles reachable by shingles_of) and
+        their number of prompt turns."""
+        for band, handle in enumerate(self._band_files):
+            minhash.band_keys(sketch.signatures, band, self.rows).tofile(handle)
+        np.ascontiguousarray(sketch.signatures).tofile(self._signature_file)
+        shingles = sketch.shingles_of(np.arange(len(sketch)))
+        shingles.hashes.tofile(self._shingle_file)
+        self._offsets.append(self._offsets[-1][-1] + shingles.offsets[1:])
+        self._turns.append(np.asarray(turns, dtype=np.int64))
+
+    def finish(self) -> SpilledSketch:
+        """Close the files for writing and map the signatures and shingles for reading."""
+        for handle in [*self._band_files, self._signature_file, self._shingle_file]:
+            handle.close()
+        self.offsets = np.concatenate(self._offsets)
+        self.turns = np.concatenate(self._turns) if self._turns else np.zeros(0, np.int64)
+        del self._offsets, self._turns
+        self._signatures = _Mapped(self.folder / "signatures.u32", np.uint32, self.num_perm)
+        self._shingles = _Mapped(self.folder / "shingles.u64", np.uint64)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def band(self, band: int) -> np.ndarray:
+        """Every row's key in one band (read whole: 8 bytes a row)."""
+        return np.fromfile(self.folder / f"band-{band:03d}.u64", dtype=np.uint64)
+
+    def signature_map(self) -> np.ndarray:
+        """Every row's signature, mapped from the file (pages read as they are used)."""
+        return self._signatures.array
+
+    def nonempty(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each given row has any shingle (empty texts are never candidates)."""
+        return np.diff(self.offsets)[rows] > 0
+
+    def shingles_of(self, rows: np.ndarray) -> minhash.Shingles:
+        """All shingles of the given rows, in that order, copied into memory."""
+        return minhash.Shingles(self._shingles.array, self.offsets).take(rows)
+
+    def release(self) -> None:
+        """Hand back the pages of the mapped files read so far."""
+        for mapped in (self._signatures, self._shingles):
+            if mapped is not None:
+                mapped.release()
+
+    def close(self) -> None:
+        for mapped in (self._signatures, self._shingles):
+            if mapped is not None:
+                mapped.close()
+
+
+def partitioned_candidates(
+    spilled: SpilledSketch,
+    texts: np.ndarray,
+    groups: np.ndarray | None,
+    pairs_per_partition: int,
+    folder: Path,
+    max_bucket: int = 64,
+) -> list[Path]:
+    """minhash.band_candidates over the rows ``texts`` of a spilled sketch (text t is row
+    ``texts[t]``), written to files of packed pairs ``i << 32 | j`` by ranges of ``i``
+    (pairs may repeat across bands: each file is de-duplicated when read).
+
+    The ranges are cut so each file holds about ``pairs_per_partition`` pairs: a bucket's
+    pairs all start at its first members, so equal ranges would put most pairs in the
+    first. Each band's pairs are made once, counted per ``i`` and kept in a file of their
+    own, then routed.
+    """
+    folder = Path(folder)
+    usable = np.flatnonzero(spilled.nonempty(texts))
+    group = None if groups is None else np.asarray(groups)[usable]
+    pairs_from = np.zeros(len(texts) + 1, dtype=np.int64)  # pairs whose first text is i
+    band_paths = []
+    for band in range(spilled.bands):
+        keys = spilled.band(band)[texts[usable]]
+        packed = minhash.capped_bucket_pairs(keys, max_bucket, group)
+        del keys
+        first = usable[(packed >> np.uint64(32)).astype(np.int64)]
+        second = usable[(packed & _LOW32).astype(np.int64)]
+        del packed
+        pairs_from[1:] += np.bincount(first, minlength=len(texts))
+        band_paths.append(folder / f"band-pairs-{band:03d}.u64")
+        ((first.astype(np.uint64) << np.uint64(32)) | second.astype(np.uint64)).tofile(
+            band_paths[-1]
+        )
+        del first, second
+    # partition p holds first indices in [bounds[p], bounds[p + 1]): cut where the running
+    # count of pairs passes each multiple of the budget
+    cumulative = np.cumsum(pairs_from)
+    budget = max(pairs_per_partition, 1)
+    targets = np.arange(budget, int(cumulative[-1]), budget)
+    cut = np.searchsorted(cumulative, targets, side="right") - 1
+    bounds = np.unique(np.r_[0, cut, len(texts)])
+    paths = [folder / f"candidates-{p:05d}.u64" for p in range(len(bounds) - 1)]
+    handles = [open(path, "wb") for path in paths]
+    try:
+        for band_path in band_paths:
+            pairs = np.fromfile(band_path, dtype=np.uint64)
+            band_path.unlink()
+            where = np.searchsorted(bounds, (pairs >> np.uint64(32)).astype(np.int64), "right")
+            order = np.argsort(where, kind="stable")
+            edges = np.searchsorted(where[order], np.arange(1, len(paths) + 2))
+            pairs = pairs[order]
+            del where, order
+            for p, handle in enumerate(handles):
+                pairs[edges[p] : edges[p + 1]].tofile(handle)
+    finally:
+        for handle in handles:
+            handle.close()
+    return paths
+
+
+def verified_partitions(
+    spilled: SpilledSketch,
+    texts: np.ndarray,
+    paths: list[Path],
+    threshold: float,
+    verify: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates in the partition files verified as minhash.similar_in_sketch does
+    (estimate, then exact Jaccard unless ``verify='estimate'``): (pairs, similarity) in
+    text indices, sorted, each pair once."""
+    found, similarity = [np.empty((0, 2), np.int64)], [np.empty(0)]
+    for path in paths:
+        packed = minhash.sorted_distinct(np.fromfile(path, dtype=np.uint64))
+        path.unlink()
+        candidates = np.stack([packed >> np.uint64(32), packed & _LOW32], axis=1).astype(np.int64)
+        del packed
+        pairs, sim = _verified(spilled, texts, candidates, threshold, verify)
+        spilled.release()
+        found.append(pairs)
+        similarity.append(sim)
+    return np.concatenate(found), np.concatenate(similarity)
+
+
+def _verified(spilled, texts, candidates, threshold, verify):
+    """One partition's candidates (text indices) kept by their similarity."""
+    estimate = _estimates(spilled, texts, candidates)
+    if verify == "estimate":
+        keep = estimate >= threshold
+        return candidates[keep], estimate[keep]
+    candidates = candidates[estimate >= threshold - 0.15]
+    needed = np.unique(candidates)
+    similarity = minhash.exact_jaccard(
+        spilled.shingles_of(texts[needed]), np.searchsorted(needed, candidates)
+    )
+    keep = similarity >= threshold
+    return candidates[keep], similarity[keep]
+
+
+# candidate pairs estimated between hand-backs of the signature file's pages
+_ESTIMATE_PAIRS = 1 << 21
+
+
+def _estimates(spilled, texts, candidates):
+    """minhash.estimated_jaccard of the candidates, reading the signatures of each block
+    of pairs from the mapped file and handing its pages back as it goes."""
+    estimate = np.empty(len(candidates))
+    for start in range(0, len(candidates), _ESTIMATE_PAIRS):
+        block = texts[candidates[start : start + _ESTIMATE_PAIRS]]
+        estimate[start : start + len(block)] = minhash.estimated_jaccard(
+            spilled.signature_map(), block
+        )
+        spilled.release()
+    return estimate
