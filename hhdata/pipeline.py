@@ -34,6 +34,7 @@ from hhdata.dedup import run as dedup
 from hhdata.errors import ReleaseError
 from hhdata.io import read
 from hhdata.io.lines import path_text
+from hhdata.release import provenance as sidecars
 from hhdata.release import write as release
 from hhdata.release.manifest import file_digest, read_manifest
 from hhdata.schema import FATES, FILTERED, REMOVED, SUBSET_FAMILIES, is_synthetic
@@ -59,6 +60,7 @@ class PipelineResult:
     settings: dict
     dedup_report: dict
     pending_leakage: Future | None = field(default=None, repr=False)
+    provenance: dict = field(default_factory=dict)  # hhdata.release.provenance's summary
 
     @property
     def leakage(self) -> dict | None:
@@ -87,6 +89,8 @@ def run_pipeline(
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
     sources = resolve_sources(sources)
+    # a sidecar that does not match its data file stops the build before the work
+    provenance = sidecars.summarise_sidecars(read.resolve_paths(sources))
     # each file is read and parsed by one thread (read_pairs); its quarantine holds the bad
     # lines and the pairs whose prompt cannot be found
     raw = read.read_pairs(sources, progress=progress)
@@ -111,6 +115,7 @@ def run_pipeline(
         },
         dedup_report=deduplicated.report,
         pending_leakage=leakage,
+        provenance=provenance,
     )
 
 
@@ -210,6 +215,7 @@ def release_from(
             previous=previous,
             allow_version_mismatch=allow_version_mismatch,
             name=name,
+            provenance=result.provenance,
         )
 
 

@@ -138,3 +138,43 @@ def test_cli_add_annotator_prints_a_token_once_and_status_counts(tmp_path, capsy
     assert "carol" not in text
     assert text.splitlines()[1].split() == ["annotator-1", "helpful", "1", "1", "0", "1", "0"]
     assert main(["feedback", "status", "--db", str(tmp_path / "none.sqlite")]) == 2
+
+
+def test_the_release_summarises_the_exports_provenance_and_never_names_anyone(
+    store, tmp_path, capsys
+):
+    from hhdata.hub.publish import publish
+    from hhdata.release.manifest import file_digest, read_manifest
+
+    token = db.add_annotator(store, "Alice Liddell")
+    alice = db.annotator_by_token(store, token)
+    converse(
+        store, alice, "helpful", [("hi", "Hello!", "Go away.", "A", 3), ("ok", "x", "y", "B", 1)]
+    )
+    db_file, out, releases = str(tmp_path / "feedback.sqlite"), tmp_path / "x", tmp_path / "r"
+    assert main(["feedback", "export", "--db", db_file, "--out", str(out)]) == 0
+    assert main(["build", str(out), "--version", "1.0.0", "--out", str(releases)]) == 0
+    converse(store, alice, "helpful", [("more", "Sure.", "No.", "A", 2)])
+    assert main(["feedback", "export", "--db", db_file, "--out", str(out)]) == 0
+    args = ["build", str(out), "--version", "1.1.0", "--out", str(releases)]
+    assert main([*args, "--previous", str(releases / "1.0.0")]) == 0
+    capsys.readouterr()
+
+    release = releases / "1.1.0"
+    sidecar = out / "helpful-online" / "train.provenance.json"
+    summary = read_manifest(release)["provenance"]["helpful-online/train"]
+    assert summary["rows"] == 3 and summary["sha256"] == file_digest(sidecar)[0]
+    assert summary["fields"]["annotator"] == {f"annotator-{alice.id}": 3}
+    assert summary["fields"]["strength"] == {"1": 1, "2": 1, "3": 1}
+    assert summary["fields"]["task"] == {"helpful": 3}
+    assert {"models", "settings"} <= set(summary["other_fields"])
+    card = (release / "README.md").read_text(encoding="utf-8")
+    assert f"| `annotator` | `annotator-{alice.id}` | 3 |" in card
+    for path in release.rglob("*"):
+        if path.is_file():
+            assert b"Alice" not in path.read_bytes() and token.encode() not in path.read_bytes()
+    # the summary is no file: diff, publish's file check and the loader take the manifest
+    assert main(["diff", str(releases / "1.0.0"), str(release)]) == 0
+    assert "minor" in capsys.readouterr().out
+    assert "manifest.json" in dict(publish(release, "org/hh", dry_run=True).files)
+    assert len(hhdata.load(str(release), split="train")) == 3

@@ -317,3 +317,98 @@ def test_a_file_with_the_same_rows_keeps_its_first_release_stamp_and_bytes(
     assert pq.read_schema(later.path / unchanged).metadata[b"hhdata:release_version"] == b"1.0.0"
     new = pq.read_schema(later.path / data_file("harmless-added", "train")).metadata
     assert new[b"hhdata:release_version"] == b"1.1.0"
+
+
+# -- provenance sidecars (hhdata.release.provenance) ---------------------------------------
+
+
+def write_batch(folder: Path, records: list[dict], sidecar, blank_lines: int = 0) -> Path:
+    """A raw batch ``folder/train.jsonl`` (plus blank lines) and its sidecar (None: none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(record) for record in records] + [""] * blank_lines
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if sidecar is not None:
+        text = sidecar if isinstance(sidecar, str) else json.dumps(sidecar)
+        (folder / "train.provenance.json").write_text(text, encoding="utf-8")
+    return folder / "train.jsonl"
+
+
+def test_a_release_without_sidecars_has_no_provenance_key_or_section(release):
+    assert "provenance" not in release.manifest
+    assert "Provenance" not in (release.path / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "message"),
+    [
+        ([{"round": 1}] * 2, "has 2 entries but {raw} has 3 records (non-blank lines)"),
+        ([{"round": 1}] * 4, "has 4 entries but {raw} has 3 records (non-blank lines)"),
+        ('{"round": 1}', "not a JSON list of objects"),
+        ("[1, 2, 3]", "not a JSON list of objects"),
+        ('[{"round": 1},', "line 1: not valid UTF-8 JSON"),
+    ],
+)
+def test_a_sidecar_that_does_not_match_its_data_file_stops_the_build(
+    tmp_path, sample_records, capsys, sidecar, message
+):
+    from hhdata.cli import main
+
+    raw = write_batch(tmp_path / "raw" / "helpful-online", sample_records[:3], sidecar)
+    out = tmp_path / "releases"
+    assert main(["build", str(tmp_path / "raw"), "--version", "1.0.0", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("hhdata build: error: ")
+    assert str(raw.with_name("train.provenance.json")) in error
+    assert message.format(raw=raw) in error
+    assert not (out / "1.0.0").exists()
+
+
+def test_sidecar_counts_scalars_names_the_rest_and_skips_blank_lines(tmp_path, sample_records):
+    from hhdata import pipeline
+    from hhdata.release.manifest import file_digest
+
+    sidecar = [
+        {"round": i % 2, "labeller": "gold", "tau": 0.5, "ok": True, "seed": None, "at": f"t{i}"}
+        | {"sampling": {"temperature": 1.0}}
+        for i in range(25)
+    ]
+    write_batch(tmp_path / "raw" / "helpful-online", sample_records[:25], sidecar, blank_lines=2)
+    built = pipeline.build_release(tmp_path / "raw", version="1.0.0", out=tmp_path / "out")
+    digest = file_digest(tmp_path / "raw" / "helpful-online" / "train.provenance.json")[0]
+    assert built.manifest["provenance"] == {
+        "helpful-online/train": {
+            "rows": 25,
+            "sha256": digest,
+            "fields": {
+                "labeller": {"gold": 25},
+                "ok": {"true": 25},
+                "round": {"0": 13, "1": 12},
+                "seed": {"null": 25},
+                "tau": {"0.5": 25},
+            },
+            "other_fields": ["at", "sampling"],  # 25 distinct times; a nested object
+        }
+    }
+    card = (built.path / "README.md").read_text(encoding="utf-8")
+    section = card.split("### Provenance")[1].split("## Bias")[0]
+    assert "`helpful-online/train`: 25 rows" in section
+    assert "| `round` | `0` | 13 |" in section and "| `labeller` | `gold` | 25 |" in section
+    assert "Not counted (nested, or more than 20 values): `at`, `sampling`." in section
+    assert read_manifest(built.path) == built.manifest  # the schema takes the key
+
+
+def test_sidecars_of_one_subset_and_split_in_two_folders_are_summed(tmp_path, sample_records):
+    from hhdata.release.manifest import file_digest
+    from hhdata.release.provenance import summarise_sidecars
+
+    first = write_batch(tmp_path / "a" / "harmless-online", sample_records[:2], [{"r": 1}] * 2)
+    second = write_batch(tmp_path / "b" / "harmless-online", sample_records[2:5], [{"r": 2}] * 3)
+    no_sidecar = write_batch(tmp_path / "c" / "harmless-online", sample_records[5:6], None)
+    summary = summarise_sidecars([first, no_sidecar, second])["harmless-online/train"]
+    digests = [file_digest(path.with_name("train.provenance.json"))[0] for path in (first, second)]
+    assert summary["rows"] == 5 and summary["fields"] == {"r": {"1": 2, "2": 3}}
+    assert summary["sidecars"] == [
+        {"rows": 2, "sha256": digests[0]},
+        {"rows": 3, "sha256": digests[1]},
+    ]
+    assert summary["sha256"] not in digests

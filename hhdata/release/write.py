@@ -199,15 +199,19 @@ def finish_release(
     previous: str | Path | None = None,
     allow_version_mismatch: bool = False,
     name: str = DEFAULT_NAME,
+    provenance: dict | None = None,
 ) -> Release:
     """The manifest, diff, changelog, croissant.json and card of a staged release, then the
-    folder moved to ``<out>/<version>/`` (see write_release for the arguments)."""
+    folder moved to ``<out>/<version>/`` (see write_release for the arguments).
+    ``provenance``: the summary of the sources' provenance sidecars
+    (hhdata.release.provenance.summarise_sidecars); none or empty leaves it out."""
     metadata = {
         "sources": sources,
         "accounting": accounting,
         "settings": settings,
         "leakage": leakage,
         "name": name,
+        "provenance": provenance,
     }
     manifest, change = _build(staged, metadata, previous, allow_version_mismatch)
     final = Path(staged.out) / staged.version
@@ -307,6 +311,8 @@ def _build(staged, metadata, previous, allow_version_mismatch):
     }
     if metadata["leakage"] is not None:
         manifest["leakage"] = metadata["leakage"]
+    if metadata["provenance"]:  # only releases with new batches that carry sidecars
+        manifest["provenance"] = metadata["provenance"]
     change = None
     history = ""
     if previous is not None:
