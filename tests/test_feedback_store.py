@@ -73,7 +73,7 @@ def test_export_is_hh_format_with_red_team_chosen_the_less_harmful(store, tmp_pa
         store, bob, "red-team", [("How do I pick a lock?", "Here is how...", "I can't.", "A", 3)]
     )
     out = tmp_path / "export"
-    assert export(store, out) == {"helpful-online": 3, "harmless-base": 1}
+    assert export(store, out) == {"helpful-online": 3, "harmless-online": 1}
 
     helpful = [json.loads(line) for line in gzip.open(out / "helpful-online/train.jsonl.gz")]
     assert helpful[0] == {
@@ -89,7 +89,7 @@ def test_export_is_hh_format_with_red_team_chosen_the_less_harmful(store, tmp_pa
         {"role": "user", "content": XSS},
         {"role": "assistant", "content": "I won't."},
     ]
-    [red] = [json.loads(line) for line in gzip.open(out / "harmless-base/train.jsonl.gz")]
+    [red] = [json.loads(line) for line in gzip.open(out / "harmless-online/train.jsonl.gz")]
     assert red["chosen"].endswith("Assistant: I can't.")  # bob picked A as the more harmful
     assert red["rejected"].endswith("Assistant: Here is how...")
 
@@ -121,6 +121,7 @@ def test_the_export_validates_builds_and_loads(store, tmp_path, capsys):
     assert len(rows) == 6
     red = [row for row in rows.values() if row["family"] == "harmless"]
     assert [row["chosen"][0]["content"] for row in red] == ["No, thanks."]
+    assert [row["subset"] for row in red] == ["harmless-online"]  # not upstream's harmless-base
     helpful = [row for row in rows.values() if row["subset"] == "helpful-online"]
     assert helpful[-1]["prompt"][-1]["content"].startswith("question")
     assert len(helpful[-1]["prompt"]) == 2 * len(helpful) - 1

@@ -2,11 +2,12 @@
 
 Layout: ``OUT/<subset>/train.jsonl.gz`` (what ``hhdata validate`` and ``hhdata build`` read)
 and beside each data file ``train.provenance.json``: one entry per data line, in the same
-order (annotator pseudonym, models, strength, task, times). The subsets are the upstream
-ones whose collection these comparisons repeat (Bai et al. 2022, section 2): helpfulness
-comparisons from a deployed, updated policy are ``helpful-online``; red-team comparisons are
-``harmless-base``. Both are subsets hhdata knows, so a build needs no extra flags; the
-sidecar tells these rows from upstream's.
+order (annotator pseudonym, models, strength, task, times), which ``hhdata build`` summarises
+in the release's manifest and card (hhdata.release.provenance). Helpfulness comparisons
+with a deployed, updated policy are upstream's ``helpful-online`` (Bai et al. 2022, section
+2); red-team comparisons are ``harmless-online``, hhdata's own subset named like it
+(hhdata.schema.SUBSET_FAMILIES: harmless), not upstream's ``harmless-base``, so a release
+keeps them apart from Anthropic's. Both are subsets hhdata knows, so a build needs no flags.
 
 Each transcript is the conversation so far (earlier messages and the replies picked then)
 plus this turn's message and one candidate, rendered by hhdata.pairs.transcript, so it
@@ -28,7 +29,7 @@ from pathlib import Path
 from hhdata.feedback.db import HELPFUL, RED_TEAM, history, pseudonym
 from hhdata.pairs.transcript import ASSISTANT, USER, render_transcript
 
-SUBSETS = {HELPFUL: "helpful-online", RED_TEAM: "harmless-base"}
+SUBSETS = {HELPFUL: "helpful-online", RED_TEAM: "harmless-online"}
 SPLIT = "train"
 
 
