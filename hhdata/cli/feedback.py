@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="requests that change state, per annotator per minute (60)",
     )
+    serve.add_argument(
+        "--export-dir",
+        metavar="DIR",
+        help="where the admin page's export button writes (default: beside --db, "
+        "FEEDBACK-export/ for FEEDBACK.sqlite)",
+    )
     serve.set_defaults(func=run_serve)
 
     add = verbs.add_parser(

@@ -22,8 +22,11 @@ name, JSON keys are sorted, so the same database gives the same bytes.
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
 import sqlite3
+import threading
 from pathlib import Path
 
 from hhdata.feedback.db import HELPFUL, RED_TEAM, history, pseudonym
@@ -77,21 +80,43 @@ def export(db: sqlite3.Connection, out: str | Path) -> dict[str, int]:
     """Write OUT/<subset>/train.jsonl.gz and its provenance sidecar; rows per subset.
 
     A subset with no comparison gets no file (an empty file would make an empty config).
+    The rows are read in one transaction (one snapshot of a store the server may be
+    writing to), and each file is written beside its place and renamed over it, so a
+    reader never sees half a file.
     """
     out = Path(out)
     written = {}
-    for subset, rows in export_pairs(db).items():
+    for subset, rows in _snapshot(db).items():
         if not rows:
             continue
         folder = out / subset
         folder.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record, _ in rows)
-        with open(folder / f"{SPLIT}.jsonl.gz", "wb") as raw:
-            # mtime=0 and no file name in the header: identical bytes on every export
-            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-                gz.write(lines.encode())
+        buffer = io.BytesIO()
+        # mtime=0 and no file name in the header: identical bytes on every export
+        with gzip.GzipFile(filename="", fileobj=buffer, mode="wb", mtime=0) as gz:
+            gz.write(lines.encode())
+        _replace(folder / f"{SPLIT}.jsonl.gz", buffer.getvalue())
         sidecar = [provenance for _, provenance in rows]
         text = json.dumps(sidecar, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-        (folder / f"{SPLIT}.provenance.json").write_text(text, encoding="utf-8")
+        _replace(folder / f"{SPLIT}.provenance.json", text.encode("utf-8"))
         written[subset] = len(rows)
     return written
+
+
+def _snapshot(db: sqlite3.Connection) -> dict[str, list[tuple[dict, dict]]]:
+    """export_pairs inside one read transaction (WAL: a consistent snapshot, no writer waits)."""
+    if db.in_transaction:
+        return export_pairs(db)
+    db.execute("BEGIN")
+    try:
+        return export_pairs(db)
+    finally:
+        db.execute("COMMIT")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name, then rename it into place."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}-{threading.get_ident()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
