@@ -354,8 +354,28 @@ def test_two_policies_each_write_one_reply_in_a_random_position(policy, tmp_path
     assert positions == {policy.name, "policy-b"}  # each model shown as A at times
 
 
+def test_min_new_tokens_gives_every_reply_a_known_length(policy):
+    """The tiny random policy often samples its end token within a few tokens, so a
+    generation could end before a cancel arrives (what made the cancel test flaky);
+    with min_new_tokens = max_new_tokens every reply runs to its full length."""
+    import torch
+
+    from hhdata.feedback.policy import load_policy
+
+    loaded = load_policy(policy)
+    so_far = [{"role": "user", "content": "a long story"}]
+    sampling = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9}
+    torch.manual_seed(0)
+    free = [len(loaded.sample(so_far, **sampling)) for _ in range(8)]
+    assert min(free) < 20, free  # the end token came early
+    held = [len(loaded.sample(so_far, **sampling, min_new_tokens=20)) for _ in range(4)]
+    assert held == [20] * 4
+
+
 def test_a_cancelled_generation_stores_nothing(policy, tmp_path):
-    long_replies = ("--max-new-tokens", "2000", "--rate-limit", "100000")
+    # min = max: the replies cannot end on their own before the cancel arrives
+    long_replies = ("--max-new-tokens", "2000", "--min-new-tokens", "2000")
+    long_replies += ("--rate-limit", "100000")
     server = Server(policy, tmp_path / "feedback.sqlite", *long_replies).start()
     try:
         alice = Annotator(server.url, token_for(server.db_path, "cancel-alice"))

@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-new-tokens", type=int, default=64, metavar="N", help="reply length cap (64)"
     )
+    serve.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sample at least N tokens per reply: the end token is suppressed until then (0)",
+    )
     serve.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1)")
     serve.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling p (0.9)")
     serve.add_argument(

@@ -52,6 +52,7 @@ class Settings:
     db_path: str
     policies: tuple[Policy, Policy]
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 0.9
     rate_limit: int = 60  # state-changing posts per annotator per minute
@@ -60,6 +61,7 @@ class Settings:
     def sampling(self) -> dict:
         return {
             "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "models": [policy.model_id for policy in self.policies],
@@ -405,6 +407,7 @@ def sample_pair(settings: Settings, so_far: list[dict[str, str]], stop=None):
     Setting the event `stop` cuts the sampling short (the caller then discards it)."""
     sampling = {
         "max_new_tokens": settings.max_new_tokens,
+        "min_new_tokens": settings.min_new_tokens,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
         "stop": stop,
@@ -437,6 +440,7 @@ def settings_of(args, policies: tuple[Policy, Policy]) -> Settings:
         db_path=args.db,
         policies=policies,
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         rate_limit=args.rate_limit,
