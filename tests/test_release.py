@@ -392,7 +392,7 @@ def test_sidecar_counts_scalars_names_the_rest_and_skips_blank_lines(tmp_path, s
     card = (built.path / "README.md").read_text(encoding="utf-8")
     section = card.split("### Provenance")[1].split("## Bias")[0]
     assert "`helpful-online/train`: 25 rows" in section
-    assert "| `round` | `0` | 13 |" in section and "| `labeller` | `gold` | 25 |" in section
+    assert "| `round` | `0` 13, `1` 12 |" in section and "| `labeller` | `gold` 25 |" in section
     assert "Not counted (nested, or more than 20 values): `at`, `sampling`." in section
     assert read_manifest(built.path) == built.manifest  # the schema takes the key
 

@@ -48,12 +48,16 @@ def export_pairs(db: sqlite3.Connection) -> dict[str, list[tuple[dict, dict]]]:
             if turn["choice"] not in ("A", "B"):
                 continue  # pending or skipped: no preference to export
             record = _record(history(turns[:position]), turn, conv["task"])
+            chosen, rejected = _sides(turn["choice"], conv["task"])
             provenance = {
                 "annotator": pseudonym(conv["annotator_id"]),
                 "task": conv["task"],
                 "conversation": conv["id"],
                 "turn": turn["idx"],
                 "models": {"A": turn["model_a"], "B": turn["model_b"]},
+                # flat, so the release card counts them: whose reply became chosen
+                "chosen_model": turn[f"model_{chosen.lower()}"],
+                "rejected_model": turn[f"model_{rejected.lower()}"],
                 "picked": turn["choice"],
                 "strength": turn["strength"],
                 "settings": json.loads(conv["settings"]),
@@ -64,15 +68,25 @@ def export_pairs(db: sqlite3.Connection) -> dict[str, list[tuple[dict, dict]]]:
     return by_subset
 
 
+def _sides(choice: str, task: str) -> tuple[str, str]:
+    """The sides ("A"/"B") that become chosen and rejected.
+
+    >>> _sides("A", "helpful"), _sides("A", "red-team")
+    (('A', 'B'), ('B', 'A'))
+    """
+    picked, other = ("A", "B") if choice == "A" else ("B", "A")
+    if task == RED_TEAM:
+        return other, picked  # the annotator picked the more harmful reply
+    return picked, other
+
+
 def _record(so_far: list[dict[str, str]], turn: sqlite3.Row, task: str) -> dict[str, str]:
     """The raw {chosen, rejected} record of one answered turn."""
-    picked, other = ("reply_a", "reply_b") if turn["choice"] == "A" else ("reply_b", "reply_a")
-    if task == RED_TEAM:
-        picked, other = other, picked  # the annotator picked the more harmful reply
+    chosen, rejected = (f"reply_{side.lower()}" for side in _sides(turn["choice"], task))
     prompt = so_far + [{"role": USER, "content": turn["message"]}]
     return {
-        "chosen": render_transcript(prompt + [{"role": ASSISTANT, "content": turn[picked]}]),
-        "rejected": render_transcript(prompt + [{"role": ASSISTANT, "content": turn[other]}]),
+        "chosen": render_transcript(prompt + [{"role": ASSISTANT, "content": turn[chosen]}]),
+        "rejected": render_transcript(prompt + [{"role": ASSISTANT, "content": turn[rejected]}]),
     }
 
 
