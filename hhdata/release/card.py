@@ -353,7 +353,8 @@ def provenance_section(provenance: dict | None) -> str:
             for field, counts in summary["fields"].items()
         ]
         parts += [
-            f"`{key}`: {summary['rows']} rows (sidecar sha256 `{summary['sha256'][:12]}...`).",
+            f"`{key}`: {summary['rows']} row{'' if summary['rows'] == 1 else 's'} (sidecar "
+            f"sha256 `{summary['sha256'][:12]}...`).",
             "",
             _table(["field", "values (rows)"], rows),
             "",
