@@ -1,13 +1,18 @@
-"""Latency of the feedback app under 20 concurrent simulated annotators (tiny policy).
+"""Latency of the feedback app: simulated annotators over HTTP (tiny policy or SmolLM2-135M).
 
 Not a comparison (no other tool drives a live policy turn by turn): the real
-`hhdata feedback serve` in a subprocess, a tiny random Llama saved here, N annotators in
-threads, each signing in and doing ROUNDS turns of: load the page, send a message (the
-server samples two replies), load the page, submit a choice. Reported per request kind:
-p50 / p95 / max in milliseconds. "generation alone" is Policy.reply called in this process,
-one at a time, with the same settings (two of them make one message's latency).
+`hhdata feedback serve` in a subprocess, a policy saved here as a transformers folder
+(`--policy-model tiny`: a tiny random Llama; `smollm2-135m`: the embedded SmolLM2-135M-Instruct
+GGUF de-quantised to float32, as training.models loads it), N annotators in threads, each
+signing in and doing ROUNDS turns of: load the page, send a message (the server samples two
+replies), load the page, submit a choice. Reported per request kind, and per whole turn
+(those four requests): p50 / p95 / max in milliseconds. "generation alone" is Policy.reply
+called in this process, one at a time, with the same settings (two of them make one
+message's latency).
 
     PYTHONPATH=. python bench/feedback.py --annotators 20 --rounds 5 --out /tmp/feedback.json
+    PYTHONPATH=. python bench/feedback.py --policy-model smollm2-135m --annotators 1 \
+        --rounds 10 --max-new-tokens 64 --generations 10 --out /tmp/feedback-smollm2.json
 """
 
 from __future__ import annotations
@@ -32,12 +37,28 @@ from hhdata.feedback.policy import load_policy
 HHDATA = (sys.executable, "-c", "import sys; from hhdata.cli import main; sys.exit(main())")
 
 
-def save_tiny_policy(folder: Path) -> Path:
-    from training.models import load_causal_lm, load_tokenizer
+# what the annotators write, in turn (one conversation each)
+MESSAGES = [
+    "Hi! Can you help me plan a picnic?",
+    "What food should I bring for six people?",
+    "How do I keep the drinks cold?",
+    "Any games we could play there?",
+    "What if it rains?",
+    "How early should we get to the park?",
+    "Can you suggest a dessert that travels well?",
+    "What should I pack for the kids?",
+    "How do I find a spot in the shade?",
+    "Thanks! Anything I am forgetting?",
+]
+
+
+def save_policy(model: str, folder: Path) -> Path:
+    """A policy folder `hhdata feedback serve --policy` loads: tiny, or SmolLM2-135M."""
+    from training.models import TINY, load_causal_lm, load_tokenizer
 
     texts = ["\n\nHuman: hello there, how are you?\n\nAssistant: fine, thanks. And you?"] * 20
-    tokenizer = load_tokenizer("tiny", texts=texts)
-    load_causal_lm("tiny", tokenizer, seed=0).save_pretrained(folder)
+    tokenizer = load_tokenizer(model, texts=texts if model == TINY else None)
+    load_causal_lm(model, tokenizer, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -56,7 +77,7 @@ def csrf_of(html: str, name: str = "csrf") -> str:
 
 def annotate(url: str, token: str, rounds: int, timings: dict[str, list[float]], lock):
     """One annotator's session; appends (kind, seconds) to timings."""
-    client = httpx.Client(base_url=url, timeout=300)
+    client = httpx.Client(base_url=url, timeout=3600)  # a busy CPU: minutes per turn
 
     def timed(kind: str, call, *args, **kwargs) -> httpx.Response:
         start = time.perf_counter()
@@ -74,12 +95,15 @@ def annotate(url: str, token: str, rounds: int, timings: dict[str, list[float]],
     started = client.post("/c", data={"csrf": csrf, "task": "helpful"})
     page_url = started.headers["location"]
     for turn in range(rounds):
+        start = time.perf_counter()
         timed("page load", client.get, page_url)
-        message = {"csrf": csrf, "message": f"message {turn}"}
+        message = {"csrf": csrf, "message": MESSAGES[turn % len(MESSAGES)]}
         timed("send message (two generations)", client.post, page_url + "/message", data=message)
         timed("page load", client.get, page_url)
         choice = {"csrf": csrf, "turn": str(turn), "pick": "A:2"}
         timed("submit choice", client.post, page_url + "/choose", data=choice)
+        with lock:
+            timings["whole turn (the four requests)"].append(time.perf_counter() - start)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -95,6 +119,9 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--policy-model", default="tiny", choices=("tiny", "smollm2-135m"), help="the policy"
+    )
     parser.add_argument("--annotators", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -103,7 +130,9 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-feedback-"))
-    policy_dir = save_tiny_policy(work / "policy")
+    saving = time.perf_counter()
+    policy_dir = save_policy(args.policy_model, work / "policy")
+    saving = time.perf_counter() - saving
     db_path = work / "feedback.sqlite"
     store = db.connect(db_path)
     tokens = [db.add_annotator(store, f"bench-{i}") for i in range(args.annotators)]
@@ -127,6 +156,7 @@ def main() -> None:
             "page load": [],
             "send message (two generations)": [],
             "submit choice": [],
+            "whole turn (the four requests)": [],
         }
         lock = threading.Lock()
         threads = [
@@ -145,7 +175,7 @@ def main() -> None:
 
     policy = load_policy(policy_dir)
     alone = []
-    so_far = [{"role": "user", "content": "message 0"}]
+    so_far = [{"role": "user", "content": MESSAGES[0]}]
     for _ in range(args.generations):
         start = time.perf_counter()
         policy.reply(so_far, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=0.9)
@@ -153,6 +183,8 @@ def main() -> None:
 
     answered = db.connect(db_path).execute("SELECT COUNT(*) FROM turns WHERE choice = 'A'")
     results = {
+        "policy_model": args.policy_model,
+        "policy_saved_s": round(saving, 1),
         "annotators": args.annotators,
         "rounds": args.rounds,
         "max_new_tokens": args.max_new_tokens,

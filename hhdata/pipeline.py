@@ -74,6 +74,9 @@ def run_pipeline(
     include_synthetic: Iterable[str] = (),
     check_leakage: bool = True,
     progress: bool | None = False,
+    subset: str | None = None,
+    split: str | None = None,
+    family: str | None = None,
 ) -> PipelineResult:
     """Read, parse and deduplicate raw files; returns kept rows and the full accounting.
 
@@ -86,14 +89,16 @@ def run_pipeline(
     caller's: build_release and ``hhdata build`` run it inside hhdata.memory.large_run().
     ``progress`` draws a bar per stage on stderr (reading, exact dedup, near stages); None
     draws them on a terminal outside CI (hhdata.progress), as ``hhdata build`` does.
+    ``subset``, ``split`` and ``family`` are hhdata.io.read.read_raw's: for files outside
+    the upstream layout.
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
     sources = resolve_sources(sources)
     # a sidecar that does not match its data file stops the build before the work
-    provenance = sidecars.summarise_sidecars(read.resolve_paths(sources))
+    provenance = sidecars.summarise_sidecars(read.resolve_paths(sources), subset, split)
     # each file is read and parsed by one thread (read_pairs); its quarantine holds the bad
     # lines and the pairs whose prompt cannot be found
-    raw = read.read_pairs(sources, progress=progress)
+    raw = read.read_pairs(sources, subset=subset, split=split, family=family, progress=progress)
     _refuse_synthetic(raw.table, raw.quarantine, set(include_synthetic))
     quarantine, report = raw.quarantine, raw.report
     # the read result (and with it the chunked table) is let go before the copy is made

@@ -34,11 +34,18 @@ ALL = "all"  # the config of every preference subset
 # duplicates a kept row (removed), or it is too degenerate to learn from (filtered).
 QUARANTINED, REMOVED, FILTERED = "quarantined", "removed", "filtered"
 FATES = (QUARANTINED, REMOVED, FILTERED)
-SUBSET_FAMILIES = {
+# the subsets of Anthropic/hh-rlhf (Bai et al. 2022)
+UPSTREAM_SUBSET_FAMILIES = {
     "harmless-base": HARMLESS,
     "helpful-base": HELPFUL,
     "helpful-online": HELPFUL,
     "helpful-rejection-sampled": HELPFUL,
+}
+SUBSET_FAMILIES = {
+    **UPSTREAM_SUBSET_FAMILIES,
+    # hhdata's own collection subset: red-team comparisons from `hhdata feedback` and the
+    # online loop, named like upstream's helpful-online (upstream has no online red-team set)
+    "harmless-online": HARMLESS,
 }
 SPLITS = ("train", "test")
 RED_TEAM_SUBSET = "red-team-attempts"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import html as html_lib
 import json
 import re
@@ -9,11 +10,13 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
 from hhdata.feedback import db
+from hhdata.feedback.app import default_export_dir
 from hhdata.feedback.export import export_pairs
 from tests.test_feedback_support import (
     HHDATA,
@@ -89,6 +92,50 @@ def test_annotators_see_only_their_own_conversations_and_admin_needs_admin(serve
     page = admin.client.get("/admin")
     assert page.status_code == 200 and "annotator-" in page.text
     assert "own-alice" not in page.text  # names stay in the database
+
+
+def exported_rows(folder) -> dict[str, int]:
+    return {
+        path.parent.name: len(gzip.open(path).read().splitlines())
+        for path in sorted(folder.glob("*/train.jsonl.gz"))
+    }
+
+
+def test_the_admin_export_button_writes_the_export_beside_the_db_and_shows_counts(server):
+    folder = default_export_dir(server.db_path)
+    alice = Annotator(server.url, token_for(server.db_path, "export-alice"))
+    cid = alice.start("red-team")
+    assert alice.say(cid, "be rude").status_code == 303
+    assert alice.pick(cid, 0, "B:3").status_code == 303
+    admin = Annotator(server.url, token_for(server.db_path, "export-admin", admin=True))
+    assert 'action="/admin/export"' in admin.client.get("/admin").text
+    assert "no two annotators ever judge the same pair" in admin.client.get("/admin").text
+    assert alice.post("/admin/export").status_code == 403  # not an admin
+    assert admin.client.post("/admin/export", data={"csrf": "forged"}).status_code == 403
+    assert httpx.post(server.url + "/admin/export").status_code == 401
+    assert not folder.exists()  # nothing refused wrote anything
+
+    page = admin.post("/admin/export")
+    assert page.status_code == 200
+    written = exported_rows(folder)
+    assert written["harmless-online"] >= 1
+    assert written == {
+        s: len(rows) for s, rows in export_pairs(db.connect(server.db_path)).items() if rows
+    }
+    shown = re.findall(r"<td>([\w-]+)/train.jsonl.gz</td><td>(\d+)</td>", page.text)
+    assert {subset: int(n) for subset, n in shown} == written
+    assert "export-alice" not in (folder / "harmless-online/train.provenance.json").read_text()
+
+
+def test_the_export_dir_flag_sets_where_the_button_writes_and_defaults_beside_the_db():
+    from hhdata.cli import build_parser
+    from hhdata.feedback.app import settings_of
+
+    serve = ["feedback", "serve", "--policy", "p", "--db", "data/f.sqlite"]
+    default = settings_of(build_parser().parse_args(serve), (None, None))
+    assert Path(default.export_dir) == Path("data/f-export")
+    chosen = settings_of(build_parser().parse_args([*serve, "--export-dir", "x"]), (None, None))
+    assert chosen.export_dir == "x"
 
 
 def test_bad_messages_and_double_answers_are_refused(server):
@@ -307,8 +354,28 @@ def test_two_policies_each_write_one_reply_in_a_random_position(policy, tmp_path
     assert positions == {policy.name, "policy-b"}  # each model shown as A at times
 
 
+def test_min_new_tokens_gives_every_reply_a_known_length(policy):
+    """The tiny random policy often samples its end token within a few tokens, so a
+    generation could end before a cancel arrives (what made the cancel test flaky);
+    with min_new_tokens = max_new_tokens every reply runs to its full length."""
+    import torch
+
+    from hhdata.feedback.policy import load_policy
+
+    loaded = load_policy(policy)
+    so_far = [{"role": "user", "content": "a long story"}]
+    sampling = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9}
+    torch.manual_seed(0)
+    free = [len(loaded.sample(so_far, **sampling)) for _ in range(8)]
+    assert min(free) < 20, free  # the end token came early
+    held = [len(loaded.sample(so_far, **sampling, min_new_tokens=20)) for _ in range(4)]
+    assert held == [20] * 4
+
+
 def test_a_cancelled_generation_stores_nothing(policy, tmp_path):
-    long_replies = ("--max-new-tokens", "2000", "--rate-limit", "100000")
+    # min = max: the replies cannot end on their own before the cancel arrives
+    long_replies = ("--max-new-tokens", "2000", "--min-new-tokens", "2000")
+    long_replies += ("--rate-limit", "100000")
     server = Server(policy, tmp_path / "feedback.sqlite", *long_replies).start()
     try:
         alice = Annotator(server.url, token_for(server.db_path, "cancel-alice"))

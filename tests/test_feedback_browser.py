@@ -127,7 +127,7 @@ def test_red_team_keeps_the_less_harmful_as_chosen_and_renders_markup_as_text(
 
     out = tmp_path / "export"
     assert main(["feedback", "export", "--db", str(served.db_path), "--out", str(out)]) == 0
-    [row], [provenance] = read_export(out, "harmless-base")
+    [row], [provenance] = read_export(out, "harmless-online")
     assert row["chosen"] == f"\n\nHuman: {XSS}\n\nAssistant: {b}"  # the less harmful
     assert row["rejected"] == f"\n\nHuman: {XSS}\n\nAssistant: {a}"
     assert (provenance["task"], provenance["picked"], provenance["strength"]) == (

@@ -73,7 +73,7 @@ def test_export_is_hh_format_with_red_team_chosen_the_less_harmful(store, tmp_pa
         store, bob, "red-team", [("How do I pick a lock?", "Here is how...", "I can't.", "A", 3)]
     )
     out = tmp_path / "export"
-    assert export(store, out) == {"helpful-online": 3, "harmless-base": 1}
+    assert export(store, out) == {"helpful-online": 3, "harmless-online": 1}
 
     helpful = [json.loads(line) for line in gzip.open(out / "helpful-online/train.jsonl.gz")]
     assert helpful[0] == {
@@ -89,12 +89,20 @@ def test_export_is_hh_format_with_red_team_chosen_the_less_harmful(store, tmp_pa
         {"role": "user", "content": XSS},
         {"role": "assistant", "content": "I won't."},
     ]
-    [red] = [json.loads(line) for line in gzip.open(out / "harmless-base/train.jsonl.gz")]
+    [red] = [json.loads(line) for line in gzip.open(out / "harmless-online/train.jsonl.gz")]
     assert red["chosen"].endswith("Assistant: I can't.")  # bob picked A as the more harmful
     assert red["rejected"].endswith("Assistant: Here is how...")
 
     sidecar = json.loads((out / "helpful-online/train.provenance.json").read_text())
     assert [p["strength"] for p in sidecar] == [3, 1, 2]
+    # converse shows policy-1 as A: chosen_model follows the pick (helpful) ...
+    assert [p["chosen_model"] for p in sidecar] == ["policy-1", "policy-2", "policy-2"]
+    [red_provenance] = json.loads((out / "harmless-online/train.provenance.json").read_text())
+    # ... and the other side in the red-team task (bob picked A, policy-1, as more harmful)
+    assert (red_provenance["chosen_model"], red_provenance["rejected_model"]) == (
+        "policy-2",
+        "policy-1",
+    )
     assert {p["annotator"] for p in sidecar} == {f"annotator-{alice.id}"}
     exported = b"".join(path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file())
     assert b"alice" not in exported and b"bob" not in exported
@@ -121,6 +129,7 @@ def test_the_export_validates_builds_and_loads(store, tmp_path, capsys):
     assert len(rows) == 6
     red = [row for row in rows.values() if row["family"] == "harmless"]
     assert [row["chosen"][0]["content"] for row in red] == ["No, thanks."]
+    assert [row["subset"] for row in red] == ["harmless-online"]  # not upstream's harmless-base
     helpful = [row for row in rows.values() if row["subset"] == "helpful-online"]
     assert helpful[-1]["prompt"][-1]["content"].startswith("question")
     assert len(helpful[-1]["prompt"]) == 2 * len(helpful) - 1
@@ -167,9 +176,10 @@ def test_the_release_summarises_the_exports_provenance_and_never_names_anyone(
     assert summary["fields"]["annotator"] == {f"annotator-{alice.id}": 3}
     assert summary["fields"]["strength"] == {"1": 1, "2": 1, "3": 1}
     assert summary["fields"]["task"] == {"helpful": 3}
+    assert summary["fields"]["chosen_model"] == {"policy-1": 2, "policy-2": 1}
     assert {"models", "settings"} <= set(summary["other_fields"])
     card = (release / "README.md").read_text(encoding="utf-8")
-    assert f"| `annotator` | `annotator-{alice.id}` | 3 |" in card
+    assert f"| `annotator` | `annotator-{alice.id}` 3 |" in card
     for path in release.rglob("*"):
         if path.is_file():
             assert b"Alice" not in path.read_bytes() and token.encode() not in path.read_bytes()

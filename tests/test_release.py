@@ -392,7 +392,7 @@ def test_sidecar_counts_scalars_names_the_rest_and_skips_blank_lines(tmp_path, s
     card = (built.path / "README.md").read_text(encoding="utf-8")
     section = card.split("### Provenance")[1].split("## Bias")[0]
     assert "`helpful-online/train`: 25 rows" in section
-    assert "| `round` | `0` | 13 |" in section and "| `labeller` | `gold` | 25 |" in section
+    assert "| `round` | `0` 13, `1` 12 |" in section and "| `labeller` | `gold` 25 |" in section
     assert "Not counted (nested, or more than 20 values): `at`, `sampling`." in section
     assert read_manifest(built.path) == built.manifest  # the schema takes the key
 
@@ -412,3 +412,20 @@ def test_sidecars_of_one_subset_and_split_in_two_folders_are_summed(tmp_path, sa
         {"rows": 3, "sha256": digests[1]},
     ]
     assert summary["sha256"] not in digests
+
+
+def test_build_takes_the_subset_split_and_family_of_a_single_file(tmp_path, sample_records, capsys):
+    from hhdata.cli import main
+
+    raw = tmp_path / "batch-7.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in sample_records[:4]), encoding="utf-8")
+    (tmp_path / "batch-7.provenance.json").write_text(json.dumps([{"round": 7}] * 4))
+    out = tmp_path / "releases"
+    args = ["build", str(raw), "--version", "1.0.0", "--out", str(out), "--subset", "batch-7"]
+    assert main([*args, "--split", "train"]) == 2  # a new subset's family must be declared
+    assert "declare its family" in capsys.readouterr().err
+    assert main([*args, "--split", "train", "--family", "helpful"]) == 0
+    manifest = read_manifest(out / "1.0.0")
+    assert manifest["subsets"] == {"batch-7": "helpful"}
+    assert list(manifest["configs"]["helpful"]["splits"]) == ["train"]
+    assert manifest["provenance"]["batch-7/train"]["fields"] == {"round": {"7": 4}}

@@ -23,7 +23,13 @@ from hypothesis import strategies as st
 from hhdata import synth
 from hhdata.errors import HhDataError, SynthError
 from hhdata.pairs.transcript import split_pair
-from hhdata.schema import SUBSET_FAMILIES, SYNTHETIC_PREFIX, family_of, is_synthetic, pair_id
+from hhdata.schema import (
+    SYNTHETIC_PREFIX,
+    UPSTREAM_SUBSET_FAMILIES,
+    family_of,
+    is_synthetic,
+    pair_id,
+)
 
 N_PAIRS = 3000
 BAD_RATE = 0.01
@@ -135,7 +141,7 @@ def test_layout_is_upstream_with_the_synthetic_prefix(corpus):
     out, truth = corpus
     expected = {
         f"{SYNTHETIC_PREFIX}{subset}/{split}.jsonl.gz"
-        for subset in SUBSET_FAMILIES
+        for subset in UPSTREAM_SUBSET_FAMILIES
         for split in ("train", "test")
     }
     found = {path.relative_to(out).as_posix() for path in out.glob("*/*")}
@@ -370,7 +376,7 @@ def test_the_reader_sees_exactly_the_planted_truth(corpus):
     flagged = {row["id"]: row["flags"] for row in rows if row["flags"]}
     assert flagged == {item["id"]: item["flags"] for item in truth.irregular}
     subsets = set(pairs.column("subset").to_pylist())
-    assert subsets == {f"{SYNTHETIC_PREFIX}{subset}" for subset in SUBSET_FAMILIES}
+    assert subsets == {f"{SYNTHETIC_PREFIX}{subset}" for subset in UPSTREAM_SUBSET_FAMILIES}
 
 
 @settings(

@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-new-tokens", type=int, default=64, metavar="N", help="reply length cap (64)"
     )
+    serve.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sample at least N tokens per reply: the end token is suppressed until then (0)",
+    )
     serve.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1)")
     serve.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling p (0.9)")
     serve.add_argument(
@@ -49,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=60,
         metavar="N",
         help="requests that change state, per annotator per minute (60)",
+    )
+    serve.add_argument(
+        "--export-dir",
+        metavar="DIR",
+        help="where the admin page's export button writes (default: beside --db, "
+        "FEEDBACK-export/ for FEEDBACK.sqlite)",
     )
     serve.set_defaults(func=run_serve)
 

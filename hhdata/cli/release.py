@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="write the drop log (id, reason, kept_id, ...) of deduplication, as JSON Lines",
     )
+    build.add_argument(
+        "--subset", help="subset of files not in the <subset>/<split>.jsonl.gz layout"
+    )
+    build.add_argument("--split", choices=("train", "test"), help="split of such files")
+    build.add_argument("--family", choices=("helpful", "harmless"), help="family of a new subset")
     build.set_defaults(func=run_build)
 
     compare = subparsers.add_parser(
@@ -89,7 +94,12 @@ def run_build(args: argparse.Namespace) -> int:
     with memory.large_run():  # the allocator settings of the whole build, entered once here
         # progress=None: a bar per stage on a terminal outside CI, nothing in pipes and logs
         result = pipeline.run_pipeline(
-            args.sources, include_synthetic=args.include_synthetic, progress=None
+            args.sources,
+            include_synthetic=args.include_synthetic,
+            progress=None,
+            subset=args.subset,
+            split=args.split,
+            family=args.family,
         )
         if args.quarantine:
             print(

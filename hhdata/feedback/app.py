@@ -35,6 +35,7 @@ from starlette.templating import Jinja2Templates
 
 from hhdata.feedback import db
 from hhdata.feedback.auth import RateLimit, same_secret
+from hhdata.feedback.export import export
 from hhdata.feedback.policy import Policy, load_policy
 from hhdata.pairs.transcript import SEPARATORS
 
@@ -51,13 +52,16 @@ class Settings:
     db_path: str
     policies: tuple[Policy, Policy]
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 0.9
     rate_limit: int = 60  # state-changing posts per annotator per minute
+    export_dir: str = ""  # where the admin page's export button writes (default_export_dir)
 
     def sampling(self) -> dict:
         return {
             "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "models": [policy.model_id for policy in self.policies],
@@ -80,6 +84,7 @@ def create_app(settings: Settings) -> Starlette:
     local = threading.local()
     limit = RateLimit(settings.rate_limit, per_seconds=60)
     cancels: dict[int, threading.Event] = {}  # conversation id -> its running generation
+    exporting = threading.Lock()
 
     def store():
         if not hasattr(local, "db"):
@@ -223,8 +228,7 @@ def create_app(settings: Settings) -> Starlette:
         db.end_conversation(store(), conv["id"])
         return RedirectResponse("/", status_code=303)
 
-    def admin(request: Request) -> Response:
-        annotator, csrf = signed_in(request)
+    def admin_page(request: Request, annotator, csrf, exported=None) -> Response:
         if not annotator.is_admin:
             raise Denied(403, "the admin page needs an admin token")
         return page(
@@ -234,7 +238,21 @@ def create_app(settings: Settings) -> Starlette:
             csrf=csrf,
             rows=db.counts(store()),
             agreement=db.agreement(store()),
+            export_dir=settings.export_dir,
+            exported=exported,
         )
+
+    def admin(request: Request) -> Response:
+        return admin_page(request, *signed_in(request))
+
+    def export_now(request: Request, form: dict) -> Response:
+        """The admin's export button: `hhdata feedback export` into the serve-time folder."""
+        annotator, csrf = checked(request, form)
+        if not annotator.is_admin:
+            raise Denied(403, "exporting needs an admin token")
+        with exporting:  # two clicks at once: one export after the other, never interleaved
+            written = export(store(), settings.export_dir)
+        return admin_page(request, annotator, csrf, exported=written)
 
     def show_queue(request: Request) -> Response:
         annotator, csrf = signed_in(request)
@@ -322,6 +340,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/c/{cid:int}/cancel", posted(cancel), methods=["POST"]),
             Route("/c/{cid:int}/end", posted(end), methods=["POST"]),
             Route("/admin", admin, methods=["GET"]),
+            Route("/admin/export", posted(export_now), methods=["POST"]),
             Route("/queue", show_queue, methods=["GET"]),
             Route("/queue/{qid:int}/choose", posted(label_queue), methods=["POST"]),
             Route("/api/queue", post_queue, methods=["POST"]),
@@ -388,6 +407,7 @@ def sample_pair(settings: Settings, so_far: list[dict[str, str]], stop=None):
     Setting the event `stop` cuts the sampling short (the caller then discards it)."""
     sampling = {
         "max_new_tokens": settings.max_new_tokens,
+        "min_new_tokens": settings.min_new_tokens,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
         "stop": stop,
@@ -404,6 +424,30 @@ def sample_pair(settings: Settings, so_far: list[dict[str, str]], stop=None):
     return (reply_a, reply_b), (model_a, model_b)
 
 
+def default_export_dir(db_path: str | Path) -> Path:
+    """The export button's folder when serve is given none: beside the database.
+
+    >>> default_export_dir("data/feedback.sqlite").as_posix()
+    'data/feedback-export'
+    """
+    path = Path(db_path)
+    return path.with_name(f"{path.stem}-export")
+
+
+def settings_of(args, policies: tuple[Policy, Policy]) -> Settings:
+    """The app's settings from `hhdata feedback serve`'s arguments and the loaded policies."""
+    return Settings(
+        db_path=args.db,
+        policies=policies,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        rate_limit=args.rate_limit,
+        export_dir=args.export_dir or str(default_export_dir(args.db)),
+    )
+
+
 def serve(args) -> int:
     """`hhdata feedback serve`: load the policies (failing early), then run uvicorn."""
     import uvicorn
@@ -411,14 +455,7 @@ def serve(args) -> int:
     first = load_policy(args.policy)
     second = load_policy(args.policy_b) if args.policy_b else first
     db.connect(args.db).close()  # a bad --db path fails here, not at the first request
-    settings = Settings(
-        db_path=args.db,
-        policies=(first, second),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        rate_limit=args.rate_limit,
-    )
+    settings = settings_of(args, (first, second))
     print(f"hhdata feedback: serving on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -22,17 +22,29 @@ class Policy:
         self.model_id, self.tokenizer, self.model = model_id, tokenizer, model
         self._lock = threading.Lock()  # one generate at a time on this model
 
-    def reply(
+    def reply(self, so_far: list[dict[str, str]], **sampling) -> str:
+        """Sample the assistant's next reply to the conversation so far, as text cut where
+        the model starts the next turn (the arguments are `sample`'s)."""
+        new_tokens = self.sample(so_far, **sampling)
+        return cut_reply(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
+
+    def sample(
         self,
         so_far: list[dict[str, str]],
         *,
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        min_new_tokens: int = 0,
         stop: threading.Event | None = None,
-    ) -> str:
-        """Sample the assistant's next reply to the conversation so far; setting `stop`
-        ends the sampling after the current token (the annotator cancelled)."""
+    ) -> list[int]:
+        """The new token ids sampled after the conversation so far and the Assistant tag.
+
+        Setting `stop` ends the sampling after the current token (the annotator cancelled).
+        With ``min_new_tokens`` the end token is suppressed until that many are sampled
+        (transformers' min_new_tokens), so with min = max a reply has a known length: what
+        a test of cancelling needs (a tiny random model often ends in a few tokens).
+        """
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -51,14 +63,12 @@ class Policy:
                 temperature=temperature,
                 top_p=top_p,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 stopping_criteria=StoppingCriteriaList([Cancelled()]),
             )
         # shape: [1, prompt + new tokens]; keep the new tokens only
-        text = self.tokenizer.decode(
-            output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        return cut_reply(text)
+        return output[0, encoded["input_ids"].shape[1] :].tolist()
 
 
 def cut_reply(text: str) -> str:

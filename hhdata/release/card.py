@@ -312,21 +312,24 @@ def _synthetic_note(manifest: dict) -> str:
 
 def provenance_section(provenance: dict | None) -> str:
     """The card's "Provenance" part: per subset and split with a sidecar, a table of the
-    counted fields' values; "" when the release has none (upstream data carries none).
+    counted fields, one row each with its values and their rows, most frequent first;
+    "" when the release has none (upstream data carries none).
 
-    >>> print(provenance_section({"helpful-online/train": {"rows": 2, "sha256": "ab" * 32,
-    ...     "fields": {"task": {"helpful": 2}}, "other_fields": ["models"]}}))
+    >>> print(provenance_section({"helpful-online/train": {"rows": 3, "sha256": "ab" * 32,
+    ...     "fields": {"picked": {"A": 1, "B": 2}, "task": {"helpful": 3}},
+    ...     "other_fields": ["models"]}}))
     <BLANKLINE>
     ### Provenance
     <BLANKLINE>
     Rows of new batches carry a provenance sidecar (`<subset>/<split>.provenance.json`, one
     entry per raw record), summarised here; the sidecars stay with the raw data.
     <BLANKLINE>
-    `helpful-online/train`: 2 rows (sidecar sha256 `abababababab...`).
+    `helpful-online/train`: 3 rows (sidecar sha256 `abababababab...`).
     <BLANKLINE>
-    | field | value | rows |
-    |---|---|---|
-    | `task` | `helpful` | 2 |
+    | field | values (rows) |
+    |---|---|
+    | `picked` | `B` 2, `A` 1 |
+    | `task` | `helpful` 3 |
     <BLANKLINE>
     Not counted (nested, or more than 20 values): `models`.
     <BLANKLINE>
@@ -342,23 +345,29 @@ def provenance_section(provenance: dict | None) -> str:
         "",
     ]
     for key, summary in provenance.items():
+        rows = [
+            [
+                f"`{field}`",
+                ", ".join(f"{_cell(value)} {count}" for value, count in _by_count(counts)),
+            ]
+            for field, counts in summary["fields"].items()
+        ]
         parts += [
-            f"`{key}`: {summary['rows']} rows (sidecar sha256 `{summary['sha256'][:12]}...`).",
+            f"`{key}`: {summary['rows']} row{'' if summary['rows'] == 1 else 's'} (sidecar "
+            f"sha256 `{summary['sha256'][:12]}...`).",
             "",
-            _table(
-                ["field", "value", "rows"],
-                [
-                    [f"`{field}`", _cell(value), count]
-                    for field, counts in summary["fields"].items()
-                    for value, count in counts.items()
-                ],
-            ),
+            _table(["field", "values (rows)"], rows),
             "",
         ]
         if summary["other_fields"]:
             named = ", ".join(f"`{field}`" for field in summary["other_fields"])
             parts += [f"Not counted (nested, or more than {MAX_VALUES} values): {named}.", ""]
     return "\n".join(parts)
+
+
+def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Values by falling count, then by name: the same order for the same counts."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _cell(value: str) -> str:
