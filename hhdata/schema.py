@@ -55,24 +55,27 @@ SYNTHETIC_PREFIX = "synth-"
 
 
 def family_of(subset: str, declared: str | None = None) -> str:
-    """The helpful/harmless family of a subset; new batches must declare theirs.
+    """The helpful/harmless family of a subset; new batches name or declare theirs.
 
-    A family declared for a known subset must be that subset's own: ``harmless-base``
-    labelled helpful would put its rows in the wrong config, so the contradiction raises
-    ValueError.
+    A new subset whose name starts with ``helpful-`` or ``harmless-`` (``helpful-best-of-4``
+    from best-of-N, a team's ``harmless-redteam-2027``) takes that family from its name;
+    any other new name must declare one. A family declared for a known subset must be that
+    subset's own: ``harmless-base`` labelled helpful would put its rows in the wrong config, so
+    the contradiction raises ValueError.
 
     >>> family_of("harmless-base"), family_of("synth-helpful-online")
     ('harmless', 'helpful')
-    >>> family_of("batch-7", "helpful")
-    'helpful'
+    >>> family_of("batch-7", "helpful"), family_of("helpful-best-of-4")
+    ('helpful', 'helpful')
     """
     if declared is not None and declared not in (HELPFUL, HARMLESS):
         raise ValueError(f"family must be 'helpful' or 'harmless', not {declared!r}")
-    known = SUBSET_FAMILIES.get(subset.removeprefix(SYNTHETIC_PREFIX))
+    name = subset.removeprefix(SYNTHETIC_PREFIX)
+    known = SUBSET_FAMILIES.get(name) or _family_in_name(name)
     if known is None and declared is None:
         raise ValueError(
             f"subset {subset!r} is not one of {sorted(SUBSET_FAMILIES)}; declare its family "
-            "('helpful' or 'harmless') for a new batch"
+            "('helpful' or 'harmless') for a new batch, or name it helpful-* or harmless-*"
         )
     if known is not None and declared is not None and declared != known:
         raise ValueError(
@@ -80,6 +83,14 @@ def family_of(subset: str, declared: str | None = None) -> str:
             "the batch as a new subset if it really is a different one"
         )
     return known or declared
+
+
+def _family_in_name(subset: str) -> str | None:
+    """The family a new subset's name starts with (``helpful-...``, ``harmless-...``), if any."""
+    for family in (HELPFUL, HARMLESS):
+        if subset.startswith(f"{family}-"):
+            return family
+    return None
 
 
 def is_synthetic(subset: str) -> bool:

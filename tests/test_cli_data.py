@@ -127,9 +127,10 @@ def test_usage_and_io_errors_exit_2_with_the_fix(tmp_path, capsys, sample_path):
     assert main(["stats", str(odd), "--split", "train", "--subset", "batch-3"]) == 2
     assert capsys.readouterr().err == (
         f"hhdata stats: error: {odd}: subset 'batch-3' is not one of ['harmless-base', "
-        "'helpful-base', 'helpful-online', 'helpful-rejection-sampled']; declare its family "
-        "('helpful' or 'harmless') for a new batch (in Python family= and subset=, on the "
-        "command line --family and --subset)\n"
+        "'harmless-online', 'helpful-base', 'helpful-online', 'helpful-rejection-sampled']; "
+        "declare its family ('helpful' or 'harmless') for a new batch, or name it helpful-* "
+        "or harmless-* (in Python family= and subset=, on the command line --family and "
+        "--subset)\n"
     )
     assert (
         main(["stats", str(odd), "--split", "train", "--subset", "batch-3", "--family", "helpful"])

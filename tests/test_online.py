@@ -19,6 +19,7 @@ from hhdata.pipeline import build_release
 from hhdata.release.diff import diff_releases
 from hhdata.release.load import load_release
 from hhdata.release.manifest import read_manifest
+from hhdata.schema import family_of
 from training import models, online, reward_model, sft
 from training.common import run_cli
 from training.fast import sample
@@ -49,8 +50,8 @@ def _one_thread():
 def start(tmp_path_factory) -> dict[str, str]:
     """Release 1.0.0 of real pairs, a proxy reward model (its tokenizer), SFT and a gold model.
 
-    The bundled pairs are harmless-base, and `harmless-online` is not yet a subset hhdata
-    knows, so they are placed as helpful-base here: the loop's comparisons go to helpful-online.
+    The bundled pairs are harmless-base; they are placed as helpful-base here, so the loop's
+    comparisons go to helpful-online (harmless prompts' go to harmless-online: tested below).
     """
     root = tmp_path_factory.mktemp("online-start")
     lines = gzip.open(bundled_sample_path(), "rt", encoding="utf-8").read().splitlines()
@@ -351,6 +352,12 @@ def test_gold_labels_are_noiseless_at_tau_zero_and_reproducible_by_seed():
     noisy = torch.randn(1000, generator=torch.Generator().manual_seed(2))
     assert torch.equal(gold_choices(noisy, 1.0, 5), gold_choices(noisy, 1.0, 5))
     assert not torch.equal(gold_choices(noisy, 1.0, 5), gold_choices(noisy, 1.0, 6))
+
+
+def test_each_familys_comparisons_go_to_its_online_subset_which_a_build_knows():
+    assert online.online_subset("helpful") == "helpful-online"
+    assert online.online_subset("harmless") == "harmless-online"
+    assert family_of("harmless-online") == "harmless"
 
 
 @pytest.mark.parametrize("text", ["gold", "gold:", "people:x", ":x"])

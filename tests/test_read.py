@@ -283,6 +283,12 @@ def test_arguments_name_the_subset_and_split_of_other_paths(tmp_path):
     assert table.select(["subset", "split", "family"]).to_pylist() == [
         {"subset": "batch-7", "split": "train", "family": "helpful"}
     ]
+    # a new subset named after its family needs no declaration (best-of-N writes such names)
+    for subset, family in (("helpful-best-of-4", "helpful"), ("harmless-redteam-2", "harmless")):
+        table = read_raw(path, subset=subset, split="train").table
+        assert table.column("family").to_pylist() == [family]
+    with pytest.raises(SourceError, match="is helpful, not harmless"):
+        read_raw(path, subset="helpful-best-of-4", split="train", family="harmless")
 
 
 def test_a_declared_family_must_agree_with_a_known_subset(sample_path, tmp_path):
