@@ -22,7 +22,6 @@ from hhdata.release.manifest import read_manifest
 from hhdata.schema import family_of
 from training import models, online, reward_model, sft
 from training.common import run_cli
-from training.fast import sample
 from training.labellers import (
     LabelError,
     expected_disagreement,
@@ -31,7 +30,6 @@ from training.labellers import (
     parse_labeller,
     preference_probability,
 )
-from training.rollout import left_pad
 
 TRAIN, TEST = 160, 40  # bundled harmless-base pairs placed as a helpful-base release (below)
 
@@ -364,31 +362,6 @@ def test_each_familys_comparisons_go_to_its_online_subset_which_a_build_knows():
 def test_a_labeller_must_be_kind_colon_arg(text):
     with pytest.raises(LabelError, match="expected KIND:ARG"):
         parse_labeller(text)
-
-
-def test_shared_prompt_pass_samples_what_the_plain_sampler_samples_on_repeated_prompts():
-    texts = ["\n\nHuman: hello there\n\nAssistant: hi, how can I help?"] * 20
-    tokenizer = models.load_tokenizer("tiny", texts=texts)
-    model = models.load_causal_lm("tiny", tokenizer, seed=3).eval()
-    queries = [tokenizer(t)["input_ids"] for t in ("\n\nHuman: hello", "\n\nHuman: hi there you")]
-    ids, mask = left_pad(queries, tokenizer.pad_token_id)
-    stop = tokenizer.eos_token_id
-    shared, shared_logprobs = online.sample_pairs(
-        model, ids, mask, 12, 1.0, stop, torch.Generator().manual_seed(4)
-    )
-    plain, plain_logprobs = sample(
-        model,
-        ids.repeat_interleave(2, 0),
-        mask.repeat_interleave(2, 0),
-        12,
-        1.0,
-        stop,
-        torch.Generator().manual_seed(4),
-    )
-    assert shared.shape == (4, 12)
-    assert torch.equal(shared, plain)
-    torch.testing.assert_close(shared_logprobs, plain_logprobs)
-    assert not torch.equal(shared[0], shared[1])  # two replies, not one copied
 
 
 def test_a_reply_is_cut_where_the_model_starts_a_new_turn():

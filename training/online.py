@@ -45,7 +45,6 @@ from types import SimpleNamespace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from hhdata.errors import ReleaseError
 from hhdata.pairs.transcript import render_transcript
@@ -255,46 +254,6 @@ def write_start_raw(start: Path, raw: Path) -> dict:
 # ---- 1. sample ------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sample_pairs(model, ids, mask, response_length: int, temperature: float, stop_id, generator):
-    """Two replies per left-padded query, the query's forward pass shared: the prompt runs
-    once and its key-value cache is duplicated row by row (replies 2i and 2i+1 answer query i).
-
-    The same draws as training.fast.sample on the queries repeated twice (rows interleaved),
-    which tests/test_online.py checks. Returns tokens and log-probabilities, [2 * batch, length].
-    """
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    output = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    )
-    cache_name = "cache" if "cache" in output else "past_key_values"
-    cache = output[cache_name]
-    cache.batch_repeat_interleave(2)  # shape of every layer's keys: [2 * batch, heads, seq, dim]
-    logits = output.logits[:, -1].repeat_interleave(2, 0)  # shape: [2 * batch, vocab]
-    mask, position = mask.repeat_interleave(2, 0), positions[:, -1:].repeat_interleave(2, 0)
-    tokens = torch.full((len(mask), response_length), stop_id, device=ids.device)
-    logprobs = torch.zeros(tokens.shape, device=ids.device)
-    done = torch.zeros(len(mask), dtype=torch.bool, device=ids.device)
-    for t in range(response_length):
-        logits = logits.float() / temperature
-        token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-        tokens[:, t] = torch.where(done, stop_id, token)
-        logprobs[:, t] = F.log_softmax(logits, dim=-1).gather(1, tokens[:, t : t + 1]).squeeze(1)
-        done |= token == stop_id
-        if done.all() or t + 1 == response_length:
-            break
-        mask, position = F.pad(mask, (0, 1), value=1), position + 1
-        output = model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=position,
-            use_cache=True,
-            **{cache_name: cache},
-        )
-        cache, logits = output[cache_name], output.logits[:, -1]
-    return tokens, logprobs
-
-
 def reply_text(tokenizer, tokens: torch.Tensor, keep: torch.Tensor) -> str:
     """A sampled reply's words, cut where the model starts a new turn (a speaker tag would
     make the transcript parse into more turns than were sampled)."""
@@ -382,7 +341,7 @@ def sample_round(args: Args, rows: list[dict], current: Policy, previous: Policy
             current.queries(batch, args.query_length), current.tokenizer.pad_token_id
         )
         if args.pairing == "same":
-            tokens, _ = sample_pairs(
+            tokens, _ = sample(  # the prompt's pass shared: rows 2i and 2i+1 answer query i
                 current.model,
                 ids,
                 mask,
@@ -390,6 +349,7 @@ def sample_round(args: Args, rows: list[dict], current: Policy, previous: Policy
                 args.temperature,
                 current.stop_id,
                 generator,
+                copies=2,
             )
             texts = current.texts(tokens)
             replies += [(texts[2 * i], texts[2 * i + 1]) for i in range(len(batch))]
