@@ -34,9 +34,9 @@ import torch
 
 from hhdata.pairs.transcript import render_transcript, split_pair
 from training import models, run
-from training.common import UsageError, choose_split, load_pairs, run_cli
+from training.common import UsageError, run_cli
 from training.fast import sample
-from training.ppo_eval import held_out_prompts, make_judge
+from training.ppo_eval import make_judge, prompts_unseen_by
 from training.rollout import fit_query, left_pad, start_length, truncate_at_stop
 from training.text import encode_prompt, end_of_turn_id, uses_chat_template
 
@@ -348,16 +348,9 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
 
     # 1. prompts the reward model never trained on (when its settings.json says which it did)
-    splits, provenance = load_pairs(args.data)
-    split = choose_split(splits, args.split, provenance["source"])
-    _, rows, _, unknown = held_out_prompts(
-        splits, split, provenance, (args.reward_model,), args.prompts, args.seed
+    rows, unknown, provenance = prompts_unseen_by(
+        args.data, args.split, args.reward_model, args.reward_model, args.prompts, args.seed
     )
-    if not rows:
-        raise UsageError(
-            f"{provenance['source']}: every prompt was trained on by {args.reward_model}; pass "
-            "other --data"
-        )
     families = sorted({row["family"] for row in rows})
     if args.subset and len(families) > 1:
         raise UsageError(

@@ -32,8 +32,8 @@ import yaml
 
 from training import models, run
 from training.best_of_n import encode_queries, mean_with_ci, policy_chat, reply_content
-from training.common import UsageError, choose_split, load_pairs, run_cli
-from training.ppo_eval import held_out_kl, held_out_prompts, make_judge, reply_texts, verdict
+from training.common import UsageError, run_cli
+from training.ppo_eval import held_out_kl, make_judge, prompts_unseen_by, reply_texts, verdict
 from training.rollout import rollout
 from training.text import end_of_turn_id
 
@@ -476,15 +476,9 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
 
     # 1. the held-out prompts: never trained on by the judge (when its settings.json says)
-    splits, provenance = load_pairs(args.data)
-    split = choose_split(splits, args.split, provenance["source"])
-    _, rows, _, unknown = held_out_prompts(
-        splits, split, provenance, (args.judge,), args.prompts, args.seed
+    rows, unknown, provenance = prompts_unseen_by(
+        args.data, args.split, args.judge, "the judge", args.prompts, args.seed
     )
-    if not rows:
-        raise UsageError(
-            f"{provenance['source']}: every prompt was trained on by the judge; pass other --data"
-        )
     families = sorted({row["family"] for row in rows})
 
     # 2. preference under the judge, 3. capability through lm_eval

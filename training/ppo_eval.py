@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from training import run
-from training.common import load_pairs, prompt_key
+from training.common import UsageError, choose_split, load_pairs, prompt_key
 from training.fast import reply_logprobs
 from training.reward_model import load_reward_model, split_held_out
 from training.reward_model import score as text_scores
@@ -80,6 +80,22 @@ def held_out_prompts(
         excluded |= prompts or set()
     train_rows, eval_rows = split_prompts(splits, train_split, excluded, count, seed)
     return train_rows, eval_rows, known, unknown
+
+
+def prompts_unseen_by(
+    data: str | None, split: str | None, run_dir: str, who: str, count: int, seed: int
+) -> tuple[list[dict], list[str], dict]:
+    """(`count` held-out rows with distinct prompts that the reward model in `run_dir` never
+    trained on, [run_dir] when its training prompts are unknown, the data's provenance): the
+    prompts best-of-N and the evaluation score with that model. Refuses data it saw whole."""
+    splits, provenance = load_pairs(data)
+    train_split = choose_split(splits, split, provenance["source"])
+    _, rows, _, unknown = held_out_prompts(splits, train_split, provenance, (run_dir,), count, seed)
+    if not rows:
+        raise UsageError(
+            f"{provenance['source']}: every prompt was trained on by {who}; pass other --data"
+        )
+    return rows, unknown, provenance
 
 
 @torch.no_grad()
