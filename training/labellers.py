@@ -81,8 +81,10 @@ def parse_labeller(text: str) -> LabellerSpec:
 def preference_probability(margins: torch.Tensor, tau: float) -> torch.Tensor:
     """P(A preferred) = sigmoid((r_A - r_B) / tau); tau = 0 is the noiseless limit (a tie: 1/2).
 
-    >>> preference_probability(torch.tensor([0.0, 2.0]), 1.0).round(decimals=3).tolist()
+    >>> [round(p, 3) for p in preference_probability(torch.tensor([0.0, 2.0]), 1.0).tolist()]
     [0.5, 0.881]
+    >>> preference_probability(torch.tensor([-1.0, 0.0, 3.0]), 0.0).tolist()
+    [0.0, 0.5, 1.0]
     """
     if tau < 0:
         raise LabelError(f"--tau {tau}: the annotator's temperature cannot be negative")
