@@ -322,7 +322,10 @@ def test_pages_answer_while_replies_are_being_generated(policy, tmp_path):
 
     (Generation once ran on the event loop, and every request queued behind it.)
     """
-    server = Server(policy, tmp_path / "feedback.sqlite", "--max-new-tokens", "400").start()
+    # min = max: the tiny random policy often samples its end token at once, and replies
+    # that end within the second below made this test fail now and then
+    long_replies = ("--max-new-tokens", "600", "--min-new-tokens", "600")
+    server = Server(policy, tmp_path / "feedback.sqlite", *long_replies).start()
     try:
         alice = Annotator(server.url, token_for(server.db_path, "slow-alice"))
         bob = Annotator(server.url, token_for(server.db_path, "slow-bob"))
