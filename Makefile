@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not benchmark" tests
+	$(PY) -m pytest -q -m "not benchmark" --durations=15 tests
 	$(PY) -m pytest -q --doctest-modules hhdata training
 
 demo: $(STAMP)
