@@ -141,6 +141,18 @@ def test_payload_with_adapters_switched_off_is_the_base(tokenizer):
     assert all(torch.equal(payload[name], base[name]) for name in base)
 
 
+def test_engine_architecture_ignores_dtype_and_refuses_a_non_folder(tmp_path, tokenizer):
+    model = tiny_lm(tokenizer)
+    model.save_pretrained(tmp_path / "fp32")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    # one engine serves both (the online loop's rounds): same layout, other dtype and path
+    assert vllm_generation.architecture(str(tmp_path / "fp32")) == vllm_generation.architecture(
+        str(tmp_path / "bf16")
+    )
+    with pytest.raises(UsageError, match="no config.json.*pass an SFT run directory"):
+        vllm_generation.architecture("smollm2-135m")
+
+
 # ---- vLLM's replies in fast.sample's shape -----------------------------------------------------
 
 

@@ -176,7 +176,13 @@ def free_port() -> int:
 
 def architecture(folder: str) -> dict:
     """The model's config.json without the keys that do not change the weights' layout."""
-    config = json.loads((Path(folder) / "config.json").read_text())
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UsageError(
+            f"--generator vllm: {folder} is not a saved transformers model (no config.json); "
+            "vLLM builds its engine from the policy's folder: pass an SFT run directory"
+        )
+    config = json.loads(path.read_text())
     return {key: value for key, value in config.items() if key not in CONFIG_NOISE}
 
 
@@ -187,17 +193,19 @@ class VllmGenerator:
     def __init__(self, folder: str, args: GeneratorArgs, max_model_len: int, seed: int):
         from vllm import LLM
 
+        self.architecture = architecture(folder)
         rank, local_rank, world = process_place()
-        # vLLM's external launcher reads the process's place from the torchrun variables; a
-        # single process sets them for a world of one
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # vLLM's external launcher reads the process's place from the torchrun variables, which
+        # a launch has set already; a single process sets them for a world of one
+        place = dict(RANK=rank, LOCAL_RANK=local_rank, WORLD_SIZE=world, MASTER_PORT=free_port())
+        for name, value in {**place, "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(name, str(value))
         # the engine in this process, so its model is reachable for load_weights
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.folder, self.args, self.max_model_len = folder, args, max_model_len
-        self.architecture = architecture(folder)
         self.llm = LLM(
+            # token ids in, token ids out: the trainer's tokenizer does the text
+            skip_tokenizer_init=True,
             model=folder,
             dtype=args.vllm_dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -309,8 +317,9 @@ def engine(folder: str, args: GeneratorArgs, max_model_len: int, seed: int) -> V
     """The process's vLLM engine, built from the model in `folder` on first use.
 
     A later caller (the online loop's PPO after its sampling step) gets the same engine when its
-    model has the same architecture and fits its length; it must push its weights with
-    ``sync_weights`` before sampling, as every caller does.
+    model has the same architecture and fits its length (the engine keeps the first caller's
+    dtype and memory share); it must push its weights with ``sync_weights`` before sampling,
+    as every caller does.
     """
     require("vllm")
     if not ENGINE:
