@@ -9,7 +9,12 @@ Runs, all on the bundled harmless-base sample, bf16, seed 1:
 
 1. reward model, full fine-tune; 2. reward model, LoRA rank 16;
 3. PPO, full (policy = SmolLM2-135M-Instruct, reward model = run 1, value model from it);
-4. PPO, LoRA rank 16 (reference = the policy with adapters off), same reward model.
+4. PPO, LoRA rank 16 (reference = the policy with adapters off), same reward model;
+5. when vllm imports (pip install 'hhdata[vllm]'): run 3 again with ``--generator vllm``, its
+   rollouts sampled by a vLLM engine in the process (30% of the GPU's memory), the weights
+   pushed after every update; its tokens/s beside run 3's is vLLM against transformers
+   generation inside PPO, and its sampling_logprob_error says how far vLLM's log-probabilities
+   are from the trainer's. Skipped (a line says so) where vllm is missing, and on --dry-run.
 
 Tokens per second: reward model, the mean encoded length of a training pair (prompt + chosen
 + rejected) times the pairs per second of the training loop; PPO, the mean reply length
@@ -20,6 +25,7 @@ Writes results.json and results.md (a table for bench/gpu.md) to --out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -136,15 +142,17 @@ def policy_folder(out: Path, sizes: dict) -> Path:
     return folder
 
 
-def ppo_run(out: Path, sizes: dict, policy: Path, lora: bool) -> dict:
+def ppo_run(out: Path, sizes: dict, policy: Path, lora: bool, generator="transformers") -> dict:
     from training import ppo
 
+    vllm = generator == "vllm"
     args = ppo.Args(
         policy=str(policy),
         reward_model=str(out / "rm"),
-        output_dir=str(out / ("ppo-lora" if lora else "ppo")),
+        output_dir=str(out / (("ppo-lora" if lora else "ppo") + ("-vllm" if vllm else ""))),
         precision="bf16",
         save_every=10_000,
+        generator=generator,
         **sizes["ppo"],
         **(LORA if lora else {}),
     )
@@ -153,7 +161,7 @@ def ppo_run(out: Path, sizes: dict, policy: Path, lora: bool) -> dict:
     history = metrics["history"]
     reply = statistics.mean(record["reply_length"] for record in history)
     return {
-        "run": f"PPO{' LoRA r16' if lora else ''}",
+        "run": f"PPO{' LoRA r16' if lora else ''}{' vLLM generation' if vllm else ''}",
         "steps": len(history),
         "tokens_per_second": reply * metrics["episodes_per_second"],
         "episodes_per_second": metrics["episodes_per_second"],
@@ -161,7 +169,33 @@ def ppo_run(out: Path, sizes: dict, policy: Path, lora: bool) -> dict:
         "loss": history[-1]["pg_loss"] + args.vf_coef * history[-1]["value_loss"],
         "score": history[-1]["score"],
         "kl": history[-1]["kl"],
+        "sampling_logprob_error": max(r["sampling_logprob_error"] for r in history),
     }
+
+
+def vllm_skipped(options) -> str | None:
+    """Why the PPO run with --generator vllm is skipped, or None when it runs."""
+    if options.no_vllm:
+        return "--no-vllm"
+    if options.dry_run:
+        return "dry run: vLLM needs a CUDA GPU"
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed: pip install 'hhdata[vllm]'"
+    return None
+
+
+def vllm_line(rows: list[dict], note: str | None) -> str:
+    """The line under the table on the vLLM run: the ratio of its PPO tokens/s to
+    transformers generation's (run 3), and its sampling log-prob error; or why it did not run."""
+    if note is not None:
+        return f"\nPPO with --generator vllm: not run ({note})\n"
+    plain, vllm = rows[2], rows[-1]
+    return (
+        f"\nPPO tokens/s, vLLM generation / transformers generation: "
+        f"{vllm['tokens_per_second'] / plain['tokens_per_second']:.2f}x; largest sampling "
+        f"log-prob error (vLLM's against the trainer's): {vllm['sampling_logprob_error']:.4f} "
+        f"(transformers: {plain['sampling_logprob_error']:.4f})\n"
+    )
 
 
 def machine() -> dict:
@@ -198,6 +232,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="a fresh folder for the runs")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, a few steps")
+    parser.add_argument(
+        "--no-vllm", action="store_true", help="skip the PPO run with --generator vllm"
+    )
     options = parser.parse_args()
     import torch
 
@@ -210,6 +247,9 @@ def main() -> None:
     rows = [reward_model_run(options.out, sizes, lora) for lora in (False, True)]
     policy = policy_folder(options.out, sizes)
     rows += [ppo_run(options.out, sizes, policy, lora) for lora in (False, True)]
+    vllm_note = vllm_skipped(options)
+    if vllm_note is None:
+        rows.append(ppo_run(options.out, sizes, policy, lora=False, generator="vllm"))
     result = {
         **machine(),
         "dry_run": options.dry_run,
@@ -221,6 +261,7 @@ def main() -> None:
         f"{result['date_utc']} UTC, commit {result['commit']}, {result['device']}, torch "
         f"{result['torch']}, {result['seconds']:.0f} s in all"
         f"{' (DRY RUN: tiny model on the CPU)' if options.dry_run else ''}\n\n{table(rows)}\n"
+        + vllm_line(rows, vllm_note)
     )
     (options.out / "results.md").write_text(text)
     print(text)

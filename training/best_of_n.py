@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from hhdata.pairs.transcript import render_transcript, split_pair
-from training import models, run
+from training import models, run, vllm_generation
 from training.common import UsageError, run_cli
 from training.fast import sample
 from training.ppo_eval import make_judge, prompts_unseen_by
@@ -42,7 +42,7 @@ from training.text import encode_prompt, end_of_turn_id, uses_chat_template
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(vllm_generation.GeneratorArgs):
     """Best-of-N: sample N replies per prompt, keep the reward model's favourite."""
 
     policy: str = "runs/sft"
@@ -155,22 +155,24 @@ def reply_content(text: str) -> str:
 
 
 @torch.no_grad()
-def sample_replies(model, tokenizer, queries, copies: int, args, stop_id: int) -> list[list[str]]:
+def sample_replies(
+    model, tokenizer, queries, copies: int, args, stop_id: int, sampler=sample
+) -> list[list[str]]:
     """`copies` replies to each query, as turn contents (up to the end-of-turn token), one list per
     query; the prompt's forward pass is shared by its replies (fast.sample, copies=) unless
-    --no-share-prompt."""
+    --no-share-prompt. `sampler` is fast.sample or a vLLM engine's ``sample``."""
     generator = torch.Generator().manual_seed(args.seed)
     texts: list[list[str]] = []
     for first in range(0, len(queries), args.batch_size):
         ids, mask = left_pad(queries[first : first + args.batch_size], tokenizer.pad_token_id)
         # shape: [batch * copies, response_length]; row i * copies + k is query i's k-th reply
         if args.share_prompt:
-            tokens, _ = sample(
+            tokens, _ = sampler(
                 model, ids, mask, args.response_length, args.temperature, stop_id, generator, copies
             )
         else:
             ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
-            tokens, _ = sample(
+            tokens, _ = sampler(
                 model, ids, mask, args.response_length, args.temperature, stop_id, generator
             )
         keep, _ = truncate_at_stop(tokens, stop_id)
@@ -342,6 +344,7 @@ def table(curve: list[dict], ppo: dict | None) -> str:
 def main(args: Args) -> dict:
     """Sample, score, report the reward vs N curve and write the comparisons; returns the
     report written to best_of_n.json."""
+    vllm_generation.require(args.generator)
     ns = n_values(args.n)
     copies = ns[-1]
     output_dir = Path(args.output_dir)
@@ -365,9 +368,16 @@ def main(args: Args) -> dict:
     run.disable_dropout(policy)
     chat = policy_chat(args.policy, tokenizer)
     queries = encode_queries(tokenizer, rows, chat, args.query_length)
+    sampler = sample
+    if args.generator == "vllm":  # the N replies of a prompt share its prefix in vLLM's cache
+        engine = vllm_generation.engine(
+            args.policy, args, args.query_length + args.response_length, args.seed
+        )
+        engine.sync_weights(policy)  # the engine may hold another run's weights
+        sampler = engine.sample
     started, started_cpu = time.perf_counter(), time.process_time()
     stop_id = end_of_turn_id(tokenizer, chat)
-    texts = sample_replies(policy, tokenizer, queries, copies, args, stop_id)
+    texts = sample_replies(policy, tokenizer, queries, copies, args, stop_id, sampler)
     sampling = {  # the part --share-prompt speeds up (bench/best_of_n.md)
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - started_cpu,

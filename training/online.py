@@ -51,7 +51,7 @@ from hhdata.pairs.transcript import render_transcript
 from hhdata.release.diff import diff_releases, next_version
 from hhdata.release.manifest import MANIFEST_NAME, read_manifest
 from hhdata.schema import SUBSET_FAMILIES
-from training import models, run
+from training import models, run, vllm_generation
 from training import ppo as ppo_trainer
 from training import reward_model as rm_trainer
 from training.common import UsageError, load_pairs, prompt_key, refuse_changed_settings, run_cli
@@ -76,7 +76,7 @@ SPEAKER_TAGS = ("\n\nHuman:", "\n\nAssistant:")
 
 
 @dataclass(frozen=True)
-class Args:
+class Args(vllm_generation.GeneratorArgs):
     """The iterated online RLHF loop: sample, label, release, retrain, measure; R rounds."""
 
     data: str | None = None
@@ -330,18 +330,34 @@ class Policy:
         return [reply_text(self.tokenizer, t, k) for t, k in zip(tokens, keep)]
 
 
-def sample_round(args: Args, rows: list[dict], current: Policy, previous: Policy, seed: int):
+def sample_round(
+    args: Args, rows: list[dict], current: Policy, previous: Policy, seed: int, engine=None
+):
     """Two replies per row: both from `current` (shared prompt pass), or A from `current` and
-    B from `previous` (--pairing previous)."""
+    B from `previous` (--pairing previous). With a vLLM `engine` (--generator vllm), each
+    policy's weights are pushed into it before it samples."""
     generator = torch.Generator().manual_seed(seed)
     replies = []
-    for start in range(0, len(rows), args.sample_batch_size):
-        batch = rows[start : start + args.sample_batch_size]
+    pushed = []  # the policy whose weights the engine holds
+
+    def sampler(policy: Policy):
+        if engine is None:
+            return sample
+        if not pushed or pushed[0] is not policy:
+            engine.sync_weights(policy.model)
+            pushed[:] = [policy]
+        return engine.sample
+
+    # vLLM batches requests itself: every row in one call, so each policy is pushed once
+    batch_size = args.sample_batch_size if engine is None else len(rows)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
         ids, mask = left_pad(
             current.queries(batch, args.query_length), current.tokenizer.pad_token_id
         )
         if args.pairing == "same":
-            tokens, _ = sample(  # the prompt's pass shared: rows 2i and 2i+1 answer query i
+            # the prompt's pass shared: rows 2i and 2i+1 answer query i
+            tokens, _ = sampler(current)(
                 current.model,
                 ids,
                 mask,
@@ -359,7 +375,7 @@ def sample_round(args: Args, rows: list[dict], current: Policy, previous: Policy
                 ids, mask = left_pad(
                     policy.queries(batch, args.query_length), policy.tokenizer.pad_token_id
                 )
-                tokens, _ = sample(
+                tokens, _ = sampler(policy)(
                     policy.model,
                     ids,
                     mask,
@@ -707,7 +723,15 @@ class Round:
         current = Policy(self.current_dir, self.loop.chat)
         same = self.args.pairing == "same"
         previous = current if same else Policy(self.previous_dir, self.loop.chat)
-        pairs = sample_round(self.args, rows, current, previous, self.seed)
+        engine = None
+        if self.args.generator == "vllm":  # one engine for the loop, the SFT policy's shape
+            engine = vllm_generation.engine(
+                self.args.policy,
+                self.args,
+                self.args.query_length + self.args.response_length,
+                self.args.seed,
+            )
+        pairs = sample_round(self.args, rows, current, previous, self.seed, engine)
         samples, identical = [], 0
         for index, (row, (a, b)) in enumerate(zip(rows, pairs)):
             if same_reply(a, b):
@@ -834,6 +858,9 @@ class Round:
                 temperature=a.temperature,
                 num_samples_shown=0,
                 resume=run.latest_checkpoint(output_dir) is not None,
+                generator=a.generator,  # the loop's vLLM engine, when it has one, serves PPO too
+                vllm_gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+                vllm_dtype=a.vllm_dtype,
             )
         )
         return {"run": str(output_dir), "proxy_win_rate": metrics["evaluation"]["win_rate"]}
@@ -869,6 +896,7 @@ class Round:
 
 def main(args: Args) -> dict:
     """Run (or resume) the loop; returns rounds.json's content."""
+    vllm_generation.require(args.generator)
     if args.data is None:
         raise UsageError("--data is required: the starting release (a directory or Hub repo id)")
     if args.rounds < 1 or args.comparisons_per_round < 1:

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import save_model
 
 from hhdata.errors import HhDataError
-from training import models, run, scale
+from training import models, run, scale, vllm_generation
 from training.common import choose_split, load_pairs, run_cli
-from training.fast import reply_logprobs
+from training.fast import reply_logprobs, sample
 from training.ppo_eval import (
     evaluate,
     held_out_point,
@@ -52,7 +52,7 @@ from training.text import encode_prompt, end_of_turn_id, uses_chat_template
 
 
 @dataclass(frozen=True)
-class Args(scale.ScaleArgs):
+class Args(scale.ScaleArgs, vllm_generation.GeneratorArgs):
     """PPO against a trained reward model, on the prompts of a release."""
 
     policy: str = "runs/sft"
@@ -242,6 +242,7 @@ def main(args: Args, score_fn=None) -> dict:
     rule on the reply tokens (a known-answer reward for tests); the value model then starts
     from the policy's own backbone.
     """
+    vllm_generation.require(args.generator)
     accelerator = scale.make_accelerator(args.precision)
     device = accelerator.device
     output_dir = Path(args.output_dir)
@@ -378,6 +379,13 @@ def main(args: Args, score_fn=None) -> dict:
         state = run.load_checkpoint(resume_from, modules, optimizer, accelerator, generator)
         kl_controller.value = state["kl_coef"]
     model, optimizer = accelerator.prepare(model, optimizer)
+    # the training rollouts' sampler: transformers' (fast.sample) or a vLLM engine holding the
+    # policy's current weights, pushed again after every update (held-out scoring stays on
+    # transformers: it samples the reference too, on the same random numbers)
+    engine = None
+    if args.generator == "vllm":
+        engine = vllm_generation.engine(args.policy, args, limit + args.response_length, args.seed)
+        engine.sync_weights(policy)  # a resumed policy, or an engine another run built
     settings = run.settings_record(
         args,
         data=provenance,
@@ -474,7 +482,14 @@ def main(args: Args, score_fn=None) -> dict:
             # 5. left padding for generation, right padding for scoring (N+ "padding"): all replies
             # start in the same column while sampling; scoring sees plain positions 0..n
             batch = rollout(
-                policy, [train_queries[i] for i in mine], args, pad_id, stop_id, generator, device
+                policy,
+                [train_queries[i] for i in mine],
+                args,
+                pad_id,
+                stop_id,
+                generator,
+                device,
+                sampler=sample if engine is None else engine.sample,
             )
             mask = batch.response_mask.float()  # shape: [batch, response_length]
             # 6. logits divided by the sampling temperature when scoring, so the log-probabilities
@@ -559,6 +574,8 @@ def main(args: Args, score_fn=None) -> dict:
                     for name, value in sums.items():
                         stats[name].append(value)
 
+        if engine is not None and update + 1 < num_updates:  # the next rollout: updated policy
+            engine.sync_weights(policy)
         sequence_kl = accelerator.reduce(kl.sum(1).mean(), "mean").item()
         record = {
             "update": update + 1,

@@ -122,12 +122,19 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(
-    model, queries: list[list[int]], args, pad_id: int, stop_id: int, generator, device
+    model,
+    queries: list[list[int]],
+    args,
+    pad_id: int,
+    stop_id: int,
+    generator,
+    device,
+    sampler=sample,
 ) -> Rollout:
     """Sample replies with left padding, truncate at the stop token, re-pad to the right for
-    scoring."""
+    scoring. `sampler` is fast.sample or what takes its place (a vLLM engine's ``sample``)."""
     ids, mask = (tensor.to(device) for tensor in left_pad(queries, pad_id))
-    responses, sample_logprobs = sample(
+    responses, sample_logprobs = sampler(
         model, ids, mask, args.response_length, args.temperature, stop_id, generator
     )
     response_mask, has_stop = truncate_at_stop(responses, stop_id)
