@@ -3,6 +3,8 @@
 - ``start_or_resume``: a fresh run directory, or the latest checkpoint of the same settings;
 - ``save_checkpoint`` / ``latest_checkpoint`` / ``load_checkpoint``: weights, optimizer
   moments, each process's RNG state and the run's scalars, written atomically;
+- ``sharded`` / ``skeleton`` / ``whole_model``: the final model with whole weights, also from
+  an FSDP launch;
 - ``settings_record`` / ``input_runs`` / ``write_json``: the settings, provenance and library
   versions a run records (the resume check compares their ``args``);
 - ``tensorboard`` / ``add_scalars``: TensorBoard on the main process only;
@@ -13,15 +15,15 @@
 A checkpoint is ``<run dir>/checkpoints/step-NNNNNNN/``: one ``<name>.safetensors`` per
 module, ``optimizer.safetensors`` (moments), ``rng-rankNNN.safetensors`` (one per process),
 ``state.json`` (the run's scalars, the optimizer's param_groups, the number of processes) and,
-when the state holds a ``log``, ``train_log.jsonl``. No pickle anywhere.
+when the state holds a ``log``, ``train_log.jsonl``. No pickle in it.
 
 Under a sharded launch (FSDP), no process holds whole weights or moments: the weights and the
 optimizer go through accelerate's own engine instead (``accelerator.save_state`` /
 ``load_state``: FSDP's distributed checkpoint, one shard file per process, and accelerate's
 own RNG pickles), beside the same ``rng-rankNNN``, ``state.json`` and ``train_log.jsonl``.
 ``load_checkpoint`` therefore runs after ``accelerator.prepare``. The final model is gathered
-whole with ``whole_model`` (every process calls it) into a ``meta_copy`` made before
-``prepare``, so the saved models stay plain transformers models.
+whole with ``whole_model`` (every process calls it) into the meta-device ``skeleton`` made
+before ``prepare``, so the saved models stay plain transformers models.
 """
 
 from __future__ import annotations
@@ -209,9 +211,10 @@ def load_checkpoint(
 ) -> dict:
     """Restore what save_checkpoint wrote (this process's RNG state); returns the run's state.
 
-    Call it after ``accelerator.prepare``: a sharded checkpoint loads into the prepared model
-    and optimizer (the others load into the unwrapped modules, whose weights the wrappers
-    share). A checkpoint of one kind of launch does not resume under the other.
+    Under a sharded launch call it after ``accelerator.prepare``: the checkpoint loads into
+    the prepared model and optimizer. Unsharded, before or after works alike (the weights
+    load into the unwrapped modules, which the wrappers share). A checkpoint of one kind of
+    launch does not resume under the other.
     """
     state = json.loads((folder / "state.json").read_text())
     saved_by = state.pop("processes", None)
