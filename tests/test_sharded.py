@@ -141,7 +141,7 @@ def test_ddp_run_interrupted_and_resumed_trains_as_one_process(tmp_path, one_pro
     assert_same_model(run_dir, one_process)
 
 
-def test_a_checkpoint_resumes_only_under_its_own_kind_of_launch(tmp_path, one_process):
+def test_a_checkpoint_resumes_only_under_its_own_kind_of_launch(tmp_path):
     """An FSDP checkpoint holds shards, not the files an unsharded run reads: refused."""
     folder = tmp_path / "checkpoint"
     folder.mkdir()
