@@ -107,9 +107,9 @@ def refuse_sharding(distributed_type: DistributedType, allow_fsdp: bool = False)
       DeepSpeed's engine steps the optimizer inside every ``accelerator.backward``, while the
       trainers take one step after several backward passes (micro-batches, PPO's gradient
       accumulation) and clip and set the learning rate themselves.
-    - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: PPO, DPO, best-of-N and the online
-      loop call their policy outside the prepared module (generation, the reference as the
-      policy with its adapters off), where FSDP's parameters are shards.
+    - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: PPO and DPO call their policy
+      outside the prepared module (generation, the reference as the policy with its adapters
+      off), where FSDP's parameters are shards.
     """
     if distributed_type == DistributedType.DEEPSPEED:
         raise UsageError(
