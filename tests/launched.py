@@ -29,8 +29,13 @@ def fsdp_on_cpu() -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    Accelerator()  # the process group and accelerate's shared state (MULTI_CPU)
-    AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin()  # from FSDP_* variables
+    # the process group and accelerate's shared state (MULTI_CPU), at the precision of
+    # ACCELERATE_MIXED_PRECISION, which must match the trainer's --precision
+    state = Accelerator().state
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)  # as AcceleratorState does on GPUs
+    state.fsdp_plugin = plugin
     for state in (PartialState, AcceleratorState):
         state._shared_state["distributed_type"] = DistributedType.FSDP
 
