@@ -353,9 +353,11 @@ def test_the_accelerate_configs_mean_what_docs_scaling_says(monkeypatch):
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
     args, environment = launch_environment("fsdp")
     assert args.use_fsdp
-    assert {k: environment[k] for k in ("FSDP_SHARDING_STRATEGY", "FSDP_USE_ORIG_PARAMS")} == {
-        "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
-        "FSDP_USE_ORIG_PARAMS": "true",  # frozen and trained weights in one FSDP unit (LoRA)
+    fsdp = ("FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_STATE_DICT_TYPE")
+    assert {k: environment[k] for k in fsdp} == {
+        "FSDP_VERSION": "2",  # per-parameter sharding: frozen and trained weights mix (LoRA)
+        "FSDP_RESHARD_AFTER_FORWARD": "true",  # full shard
+        "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",  # checkpoints: one shard per process
     }
     assert environment["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
     for stage in (2, 3):
@@ -372,16 +374,6 @@ def test_the_accelerate_configs_mean_what_docs_scaling_says(monkeypatch):
     docs = open("docs/scaling.md").read()
     for config in ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
         assert f"accelerate launch --config_file training/configs/{config}.yaml" in docs
-
-
-def test_sharded_launches_are_refused_until_checkpoints_gather_shards():
-    from accelerate.utils import DistributedType
-
-    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(UsageError, match="launch with training/configs/ddp.yaml"):
-            scale.refuse_sharding(sharded)
-    scale.refuse_sharding(DistributedType.MULTI_GPU)  # DDP: every process holds whole weights
-    scale.refuse_sharding(DistributedType.MULTI_CPU)
 
 
 # ---- bench/gpu_check.sh ------------------------------------------------------------------------

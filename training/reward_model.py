@@ -34,7 +34,7 @@ from torch import nn
 
 from hhdata.errors import HhDataError
 from training import models, run, scale
-from training.common import load_pairs, run_cli
+from training.common import UsageError, load_pairs, run_cli
 from training.fast import accumulate_pair_loss, pair_rewards, prefix_sharing_problem
 from training.preference_eval import evaluation_metrics, held_out_margins, save_plots
 from training.text import (
@@ -134,6 +134,12 @@ class RewardModel(nn.Module):
             if score.bias is not None:
                 nn.init.zeros_(score.bias)
         self.score = score
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's layer classes, which FSDP (accelerate's transformer-layer wrapping)
+        shards one by one."""
+        return list(getattr(self.backbone, "_no_split_modules", None) or [])
 
     def forward(self, input_ids, attention_mask, position_ids, read_at):
         """Rewards at positions `read_at` (shape [batch, k]) -> shape [batch, k].
@@ -406,8 +412,14 @@ def write_card(run_dir: Path, settings: dict, metrics: dict, tokenizer, pooled: 
 def main(args: Args) -> dict:
     """Train, evaluate and save a reward model; returns the metrics written to metrics.json."""
     run_dir = Path(args.run_dir)
-    accelerator = scale.make_accelerator(args.precision)
+    accelerator = scale.make_accelerator(args.precision, allow_fsdp=True)
     torch.manual_seed(args.seed)
+    if run.sharded(accelerator) and args.micro_batch_cost >= 0:
+        raise UsageError(
+            f"--micro-batch-cost {args.micro_batch_cost} under FSDP: every process must run as "
+            "many passes as the others (each pass gathers the layers from them); pass "
+            "--micro-batch-cost -1"
+        )
     if args.batch_size % accelerator.num_processes:
         raise HhDataError(
             f"--batch-size {args.batch_size} is not divisible by the "
@@ -481,9 +493,10 @@ def main(args: Args) -> dict:
         scale.trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     state = {"step": 0, "log": []}
+    skeleton = run.skeleton(accelerator, model, lora)  # FSDP: where the final save gathers
+    model, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None:
         state = run.load_checkpoint(checkpoint, {"model": model}, optimizer, accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
     writer = run.tensorboard(run_dir, state["step"] + 1, accelerator)
 
     # 4. train: each step takes the next batch of a seeded per-epoch permutation
@@ -544,8 +557,8 @@ def main(args: Args) -> dict:
         "cpu_seconds": cpu_seconds,  # this process, all threads: steadier than wall time
         "final_loss": state["log"][-1]["loss"],
     }
+    trained_model, lora = run.whole_model(accelerator, model, lora, skeleton)
     if accelerator.is_main_process:
-        trained_model = accelerator.unwrap_model(model)
         scale.merge_lora(lora)  # a plain sequence classifier is saved
         saved = {"max_length": args.max_length, "chat_template": chat, "base_model": args.model}
         save_reward_model(trained_model, tokenizer, run_dir / "model", saved)

@@ -3,6 +3,8 @@
 - ``start_or_resume``: a fresh run directory, or the latest checkpoint of the same settings;
 - ``save_checkpoint`` / ``latest_checkpoint`` / ``load_checkpoint``: weights, optimizer
   moments, each process's RNG state and the run's scalars, written atomically;
+- ``sharded`` / ``skeleton`` / ``whole_model``: the final model with whole weights, also from
+  an FSDP launch;
 - ``settings_record`` / ``input_runs`` / ``write_json``: the settings, provenance and library
   versions a run records (the resume check compares their ``args``);
 - ``tensorboard`` / ``add_scalars``: TensorBoard on the main process only;
@@ -13,12 +15,21 @@
 A checkpoint is ``<run dir>/checkpoints/step-NNNNNNN/``: one ``<name>.safetensors`` per
 module, ``optimizer.safetensors`` (moments), ``rng-rankNNN.safetensors`` (one per process),
 ``state.json`` (the run's scalars, the optimizer's param_groups, the number of processes) and,
-when the state holds a ``log``, ``train_log.jsonl``. No pickle anywhere.
+when the state holds a ``log``, ``train_log.jsonl``. No pickle in it.
+
+Under a sharded launch (FSDP), no process holds whole weights or moments: the weights and the
+optimizer go through accelerate's own engine instead (``accelerator.save_state`` /
+``load_state``: FSDP's distributed checkpoint, one shard file per process, and accelerate's
+own RNG pickles), beside the same ``rng-rankNNN``, ``state.json`` and ``train_log.jsonl``.
+``load_checkpoint`` therefore runs after ``accelerator.prepare``. The final model is gathered
+whole with ``whole_model`` (every process calls it) into the meta-device ``skeleton`` made
+before ``prepare``, so the saved models stay plain transformers models.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import shutil
@@ -28,6 +39,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 import hhdata
@@ -41,6 +53,9 @@ from training.common import (
 )
 
 CHECKPOINTS = "checkpoints"
+# launches whose processes hold only a shard of the weights and optimizer moments
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+ENGINE = "accelerate"  # state.json's "weights" when save_state wrote weights and optimizer
 NOT_COMPARED = ("resume", "stop_after")  # how far to run, not what the run is
 
 
@@ -121,6 +136,11 @@ def checkpoint_folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
 
 
+def sharded(accelerator) -> bool:
+    """Whether this launch splits weights and optimizer moments across processes (FSDP)."""
+    return accelerator.distributed_type in SHARDED
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -135,7 +155,9 @@ def save_checkpoint(
     Written to ``step-N.partial`` and renamed into place once complete (a rename is atomic),
     then older checkpoints are deleted: a kill at any moment leaves a complete one, which
     latest_checkpoint finds. `modules` are saved unwrapped (save_model handles tied
-    weights); each process saves its own RNG state (and `generator`'s).
+    weights); each process saves its own RNG state (and `generator`'s). Under a sharded
+    launch accelerate's engine saves the prepared model and optimizer instead, every process
+    writing its shard.
     """
     folder = checkpoint_folder(run_dir, step)
     partial = folder.with_name(folder.name + ".partial")
@@ -144,17 +166,23 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_rng_state(partial, accelerator.process_index, generator)
+    if sharded(accelerator):
+        accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for name, module in modules.items():
-            save_model(accelerator.unwrap_model(module), str(partial / f"{name}.safetensors"))
-        tensors, param_groups = optimizer_tensors(optimizer)
-        save_file(tensors, partial / "optimizer.safetensors")
         scalars = {k: v for k, v in state.items() if k != "log"}
+        if sharded(accelerator):
+            scalars.update(weights=ENGINE)
+        else:
+            for name, module in modules.items():
+                save_model(accelerator.unwrap_model(module), str(partial / f"{name}.safetensors"))
+            tensors, param_groups = optimizer_tensors(optimizer)
+            save_file(tensors, partial / "optimizer.safetensors")
+            scalars.update(param_groups=param_groups)
         if "log" in state:
             lines = "".join(json.dumps(record) + "\n" for record in state["log"])
             (partial / "train_log.jsonl").write_text(lines)
-        scalars.update(param_groups=param_groups, processes=accelerator.num_processes)
+        scalars.update(processes=accelerator.num_processes)
         (partial / "state.json").write_text(json.dumps(scalars))
         partial.rename(folder)
         for old in (Path(run_dir) / CHECKPOINTS).glob("step-*"):
@@ -181,7 +209,13 @@ def load_checkpoint(
     accelerator,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Restore what save_checkpoint wrote (this process's RNG state); returns the run's state."""
+    """Restore what save_checkpoint wrote (this process's RNG state); returns the run's state.
+
+    Under a sharded launch call it after ``accelerator.prepare``: the checkpoint loads into
+    the prepared model and optimizer. Unsharded, before or after works alike (the weights
+    load into the unwrapped modules, which the wrappers share). A checkpoint of one kind of
+    launch does not resume under the other.
+    """
     state = json.loads((folder / "state.json").read_text())
     saved_by = state.pop("processes", None)
     if saved_by != accelerator.num_processes:
@@ -189,15 +223,67 @@ def load_checkpoint(
             f"{folder} was written by {saved_by} processes; resume with the same number "
             f"(this run has {accelerator.num_processes})"
         )
-    for name, module in modules.items():
-        load_model(module, str(folder / f"{name}.safetensors"))
-    tensors = load_file(folder / "optimizer.safetensors")
-    restore_optimizer(optimizer, tensors, state.pop("param_groups"))
+    engine = state.pop("weights", None) == ENGINE
+    if engine != sharded(accelerator):
+        written, now = ("a sharded", "an unsharded") if engine else ("an unsharded", "a sharded")
+        raise UsageError(
+            f"{folder} was written by {written} launch (FSDP or not); resume it with the same "
+            f"accelerate config (this is {now} one)"
+        )
+    if engine:
+        accelerator.load_state(str(folder))
+    else:
+        for name, module in modules.items():
+            load_model(accelerator.unwrap_model(module), str(folder / f"{name}.safetensors"))
+        tensors = load_file(folder / "optimizer.safetensors")
+        restore_optimizer(optimizer, tensors, state.pop("param_groups"))
     load_rng_state(folder, accelerator.process_index, generator)
     log = folder / "train_log.jsonl"
     if log.is_file():
         state["log"] = [json.loads(line) for line in log.read_text().splitlines()]
     return state
+
+
+# ---- the final model: whole weights, also from a sharded launch ------------------------------
+
+
+def skeleton(accelerator, model: torch.nn.Module, lora=None) -> tuple | None:
+    """Under a sharded launch, a copy of `model` and its LoRA handle (add_lora's, or None)
+    whose parameters live on the meta device: the structure without the memory, for
+    whole_model to load the gathered weights into. None when the launch is not sharded.
+
+    Make it before ``accelerator.prepare``, which shards the parameters in place. Buffers
+    are copied whole (rotary frequencies are not in a state dict; they are small). Copied
+    together, the handle keeps pointing into the copied model, so it merges there.
+    """
+    if not sharded(accelerator):
+        return None
+    memo = {
+        id(parameter): torch.nn.Parameter(
+            parameter.detach().to("meta"), requires_grad=parameter.requires_grad
+        )
+        for parameter in model.parameters()
+    }
+    return copy.deepcopy((model, lora), memo)
+
+
+def whole_model(accelerator, prepared: torch.nn.Module, lora, skeleton: tuple | None) -> tuple:
+    """(model, lora) with whole trained weights, for the final save; every process calls it.
+
+    Unsharded (`skeleton` None): the unwrapped model and `lora` themselves. Sharded: the
+    weights gathered whole by accelerate (``get_state_dict``, a collective) and loaded into
+    `skeleton` on the main process; (None, None) on the others.
+    """
+    if skeleton is None:
+        return accelerator.unwrap_model(prepared), lora
+    weights = accelerator.get_state_dict(prepared)
+    if not accelerator.is_main_process:
+        return None, None
+    model, copied_lora = skeleton
+    model.load_state_dict(weights, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # assign=True gave tied weights (embeddings, LM head) two tensors
+    return model, copied_lora
 
 
 # ---- logging, plots, cards ------------------------------------------------------------------

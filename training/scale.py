@@ -16,10 +16,11 @@ Every trainer takes the same flags (``ScaleArgs``, which its ``Args`` extends):
   switched off, so one copy of the weights serves both.
 
 Data parallelism comes from the accelerate config a run is launched with
-(training/configs/ddp.yaml, docs/scaling.md), not from flags. The FSDP and DeepSpeed ZeRO
-configs there are validated by accelerate's loader, but ``make_accelerator`` refuses them:
-run.save_checkpoint and the final saves assume whole weights and optimizer moments in every
-process, which sharding splits (docs/scaling.md says what is missing).
+(training/configs/ddp.yaml, fsdp.yaml; docs/scaling.md), not from flags. Under FSDP the
+checkpoints go through accelerate's engine and the final save gathers the weights
+(training/run.py); ``make_accelerator`` accepts FSDP only for the trainers that call their model
+through the one prepared module (reward model, SFT), and refuses DeepSpeed
+(``refuse_sharding`` says why).
 
 >>> lora_targets("llama")
 ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
@@ -52,8 +53,6 @@ LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> accelerate's
-# launches whose processes hold only a shard of the weights and optimizer moments
-SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 @dataclass(frozen=True)
@@ -76,9 +75,10 @@ class ScaleArgs:
     projection of the architecture (llama: q,k,v,o,gate,up,down; bert: query,key,value,dense)"""
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(precision: str, allow_fsdp: bool = False) -> Accelerator:
     """The run's Accelerator with `precision` (fp32, bf16, fp16) as its mixed precision.
 
+    `allow_fsdp`: the trainer runs correctly under an FSDP launch (refuse_sharding says which do).
     accelerate trains in plain fp32 when fp16 is asked for on a CPU (no GradScaler there);
     that is refused here rather than run at another precision than the one recorded.
     accelerate keeps one state per process and refuses a second precision in it; a process
@@ -91,7 +91,7 @@ def make_accelerator(precision: str) -> Accelerator:
     if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=wanted)
-    refuse_sharding(accelerator.distributed_type)
+    refuse_sharding(accelerator.distributed_type, allow_fsdp)
     if precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError(
             "--precision fp16 needs a GPU (accelerate's fp16 loss scaling does not run on the "
@@ -100,18 +100,29 @@ def make_accelerator(precision: str) -> Accelerator:
     return accelerator
 
 
-def refuse_sharding(distributed_type: DistributedType) -> None:
-    """Refuse a launch under FSDP or DeepSpeed (training/configs/fsdp.yaml, deepspeed-zero*.yaml).
+def refuse_sharding(distributed_type: DistributedType, allow_fsdp: bool = False) -> None:
+    """Refuse the sharded launches a trainer cannot run correctly.
 
-    The trainers' checkpoints (run.save_checkpoint) and final saves take the weights and the
-    optimizer moments from one process, which under sharding holds only its part of them.
+    - DeepSpeed (training/configs/deepspeed-zero*.yaml), in every trainer: under accelerate
+      DeepSpeed's engine steps the optimizer inside every ``accelerator.backward``, while the
+      trainers take one step after several backward passes (micro-batches, PPO's gradient
+      accumulation) and clip and set the learning rate themselves.
+    - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: PPO and DPO call their policy
+      outside the prepared module (generation, the reference as the policy with its adapters
+      off), where FSDP's parameters are shards.
     """
-    if distributed_type in SHARDED:
+    if distributed_type == DistributedType.DEEPSPEED:
         raise UsageError(
-            f"launched with {distributed_type.value} (training/configs/fsdp.yaml or "
-            "deepspeed-zero*.yaml): the trainers' checkpoints and saved models assume every "
-            "process holds whole weights and optimizer moments, which sharding splits, so they "
-            "would be wrong; launch with training/configs/ddp.yaml, with --lora-rank and "
+            "launched with DeepSpeed (training/configs/deepspeed-zero*.yaml): its engine steps "
+            "the optimizer at every backward pass, the trainers once per batch after several, "
+            "so the steps would be wrong; shard with training/configs/fsdp.yaml (reward model, "
+            "SFT) or launch with training/configs/ddp.yaml (docs/scaling.md)"
+        )
+    if distributed_type == DistributedType.FSDP and not allow_fsdp:
+        raise UsageError(
+            "launched with FSDP (training/configs/fsdp.yaml): this trainer calls its policy "
+            "outside the prepared module (generation, the frozen reference), where FSDP holds "
+            "only shards; launch it with training/configs/ddp.yaml, with --lora-rank and "
             "--gradient-checkpointing to fit (docs/scaling.md)"
         )
 

@@ -148,7 +148,7 @@ def load_policy_tokenizer(args: Args, rows: list[dict]):
 def main(args: Args) -> dict:
     """Train, save model + tokenizer + metrics.json + args.json to args.output_dir; return
     metrics."""
-    accelerator = scale.make_accelerator(args.precision)
+    accelerator = scale.make_accelerator(args.precision, allow_fsdp=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.batch_size % world:
         raise UsageError(
@@ -202,9 +202,10 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(scale.trainable_parameters(model), lr=args.learning_rate)
     pad, device = tokenizer.pad_token_id, accelerator.device
     state = {"step": 0, "log": [], "eval_loss_before": None}
+    skeleton = run.skeleton(accelerator, model, lora)  # FSDP: where the final save gathers
+    model, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None:
         state = run.load_checkpoint(checkpoint, {"model": model}, optimizer, accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
     if state["eval_loss_before"] is None:
         with accelerator.autocast():
             state["eval_loss_before"] = mean_loss(
@@ -265,9 +266,10 @@ def main(args: Args) -> dict:
         "processes": world,
         "seconds": time.perf_counter() - start,  # wall time of this (possibly resumed) process
     }
+    trained_model, lora = run.whole_model(accelerator, model, lora, skeleton)
     if accelerator.is_main_process:
         scale.merge_lora(lora)  # a plain causal LM is saved, whatever trained
-        accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
+        trained_model.save_pretrained(output_dir, safe_serialization=True)
         run.write_json(output_dir / "metrics.json", metrics)
         (output_dir / "train_log.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in state["log"])

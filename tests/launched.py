@@ -1,0 +1,70 @@
+"""Run a trainer's command lines one after another in the processes of one launch, optionally
+under accelerate's FSDP on CPU processes (gloo); for tests/test_sharded.py.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/launched.py [--fsdp] \\
+        training.reward_model ARGS... --then ARGS...
+
+Each ``--then`` starts the next run of the module in the same processes (a run stopped with
+--stop-after, then its --resume), so the processes start, import and join once.
+
+``--fsdp`` needs the FSDP_* variables accelerate's launcher makes of training/configs/fsdp.yaml.
+accelerate takes its FSDP branch only for GPU-like devices (AcceleratorState: MULTI_GPU, XPU,
+NPU..., never MULTI_CPU: the plugin is silently dropped and the processes run plain DDP).
+This sets the distributed type to FSDP in accelerate's shared state before the trainer
+starts; everything after that (fully_shard, torch.distributed.checkpoint, save_state,
+load_state, get_state_dict) is accelerate's and torch's own FSDP2 path, on gloo.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+
+def fsdp_on_cpu() -> None:
+    """Make accelerate's shared state (process group included) and set it to FSDP."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    # the process group and accelerate's shared state (MULTI_CPU), at the precision of
+    # ACCELERATE_MIXED_PRECISION, which must match the trainer's --precision
+    state = Accelerator().state
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)  # as AcceleratorState does on GPUs
+    state.fsdp_plugin = plugin
+    for state in (PartialState, AcceleratorState):
+        state._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def main(argv: list[str]) -> None:
+    """Run the trainer module argv names with each --then-separated group of arguments."""
+    if argv[:1] == ["--fsdp"]:
+        fsdp_on_cpu()
+        argv = argv[1:]
+    from hhdata.errors import HhDataError
+    from training.common import parse_args
+
+    trainer = importlib.import_module(argv[0])
+    runs: list[list[str]] = [[]]
+    for word in argv[1:]:
+        if word == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(word)
+    for number, args in enumerate(runs):
+        try:
+            result = trainer.main(parse_args(trainer.Args, args))
+        except HhDataError as error:  # as the trainer's own command line says it
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if int(os.environ.get("RANK", "0")) == 0:  # what each run returned, for the test
+            print(f"run {number}: {json.dumps(result if 'stopped_after' in result else 'done')}")
+
+
+if __name__ == "__main__":
+    sys.path[0] = os.getcwd()  # the repository, not tests/, as `python -m` would have it
+    main(sys.argv[1:])
