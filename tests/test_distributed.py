@@ -101,6 +101,8 @@ def inputs(tmp_path_factory, tiny_runs, synthetic_file):  # noqa: F811
         "tokenizer": tokenizer,
         "dpo_data": str(root / "marker.parquet"),
         "policy": str(tiny_runs / "sft"),
+        # few prompts: PPO encodes every training prompt up front
+        "ppo_data": write_pairs(root / "ppo.parquet", rows[:60], ["train"]),
         "reward_data": str(synthetic_file),
     }
 
@@ -156,6 +158,7 @@ def ppo_settings(inputs, output_dir: Path, batch_size: int) -> dict:
     return dict(
         SMALL,
         policy=inputs["policy"],
+        data=inputs["ppo_data"],
         output_dir=str(output_dir),
         batch_size=batch_size,
         total_episodes=2 * batch_size,
