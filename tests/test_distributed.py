@@ -38,6 +38,7 @@ from tests.test_reward_model import synthetic_file  # noqa: F401 (a fixture)
 from tests.test_sft import tiny_args, write_pairs
 from training import dpo, models, ppo, reward_model, sft
 from training.common import load_pairs
+from training.text import encode_example
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -248,34 +249,23 @@ def test_two_processes_train_sft_as_one_on_disjoint_halves(inputs, two_processes
     assert metrics["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
 
     log = read_log(two, "train_log.jsonl")
-    examples = {row["id"]: row for row in inputs["sft_rows"]}
     train_rows, _ = sft.held_out_split(
         [{**row, "split": "train"} for row in inputs["sft_rows"]], 8, seed=1
     )
-    tokenizer = inputs["tokenizer"]
-    token_counts = set()
+    chat = json.loads((two / "args.json").read_text())["chat_template"]
+    targets = {  # the loss's tokens per row, as the run encoded it
+        row["id"]: sft.target_count(encode_example(inputs["tokenizer"], row, 48, chat))
+        for row in train_rows
+    }
     for record in log:
         first, second = record["rows"]
         assert len(first) == len(second) == 4 and not set(first) & set(second)
-        token_counts.add(
-            tuple(
-                sum(
-                    sft.target_count(
-                        sft.encode_example(tokenizer, examples[i], 48, chat=metrics_chat(two))
-                    )
-                    for i in half
-                )
-                for half in (first, second)
-            )
-        )
-    assert any(a != b for a, b in token_counts)  # the halves' token counts differ: a real test
-    assert sorted(i for record in log for half in record["rows"] for i in half) == sorted(
-        row["id"] for row in train_rows
+    # the halves' token counts differ, so a per-process token mean would have weighted otherwise
+    assert any(
+        sum(targets[i] for i in first) != sum(targets[i] for i in second)
+        for first, second in (record["rows"] for record in log)
     )
-
-
-def metrics_chat(folder: Path) -> bool:
-    return json.loads((folder / "args.json").read_text())["chat_template"]
+    assert sorted(i for record in log for half in record["rows"] for i in half) == sorted(targets)
 
 
 # ---- DPO ------------------------------------------------------------------------------------
