@@ -50,9 +50,9 @@ def record_rollouts(module, calls: list) -> None:
     queries it answered, its generator's state before sampling and the replies it sampled."""
     sample = module.rollout
 
-    def recorded(policy, queries, args, pad_id, stop_id, generator, device):
+    def recorded(policy, queries, args, pad_id, stop_id, generator, device, **options):
         state = generator.get_state().tolist()
-        batch = sample(policy, queries, args, pad_id, stop_id, generator, device)
+        batch = sample(policy, queries, args, pad_id, stop_id, generator, device, **options)
         calls.append({"queries": queries, "generator": state, "replies": batch.responses.tolist()})
         return batch
 
