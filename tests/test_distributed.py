@@ -47,13 +47,13 @@ TRAINERS = {"reward_model": reward_model, "sft": sft, "dpo": dpo, "ppo": ppo}
 
 def record_rollouts(module, calls: list) -> None:
     """Wrap `module.rollout` (PPO's sampler, still run in full) so each call appends the
-    queries it answered, its generator's state before sampling and the replies it sampled."""
+    queries it answered and its generator's state before sampling."""
     sample = module.rollout
 
     def recorded(policy, queries, args, pad_id, stop_id, generator, device, **options):
         state = generator.get_state().tolist()
         batch = sample(policy, queries, args, pad_id, stop_id, generator, device, **options)
-        calls.append({"queries": queries, "generator": state, "replies": batch.responses.tolist()})
+        calls.append({"queries": queries, "generator": state})
         return batch
 
     module.rollout = recorded
@@ -291,8 +291,8 @@ def test_two_ppo_processes_deal_out_the_prompts_and_sample_apart(
     inputs, two_processes, tmp_path, monkeypatch
 ):
     """Per update, the two processes' prompts together are the batch a one-process run of twice
-    the batch size answers (none used by both, none dropped), and they sample with different
-    generators, so they do not draw the same replies."""
+    the batch size answers (none used by both, none dropped), and they sample with generators
+    seeded apart (rank 0's as the one-process run's), not one shared random stream."""
     calls = []
     with monkeypatch.context() as patch:
         patch.setattr(ppo, "rollout", ppo.rollout)  # restored after the run
