@@ -1,6 +1,7 @@
 """training.scale: LoRA trains only adapters and merges into plain transformers models, gradient
 checkpointing keeps the gradients, bf16 runs every trainer, PPO's reference is the policy with
-its adapters off, PPO's gradient accumulation is exact, and two gloo processes train as one."""
+its adapters off and PPO's gradient accumulation is exact (two gloo processes training as one:
+tests/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -276,57 +277,6 @@ def test_ppo_gradient_accumulation_takes_the_same_step(tiny_runs, tmp_path):  # 
     assert any(not torch.equal(one[n], sft_weights[n]) for n in one)  # it did take steps
     with pytest.raises(HhDataError, match="8 is not divisible by 3"):
         ppo.main(dataclasses.replace(cut, gradient_accumulation_steps=3))
-
-
-# ---- two processes (gloo) train as one -------------------------------------------------------
-
-
-def test_two_gloo_processes_train_the_reward_model_as_one(tmp_path, synthetic_file):  # noqa: F811
-    """The Bradley-Terry loss is a mean over the batch's pairs; each of two processes takes half
-    of every batch and data parallelism averages their gradients, so the step is the one
-    process's step (up to the order of float sums), with LoRA's frozen weights too."""
-    flags = dict(
-        data=str(synthetic_file),
-        max_length=48,
-        batch_size=8,
-        max_steps=3,
-        max_train_pairs=32,
-        max_eval_pairs=16,
-        learning_rate=3e-3,
-        lora_rank=4,
-    )
-    one = reward_model.main(reward_model.Args(run_dir=str(tmp_path / "one"), **flags))
-    argv = [f"--{name.replace('_', '-')}={value}" for name, value in flags.items()] + [
-        "--run-dir",
-        str(tmp_path / "two"),
-    ]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "training.reward_model",
-        *argv,
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.getcwd(),
-        "ACCELERATE_USE_CPU": "true",
-    }
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert json.loads((tmp_path / "two" / "settings.json").read_text())["processes"] == 2
-    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
-    for name, tensor in a.items():
-        assert torch.allclose(b[name], tensor, atol=1e-5), name
-    assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-4)
-    assert two["overall"]["accuracy"] == one["overall"]["accuracy"]
 
 
 # ---- the accelerate configs ------------------------------------------------------------------

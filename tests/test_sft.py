@@ -179,62 +179,7 @@ def test_rank_batches_are_disjoint_and_cover_each_epoch():
             assert len(seen) == len(set(seen)) == 20  # 5 batches of 4; the tail of 2 waits
 
 
-# ---- multi-process: each process its own share of every batch --------------------------------
-
-
-def test_two_processes_train_on_disjoint_shares_of_the_epoch(tmp_path, rows, tokenizer):
-    """A real 2-process gloo run (torchrun on the CPU, accelerate's multi-CPU mode): per step
-    the ranks' rows are disjoint, and over an epoch together they are every training row once."""
-    import os
-    import subprocess
-    import sys
-
-    data = write_pairs(tmp_path / "pairs.parquet", rows[:40], ["train"])
-    tokenizer.save_pretrained(tmp_path / "tok")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "training.sft",
-        "--data",
-        data,
-        "--tokenizer",
-        str(tmp_path / "tok"),
-        "--output-dir",
-        str(tmp_path / "sft"),
-        "--batch-size",
-        "8",
-        "--eval-rows",
-        "8",
-        "--max-length",
-        "48",
-        "--num-epochs",
-        "1",
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.getcwd(),
-        "ACCELERATE_USE_CPU": "true",
-    }
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log = [
-        json.loads(line) for line in (tmp_path / "sft" / "train_log.jsonl").read_text().splitlines()
-    ]
-    train_rows, _ = held_out_split([{**row, "split": "train"} for row in rows[:40]], 8, seed=1)
-    assert len(log) == len(train_rows) // 8 == 4
-    for record in log:
-        first, second = record["rows"]
-        assert len(first) == len(second) == 4 and not set(first) & set(second)
-    assert sorted(i for record in log for share in record["rows"] for i in share) == sorted(
-        r["id"] for r in train_rows
-    )
-    assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["processes"] == 2
+# two processes each train on their own half of every batch: tests/test_distributed.py
 
 
 # ---- resume and TensorBoard -------------------------------------------------------------------

@@ -9,7 +9,9 @@ targets (Ouyang et al. 2022 train SFT on the labeller's demonstrations only).
     accelerate launch -m training.sft --model smollm2-135m --learning-rate 1e-5
 
 Under accelerate every optimiser step's batch of ``--batch-size`` rows is dealt out across
-the processes (disjoint rows); ``--resume`` continues from ``output_dir/checkpoints`` with
+the processes (disjoint rows), and the loss is the mean over the whole batch's assistant
+tokens, however they fall across the processes, so N processes take one process's step;
+``--resume`` continues from ``output_dir/checkpoints`` with
 the same weights, optimizer moments, data order and per-process RNG as an unbroken run.
 
 Pass the reward model's run directory as ``--tokenizer`` for the ``tiny`` model, so that the
@@ -119,6 +121,29 @@ def rank_batch(
     return order[index * batch_size : (index + 1) * batch_size][rank::world].tolist()
 
 
+def target_count(example: dict[str, list[int]]) -> int:
+    """Tokens of `example` the loss covers: its labelled positions after the first (a causal LM
+    predicts token t from the tokens before it, so the first label has nothing to predict from).
+
+    >>> target_count({"labels": [IGNORE_INDEX, 5, IGNORE_INDEX, 7, 8]})
+    3
+    """
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled tokens, each predicted from the ones before it.
+
+    Summed, not averaged: the caller divides by the token count of the whole batch, which a
+    process holding part of the batch cannot see in its own labels.
+    """
+    predicted = logits[:, :-1].float().flatten(0, 1)  # shape: [batch * (seq - 1), vocab]
+    targets = labels[:, 1:].flatten()  # shape: [batch * (seq - 1)]
+    return torch.nn.functional.cross_entropy(
+        predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 @torch.no_grad()
 def mean_loss(model, examples: list[dict], pad_token_id: int, batch_size: int, device) -> float:
     """Token-weighted mean cross-entropy on the assistant tokens of `examples`."""
@@ -223,8 +248,18 @@ def main(args: Args) -> dict:
         lr = args.learning_rate * (1 - step / num_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = collate([train_examples[i] for i in mine], pad)
-        loss = model(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
+        batch = {
+            name: tensor.to(device)
+            for name, tensor in collate([train_examples[i] for i in mine], pad).items()
+        }
+        # the mean over the whole batch's assistant tokens: each process divides its sum by the
+        # batch's token count over the processes' number, and data parallelism averages the
+        # gradients (a mean of each process's own token mean would weight the tokens of a
+        # process holding fewer of them more)
+        whole = rank_batch(step, len(train_examples), args.batch_size, args.seed, 0, 1)
+        tokens = sum(target_count(train_examples[i]) for i in whole)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = summed_loss(logits, batch["labels"]) * world / max(tokens, 1)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
