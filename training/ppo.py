@@ -232,6 +232,81 @@ def per_token_rewards(
     return rewards
 
 
+@dataclass
+class Experience:
+    """One batch of rollouts as PPO's update reads it: the sampled sequences and, per reply
+    token, what the rollout phase computed (each of shape [batch, response_length] unless
+    said)."""
+
+    ids: torch.Tensor  # shape: [batch, query + response], right-padded
+    mask: torch.Tensor  # shape: [batch, query + response]
+    at: torch.Tensor  # column predicting each reply token
+    responses: torch.Tensor
+    response_mask: torch.Tensor  # float, 1 on the reply's real tokens
+    logprobs: torch.Tensor  # the policy's at sampling time
+    values: torch.Tensor  # the value model's at sampling time
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def minibatch_step(
+    model, optimizer, accelerator, experience: Experience, minibatch, micro_batch_size, args
+) -> dict:
+    """One optimizer step of the clipped PPO losses on the rows `minibatch` of `experience`,
+    cut into micro-batches of `micro_batch_size` rows whose gradients are summed.
+
+    Returns the minibatch's token means of the losses, clip fractions and approximate KL, and
+    (as `ratio_error`, `first_approx_kl`) the probability-ratio error and approximate KL of its
+    first micro-batch, before any step.
+    """
+    mask = experience.response_mask
+    minibatch_tokens = mask[minibatch].sum().clamp(min=1)
+    sums = dict.fromkeys(("pg_loss", "value_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl"), 0.0)
+    firsts = {}
+    for start in range(0, len(minibatch), micro_batch_size):
+        i = minibatch[start : start + micro_batch_size]
+        # 12. gradient accumulation: each micro-batch's masked means weighted by its share of
+        # the minibatch's tokens, so the summed gradient is exactly the whole minibatch's (not
+        # a mean of per-micro-batch means); processes reduce gradients once, at the last
+        # micro-batch
+        share = mask[i].sum() / minibatch_tokens
+        last = start + micro_batch_size >= len(minibatch)
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            new_logprobs, _, new_values = model(
+                experience.ids[i],
+                experience.mask[i],
+                experience.at[i],
+                experience.responses[i],
+                args.temperature,
+            )
+            pg_loss, pg_clipfrac, approx_kl = policy_loss(
+                new_logprobs,
+                experience.logprobs[i],
+                experience.advantages[i],
+                mask[i],
+                args.clip_coef,
+            )
+            if not firsts:
+                ratio = (new_logprobs.detach() - experience.logprobs[i]).exp()
+                firsts = {
+                    "ratio_error": ((ratio - 1).abs() * mask[i]).max(),
+                    "first_approx_kl": approx_kl,
+                }
+            # 10. value clipping around the rollout's values (N+ "value function loss clipping")
+            vf_loss, vf_clipfrac = value_loss(
+                new_values, experience.values[i], experience.returns[i], mask[i], args.vf_clip_coef
+            )
+            loss = pg_loss + args.vf_coef * vf_loss
+            accelerator.backward(loss * share)
+        parts = (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac, approx_kl)
+        for name, value in zip(sums, parts):
+            sums[name] = sums[name] + value * share
+    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    return sums | firsts
+
+
 # ---- the run -------------------------------------------------------------------------------
 
 
@@ -517,6 +592,17 @@ def main(args: Args, score_fn=None) -> dict:
             # 9. advantages whitened over the batch's real tokens (N+ "advantage whitening")
             advantages = masked_whiten(advantages, mask) * mask
 
+        experience = Experience(
+            batch.ids,
+            batch.mask,
+            batch.at,
+            batch.responses,
+            mask,
+            logprobs,
+            values,
+            advantages,
+            returns,
+        )
         stats = {
             name: []
             for name in ("pg_loss", "value_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl")
@@ -531,48 +617,14 @@ def main(args: Args, score_fn=None) -> dict:
                 permutation = torch.randperm(args.batch_size, generator=generator, device=device)
                 for first in range(0, args.batch_size, mini_batch_size):
                     minibatch = permutation[first : first + mini_batch_size]
-                    minibatch_tokens = mask[minibatch].sum().clamp(min=1)
-                    sums = dict.fromkeys(stats, 0.0)
-                    for start in range(0, mini_batch_size, micro_batch_size):
-                        i = minibatch[start : start + micro_batch_size]
-                        # 12. gradient accumulation: each micro-batch's masked means weighted by
-                        # its share of the minibatch's tokens, so the summed gradient is exactly
-                        # the whole minibatch's (not a mean of per-micro-batch means); processes
-                        # reduce gradients once, at the last micro-batch
-                        share = mask[i].sum() / minibatch_tokens
-                        last = start + micro_batch_size == mini_batch_size
-                        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                            new_logprobs, _, new_values = model(
-                                batch.ids[i],
-                                batch.mask[i],
-                                batch.at[i],
-                                batch.responses[i],
-                                args.temperature,
-                            )
-                            pg_loss, pg_clipfrac, approx_kl = policy_loss(
-                                new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef
-                            )
-                            if first_ratio_error is None:
-                                first_ratio_error = (
-                                    ((new_logprobs.detach() - logprobs[i]).exp() - 1).abs()
-                                    * mask[i]
-                                ).max()
-                                first_approx_kl = approx_kl
-                            # 10. value clipping around the rollout's values (N+ "value function
-                            # loss clipping")
-                            vf_loss, vf_clipfrac = value_loss(
-                                new_values, values[i], returns[i], mask[i], args.vf_clip_coef
-                            )
-                            loss = pg_loss + args.vf_coef * vf_loss
-                            accelerator.backward(loss * share)
-                        parts = (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac)
-                        for name, value in zip(stats, (*parts, approx_kl)):
-                            sums[name] = sums[name] + value * share
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    for name, value in sums.items():
-                        stats[name].append(value)
+                    step = minibatch_step(
+                        model, optimizer, accelerator, experience, minibatch, micro_batch_size, args
+                    )
+                    if first_ratio_error is None:
+                        first_ratio_error = step["ratio_error"]
+                        first_approx_kl = step["first_approx_kl"]
+                    for name in stats:
+                        stats[name].append(step[name])
 
         if engine is not None and update + 1 < num_updates:  # the next rollout: updated policy
             engine.sync_weights(policy)
