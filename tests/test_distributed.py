@@ -14,6 +14,9 @@ runs the one-process counterpart here and compares.
   and draws its own minibatches, so no one-process run takes the same steps. What must hold:
   the two processes' prompts of each update are the one-process run's batch of twice the size,
   dealt out (none used twice, none dropped), and the processes sample with different generators.
+  One PPO minibatch step on a fixed batch of rollouts (`ppo.minibatch_step`), each process
+  taking half of it, gives the one-process step's weights: the losses are token means over the
+  whole minibatch, though the halves hold different numbers of reply tokens.
 
 Run by hand: `python -m torch.distributed.run --standalone --nproc_per_node 2 -m
 tests.test_distributed SPEC.json` runs the trainers listed in SPEC.json.
@@ -21,6 +24,7 @@ tests.test_distributed SPEC.json` runs the trainers listed in SPEC.json.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -30,14 +34,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 
 from tests.test_dpo import marker_rows, write_rows
 from tests.test_ppo import SMALL, even_token_share, tiny_runs  # noqa: F401 (a fixture)
 from tests.test_reward_model import synthetic_file  # noqa: F401 (a fixture)
 from tests.test_sft import tiny_args, write_pairs
-from training import dpo, models, ppo, reward_model, sft
+from training import dpo, models, ppo, reward_model, scale, sft
 from training.common import load_pairs
+from training.reward_model import RewardModel
+from training.rollout import PolicyAndValue
 from training.text import encode_example
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -60,7 +66,11 @@ def record_rollouts(module, calls: list) -> None:
 
 
 def run_trainer(trainer: str, settings: dict) -> None:
-    """One trainer's main() with `settings` (PPO with the known-answer reward of test_ppo)."""
+    """One trainer's main() with `settings` (PPO with the known-answer reward of test_ppo), or
+    PPO's one minibatch step (`ppo_minibatch`)."""
+    if trainer == "ppo_minibatch":
+        ppo_minibatch_step(settings)
+        return
     module = TRAINERS[trainer]
     args = module.Args(**settings)
     if trainer == "ppo":
@@ -169,6 +179,60 @@ def ppo_settings(inputs, output_dir: Path, batch_size: int) -> dict:
     )
 
 
+# PPO's minibatch step: rows of the fixed batch, and their replies' lengths (reply tokens)
+ROWS, QUERY, REPLY = 8, 6, 5
+REPLY_LENGTHS = [5, 5, 5, 5, 1, 2, 1, 2]  # halves of 20 and 6 reply tokens
+
+
+def fixed_experience(model: PolicyAndValue) -> ppo.Experience:
+    """A batch of ROWS rollouts, the same on every process (seeded): random queries and
+    replies of REPLY_LENGTHS tokens; old log-probabilities and values are the model's own (the
+    probability ratio starts at 1), advantages and returns seeded noise."""
+    generator = torch.Generator().manual_seed(11)
+    vocab = model.policy.config.vocab_size
+    ids = torch.randint(3, vocab, (ROWS, QUERY + REPLY), generator=generator)
+    # shape: [rows, reply]
+    response_mask = (torch.arange(REPLY) < torch.tensor(REPLY_LENGTHS)[:, None]).float()
+    at = (QUERY - 1 + torch.arange(REPLY)).repeat(ROWS, 1)  # the column predicting each token
+    responses = ids[:, QUERY:]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logprobs, _, values = model(ids, mask, at, responses, 1.0)
+    advantages = torch.randn(ROWS, REPLY, generator=generator) * response_mask
+    returns = (values + torch.randn(ROWS, REPLY, generator=generator)) * response_mask
+    return ppo.Experience(
+        ids, mask, at, responses, response_mask, logprobs, values, advantages, returns
+    )
+
+
+def ppo_minibatch_step(settings: dict) -> None:
+    """One `ppo.minibatch_step` (plain SGD, so the step is the gradient itself) on the rows of
+    fixed_experience: one process takes all of them in two micro-batches, each of two processes
+    its half (rank 0 the first) in two micro-batches; the updated policy and value model are
+    saved as `model.safetensors` in settings["output_dir"]."""
+    accelerator = scale.make_accelerator("fp32")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    policy = models.load_causal_lm(settings["policy"], models.load_tokenizer(settings["policy"]))
+    torch.manual_seed(5)  # the value head's initial weights
+    model = PolicyAndValue(policy, RewardModel(copy.deepcopy(policy.get_decoder())))
+    whole = fixed_experience(model)
+    rows = ROWS // world
+    mine = ppo.Experience(
+        **{
+            field.name: getattr(whole, field.name)[rank * rows : (rank + 1) * rows]
+            for field in dataclasses.fields(whole)
+        }
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    args = ppo.Args(temperature=1.0, max_grad_norm=1e6)
+    ppo.minibatch_step(model, optimizer, accelerator, mine, torch.arange(rows), rows // 2, args)
+    if accelerator.is_main_process:
+        output_dir = Path(settings["output_dir"])
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_model(accelerator.unwrap_model(model), output_dir / "model.safetensors")
+
+
 @pytest.fixture(scope="module")
 def two_processes(inputs):
     """The launch: the reward model, SFT, DPO and PPO, each with two gloo processes; returns
@@ -179,6 +243,7 @@ def two_processes(inputs):
         ("sft", sft_settings(inputs, root / "sft")),
         ("dpo", dpo_settings(inputs, root / "dpo")),
         ("ppo", ppo_settings(inputs, root / "ppo", batch_size=8)),
+        ("ppo_minibatch", {"policy": inputs["policy"], "output_dir": str(root / "ppo-step")}),
     ]
     (inputs["root"] / "spec.json").write_text(json.dumps(spec))
     command = [
@@ -313,6 +378,27 @@ def test_two_ppo_processes_deal_out_the_prompts_and_sample_apart(
     settings = json.loads((two_processes / "ppo" / "settings.json").read_text())
     assert settings["processes"] == 2
     assert (two_processes / "ppo" / "policy" / "model.safetensors").is_file()
+
+
+def test_a_ppo_minibatch_step_on_two_processes_is_the_one_process_step(
+    inputs, two_processes, tmp_path
+):
+    """Each process takes half of a fixed batch of rollouts whose halves hold 20 and 6 reply
+    tokens; the step's policy and value losses are token means over the whole minibatch (not
+    the mean of each process's own token mean, which would weight the shorter half's tokens
+    more than three times as much), so the weights are the one-process step's."""
+    assert sum(REPLY_LENGTHS[: ROWS // 2]) != sum(REPLY_LENGTHS[ROWS // 2 :])
+    ppo_minibatch_step({"policy": inputs["policy"], "output_dir": str(tmp_path)})
+    assert_same_weights(
+        tmp_path / "model.safetensors", two_processes / "ppo-step" / "model.safetensors"
+    )
+    start = models.load_causal_lm(inputs["policy"], models.load_tokenizer(inputs["policy"]))
+    moved = load_file(tmp_path / "model.safetensors")
+    assert any(  # the step did move the weights
+        not torch.equal(moved[f"policy.{name}"], tensor)
+        for name, tensor in start.state_dict().items()
+        if f"policy.{name}" in moved
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ prompt. The reward of a reply is the reward model's score at its last token minu
 KL penalty to the frozen reference (the SFT model again). A value model, initialised from the
 reward model, gives GAE advantages; the clipped PPO losses (Schulman et al. 2017) update both.
 
-The implementation details that make RLHF-PPO work are numbered in ``main`` and each cites
-its source; "N+" is Huang et al. 2023, "The N+ Implementation Details of RLHF with PPO".
+The implementation details that make RLHF-PPO work are numbered in ``main`` and
+``minibatch_step``, and each cites its source; "N+" is Huang et al. 2023, "The N+
+Implementation Details of RLHF with PPO".
 
     python -m training.ppo --policy runs/sft --reward-model runs/reward-model --output-dir runs/ppo
     accelerate launch -m training.ppo --policy runs/sft --reward-model runs/reward-model
@@ -255,20 +256,28 @@ def minibatch_step(
     """One optimizer step of the clipped PPO losses on the rows `minibatch` of `experience`,
     cut into micro-batches of `micro_batch_size` rows whose gradients are summed.
 
-    Returns the minibatch's token means of the losses, clip fractions and approximate KL, and
+    Returns this process's share of the minibatch's token means of the losses, clip fractions
+    and approximate KL (their mean over the processes is the whole minibatch's token mean), and
     (as `ratio_error`, `first_approx_kl`) the probability-ratio error and approximate KL of its
     first micro-batch, before any step.
     """
     mask = experience.response_mask
-    minibatch_tokens = mask[minibatch].sum().clamp(min=1)
+    # 13. data parallelism: the minibatch's reply tokens counted over all processes, divided by
+    # their number; each process's token sums over this, averaged across the processes, are
+    # token means over the whole minibatch, as one process would take them (a mean of each
+    # process's own token mean would give more weight to each token of a process holding
+    # fewer). One scalar all-reduce per minibatch; with one process, its own count.
+    minibatch_tokens = (
+        accelerator.reduce(mask[minibatch].sum(), "sum").clamp(min=1) / accelerator.num_processes
+    )
     sums = dict.fromkeys(("pg_loss", "value_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl"), 0.0)
     firsts = {}
     for start in range(0, len(minibatch), micro_batch_size):
         i = minibatch[start : start + micro_batch_size]
         # 12. gradient accumulation: each micro-batch's masked means weighted by its share of
-        # the minibatch's tokens, so the summed gradient is exactly the whole minibatch's (not
-        # a mean of per-micro-batch means); processes reduce gradients once, at the last
-        # micro-batch
+        # the minibatch's tokens (13: per process), so the summed gradient is exactly the whole
+        # minibatch's (not a mean of per-micro-batch means); processes reduce gradients once,
+        # at the last micro-batch
         share = mask[i].sum() / minibatch_tokens
         last = start + micro_batch_size >= len(minibatch)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
