@@ -280,3 +280,21 @@ def test_connected_components_equal_a_plain_union_find(n, edges):
         parent[max(ri, rj)] = min(ri, rj)
     labels = minhash.connected_components(n, np.array(edges, dtype=np.int64).reshape(-1, 2))
     assert labels.tolist() == [root(i) for i in range(n)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    highs=st.lists(st.integers(0, 3), min_size=0, max_size=300),
+    lows=st.lists(st.integers(0, 2**12 - 1), min_size=300, max_size=300),
+)
+def test_argsort_u64_is_the_stable_argsort_even_when_high_bits_tie(highs, lows):
+    # few distinct high parts and low parts that differ below the bits the index takes:
+    # runs of equal high bits holding different values, the case argsort_u64 repairs
+    values = np.array([(h << 60) | low for h, low in zip(highs, lows)], dtype=np.uint64).reshape(-1)
+    assert minhash.argsort_u64(values).tolist() == np.argsort(values, kind="stable").tolist()
+
+
+def test_argsort_u64_on_hashes_with_repeats():
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 2**63, 5000).astype(np.uint64)[rng.integers(0, 5000, 20_000)]
+    assert np.array_equal(minhash.argsort_u64(values), np.argsort(values, kind="stable"))
