@@ -593,6 +593,48 @@ def _text_shingle_keys(shingles: Shingles) -> tuple[np.ndarray, np.uint64]:
     return sorted_distinct(number), width
 
 
+class ShingleSets:
+    """Each text's distinct shingles, sorted once (keys ``text * V + shingle number``), to
+    compute exact Jaccard similarities of many pairs of them, in one call or several."""
+
+    def __init__(self, shingles: Shingles):
+        self.keys, self.width = _text_shingle_keys(shingles)
+        self.sizes = np.bincount(
+            (self.keys // self.width).astype(np.int64), minlength=len(shingles)
+        )
+        self.starts = np.cumsum(self.sizes) - self.sizes
+
+    def jaccard(self, pairs: np.ndarray) -> np.ndarray:
+        """Exact Jaccard similarity of each pair of texts (rows of ``pairs``)."""
+        if len(pairs) == 0:
+            return np.empty(0)
+        keys, width, sizes, starts = self.keys, self.width, self.sizes, self.starts
+        a, b = pairs[:, 0], pairs[:, 1]
+        small = np.where(sizes[a] <= sizes[b], a, b)
+        large = np.where(sizes[a] <= sizes[b], b, a)
+        # pairs taken by their larger text: consecutive look-ups then fall in the same stretch
+        # of keys, in cache, instead of anywhere in them (about twice as fast on dense corpora)
+        by_large = argsort_u64(large.astype(np.uint64))
+        small, large = small[by_large], large[by_large].astype(np.uint64)
+        intersection = np.zeros(len(pairs), dtype=np.int64)
+        looked_up = np.cumsum(sizes[small])
+        cuts = np.searchsorted(looked_up, np.arange(0, looked_up[-1], _LOOKUP_BLOCK), side="right")
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(pairs)]):
+            if hi <= lo:
+                continue
+            counts = sizes[small[lo:hi]]
+            at = np.repeat(starts[small[lo:hi]], counts) + _within(counts)
+            wanted = np.repeat(large[lo:hi], counts) * width + keys[at] % width
+            place = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            hit = keys[place] == wanted
+            intersection[lo:hi] = np.bincount(
+                np.repeat(np.arange(hi - lo), counts)[hit], minlength=hi - lo
+            )
+        intersection[by_large] = intersection.copy()
+        union = sizes[a] + sizes[b] - intersection
+        return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+
+
 def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
     """Exact Jaccard similarity of the shingle sets of each pair, all pairs at once.
 
@@ -603,33 +645,96 @@ def exact_jaccard(shingles: Shingles, pairs: np.ndarray) -> np.ndarray:
     """
     if len(pairs) == 0:
         return np.empty(0)
-    keys, width = _text_shingle_keys(shingles)
-    sizes = np.bincount((keys // width).astype(np.int64), minlength=len(shingles))
-    starts = np.cumsum(sizes) - sizes
-    a, b = pairs[:, 0], pairs[:, 1]
-    small = np.where(sizes[a] <= sizes[b], a, b)
-    large = np.where(sizes[a] <= sizes[b], b, a)
-    # pairs taken by their larger text: consecutive look-ups then fall in the same stretch of
-    # keys, in cache, instead of anywhere in them (several times faster on dense corpora)
-    by_large = argsort_u64(large.astype(np.uint64))
-    small, large = small[by_large], large[by_large].astype(np.uint64)
-    intersection = np.zeros(len(pairs), dtype=np.int64)
-    looked_up = np.cumsum(sizes[small])
-    cuts = np.searchsorted(looked_up, np.arange(0, looked_up[-1], _LOOKUP_BLOCK), side="right")
-    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(pairs)]):
-        if hi <= lo:
-            continue
-        counts = sizes[small[lo:hi]]
-        at = np.repeat(starts[small[lo:hi]], counts) + _within(counts)
-        wanted = np.repeat(large[lo:hi], counts) * width + keys[at] % width
-        place = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-        hit = keys[place] == wanted
-        intersection[lo:hi] = np.bincount(
-            np.repeat(np.arange(hi - lo), counts)[hit], minlength=hi - lo
-        )
-    intersection[by_large] = intersection.copy()
-    union = sizes[a] + sizes[b] - intersection
-    return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+    return ShingleSets(shingles).jaccard(pairs)
+
+
+OPEN, KEPT, DROPPED = 0, 1, 2
+
+
+@dataclass
+class DropState:
+    """What verify_for_dropping knows of each text: ``status`` OPEN, KEPT or DROPPED, and
+    ``similar_kept``: a kept earlier text was verified similar to it (carried from one
+    batch of pairs to the next)."""
+
+    status: np.ndarray  # int8, (texts,)
+    similar_kept: np.ndarray  # bool, (texts,)
+
+    @classmethod
+    def of(cls, n: int) -> DropState:
+        return cls(np.zeros(n, dtype=np.int8), np.zeros(n, dtype=bool))
+
+
+def verify_for_dropping(
+    candidates: np.ndarray,
+    similarity_of,
+    threshold: float,
+    state: DropState,
+    settle_below: int,
+    rounds: int = 6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Verify candidate pairs for the drop rule, leaving out the pairs that cannot matter.
+
+    The rule (hhdata.dedup, ``near_action="drop"``): texts are visited in index order and
+    text j is dropped when an earlier *kept* text i is similar to it (>= threshold), onto
+    the most similar such i. A pair whose first text is dropped decides nothing, so it is
+    not verified. Which texts are dropped is learnt as pairs are verified, in rounds: each
+    round settles every text whose earlier pairs are all settled (dropped if one of them
+    joins it to a kept text; kept if none), then verifies the pairs whose first text is kept.
+    After ``rounds`` rounds the pairs still open are verified at once, and the texts below
+    ``settle_below`` settled one by one.
+
+    ``candidates`` are sorted pairs (i, j), i < j, whose every pair with second text below
+    ``settle_below`` is among them or was given in an earlier call with the same ``state``
+    (batches of increasing first texts, as hhdata.dedup.spill's partitions). ``similarity_of``
+    maps an array of pairs to their similarities. Returns (verified, similarity): a mask of
+    the pairs verified and their similarities (0 where not verified). Every pair whose first
+    text is kept under the rule is verified, so the rule drops the same texts onto the same
+    texts with the same similarities from the verified pairs as from all of them.
+    """
+    m = len(candidates)
+    verified, similarity = np.zeros(m, dtype=bool), np.zeros(m)
+    first, second = candidates[:, 0], candidates[:, 1]
+    status, similar_kept = state.status, state.similar_kept
+    n = len(status)
+    settled = np.zeros(m, dtype=bool)  # the pair's part in its second text's fate is known
+    below = np.arange(n) < settle_below
+    for _ in range(rounds):
+        open_pairs = np.bincount(second[~settled], minlength=n)
+        newly = (status == OPEN) & below & (similar_kept | (open_pairs == 0))
+        status[newly] = np.where(similar_kept[newly], DROPPED, KEPT)
+        settled |= status[first] == DROPPED
+        todo = ~verified & (status[first] == KEPT)
+        similarity[todo] = similarity_of(candidates[todo])
+        verified |= todo
+        settled |= todo
+        joined = todo & (similarity >= threshold)
+        similar_kept[second[joined]] = True
+        if not (status[first] == OPEN).any():
+            break
+    # the rest at once: every pair whose first text may still be kept
+    todo = ~verified & (status[first] != DROPPED)
+    similarity[todo] = similarity_of(candidates[todo])
+    verified |= todo
+    _settle_in_order(candidates, verified & (similarity >= threshold), state, settle_below)
+    return verified, similarity
+
+
+def _settle_in_order(candidates, similar, state: DropState, settle_below: int) -> None:
+    """Settle the open texts below ``settle_below`` one by one in index order, and mark the
+    texts that ``similar`` pairs join to a kept text; every pair whose first text is not
+    dropped has been verified, so each open text's earlier kept neighbours are known."""
+    status, similar_kept = state.status, state.similar_kept
+    pairs = candidates[similar]
+    by_second = np.argsort(pairs[:, 1], kind="stable")
+    pairs = pairs[by_second]
+    ends = np.searchsorted(pairs[:, 1], np.arange(settle_below + 1))
+    for text in np.flatnonzero(status[:settle_below] == OPEN).tolist():
+        earlier = pairs[ends[text] : ends[text + 1], 0]
+        dropped = similar_kept[text] or bool((status[earlier] == KEPT).any())
+        status[text] = DROPPED if dropped else KEPT
+    joined = pairs[status[pairs[:, 0]] == KEPT, 1]
+    similar_kept[joined] = True
 
 
 def similar_pairs(
@@ -675,11 +780,14 @@ def similar_in_sketch(
     threshold: float = 0.7,
     verify: str = "exact",
     groups: np.ndarray | None = None,
+    drop_rule: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """similar_pairs on texts already shingled and signed (LSH, then verification).
 
     With ``groups`` (one label per text) only texts of the same group can be similar;
-    the others are never verified.
+    the others are never verified. With ``drop_rule`` (and exact verification) the pairs
+    whose first text the drop rule drops may be left out (verify_for_dropping): what
+    hhdata.dedup's drop mode needs, with less work where near duplicates cluster.
     """
     if verify not in ("exact", "estimate"):
         raise ValueError(f"verify must be 'exact' or 'estimate', not {verify!r}")
@@ -691,7 +799,17 @@ def similar_in_sketch(
         return candidates[keep], estimate[keep]
     candidates = candidates[estimate >= threshold - 0.15]
     texts = np.unique(candidates)
-    similarity = exact_jaccard(sketch.shingles_of(texts), np.searchsorted(texts, candidates))
+    local = np.searchsorted(texts, candidates)
+    if len(local) == 0:
+        return candidates, np.empty(0)
+    sets = ShingleSets(sketch.shingles_of(texts))
+    if drop_rule:
+        verified, similarity = verify_for_dropping(
+            local, sets.jaccard, threshold, DropState.of(len(texts)), len(texts)
+        )
+        candidates, similarity = candidates[verified], similarity[verified]
+    else:
+        similarity = sets.jaccard(local)
     keep = similarity >= threshold
     return candidates[keep], similarity[keep]
 

@@ -175,7 +175,7 @@ def partitioned_candidates(
             pairs = np.fromfile(band_path, dtype=np.uint64)
             band_path.unlink()
             where = np.searchsorted(bounds, (pairs >> np.uint64(32)).astype(np.int64), "right")
-            order = np.argsort(where, kind="stable")
+            order = minhash.argsort_u64(where.astype(np.uint64))
             edges = np.searchsorted(where[order], np.arange(1, len(paths) + 2))
             pairs = pairs[order]
             del where, order
@@ -193,34 +193,50 @@ def verified_partitions(
     paths: list[Path],
     threshold: float,
     verify: str,
+    drop_rule: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates in the partition files verified as minhash.similar_in_sketch does
-    (estimate, then exact Jaccard unless ``verify='estimate'``): (pairs, similarity) in
-    text indices, sorted, each pair once."""
+    (estimate, then exact Jaccard unless ``verify='estimate'``; with ``drop_rule``, pairs
+    whose first text the drop rule drops may be left out): (pairs, similarity) in text
+    indices, sorted, each pair once. Partitions hold increasing ranges of first texts, so
+    the drop rule's knowledge carries from one to the next."""
     found, similarity = [np.empty((0, 2), np.int64)], [np.empty(0)]
+    state = minhash.DropState.of(len(texts)) if drop_rule and verify == "exact" else None
     for path in paths:
         packed = minhash.sorted_distinct(np.fromfile(path, dtype=np.uint64))
         path.unlink()
         candidates = np.stack([packed >> np.uint64(32), packed & _LOW32], axis=1).astype(np.int64)
         del packed
-        pairs, sim = _verified(spilled, texts, candidates, threshold, verify)
+        pairs, sim = _verified(spilled, texts, candidates, threshold, verify, state)
         spilled.release()
         found.append(pairs)
         similarity.append(sim)
     return np.concatenate(found), np.concatenate(similarity)
 
 
-def _verified(spilled, texts, candidates, threshold, verify):
-    """One partition's candidates (text indices) kept by their similarity."""
+def _verified(spilled, texts, candidates, threshold, verify, state=None):
+    """One partition's candidates (text indices) kept by their similarity (with a
+    minhash.DropState, only those the drop rule needs: minhash.verify_for_dropping)."""
     estimate = _estimates(spilled, texts, candidates)
     if verify == "estimate":
         keep = estimate >= threshold
         return candidates[keep], estimate[keep]
     candidates = candidates[estimate >= threshold - 0.15]
+    if len(candidates) == 0:
+        return candidates, np.empty(0)
     needed = np.unique(candidates)
-    similarity = minhash.exact_jaccard(
-        spilled.shingles_of(texts[needed]), np.searchsorted(needed, candidates)
-    )
+    sets = minhash.ShingleSets(spilled.shingles_of(texts[needed]))
+    if state is None:
+        similarity = sets.jaccard(np.searchsorted(needed, candidates))
+    else:
+        verified, similarity = minhash.verify_for_dropping(
+            candidates,
+            lambda pairs: sets.jaccard(np.searchsorted(needed, pairs)),
+            threshold,
+            state,
+            int(candidates[:, 0].max()) + 1,
+        )
+        candidates, similarity = candidates[verified], similarity[verified]
     keep = similarity >= threshold
     return candidates[keep], similarity[keep]
 
