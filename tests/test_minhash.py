@@ -409,3 +409,10 @@ def test_what_the_drop_rule_learns_carries_over_batches(rounds):
         1: (0, 0.9),
         4: (3, 0.8),
     }
+
+
+@pytest.mark.parametrize("top", [3, 2**20, 2**40, 2**64 - 1])
+def test_argsort_u64_of_small_and_large_values(top):
+    rng = np.random.default_rng(top % 1000)
+    values = rng.integers(0, top, 3000, dtype=np.uint64, endpoint=True)
+    assert np.array_equal(minhash.argsort_u64(values), np.argsort(values, kind="stable"))

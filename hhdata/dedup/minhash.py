@@ -490,11 +490,12 @@ def argsort_u64(values: np.ndarray) -> np.ndarray:
     """np.argsort(values, kind="stable") for uint64 values, by one sort of integers.
 
     numpy's argsort of 64-bit integers is several times slower than its sort (which has a
-    vectorised path). So each value's low bits are replaced by its index, the packed
-    integers sorted, and the indices read back: a stable argsort by the high bits. Where
-    two different values share their high bits (rare for hashes: about n**2 / 2**(65 - b)
-    pairs for n values and b index bits), their run is sorted again by (value, index), so
-    the result is exactly the stable argsort.
+    vectorised path). So the index is packed into each value's low bits, the packed
+    integers sorted, and the indices read back. Small values (such as text numbers) are
+    shifted up to make room, which is exact. Large ones (hashes) lose their low bits to the
+    index, which sorts by the high bits; where two different values share their high bits
+    (rare for hashes: about n**2 / 2**(65 - b) pairs for n values and b index bits), their
+    run is sorted again by (value, index), so the result is exactly the stable argsort.
     """
     return _sorted_order(values)[0]
 
@@ -508,6 +509,12 @@ def _sorted_order(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(values, kind="stable")
         return order, values[order]
     index_mask = np.uint64((1 << bits) - 1)
+    if int(values.max()).bit_length() + bits <= 64:  # room for the index below the value
+        packed = values << np.uint64(bits)
+        packed |= np.arange(n, dtype=np.uint64)
+        packed.sort()
+        order = (packed & index_mask).astype(np.intp)
+        return order, packed >> np.uint64(bits)
     packed = values & ~index_mask
     packed |= np.arange(n, dtype=np.uint64)
     packed.sort()
