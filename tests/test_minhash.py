@@ -416,3 +416,19 @@ def test_argsort_u64_of_small_and_large_values(top):
     rng = np.random.default_rng(top % 1000)
     values = rng.integers(0, top, 3000, dtype=np.uint64, endpoint=True)
     assert np.array_equal(minhash.argsort_u64(values), np.argsort(values, kind="stable"))
+
+
+@pytest.mark.parametrize("bound", [0.0, 0.3, 0.55, 0.7, 1.0])
+def test_estimates_at_least_equal_the_estimates_above_the_bound(bound):
+    # signatures that agree on a random share of positions, many near the bound
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2**32, (400, 64), dtype=np.uint64).astype(np.uint32)
+    other = rng.integers(0, 2**32, (400, 64), dtype=np.uint64).astype(np.uint32)
+    agree = rng.random((400, 64)) < rng.random((400, 1))
+    sig = np.concatenate([base, np.where(agree, base, other)])
+    pairs = np.stack([np.arange(400), np.arange(400, 800)], axis=1)
+    pairs = np.concatenate([pairs, rng.integers(0, 800, (400, 2))])
+    keep, estimate = minhash.estimates_at_least(sig, pairs, bound)
+    expected = minhash.estimated_jaccard(sig, pairs)
+    assert keep.tolist() == (expected >= bound).tolist()
+    assert estimate.tolist() == expected[expected >= bound].tolist()
