@@ -280,3 +280,155 @@ def test_connected_components_equal_a_plain_union_find(n, edges):
         parent[max(ri, rj)] = min(ri, rj)
     labels = minhash.connected_components(n, np.array(edges, dtype=np.int64).reshape(-1, 2))
     assert labels.tolist() == [root(i) for i in range(n)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    highs=st.lists(st.integers(0, 3), min_size=0, max_size=300),
+    lows=st.lists(st.integers(0, 2**12 - 1), min_size=300, max_size=300),
+)
+def test_argsort_u64_is_the_stable_argsort_even_when_high_bits_tie(highs, lows):
+    # few distinct high parts and low parts that differ below the bits the index takes:
+    # runs of equal high bits holding different values, the case argsort_u64 repairs
+    values = np.array([(h << 60) | low for h, low in zip(highs, lows)], dtype=np.uint64).reshape(-1)
+    assert minhash.argsort_u64(values).tolist() == np.argsort(values, kind="stable").tolist()
+
+
+def test_argsort_u64_on_hashes_with_repeats():
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 2**63, 5000).astype(np.uint64)[rng.integers(0, 5000, 20_000)]
+    assert np.array_equal(minhash.argsort_u64(values), np.argsort(values, kind="stable"))
+
+
+def drop_rule(n: int, pairs: list[tuple[int, int]], similarity: list[float], threshold: float):
+    """hhdata.dedup's drop mode, plainly: texts in index order, each dropped onto its most
+    similar earlier kept text (the first such pair on ties), or kept."""
+    earlier: dict[int, list[tuple[int, float]]] = {}
+    for (i, j), sim in zip(pairs, similarity):
+        if sim >= threshold:
+            earlier.setdefault(j, []).append((i, sim))
+    kept, dropped = set(), {}
+    for text in range(n):
+        matches = [(sim, i) for i, sim in earlier.get(text, ()) if i in kept]
+        if matches:
+            sim, i = max(matches, key=lambda match: match[0])
+            dropped[text] = (i, sim)
+        else:
+            kept.add(text)
+    return dropped
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(2, 14),
+    data=st.data(),
+    batches=st.integers(1, 4),
+    rounds=st.integers(0, 3),
+)
+def test_verifying_for_the_drop_rule_leaves_out_only_pairs_that_cannot_matter(
+    n, data, batches, rounds
+):
+    every = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    pairs = sorted(data.draw(st.sets(st.sampled_from(every), max_size=len(every))))
+    truth = dict(
+        zip(
+            pairs,
+            data.draw(
+                st.lists(
+                    st.sampled_from([0.2, 0.7, 0.8, 0.9]), min_size=len(pairs), max_size=len(pairs)
+                )
+            ),
+        )
+    )
+    candidates = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    asked = []
+
+    def similarity_of(chosen):
+        asked.extend(map(tuple, chosen.tolist()))
+        return np.array([truth[pair] for pair in map(tuple, chosen.tolist())])
+
+    # in batches of increasing first texts, as the spilled partitions come
+    state = minhash.DropState.of(n)
+    cuts = sorted(
+        data.draw(st.lists(st.integers(0, n), min_size=batches - 1, max_size=batches - 1))
+    )
+    got_pairs, got_sims = [], []
+    for low, high in zip([0, *cuts], [*cuts, n]):
+        batch = candidates[(candidates[:, 0] >= low) & (candidates[:, 0] < high)]
+        if len(batch) == 0:
+            continue
+        verified, sims = minhash.verify_for_dropping(
+            batch, similarity_of, 0.7, state, int(batch[:, 0].max()) + 1, rounds=rounds
+        )
+        got_pairs += list(map(tuple, batch[verified].tolist()))
+        got_sims += sims[verified].tolist()
+    assert len(asked) == len(set(asked))  # each pair verified at most once
+    assert drop_rule(n, got_pairs, got_sims, 0.7) == drop_rule(n, pairs, list(truth.values()), 0.7)
+    expected = drop_rule(n, pairs, list(truth.values()), 0.7)
+    # nothing is verified whose first text is dropped by then... and the saving is real
+    skipped = set(pairs) - set(asked)
+    assert all(i in expected for i, _ in skipped)
+
+
+def test_verifying_for_the_drop_rule_skips_a_cluster_s_inner_pairs():
+    # ten copies of one text: the first is kept, the other nine dropped onto it; the 36
+    # pairs among the nine are never verified
+    candidates = np.array([(i, j) for i in range(10) for j in range(i + 1, 10)])
+    asked = []
+
+    def similarity_of(chosen):
+        asked.extend(chosen.tolist())
+        return np.full(len(chosen), 0.9)
+
+    state = minhash.DropState.of(10)
+    verified, _ = minhash.verify_for_dropping(candidates, similarity_of, 0.7, state, 10)
+    assert sorted(map(tuple, asked)) == [(0, j) for j in range(1, 10)]
+    assert state.status.tolist() == [minhash.KEPT] + [minhash.DROPPED] * 9
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 6])
+def test_what_the_drop_rule_learns_carries_over_batches(rounds):
+    # 1 is dropped onto 0; 1 ~ 3 then joins 3 to a dropped text only, so 3 stays kept and
+    # 4, similar to 3, is dropped onto it: the pair (3, 4) in the last batch must be verified
+    truth = {(0, 1): 0.9, (1, 3): 0.9, (2, 3): 0.2, (3, 4): 0.8}
+    state = minhash.DropState.of(5)
+    verified_pairs = []
+    for batch in ([(0, 1), (1, 3)], [(2, 3)], [(3, 4)]):
+        candidates = np.array(batch)
+        verified, sims = minhash.verify_for_dropping(
+            candidates,
+            lambda chosen: np.array([truth[tuple(p)] for p in chosen.tolist()]),
+            0.7,
+            state,
+            int(candidates[:, 0].max()) + 1,
+            rounds=rounds,
+        )
+        verified_pairs += [tuple(p) for p in candidates[verified].tolist()]
+    assert (3, 4) in verified_pairs
+    assert drop_rule(5, verified_pairs, [truth[p] for p in verified_pairs], 0.7) == {
+        1: (0, 0.9),
+        4: (3, 0.8),
+    }
+
+
+@pytest.mark.parametrize("top", [3, 2**20, 2**40, 2**64 - 1])
+def test_argsort_u64_of_small_and_large_values(top):
+    rng = np.random.default_rng(top % 1000)
+    values = rng.integers(0, top, 3000, dtype=np.uint64, endpoint=True)
+    assert np.array_equal(minhash.argsort_u64(values), np.argsort(values, kind="stable"))
+
+
+@pytest.mark.parametrize("bound", [0.0, 0.3, 0.55, 0.7, 1.0])
+def test_estimates_at_least_equal_the_estimates_above_the_bound(bound):
+    # signatures that agree on a random share of positions, many near the bound
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2**32, (400, 64), dtype=np.uint64).astype(np.uint32)
+    other = rng.integers(0, 2**32, (400, 64), dtype=np.uint64).astype(np.uint32)
+    agree = rng.random((400, 64)) < rng.random((400, 1))
+    sig = np.concatenate([base, np.where(agree, base, other)])
+    pairs = np.stack([np.arange(400), np.arange(400, 800)], axis=1)
+    pairs = np.concatenate([pairs, rng.integers(0, 800, (400, 2))])
+    keep, estimate = minhash.estimates_at_least(sig, pairs, bound)
+    expected = minhash.estimated_jaccard(sig, pairs)
+    assert keep.tolist() == (expected >= bound).tolist()
+    assert estimate.tolist() == expected[expected >= bound].tolist()

@@ -523,7 +523,15 @@ def _spilled_similar(spilled: spill.SpilledSketch, texts, settings, stream, fold
     partition: the same pairs and similarities."""
     groups = spilled.turns[texts] if settings.same_turn_count else None
     paths = spill.partitioned_candidates(spilled, texts, groups, stream.pairs_per_partition, folder)
-    return spill.verified_partitions(spilled, texts, paths, settings.threshold, settings.verify)
+    return spill.verified_partitions(
+        spilled, texts, paths, settings.threshold, settings.verify, _drop_rule(settings)
+    )
+
+
+def _drop_rule(settings: DedupSettings) -> bool:
+    """Whether the near stage may leave out the pairs the drop rule never reads (drop mode:
+    a pair whose first text is itself dropped decides nothing; minhash.verify_for_dropping)."""
+    return settings.near_action == "drop"
 
 
 def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
@@ -572,6 +580,7 @@ def _near_duplicates(
             threshold=settings.threshold,
             verify=settings.verify,
             groups=turns[rows[first_row]] if settings.same_turn_count else None,
+            drop_rule=_drop_rule(settings),
         )
     advance(1)
     neighbours: dict[int, list[tuple[int, float]]] = {}

@@ -67,10 +67,12 @@ class SpilledSketch:
         self.bands, self.rows, self.num_perm = bands, rows, num_perm
         self._band_files = [open(self.folder / f"band-{b:03d}.u64", "wb") for b in range(bands)]
         self._signature_file = open(self.folder / "signatures.u32", "wb")
+        self._print_file = open(self.folder / "fingerprints.u8", "wb")
         self._shingle_file = open(self.folder / "shingles.u64", "wb")
         self._offsets = [np.zeros(1, dtype=np.int64)]
         self._turns: list[np.ndarray] = []
         self._signatures: _Mapped | None = None
+        self._prints: _Mapped | None = None
         self._shingles: _Mapped | None = None
 
     def append(self, sketch: minhash.Sketch, turns: np.ndarray) -> None:
@@ -79,6 +81,7 @@ class SpilledSketch:
         for band, handle in enumerate(self._band_files):
             minhash.band_keys(sketch.signatures, band, self.rows).tofile(handle)
         np.ascontiguousarray(sketch.signatures).tofile(self._signature_file)
+        minhash.fingerprints(sketch.signatures).tofile(self._print_file)
         shingles = sketch.shingles_of(np.arange(len(sketch)))
         shingles.hashes.tofile(self._shingle_file)
         self._offsets.append(self._offsets[-1][-1] + shingles.offsets[1:])
@@ -86,12 +89,18 @@ class SpilledSketch:
 
     def finish(self) -> SpilledSketch:
         """Close the files for writing and map the signatures and shingles for reading."""
-        for handle in [*self._band_files, self._signature_file, self._shingle_file]:
+        for handle in [
+            *self._band_files,
+            self._signature_file,
+            self._print_file,
+            self._shingle_file,
+        ]:
             handle.close()
         self.offsets = np.concatenate(self._offsets)
         self.turns = np.concatenate(self._turns) if self._turns else np.zeros(0, np.int64)
         del self._offsets, self._turns
         self._signatures = _Mapped(self.folder / "signatures.u32", np.uint32, self.num_perm)
+        self._prints = _Mapped(self.folder / "fingerprints.u8", np.uint8, self.num_perm)
         self._shingles = _Mapped(self.folder / "shingles.u64", np.uint64)
         return self
 
@@ -106,6 +115,10 @@ class SpilledSketch:
         """Every row's signature, mapped from the file (pages read as they are used)."""
         return self._signatures.array
 
+    def fingerprint_map(self) -> np.ndarray:
+        """Every row's signature fingerprints (minhash.fingerprints), mapped from the file."""
+        return self._prints.array
+
     def nonempty(self, rows: np.ndarray) -> np.ndarray:
         """Whether each given row has any shingle (empty texts are never candidates)."""
         return np.diff(self.offsets)[rows] > 0
@@ -116,12 +129,12 @@ class SpilledSketch:
 
     def release(self) -> None:
         """Hand back the pages of the mapped files read so far."""
-        for mapped in (self._signatures, self._shingles):
+        for mapped in (self._signatures, self._prints, self._shingles):
             if mapped is not None:
                 mapped.release()
 
     def close(self) -> None:
-        for mapped in (self._signatures, self._shingles):
+        for mapped in (self._signatures, self._prints, self._shingles):
             if mapped is not None:
                 mapped.close()
 
@@ -175,7 +188,7 @@ def partitioned_candidates(
             pairs = np.fromfile(band_path, dtype=np.uint64)
             band_path.unlink()
             where = np.searchsorted(bounds, (pairs >> np.uint64(32)).astype(np.int64), "right")
-            order = np.argsort(where, kind="stable")
+            order = minhash.argsort_u64(where.astype(np.uint64))
             edges = np.searchsorted(where[order], np.arange(1, len(paths) + 2))
             pairs = pairs[order]
             del where, order
@@ -193,34 +206,49 @@ def verified_partitions(
     paths: list[Path],
     threshold: float,
     verify: str,
+    drop_rule: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates in the partition files verified as minhash.similar_in_sketch does
-    (estimate, then exact Jaccard unless ``verify='estimate'``): (pairs, similarity) in
-    text indices, sorted, each pair once."""
+    (estimate, then exact Jaccard unless ``verify='estimate'``; with ``drop_rule``, pairs
+    whose first text the drop rule drops may be left out): (pairs, similarity) in text
+    indices, sorted, each pair once. Partitions hold increasing ranges of first texts, so
+    the drop rule's knowledge carries from one to the next."""
     found, similarity = [np.empty((0, 2), np.int64)], [np.empty(0)]
+    state = minhash.DropState.of(len(texts)) if drop_rule and verify == "exact" else None
     for path in paths:
         packed = minhash.sorted_distinct(np.fromfile(path, dtype=np.uint64))
         path.unlink()
         candidates = np.stack([packed >> np.uint64(32), packed & _LOW32], axis=1).astype(np.int64)
         del packed
-        pairs, sim = _verified(spilled, texts, candidates, threshold, verify)
+        pairs, sim = _verified(spilled, texts, candidates, threshold, verify, state)
         spilled.release()
         found.append(pairs)
         similarity.append(sim)
     return np.concatenate(found), np.concatenate(similarity)
 
 
-def _verified(spilled, texts, candidates, threshold, verify):
-    """One partition's candidates (text indices) kept by their similarity."""
-    estimate = _estimates(spilled, texts, candidates)
+def _verified(spilled, texts, candidates, threshold, verify, state=None):
+    """One partition's candidates (text indices) kept by their similarity (with a
+    minhash.DropState, only those the drop rule needs: minhash.verify_for_dropping)."""
     if verify == "estimate":
-        keep = estimate >= threshold
-        return candidates[keep], estimate[keep]
-    candidates = candidates[estimate >= threshold - 0.15]
+        keep, estimate = _estimates_at_least(spilled, texts, candidates, threshold)
+        return candidates[keep], estimate
+    candidates = candidates[_estimates_at_least(spilled, texts, candidates, threshold - 0.15)[0]]
+    if len(candidates) == 0:
+        return candidates, np.empty(0)
     needed = np.unique(candidates)
-    similarity = minhash.exact_jaccard(
-        spilled.shingles_of(texts[needed]), np.searchsorted(needed, candidates)
-    )
+    sets = minhash.ShingleSets(spilled.shingles_of(texts[needed]))
+    if state is None:
+        similarity = sets.jaccard(np.searchsorted(needed, candidates))
+    else:
+        verified, similarity = minhash.verify_for_dropping(
+            candidates,
+            lambda pairs: sets.jaccard(np.searchsorted(needed, pairs)),
+            threshold,
+            state,
+            int(candidates[:, 0].max()) + 1,
+        )
+        candidates, similarity = candidates[verified], similarity[verified]
     keep = similarity >= threshold
     return candidates[keep], similarity[keep]
 
@@ -229,14 +257,17 @@ def _verified(spilled, texts, candidates, threshold, verify):
 _ESTIMATE_PAIRS = 1 << 21
 
 
-def _estimates(spilled, texts, candidates):
-    """minhash.estimated_jaccard of the candidates, reading the signatures of each block
-    of pairs from the mapped file and handing its pages back as it goes."""
-    estimate = np.empty(len(candidates))
+def _estimates_at_least(spilled, texts, candidates, bound):
+    """minhash.estimates_at_least of the candidates, reading the fingerprints and
+    signatures of each block of pairs from the mapped files and handing their pages back
+    as it goes."""
+    keep, estimates = np.zeros(len(candidates), dtype=bool), [np.empty(0)]
     for start in range(0, len(candidates), _ESTIMATE_PAIRS):
         block = texts[candidates[start : start + _ESTIMATE_PAIRS]]
-        estimate[start : start + len(block)] = minhash.estimated_jaccard(
-            spilled.signature_map(), block
+        passed, estimate = minhash.estimates_at_least(
+            spilled.signature_map(), block, bound, spilled.fingerprint_map()
         )
+        keep[start : start + len(block)] = passed
+        estimates.append(estimate)
         spilled.release()
-    return estimate
+    return keep, np.concatenate(estimates)
