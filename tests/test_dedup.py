@@ -558,6 +558,29 @@ def test_exact_keys_group_rows_by_their_normalised_texts_with_and_without_repeat
     assert len(set(expected)) == 5
 
 
+@pytest.mark.parametrize("scope", ["pair", "prompt"])
+def test_near_text_identity_is_made_in_row_batches(two_shapes, scope):
+    dense = two_shapes["dense"]
+    table = pa.concat_tables([dense, dense.slice(1000, 500)]).combine_chunks()  # 500 repeats
+    texts = dedup.near_texts(table, scope)
+    pool, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        identity = dedup.near_text_identity(table, scope, batch_rows=256)
+    finally:
+        pa.set_memory_pool(previous)
+    # a batch of joined texts at a time, never the joined texts of every row
+    assert pool.max_memory() < texts.nbytes / 4
+    # equal codes exactly where the joined texts are equal: each row's first equal row agrees
+    encoded = texts.dictionary_encode().indices.to_numpy()
+    first_code = {}
+    first_text = {}
+    assert [first_code.setdefault(c, i) for i, c in enumerate(identity.tolist())] == [
+        first_text.setdefault(c, i) for i, c in enumerate(encoded.tolist())
+    ]
+    assert len(first_text) <= table.num_rows - 500
+
+
 # small batches and partitions, so the streaming near stage crosses several of each
 _SMALL_STREAM = dedup.NearStream(min_rows=0, batch_rows=700, pairs_per_partition=3000)
 

@@ -526,10 +526,31 @@ def _spilled_similar(spilled: spill.SpilledSketch, texts, settings, stream, fold
     return spill.verified_partitions(spilled, texts, paths, settings.threshold, settings.verify)
 
 
+# rows whose near texts are joined at a time by near_text_identity
+_IDENTITY_BATCH_ROWS = 65_536
+
+
+def near_text_identity(
+    pairs: pa.Table, scope: str, batch_rows: int = _IDENTITY_BATCH_ROWS
+) -> np.ndarray:
+    """A code per row's near text (``near_texts`` of the scope): equal codes, equal texts.
+
+    The texts are joined ``batch_rows`` rows at a time, and each is identified by two
+    independent 64-bit hashes (hhdata._arrow.text_hashes; a false match needs both to
+    collide: about n**2 / 2**129 for n texts), so no array of every row's joined text is
+    ever made (at 10x HH size it is gigabytes: bench/scale.md).
+    """
+    hashes = (np.empty(pairs.num_rows, dtype=np.uint64), np.empty(pairs.num_rows, dtype=np.uint64))
+    for start in range(0, pairs.num_rows, batch_rows):
+        found = text_hashes(near_texts(pairs.slice(start, batch_rows), scope))
+        for whole, part in zip(hashes, found):
+            whole[start : start + len(part)] = part
+    return _row_labels(list(hashes)) if pairs.num_rows else np.zeros(0, dtype=np.int64)
+
+
 def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     """A code per row's near text: equal codes, equal texts."""
-    identity = near_texts(pairs, settings.near_scope).dictionary_encode().indices
-    return identity.to_numpy(zero_copy_only=False)
+    return near_text_identity(pairs, settings.near_scope)
 
 
 def _near_duplicates(
