@@ -581,6 +581,24 @@ def test_near_text_identity_is_made_in_row_batches(two_shapes, scope):
     assert len(first_text) <= table.num_rows - 500
 
 
+def test_kept_rows_are_the_filtered_rows_without_copying_long_runs(two_shapes):
+    table = two_shapes["sparse"].combine_chunks()
+    keep = np.random.default_rng(0).random(table.num_rows) < 0.995  # runs of ~200 rows
+    keep[1000:1020] = False
+    for min_run in (1, 50, table.num_rows + 1):  # all slices, mixed, all gathered
+        assert dedup.kept_rows(table, keep, min_run).equals(table.filter(pa.array(keep)))
+    assert dedup.kept_rows(table, np.zeros(table.num_rows, bool)).num_rows == 0
+    pool, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        kept = dedup.kept_rows(table, keep, min_run=50).num_rows
+    finally:  # (the gathered rows, allocated from the proxy pool, are freed before it)
+        pa.set_memory_pool(previous)
+    # only the rows of runs under 50 rows (about 3%) are copied
+    assert pool.max_memory() < table.nbytes / 10
+    assert kept == keep.sum()
+
+
 # small batches and partitions, so the streaming near stage crosses several of each
 _SMALL_STREAM = dedup.NearStream(min_rows=0, batch_rows=700, pairs_per_partition=3000)
 

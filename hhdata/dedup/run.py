@@ -809,7 +809,7 @@ def _deduplicate(
         degenerate.one_array(pairs["flags"]), {c: m & keep for c, m in flagged.items()}
     )
     kept = pairs.set_column(PAIR_SCHEMA.get_field_index("flags"), "flags", flags)
-    kept = kept.filter(pa.array(keep)).append_column(
+    kept = kept_rows(kept, keep).append_column(
         "cluster_id", pa.array(ids[cluster][keep].tolist(), pa.string())
     )
     gone = np.flatnonzero(~keep)
@@ -839,6 +839,41 @@ def _deduplicate(
     return DedupResult(
         kept=kept, drops=drops, report=report, settings=settings, prompt_sketch=prompt_sketch
     )
+
+
+# kept_rows: runs of at least this many kept rows are taken without a copy; the rows
+# between them are gathered at most this many at a time
+_ZERO_COPY_RUN = 1024
+_GATHER_ROWS = 65_536
+
+
+def kept_rows(table: pa.Table, keep: np.ndarray, min_run: int = _ZERO_COPY_RUN) -> pa.Table:
+    """``table.filter(keep)``, mostly without a copy: each run of at least ``min_run`` kept
+    rows is a zero-copy slice of ``table``, and the kept rows between such runs are
+    gathered (``take``) a batch at a time. The rows and their order are filter's; the
+    result is chunked. At 10x HH size the pair table is 3.4 GB, and a filtered copy beside
+    it set the peak memory (bench/scale.md).
+    """
+    keep = np.asarray(keep, dtype=bool)
+    edges = np.flatnonzero(np.diff(np.r_[False, keep, False].astype(np.int8)))
+    starts, stops = edges[0::2], edges[1::2]
+    long = stops - starts >= min_run
+    pieces: list[pa.Table] = []
+    done = 0  # the rows before this are in pieces already
+
+    def gather(until: int) -> None:
+        rows = np.flatnonzero(keep[done:until]) + done
+        for first in range(0, len(rows), _GATHER_ROWS):
+            pieces.append(table.take(pa.array(rows[first : first + _GATHER_ROWS])))
+
+    for start, stop in zip(starts[long].tolist(), stops[long].tolist()):
+        gather(start)
+        pieces.append(table.slice(start, stop - start))
+        done = stop
+    gather(len(keep))
+    if not pieces:
+        return table.slice(0, 0)
+    return pa.concat_tables(pieces)
 
 
 def dedup_report(
