@@ -114,13 +114,18 @@ def run_pipeline(
     large = stream is not None and table.num_rows >= stream.min_rows
     deduplicated = dedup.deduplicate(table, dedup_settings, progress=progress, stream=stream)
     del table  # only the kept rows go on: the input table is freed before the files are written
-    accounting = reconcile(report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
+    # the kept rows are slices of the input table (dedup.kept_rows): made one array per
+    # column here, each input column freed as soon as its kept rows are copied
+    columns, schema = deduplicated.kept.columns, deduplicated.kept.schema
+    deduplicated = dataclasses.replace(deduplicated, kept=None)
+    kept = one_chunk(columns, schema)
+    accounting = reconcile(report, quarantine, deduplicated.drops, kept.num_rows)
     leakage = None
     if check_leakage:
-        check = (_leakage, deduplicated.kept, dedup_settings, deduplicated.prompt_sketch)
+        check = (_leakage, kept, dedup_settings, deduplicated.prompt_sketch)
         leakage = AfterWriting(*check) if large else _BACKGROUND.submit(*check)
     return PipelineResult(
-        pairs=deduplicated.kept,
+        pairs=kept,
         quarantine=quarantine,
         drops=deduplicated.drops,
         accounting=accounting,
@@ -141,7 +146,8 @@ def one_chunk(columns: list, schema: pa.Schema) -> pa.Table:
     ``columns`` (a table's chunked columns, which nothing else should hold) is emptied as
     it goes, so each chunked column is freed as soon as its copy is made: the peak is the
     table and one column, not the table twice. A column that already is one array is not
-    copied.
+    copied. The same makes the kept rows (slices of the pair table) one array per column,
+    freeing each of the pair table's columns once its kept rows are copied.
     """
     arrays = []
     while columns:

@@ -597,6 +597,11 @@ def test_kept_rows_are_the_filtered_rows_without_copying_long_runs(two_shapes):
     # only the rows of runs under 50 rows (about 3%) are copied
     assert pool.max_memory() < table.nbytes / 10
     assert kept == keep.sum()
+    # by default runs of 8 rows or more are slices: their texts are the input's bytes
+    data = table["chosen_text"].chunk(0).buffers()[2]
+    chunks = dedup.kept_rows(table, keep)["chosen_text"].chunks
+    shared = [c for c in chunks if c.buffers()[2].address == data.address]
+    assert sum(len(c) for c in shared) > 0.9 * keep.sum()
 
 
 # small batches and partitions, so the streaming near stage crosses several of each

@@ -304,6 +304,8 @@ def test_a_streamed_run_checks_leakage_after_the_files_are_written(upstream, bui
     small = DedupStream(min_rows=0, batch_rows=100, pairs_per_partition=3000)
     result = pipeline.run_pipeline([upstream], stream=small)
     assert not result.pending_leakage.done()  # waits for the data files
+    # the kept rows (slices of the pair table) are copied into one array per column
+    assert {column.num_chunks for column in result.pairs.columns} == {1}
     again = pipeline.release_from(result, version="1.0.0", out=tmp_path / "out")
     assert result.pending_leakage.done()
     assert again.manifest["leakage"] == built.manifest["leakage"]

@@ -841,9 +841,10 @@ def _deduplicate(
     )
 
 
-# kept_rows: runs of at least this many kept rows are taken without a copy; the rows
-# between them are gathered at most this many at a time
-_ZERO_COPY_RUN = 1024
+# kept_rows: runs of at least this many kept rows are taken without a copy (duplicates
+# lie scattered: on the dense corpus a run of kept rows averages 20 rows); the rows of
+# shorter runs are gathered at most _GATHER_ROWS at a time
+_ZERO_COPY_RUN = 8
 _GATHER_ROWS = 65_536
 
 
@@ -851,8 +852,10 @@ def kept_rows(table: pa.Table, keep: np.ndarray, min_run: int = _ZERO_COPY_RUN) 
     """``table.filter(keep)``, mostly without a copy: each run of at least ``min_run`` kept
     rows is a zero-copy slice of ``table``, and the kept rows between such runs are
     gathered (``take``) a batch at a time. The rows and their order are filter's; the
-    result is chunked. At 10x HH size the pair table is 3.4 GB, and a filtered copy beside
-    it set the peak memory (bench/scale.md).
+    result is chunked (a chunk per run). At 10x HH size the pair table is 3.4 GB, and a
+    filtered copy beside it set the peak memory (bench/scale.md): hhdata.pipeline copies
+    the kept rows one column at a time instead, freeing each column of the pair table as
+    it goes (pipeline.one_chunk).
     """
     keep = np.asarray(keep, dtype=bool)
     edges = np.flatnonzero(np.diff(np.r_[False, keep, False].astype(np.int8)))
