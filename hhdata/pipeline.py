@@ -40,6 +40,8 @@ from hhdata.release.manifest import file_digest, read_manifest
 from hhdata.schema import FATES, FILTERED, REMOVED, SUBSET_FAMILIES, is_synthetic
 
 HUB_PREFIX = "hf://"
+# deduplicate's default: the near stage streams on large tables
+_NEAR_STREAM = dedup.NearStream()
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,9 @@ class PipelineResult:
     ``leakage`` (the train/test prompt overlap, or None when not checked) is computed in a
     background thread that run_pipeline starts; reading it waits for that thread, and
     release_from reads it only after the data files are written, so the check and the
-    writing overlap.
+    writing overlap. On a large run (one whose near stage streamed) the check is not
+    started: it runs when ``leakage`` is first read, after the files are written, so the
+    two never hold their memory at the same time (bench/scale.md, 10x HH size).
     """
 
     pairs: pa.Table
@@ -59,7 +63,7 @@ class PipelineResult:
     sources: list[dict]
     settings: dict
     dedup_report: dict
-    pending_leakage: Future | None = field(default=None, repr=False)
+    pending_leakage: Future | AfterWriting | None = field(default=None, repr=False)
     provenance: dict = field(default_factory=dict)  # hhdata.release.provenance's summary
 
     @property
@@ -77,6 +81,7 @@ def run_pipeline(
     subset: str | None = None,
     split: str | None = None,
     family: str | None = None,
+    stream: dedup.NearStream | None = _NEAR_STREAM,
 ) -> PipelineResult:
     """Read, parse and deduplicate raw files; returns kept rows and the full accounting.
 
@@ -90,7 +95,8 @@ def run_pipeline(
     ``progress`` draws a bar per stage on stderr (reading, exact dedup, near stages); None
     draws them on a terminal outside CI (hhdata.progress), as ``hhdata build`` does.
     ``subset``, ``split`` and ``family`` are hhdata.io.read.read_raw's: for files outside
-    the upstream layout.
+    the upstream layout. ``stream`` is deduplicate's: on a table it streams (``stream.min_rows``
+    rows or more) the leakage check waits until it is asked for (see PipelineResult).
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
     sources = resolve_sources(sources)
@@ -105,16 +111,21 @@ def run_pipeline(
     columns, schema = raw.table.columns, raw.table.schema
     del raw
     table = one_chunk(columns, schema)
-    deduplicated = dedup.deduplicate(table, dedup_settings, progress=progress)
+    large = stream is not None and table.num_rows >= stream.min_rows
+    deduplicated = dedup.deduplicate(table, dedup_settings, progress=progress, stream=stream)
     del table  # only the kept rows go on: the input table is freed before the files are written
-    accounting = reconcile(report, quarantine, deduplicated.drops, deduplicated.kept.num_rows)
+    # the kept rows are slices of the input table (dedup.kept_rows): made one array per
+    # column here, each input column freed as soon as its kept rows are copied
+    columns, schema = deduplicated.kept.columns, deduplicated.kept.schema
+    deduplicated = dataclasses.replace(deduplicated, kept=None)
+    kept = one_chunk(columns, schema)
+    accounting = reconcile(report, quarantine, deduplicated.drops, kept.num_rows)
     leakage = None
     if check_leakage:
-        leakage = _BACKGROUND.submit(
-            _leakage, deduplicated.kept, dedup_settings, deduplicated.prompt_sketch
-        )
+        check = (_leakage, kept, dedup_settings, deduplicated.prompt_sketch)
+        leakage = AfterWriting(*check) if large else _BACKGROUND.submit(*check)
     return PipelineResult(
-        pairs=deduplicated.kept,
+        pairs=kept,
         quarantine=quarantine,
         drops=deduplicated.drops,
         accounting=accounting,
@@ -135,7 +146,8 @@ def one_chunk(columns: list, schema: pa.Schema) -> pa.Table:
     ``columns`` (a table's chunked columns, which nothing else should hold) is emptied as
     it goes, so each chunked column is freed as soon as its copy is made: the peak is the
     table and one column, not the table twice. A column that already is one array is not
-    copied.
+    copied. The same makes the kept rows (slices of the pair table) one array per column,
+    freeing each of the pair table's columns once its kept rows are copied.
     """
     arrays = []
     while columns:
@@ -145,6 +157,26 @@ def one_chunk(columns: list, schema: pa.Schema) -> pa.Table:
 
 # one thread for the leakage checks of pipeline runs (see PipelineResult)
 _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hhdata-leakage")
+
+
+class AfterWriting:
+    """A leakage check made when its result is first asked for (``result()``, as of a
+    Future): release_from asks after the data files are written."""
+
+    def __init__(self, check, *arguments) -> None:
+        self._check, self._arguments = check, arguments
+        self._result: dict | None = None
+
+    def done(self) -> bool:
+        """Whether the check has run."""
+        return self._check is None
+
+    def result(self) -> dict:
+        """The check's result, made now the first time."""
+        if self._check is not None:
+            self._result = self._check(*self._arguments)
+            self._check, self._arguments = None, ()
+        return self._result
 
 
 def _leakage(kept: pa.Table, settings: dedup.DedupSettings, sketch) -> dict:

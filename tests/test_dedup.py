@@ -558,6 +558,52 @@ def test_exact_keys_group_rows_by_their_normalised_texts_with_and_without_repeat
     assert len(set(expected)) == 5
 
 
+@pytest.mark.parametrize("scope", ["pair", "prompt"])
+def test_near_text_identity_is_made_in_row_batches(two_shapes, scope):
+    dense = two_shapes["dense"]
+    table = pa.concat_tables([dense, dense.slice(1000, 500)]).combine_chunks()  # 500 repeats
+    texts = dedup.near_texts(table, scope)
+    pool, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        identity = dedup.near_text_identity(table, scope, batch_rows=256)
+    finally:
+        pa.set_memory_pool(previous)
+    # a batch of joined texts at a time, never the joined texts of every row
+    assert pool.max_memory() < texts.nbytes / 4
+    # equal codes exactly where the joined texts are equal: each row's first equal row agrees
+    encoded = texts.dictionary_encode().indices.to_numpy()
+    first_code = {}
+    first_text = {}
+    assert [first_code.setdefault(c, i) for i, c in enumerate(identity.tolist())] == [
+        first_text.setdefault(c, i) for i, c in enumerate(encoded.tolist())
+    ]
+    assert len(first_text) <= table.num_rows - 500
+
+
+def test_kept_rows_are_the_filtered_rows_without_copying_long_runs(two_shapes):
+    table = two_shapes["sparse"].combine_chunks()
+    keep = np.random.default_rng(0).random(table.num_rows) < 0.995  # runs of ~200 rows
+    keep[1000:1020] = False
+    for min_run in (1, 50, table.num_rows + 1):  # all slices, mixed, all gathered
+        assert dedup.kept_rows(table, keep, min_run).equals(table.filter(pa.array(keep)))
+    assert dedup.kept_rows(table, np.zeros(table.num_rows, bool)).num_rows == 0
+    pool, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        kept = dedup.kept_rows(table, keep, min_run=50).num_rows
+    finally:  # (the gathered rows, allocated from the proxy pool, are freed before it)
+        pa.set_memory_pool(previous)
+    # only the rows of runs under 50 rows (about 3%) are copied
+    assert pool.max_memory() < table.nbytes / 10
+    assert kept == keep.sum()
+    # by default runs of 8 rows or more are slices: their texts are the input's bytes
+    data = table["chosen_text"].chunk(0).buffers()[2]
+    chunks = dedup.kept_rows(table, keep)["chosen_text"].chunks
+    shared = [c for c in chunks if c.buffers()[2].address == data.address]
+    assert sum(len(c) for c in shared) > 0.9 * keep.sum()
+
+
 # small batches and partitions, so the streaming near stage crosses several of each
 _SMALL_STREAM = dedup.NearStream(min_rows=0, batch_rows=700, pairs_per_partition=3000)
 

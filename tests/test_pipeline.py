@@ -21,6 +21,7 @@ import pytest
 from hhdata import pipeline, synth
 from hhdata.cli import main
 from hhdata.dedup import DedupSettings
+from hhdata.dedup.run import NearStream as DedupStream
 from hhdata.errors import ReleaseError, SourceError, VersionError
 from hhdata.io.read import ReadReport, bundled_sample_path
 from hhdata.quarantine import quarantine_table
@@ -295,6 +296,21 @@ def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
     assert exact["test_rows"] == 3 and exact["within_subset"] == {"harmless-base": 3}
     card = (built.path / "README.md").read_text()
     assert "Train/test leakage: 3 test pairs have a prompt that is also a train prompt" in card
+
+
+def test_a_streamed_run_checks_leakage_after_the_files_are_written(upstream, built, tmp_path):
+    """A run large enough for the near stage to stream (lowered here to every table) does
+    not check leakage beside the Parquet writer, and releases the same files and counts."""
+    small = DedupStream(min_rows=0, batch_rows=100, pairs_per_partition=3000)
+    result = pipeline.run_pipeline([upstream], stream=small)
+    assert not result.pending_leakage.done()  # waits for the data files
+    # the kept rows (slices of the pair table) are copied into one array per column
+    assert {column.num_chunks for column in result.pairs.columns} == {1}
+    again = pipeline.release_from(result, version="1.0.0", out=tmp_path / "out")
+    assert result.pending_leakage.done()
+    assert again.manifest["leakage"] == built.manifest["leakage"]
+    assert again.manifest["files"] == built.manifest["files"]
+    assert again.manifest["accounting"] == built.manifest["accounting"]
 
 
 def test_cli_build_writes_the_quarantine_and_the_drop_log(upstream, tmp_path, capsys):

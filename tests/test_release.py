@@ -16,7 +16,7 @@ import pytest
 from hhdata.errors import ReleaseError, SchemaError, VersionError
 from hhdata.io.read import bundled_sample_path, read_raw
 from hhdata.pairs import build_pairs
-from hhdata.release import ParquetSettings, data_file, write_release
+from hhdata.release import ParquetSettings, data_file, write_data_files, write_release
 from hhdata.release.manifest import read_manifest, validate_manifest
 from hhdata.schema import PAIR_SCHEMA
 
@@ -429,3 +429,45 @@ def test_build_takes_the_subset_split_and_family_of_a_single_file(tmp_path, samp
     assert manifest["subsets"] == {"batch-7": "helpful"}
     assert list(manifest["configs"]["helpful"]["splits"]) == ["train"]
     assert manifest["provenance"]["batch-7/train"]["fields"] == {"round": {"7": 4}}
+
+
+def interleaved(pairs: pa.Table) -> pa.Table:
+    """The two-subset sample with its rows dealt out in a fixed shuffle, so that each data
+    file's rows are scattered through the table."""
+    order = sorted(range(pairs.num_rows), key=lambda i: (i * 7919) % pairs.num_rows)
+    return pairs.take(order)
+
+
+def test_data_files_are_written_in_row_batches_with_the_bytes_of_one_write(tmp_path, pairs):
+    # four copies of the sample, in row groups of 5 rows: each file is gathered in batches
+    # of 320 rows (64 groups)
+    rows = interleaved(pa.concat_tables([pairs] * 4))
+    settings = ParquetSettings(row_group_size=5)
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        files = write_data_files(rows, tmp_path, settings, {"k": "v"})
+    finally:
+        pa.set_memory_pool(previous)
+    # at most one batch of rows (and the writer's pages) in memory, not a copy of each file
+    assert pool.max_memory() < rows.nbytes / 4
+    for (subset, split), count in [
+        (("helpful-base", "train"), 4 * 600),
+        (("harmless-base", "test"), 4 * 1712),
+    ]:
+        relative = data_file(subset, split)
+        whole = rows.filter(
+            pc.and_(pc.equal(rows["subset"], subset), pc.equal(rows["split"], split))
+        )
+        pq.write_table(
+            whole.replace_schema_metadata({"k": "v"}),
+            tmp_path / "one.parquet",
+            **settings.write_options(),
+        )
+        assert (tmp_path / relative).read_bytes() == (tmp_path / "one.parquet").read_bytes()
+        assert files[relative]["rows"] == count == whole.num_rows
+        # the batches' Arrow sizes add up to the whole's but for validity bitmaps, which
+        # round up to a byte per batch (in each of the 10 columns' nested arrays)
+        batches = -(-count // 320)
+        assert abs(files[relative]["memory_bytes"] - whole.combine_chunks().nbytes) <= 40 * batches

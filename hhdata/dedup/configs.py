@@ -81,19 +81,31 @@ def prompt_clusters(
     ``sketch`` is the rows' prompt sketch made with the same settings (DedupResult's
     prompt_sketch); without it the prompts are shingled and signed here.
     """
-    texts = dedup.near_texts(table, "prompt")
-    # prompts shared by several comparisons are normalised once
-    unique_of_row, forms = degenerate.normalized_forms(
+    # prompts shared by several comparisons are joined and normalised once: the distinct
+    # prompts are found by hashing them a batch of rows at a time (near_text_identity), so
+    # the joined prompt of every row is never held at once (bench/scale.md, 10x HH size)
+    _, first_of_text, text_of_row = np.unique(
+        dedup.near_text_identity(table, "prompt"), return_index=True, return_inverse=True
+    )
+    # the distinct texts in order of first appearance, as a dictionary encoding numbers them
+    by_appearance = np.argsort(first_of_text, kind="stable")
+    rank = np.empty(len(by_appearance), dtype=np.int64)
+    rank[by_appearance] = np.arange(len(by_appearance))
+    text_of_row = rank[text_of_row.ravel()]
+    firsts = table.select(["prompt"]).take(pa.array(first_of_text[by_appearance]))
+    texts = dedup.near_texts(firsts, "prompt")
+    unique_of_text, forms = degenerate.normalized_forms(
         texts,
         nfc=settings.unicode_nfc,
         lowercase=settings.lowercase,
         whitespace=settings.collapse_whitespace,
     )
-    unique_of_row = unique_of_row.astype(np.int64)
+    unique_of_row = unique_of_text.astype(np.int64)[text_of_row]
     first_row = np.full(len(forms), table.num_rows, dtype=np.int64)
     np.minimum.at(first_row, unique_of_row, np.arange(table.num_rows))
+    first_texts = texts.take(pa.array(text_of_row[first_row]))
     pairs, _ = minhash.similar_in_sketch(
-        _unique_prompt_sketch(forms, texts, first_row, settings, sketch),
+        _unique_prompt_sketch(forms, first_texts, first_row, table.num_rows, settings, sketch),
         bands=settings.bands,
         rows=settings.rows,
         threshold=settings.threshold,
@@ -109,13 +121,16 @@ def prompt_clusters(
 
 def _unique_prompt_sketch(
     unique_texts: pa.Array,
-    texts: pa.Array,
+    first_texts: pa.Array,
     first_row: np.ndarray,
+    rows: int,
     settings: dedup.DedupSettings,
     sketch: minhash.Sketch | None,
 ):
     """The sketch of each normalised prompt, taken from its first row's when one is given.
 
+    ``first_texts`` holds the prompt of each one's first row (``first_row``) as it is;
+    ``rows``: the number of rows in the table.
     Shingling lower-cases and splits on whitespace, so normalising changes a prompt's
     shingles only through NFC: prompts NFC could change are shingled again, normalised.
     """
@@ -126,15 +141,15 @@ def _unique_prompt_sketch(
 
     if sketch is None:
         return made_here(unique_texts)
-    if len(sketch) != len(texts):
+    if len(sketch) != rows:
         raise ConfigError(
             f"the prompt sketch covers {len(sketch)} rows but the table has "
-            f"{len(texts)}; pass the prompt_sketch of the DedupResult these rows came from"
+            f"{rows}; pass the prompt_sketch of the DedupResult these rows came from"
         )
     unique = sketch.take(first_row)
     if not settings.unicode_nfc:
         return unique
-    redo = np.flatnonzero(degenerate.nfc_may_change(texts.take(pa.array(first_row))))
+    redo = np.flatnonzero(degenerate.nfc_may_change(first_texts))
     if not len(redo):
         return unique
     again = made_here(unique_texts.take(pa.array(redo)))

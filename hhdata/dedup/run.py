@@ -534,10 +534,31 @@ def _drop_rule(settings: DedupSettings) -> bool:
     return settings.near_action == "drop"
 
 
+# rows whose near texts are joined at a time by near_text_identity
+_IDENTITY_BATCH_ROWS = 65_536
+
+
+def near_text_identity(
+    pairs: pa.Table, scope: str, batch_rows: int = _IDENTITY_BATCH_ROWS
+) -> np.ndarray:
+    """A code per row's near text (``near_texts`` of the scope): equal codes, equal texts.
+
+    The texts are joined ``batch_rows`` rows at a time, and each is identified by two
+    independent 64-bit hashes (hhdata._arrow.text_hashes; a false match needs both to
+    collide: about n**2 / 2**129 for n texts), so no array of every row's joined text is
+    ever made (at 10x HH size it is gigabytes: bench/scale.md).
+    """
+    hashes = (np.empty(pairs.num_rows, dtype=np.uint64), np.empty(pairs.num_rows, dtype=np.uint64))
+    for start in range(0, pairs.num_rows, batch_rows):
+        found = text_hashes(near_texts(pairs.slice(start, batch_rows), scope))
+        for whole, part in zip(hashes, found):
+            whole[start : start + len(part)] = part
+    return _row_labels(list(hashes)) if pairs.num_rows else np.zeros(0, dtype=np.int64)
+
+
 def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     """A code per row's near text: equal codes, equal texts."""
-    identity = near_texts(pairs, settings.near_scope).dictionary_encode().indices
-    return identity.to_numpy(zero_copy_only=False)
+    return near_text_identity(pairs, settings.near_scope)
 
 
 def _near_duplicates(
@@ -797,7 +818,7 @@ def _deduplicate(
         degenerate.one_array(pairs["flags"]), {c: m & keep for c, m in flagged.items()}
     )
     kept = pairs.set_column(PAIR_SCHEMA.get_field_index("flags"), "flags", flags)
-    kept = kept.filter(pa.array(keep)).append_column(
+    kept = kept_rows(kept, keep).append_column(
         "cluster_id", pa.array(ids[cluster][keep].tolist(), pa.string())
     )
     gone = np.flatnonzero(~keep)
@@ -827,6 +848,44 @@ def _deduplicate(
     return DedupResult(
         kept=kept, drops=drops, report=report, settings=settings, prompt_sketch=prompt_sketch
     )
+
+
+# kept_rows: runs of at least this many kept rows are taken without a copy (duplicates
+# lie scattered: on the dense corpus a run of kept rows averages 20 rows); the rows of
+# shorter runs are gathered at most _GATHER_ROWS at a time
+_ZERO_COPY_RUN = 8
+_GATHER_ROWS = 65_536
+
+
+def kept_rows(table: pa.Table, keep: np.ndarray, min_run: int = _ZERO_COPY_RUN) -> pa.Table:
+    """``table.filter(keep)``, mostly without a copy: each run of at least ``min_run`` kept
+    rows is a zero-copy slice of ``table``, and the kept rows between such runs are
+    gathered (``take``) a batch at a time. The rows and their order are filter's; the
+    result is chunked (a chunk per run). At 10x HH size the pair table is 3.4 GB, and a
+    filtered copy beside it set the peak memory (bench/scale.md): hhdata.pipeline copies
+    the kept rows one column at a time instead, freeing each column of the pair table as
+    it goes (pipeline.one_chunk).
+    """
+    keep = np.asarray(keep, dtype=bool)
+    edges = np.flatnonzero(np.diff(np.r_[False, keep, False].astype(np.int8)))
+    starts, stops = edges[0::2], edges[1::2]
+    long = stops - starts >= min_run
+    pieces: list[pa.Table] = []
+    done = 0  # the rows before this are in pieces already
+
+    def gather(until: int) -> None:
+        rows = np.flatnonzero(keep[done:until]) + done
+        for first in range(0, len(rows), _GATHER_ROWS):
+            pieces.append(table.take(pa.array(rows[first : first + _GATHER_ROWS])))
+
+    for start, stop in zip(starts[long].tolist(), stops[long].tolist()):
+        gather(start)
+        pieces.append(table.slice(start, stop - start))
+        done = stop
+    gather(len(keep))
+    if not pieces:
+        return table.slice(0, 0)
+    return pa.concat_tables(pieces)
 
 
 def dedup_report(

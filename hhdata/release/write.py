@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from hhdata import progress as bars
 from hhdata._version import __version__
+from hhdata.dedup import degenerate
 from hhdata.errors import ReleaseError, VersionError
 from hhdata.release import card, croissant, diff
 from hhdata.release.manifest import (
@@ -396,37 +397,81 @@ def write_data_files(
     ``progress`` counts the files written on a bar ("writing Parquet"); None draws it on a
     terminal outside CI (hhdata.progress).
     """
-    options = parquet.write_options()
     earlier = _previous_files(previous)
+    file_of_row, keys = _file_codes(rows)
 
-    def write(key: tuple[str, str]) -> tuple[str, dict]:
-        subset, split = key
-        part = rows.filter(
-            pc.and_(pc.equal(rows["subset"], subset), pc.equal(rows["split"], split))
-        )
+    def write(code: int) -> tuple[str, dict]:
+        subset, split = keys[code]
+        members = np.flatnonzero(file_of_row == code)
         relative = data_file(subset, split)
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         if relative in earlier:  # try the earlier stamp: the same bytes if the rows are the same
             old_stamp, old_sha256 = earlier[relative]
-            pq.write_table(part.replace_schema_metadata(old_stamp), root / relative, **options)
-            entry = file_entry(root, relative, part)
+            size = write_rows(rows, members, root / relative, old_stamp, parquet)
+            entry = {**file_entry(root, relative), "rows": len(members), "memory_bytes": size}
             if entry["sha256"] == old_sha256:
                 return relative, entry
-        pq.write_table(part.replace_schema_metadata(stamp), root / relative, **options)
-        return relative, file_entry(root, relative, part)
+        size = write_rows(rows, members, root / relative, stamp, parquet)
+        return relative, {**file_entry(root, relative), "rows": len(members), "memory_bytes": size}
 
-    keys = _subset_splits(rows)
     with (
         bars.stage("writing Parquet", total=len(keys), unit="files", show=progress) as advance,
         ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
     ):
 
-        def counted(key: tuple[str, str]) -> tuple[str, dict]:
-            written = write(key)
+        def counted(code: int) -> tuple[str, dict]:
+            written = write(code)
             advance(1)
             return written
 
-        return dict(pool.map(counted, keys))
+        return dict(pool.map(counted, range(len(keys))))
+
+
+def _file_codes(rows: pa.Table) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Per row, the number of its data file; the files' (subset, split), in sorted order."""
+    keys = _subset_splits(rows)
+    number = {key: code for code, key in enumerate(keys)}
+    subset = degenerate.one_array(rows["subset"]).dictionary_encode()
+    split = degenerate.one_array(rows["split"]).dictionary_encode()
+    subsets, splits = subset.dictionary.to_pylist(), split.dictionary.to_pylist()
+    # the (subset, split) of each pair of dictionary codes, then of each row
+    table = np.full((len(subsets), max(len(splits), 1)), -1, dtype=np.int64)
+    for i, name in enumerate(subsets):
+        for j, part in enumerate(splits):
+            table[i, j] = number.get((name, part), -1)
+    codes = table[
+        subset.indices.to_numpy(zero_copy_only=False), split.indices.to_numpy(zero_copy_only=False)
+    ]
+    return codes, keys
+
+
+# row groups gathered at a time when a data file is written; a multiple of 8, so each
+# batch's rows are too (the batches' validity bitmaps then add up to the whole's bytes)
+_WRITE_BATCH_GROUPS = 64
+
+
+def write_rows(
+    rows: pa.Table, members: np.ndarray, path: Path, stamp: dict | None, parquet: ParquetSettings
+) -> int:
+    """Write ``rows.take(members)`` as one Parquet file, gathered a batch at a time; returns
+    the rows' size in Arrow memory (the batches' ``Table.nbytes``, summed: that of the whole
+    within a byte per batch and nested array, as validity bitmaps round up per batch).
+
+    The batches are whole row groups (ParquetSettings.row_group_size), so the file's bytes
+    are those of pq.write_table on the gathered rows, without a second copy of the file's
+    texts in memory: at 10x HH size a file's rows are over 3 GB (bench/scale.md).
+    """
+    options = parquet.write_options()
+    group = options.pop("row_group_size")
+    batch = group * _WRITE_BATCH_GROUPS
+    schema = rows.schema.with_metadata(stamp)
+    size = 0
+    with pq.ParquetWriter(path, schema, **options) as writer:
+        for start in range(0, max(len(members), 1), batch):
+            part = rows.take(pa.array(members[start : start + batch], pa.int64()))
+            writer.write_table(part.replace_schema_metadata(stamp), row_group_size=group)
+            size += part.nbytes
+    return size
 
 
 def _previous_files(previous: str | Path | None) -> dict[str, tuple[dict, str]]:
