@@ -333,8 +333,16 @@ def main(args: Args) -> dict:
     if args.label_smoothing and args.loss == "ipo":
         raise UsageError("--label-smoothing applies to --loss sigmoid only; drop one of them")
     output_dir = Path(args.output_dir)
-    accelerator = scale.make_accelerator(args.precision)
+    accelerator = scale.make_accelerator(
+        args.precision, deepspeed=scale.DeepSpeedStep(args.max_grad_norm, args.batch_size)
+    )
     world = accelerator.num_processes
+    if run.sharded(accelerator) and args.micro_batch_cost >= 0:
+        raise UsageError(
+            f"--micro-batch-cost {args.micro_batch_cost} under DeepSpeed: every process must run "
+            "as many passes as the others (each pass reduces the gradients across them); pass "
+            "--micro-batch-cost -1"
+        )
     if args.batch_size % world:
         raise UsageError(
             f"--batch-size {args.batch_size} is not divisible by the {world} processes; pick a "
@@ -398,9 +406,10 @@ def main(args: Args) -> dict:
         scale.trainable_parameters(policy), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     state = {"step": 0, "log": []}
-    if checkpoint is not None:
-        state = run.load_checkpoint(checkpoint, {"policy": policy}, optimizer, accelerator)
+    skeleton = run.skeleton(accelerator, ReplyLogprobs(policy), lora)  # DeepSpeed: final save
     scorer, optimizer = accelerator.prepare(ReplyLogprobs(policy), optimizer)
+    if checkpoint is not None:  # after prepare: under DeepSpeed it loads into the engine
+        state = run.load_checkpoint(checkpoint, {"policy": policy}, optimizer, accelerator)
     reference_logprobs_of = frozen_reference(policy, lora, args, tokenizer, accelerator)
     writer = run.tensorboard(output_dir, state["step"] + 1, accelerator)
 
@@ -440,9 +449,10 @@ def main(args: Args) -> dict:
             share_prefix,
             accelerator.device,
             args.micro_batch_cost,
-            accelerator.backward,
+            functools.partial(scale.backward, accelerator),  # DeepSpeed: clips and steps
             lambda: accelerator.no_sync(scorer),
         )
+        # DeepSpeed clipped and stepped in the last backward pass; these give its norm and pass
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
@@ -492,10 +502,11 @@ def main(args: Args) -> dict:
         "pairs_per_cpu_second": trained / cpu_seconds if trained else None,
         "cpu_seconds": cpu_seconds,
     }
+    trained, lora = run.whole_model(accelerator, scorer, lora, skeleton)
     if accelerator.is_main_process:
         final = output_dir / "policy"
         scale.merge_lora(lora)  # a plain causal LM is saved, whatever trained
-        policy.save_pretrained(final, safe_serialization=True)
+        trained.model.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         run.write_json(output_dir / "metrics.json", metrics)
         save_plots(output_dir, margins, eval_rows, metrics, state["log"])
