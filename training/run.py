@@ -289,8 +289,11 @@ def whole_model(accelerator, prepared: torch.nn.Module, lora, skeleton: tuple | 
         return None, None
     model, copied_lora = skeleton
     model.load_state_dict(weights, assign=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # assign=True gave tied weights (embeddings, LM head) two tensors
+    from transformers import PreTrainedModel
+
+    for module in model.modules():  # the model, or the transformers model a wrapper holds (DPO)
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()  # assign=True gave tied weights (embeddings, LM head) two tensors
     return model, copied_lora
 
 
