@@ -49,8 +49,65 @@ def run_spec(spec_path: str) -> None:
 
     for trainer, environment, settings in json.loads(Path(spec_path).read_text()):
         deepspeed_on_cpu(environment)
+        if trainer == "micro_batches":
+            micro_batch_step(Path(settings["output"]))
+            continue
         module = TRAINERS[trainer]
         module.main(module.Args(**settings))
+
+
+# ---- scale.backward: micro-batches and the step the engine takes at the last ------------------
+
+ROWS = 8
+
+
+def micro_batch_step(output: Path | None = None) -> dict[str, torch.Tensor]:
+    """One SGD step (lr 1, so the step is the gradient) of a small seeded network on ROWS fixed
+    rows: each process takes its share of them in micro-batches of two, each weighted by its
+    share of the process's rows, through scale.backward (the last marked); returns the
+    updated weights (saved to `output` on the main process).
+
+    Under DeepSpeed the engine must not step before the last micro-batch and must average the
+    processes' accumulated gradients: then the weights are one process's one-pass step.
+    """
+    accelerator = scale.make_accelerator("fp32", deepspeed=scale.DeepSpeedStep(0.0, ROWS))
+    if accelerator.state.deepspeed_plugin is not None:  # ZeRO takes SGD when told it may
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_allow_untested_optimizer"] = True
+    rank, world = accelerator.process_index, accelerator.num_processes
+    generator = torch.Generator().manual_seed(3)
+    inputs, targets = (
+        torch.randn(ROWS, 4, generator=generator),
+        torch.randn(ROWS, generator=generator),
+    )
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mine = list(range(rank, ROWS, world))
+    parts = [mine[start : start + 2] for start in range(0, len(mine), 2)]
+    for number, part in enumerate(parts):
+        error = model(inputs[part]).squeeze(-1) - targets[part]  # shape: [2]
+        # this micro-batch's share of the process's mean; data parallelism averages processes
+        scale.backward(accelerator, error.pow(2).sum() / len(mine), last=number == len(parts) - 1)
+    optimizer.step()
+    optimizer.zero_grad()
+    weights = {name: tensor.clone() for name, tensor in accelerator.get_state_dict(model).items()}
+    if output is not None and accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights, output)
+    return weights
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_micro_batches_step_once_at_the_last_as_one_process(stage, two_processes):
+    """Two micro-batches per process, the engine stepping at the last: one process's step."""
+    one = micro_batch_step()
+    two = load_file(two_processes / f"micro-{stage}.safetensors")
+    assert one.keys() == two.keys()
+    for name, tensor in one.items():
+        assert torch.allclose(two[name], tensor, rtol=0, atol=1e-6), name
 
 
 # ---- the runs ---------------------------------------------------------------------------------
@@ -137,6 +194,14 @@ def two_processes(inputs):
             settings(trainer, inputs, root / f"{trainer}-{stage}"),
         )
         for trainer in TRAINERS
+        for stage in STAGES
+    ]
+    spec += [
+        (
+            "micro_batches",
+            deepspeed_environment(stage),
+            {"output": str(root / f"micro-{stage}.safetensors")},
+        )
         for stage in STAGES
     ]
     resumed = root / "resumed"
