@@ -56,15 +56,21 @@ def test_precision_and_lora_reach_both_trainers(start, tmp_path):  # noqa: F811
 def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):  # noqa: F811
     """--launch-config training/configs/ddp.yaml --num-processes 2: both training steps run as
     two-process launches (on CPU: ACCELERATE_USE_CPU, so accelerate takes gloo), and the loop
-    reads their metrics from the run folders, releases the version and measures the policy."""
+    reads their metrics from the run folders."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     work_dir = tmp_path / "loop"
-    args = one_round(start, work_dir, launch_config="training/configs/ddp.yaml", num_processes=2)
-    report = online.main(args)
-    assert [r["version"] for r in report["rounds"]] == ["1.1.0"]
+    args = one_round(
+        start,
+        work_dir,
+        launch_config="training/configs/ddp.yaml",
+        num_processes=2,
+        stop_after="1:ppo",  # measuring runs in the loop's process, as without a launch
+    )
+    assert online.main(args) == {"stopped_after": "1:ppo"}
     folder = online.round_dir(work_dir, 1)
     journal = online.read_journal(work_dir)
+    assert journal[(1, "release")]["result"]["version"] == "1.1.0"
     for step, run_dir in (("reward_model", "reward-model"), ("ppo", "ppo")):
         assert settings(folder / run_dir)["processes"] == 2
         assert (folder / f"{step}.log").is_file()
@@ -85,28 +91,27 @@ def test_a_missing_launch_config_is_one_line_before_anything_runs(start, tmp_pat
     assert not work_dir.exists()
 
 
-def test_a_failed_launch_stops_the_round_naming_the_step_and_its_log(
-    start,  # noqa: F811
-    tmp_path,
-    capsys,
-):
-    """A config accelerate reads but cannot launch (DeepSpeed, not installed here or refused by
-    the trainers): the round stops at the reward model with one line naming the step and its
-    log; the step is not journaled and nothing is measured."""
-    config = tmp_path / "deepspeed.yaml"
+def test_a_failed_launch_is_one_line_naming_the_step_and_its_log(tmp_path):
+    """A config accelerate reads but its launcher refuses (two processes on one GPU id):
+    LaunchError (an HhDataError: one line, exit code 2 on the command line) naming the step and
+    its log, and no metrics read."""
+    config = tmp_path / "one-gpu.yaml"
     config.write_text(
-        Path("training/configs/ddp.yaml").read_text().replace("MULTI_GPU", "DEEPSPEED")
+        Path("training/configs/ddp.yaml").read_text().replace("gpu_ids: all", "gpu_ids: '0'")
     )
-    work_dir = tmp_path / "loop"
-    args = one_round(start, work_dir, launch_config=str(config), num_processes=1)
+    args = online.Args(launch_config=str(config), num_processes=2)
+    online.check_launch(args)  # accelerate reads it: the failure comes from the launch itself
+    run_dir, log = tmp_path / "rm", tmp_path / "reward_model.log"
+    trainer = reward_model.Args(run_dir=str(run_dir), max_steps=1)
     with pytest.raises(online.LaunchError) as error:
-        online.main(args)
-    log = online.round_dir(work_dir, 1) / "reward_model.log"
-    assert "round 1 reward_model: the launched trainer exited with code" in str(error.value)
-    assert str(log) in str(error.value) and log.is_file()
-    journal = online.read_journal(work_dir)
-    assert (1, "release") in journal and (1, "reward_model") not in journal
-    assert not (work_dir / "rounds.json").exists()
+        online.train(args, reward_model, trainer, run_dir, log, "round 1 reward_model")
+    message = str(error.value)
+    assert message.startswith(
+        f"round 1 reward_model: the launched trainer exited with code 1; its output is in {log} "
+        "(last line: ValueError: Less than two GPU ids"
+    )
+    assert "\n" not in message and log.is_file()
+    assert not (run_dir / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(
