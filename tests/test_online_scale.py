@@ -4,6 +4,8 @@ launch stopping the round with one line, and the trainer Args built from the loo
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 from pathlib import Path
 
@@ -11,14 +13,47 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.test_online import loop_args, start  # noqa: F401 (start: the fixture, reused)
-from training import online, ppo, reward_model
+from hhdata.io.read import bundled_sample_path
+from hhdata.pipeline import build_release
+from tests.test_online import TEST, TRAIN, loop_args
+from training import online, ppo, reward_model, sft
 from training.common import parse_args, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
-def one_round(start: dict, work_dir: Path, **changes) -> online.Args:  # noqa: F811
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> dict[str, str]:
+    """tests/test_online.py's starting point, cheaper: release 1.0.0 of real pairs, a reward
+    model of 2 steps (proxy and gold at once: these tests check the training steps, not the
+    labels) and an SFT policy of 2 steps on its tokenizer."""
+    root = tmp_path_factory.mktemp("online-scale-start")
+    lines = gzip.open(bundled_sample_path(), "rt", encoding="utf-8").read().splitlines()
+    raw = root / "raw" / "helpful-base"
+    raw.mkdir(parents=True)
+    (raw / "train.jsonl").write_text("\n".join(lines[:TRAIN]) + "\n", encoding="utf-8")
+    (raw / "test.jsonl").write_text("\n".join(lines[TRAIN : TRAIN + TEST]) + "\n", encoding="utf-8")
+    release = str(build_release([root / "raw"], version="1.0.0", out=root / "releases").path)
+    rm = reward_model.Args(
+        data=release, run_dir=str(root / "rm0"), max_steps=2, max_length=128, batch_size=8
+    )
+    reward_model.main(dataclasses.replace(rm, max_eval_pairs=8))
+    sft.main(
+        sft.Args(
+            data=release,
+            tokenizer=str(root / "rm0"),
+            output_dir=str(root / "sft"),
+            max_steps=2,
+            batch_size=8,
+            max_length=128,
+            eval_rows=8,
+        )
+    )
+    rm0, policy = str(root / "rm0"), str(root / "sft")
+    return {"release": release, "rm0": rm0, "gold": rm0, "sft": policy}
+
+
+def one_round(start: dict, work_dir: Path, **changes) -> online.Args:
     """The test_online loop cut to one round of 2 reward-model steps and one PPO update."""
     changes = {"rounds": 1, "ppo_total_episodes": 8} | changes
     return loop_args(start, work_dir, **changes)
@@ -37,7 +72,7 @@ def assert_trained_plain_models(round_dir: Path) -> None:
         assert not any("lora" in name for name in load_file(folder / "model.safetensors"))
 
 
-def test_precision_and_lora_reach_both_trainers(start, tmp_path):  # noqa: F811
+def test_precision_and_lora_reach_both_trainers(start, tmp_path):
     """--precision bf16 --lora-rank 4: one round whose reward model and PPO both trained at bf16
     with rank-4 adapters (their settings say so) and saved merged models."""
     work_dir = tmp_path / "loop"
@@ -53,7 +88,7 @@ def test_precision_and_lora_reach_both_trainers(start, tmp_path):  # noqa: F811
     assert_trained_plain_models(folder)
 
 
-def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):  # noqa: F811
+def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):
     """--launch-config training/configs/ddp.yaml --num-processes 2: both training steps run as
     two-process launches (on CPU: ACCELERATE_USE_CPU, so accelerate takes gloo), and the loop
     reads their metrics from the run folders."""
@@ -80,9 +115,9 @@ def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):  # 
     assert_trained_plain_models(folder)
 
 
-def test_a_missing_launch_config_is_one_line_before_anything_runs(start, tmp_path, capsys):  # noqa: F811
+def test_a_missing_launch_config_is_one_line_before_anything_runs(tmp_path, capsys):
     work_dir = tmp_path / "loop"
-    argv = ["--data", start["release"], "--policy", start["sft"], "--work-dir", str(work_dir)]
+    argv = ["--data", "releases/1.0.0", "--work-dir", str(work_dir)]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(online.main, online.Args, argv + ["--launch-config", "nowhere.yaml"])
     assert exit_info.value.code == 2
