@@ -674,16 +674,17 @@ def check_launch(args: Args) -> None:
         return
     if args.num_processes is not None and args.num_processes < 1:
         raise UsageError(f"--num-processes {args.num_processes}: pass 1 or more")
+    import yaml
     from accelerate.commands.config.config_args import load_config_from_file
 
-    try:
+    try:  # accelerate's own reading of it, as its launcher reads it
         load_config_from_file(args.launch_config)
     except FileNotFoundError:
         raise UsageError(
             f"--launch-config {args.launch_config}: no such file; pass an accelerate config such "
             "as training/configs/ddp.yaml"
         ) from None
-    except (TypeError, ValueError, AttributeError) as error:  # accelerate's own reading of it
+    except (TypeError, ValueError, AttributeError, KeyError, yaml.YAMLError) as error:
         raise UsageError(
             f"--launch-config {args.launch_config}: accelerate cannot read it as a config "
             f"({' '.join(str(error).split())})"
