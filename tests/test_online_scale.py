@@ -72,6 +72,7 @@ def assert_trained_plain_models(round_dir: Path) -> None:
         assert not any("lora" in name for name in load_file(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_precision_and_lora_reach_both_trainers(start, tmp_path):
     """--precision bf16 --lora-rank 4: one round whose reward model and PPO both trained at bf16
     with rank-4 adapters (their settings say so) and saved merged models."""
@@ -88,6 +89,7 @@ def test_precision_and_lora_reach_both_trainers(start, tmp_path):
     assert_trained_plain_models(folder)
 
 
+@pytest.mark.slow
 def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):
     """--launch-config training/configs/ddp.yaml --num-processes 2: both training steps run as
     two-process launches (on CPU: ACCELERATE_USE_CPU, so accelerate takes gloo), and the loop
