@@ -217,3 +217,24 @@ def test_each_family_gets_its_own_subset(tiny_runs, tmp_path):
         assert read.quarantine.num_rows == 0 and read.table.num_rows == part["comparisons"]
         assert set(read.table.column("family").to_pylist()) == {family}
     assert set(result["curve"][0]["by_family"]) == {"harmless", "helpful"}
+
+
+def test_precision_bf16_samples_and_scores_under_bf16_autocast(report, tmp_path):
+    """--precision bf16: the recorded rewards are the reward model's bf16-autocast scores of the
+    replies (not its fp32 ones, which they stay close to), and the settings say bf16."""
+    from training.ppo_eval import make_judge
+
+    _, _, args = report
+    args = dataclasses.replace(args, n="1,4", prompts=4, ppo_run=None, precision="bf16")
+    result = main(dataclasses.replace(args, output_dir=str(tmp_path)))
+    assert result["settings"]["args"]["precision"] == "bf16"
+    rows = {row["id"]: row for row in load_pairs(None)[0]["test"]}
+    rows = [rows[i] for i in result["prompt_ids"] for _ in range(4)]
+    texts = [text for replies in result["replies"] for text in replies]
+    judge = make_judge(args.reward_model, 16)
+    recorded = torch.tensor(result["rewards"]).flatten()
+    with models.cpu_autocast("bf16"):
+        torch.testing.assert_close(judge(rows, texts), recorded)
+    fp32 = judge(rows, texts)
+    assert not torch.equal(fp32, recorded)
+    torch.testing.assert_close(fp32, recorded, atol=0.1, rtol=0.05)

@@ -72,6 +72,9 @@ class Args(vllm_generation.GeneratorArgs):
     baseline)"""
     seed: int = 1
     """seed of the prompt choice and of the sampling"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """autocast precision of sampling and scoring (on the CPU, where this command runs its
+    models; bf16 as the trainers' --precision bf16)"""
     ppo_run: str | None = None
     """a PPO output directory: its held-out reward vs KL goes beside best-of-N's"""
     rejected: Literal["worst", "random"] = "worst"
@@ -377,7 +380,8 @@ def main(args: Args) -> dict:
         sampler = engine.sample
     started, started_cpu = time.perf_counter(), time.process_time()
     stop_id = end_of_turn_id(tokenizer, chat)
-    texts = sample_replies(policy, tokenizer, queries, copies, args, stop_id, sampler)
+    with models.cpu_autocast(args.precision):
+        texts = sample_replies(policy, tokenizer, queries, copies, args, stop_id, sampler)
     sampling = {  # the part --share-prompt speeds up (bench/best_of_n.md)
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - started_cpu,
@@ -386,7 +390,9 @@ def main(args: Args) -> dict:
     # 3. every reply scored by the reward model, reading the text as it was trained to
     judge = make_judge(args.reward_model, args.batch_size * copies)
     flat_rows = [row for row in rows for _ in range(copies)]
-    rewards = judge(flat_rows, [t for replies in texts for t in replies]).view(len(rows), copies)
+    with models.cpu_autocast(args.precision):
+        flat_texts = [text for replies in texts for text in replies]
+        rewards = judge(flat_rows, flat_texts).view(len(rows), copies)
 
     # 4. (a) best-of-n as a policy: reward vs N, at the analytic KL; PPO's curve beside it
     curve = reward_curve(rows, rewards, ns)

@@ -204,6 +204,20 @@ def load_causal_lm(model: str, tokenizer, *, seed: int = 0, dtype: torch.dtype =
     return _load(AutoModelForCausalLM, model, tokenizer, seed, dtype)
 
 
+def cpu_autocast(precision: str):
+    """A context in which the CPU computations of loaded models run at `precision` (fp32, bf16,
+    fp16: torch's CPU autocast, as the trainers' ``--precision`` runs through accelerate), for
+    the commands that sample and score on the CPU outside a trainer (best-of-N, the online
+    loop).
+
+    >>> with cpu_autocast("bf16"):
+    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    torch.bfloat16
+    """
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return torch.autocast("cpu", dtype=dtypes[precision], enabled=precision != "fp32")
+
+
 def is_encoder(config) -> bool:
     """True for bidirectional encoders (BERT-style), whose tokens see the whole sequence."""
     return not getattr(config, "is_decoder", False) and config.model_type in {

@@ -25,6 +25,12 @@ Each round, in order, each step recorded in ``<work dir>/steps.jsonl`` when it f
 from its own checkpoint). The starting release is rebuilt from ``<work dir>/raw/``: its rows
 written back as raw HH JSONL (docs/online.md).
 
+The trainers get the loop's ``--precision``, ``--gradient-checkpointing`` and ``--lora-*``
+flags (training/scale.py), and the loop samples and measures under the same autocast. With
+``--launch-config`` the reward-model and PPO steps run as ``accelerate launch`` subprocesses
+of the trainers' own command lines (several GPUs, DDP or FSDP) while the loop stays one
+process; without it they run in this process.
+
     python -m training.online --data releases/1.0.0 --policy runs/sft \\
         --labeller gold:runs/gold --rounds 3 --comparisons-per-round 256 --work-dir runs/online
 """
@@ -36,22 +42,24 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
 import torch
 
-from hhdata.errors import ReleaseError
+from hhdata.errors import HhDataError, ReleaseError
 from hhdata.pairs.transcript import render_transcript
 from hhdata.release.diff import diff_releases, next_version
 from hhdata.release.manifest import MANIFEST_NAME, read_manifest
 from hhdata.schema import SUBSET_FAMILIES
-from training import models, run, vllm_generation
+from training import models, run, scale, vllm_generation
 from training import ppo as ppo_trainer
 from training import reward_model as rm_trainer
 from training.common import UsageError, load_pairs, prompt_key, refuse_changed_settings, run_cli
@@ -76,8 +84,12 @@ SPEAKER_TAGS = ("\n\nHuman:", "\n\nAssistant:")
 
 
 @dataclass(frozen=True)
-class Args(vllm_generation.GeneratorArgs):
-    """The iterated online RLHF loop: sample, label, release, retrain, measure; R rounds."""
+class Args(scale.ScaleArgs, vllm_generation.GeneratorArgs):
+    """The iterated online RLHF loop: sample, label, release, retrain, measure; R rounds.
+
+    The rm_* and ppo_* fields are the reward-model and PPO trainers' flags of the same name
+    without the prefix (trainer_args); the scale flags (--precision...) go to both.
+    """
 
     data: str | None = None
     """the starting release: a release directory or a Hub repo id (required)"""
@@ -158,6 +170,13 @@ class Args(vllm_generation.GeneratorArgs):
     """PPO: reference replies that estimate the reward normalisation"""
     ppo_eval_prompts: int = 16
     """PPO: its own held-out prompts"""
+    launch_config: str | None = None
+    """an accelerate config (training/configs/ddp.yaml, fsdp.yaml for the reward model only):
+    the reward-model and PPO steps run as `accelerate launch --config_file CONFIG -m
+    training.reward_model|ppo ...` subprocesses, logged to <round>/<step>.log; default: in this
+    process"""
+    num_processes: int | None = None
+    """processes of each launch (with --launch-config; default: the config's num_processes)"""
     resume: bool = False
     """continue the loop in work_dir at its first unfinished step (same settings required)"""
     stop_after: str | None = None
@@ -593,6 +612,129 @@ def measure_policies(args: Args, rows, policy: Policy, previous: Policy, referen
     return result
 
 
+# ---- 6-7. the trainers: in this process, or launched -----------------------------------------
+
+
+class LaunchError(HhDataError):
+    """A trainer launched by the loop (--launch-config) failed; its log says why."""
+
+
+def trainer_args(cls, args: Args, prefix: str, **given):
+    """The trainer Args `cls` from the loop's: each `prefix`ed field under its own name
+    (rm_batch_size -> batch_size) where `cls` has that name, every field `cls` shares with the
+    loop's bases (ScaleArgs: --precision, --lora-rank...; GeneratorArgs for PPO), then `given`.
+
+    >>> trainer_args(rm_trainer.Args, Args(rm_batch_size=4, lora_rank=8), "rm_").batch_size
+    4
+    """
+    own = {field.name for field in fields(cls)}
+    shared = {
+        field.name
+        for base in (scale.ScaleArgs, vllm_generation.GeneratorArgs)
+        for field in fields(base)
+    }
+    values = {name: getattr(args, name) for name in shared & own}
+    for field in fields(args):
+        name = field.name.removeprefix(prefix)
+        if field.name.startswith(prefix) and name in own:  # ppo_from is the loop's own
+            values[name] = getattr(args, field.name)
+    return cls(**(values | given))
+
+
+def command_line(args) -> list[str]:
+    """The flags that parse back to the dataclass `args` (training.common.parse_args): each
+    field that differs from its default.
+
+    >>> command_line(rm_trainer.Args(run_dir="runs/rm", resume=True, max_steps=4))
+    ['--run-dir', 'runs/rm', '--max-steps', '4', '--resume']
+    """
+    words = []
+    for field in fields(args):
+        value = getattr(args, field.name)
+        if value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            for item in value:
+                words += [flag, str(item)]
+        elif value is None:
+            raise ValueError(f"{flag}: None (the default is {field.default!r}) has no flag")
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def check_launch(args: Args) -> None:
+    """Refuse --launch-config / --num-processes that no launch could use, before round 1."""
+    if args.launch_config is None:
+        if args.num_processes is not None:
+            raise UsageError("--num-processes needs --launch-config (an accelerate config)")
+        return
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UsageError(f"--num-processes {args.num_processes}: pass 1 or more")
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:  # accelerate's own reading of it, as its launcher reads it
+        load_config_from_file(args.launch_config)
+    except FileNotFoundError:
+        raise UsageError(
+            f"--launch-config {args.launch_config}: no such file; pass an accelerate config such "
+            "as training/configs/ddp.yaml"
+        ) from None
+    except (TypeError, ValueError, AttributeError, KeyError, yaml.YAMLError) as error:
+        raise UsageError(
+            f"--launch-config {args.launch_config}: accelerate cannot read it as a config "
+            f"({' '.join(str(error).split())})"
+        ) from None
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the launch's rendezvous (accelerate's default,
+    29500, is taken by any other launch running here)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(args: Args, module: str, trainer: object) -> list[str]:
+    """`accelerate launch` of the trainer `module`'s command line with `trainer`'s Args."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += ["--config_file", args.launch_config]
+    if args.num_processes is not None:
+        command += ["--num_processes", str(args.num_processes)]
+    if "main_process_port" not in Path(args.launch_config).read_text():
+        command += ["--main_process_port", str(free_port())]
+    return command + ["-m", module] + command_line(trainer)
+
+
+def train(args: Args, module, trainer, run_dir: Path, log: Path, step: str) -> dict:
+    """Run the trainer `module` (training.reward_model, training.ppo) with its Args `trainer`;
+    returns its metrics: main's result in this process, or under --launch-config the
+    metrics.json the launched run wrote in `run_dir`, its output in `log`."""
+    if args.launch_config is None:
+        return module.main(trainer)
+    command = launch_command(args, module.__name__, trainer)
+    env = dict(os.environ)  # the launched processes import this copy of the trainers
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    print(f"online: {step}: {' '.join(command)} > {log}")
+    with open(log, "w", encoding="utf-8") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0 or not (run_dir / "metrics.json").is_file():
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        last = f" (last line: {lines[-1].strip()[:200]})" if lines else ""
+        raise LaunchError(
+            f"{step}: the launched trainer exited with code {done.returncode}; its output is in "
+            f"{log}{last}"
+        )
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
 # ---- the loop ----------------------------------------------------------------------------------
 
 
@@ -713,6 +855,11 @@ class Round:
     def release_dir(self) -> str:
         return self.loop.result(self.number, "release")["path"]
 
+    def train(self, module, trainer, run_dir: Path, step: str) -> dict:
+        """A trainer's metrics, run here or launched (logged to <round>/<step>.log)."""
+        log = self.folder / f"{step}.log"
+        return train(self.args, module, trainer, run_dir, log, f"round {self.number} {step}")
+
     def sample(self) -> dict:
         """1. Prompts of the train split, two replies each; identical pairs are left out."""
         used = set()
@@ -731,7 +878,8 @@ class Round:
                 self.args.query_length + self.args.response_length,
                 self.args.seed,
             )
-        pairs = sample_round(self.args, rows, current, previous, self.seed, engine)
+        with models.cpu_autocast(self.args.precision):
+            pairs = sample_round(self.args, rows, current, previous, self.seed, engine)
         samples, identical = [], 0
         for index, (row, (a, b)) in enumerate(zip(rows, pairs)):
             if same_reply(a, b):
@@ -816,53 +964,39 @@ class Round:
         run_dir = self.folder / "reward-model"
         warm = self.args.warm_start and self.number > 1
         last = round_dir(self.loop.work_dir, self.number - 1) / "reward-model" / "model"
-        a = self.args
-        metrics = rm_trainer.main(
-            rm_trainer.Args(
-                data=self.release_dir(),
-                model=str(last) if warm else self.loop.base,
-                run_dir=str(run_dir),
-                seed=a.seed,
-                max_length=a.rm_max_length,
-                batch_size=a.rm_batch_size,
-                learning_rate=a.rm_learning_rate,
-                epochs=a.rm_epochs,
-                max_steps=a.rm_max_steps,
-                max_eval_pairs=a.rm_max_eval_pairs,
-                resume=run.latest_checkpoint(run_dir) is not None,
-            )
+        trainer = trainer_args(
+            rm_trainer.Args,
+            self.args,
+            "rm_",
+            data=self.release_dir(),
+            model=str(last) if warm else self.loop.base,
+            run_dir=str(run_dir),
+            seed=self.args.seed,
+            resume=run.latest_checkpoint(run_dir) is not None,
         )
+        metrics = self.train(rm_trainer, trainer, run_dir, "reward_model")
         return {"run": str(run_dir), "held_out_accuracy": metrics["overall"]["accuracy"]}
 
     def ppo(self) -> dict:
         """7. PPO against the new reward model, from the SFT policy or the last round's."""
         output_dir = self.folder / "ppo"
         a = self.args
-        metrics = ppo_trainer.main(
-            ppo_trainer.Args(
-                policy=a.policy if a.ppo_from == "sft" else self.current_dir,
-                reward_model=str(self.folder / "reward-model"),
-                data=self.release_dir(),
-                output_dir=str(output_dir),
-                seed=a.seed,
-                total_episodes=a.ppo_total_episodes,
-                batch_size=a.ppo_batch_size,
-                num_mini_batches=a.ppo_num_mini_batches,
-                num_ppo_epochs=a.ppo_num_ppo_epochs,
-                learning_rate=a.ppo_learning_rate,
-                kl_coef=a.ppo_kl_coef,
-                reward_norm_samples=a.ppo_reward_norm_samples,
-                eval_prompts=a.ppo_eval_prompts,
-                query_length=a.query_length,
-                response_length=a.response_length,
-                temperature=a.temperature,
-                num_samples_shown=0,
-                resume=run.latest_checkpoint(output_dir) is not None,
-                generator=a.generator,  # the loop's vLLM engine, when it has one, serves PPO too
-                vllm_gpu_memory_utilization=a.vllm_gpu_memory_utilization,
-                vllm_dtype=a.vllm_dtype,
-            )
-        )
+        trainer = trainer_args(
+            ppo_trainer.Args,
+            a,
+            "ppo_",
+            policy=a.policy if a.ppo_from == "sft" else self.current_dir,
+            reward_model=str(self.folder / "reward-model"),
+            data=self.release_dir(),
+            output_dir=str(output_dir),
+            seed=a.seed,
+            query_length=a.query_length,
+            response_length=a.response_length,
+            temperature=a.temperature,
+            num_samples_shown=0,
+            resume=run.latest_checkpoint(output_dir) is not None,
+        )  # generator too: the loop's vLLM engine, when it has one, serves PPO too
+        metrics = self.train(ppo_trainer, trainer, output_dir, "ppo")
         return {"run": str(output_dir), "proxy_win_rate": metrics["evaluation"]["win_rate"]}
 
     def measure(self) -> dict:
@@ -873,24 +1007,25 @@ class Round:
         last_rm = round_dir(self.loop.work_dir, self.number - 1) / "reward-model"
         before = self.args.reward_model if self.number == 1 else str(last_rm)
         labelled = self.loop.result(self.number, "label")
-        result = {
-            "round": self.number,
-            "version": self.version,
-            "pairs": labelled["labelled"],
-            "proxy_accuracy_before": proxy_accuracy(before, samples, labels),
-            "proxy_accuracy_after": proxy_accuracy(
-                str(self.folder / "reward-model"), samples, labels
-            ),
-            "gold_agreement": labelled.get("gold_agreement"),
-        }
-        result |= measure_policies(
-            self.args,
-            self.loop.eval_rows,
-            Policy(str(self.folder / "ppo" / "policy"), self.loop.chat),
-            Policy(self.current_dir, self.loop.chat),
-            self.loop.reference,
-            self.loop.gold,
-        )
+        with models.cpu_autocast(self.args.precision):  # the precision the models trained at
+            result = {
+                "round": self.number,
+                "version": self.version,
+                "pairs": labelled["labelled"],
+                "proxy_accuracy_before": proxy_accuracy(before, samples, labels),
+                "proxy_accuracy_after": proxy_accuracy(
+                    str(self.folder / "reward-model"), samples, labels
+                ),
+                "gold_agreement": labelled.get("gold_agreement"),
+            }
+            result |= measure_policies(
+                self.args,
+                self.loop.eval_rows,
+                Policy(str(self.folder / "ppo" / "policy"), self.loop.chat),
+                Policy(self.current_dir, self.loop.chat),
+                self.loop.reference,
+                self.loop.gold,
+            )
         return result
 
 
@@ -901,6 +1036,12 @@ def main(args: Args) -> dict:
         raise UsageError("--data is required: the starting release (a directory or Hub repo id)")
     if args.rounds < 1 or args.comparisons_per_round < 1:
         raise UsageError("--rounds and --comparisons-per-round must be at least 1")
+    check_launch(args)
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError(
+            "--precision fp16 needs a GPU (the trainers' fp16 loss scaling does not run on the "
+            "CPU); use --precision bf16 or fp32 here"
+        )
     labeller = parse_labeller(args.labeller)
     gold_dir = args.gold or (labeller.arg if labeller.kind == "gold" else None)
     stop = parse_stop(args.stop_after)
