@@ -1,5 +1,5 @@
 """The online loop's scale flags (training/online.py): --precision and --lora-rank reach both
-trainers, the training steps launched as two CPU processes (accelerate launch, gloo), a failed
+trainers launched as two CPU processes (accelerate launch, gloo), a failed
 launch stopping the round with one line, and the trainer Args built from the loop's flags."""
 
 from __future__ import annotations
@@ -73,27 +73,12 @@ def assert_trained_plain_models(round_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_precision_and_lora_reach_both_trainers(start, tmp_path):
-    """--precision bf16 --lora-rank 4: one round whose reward model and PPO both trained at bf16
-    with rank-4 adapters (their settings say so) and saved merged models."""
-    work_dir = tmp_path / "loop"
-    report = online.main(one_round(start, work_dir, precision="bf16", lora_rank=4))
-    assert [r["version"] for r in report["rounds"]] == ["1.1.0"]
-    folder = online.round_dir(work_dir, 1)
-    for run_dir in (folder / "reward-model", folder / "ppo"):
-        recorded = settings(run_dir)["args"]
-        assert (recorded["precision"], recorded["lora_rank"]) == ("bf16", 4), run_dir
-        assert recorded["seed"] == 1
-    assert settings(folder / "reward-model")["args"]["batch_size"] == 8  # --rm-batch-size
-    assert settings(folder / "ppo")["args"]["learning_rate"] == 1e-3  # --ppo-learning-rate
-    assert_trained_plain_models(folder)
-
-
-@pytest.mark.slow
 def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):
-    """--launch-config training/configs/ddp.yaml --num-processes 2: both training steps run as
-    two-process launches (on CPU: ACCELERATE_USE_CPU, so accelerate takes gloo), and the loop
-    reads their metrics from the run folders."""
+    """--launch-config training/configs/ddp.yaml --num-processes 2 --precision bf16
+    --lora-rank 4: both training steps run as two-process launches (on CPU:
+    ACCELERATE_USE_CPU, so accelerate takes gloo) at bf16 with rank-4 adapters (their settings
+    say so), the loop's own flags reach them, they save merged models, and the loop reads their
+    metrics from the run folders."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     work_dir = tmp_path / "loop"
@@ -102,6 +87,8 @@ def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):
         work_dir,
         launch_config="training/configs/ddp.yaml",
         num_processes=2,
+        precision="bf16",
+        lora_rank=4,
         stop_after="1:ppo",  # measuring runs in the loop's process, as without a launch
     )
     assert online.main(args) == {"stopped_after": "1:ppo"}
@@ -109,11 +96,16 @@ def test_two_process_launches_train_the_round(start, tmp_path, monkeypatch):
     journal = online.read_journal(work_dir)
     assert journal[(1, "release")]["result"]["version"] == "1.1.0"
     for step, run_dir in (("reward_model", "reward-model"), ("ppo", "ppo")):
-        assert settings(folder / run_dir)["processes"] == 2
+        recorded = settings(folder / run_dir)
+        assert recorded["processes"] == 2
+        assert (recorded["args"]["precision"], recorded["args"]["lora_rank"]) == ("bf16", 4)
+        assert recorded["args"]["seed"] == 1
         assert (folder / f"{step}.log").is_file()
         metrics = json.loads((folder / run_dir / "metrics.json").read_text())
         assert journal[(1, step)]["result"]["run"] == str(folder / run_dir)
     assert journal[(1, "ppo")]["result"]["proxy_win_rate"] == metrics["evaluation"]["win_rate"]
+    assert settings(folder / "reward-model")["args"]["batch_size"] == 8  # --rm-batch-size
+    assert settings(folder / "ppo")["args"]["learning_rate"] == 1e-3  # --ppo-learning-rate
     assert_trained_plain_models(folder)
 
 
