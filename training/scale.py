@@ -19,8 +19,8 @@ Data parallelism comes from the accelerate config a run is launched with
 (training/configs/ddp.yaml, fsdp.yaml; docs/scaling.md), not from flags. Under FSDP the
 checkpoints go through accelerate's engine and the final save gathers the weights
 (training/run.py); ``make_accelerator`` accepts FSDP only for the trainers that call their model
-through the one prepared module (reward model, SFT), and refuses DeepSpeed
-(``refuse_sharding`` says why).
+through the one prepared module (all four: PPO and DPO route generation and the reference
+through it), and refuses DeepSpeed (``refuse_sharding`` says why).
 
 >>> lora_targets("llama")
 ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
@@ -107,16 +107,17 @@ def refuse_sharding(distributed_type: DistributedType, allow_fsdp: bool = False)
       DeepSpeed's engine steps the optimizer inside every ``accelerator.backward``, while the
       trainers take one step after several backward passes (micro-batches, PPO's gradient
       accumulation) and clip and set the learning rate themselves.
-    - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: PPO and DPO call their policy
-      outside the prepared module (generation, the reference as the policy with its adapters
-      off), where FSDP's parameters are shards.
+    - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: code that calls its model outside
+      the prepared module (generation, a reference as the policy with its adapters off), where
+      FSDP's parameters are shards. PPO and DPO make those calls through it
+      (rollout.PreparedPolicy, dpo.reference_logprobs), so every trainer allows it.
     """
     if distributed_type == DistributedType.DEEPSPEED:
         raise UsageError(
             "launched with DeepSpeed (training/configs/deepspeed-zero*.yaml): its engine steps "
             "the optimizer at every backward pass, the trainers once per batch after several, "
-            "so the steps would be wrong; shard with training/configs/fsdp.yaml (reward model, "
-            "SFT) or launch with training/configs/ddp.yaml (docs/scaling.md)"
+            "so the steps would be wrong; shard with training/configs/fsdp.yaml or launch with "
+            "training/configs/ddp.yaml (docs/scaling.md)"
         )
     if distributed_type == DistributedType.FSDP and not allow_fsdp:
         raise UsageError(
