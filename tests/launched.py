@@ -1,5 +1,6 @@
 """Run a trainer's command lines one after another in the processes of one launch, optionally
-under accelerate's FSDP on CPU processes (gloo); for tests/test_sharded.py.
+under accelerate's FSDP on CPU processes (gloo); for tests/test_sharded.py. ``deepspeed_on_cpu``
+does the same for DeepSpeed (tests/test_deepspeed.py).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/launched.py [--fsdp] \\
         training.reward_model ARGS... --then ARGS...
@@ -38,6 +39,28 @@ def fsdp_on_cpu() -> None:
     state.fsdp_plugin = plugin
     for state in (PartialState, AcceleratorState):
         state._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def deepspeed_on_cpu(environment: dict[str, str]) -> None:
+    """Put the ACCELERATE_* variables accelerate's launcher makes of a DeepSpeed config
+    (`environment`) into this process and make accelerate's state from them afresh, with the
+    process group's size.
+
+    accelerate takes its DeepSpeed branch on CPU processes too (DeepSpeed picks its CPU
+    accelerator and gloo), but its PartialState then counts one process (the CPU branch that
+    reads the world size is not taken): every process would train on the whole batch. The
+    world size and rank are set from the process group here, in the test's launcher only; a
+    GPU launch counts its processes itself.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    os.environ.pop("ACCELERATE_USE_CPU", None)  # accelerate skips DeepSpeed when told CPU
+    os.environ.update(environment)
+    AcceleratorState._reset_state()  # the next Accelerator reads the new stage
+    PartialState()  # the process group (DeepSpeed's comm, gloo)
+    PartialState._shared_state["num_processes"] = dist.get_world_size()
+    PartialState._shared_state["process_index"] = dist.get_rank()
 
 
 def main(argv: list[str]) -> None:

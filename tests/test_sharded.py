@@ -156,11 +156,9 @@ def test_a_checkpoint_resumes_only_under_its_own_kind_of_launch(tmp_path):
         run.load_checkpoint(folder, {}, None, accelerator)
 
 
-def test_deepspeed_and_fsdp_for_generating_trainers_are_refused():
+def test_fsdp_for_generating_trainers_is_refused():
     from accelerate.utils import DistributedType
 
-    with pytest.raises(UsageError, match="shard with training/configs/fsdp.yaml or launch"):
-        scale.refuse_sharding(DistributedType.DEEPSPEED, allow_fsdp=True)
     with pytest.raises(UsageError, match="launch it with training/configs/ddp.yaml"):
         scale.refuse_sharding(DistributedType.FSDP)
     scale.refuse_sharding(DistributedType.FSDP, allow_fsdp=True)

@@ -25,6 +25,7 @@ copy of the SFT weights serves both, and the saved policy is merged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -324,12 +325,17 @@ def main(args: Args) -> dict:
     if args.label_smoothing and args.loss == "ipo":
         raise UsageError("--label-smoothing applies to --loss sigmoid only; drop one of them")
     output_dir = Path(args.output_dir)
-    accelerator = scale.make_accelerator(args.precision, allow_fsdp=True)
+    accelerator = scale.make_accelerator(
+        args.precision,
+        allow_fsdp=True,
+        deepspeed=scale.DeepSpeedStep(args.max_grad_norm, args.batch_size),
+    )
     world = accelerator.num_processes
     if run.sharded(accelerator) and args.micro_batch_cost >= 0:
         raise UsageError(
-            f"--micro-batch-cost {args.micro_batch_cost} under FSDP: every process must run as "
-            "many passes as the others (each pass gathers the layers from them); pass "
+            f"--micro-batch-cost {args.micro_batch_cost} under FSDP or DeepSpeed: every process "
+            "must run as many passes as the others (each pass gathers the layers or reduces the "
+            "gradients across them); pass "
             "--micro-batch-cost -1"
         )
     if args.batch_size % world:
@@ -395,7 +401,7 @@ def main(args: Args) -> dict:
         scale.trainable_parameters(policy), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     scorer = ReplyLogprobs(policy)
-    skeleton = run.skeleton(accelerator, scorer, lora)  # FSDP: where the final save gathers
+    skeleton = run.skeleton(accelerator, scorer, lora)  # sharded: where the final save gathers
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
 
     # 3. the reference's log-probs, once per pair the run trains on and per held-out pair: it is
@@ -443,9 +449,10 @@ def main(args: Args) -> dict:
             share_prefix,
             accelerator.device,
             args.micro_batch_cost,
-            accelerator.backward,
+            functools.partial(scale.backward, accelerator),  # DeepSpeed: clips and steps
             lambda: accelerator.no_sync(scorer),
         )
+        # DeepSpeed clipped and stepped in the last backward pass; these give its norm and pass
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()

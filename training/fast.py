@@ -205,8 +205,10 @@ def accumulate_pair_loss(
     ``loss_fn(r_chosen, r_rejected, batch_pairs)`` is the batch's loss restricted to one
     micro-batch (reward_model.preference_loss: a sum over its pairs divided by the batch's
     pair count), so the micro-batches' losses add up to the batch's.
-    ``backward`` runs each micro-batch's backward pass (default ``Tensor.backward``);
-    ``no_sync()`` wraps all but the last, so data-parallel processes reduce gradients once.
+    ``backward(loss, last)`` runs each micro-batch's backward pass, `last` true for the final
+    one (scale.backward, where DeepSpeed's engine steps at the last; default
+    ``loss.backward()``); ``no_sync()`` wraps all but the last, so data-parallel processes
+    reduce gradients once.
     Returns the rewards of chosen and rejected (detached, in the order of ``pairs``) and
     the batch's mean loss.
     """
@@ -219,7 +221,10 @@ def accumulate_pair_loss(
                 model, [pairs[i] for i in group], pad_id, share_prefix, device
             )
             part = loss_fn(chosen, rejected, len(pairs))
-            (backward or torch.Tensor.backward)(part)
+            if backward is None:
+                part.backward()
+            else:
+                backward(part, last)
         chosen_parts.append(chosen.detach())
         rejected_parts.append(rejected.detach())
         loss = loss + part.detach()
@@ -507,7 +512,10 @@ def accumulate_reply_loss(
                 scorer, [pairs[i] for i in group], pad_id, share_prefix, device
             )
             part = loss_fn(logprobs, group, len(pairs))
-            (backward or torch.Tensor.backward)(part)
+            if backward is None:
+                part.backward()
+            else:
+                backward(part, last)
         parts.append(logprobs.detach())
         loss = loss + part.detach()
     where = torch.tensor([i for group in groups for i in group]).argsort().to(parts[0].device)

@@ -21,6 +21,7 @@ Run `python -m training.reward_model --help`; the run directory layout is in doc
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -412,13 +413,17 @@ def write_card(run_dir: Path, settings: dict, metrics: dict, tokenizer, pooled: 
 def main(args: Args) -> dict:
     """Train, evaluate and save a reward model; returns the metrics written to metrics.json."""
     run_dir = Path(args.run_dir)
-    accelerator = scale.make_accelerator(args.precision, allow_fsdp=True)
+    accelerator = scale.make_accelerator(
+        args.precision,
+        allow_fsdp=True,
+        deepspeed=scale.DeepSpeedStep(args.max_grad_norm, args.batch_size),
+    )
     torch.manual_seed(args.seed)
     if run.sharded(accelerator) and args.micro_batch_cost >= 0:
         raise UsageError(
-            f"--micro-batch-cost {args.micro_batch_cost} under FSDP: every process must run as "
-            "many passes as the others (each pass gathers the layers from them); pass "
-            "--micro-batch-cost -1"
+            f"--micro-batch-cost {args.micro_batch_cost} under FSDP or DeepSpeed: every process "
+            "must run as many passes as the others (each pass gathers the layers or reduces the "
+            "gradients across them); pass --micro-batch-cost -1"
         )
     if args.batch_size % accelerator.num_processes:
         raise HhDataError(
@@ -493,7 +498,7 @@ def main(args: Args) -> dict:
         scale.trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     state = {"step": 0, "log": []}
-    skeleton = run.skeleton(accelerator, model, lora)  # FSDP: where the final save gathers
+    skeleton = run.skeleton(accelerator, model, lora)  # sharded: where the final save gathers
     model, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None:
         state = run.load_checkpoint(checkpoint, {"model": model}, optimizer, accelerator)
@@ -521,9 +526,10 @@ def main(args: Args) -> dict:
             share_prefix,
             accelerator.device,
             args.micro_batch_cost,
-            accelerator.backward,
+            functools.partial(scale.backward, accelerator),  # DeepSpeed: clips and steps
             lambda: accelerator.no_sync(model),
         )
+        # DeepSpeed clipped and stepped in the last backward pass; these give its norm and pass
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()

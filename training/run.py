@@ -4,7 +4,7 @@
 - ``save_checkpoint`` / ``latest_checkpoint`` / ``load_checkpoint``: weights, optimizer
   moments, each process's RNG state and the run's scalars, written atomically;
 - ``sharded`` / ``skeleton`` / ``whole_model``: the final model with whole weights, also from
-  an FSDP launch;
+  an FSDP or DeepSpeed launch;
 - ``settings_record`` / ``input_runs`` / ``write_json``: the settings, provenance and library
   versions a run records (the resume check compares their ``args``);
 - ``tensorboard`` / ``add_scalars``: TensorBoard on the main process only;
@@ -17,10 +17,11 @@ module, ``optimizer.safetensors`` (moments), ``rng-rankNNN.safetensors`` (one pe
 ``state.json`` (the run's scalars, the optimizer's param_groups, the number of processes) and,
 when the state holds a ``log``, ``train_log.jsonl``. No pickle in it.
 
-Under a sharded launch (FSDP), no process holds whole weights or moments: the weights and the
-optimizer go through accelerate's own engine instead (``accelerator.save_state`` /
-``load_state``: FSDP's distributed checkpoint, one shard file per process, and accelerate's
-own RNG pickles), beside the same ``rng-rankNNN``, ``state.json`` and ``train_log.jsonl``.
+Under a sharded launch (FSDP, DeepSpeed ZeRO-2/3), no process holds whole weights or moments:
+the weights and the optimizer go through accelerate's own engine instead
+(``accelerator.save_state`` / ``load_state``: FSDP's distributed checkpoint or DeepSpeed's
+``save_checkpoint``, one shard file per process, and accelerate's own RNG pickles), beside the
+same ``rng-rankNNN``, ``state.json`` (which names the engine) and ``train_log.jsonl``.
 ``load_checkpoint`` therefore runs after ``accelerator.prepare``. The final model is gathered
 whole with ``whole_model`` (every process calls it) into the meta-device ``skeleton`` made
 before ``prepare``, so the saved models stay plain transformers models.
@@ -137,7 +138,8 @@ def checkpoint_folder(run_dir: Path, step: int) -> Path:
 
 
 def sharded(accelerator) -> bool:
-    """Whether this launch splits weights and optimizer moments across processes (FSDP)."""
+    """Whether this launch splits weights or optimizer moments across processes (FSDP,
+    DeepSpeed)."""
     return accelerator.distributed_type in SHARDED
 
 
@@ -172,7 +174,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         scalars = {k: v for k, v in state.items() if k != "log"}
         if sharded(accelerator):
-            scalars.update(weights=ENGINE)
+            scalars.update(weights=ENGINE, engine=accelerator.distributed_type.value)
         else:
             for name, module in modules.items():
                 save_model(accelerator.unwrap_model(module), str(partial / f"{name}.safetensors"))
@@ -227,8 +229,14 @@ def load_checkpoint(
     if engine != sharded(accelerator):
         written, now = ("a sharded", "an unsharded") if engine else ("an unsharded", "a sharded")
         raise UsageError(
-            f"{folder} was written by {written} launch (FSDP or not); resume it with the same "
-            f"accelerate config (this is {now} one)"
+            f"{folder} was written by {written} launch (FSDP, DeepSpeed or not); resume it with "
+            f"the same accelerate config (this is {now} one)"
+        )
+    saved_engine, engine_now = state.pop("engine", None), accelerator.distributed_type.value
+    if engine and saved_engine not in (None, engine_now):
+        raise UsageError(
+            f"{folder} was written under {saved_engine}; resume it with the same accelerate "
+            f"config (this launch is {engine_now})"
         )
     if engine:
         accelerator.load_state(str(folder))
@@ -287,8 +295,11 @@ def whole_model(accelerator, prepared: torch.nn.Module, lora, skeleton: tuple | 
         for name, tensor in weights.items()
     }
     model.load_state_dict(weights, assign=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # assign=True gave tied weights (embeddings, LM head) two tensors
+    from transformers import PreTrainedModel
+
+    for module in model.modules():  # the model, or the transformers model a wrapper holds (DPO)
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()  # assign=True gave tied weights (embeddings, LM head) two tensors
     return model, copied_lora
 
 

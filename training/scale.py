@@ -16,11 +16,15 @@ Every trainer takes the same flags (``ScaleArgs``, which its ``Args`` extends):
   switched off, so one copy of the weights serves both.
 
 Data parallelism comes from the accelerate config a run is launched with
-(training/configs/ddp.yaml, fsdp.yaml; docs/scaling.md), not from flags. Under FSDP the
-checkpoints go through accelerate's engine and the final save gathers the weights
-(training/run.py); ``make_accelerator`` accepts FSDP only for the trainers that call their model
-through the one prepared module (all four: PPO and DPO route generation and the reference
-through it), and refuses DeepSpeed (``refuse_sharding`` says why).
+(training/configs/ddp.yaml, fsdp.yaml, deepspeed-zero2.yaml, deepspeed-zero3.yaml;
+docs/scaling.md), not from flags. Under FSDP and DeepSpeed the checkpoints go through
+accelerate's engine and the final save gathers the weights (training/run.py).
+``make_accelerator`` accepts FSDP only for the trainers that call their model through the one
+prepared module (all four: PPO and DPO route generation and the reference
+through it), and DeepSpeed only for the trainers that pass it a
+``DeepSpeedStep`` (reward model, SFT, DPO): DeepSpeed's engine clips and steps the optimizer
+itself, inside the backward pass that ends a step (``backward``), and is told the trainer's
+clip there (``refuse_sharding`` says what each refuses).
 
 >>> lora_targets("llama")
 ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
@@ -75,10 +79,28 @@ class ScaleArgs:
     projection of the architecture (llama: q,k,v,o,gate,up,down; bert: query,key,value,dense)"""
 
 
-def make_accelerator(precision: str, allow_fsdp: bool = False) -> Accelerator:
+@dataclass(frozen=True)
+class DeepSpeedStep:
+    """What DeepSpeed's engine needs of a trainer that runs under it: the engine, not the
+    trainer, clips the gradients and steps the optimizer (in the backward pass that ends a
+    step), so it takes the trainer's clip, and it wants a per-process batch size in its config.
+    """
+
+    max_grad_norm: float
+    """the trainer's --max-grad-norm (0: no clipping), DeepSpeed's gradient_clipping"""
+    batch_size: int
+    """the trainer's batch over all processes; the config's train_micro_batch_size_per_gpu is
+    its share per process (DeepSpeed uses it only to report throughput)"""
+
+
+def make_accelerator(
+    precision: str, allow_fsdp: bool = False, deepspeed: DeepSpeedStep | None = None
+) -> Accelerator:
     """The run's Accelerator with `precision` (fp32, bf16, fp16) as its mixed precision.
 
-    `allow_fsdp`: the trainer runs correctly under an FSDP launch (refuse_sharding says which do).
+    `allow_fsdp`: the trainer runs correctly under an FSDP launch; `deepspeed`: the trainer
+    runs correctly under a DeepSpeed launch, stepping with ``backward`` (refuse_sharding says
+    which do); its clip and batch go into DeepSpeed's config (``configure_deepspeed``).
     accelerate trains in plain fp32 when fp16 is asked for on a CPU (no GradScaler there);
     that is refused here rather than run at another precision than the one recorded.
     accelerate keeps one state per process and refuses a second precision in it; a process
@@ -91,33 +113,114 @@ def make_accelerator(precision: str, allow_fsdp: bool = False) -> Accelerator:
     if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=wanted)
-    refuse_sharding(accelerator.distributed_type, allow_fsdp)
+    refuse_sharding(accelerator.distributed_type, allow_fsdp, deepspeed is not None)
     if precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError(
             "--precision fp16 needs a GPU (accelerate's fp16 loss scaling does not run on the "
             "CPU); use --precision bf16 or fp32 here"
         )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(
+            accelerator.state.deepspeed_plugin, accelerator.num_processes, deepspeed
+        )
     return accelerator
 
 
-def refuse_sharding(distributed_type: DistributedType, allow_fsdp: bool = False) -> None:
+def configure_deepspeed(plugin, processes: int, step: DeepSpeedStep) -> None:
+    """Put the trainer's clip and per-process batch into the DeepSpeed config of this launch
+    (accelerate's DeepSpeedPlugin, before ``accelerator.prepare`` reads it), refusing the
+    settings the trainers cannot honour.
+
+    - gradient_clipping: the engine clips inside its step, so it must be the trainer's
+      --max-grad-norm; a config that sets another value is refused rather than overridden.
+    - gradient_accumulation_steps must be 1: the trainers accumulate micro-batches themselves
+      (each weighted by its share of the batch) and tell the engine which backward pass ends
+      the step (``backward``); DeepSpeed's own count would also divide the loss by it.
+    - ZeRO-3 must gather whole weights on save (zero3_save_16bit_model), which the final
+      model needs, and must not build models partitioned (zero3_init_flag): the trainers build
+      helper copies outside the engine (the final save's skeleton, DPO's reference, the saved
+      classifier), which transformers would then partition too.
+    """
+    config = plugin.deepspeed_config
+    config_file = "training/configs/deepspeed-zero*.yaml"
+    clip = config.get("gradient_clipping", "auto")
+    if clip != "auto" and float(clip) != step.max_grad_norm:
+        raise UsageError(
+            f"the DeepSpeed config clips gradients at {clip}, the trainer at --max-grad-norm "
+            f"{step.max_grad_norm}; drop gradient_clipping from the config ({config_file}) and "
+            "set --max-grad-norm"
+        )
+    accumulation = config.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", 1):
+        raise UsageError(
+            f"the DeepSpeed config sets gradient_accumulation_steps {accumulation}: the trainers "
+            f"accumulate micro-batches themselves; set it to 1 ({config_file})"
+        )
+    if plugin.zero_stage == 3 and plugin.zero3_init_flag:
+        raise UsageError(
+            "the DeepSpeed config sets zero3_init_flag: true, which partitions every model "
+            "transformers builds, also the trainers' copies outside the engine; set it to "
+            f"false ({config_file})"
+        )
+    gather = "stage3_gather_16bit_weights_on_model_save"
+    if plugin.zero_stage == 3 and config["zero_optimization"].get(gather) is not True:
+        raise UsageError(
+            "the DeepSpeed config does not gather whole weights on save, which the final model "
+            f"needs under ZeRO-3; set zero3_save_16bit_model: true ({config_file})"
+        )
+    # accelerate points transformers at the ZeRO-3 config whatever zero3_init_flag says, and
+    # transformers then partitions every model it builds from then on (from_config,
+    # from_pretrained): the trainers' copies outside the engine too. The engine partitions the
+    # prepared model itself, so transformers is told of no DeepSpeed config.
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    config["gradient_clipping"] = step.max_grad_norm
+    config["gradient_accumulation_steps"] = 1
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = max(1, step.batch_size // processes)
+    config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * processes
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor, last: bool = True) -> None:
+    """One micro-batch's backward pass; `last`: the batch's final one, which ends the step.
+
+    Under DeepSpeed the engine reduces the gradients in every pass (ZeRO-2/3 shard them, so
+    every process must run as many passes as the others), and in the last one also clips them
+    (gradient_clipping, the trainer's clip), steps the optimizer with the learning rates its
+    param_groups hold and zeroes the gradients; the trainer's own ``optimizer.step()`` and
+    ``zero_grad()`` after it do nothing there (accelerate's wrappers). The learning rate is
+    therefore set on the param_groups before the last pass, as the trainers do at the top of
+    each step: no scheduler object, so the schedule is the trainer's own function of the step
+    in every launch and resumes from the step number alone. Elsewhere it is
+    ``accelerator.backward``.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate's wrapper: the accumulation boundary is `last`, and at it the engine steps
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+    else:
+        accelerator.backward(loss)
+
+
+def refuse_sharding(
+    distributed_type: DistributedType, allow_fsdp: bool = False, allow_deepspeed: bool = False
+) -> None:
     """Refuse the sharded launches a trainer cannot run correctly.
 
-    - DeepSpeed (training/configs/deepspeed-zero*.yaml), in every trainer: under accelerate
-      DeepSpeed's engine steps the optimizer inside every ``accelerator.backward``, while the
-      trainers take one step after several backward passes (micro-batches, PPO's gradient
-      accumulation) and clip and set the learning rate themselves.
+    - DeepSpeed (training/configs/deepspeed-zero*.yaml) unless `allow_deepspeed`: under
+      accelerate DeepSpeed's engine steps the optimizer inside the backward pass, so a trainer
+      must end each step with ``backward`` and hand its clip to the engine (make_accelerator's
+      ``deepspeed``); PPO does not yet (its gradient accumulation, its two models).
     - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: code that calls its model outside
       the prepared module (generation, a reference as the policy with its adapters off), where
       FSDP's parameters are shards. PPO and DPO make those calls through it
       (rollout.PreparedPolicy, dpo.reference_logprobs), so every trainer allows it.
     """
-    if distributed_type == DistributedType.DEEPSPEED:
+    if distributed_type == DistributedType.DEEPSPEED and not allow_deepspeed:
         raise UsageError(
             "launched with DeepSpeed (training/configs/deepspeed-zero*.yaml): its engine steps "
-            "the optimizer at every backward pass, the trainers once per batch after several, "
-            "so the steps would be wrong; shard with training/configs/fsdp.yaml or launch with "
-            "training/configs/ddp.yaml (docs/scaling.md)"
+            "the optimizer inside the backward pass, and this trainer does not yet step through "
+            "it; launch it with training/configs/ddp.yaml (docs/scaling.md)"
         )
     if distributed_type == DistributedType.FSDP and not allow_fsdp:
         raise UsageError(

@@ -173,7 +173,10 @@ def load_policy_tokenizer(args: Args, rows: list[dict]):
 def main(args: Args) -> dict:
     """Train, save model + tokenizer + metrics.json + args.json to args.output_dir; return
     metrics."""
-    accelerator = scale.make_accelerator(args.precision, allow_fsdp=True)
+    # SFT does not clip its gradients, nor does DeepSpeed's engine then (gradient_clipping 0)
+    accelerator = scale.make_accelerator(
+        args.precision, allow_fsdp=True, deepspeed=scale.DeepSpeedStep(0.0, args.batch_size)
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.batch_size % world:
         raise UsageError(
@@ -227,7 +230,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(scale.trainable_parameters(model), lr=args.learning_rate)
     pad, device = tokenizer.pad_token_id, accelerator.device
     state = {"step": 0, "log": [], "eval_loss_before": None}
-    skeleton = run.skeleton(accelerator, model, lora)  # FSDP: where the final save gathers
+    skeleton = run.skeleton(accelerator, model, lora)  # sharded: where the final save gathers
     model, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None:
         state = run.load_checkpoint(checkpoint, {"model": model}, optimizer, accelerator)
@@ -260,7 +263,7 @@ def main(args: Args) -> dict:
         tokens = sum(target_count(train_examples[i]) for i in whole)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = summed_loss(logits, batch["labels"]) * world / max(tokens, 1)
-        accelerator.backward(loss)
+        scale.backward(accelerator, loss)  # DeepSpeed steps here, at the lr set above
         optimizer.step()
         optimizer.zero_grad()
         record = {
