@@ -209,9 +209,13 @@ def ppo_minibatch_step(settings: dict) -> None:
     """One `ppo.minibatch_step` (plain SGD, so the step is the gradient itself) on the rows of
     fixed_experience: one process takes all of them in two micro-batches, each of two processes
     its half (rank 0 the first) in two micro-batches; the updated policy and value model are
-    saved as `model.safetensors` in settings["output_dir"]. Under FSDP too
-    (tests/test_sharded_rlhf.py): the weights are then gathered whole for the save."""
-    accelerator = scale.make_accelerator("fp32", allow_fsdp=True)
+    saved as `model.safetensors` in settings["output_dir"]. Under FSDP and DeepSpeed too
+    (tests/test_sharded_rlhf.py, tests/test_deepspeed.py): the weights are then gathered whole
+    for the save."""
+    deepspeed = scale.DeepSpeedStep(max_grad_norm=1e6, batch_size=ROWS)  # the clip of args below
+    accelerator = scale.make_accelerator("fp32", allow_fsdp=True, deepspeed=deepspeed)
+    if accelerator.state.deepspeed_plugin is not None:  # ZeRO takes SGD when told it may
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_allow_untested_optimizer"] = True
     rank, world = accelerator.process_index, accelerator.num_processes
     policy = models.load_causal_lm(settings["policy"], models.load_tokenizer(settings["policy"]))
     torch.manual_seed(5)  # the value head's initial weights

@@ -307,7 +307,7 @@ def minibatch_step(
                 new_values, experience.values[i], experience.returns[i], mask[i], args.vf_clip_coef
             )
             loss = pg_loss + args.vf_coef * vf_loss
-            accelerator.backward(loss * share)
+            scale.backward(accelerator, loss * share, last)  # DeepSpeed: clips, steps at last
         parts = (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac, approx_kl)
         for name, value in zip(sums, parts):
             sums[name] = sums[name] + value * share
@@ -328,15 +328,6 @@ def main(args: Args, score_fn=None) -> dict:
     from the policy's own backbone.
     """
     vllm_generation.require(args.generator)
-    accelerator = scale.make_accelerator(args.precision, allow_fsdp=True)
-    if run.sharded(accelerator) and args.generator == "vllm":
-        raise UsageError(
-            "--generator vllm under FSDP: the engine needs the policy's whole weights, which "
-            "FSDP keeps in shards; launch with training/configs/ddp.yaml or drop --generator"
-        )
-    device = accelerator.device
-    output_dir = Path(args.output_dir)
-    num_updates = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     mini_batch_size = exact_div(
         args.batch_size, args.num_mini_batches, "--batch-size / --num-mini-batches"
     )
@@ -345,6 +336,22 @@ def main(args: Args, score_fn=None) -> dict:
         args.gradient_accumulation_steps,
         "--batch-size / --num-mini-batches / --gradient-accumulation-steps",
     )
+    # DeepSpeed's engine clips at --max-grad-norm and steps at the last micro-batch of each
+    # minibatch (minibatch_step); the batch it is told of only labels its throughput reports
+    accelerator = scale.make_accelerator(
+        args.precision,
+        allow_fsdp=True,
+        deepspeed=scale.DeepSpeedStep(args.max_grad_norm, micro_batch_size),
+    )
+    if run.sharded(accelerator) and args.generator == "vllm":
+        raise UsageError(
+            "--generator vllm under FSDP or DeepSpeed: the engine needs the policy's whole "
+            "weights, which these launches keep in shards; launch with "
+            "training/configs/ddp.yaml or drop --generator"
+        )
+    device = accelerator.device
+    output_dir = Path(args.output_dir)
+    num_updates = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     if num_updates < 1:
         raise HhDataError(
             f"--total-episodes {args.total_episodes} is less than one batch of "
@@ -470,8 +477,9 @@ def main(args: Args, score_fn=None) -> dict:
         state = run.load_checkpoint(resume_from, modules, optimizer, accelerator, generator)
         kl_controller.value = state["kl_coef"]
     if run.sharded(accelerator):
-        # FSDP: sampling and the reference's scoring call the policy through the prepared
-        # module (its forward gathers the sharded weights; every process runs as many passes)
+        # FSDP, DeepSpeed: sampling and the reference's scoring call the policy through the
+        # prepared module (its forward gathers the sharded weights, FSDP's or ZeRO-3's; every
+        # process runs as many passes)
         policy = PreparedPolicy(model, accelerator)
     if policy_lora is not None:
         # the frozen reference is the SFT policy, which is the policy with its adapters off: one
