@@ -109,7 +109,8 @@ def micro_batch_step(output: Path | None = None) -> dict[str, torch.Tensor]:
         scale.backward(accelerator, error.pow(2).sum() / len(mine), last=number == len(parts) - 1)
     optimizer.step()
     optimizer.zero_grad()
-    weights = {name: tensor.clone() for name, tensor in accelerator.get_state_dict(model).items()}
+    gathered = accelerator.get_state_dict(model)  # ZeRO-3: on the main process only
+    weights = {name: tensor.clone() for name, tensor in (gathered or {}).items()}
     if output is not None and accelerator.is_main_process:
         from safetensors.torch import save_file
 
@@ -260,8 +261,10 @@ def two_processes(inputs):
         timeout=600,
         env=env,
     )
+    # each process's exception line, then the end of the processes' tracebacks
     errors = [line for line in done.stderr.splitlines() if line.startswith("[rank")]
-    assert done.returncode == 0, "\n".join(errors)[-3000:] or done.stderr[-3000:]
+    raised = [line for line in errors if "Error: " in line]
+    assert done.returncode == 0, "\n".join(raised + errors[-30:]) or done.stderr[-3000:]
     return root
 
 

@@ -19,7 +19,8 @@ margins per family and subset (``training/preference_eval.py``).
 
 The scale flags (``training/scale.py``: ``--precision``, ``--gradient-checkpointing``,
 ``--lora-rank``) apply; under LoRA the reference is the policy with its adapters off, so one
-copy of the SFT weights serves both, and the saved policy is merged.
+copy of the SFT weights serves both, and the saved policy is merged. DPO runs under DDP, FSDP and
+DeepSpeed ZeRO-2/3 (the last two with ``--micro-batch-cost -1``; docs/scaling.md).
 """
 
 from __future__ import annotations
