@@ -3,7 +3,9 @@
 One launch (`torch.distributed.run`, two CPU processes) runs, in turn, the tiny reward model
 (with LoRA), SFT and DPO (with LoRA: its reference is the policy with the adapters off) under
 the environment accelerate's launcher makes of training/configs/deepspeed-zero2.yaml, then of
-deepspeed-zero3.yaml, and a ZeRO-3 reward model stopped after step 2 and resumed to step 4.
+deepspeed-zero3.yaml, and a ZeRO-3 reward model stopped after step 2 and resumed to step 4;
+then PPO (LoRA) under ZeRO-2 stopped after update 1 and resumed, under ZeRO-3 two updates, and
+one PPO minibatch step under each stage.
 Each test compares a run with its one-process twin, run here without DeepSpeed: DeepSpeed's
 engine clips and steps the optimizer inside the last backward pass, at the learning rate the
 trainer set, so the final weights must be the one-process run's (within 1e-5, the float
@@ -29,10 +31,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_distributed import ppo_minibatch_step, ppo_settings, record_rollouts
 from tests.test_dpo import marker_rows, write_rows
+from tests.test_ppo import even_token_share, tiny_runs  # noqa: F401 (a fixture)
 from tests.test_reward_model import synthetic_file  # noqa: F401 (a fixture)
 from tests.test_sft import tiny_args, write_pairs
-from training import dpo, models, reward_model, run, scale, sft
+from training import dpo, models, ppo, reward_model, run, scale, sft
 from training.common import UsageError, load_pairs
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (the dev extra has it)")
@@ -47,10 +51,24 @@ def run_spec(spec_path: str) -> None:
     in turn, each under the DeepSpeed environment it names."""
     from tests.launched import deepspeed_on_cpu
 
+    calls = []  # PPO's rollouts in this process, written beside each PPO run's output
+    record_rollouts(ppo, calls)
     for trainer, environment, settings in json.loads(Path(spec_path).read_text()):
         deepspeed_on_cpu(environment)
         if trainer == "micro_batches":
             micro_batch_step(Path(settings["output"]))
+            continue
+        if trainer == "ppo_minibatch":
+            ppo_minibatch_step(settings)
+            continue
+        if trainer == "ppo":
+            if not settings.get("resume"):
+                calls.clear()
+            ppo.main(ppo.Args(**settings), score_fn=even_token_share)
+            rank = int(os.environ["RANK"])
+            (Path(settings["output_dir"]) / f"rollouts-rank{rank}.json").write_text(
+                json.dumps(calls)
+            )
             continue
         module = TRAINERS[trainer]
         module.main(module.Args(**settings))
@@ -115,7 +133,7 @@ def test_micro_batches_step_once_at_the_last_as_one_process(stage, two_processes
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, synthetic_file):  # noqa: F811
+def inputs(tmp_path_factory, synthetic_file, tiny_runs):  # noqa: F811
     root = tmp_path_factory.mktemp("deepspeed-inputs")
     rows = load_pairs(None)[0]["test"]
     tokenizer = models.train_tiny_tokenizer([r["chosen_text"] for r in rows[:400]], vocab_size=512)
@@ -126,7 +144,16 @@ def inputs(tmp_path_factory, synthetic_file):  # noqa: F811
         "sft_data": write_pairs(root / "sft.parquet", rows[:40], ["train"]),
         "tokenizer": tokenizer,
         "dpo_data": str(root / "marker.parquet"),
+        "policy": str(tiny_runs / "sft"),
+        # few prompts: PPO encodes every training prompt up front
+        "ppo_data": write_pairs(root / "ppo.parquet", rows[:60], ["train"]),
     }
+
+
+def ppo_run(inputs, folder: Path, batch_size: int = 8, **extra) -> dict:
+    """Two PPO updates of `batch_size` replies per process, with LoRA (the reference is the
+    policy with its adapters off, called through the engine)."""
+    return dict(ppo_settings(inputs, folder, batch_size), lora_rank=4, **extra)
 
 
 def settings(trainer: str, inputs, folder: Path, **extra) -> dict:
@@ -210,6 +237,17 @@ def two_processes(inputs):
     spec += [
         ("reward_model", zero3, settings("reward_model", inputs, resumed, stop_after=2)),
         ("reward_model", zero3, settings("reward_model", inputs, resumed, resume=True)),
+        ("ppo", deepspeed_environment(2), ppo_run(inputs, root / "ppo-2", stop_after=1)),
+        ("ppo", deepspeed_environment(2), ppo_run(inputs, root / "ppo-2", resume=True)),
+        ("ppo", zero3, ppo_run(inputs, root / "ppo-3")),
+    ]
+    spec += [
+        (
+            "ppo_minibatch",
+            deepspeed_environment(stage),
+            {"policy": inputs["policy"], "output_dir": str(root / f"ppo-step-{stage}")},
+        )
+        for stage in STAGES
     ]
     (inputs["root"] / "spec.json").write_text(json.dumps(spec))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -299,6 +337,58 @@ def test_zero3_run_interrupted_and_resumed_trains_as_one_process(one_process, tw
     )
 
 
+# ---- PPO ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_ppo_minibatch_step_under_zero_is_the_one_process_step(
+    stage, inputs, two_processes, tmp_path
+):
+    """Each process takes half of a fixed batch of rollouts (20 and 6 reply tokens) in two
+    micro-batches; the engine steps once, at the last, so the weights are the one-process
+    step's (tests/test_distributed.py checks the same step under DDP)."""
+    ppo_minibatch_step({"policy": inputs["policy"], "output_dir": str(tmp_path)})
+    one = load_file(tmp_path / "model.safetensors")
+    two = load_file(two_processes / f"ppo-step-{stage}" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name, tensor in one.items():
+        assert torch.allclose(two[name], tensor, rtol=0, atol=1e-5), name
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_ppo_under_zero_deals_out_the_prompts_resumes_and_saves(
+    stage, inputs, two_processes, tmp_path, monkeypatch
+):
+    """Under ZeRO-2 stopped after update 1 and resumed, under ZeRO-3 unbroken: per update the
+    two processes answer the one-process batch of twice the size dealt out, with generators
+    seeded apart; scoring through the engine reproduces the sampling distribution; the
+    checkpoint is DeepSpeed's and policy/ a plain causal LM, LoRA merged."""
+    from transformers import AutoModelForCausalLM
+
+    folder = two_processes / f"ppo-{stage}"
+    calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(ppo, "rollout", ppo.rollout)  # restored after the run
+        record_rollouts(ppo, calls)
+        ppo.main(ppo.Args(**ppo_run(inputs, tmp_path / "one", 16)), even_token_share)
+    ranks = [json.loads((folder / f"rollouts-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(calls) == len(ranks[0]) == len(ranks[1]) == 2
+    for update, whole in enumerate(calls):
+        halves = [ranks[rank][update]["queries"] for rank in (0, 1)]
+        assert halves[0] == whole["queries"][0::2] and halves[1] == whole["queries"][1::2]
+    assert ranks[0][0]["generator"] == calls[0]["generator"] != ranks[1][0]["generator"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert [record["update"] for record in metrics["history"]] == [1, 2]
+    assert all(record["sampling_logprob_error"] < 1e-4 for record in metrics["history"])
+    state = json.loads((run.latest_checkpoint(folder) / "state.json").read_text())
+    assert state["engine"] == "DEEPSPEED" and state["update"] == 2
+    saved = load_file(folder / "policy" / "model.safetensors")
+    assert not any("lora" in key for key in saved)
+    start = AutoModelForCausalLM.from_pretrained(inputs["policy"]).state_dict()
+    assert any(not torch.equal(saved[k], v) for k, v in start.items() if k in saved)  # it moved
+    AutoModelForCausalLM.from_pretrained(folder / "policy")
+
+
 # ---- what stays refused -------------------------------------------------------------------------
 
 
@@ -328,7 +418,7 @@ def test_the_config_gets_the_trainers_clip_and_refuses_what_they_cannot_honour(m
             scale.configure_deepspeed(plugin(3, patch, **change), 2, step)
 
 
-def test_ppo_still_refuses_deepspeed():
+def test_a_trainer_without_a_deepspeed_step_refuses_deepspeed():
     from accelerate.utils import DistributedType
 
     with pytest.raises(UsageError, match="does not yet step through it"):

@@ -40,7 +40,7 @@ from tests.test_dpo import marker_rows, write_rows
 from tests.test_ppo import SMALL, even_token_share, tiny_runs  # noqa: F401 (a fixture)
 from tests.test_reward_model import synthetic_file  # noqa: F401 (a fixture)
 from tests.test_sft import tiny_args, write_pairs
-from training import dpo, models, ppo, reward_model, scale, sft
+from training import dpo, models, ppo, reward_model, run, scale, sft
 from training.common import load_pairs
 from training.reward_model import RewardModel
 from training.rollout import PolicyAndValue
@@ -209,8 +209,13 @@ def ppo_minibatch_step(settings: dict) -> None:
     """One `ppo.minibatch_step` (plain SGD, so the step is the gradient itself) on the rows of
     fixed_experience: one process takes all of them in two micro-batches, each of two processes
     its half (rank 0 the first) in two micro-batches; the updated policy and value model are
-    saved as `model.safetensors` in settings["output_dir"]."""
-    accelerator = scale.make_accelerator("fp32")
+    saved as `model.safetensors` in settings["output_dir"]. Under FSDP and DeepSpeed too
+    (tests/test_sharded_rlhf.py, tests/test_deepspeed.py): the weights are then gathered whole
+    for the save."""
+    deepspeed = scale.DeepSpeedStep(max_grad_norm=1e6, batch_size=ROWS)  # the clip of args below
+    accelerator = scale.make_accelerator("fp32", allow_fsdp=True, deepspeed=deepspeed)
+    if accelerator.state.deepspeed_plugin is not None:  # ZeRO takes SGD when told it may
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_allow_untested_optimizer"] = True
     rank, world = accelerator.process_index, accelerator.num_processes
     policy = models.load_causal_lm(settings["policy"], models.load_tokenizer(settings["policy"]))
     torch.manual_seed(5)  # the value head's initial weights
@@ -224,13 +229,15 @@ def ppo_minibatch_step(settings: dict) -> None:
         }
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    skeleton = run.skeleton(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     args = ppo.Args(temperature=1.0, max_grad_norm=1e6)
     ppo.minibatch_step(model, optimizer, accelerator, mine, torch.arange(rows), rows // 2, args)
+    whole, _ = run.whole_model(accelerator, model, None, skeleton)
     if accelerator.is_main_process:
         output_dir = Path(settings["output_dir"])
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_model(accelerator.unwrap_model(model), output_dir / "model.safetensors")
+        save_model(whole, output_dir / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from hhdata.schema import PAIR_SCHEMA, pair_id
 from tests.test_scale import count_calls
 from training import models, scale
 from training.common import UsageError, load_pairs, parse_args, run_cli
-from training.dpo import Args, dpo_loss, frozen_reference, main
+from training.dpo import Args, all_logprobs, dpo_loss, main, reference_logprobs
 from training.fast import (
     ReplyLogprobs,
     accumulate_reply_loss,
@@ -353,7 +353,6 @@ def tiny_pairs():
 
 def test_the_reference_with_adapters_off_equals_a_frozen_sft_copy(tiny_pairs):
     tokenizer, pairs = tiny_pairs
-    args = Args(policy=models.TINY, seed=5)
     accelerator = scale.make_accelerator("fp32")
     policy = models.load_causal_lm(models.TINY, tokenizer, seed=5)  # the SFT weights
     lora = scale.add_lora(policy, rank=4, alpha=8)
@@ -361,11 +360,11 @@ def test_the_reference_with_adapters_off_equals_a_frozen_sft_copy(tiny_pairs):
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.2)
-    shared = frozen_reference(policy, lora, args, tokenizer, accelerator)
-    separate = frozen_reference(policy, None, args, tokenizer, accelerator)  # another copy
+    separate = ReplyLogprobs(models.load_causal_lm(models.TINY, tokenizer, seed=5))  # a copy
     pad = tokenizer.pad_token_id
-    expected = separate(pairs, pad, True, 4)
-    torch.testing.assert_close(shared(pairs, pad, True, 4), expected, atol=1e-5, rtol=0)
+    expected = all_logprobs(separate, pairs, pad, True, 4, accelerator)
+    shared = reference_logprobs(ReplyLogprobs(policy), lora, pairs, pad, True, 4, accelerator)
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=0)
     with torch.no_grad():
         adapted = pair_logprobs(ReplyLogprobs(policy), pairs, pad, True, "cpu")
     assert (adapted - expected).abs().max() > 0.1  # the adapters are on for the policy itself
@@ -386,8 +385,8 @@ def test_in_bf16_the_reference_runs_under_the_policys_autocast(tiny_pairs):
         in_bf16 = pair_logprobs(scorer, pairs, pad, True, "cpu")
         in_fp32 = pair_logprobs(ReplyLogprobs(policy), pairs, pad, True, "cpu")
     assert not torch.equal(in_bf16, in_fp32)  # autocast acts on the policy
-    reference = frozen_reference(policy, lora, Args(policy=models.TINY), tokenizer, accelerator)
-    assert torch.equal(reference(pairs, pad, True, 4), in_bf16)
+    reference = reference_logprobs(scorer, lora, pairs, pad, True, 4, accelerator)
+    assert torch.equal(reference, in_bf16)
 
 
 def test_gradient_checkpointing_gives_the_dpo_gradients(tiny_pairs):

@@ -57,3 +57,36 @@ def test_reply_only_logits_equal_full_sequence_logits(policy_and_queries):
         plain = reply_logprobs_reference(policy, sequence, at, responses, 0.7)
     for got, expected in zip(fast, plain):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+class InStepWithOthers:
+    """The policy as a sharded one looks to fast.sample: `all_finished` says the other
+    processes still sample until this one has run `passes` forward passes."""
+
+    def __init__(self, policy, passes: int):
+        self.policy, self.passes, self.calls = policy, passes, 0
+
+    def __call__(self, **inputs):
+        self.calls += 1
+        return self.policy(**inputs)
+
+    def all_finished(self, finished: bool) -> bool:
+        return finished and self.calls >= self.passes
+
+
+def test_a_process_done_first_runs_on_without_drawing_until_all_are_done(policy_and_queries):
+    """Under FSDP every pass is a collective: a process whose replies are done keeps running
+    passes until the others are, and its replies, log-probs and generator are what they are
+    alone (it draws nothing more)."""
+    policy, ids, mask = policy_and_queries
+    ids, mask = ids[:1], mask[:1]
+    stop = third_token_of_the_first_reply(policy, ids, mask, seed=3)
+    alone, synced = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    counted = InStepWithOthers(policy, passes=1)
+    expected = sample(counted, ids, mask, 10, 0.7, stop, alone)
+    assert counted.calls == 3  # the prompt, then after the first two tokens: stopped at the third
+    in_step = InStepWithOthers(policy, passes=6)
+    got = sample(in_step, ids, mask, 10, 0.7, stop, synced)
+    assert in_step.calls == 6
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(synced.get_state(), alone.get_state())

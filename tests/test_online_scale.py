@@ -17,7 +17,7 @@ from hhdata.io.read import bundled_sample_path
 from hhdata.pipeline import build_release
 from tests.test_online import TEST, TRAIN, loop_args
 from training import online, ppo, reward_model, sft
-from training.common import parse_args, run_cli
+from training.common import UsageError, parse_args, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -118,6 +118,19 @@ def test_a_missing_launch_config_is_one_line_before_anything_runs(tmp_path, caps
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--launch-config nowhere.yaml: no such file" in error
     assert not work_dir.exists()
+
+
+@pytest.mark.parametrize("config", ["fsdp.yaml", "deepspeed-zero3.yaml"])
+def test_a_sharded_launch_config_needs_one_reward_model_batch_per_process(config):
+    """FSDP and DeepSpeed run as many passes on every process: the reward model refuses
+    micro-batches cut by each process's lengths, so the loop refuses the config before round 1
+    unless --rm-micro-batch-cost -1, which reaches the reward model's Args."""
+    path = f"training/configs/{config}"
+    with pytest.raises(UsageError, match="add --rm-micro-batch-cost -1"):
+        online.check_launch(online.Args(launch_config=path))
+    args = online.Args(launch_config=path, rm_micro_batch_cost=-1)
+    online.check_launch(args)
+    assert online.trainer_args(reward_model.Args, args, "rm_").micro_batch_cost == -1
 
 
 def test_a_failed_launch_is_one_line_naming_the_step_and_its_log(tmp_path):

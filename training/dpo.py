@@ -19,12 +19,13 @@ margins per family and subset (``training/preference_eval.py``).
 
 The scale flags (``training/scale.py``: ``--precision``, ``--gradient-checkpointing``,
 ``--lora-rank``) apply; under LoRA the reference is the policy with its adapters off, so one
-copy of the SFT weights serves both, and the saved policy is merged. DPO runs under DDP and
-DeepSpeed ZeRO-2/3 (with ``--micro-batch-cost -1``) and refuses FSDP (docs/scaling.md).
+copy of the SFT weights serves both, and the saved policy is merged. DPO runs under DDP, FSDP and
+DeepSpeed ZeRO-2/3 (the last two with ``--micro-batch-cost -1``; docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -254,31 +255,22 @@ def all_logprobs(
     return gathered.view(world, -1, 2).transpose(0, 1).reshape(-1, 2)[: len(pairs)].cpu()
 
 
-def frozen_reference(policy, lora, args: Args, tokenizer, accelerator):
-    """The frozen reference (the SFT policy the run starts from) as a function of (pairs,
-    pad_id, share_prefix, batch_size) that returns their summed log-probs, like all_logprobs.
+def reference_logprobs(
+    scorer, lora, pairs, pad_id: int, share_prefix: bool, batch_size: int, accelerator
+) -> torch.Tensor:
+    """Summed log-probs of (chosen, rejected) of `pairs` under the frozen reference, shape
+    [pairs, 2], computed through the prepared `scorer` before the policy's first step.
 
-    With LoRA it is the policy with its adapters off (scale.AdapterDisabled): one copy of the
-    weights serves both, as TRL does with peft. Without, a second frozen copy of the SFT
-    weights. Either runs under the run's autocast, as the policy does, so the two agree at
-    step 0 in bf16 too.
+    The reference is the SFT policy the run starts from, which is the policy before it trains:
+    with LoRA, the policy with its adapters off (peft's disable_adapter; one copy of the
+    weights serves both, as TRL does); without, the policy itself, before the first step (and
+    before a resumed run loads its checkpoint), so no second copy is held. Through the
+    prepared scorer under the run's autocast, as the policy's passes, so the two agree at step
+    0 in bf16 too, and under FSDP the passes gather the shards like the policy's.
     """
-    if lora is not None:
-        base = scale.AdapterDisabled(policy, lora)
-        scorer = ReplyLogprobs(policy)
-        run_reference = functools.partial(base.without_adapters, all_logprobs, scorer)
-    else:
-        reference = models.load_causal_lm(args.policy, tokenizer, seed=args.seed)
-        run.disable_dropout(reference)
-        reference.requires_grad_(False).eval().to(accelerator.device)
-        run_reference = functools.partial(all_logprobs, ReplyLogprobs(reference))
-
-    def reference_logprobs(pairs, pad_id: int, share_prefix: bool, batch_size: int):
-        """Summed log-probs of (chosen, rejected) of `pairs` under the reference, [pairs, 2]."""
-        with accelerator.autocast():
-            return run_reference(pairs, pad_id, share_prefix, batch_size, accelerator)
-
-    return reference_logprobs
+    adapters = lora.disable_adapter() if lora is not None else contextlib.nullcontext()
+    with adapters, accelerator.autocast():
+        return all_logprobs(scorer, pairs, pad_id, share_prefix, batch_size, accelerator)
 
 
 # ---- the model card --------------------------------------------------------------------------
@@ -335,13 +327,16 @@ def main(args: Args) -> dict:
         raise UsageError("--label-smoothing applies to --loss sigmoid only; drop one of them")
     output_dir = Path(args.output_dir)
     accelerator = scale.make_accelerator(
-        args.precision, deepspeed=scale.DeepSpeedStep(args.max_grad_norm, args.batch_size)
+        args.precision,
+        allow_fsdp=True,
+        deepspeed=scale.DeepSpeedStep(args.max_grad_norm, args.batch_size),
     )
     world = accelerator.num_processes
     if run.sharded(accelerator) and args.micro_batch_cost >= 0:
         raise UsageError(
-            f"--micro-batch-cost {args.micro_batch_cost} under DeepSpeed: every process must run "
-            "as many passes as the others (each pass reduces the gradients across them); pass "
+            f"--micro-batch-cost {args.micro_batch_cost} under FSDP or DeepSpeed: every process "
+            "must run as many passes as the others (each pass gathers the layers or reduces the "
+            "gradients across them); pass "
             "--micro-batch-cost -1"
         )
     if args.batch_size % world:
@@ -406,24 +401,29 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(
         scale.trainable_parameters(policy), lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    state = {"step": 0, "log": []}
-    skeleton = run.skeleton(accelerator, ReplyLogprobs(policy), lora)  # DeepSpeed: final save
-    scorer, optimizer = accelerator.prepare(ReplyLogprobs(policy), optimizer)
-    if checkpoint is not None:  # after prepare: under DeepSpeed it loads into the engine
-        state = run.load_checkpoint(checkpoint, {"policy": policy}, optimizer, accelerator)
-    reference_logprobs_of = frozen_reference(policy, lora, args, tokenizer, accelerator)
-    writer = run.tensorboard(output_dir, state["step"] + 1, accelerator)
+    scorer = ReplyLogprobs(policy)
+    skeleton = run.skeleton(accelerator, scorer, lora)  # sharded: where the final save gathers
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
 
-    # 3. the reference's log-probs, once per pair the run trains on: it is frozen, so every
-    # epoch reuses them
+    # 3. the reference's log-probs, once per pair the run trains on and per held-out pair: it is
+    # frozen, so every epoch reuses them; computed by the policy before its first step
+    # (reference_logprobs), so a resumed run loads its checkpoint only after
+    def reference_of(pairs: list) -> torch.Tensor:
+        return reference_logprobs(
+            scorer, lora, pairs, pad_id, share_prefix, args.eval_batch_size, accelerator
+        )
+
+    reference_eval = reference_of(eval_pairs)
     started, cpu_started = time.perf_counter(), time.process_time()
     used = sorted({i for s in range(total_steps) for i in step_batch(s, len(train_pairs), args)})
-    reference_logprobs = torch.full((len(train_pairs), 2), math.nan)  # shape: [pairs, 2]
-    reference_logprobs[used] = reference_logprobs_of(
-        [train_pairs[i] for i in used], pad_id, share_prefix, args.eval_batch_size
-    )
-    reference_logprobs = reference_logprobs.to(accelerator.device)
+    reference = torch.full((len(train_pairs), 2), math.nan)  # shape: [pairs, 2]
+    reference[used] = reference_of([train_pairs[i] for i in used])
+    reference = reference.to(accelerator.device)
     tokens = tokens.to(accelerator.device)
+    state = {"step": 0, "log": []}
+    if checkpoint is not None:
+        state = run.load_checkpoint(checkpoint, {"policy": policy}, optimizer, accelerator)
+    writer = run.tensorboard(output_dir, state["step"] + 1, accelerator)
 
     # 4. train: each step takes the next batch of a seeded per-epoch permutation
     scorer.train()
@@ -438,7 +438,7 @@ def main(args: Args) -> dict:
         def loss_fn(logprobs, group, batch_pairs, mine=mine):
             """This micro-batch's share of the batch's DPO loss."""
             picked = torch.tensor([mine[i] for i in group], device=logprobs.device)
-            return dpo_loss(logprobs, reference_logprobs[picked], tokens[picked], args, batch_pairs)
+            return dpo_loss(logprobs, reference[picked], tokens[picked], args, batch_pairs)
 
         # the loss's gradient accumulated over micro-batches of similar length (the same as
         # one padded batch; fast.accumulate_reply_loss)
@@ -459,7 +459,7 @@ def main(args: Args) -> dict:
         optimizer.zero_grad()
         trained += len(batch)
         rewards = accelerator.gather(
-            implicit_rewards(logprobs, reference_logprobs[mine], args.beta)
+            implicit_rewards(logprobs, reference[mine], args.beta)
         )  # shape: [batch, 2]
         margins = rewards[:, 0] - rewards[:, 1]
         record = {
@@ -488,7 +488,6 @@ def main(args: Args) -> dict:
     policy_eval = all_logprobs(
         scorer, eval_pairs, pad_id, share_prefix, args.eval_batch_size, accelerator
     )
-    reference_eval = reference_logprobs_of(eval_pairs, pad_id, share_prefix, args.eval_batch_size)
     rewards = implicit_rewards(policy_eval, reference_eval, args.beta)  # shape: [pairs, 2]
     margins = rewards[:, 0] - rewards[:, 1]
     metrics = evaluation_metrics(eval_rows, margins, args.calibration_bins)
@@ -503,11 +502,11 @@ def main(args: Args) -> dict:
         "pairs_per_cpu_second": trained / cpu_seconds if trained else None,
         "cpu_seconds": cpu_seconds,
     }
-    trained, lora = run.whole_model(accelerator, scorer, lora, skeleton)
+    whole, lora = run.whole_model(accelerator, scorer, lora, skeleton)
     if accelerator.is_main_process:
         final = output_dir / "policy"
         scale.merge_lora(lora)  # a plain causal LM is saved, whatever trained
-        trained.model.save_pretrained(final, safe_serialization=True)
+        whole.model.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         run.write_json(output_dir / "metrics.json", metrics)
         save_plots(output_dir, margins, eval_rows, metrics, state["log"])

@@ -260,7 +260,13 @@ def sample(
     the queries: their key-value cache is repeated, not recomputed. Row i * copies + k is
     query i's k-th reply; the same as sampling `ids.repeat_interleave(copies, 0)` (a test
     checks it).
+
+    A model whose every forward pass is a collective of all processes (a policy sharded by
+    FSDP, rollout.PreparedPolicy) has ``all_finished(finished) -> bool``: the early stop then
+    waits until every process's replies are done, a process whose own are done running on
+    (drawing nothing, so its tokens and generator are what they would be alone) until then.
     """
+    all_finished = getattr(model, "all_finished", bool)
     # left padding: the first real token is position 0
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     # logits_to_keep=1: only the last prompt position samples, so only it needs the output layer
@@ -277,14 +283,17 @@ def sample(
     logprobs = torch.zeros(tokens.shape, device=ids.device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     position = positions[:, -1:]
+    token = tokens[:, 0]  # what a process already done feeds while the others finish
     for t in range(response_length):
-        logits = output.logits[:, -1].float() / temperature  # shape: [batch, vocab]
-        token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-        step_logprobs = F.log_softmax(logits, dim=-1)
-        tokens[:, t] = torch.where(done, stop_id, token)
-        logprobs[:, t] = step_logprobs.gather(1, tokens[:, t : t + 1]).squeeze(1)
-        done |= token == stop_id
-        if done.all() or t + 1 == response_length:
+        if not done.all():
+            logits = output.logits[:, -1].float() / temperature  # shape: [batch, vocab]
+            token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            token = token.squeeze(1)
+            step_logprobs = F.log_softmax(logits, dim=-1)
+            tokens[:, t] = torch.where(done, stop_id, token)
+            logprobs[:, t] = step_logprobs.gather(1, tokens[:, t : t + 1]).squeeze(1)
+            done |= token == stop_id
+        if all_finished(bool(done.all())) or t + 1 == response_length:
             break
         mask, position = F.pad(mask, (0, 1), value=1), position + 1
         output = model(
@@ -413,6 +422,17 @@ class ReplyLogprobs(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The model's layer classes, which FSDP (accelerate's transformer-layer wrapping)
+        shards one by one."""
+        return list(getattr(self.model, "_no_split_modules", None) or [])
+
+    def tie_weights(self) -> None:
+        """Tie the model's embeddings and output layer again (accelerate calls it when FSDP
+        loads the weights, which unties them)."""
+        self.model.tie_weights()
 
     def forward(self, input_ids, attention_mask, position_ids, at, targets, slot):
         decoder = self.model.get_decoder()

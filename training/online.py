@@ -154,6 +154,9 @@ class Args(scale.ScaleArgs, vllm_generation.GeneratorArgs):
     """reward model: most tokens of prompt + reply"""
     rm_max_eval_pairs: int | None = None
     """reward model: evaluate on only the first N held-out pairs"""
+    rm_micro_batch_cost: int = 64
+    """reward model: padded-token cost allowed per extra micro-batch (-1: one padded batch per
+    process per step, which --launch-config with an FSDP or DeepSpeed config needs)"""
     ppo_total_episodes: int = 256
     """PPO: prompts answered over the run"""
     ppo_batch_size: int = 16
@@ -678,7 +681,7 @@ def check_launch(args: Args) -> None:
     from accelerate.commands.config.config_args import load_config_from_file
 
     try:  # accelerate's own reading of it, as its launcher reads it
-        load_config_from_file(args.launch_config)
+        config = load_config_from_file(args.launch_config)
     except FileNotFoundError:
         raise UsageError(
             f"--launch-config {args.launch_config}: no such file; pass an accelerate config such "
@@ -689,6 +692,12 @@ def check_launch(args: Args) -> None:
             f"--launch-config {args.launch_config}: accelerate cannot read it as a config "
             f"({' '.join(str(error).split())})"
         ) from None
+    engine = getattr(config.distributed_type, "value", config.distributed_type)  # a str enum
+    if engine in ("FSDP", "DEEPSPEED") and args.rm_micro_batch_cost >= 0:
+        raise UsageError(  # the reward model would refuse it mid-round, after the release
+            f"--launch-config {args.launch_config} shards the models ({engine}): "
+            "every process must run as many passes per step; add --rm-micro-batch-cost -1"
+        )
 
 
 def free_port() -> int:

@@ -28,7 +28,7 @@ from safetensors.torch import save_model
 
 from hhdata.errors import HhDataError
 from training import models, run, scale, vllm_generation
-from training.common import choose_split, load_pairs, run_cli
+from training.common import UsageError, choose_split, load_pairs, run_cli
 from training.fast import reply_logprobs, sample
 from training.ppo_eval import (
     evaluate,
@@ -43,6 +43,7 @@ from training.ppo_eval import (
 from training.reward_model import RewardModel, load_reward_model
 from training.rollout import (
     PolicyAndValue,
+    PreparedPolicy,
     fit_query,
     make_scorer,
     query_limit,
@@ -306,7 +307,7 @@ def minibatch_step(
                 new_values, experience.values[i], experience.returns[i], mask[i], args.vf_clip_coef
             )
             loss = pg_loss + args.vf_coef * vf_loss
-            accelerator.backward(loss * share)
+            scale.backward(accelerator, loss * share, last)  # DeepSpeed: clips, steps at last
         parts = (pg_loss.detach(), vf_loss.detach(), pg_clipfrac, vf_clipfrac, approx_kl)
         for name, value in zip(sums, parts):
             sums[name] = sums[name] + value * share
@@ -327,10 +328,6 @@ def main(args: Args, score_fn=None) -> dict:
     from the policy's own backbone.
     """
     vllm_generation.require(args.generator)
-    accelerator = scale.make_accelerator(args.precision)
-    device = accelerator.device
-    output_dir = Path(args.output_dir)
-    num_updates = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     mini_batch_size = exact_div(
         args.batch_size, args.num_mini_batches, "--batch-size / --num-mini-batches"
     )
@@ -339,6 +336,22 @@ def main(args: Args, score_fn=None) -> dict:
         args.gradient_accumulation_steps,
         "--batch-size / --num-mini-batches / --gradient-accumulation-steps",
     )
+    # DeepSpeed's engine clips at --max-grad-norm and steps at the last micro-batch of each
+    # minibatch (minibatch_step); the batch it is told of only labels its throughput reports
+    accelerator = scale.make_accelerator(
+        args.precision,
+        allow_fsdp=True,
+        deepspeed=scale.DeepSpeedStep(args.max_grad_norm, micro_batch_size),
+    )
+    if run.sharded(accelerator) and args.generator == "vllm":
+        raise UsageError(
+            "--generator vllm under FSDP or DeepSpeed: the engine needs the policy's whole "
+            "weights, which these launches keep in shards; launch with "
+            "training/configs/ddp.yaml or drop --generator"
+        )
+    device = accelerator.device
+    output_dir = Path(args.output_dir)
+    num_updates = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     if num_updates < 1:
         raise HhDataError(
             f"--total-episodes {args.total_episodes} is less than one batch of "
@@ -424,11 +437,9 @@ def main(args: Args, score_fn=None) -> dict:
         scale.enable_gradient_checkpointing(value_model.backbone)
     policy_lora = scale.maybe_add_lora(policy, args)
     value_lora = scale.maybe_add_lora(value_model.backbone, args)  # its head trains in full
-    if policy_lora is not None:
-        # the frozen reference is the SFT policy, which is the policy with its adapters off: one
-        # copy of the weights serves both (as TRL does with peft)
-        reference = scale.AdapterDisabled(policy, policy_lora)
-    else:
+    if policy_lora is None:
+        # the frozen reference: a second copy of the SFT weights, whole on every process (under
+        # FSDP too: only the trained models are sharded)
         reference = models.load_causal_lm(args.policy, tokenizer).requires_grad_(False)
         run.disable_dropout(reference)
         reference.eval().to(device)
@@ -458,11 +469,26 @@ def main(args: Args, score_fn=None) -> dict:
     )
     kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
     state = {"update": 0, "history": [], "held_out": [], "reward_mean": 0.0, "reward_std": 1.0}
+    loras = (policy_lora, value_lora)
+    skeleton = run.skeleton(accelerator, model, loras)  # FSDP: where the final save gathers
+    model, optimizer = accelerator.prepare(model, optimizer)
+    modules = {"policy": policy, "value": value_model}  # what a checkpoint holds
     if resume_from is not None:
-        modules = {"policy": policy, "value": value_model}
         state = run.load_checkpoint(resume_from, modules, optimizer, accelerator, generator)
         kl_controller.value = state["kl_coef"]
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if run.sharded(accelerator):
+        # FSDP, DeepSpeed: sampling and the reference's scoring call the policy through the
+        # prepared module (its forward gathers the sharded weights, FSDP's or ZeRO-3's; every
+        # process runs as many passes)
+        policy = PreparedPolicy(model, accelerator)
+    if policy_lora is not None:
+        # the frozen reference is the SFT policy, which is the policy with its adapters off: one
+        # copy of the weights serves both (as TRL does with peft)
+        reference = (
+            PreparedPolicy(model, accelerator, policy_lora)
+            if run.sharded(accelerator)
+            else scale.AdapterDisabled(policy, policy_lora)
+        )
     # the training rollouts' sampler: transformers' (fast.sample) or a vLLM engine holding the
     # policy's current weights, pushed again after every update (held-out scoring stays on
     # transformers: it samples the reference too, on the same random numbers)
@@ -683,7 +709,6 @@ def main(args: Args, score_fn=None) -> dict:
                 paused + time.perf_counter() - clock,
                 paused_cpu + time.process_time() - cpu_clock,
             )
-            modules = {"policy": policy, "value": value_model}
             run.save_checkpoint(
                 output_dir, update + 1, modules, optimizer, accelerator, state, generator
             )
@@ -729,13 +754,14 @@ def main(args: Args, score_fn=None) -> dict:
             if seconds
             else None
         )
+    trained, loras = run.whole_model(accelerator, model, loras, skeleton)
     if accelerator.is_main_process:
         final = output_dir / "policy"
-        scale.merge_lora(policy_lora)  # plain transformers models are saved
-        scale.merge_lora(value_lora)
-        policy.save_pretrained(final, safe_serialization=True)
+        for lora in loras:
+            scale.merge_lora(lora)  # plain transformers models are saved
+        trained.policy.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
-        save_model(value_model, output_dir / "value.safetensors")
+        save_model(trained.value_model, output_dir / "value.safetensors")
         run.write_json(output_dir / "metrics.json", metrics)
         save_plots(output_dir, state["history"], state["held_out"])
         write_card(final, settings, evaluation)

@@ -8,6 +8,8 @@ The sampler itself (key-value cache, beside its plain reference) is in training.
 
 from __future__ import annotations
 
+import functools
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -147,16 +149,86 @@ def rollout(
 
 
 class PolicyAndValue(torch.nn.Module):
-    """Policy and value model as one module, so one `accelerator.prepare` (DDP) wraps both."""
+    """Policy and value model as one module, so one `accelerator.prepare` (DDP, FSDP) wraps
+    both.
+
+    Called plainly it scores replies for PPO's loss. Called with `part`, it runs one part of the
+    policy instead (``"policy"``: the causal LM, for sampling; ``"decoder"``,
+    ``"output_embeddings"``: its two halves, for reply_logprobs): under FSDP every call of the
+    policy must enter through this module's forward, which gathers the weights FSDP keeps at
+    this level (PreparedPolicy makes those calls).
+    """
 
     def __init__(self, policy, value_model):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, ids, mask, at, responses, temperature: float):
-        """Reply log-probabilities, entropies and values, each of shape [batch, response_length]."""
+    def forward(self, *inputs, part: str | None = None, **options):
+        """Reply log-probabilities, entropies and values, each of shape [batch, response_length],
+        from (ids, mask, at, responses, temperature); or `part` of the policy on `inputs`."""
+        if part == "policy":
+            return self.policy(*inputs, **options)
+        if part == "decoder":
+            return self.policy.get_decoder()(*inputs, **options)
+        if part == "output_embeddings":
+            return self.policy.get_output_embeddings()(*inputs, **options)
+        ids, mask, at, responses, temperature = inputs
         logprobs, entropy = reply_logprobs(self.policy, ids, at, responses, temperature)
         return logprobs, entropy, per_token_values(self.value_model, ids, mask, at)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The layer classes of policy and value model, which FSDP (accelerate's
+        transformer-layer wrapping) shards one by one."""
+        backbone = self.value_model.backbone
+        return sorted(
+            set(getattr(self.policy, "_no_split_modules", None) or [])
+            | set(getattr(backbone, "_no_split_modules", None) or [])
+        )
+
+    def tie_weights(self) -> None:
+        """Tie the policy's embeddings and output layer again (accelerate calls it when FSDP
+        loads the weights, which unties them)."""
+        self.policy.tie_weights()
+
+
+class PreparedPolicy:
+    """The policy inside a prepared PolicyAndValue, as sampling (fast.sample) and scoring
+    (fast.reply_logprobs) call a causal LM, every call made through the prepared module's
+    forward (``part``), with no gradient; with `lora` (add_lora's handle), the adapters off:
+    the frozen reference.
+
+    For FSDP, where a pass of the policy is a collective: every call enters through the root
+    module, which gathers the weights it keeps (embeddings, output layer) while each decoder
+    layer gathers its own, and `all_finished` makes sampling run as many passes on every
+    process.
+    """
+
+    def __init__(self, prepared, accelerator, lora=None):
+        self.prepared, self.accelerator, self.lora = prepared, accelerator, lora
+        self.config = accelerator.unwrap_model(prepared).policy.config
+
+    def run(self, part: str, *inputs, **options):
+        """`part` of the policy (PolicyAndValue.forward) on `inputs`, without gradient."""
+        adapters = self.lora.disable_adapter() if self.lora is not None else nullcontext()
+        with torch.no_grad(), adapters:
+            return self.prepared(*inputs, part=part, **options)
+
+    def __call__(self, *inputs, **options):
+        return self.run("policy", *inputs, **options)
+
+    def get_decoder(self):
+        """The decoder stack, called through the prepared module."""
+        return functools.partial(self.run, "decoder")
+
+    def get_output_embeddings(self):
+        """The output layer, called through the prepared module."""
+        return functools.partial(self.run, "output_embeddings")
+
+    def all_finished(self, finished: bool) -> bool:
+        """Whether every process's replies are done (an all-reduce; fast.sample)."""
+        flag = torch.tensor(float(not finished), device=self.accelerator.device)
+        return self.accelerator.reduce(flag, "max").item() == 0
 
 
 def per_token_values(value_model, ids, mask, at) -> torch.Tensor:

@@ -288,6 +288,12 @@ def whole_model(accelerator, prepared: torch.nn.Module, lora, skeleton: tuple | 
     if not accelerator.is_main_process:
         return None, None
     model, copied_lora = skeleton
+    # a weight gathered from shards of a padded dimension (a head of one row on two processes)
+    # is a view into a larger buffer, which safetensors refuses to save: copied alone
+    weights = {
+        name: tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+        for name, tensor in weights.items()
+    }
     model.load_state_dict(weights, assign=True)
     from transformers import PreTrainedModel
 

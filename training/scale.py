@@ -20,10 +20,11 @@ Data parallelism comes from the accelerate config a run is launched with
 docs/scaling.md), not from flags. Under FSDP and DeepSpeed the checkpoints go through
 accelerate's engine and the final save gathers the weights (training/run.py).
 ``make_accelerator`` accepts FSDP only for the trainers that call their model through the one
-prepared module (reward model, SFT), and DeepSpeed only for the trainers that pass it a
-``DeepSpeedStep`` (reward model, SFT, DPO): DeepSpeed's engine clips and steps the optimizer
-itself, inside the backward pass that ends a step (``backward``), and is told the trainer's
-clip there (``refuse_sharding`` says what each refuses).
+prepared module (all four: PPO and DPO route generation and the reference through it), and
+DeepSpeed only for the trainers that pass it a ``DeepSpeedStep`` (all four): DeepSpeed's
+engine clips and steps the optimizer itself, inside the backward pass that ends a step
+(``backward``), and is told the trainer's clip there (``refuse_sharding`` says what each
+refuses).
 
 >>> lora_targets("llama")
 ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
@@ -209,10 +210,11 @@ def refuse_sharding(
     - DeepSpeed (training/configs/deepspeed-zero*.yaml) unless `allow_deepspeed`: under
       accelerate DeepSpeed's engine steps the optimizer inside the backward pass, so a trainer
       must end each step with ``backward`` and hand its clip to the engine (make_accelerator's
-      ``deepspeed``); PPO does not yet (its gradient accumulation, its two models).
-    - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: PPO and DPO call their policy
-      outside the prepared module (generation, the reference as the policy with its adapters
-      off), where FSDP's parameters are shards.
+      ``deepspeed``); every trainer does.
+    - FSDP (training/configs/fsdp.yaml) unless `allow_fsdp`: code that calls its model outside
+      the prepared module (generation, a reference as the policy with its adapters off), where
+      FSDP's parameters are shards. PPO and DPO make those calls through it
+      (rollout.PreparedPolicy, dpo.reference_logprobs), so every trainer allows it.
     """
     if distributed_type == DistributedType.DEEPSPEED and not allow_deepspeed:
         raise UsageError(
