@@ -4,15 +4,22 @@ A release build allocates and frees hundreds of arrays of 100-500 MB (columns of
 shingle hashes). With pyarrow's default mimalloc pool and numpy asking the kernel for
 transparent huge pages, the kernel spends seconds faulting in and zeroing fresh pages
 (measured in bench/release_build.md). Inside ``large_run()`` Arrow's default pool is
-hhdata._arrow.ARROW_POOL (jemalloc, which reuses freed pages) and numpy does not advise huge
-pages. Both are performance hints only: no result depends on them. The previous settings
-come back when the last concurrent large run ends. Entry points enter it once: ``hhdata
-build``, ``hhdata dedup`` and hhdata.pipeline.build_release; the stages below do not.
+hhdata._arrow.ARROW_POOL (jemalloc, which reuses freed pages), numpy does not advise huge
+pages, and, where the C library is glibc, its malloc keeps up to 256 MiB of freed memory at
+the top of its heap for reuse instead of handing it back at once (glibc's default, a
+threshold that follows the largest block freed, made a near stage's temporary arrays be
+faulted in and zeroed again and again: bench/scale.md, "Where the system time went").
+All are performance hints only: no result depends on them. The previous settings come
+back when the last concurrent large run ends, and what malloc kept is handed back then
+(and by ``give_back``, which the near stage and hhdata.pipeline call where their working
+set shrinks). Entry points enter it once: ``hhdata build``, ``hhdata dedup`` and
+hhdata.pipeline.build_release; the stages below do not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numpy as np
@@ -33,6 +40,47 @@ def _set_hugepage(enabled: bool) -> bool | None:
     return switch(enabled) if switch is not None else None
 
 
+# glibc's mallopt parameters, and their defaults (mallopt(3))
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DEFAULT_THRESHOLDS = (128 * 1024, 128 * 1024)
+# inside a large run (mmap, trim): blocks from 32 MiB up are mapped on their own and
+# unmapped when freed (glibc's largest automatic threshold), smaller ones come from the
+# heap, whose free top is handed back past 256 MiB. Measured at 850k dense pairs
+# (bench/scale.md): 1 GiB for both saved more system time but raised the peak by 8%
+_LARGE_THRESHOLDS = (32 << 20, 256 << 20)
+
+
+@functools.cache
+def _glibc():
+    """The process's glibc (the symbols the running program sees), or None elsewhere."""
+    import ctypes  # here: `hhdata --help` need not load it
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
+        return libc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def _set_malloc_thresholds(mmap: int, trim: int) -> bool:
+    """Set glibc malloc's mmap and trim thresholds (mallopt); False where not glibc or
+    refused."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap) and libc.mallopt(_M_TRIM_THRESHOLD, trim))
+
+
+def give_back() -> None:
+    """Hand the free memory malloc keeps back to the system (glibc's malloc_trim): called
+    where a large run's working set shrinks, so what one stage freed does not sit under
+    the next one's peak."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def large_run():
     """Use allocator settings that suit hhdata's large arrays while the block runs."""
@@ -42,6 +90,7 @@ def large_run():
         if _depth == 0:
             _saved = (pa.default_memory_pool(), _set_hugepage(False))
             pa.set_memory_pool(ARROW_POOL)
+            _set_malloc_thresholds(*_LARGE_THRESHOLDS)
         _depth += 1
     try:
         yield
@@ -53,3 +102,7 @@ def large_run():
                 pa.set_memory_pool(pool)
                 if hugepage is not None:
                     _set_hugepage(hugepage)
+                # glibc's own thresholds move with use; once set they stay put, so the
+                # defaults are set back as fixed values
+                _set_malloc_thresholds(*_DEFAULT_THRESHOLDS)
+                give_back()

@@ -174,6 +174,7 @@ class AfterWriting:
     def result(self) -> dict:
         """The check's result, made now the first time."""
         if self._check is not None:
+            memory.give_back()  # what malloc kept of the writing, before the check's peak
             self._result = self._check(*self._arguments)
             self._check, self._arguments = None, ()
         return self._result

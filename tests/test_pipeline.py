@@ -394,6 +394,36 @@ def test_large_run_swaps_allocator_settings_and_restores_them_after_nesting():
     assert current == memory._saved[1]  # the huge-page advice came back as it was
 
 
+def test_large_run_reuses_freed_arrays_instead_of_faulting_in_fresh_pages():
+    # glibc's default gives back the free top of its heap past a threshold that follows the
+    # largest block freed, so arrays of 16 MiB made and freed in turn were faulted in and
+    # zeroed by the kernel every time (bench/scale.md, "Where the system time went")
+    import resource
+
+    import numpy as np
+
+    from hhdata import memory
+
+    if memory._glibc() is None:
+        pytest.skip("not glibc: large_run leaves malloc alone")
+
+    def faults_of_reuse(rounds: int = 8, values: int = 2 << 20) -> int:
+        np.ones(values)
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        for _ in range(rounds):
+            a = np.ones(values)
+            b = a + 1.0
+            del a, b
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+    pages = (2 << 20) * 8 // resource.getpagesize()  # of one array
+    with memory.large_run():
+        inside = faults_of_reuse()
+    # 16 arrays made: at most the first few are faulted in (glibc's default: most of them)
+    assert inside < 4 * pages
+    memory.give_back()
+
+
 def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsys):
     empty, broken = tmp_path / "empty" / "harmless-base", tmp_path / "broken" / "harmless-base"
     empty.mkdir(parents=True)

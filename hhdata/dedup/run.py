@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hhdata import memory
 from hhdata import progress as bars
 from hhdata._arrow import (
     code_points,
@@ -785,6 +786,7 @@ def _deduplicate(
                 order, settings, inputs, identity, advance, stream, folder
             )
         del inputs
+        memory.give_back()  # what malloc kept of the near stage's arrays (hhdata.memory)
         for local, (kept_local, sim) in dropped.items():
             row = order[local]
             reason[row], kept_index[row], similarity[row] = NEAR_DUPLICATE, order[kept_local], sim
