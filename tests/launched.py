@@ -65,6 +65,33 @@ def main(argv: list[str]) -> None:
             print(f"run {number}: {json.dumps(result if 'stopped_after' in result else 'done')}")
 
 
+def two_processes(*command: str, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run `command` (this script and its arguments, or ``-m MODULE ARGS...``) in two CPU
+    processes over gloo with torch.distributed.run, one thread each, from the repository, with
+    `env` added to the environment; the finished process, its output captured."""
+    import subprocess
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += ["--nproc_per_node", "2"]
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": root,
+        "ACCELERATE_USE_CPU": "true",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [*launcher, *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        cwd=root,
+    )
+
+
 if __name__ == "__main__":
     sys.path[0] = os.getcwd()  # the repository, not tests/, as `python -m` would have it
     main(sys.argv[1:])
