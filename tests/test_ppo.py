@@ -362,35 +362,15 @@ def test_batch_sizes_must_divide():
         main(Args(batch_size=16, num_mini_batches=3, total_episodes=32))
 
 
-def test_evaluation_reports_each_family(tiny_runs, tmp_path):
+def test_evaluation_reports_each_family(tiny_runs, tmp_path, two_family_rows):
     """Harmless prompts from the bundled sample and helpful ones from hhdata.synth, in one
-    parquet."""
+    parquet (tests/conftest.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hhdata.pairs.transcript import split_pair
-    from hhdata.schema import PAIR_SCHEMA, family_of, pair_id
-    from hhdata.synth import generate
-    from training.common import load_pairs
+    from hhdata.schema import PAIR_SCHEMA
 
-    rows = [dict(row) for row in load_pairs(None)[0]["test"][:80]]
-    for record in generate(80, seed=5):
-        pair = split_pair(record["chosen"], record["rejected"])
-        subset = "synth-helpful-base"
-        rows.append(
-            {
-                "id": pair_id(record["chosen"], record["rejected"]),
-                "subset": subset,
-                "family": family_of(subset),
-                "split": "test",
-                "prompt": pair.prompt,
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
-                "chosen_text": record["chosen"],
-                "rejected_text": record["rejected"],
-                "flags": pair.flags,
-            }
-        )
+    rows = two_family_rows(80)
     pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), tmp_path / "pairs.parquet")
     settings = dict(SMALL, total_episodes=16, batch_size=16, eval_prompts=40)
     args = Args(
