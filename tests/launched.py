@@ -5,7 +5,8 @@ under accelerate's FSDP on CPU processes (gloo); for tests/test_sharded.py.
         training.reward_model ARGS... --then ARGS...
 
 Each ``--then`` starts the next run of the module in the same processes (a run stopped with
---stop-after, then its --resume), so the processes start, import and join once.
+--stop-after, then its --resume), so the processes start, import and join once. tests/test_ppo.py
+launches training.ppo so too; `two_processes` below is the launch command for every test.
 
 ``--fsdp`` needs the FSDP_* variables accelerate's launcher makes of training/configs/fsdp.yaml.
 accelerate takes its FSDP branch only for GPU-like devices (AcceleratorState: MULTI_GPU, XPU,
