@@ -45,3 +45,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def two_family_rows():
+    """rows(n): pair rows of both families in the test split, for reports by family: the bundled
+    sample's first n (harmless-base) and n helpful ones from hhdata.synth (seed 5, subset
+    synth-helpful-base), built by hhdata's pair builder."""
+    import pyarrow as pa
+
+    from hhdata.pairs.build import build_pairs
+    from hhdata.schema import family_of
+    from hhdata.synth import generate
+    from training.common import load_pairs
+
+    def rows(n: int) -> list[dict]:
+        records, subset = generate(n, seed=5), "synth-helpful-base"
+        raw = {"subset": [subset] * n, "split": ["test"] * n, "family": [family_of(subset)] * n}
+        raw |= {side: [record[side] for record in records] for side in ("chosen", "rejected")}
+        helpful, quarantined = build_pairs(pa.table(raw), workers=1)
+        assert quarantined.num_rows == 0
+        return [dict(row) for row in load_pairs(None)[0]["test"][:n]] + helpful.to_pylist()
+
+    return rows

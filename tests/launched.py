@@ -6,7 +6,8 @@ does the same for DeepSpeed (tests/test_deepspeed.py).
         training.reward_model ARGS... --then ARGS...
 
 Each ``--then`` starts the next run of the module in the same processes (a run stopped with
---stop-after, then its --resume), so the processes start, import and join once.
+--stop-after, then its --resume), so the processes start, import and join once. tests/test_ppo.py
+launches training.ppo so too; `two_processes` below is the launch command for every test.
 
 ``--fsdp`` needs the FSDP_* variables accelerate's launcher makes of training/configs/fsdp.yaml.
 accelerate takes its FSDP branch only for GPU-like devices (AcceleratorState: MULTI_GPU, XPU,
@@ -86,6 +87,33 @@ def main(argv: list[str]) -> None:
             raise SystemExit(2) from None
         if int(os.environ.get("RANK", "0")) == 0:  # what each run returned, for the test
             print(f"run {number}: {json.dumps(result if 'stopped_after' in result else 'done')}")
+
+
+def two_processes(*command: str, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run `command` (this script and its arguments, or ``-m MODULE ARGS...``) in two CPU
+    processes over gloo with torch.distributed.run, one thread each, from the repository, with
+    `env` added to the environment; the finished process, its output captured."""
+    import subprocess
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += ["--nproc_per_node", "2"]
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": root,
+        "ACCELERATE_USE_CPU": "true",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [*launcher, *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        cwd=root,
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_model
 
+from tests import launched
 from tests.test_dpo import marker_rows, write_rows
 from tests.test_ppo import SMALL, even_token_share, tiny_runs  # noqa: F401 (a fixture)
 from tests.test_reward_model import synthetic_file  # noqa: F401 (a fixture)
@@ -253,24 +253,7 @@ def two_processes(inputs):
         ("ppo_minibatch", {"policy": inputs["policy"], "output_dir": str(root / "ppo-step")}),
     ]
     (inputs["root"] / "spec.json").write_text(json.dumps(spec))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "tests.test_distributed",
-        str(inputs["root"] / "spec.json"),
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.getcwd(),
-        "ACCELERATE_USE_CPU": "true",
-    }
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    done = launched.two_processes("-m", "tests.test_distributed", str(inputs["root"] / "spec.json"))
     # the processes' own errors, not the launcher's summary after them
     errors = [line for line in done.stderr.splitlines() if line.startswith("[rank")]
     assert done.returncode == 0, "\n".join(errors)[-3000:] or done.stderr[-3000:]

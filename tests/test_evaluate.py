@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from hhdata.schema import PAIR_SCHEMA
 from training import models
 from training.common import UsageError, load_pairs, parse_args, run_cli
 from training.evaluate import (
@@ -69,7 +72,7 @@ def save_reward_model_run(folder: Path, tokenizer, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, two_family_rows):
     """base (random), sft (base that learned the task's answers), ppo (policy/ beside the
     settings.json of a run against `proxy`), a judge and a proxy reward model."""
     root = tmp_path_factory.mktemp("runs")
@@ -88,39 +91,11 @@ def runs(tmp_path_factory):
     ppo_settings = {"args": {"reward_model": str(root / "proxy"), "judge": None}}
     (root / "ppo" / "settings.json").write_text(json.dumps(ppo_settings))
     (root / "ppo" / "policy" / "README.md").write_text("# A PPO policy\n\nIts own card.\n")
-    write_two_family_pairs(root / "pairs.parquet")
+    # harmless and helpful pair rows (tests/conftest.py), so every table has both families'
+    # columns
+    pairs = pa.Table.from_pylist(two_family_rows(40), schema=PAIR_SCHEMA)
+    pq.write_table(pairs, root / "pairs.parquet")
     return root
-
-
-def write_two_family_pairs(path: Path) -> None:
-    """Harmless pairs from the bundled sample and helpful ones from hhdata.synth, in one
-    parquet of pair rows, so every table has both families' columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from hhdata.pairs.transcript import split_pair
-    from hhdata.schema import PAIR_SCHEMA, family_of, pair_id
-    from hhdata.synth import generate
-
-    rows = [dict(row) for row in load_pairs(None)[0]["test"][:40]]
-    for record in generate(40, seed=5):
-        pair = split_pair(record["chosen"], record["rejected"])
-        subset = "synth-helpful-base"
-        rows.append(
-            {
-                "id": pair_id(record["chosen"], record["rejected"]),
-                "subset": subset,
-                "family": family_of(subset),
-                "split": "test",
-                "prompt": pair.prompt,
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
-                "chosen_text": record["chosen"],
-                "rejected_text": record["rejected"],
-                "flags": pair.flags,
-            }
-        )
-    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), path)
 
 
 def policy_flags(runs: Path) -> list[str]:

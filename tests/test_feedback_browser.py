@@ -51,9 +51,11 @@ def policy(tmp_path_factory):
     return save_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
-@pytest.fixture
-def served(policy, tmp_path):
-    server = Server(policy, tmp_path / "feedback.sqlite").start()
+@pytest.fixture(scope="module")
+def served(policy, tmp_path_factory):
+    """One server for the module (a start loads torch and the policy): each test signs in its
+    own annotator, on its own task, and checks only its own subset of the export."""
+    server = Server(policy, tmp_path_factory.mktemp("served") / "feedback.sqlite").start()
     yield server
     server.stop()
 

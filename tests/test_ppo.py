@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,16 +246,36 @@ def test_ppo_learns_a_known_answer_reward_with_bounded_kl(tiny_runs, tmp_path):
         assert (tmp_path / "ppo" / name).is_file(), name
 
 
-def test_resume_equals_uninterrupted(tiny_runs, tmp_path):
-    settings = dict(SMALL, total_episodes=48, batch_size=16, eval_prompts=8)
-    whole = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "whole"), **settings)
-    main(whole, score_fn=even_token_share)
-    halves = dataclasses.replace(whole, output_dir=str(tmp_path / "halves"), stop_after=2)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_runs, tmp_path_factory) -> Args:
+    """The run of three updates, a checkpoint after each, that the interrupted and resumed runs
+    below must end as; its settings (output_dir: its folder)."""
+    settings = dict(SMALL, total_episodes=48, batch_size=16, eval_prompts=8, save_every=1)
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    whole = Args(policy=str(tiny_runs / "sft"), output_dir=str(folder / "whole"), **settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests' one_torch_thread, which starts after this fixture
+    try:
+        main(whole, score_fn=even_token_share)
+    finally:
+        torch.set_num_threads(threads)
+    return whole
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    """Stopped after two updates (a checkpoint only at the stop: save_every is 4), then resumed:
+    the weights, training history and evaluation of the uninterrupted run, which saved and
+    scored the held-out prompts after every update (so that does not change training either)."""
+    whole = Path(uninterrupted.output_dir)
+    halves = dataclasses.replace(
+        uninterrupted, output_dir=str(tmp_path / "halves"), save_every=4, stop_after=2
+    )
     assert main(halves, score_fn=even_token_share)["stopped_after"] == 2
     assert not (tmp_path / "halves" / "policy").exists()
+    assert [c.name for c in (tmp_path / "halves" / "checkpoints").iterdir()] == ["step-0000002"]
     main(dataclasses.replace(halves, stop_after=0, resume=True), score_fn=even_token_share)
     for name in ("policy/model.safetensors", "value.safetensors"):
-        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "halves" / name)
+        a, b = load_file(whole / name), load_file(tmp_path / "halves" / name)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
@@ -264,7 +285,7 @@ def test_resume_equals_uninterrupted(tiny_runs, tmp_path):
             {k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in history
         ]
 
-    whole_metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    whole_metrics = json.loads((whole / "metrics.json").read_text())
     halves_metrics = json.loads((tmp_path / "halves" / "metrics.json").read_text())
     assert drop_time(whole_metrics["history"]) == drop_time(halves_metrics["history"])
     assert whole_metrics["evaluation"] == halves_metrics["evaluation"]
@@ -341,35 +362,15 @@ def test_batch_sizes_must_divide():
         main(Args(batch_size=16, num_mini_batches=3, total_episodes=32))
 
 
-def test_evaluation_reports_each_family(tiny_runs, tmp_path):
+def test_evaluation_reports_each_family(tiny_runs, tmp_path, two_family_rows):
     """Harmless prompts from the bundled sample and helpful ones from hhdata.synth, in one
-    parquet."""
+    parquet (tests/conftest.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hhdata.pairs.transcript import split_pair
-    from hhdata.schema import PAIR_SCHEMA, family_of, pair_id
-    from hhdata.synth import generate
-    from training.common import load_pairs
+    from hhdata.schema import PAIR_SCHEMA
 
-    rows = [dict(row) for row in load_pairs(None)[0]["test"][:80]]
-    for record in generate(80, seed=5):
-        pair = split_pair(record["chosen"], record["rejected"])
-        subset = "synth-helpful-base"
-        rows.append(
-            {
-                "id": pair_id(record["chosen"], record["rejected"]),
-                "subset": subset,
-                "family": family_of(subset),
-                "split": "test",
-                "prompt": pair.prompt,
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
-                "chosen_text": record["chosen"],
-                "rejected_text": record["rejected"],
-                "flags": pair.flags,
-            }
-        )
+    rows = two_family_rows(80)
     pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), tmp_path / "pairs.parquet")
     settings = dict(SMALL, total_episodes=16, batch_size=16, eval_prompts=40)
     args = Args(
@@ -723,101 +724,83 @@ def test_command_line_usage_error_is_one_line_and_exit_2():
     )
 
 
-def test_resume_after_a_kill_while_saving_a_checkpoint(tiny_runs, tmp_path):
+def test_resume_after_a_kill_while_saving_a_checkpoint(uninterrupted, tmp_path):
     """A kill can leave the new checkpoint half written (`step-N.partial`) or complete beside the
-    previous one; resume takes the latest complete one and ends as the uninterrupted run does."""
+    previous one; resume takes the latest complete one and ends as the uninterrupted run does.
+    Both kills happen to one run stopped after update 2, restored from a copy in between."""
     import shutil
 
-    settings = dict(SMALL, total_episodes=48, batch_size=16, eval_prompts=8, save_every=1)
-    whole = Args(policy=str(tiny_runs / "sft"), output_dir=str(tmp_path / "whole"), **settings)
-    main(whole, score_fn=even_token_share)
-    expected = load_file(tmp_path / "whole" / "policy" / "model.safetensors")
-
-    run = dataclasses.replace(whole, output_dir=str(tmp_path / "run"), stop_after=1)
+    expected = load_file(Path(uninterrupted.output_dir) / "policy" / "model.safetensors")
+    folder = tmp_path / "run"
+    run = dataclasses.replace(uninterrupted, output_dir=str(folder), stop_after=1)
     main(run, score_fn=even_token_share)
-    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints = folder / "checkpoints"
     after_one = tmp_path / "after-one"
     shutil.copytree(checkpoints / "step-0000001", after_one)
     main(dataclasses.replace(run, stop_after=2, resume=True), score_fn=even_token_share)
+    after_two = tmp_path / "after-two"
+    shutil.copytree(folder, after_two)  # the run as update 2's checkpoint left it
+
     # killed after renaming the new checkpoint into place, before deleting the previous one
     shutil.copytree(after_one, checkpoints / "step-0000001")
     main(dataclasses.replace(run, stop_after=0, resume=True), score_fn=even_token_share)
-    result = load_file(tmp_path / "run" / "policy" / "model.safetensors")
+    result = load_file(folder / "policy" / "model.safetensors")
     assert all(torch.equal(expected[k], result[k]) for k in expected)
     assert [c.name for c in checkpoints.iterdir()] == ["step-0000003"]
 
     # killed while writing the next checkpoint: a half-written folder beside the complete one
-    run2 = dataclasses.replace(whole, output_dir=str(tmp_path / "run2"), stop_after=2)
-    main(run2, score_fn=even_token_share)
-    partial = tmp_path / "run2" / "checkpoints" / "step-0000003.partial"
+    shutil.rmtree(folder)
+    shutil.copytree(after_two, folder)
+    assert [c.name for c in checkpoints.iterdir()] == ["step-0000002"]
+    partial = checkpoints / "step-0000003.partial"
     partial.mkdir()
     shutil.copy(partial.with_name("step-0000002") / "policy.safetensors", partial)
-    main(dataclasses.replace(run2, stop_after=0, resume=True), score_fn=even_token_share)
-    result = load_file(tmp_path / "run2" / "policy" / "model.safetensors")
+    main(dataclasses.replace(run, stop_after=0, resume=True), score_fn=even_token_share)
+    result = load_file(folder / "policy" / "model.safetensors")
     assert all(torch.equal(expected[k], result[k]) for k in expected)
 
 
-@pytest.mark.slow  # three two-process launches: ~2 min on a quiet machine, 5-7 on a busy one
+@pytest.mark.slow  # one two-process launch of three runs: ~40 s on a quiet machine
 def test_two_processes_each_resume_their_own_sampling_rng(tiny_runs, tmp_path):
     """Two CPU processes (torchrun, gloo): each saves its own RNG, and a resumed run ends with the
     weights of the uninterrupted one (restoring rank 0's state on both ranks makes them sample the
-    same replies after the resume, and the weights differ)."""
-    import os
-    import subprocess
-    import sys
+    same replies after the resume, and the weights differ). The three runs (uninterrupted,
+    stopped after one update, resumed) share one launch: each seeds its own generators."""
+    from tests.launched import two_processes
+    from training import run
 
-    def launch(output_dir, *extra):
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "training.ppo",
-            "--policy",
-            str(tiny_runs / "sft"),
-            "--reward-model",
-            str(tiny_runs / "rm"),
-            "--output-dir",
-            str(output_dir),
-            "--total-episodes",
-            "24",
-            "--batch-size",
-            "8",
-            "--num-mini-batches",
-            "2",
-            "--num-ppo-epochs",
-            "2",
-            "--learning-rate",
-            "1e-2",
-            "--query-length",
-            "24",
-            "--response-length",
-            "6",
-            "--eval-prompts",
-            "4",
-            "--reward-norm-samples",
-            "8",
-            "--num-samples-shown",
-            "0",
-            "--save-every",
-            "1",
-            *extra,
-        ]
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    launch(tmp_path / "whole")
-    launch(tmp_path / "halves", "--stop-after", "1")
-    ranks = [
-        load_file(tmp_path / "halves/checkpoints/step-0000001" / f"rng-rank{rank:03d}.safetensors")
-        for rank in (0, 1)
+    flags = dict(
+        policy=tiny_runs / "sft",
+        reward_model=tiny_runs / "rm",
+        total_episodes=24,
+        batch_size=8,
+        num_mini_batches=2,
+        num_ppo_epochs=2,
+        learning_rate=1e-2,
+        query_length=24,
+        response_length=6,
+        eval_prompts=4,
+        reward_norm_samples=8,
+        num_samples_shown=0,
+        save_every=1,
+    )
+    common = [f"--{name.replace('_', '-')}={value}" for name, value in flags.items()]
+    runs = [
+        [f"--output-dir={tmp_path / 'whole'}"],
+        [f"--output-dir={tmp_path / 'halves'}", "--stop-after=1"],
+        [f"--output-dir={tmp_path / 'halves'}", "--resume"],
     ]
+    command = ["tests/launched.py", "training.ppo"]
+    for number, extra in enumerate(runs):
+        command += ["--then"] * bool(number) + common + extra
+    done = two_processes(*command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'run 1: {"stopped_after": 1,' in done.stdout, done.stdout
+    # the resume deleted step 1's checkpoint once it saved the next: the last one holds the
+    # ranks' RNG as every checkpoint does
+    checkpoint = run.latest_checkpoint(tmp_path / "halves")
+    ranks = [load_file(checkpoint / f"rng-rank{rank:03d}.safetensors") for rank in (0, 1)]
     assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
-    launch(tmp_path / "halves", "--resume")
     a = load_file(tmp_path / "whole" / "policy" / "model.safetensors")
     b = load_file(tmp_path / "halves" / "policy" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -9,9 +9,7 @@ processes by itself, so that script sets it in accelerate's state before the tra
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
+from tests.launched import two_processes
 from tests.test_reward_model import synthetic_file  # noqa: F401 (a fixture)
 from tests.test_scale import launch_environment
 from training import reward_model, run, scale
@@ -44,23 +43,17 @@ def launch(tmp_path, *runs: dict, fsdp: bool) -> subprocess.CompletedProcess:
     """training.reward_model with FLAGS and each of `runs`' flags in turn, in two gloo
     processes (tests/launched.py): under FSDP (fsdp.yaml's environment) or plain data
     parallel."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", LAUNCHED] + ["--fsdp"] * fsdp + ["training.reward_model"]
+    command = [LAUNCHED] + ["--fsdp"] * fsdp + ["training.reward_model"]
     for number, extra in enumerate(runs):
         flags = {**FLAGS, "data": str(tmp_path / "pairs.parquet"), **extra}
         command += ["--then"] * bool(number) + [
             f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}")
             for name, value in flags.items()
         ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.getcwd(),
-        "ACCELERATE_USE_CPU": "true",
-    }
+    env = {}
     if fsdp:
-        env |= {k: v for k, v in launch_environment("fsdp")[1].items() if "FSDP" in k}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        env = {k: v for k, v in launch_environment("fsdp")[1].items() if "FSDP" in k}
+    return two_processes(*command, env=env, timeout=300)
 
 
 def failure(done: subprocess.CompletedProcess) -> str:
