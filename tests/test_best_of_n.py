@@ -189,12 +189,16 @@ def test_n_must_be_positive_integers():
             n_values(bad)
 
 
-def test_each_family_gets_its_own_subset(tiny_runs, tmp_path):
+def test_each_family_gets_its_own_subset(tiny_runs, tmp_path, two_family_rows):
     """Helpful and harmless prompts give two subsets (a subset has one family), each read back
     with nothing quarantined; naming one subset for both is refused before any sampling."""
-    from tests.test_evaluate import write_two_family_pairs
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    write_two_family_pairs(tmp_path / "pairs.parquet")
+    from hhdata.schema import PAIR_SCHEMA
+
+    pairs = pa.Table.from_pylist(two_family_rows(40), schema=PAIR_SCHEMA)  # tests/conftest.py
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
     args = Args(
         policy=str(tiny_runs / "sft"),
         reward_model=str(tiny_runs / "rm"),
