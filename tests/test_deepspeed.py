@@ -36,6 +36,7 @@ from tests.test_dpo import marker_rows, write_rows
 from tests.test_ppo import even_token_share, tiny_runs  # noqa: F401 (a fixture)
 from tests.test_reward_model import synthetic_file  # noqa: F401 (a fixture)
 from tests.test_sft import tiny_args, write_pairs
+from tests.test_sharded import FLAGS
 from training import dpo, models, ppo, reward_model, run, scale, sft
 from training.common import UsageError, load_pairs
 
@@ -160,20 +161,8 @@ def settings(trainer: str, inputs, folder: Path, **extra) -> dict:
     """A tiny run of `trainer` writing to `folder`; one padded batch per process per step
     (--micro-batch-cost -1), which ZeRO needs: each backward pass reduces across processes."""
     if trainer == "reward_model":
-        return dict(
-            data=inputs["reward_data"],
-            run_dir=str(folder),
-            max_length=48,
-            batch_size=8,
-            max_steps=4,
-            max_train_pairs=32,
-            max_eval_pairs=16,
-            learning_rate=3e-3,
-            lora_rank=4,
-            save_every=2,
-            micro_batch_cost=-1,
-            **extra,
-        )
+        # tests/test_sharded.py's tiny reward model run (LoRA, --micro-batch-cost -1)
+        return dict(FLAGS, data=inputs["reward_data"], run_dir=str(folder), **extra)
     if trainer == "sft":  # 3 steps of 8 rows; lr 1e-3 keeps Adam's float noise under 1e-5
         args = tiny_args(
             inputs["root"],
