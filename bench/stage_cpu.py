@@ -37,7 +37,16 @@ STAGES = [
     (run, ["exact_keys", "_text_identity", "_spilled_inputs", "_near_inputs", "sketches"]),
     (run, ["_near_duplicates", "kept_rows", "dedup_report"]),
     (degenerate, ["find_degenerate"]),
-    (spill, ["partitioned_candidates", "verified_partitions", "_verified", "_estimates_at_least"]),
+    (
+        spill,
+        [
+            "partitioned_candidates",
+            "verified_partitions",
+            "_prepared",
+            "_verified",
+            "_estimates_at_least",
+        ],
+    ),
     (minhash, ["similar_in_sketch", "band_candidates", "verify_for_dropping"]),
     (minhash, ["capped_bucket_pairs", "estimates_at_least", "sorted_distinct"]),
     (spill.SpilledSketch, ["append", "shingles_of"]),

@@ -23,6 +23,8 @@ The whole corpus is processed at once, in numpy, so no Python code runs per shin
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -467,8 +469,7 @@ def band_candidates(
 def capped_bucket_pairs(keys: np.ndarray, max_bucket: int, group: np.ndarray | None) -> np.ndarray:
     """The pairs of texts with equal keys, as packed uint64 ``i << 32 | j`` (i < j): each of
     a bucket's first ``max_bucket`` members with every later member, all buckets at once."""
-    order = argsort_u64(keys)  # a bucket's members in index order
-    sorted_keys = keys[order]
+    order, sorted_keys = _sorted_order(keys)  # a bucket's members in index order
     starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
     ends = np.r_[starts[1:], len(keys)]
     shared = ends - starts > 1
@@ -515,19 +516,37 @@ def _sorted_order(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         packed.sort()
         order = (packed & index_mask).astype(np.intp)
         return order, packed >> np.uint64(bits)
+    # sorted by (high bits, index), beside a sort of the values themselves: the two agree
+    # unless a run of equal high bits holds different values, which the values' sort shows
+    # (rare for hashes). No gather of the values in the packed order is then needed.
     packed = values & ~index_mask
     packed |= np.arange(n, dtype=np.uint64)
-    packed.sort()
-    order = (packed & index_mask).astype(np.intp)
-    packed &= ~index_mask  # the high bits, sorted
-    tied = packed[1:] == packed[:-1]
+    ordered = values.copy()
+    both = (packed, ordered)
+    in_threads(lambda which, _: both[which].sort(), [(0, None), (1, None)])
+    packed &= index_mask
+    order = packed.view(np.intp) if np.dtype(np.intp).itemsize == 8 else packed.astype(np.intp)
     del packed
-    ordered = values[order]
-    mixed = np.flatnonzero(tied & (ordered[1:] != ordered[:-1]))
-    if len(mixed):
-        order = _resorted_runs(order, ordered, tied, mixed)
-        ordered = values[order]
-    return order, ordered
+    if not _differ_in_low_bits(ordered, index_mask):
+        return order, ordered
+    in_order = values[order]
+    tied = (in_order[1:] & ~index_mask) == (in_order[:-1] & ~index_mask)
+    mixed = np.flatnonzero(tied & (in_order[1:] != in_order[:-1]))
+    return _resorted_runs(order, in_order, tied, mixed), ordered
+
+
+# elements per chunk of the passes below: temporaries of 8 MB, which malloc reuses
+_CHUNK = 1 << 20
+
+
+def _differ_in_low_bits(ordered: np.ndarray, mask: np.uint64) -> bool:
+    """Whether two neighbours of the sorted ``ordered`` differ in their ``mask`` bits only."""
+    for start in range(0, len(ordered) - 1, _CHUNK):
+        part = ordered[start : start + _CHUNK + 1]
+        step = part[1:] ^ part[:-1]
+        if ((step != 0) & (step <= mask)).any():
+            return True
+    return False
 
 
 def _resorted_runs(order, ordered, tied, mixed) -> np.ndarray:
@@ -555,6 +574,46 @@ def sorted_distinct(values: np.ndarray) -> np.ndarray:
     first[0] = True
     np.not_equal(values[1:], values[:-1], out=first[1:])
     return values[first]
+
+
+def workers() -> int:
+    """Threads for the near stage's loops over blocks: one per CPU this process may use, at
+    most 4 (numpy's sorts, gathers, searches and counts release the GIL)."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, min(4, len(usable) if usable else os.cpu_count() or 1))
+
+
+def in_threads(work, bounds) -> None:
+    """``work(lo, hi)`` for every ``(lo, hi)`` in ``bounds``, over ``workers()`` threads;
+    each call must write only its own part of any shared output."""
+    bounds = list(bounds)
+    count = min(workers(), len(bounds))
+    if count <= 1:
+        for lo, hi in bounds:
+            work(lo, hi)
+        return
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        for _ in pool.map(lambda bound: work(*bound), bounds):
+            pass
+
+
+def ahead(function, items, depth: int | None = None):
+    """``function(item)`` for each item, in order, made up to ``depth`` items (default
+    ``workers()``) ahead in threads: the caller handles one result while the next ones are
+    being made."""
+    items = iter(items)
+    count = min(workers(), depth or workers())
+    if count <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        pending = [pool.submit(function, item) for _, item in zip(range(count), items)]
+        while pending:
+            done = pending.pop(0).result()
+            for item in items:
+                pending.append(pool.submit(function, item))
+                break
+            yield done
 
 
 def _within(counts: np.ndarray) -> np.ndarray:
@@ -595,73 +654,99 @@ def estimates_at_least(
 def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """MinHash estimate of the Jaccard similarity of each candidate pair."""
     estimate = np.empty(len(pairs))
-    for start in range(0, len(pairs), _ESTIMATE_BLOCK):
-        block = pairs[start : start + _ESTIMATE_BLOCK]
-        equal = np.count_nonzero(sig[block[:, 0]] == sig[block[:, 1]], axis=1)
-        estimate[start : start + len(block)] = equal / sig.shape[1]
+
+    def blocks(lo: int, hi: int) -> None:
+        for start in range(lo, hi, _ESTIMATE_BLOCK):
+            block = pairs[start : min(start + _ESTIMATE_BLOCK, hi)]
+            equal = np.count_nonzero(sig[block[:, 0]] == sig[block[:, 1]], axis=1)
+            estimate[start : start + len(block)] = equal / sig.shape[1]
+
+    # a few long runs of blocks, one per thread
+    step = max(_ESTIMATE_BLOCK, -(-len(pairs) // (workers() * _ESTIMATE_BLOCK)) * _ESTIMATE_BLOCK)
+    in_threads(blocks, ((lo, min(lo + step, len(pairs))) for lo in range(0, len(pairs), step)))
     return estimate
 
 
-# shingles looked up per block of pairs in exact_jaccard: a few arrays of 32 MB
-_LOOKUP_BLOCK = 1 << 22
+# shingles looked up per block of pairs in exact_jaccard: the larger texts' keys of a block
+# (its pairs sorted by larger text) are then a stretch of a few hundred KB, searched in cache
+_LOOKUP_BLOCK = 1 << 16
 
 
-def _text_shingle_keys(shingles: Shingles) -> tuple[np.ndarray, np.uint64]:
-    """Each text's distinct shingles as sorted keys ``text * V + shingle number`` (shingles
-    numbered in hash order, V of them), and V. Temporary arrays are freed as soon as they
-    are used: this is the near stage's largest allocation."""
+def _text_shingle_keys(shingles: Shingles) -> tuple[np.ndarray, int]:
+    """Each text's distinct shingles as sorted keys ``text << bits | shingle number``
+    (shingles numbered in hash order, fewer than ``2**bits`` of them), and bits.
+
+    This is the near stage's largest allocation, made once per partition of candidates:
+    buffers are reused and freed as soon as they are used, and the texts' bits are added a
+    chunk at a time, so few arrays as large as the shingles are ever made (each one is
+    pages the kernel must fault in and zero: bench/scale.md)."""
     order, ordered = _sorted_order(shingles.hashes)
-    new = np.zeros(len(order), dtype=bool)
+    new = np.empty(len(order), dtype=bool)
+    new[:1] = False
     np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
-    del ordered
-    rank = np.cumsum(new, dtype=np.uint64)
+    rank = np.cumsum(new, dtype=np.uint64, out=ordered)  # the sorted hashes' own buffer
     del new
     number = np.empty_like(rank)
     number[order] = rank
-    del order, rank
-    width = np.uint64(int(number.max(initial=0)) + 1)
-    with np.errstate(over="ignore"):
-        number += np.repeat(np.arange(len(shingles), dtype=np.uint64) * width, shingles.counts())
-    return sorted_distinct(number), width
+    del order, rank, ordered
+    # shingles and texts are each fewer than 2**32, so text and number fit in 64 bits
+    bits = max(int(number.max(initial=0)).bit_length(), 1)
+    offsets = shingles.offsets
+    step = max(1, _CHUNK * len(shingles) // max(len(number), 1))  # texts per chunk
+    for lo in range(0, len(shingles), step):
+        hi = min(lo + step, len(shingles))
+        number[offsets[lo] : offsets[hi]] |= np.repeat(
+            np.arange(lo, hi, dtype=np.uint64) << np.uint64(bits), np.diff(offsets[lo : hi + 1])
+        )
+    return sorted_distinct(number), bits
 
 
 class ShingleSets:
-    """Each text's distinct shingles, sorted once (keys ``text * V + shingle number``), to
-    compute exact Jaccard similarities of many pairs of them, in one call or several."""
+    """Each text's distinct shingles, sorted once (keys ``text << bits | shingle number``),
+    to compute exact Jaccard similarities of many pairs of them, in one call or several."""
 
     def __init__(self, shingles: Shingles):
-        self.keys, self.width = _text_shingle_keys(shingles)
-        self.sizes = np.bincount(
-            (self.keys // self.width).astype(np.int64), minlength=len(shingles)
+        self.keys, self.bits = _text_shingle_keys(shingles)
+        # text t's keys are those in [t << bits, (t + 1) << bits)
+        bounds = np.searchsorted(
+            self.keys, np.arange(len(shingles) + 1, dtype=np.uint64) << np.uint64(self.bits)
         )
-        self.starts = np.cumsum(self.sizes) - self.sizes
+        self.starts, self.sizes = bounds[:-1], np.diff(bounds)
 
     def jaccard(self, pairs: np.ndarray) -> np.ndarray:
         """Exact Jaccard similarity of each pair of texts (rows of ``pairs``)."""
         if len(pairs) == 0:
             return np.empty(0)
-        keys, width, sizes, starts = self.keys, self.width, self.sizes, self.starts
+        keys, bits, sizes, starts = self.keys, np.uint64(self.bits), self.sizes, self.starts
+        number = np.uint64((1 << self.bits) - 1)
         a, b = pairs[:, 0], pairs[:, 1]
         small = np.where(sizes[a] <= sizes[b], a, b)
         large = np.where(sizes[a] <= sizes[b], b, a)
-        # pairs taken by their larger text: consecutive look-ups then fall in the same stretch
-        # of keys, in cache, instead of anywhere in them (about twice as fast on dense corpora)
+        # pairs taken by their larger text, so a block of them looks its shingles up in one
+        # short stretch of keys (the larger texts' own), in cache, not anywhere in them
         by_large = argsort_u64(large.astype(np.uint64))
-        small, large = small[by_large], large[by_large].astype(np.uint64)
+        small, large = small[by_large], large[by_large]
         intersection = np.zeros(len(pairs), dtype=np.int64)
         looked_up = np.cumsum(sizes[small])
         cuts = np.searchsorted(looked_up, np.arange(0, looked_up[-1], _LOOKUP_BLOCK), side="right")
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(pairs)]):
+
+        def block(lo: int, hi: int) -> None:
             if hi <= lo:
-                continue
+                return
             counts = sizes[small[lo:hi]]
             at = np.repeat(starts[small[lo:hi]], counts) + _within(counts)
-            wanted = np.repeat(large[lo:hi], counts) * width + keys[at] % width
-            place = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-            hit = keys[place] == wanted
+            first, last = large[lo], large[hi - 1]
+            stretch = keys[starts[first] : starts[last] + sizes[last]]
+            wanted = np.repeat(large[lo:hi].astype(np.uint64) << bits, counts)
+            wanted |= keys[at] & number
+            place = np.searchsorted(stretch, wanted)
+            np.minimum(place, len(stretch) - 1, out=place)
+            hit = stretch[place] == wanted
             intersection[lo:hi] = np.bincount(
                 np.repeat(np.arange(hi - lo), counts)[hit], minlength=hi - lo
             )
+
+        in_threads(block, zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(pairs)].tolist()))
         intersection[by_large] = intersection.copy()
         union = sizes[a] + sizes[b] - intersection
         return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -161,13 +162,15 @@ def partitioned_candidates(
     group = None if groups is None else np.asarray(groups)[usable]
     pairs_from = np.zeros(len(texts) + 1, dtype=np.int64)  # pairs whose first text is i
     band_paths = []
-    for band in range(spilled.bands):
-        keys = spilled.band(band)[texts[usable]]
-        packed = minhash.capped_bucket_pairs(keys, max_bucket, group)
-        del keys
-        first = usable[(packed >> np.uint64(32)).astype(np.int64)]
-        second = usable[(packed & _LOW32).astype(np.int64)]
-        del packed
+
+    def band_pairs(band: int) -> tuple[np.ndarray, np.ndarray]:
+        packed = minhash.capped_bucket_pairs(spilled.band(band)[texts[usable]], max_bucket, group)
+        return usable[(packed >> np.uint64(32)).astype(np.int64)], usable[
+            (packed & _LOW32).astype(np.int64)
+        ]
+
+    # the next bands' pairs are made in threads while this one's are counted and written
+    for band, (first, second) in enumerate(minhash.ahead(band_pairs, range(spilled.bands))):
         pairs_from[1:] += np.bincount(first, minlength=len(texts))
         band_paths.append(folder / f"band-pairs-{band:03d}.u64")
         ((first.astype(np.uint64) << np.uint64(32)) | second.astype(np.uint64)).tofile(
@@ -188,7 +191,9 @@ def partitioned_candidates(
             pairs = np.fromfile(band_path, dtype=np.uint64)
             band_path.unlink()
             where = np.searchsorted(bounds, (pairs >> np.uint64(32)).astype(np.int64), "right")
-            order = minhash.argsort_u64(where.astype(np.uint64))
+            # few partitions: a stable radix sort of small integers groups the pairs
+            where = where.astype(np.int16 if len(paths) < 1 << 15 else np.int64)
+            order = np.argsort(where, kind="stable")
             edges = np.searchsorted(where[order], np.arange(1, len(paths) + 2))
             pairs = pairs[order]
             del where, order
@@ -215,29 +220,52 @@ def verified_partitions(
     the drop rule's knowledge carries from one to the next."""
     found, similarity = [np.empty((0, 2), np.int64)], [np.empty(0)]
     state = minhash.DropState.of(len(texts)) if drop_rule and verify == "exact" else None
-    for path in paths:
+
+    def prepared(path: Path):
         packed = minhash.sorted_distinct(np.fromfile(path, dtype=np.uint64))
         path.unlink()
         candidates = np.stack([packed >> np.uint64(32), packed & _LOW32], axis=1).astype(np.int64)
         del packed
-        pairs, sim = _verified(spilled, texts, candidates, threshold, verify, state)
+        return _prepared(spilled, texts, candidates, threshold, verify)
+
+    # the next partition is read, estimated and its shingle sets made in a second thread
+    # while this one is verified (which must be in order: the drop rule's state carries)
+    for ready in minhash.ahead(prepared, paths, depth=1):
+        pairs, sim = _verified(ready, threshold, state)
         spilled.release()
         found.append(pairs)
         similarity.append(sim)
     return np.concatenate(found), np.concatenate(similarity)
 
 
-def _verified(spilled, texts, candidates, threshold, verify, state=None):
-    """One partition's candidates (text indices) kept by their similarity (with a
-    minhash.DropState, only those the drop rule needs: minhash.verify_for_dropping)."""
+class _Ready(NamedTuple):
+    """A partition's candidates (text indices) made ready to verify: with ``estimates``,
+    those kept by their estimate alone (``verify='estimate'``); else those whose estimate
+    may reach the threshold, with the shingle sets of the texts ``needed`` by them."""
+
+    candidates: np.ndarray
+    estimates: np.ndarray | None = None
+    needed: np.ndarray | None = None
+    sets: minhash.ShingleSets | None = None
+
+
+def _prepared(spilled, texts, candidates, threshold, verify) -> _Ready:
     if verify == "estimate":
         keep, estimate = _estimates_at_least(spilled, texts, candidates, threshold)
-        return candidates[keep], estimate
+        return _Ready(candidates[keep], estimates=estimate)
     candidates = candidates[_estimates_at_least(spilled, texts, candidates, threshold - 0.15)[0]]
     if len(candidates) == 0:
-        return candidates, np.empty(0)
+        return _Ready(candidates, estimates=np.empty(0))
     needed = np.unique(candidates)
-    sets = minhash.ShingleSets(spilled.shingles_of(texts[needed]))
+    return _Ready(candidates, None, needed, minhash.ShingleSets(spilled.shingles_of(texts[needed])))
+
+
+def _verified(ready: _Ready, threshold, state=None):
+    """A prepared partition's pairs kept by their similarity (with a minhash.DropState,
+    only those the drop rule needs: minhash.verify_for_dropping)."""
+    if ready.estimates is not None:  # kept by the estimate alone, or none left
+        return ready.candidates, ready.estimates
+    candidates, needed, sets = ready.candidates, ready.needed, ready.sets
     if state is None:
         similarity = sets.jaccard(np.searchsorted(needed, candidates))
     else:
