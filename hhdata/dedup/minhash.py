@@ -69,11 +69,17 @@ class Shingles:
         counts = self.counts()[texts]
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts)
-        return Shingles(
-            hashes=self.hashes[np.repeat(self.offsets[:-1][texts], counts) + within],
-            offsets=offsets,
-        )
+        hashes = np.empty(offsets[-1], dtype=self.hashes.dtype)
+        starts = self.offsets[:-1][texts]
+        # gathered a chunk of texts at a time: the positions read are never all held at once
+        step = max(1, _CHUNK * len(texts) // max(len(hashes), 1))
+        for lo in range(0, len(texts), step):
+            hi = min(lo + step, len(texts))
+            part = counts[lo:hi]
+            at = np.repeat(starts[lo:hi] - offsets[lo:hi], part)
+            at += np.arange(offsets[lo], offsets[hi])
+            np.take(self.hashes, at, out=hashes[offsets[lo] : offsets[hi]])
+        return Shingles(hashes=hashes, offsets=offsets)
 
 
 @dataclass(frozen=True)
