@@ -42,7 +42,7 @@ STAGES = [
         [
             "partitioned_candidates",
             "verified_partitions",
-            "_prepared",
+            "_joined",
             "_verified",
             "_estimates_at_least",
         ],

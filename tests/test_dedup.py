@@ -611,15 +611,26 @@ _SMALL_STREAM = dedup.NearStream(min_rows=0, batch_rows=700, pairs_per_partition
 @pytest.mark.parametrize("shape", ["dense", "sparse"])
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"near_action": "cluster"}, {"near_scope": "prompt", "survivor": "first"}],
+    [
+        {},
+        {"near_action": "cluster"},
+        {"near_scope": "prompt", "survivor": "first"},
+        {"verify": "estimate"},
+    ],
 )
-def test_streaming_near_stage_equals_the_in_memory_one(two_shapes, shape, changes, tmp_path):
+# the partitions' shingle sets made once for all of them, or per partition
+@pytest.mark.parametrize("shared_shingles", [1 << 26, 0])
+def test_streaming_near_stage_equals_the_in_memory_one(
+    two_shapes, shape, changes, shared_shingles, tmp_path
+):
     settings = DedupSettings(**changes)
     reference = deduplicate(two_shapes[shape], settings, stream=None)
     streamed = deduplicate(
         two_shapes[shape],
         settings,
-        stream=dataclasses.replace(_SMALL_STREAM, temp_dir=str(tmp_path)),
+        stream=dataclasses.replace(
+            _SMALL_STREAM, temp_dir=str(tmp_path), shared_shingles=shared_shingles
+        ),
     )
     assert streamed.prompt_sketch is None
     assert streamed.kept.equals(reference.kept)

@@ -184,6 +184,14 @@ class NearStream:
     """rows shingled and signed at a time"""
     pairs_per_partition: int = 1 << 24
     """candidate pairs (counted once per band) per partition, verified one at a time"""
+    check_after_writing_rows: int = 1_000_000
+    """hhdata.pipeline: tables with this many rows or more have their train/test leakage
+    checked after the data files are written, not beside the writer (side by side the two
+    set the peak memory at 10x HH size: 10.15 GB at 1.7M dense pairs, bench/scale.md)"""
+    shared_shingles: int = 1 << 26
+    """the texts of every partition's candidates have their sorted shingle sets made once,
+    shared by the partitions, when they hold at most this many shingles (8 bytes each,
+    and about four times that while they are sorted); else per partition"""
     temp_dir: str | None = None
     """where the sketches and candidates are spilled (default: the system's temp folder,
     TMPDIR): about 1.8 KB a row for the sketches plus 8 bytes a candidate pair per band
@@ -525,7 +533,13 @@ def _spilled_similar(spilled: spill.SpilledSketch, texts, settings, stream, fold
     groups = spilled.turns[texts] if settings.same_turn_count else None
     paths = spill.partitioned_candidates(spilled, texts, groups, stream.pairs_per_partition, folder)
     return spill.verified_partitions(
-        spilled, texts, paths, settings.threshold, settings.verify, _drop_rule(settings)
+        spilled,
+        texts,
+        paths,
+        settings.threshold,
+        settings.verify,
+        _drop_rule(settings),
+        stream.shared_shingles,
     )
 
 
