@@ -51,9 +51,10 @@ class PipelineResult:
     ``leakage`` (the train/test prompt overlap, or None when not checked) is computed in a
     background thread that run_pipeline starts; reading it waits for that thread, and
     release_from reads it only after the data files are written, so the check and the
-    writing overlap. On a large run (one whose near stage streamed) the check is not
-    started: it runs when ``leakage`` is first read, after the files are written, so the
-    two never hold their memory at the same time (bench/scale.md, 10x HH size).
+    writing overlap. On a large run (``stream.check_after_writing_rows`` rows or more: a
+    million by default) the check is not started: it runs when ``leakage`` is first read,
+    after the files are written, so the two never hold their memory at the same time
+    (bench/scale.md, 10x HH size).
     """
 
     pairs: pa.Table
@@ -95,8 +96,9 @@ def run_pipeline(
     ``progress`` draws a bar per stage on stderr (reading, exact dedup, near stages); None
     draws them on a terminal outside CI (hhdata.progress), as ``hhdata build`` does.
     ``subset``, ``split`` and ``family`` are hhdata.io.read.read_raw's: for files outside
-    the upstream layout. ``stream`` is deduplicate's: on a table it streams (``stream.min_rows``
-    rows or more) the leakage check waits until it is asked for (see PipelineResult).
+    the upstream layout. ``stream`` is deduplicate's; on a table of
+    ``stream.check_after_writing_rows`` rows or more the leakage check waits until it is
+    asked for (see PipelineResult).
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
     sources = resolve_sources(sources)
@@ -111,7 +113,7 @@ def run_pipeline(
     columns, schema = raw.table.columns, raw.table.schema
     del raw
     table = one_chunk(columns, schema)
-    large = stream is not None and table.num_rows >= stream.min_rows
+    large = stream is not None and table.num_rows >= stream.check_after_writing_rows
     deduplicated = dedup.deduplicate(table, dedup_settings, progress=progress, stream=stream)
     del table  # only the kept rows go on: the input table is freed before the files are written
     # the kept rows are slices of the input table (dedup.kept_rows): made one array per

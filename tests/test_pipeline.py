@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import Future
 from fractions import Fraction
 from pathlib import Path
 
@@ -298,10 +299,12 @@ def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
     assert "Train/test leakage: 3 test pairs have a prompt that is also a train prompt" in card
 
 
-def test_a_streamed_run_checks_leakage_after_the_files_are_written(upstream, built, tmp_path):
-    """A run large enough for the near stage to stream (lowered here to every table) does
-    not check leakage beside the Parquet writer, and releases the same files and counts."""
-    small = DedupStream(min_rows=0, batch_rows=100, pairs_per_partition=3000)
+def test_a_large_run_checks_leakage_after_the_files_are_written(upstream, built, tmp_path):
+    """A run large enough (lowered here to every table) does not check leakage beside the
+    Parquet writer, and releases the same files and counts."""
+    small = DedupStream(
+        min_rows=0, batch_rows=100, pairs_per_partition=3000, check_after_writing_rows=0
+    )
     result = pipeline.run_pipeline([upstream], stream=small)
     assert not result.pending_leakage.done()  # waits for the data files
     # the kept rows (slices of the pair table) are copied into one array per column
@@ -311,6 +314,18 @@ def test_a_streamed_run_checks_leakage_after_the_files_are_written(upstream, bui
     assert again.manifest["leakage"] == built.manifest["leakage"]
     assert again.manifest["files"] == built.manifest["files"]
     assert again.manifest["accounting"] == built.manifest["accounting"]
+
+
+def test_a_streamed_run_below_the_row_limit_checks_leakage_beside_the_writer(
+    upstream, built, tmp_path
+):
+    streamed = DedupStream(min_rows=0, batch_rows=100, pairs_per_partition=3000)
+    assert streamed.check_after_writing_rows > 1000  # the test corpus is smaller
+    result = pipeline.run_pipeline([upstream], stream=streamed)
+    assert isinstance(result.pending_leakage, Future)  # started at once, in the background
+    again = pipeline.release_from(result, version="1.0.0", out=tmp_path / "out")
+    assert again.manifest["leakage"] == built.manifest["leakage"]
+    assert again.manifest["files"] == built.manifest["files"]
 
 
 def test_cli_build_writes_the_quarantine_and_the_drop_log(upstream, tmp_path, capsys):
