@@ -8,7 +8,9 @@ the stages' functions wrapped: each call adds its wall seconds and the deltas of
 getrusage around it, twice: for its own thread (RUSAGE_THREAD: the stage's work, except
 what it hands to other threads) and for the whole process (RUSAGE_SELF: everything
 running meanwhile, the sketching thread beside the exact stage included). Nested calls of
-the same function count once. Prints one table; the process's totals come first. Used for
+the same function count once. A thread samples the resident set every 20 ms: each stage's
+peak is the largest seen while it ran (whatever ran beside it). Prints one table; the
+process's totals come first. Used for
 bench/scale.md, "Where the system time went".
 """
 
@@ -54,6 +56,25 @@ STAGES = [
 ]
 
 
+# labels of the stages running now (any thread) -> how many calls; and each label's
+# largest resident set seen while it ran (sampled every 20 ms by a thread of its own)
+RUNNING: dict[str, int] = defaultdict(int)
+PEAK: dict[str, int] = defaultdict(int)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _sample_resident_set(stop: threading.Event) -> None:
+    while not stop.wait(0.02):
+        resident = _resident_bytes()
+        for label, calls in list(RUNNING.items()):
+            if calls:
+                PEAK[label] = max(PEAK[label], resident)
+
+
 def _usage(who: int) -> tuple[float, float, int]:
     usage = resource.getrusage(who)
     return usage.ru_utime, usage.ru_stime, usage.ru_minflt
@@ -72,9 +93,11 @@ def wrapped(function, label: str):
             *_usage(resource.RUSAGE_THREAD),
             *_usage(resource.RUSAGE_SELF),
         )
+        RUNNING[label] += 1
         try:
             return function(*args, **kwargs)
         finally:
+            RUNNING[label] -= 1
             depth.value -= 1
             if outer:
                 stop = (
@@ -96,8 +119,12 @@ def main() -> None:
         for name in names:
             label = f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
             setattr(owner, name, wrapped(getattr(owner, name), label))
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_resident_set, args=(stop,), daemon=True)
+    sampler.start()
     start = time.perf_counter()
     pipeline.build_release([corpus], version="1.0.0", out=out)
+    stop.set()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
         f"process: wall {time.perf_counter() - start:.1f} s, user {usage.ru_utime:.1f} s, "
@@ -106,14 +133,14 @@ def main() -> None:
     )
     print(
         "| stage | calls | wall s | thread user | thread sys | thread faults "
-        "| process user | process sys | process faults |"
+        "| process user | process sys | process faults | peak resident MB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, (calls, wall, *rest) in TOTALS.items():
         u, s, f, pu, ps, pf = rest
         print(
             f"| {label} | {calls} | {wall:.1f} | {u:.1f} | {s:.1f} | {f:,.0f} "
-            f"| {pu:.1f} | {ps:.1f} | {pf:,.0f} |"
+            f"| {pu:.1f} | {ps:.1f} | {pf:,.0f} | {PEAK[label] / 1e6:,.0f} |"
         )
 
 

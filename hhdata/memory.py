@@ -51,6 +51,9 @@ _DEFAULT_SETTINGS = (128 * 1024, 128 * 1024, 65536)
 # 256 MiB. Measured at 850k dense pairs (bench/scale.md): 13% less wall time, a third less
 # system time, 4.5% more peak memory than mapping blocks from 32 MiB up
 _LARGE_SETTINGS = (32 << 20, 256 << 20, 0)
+# map_large_blocks: blocks from 32 MiB up mapped on their own again (glibc's largest
+# automatic threshold); at 10x HH size the heap's free memory raised the peak by 0.6 GB
+_BOUNDED_SETTINGS = (32 << 20, 256 << 20, _DEFAULT_SETTINGS[2])
 
 
 @functools.cache
@@ -80,6 +83,16 @@ def _set_malloc(mmap: int, trim: int, mapped: int) -> bool:
             (_M_MMAP_MAX, mapped),
         )
     )
+
+
+def map_large_blocks() -> None:
+    """For the rest of the current large run, let malloc map blocks of 32 MiB or more on
+    their own and unmap them when freed, as before large_run: slower (each is faulted in
+    afresh) but what is freed leaves at once. For runs whose peak memory matters more
+    than their speed (hhdata.dedup.NearStream.bounded_rows); large_run's end resets it."""
+    with _lock:
+        if _depth:
+            _set_malloc(*_BOUNDED_SETTINGS)
 
 
 def give_back() -> None:

@@ -51,8 +51,8 @@ class PipelineResult:
     ``leakage`` (the train/test prompt overlap, or None when not checked) is computed in a
     background thread that run_pipeline starts; reading it waits for that thread, and
     release_from reads it only after the data files are written, so the check and the
-    writing overlap. On a large run (``stream.check_after_writing_rows`` rows or more: a
-    million by default) the check is not started: it runs when ``leakage`` is first read,
+    writing overlap. On a large run (``stream.bounded_rows`` rows or more: a million
+    by default) the check is not started: it runs when ``leakage`` is first read,
     after the files are written, so the two never hold their memory at the same time
     (bench/scale.md, 10x HH size).
     """
@@ -97,7 +97,7 @@ def run_pipeline(
     draws them on a terminal outside CI (hhdata.progress), as ``hhdata build`` does.
     ``subset``, ``split`` and ``family`` are hhdata.io.read.read_raw's: for files outside
     the upstream layout. ``stream`` is deduplicate's; on a table of
-    ``stream.check_after_writing_rows`` rows or more the leakage check waits until it is
+    ``stream.bounded_rows`` rows or more the leakage check waits until it is
     asked for (see PipelineResult).
     """
     dedup_settings = dedup_settings or dedup.DedupSettings()
@@ -113,7 +113,7 @@ def run_pipeline(
     columns, schema = raw.table.columns, raw.table.schema
     del raw
     table = one_chunk(columns, schema)
-    large = stream is not None and table.num_rows >= stream.check_after_writing_rows
+    large = stream is not None and table.num_rows >= stream.bounded_rows
     deduplicated = dedup.deduplicate(table, dedup_settings, progress=progress, stream=stream)
     del table  # only the kept rows go on: the input table is freed before the files are written
     # the kept rows are slices of the input table (dedup.kept_rows): made one array per

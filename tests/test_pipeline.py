@@ -302,9 +302,7 @@ def test_train_test_leakage_is_counted_in_the_manifest_and_the_card(tmp_path):
 def test_a_large_run_checks_leakage_after_the_files_are_written(upstream, built, tmp_path):
     """A run large enough (lowered here to every table) does not check leakage beside the
     Parquet writer, and releases the same files and counts."""
-    small = DedupStream(
-        min_rows=0, batch_rows=100, pairs_per_partition=3000, check_after_writing_rows=0
-    )
+    small = DedupStream(min_rows=0, batch_rows=100, pairs_per_partition=3000, bounded_rows=0)
     result = pipeline.run_pipeline([upstream], stream=small)
     assert not result.pending_leakage.done()  # waits for the data files
     # the kept rows (slices of the pair table) are copied into one array per column
@@ -320,7 +318,7 @@ def test_a_streamed_run_below_the_row_limit_checks_leakage_beside_the_writer(
     upstream, built, tmp_path
 ):
     streamed = DedupStream(min_rows=0, batch_rows=100, pairs_per_partition=3000)
-    assert streamed.check_after_writing_rows > 1000  # the test corpus is smaller
+    assert streamed.bounded_rows > 1000  # the test corpus is smaller
     result = pipeline.run_pipeline([upstream], stream=streamed)
     assert isinstance(result.pending_leakage, Future)  # started at once, in the background
     again = pipeline.release_from(result, version="1.0.0", out=tmp_path / "out")
@@ -409,6 +407,22 @@ def test_large_run_swaps_allocator_settings_and_restores_them_after_nesting():
     assert current == memory._saved[1]  # the huge-page advice came back as it was
 
 
+def _faults_of_reuse(values: int, rounds: int = 8) -> int:
+    """Minor page faults of making and freeing two arrays of ``values`` floats, ``rounds``
+    times, after one of them was made and freed once."""
+    import resource
+
+    import numpy as np
+
+    np.ones(values)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(rounds):
+        a = np.ones(values)
+        b = a + 1.0
+        del a, b
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
 @pytest.mark.parametrize("values", [2 << 20, 8 << 20])
 def test_large_run_reuses_freed_arrays_instead_of_faulting_in_fresh_pages(values):
     # glibc's default gives back the free top of its heap past a threshold that follows the
@@ -418,28 +432,43 @@ def test_large_run_reuses_freed_arrays_instead_of_faulting_in_fresh_pages(values
     # were faulted in afresh however the thresholds were set
     import resource
 
-    import numpy as np
-
     from hhdata import memory
 
     if memory._glibc() is None:
         pytest.skip("not glibc: large_run leaves malloc alone")
-
-    def faults_of_reuse(rounds: int = 8) -> int:
-        np.ones(values)
-        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        for _ in range(rounds):
-            a = np.ones(values)
-            b = a + 1.0
-            del a, b
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
-
     pages = values * 8 // resource.getpagesize()  # of one array
     with memory.large_run():
-        inside = faults_of_reuse()
+        inside = _faults_of_reuse(values)
     # 16 arrays made: at most the first few are faulted in (glibc's default: most of them)
     assert inside < 4 * pages
     memory.give_back()
+
+
+def test_a_bounded_run_lets_freed_large_arrays_go():
+    # in a fresh process (whose heap holds no large free block yet): after
+    # map_large_blocks, arrays of 64 MiB are mapped on their own and unmapped when freed
+    from hhdata import memory
+
+    if memory._glibc() is None:
+        pytest.skip("not glibc: large_run leaves malloc alone")
+    script = (
+        "import resource, sys\n"
+        "from hhdata import memory\n"
+        "from tests.test_pipeline import _faults_of_reuse\n"
+        "with memory.large_run():\n"
+        "    memory.map_large_blocks()\n"
+        "    faults = _faults_of_reuse(8 << 20)\n"
+        "print(faults * resource.getpagesize() // (64 << 20))\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        check=True,
+    )
+    # 16 arrays of 64 MiB made one after the other: each faulted in afresh
+    assert int(ran.stdout) >= 12, ran.stdout + ran.stderr
 
 
 def test_a_build_that_keeps_no_row_exits_1_and_writes_no_release(tmp_path, capsys):

@@ -184,14 +184,16 @@ class NearStream:
     """rows shingled and signed at a time"""
     pairs_per_partition: int = 1 << 24
     """candidate pairs (counted once per band) per partition, verified one at a time"""
-    check_after_writing_rows: int = 1_000_000
-    """hhdata.pipeline: tables with this many rows or more have their train/test leakage
-    checked after the data files are written, not beside the writer (side by side the two
-    set the peak memory at 10x HH size: 10.15 GB at 1.7M dense pairs, bench/scale.md)"""
     shared_shingles: int = 1 << 26
     """the texts of every partition's candidates have their sorted shingle sets made once,
     shared by the partitions, when they hold at most this many shingles (8 bytes each,
     and about four times that while they are sorted); else per partition"""
+    bounded_rows: int = 1_000_000
+    """tables with this many rows or more trade speed for a lower peak: the shingle sets
+    are made per partition, malloc hands the large arrays it frees back to the system
+    (hhdata.memory.map_large_blocks), and hhdata.pipeline checks train/test leakage after
+    the data files are written, not beside the writer (side by side the two set the peak
+    at 10x HH size: 10.15 GB at 1.7M dense pairs, bench/scale.md)"""
     temp_dir: str | None = None
     """where the sketches and candidates are spilled (default: the system's temp folder,
     TMPDIR): about 1.8 KB a row for the sketches plus 8 bytes a candidate pair per band
@@ -539,7 +541,7 @@ def _spilled_similar(spilled: spill.SpilledSketch, texts, settings, stream, fold
         settings.threshold,
         settings.verify,
         _drop_rule(settings),
-        stream.shared_shingles,
+        stream.shared_shingles if len(spilled) < stream.bounded_rows else 0,
     )
 
 
@@ -693,6 +695,8 @@ def deduplicate(
         if streaming
         else None
     )
+    if streaming and n >= stream.bounded_rows:
+        memory.map_large_blocks()  # for the rest of the large run: a lower peak
     pool = ThreadPoolExecutor(max_workers=1)
     sketching = None
     if streaming:

@@ -223,8 +223,9 @@ def verified_partitions(
     thread), keeping the pairs whose estimate may reach the threshold (a tenth or less of
     the candidates on dense corpora). Their exact Jaccard needs each text's sorted shingle
     set: made once for the texts of every partition when they have at most
-    ``shared_shingles`` shingles in all, else per partition (texts shared by several
-    partitions are then sorted once for each: about twice the work at 850k dense pairs).
+    ``shared_shingles`` shingles in all, else per partition, one after the other (texts
+    shared by several partitions are then sorted once for each: about twice the work at
+    850k dense pairs, in less memory).
     """
 
     def estimated(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -255,9 +256,7 @@ def verified_partitions(
             spilled.release()
             return candidates, own, sets
 
-        # the next partition's shingle sets are made in a second thread while this one is
-        # verified (in order: the drop rule's state carries from one to the next)
-        ready = minhash.ahead(prepared, passing, depth=1)
+        ready = map(prepared, passing)
     del passing
     return _joined(_verified(*part, threshold, state) for part in ready)
 
