@@ -291,7 +291,11 @@ def test_argsort_u64_is_the_stable_argsort_even_when_high_bits_tie(highs, lows):
     # few distinct high parts and low parts that differ below the bits the index takes:
     # runs of equal high bits holding different values, the case argsort_u64 repairs
     values = np.array([(h << 60) | low for h, low in zip(highs, lows)], dtype=np.uint64).reshape(-1)
-    assert minhash.argsort_u64(values).tolist() == np.argsort(values, kind="stable").tolist()
+    expected = np.argsort(values, kind="stable")
+    assert minhash.argsort_u64(values).tolist() == expected.tolist()
+    # the same when the values themselves are sorted in place (ShingleSets(own=True))
+    order, ordered = minhash._sorted_order(values.copy(), sort_values=True)
+    assert order.tolist() == expected.tolist() and ordered.tolist() == values[expected].tolist()
 
 
 def test_argsort_u64_on_hashes_with_repeats():

@@ -697,6 +697,7 @@ def deduplicate(
     )
     if streaming and n >= stream.bounded_rows:
         memory.map_large_blocks()  # for the rest of the large run: a lower peak
+        memory.give_back()  # and what malloc keeps free of the reading
     pool = ThreadPoolExecutor(max_workers=1)
     sketching = None
     if streaming:

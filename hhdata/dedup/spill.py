@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hhdata import memory
 from hhdata.dedup import minhash
 
 _EMPTY_SIGNATURE = np.iinfo(np.uint32).max
@@ -245,14 +246,15 @@ def verified_partitions(
     state = minhash.DropState.of(len(texts)) if drop_rule else None
     needed = np.unique(np.concatenate(passing)) if passing else np.empty(0, np.int64)
     if int(np.diff(spilled.offsets)[texts[needed]].sum()) <= shared_shingles:
-        sets = minhash.ShingleSets(spilled.shingles_of(texts[needed]))
+        sets = minhash.ShingleSets(spilled.shingles_of(texts[needed]), own=True)
         spilled.release()
         ready = ((candidates, needed, sets) for candidates in passing)
     else:
 
         def prepared(candidates: np.ndarray):
             own = np.unique(candidates)
-            sets = minhash.ShingleSets(spilled.shingles_of(texts[own]))
+            memory.give_back()  # what malloc keeps free of the last partition's arrays
+            sets = minhash.ShingleSets(spilled.shingles_of(texts[own]), own=True)
             spilled.release()
             return candidates, own, sets
 
