@@ -293,9 +293,19 @@ def test_argsort_u64_is_the_stable_argsort_even_when_high_bits_tie(highs, lows):
     values = np.array([(h << 60) | low for h, low in zip(highs, lows)], dtype=np.uint64).reshape(-1)
     expected = np.argsort(values, kind="stable")
     assert minhash.argsort_u64(values).tolist() == expected.tolist()
-    # the same when the values themselves are sorted in place (ShingleSets(own=True))
-    order, ordered = minhash._sorted_order(values.copy(), sort_values=True)
+    order, ordered = minhash._sorted_order(values)
     assert order.tolist() == expected.tolist() and ordered.tolist() == values[expected].tolist()
+
+
+def test_argsort_u64_when_neighbouring_hashes_differ_in_their_lowest_bit():
+    # pairs of hashes that differ only in bit 0, the larger one first half of the time: the
+    # packed sort (high bits, then index) puts them in index order, which must be repaired
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 2**64 - 1, 100_000, dtype=np.uint64)
+    values[1::2] = values[0::2] ^ np.uint64(1)
+    expected = np.argsort(values, kind="stable")
+    order, ordered = minhash._sorted_order(values)
+    assert np.array_equal(order, expected) and np.array_equal(ordered, values[expected])
 
 
 def test_argsort_u64_on_hashes_with_repeats():

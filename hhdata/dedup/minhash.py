@@ -507,9 +507,8 @@ def argsort_u64(values: np.ndarray) -> np.ndarray:
     return _sorted_order(values)[0]
 
 
-def _sorted_order(values: np.ndarray, sort_values: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """argsort_u64(values) and the values in that order; ``sort_values`` lets ``values``
-    itself be sorted into the second, where a copy would be made (one array less)."""
+def _sorted_order(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """argsort_u64(values) and the values in that order."""
     values = np.asarray(values, dtype=np.uint64)
     n = len(values)
     bits = max(int(n - 1).bit_length(), 1)
@@ -528,7 +527,7 @@ def _sorted_order(values: np.ndarray, sort_values: bool = False) -> tuple[np.nda
     # (rare for hashes). No gather of the values in the packed order is then needed.
     packed = values & ~index_mask
     packed |= np.arange(n, dtype=np.uint64)
-    ordered = values if sort_values else values.copy()
+    ordered = values.copy()
     both = (packed, ordered)
     in_threads(lambda which, _: both[which].sort(), [(0, None), (1, None)])
     packed &= index_mask
@@ -536,8 +535,7 @@ def _sorted_order(values: np.ndarray, sort_values: bool = False) -> tuple[np.nda
     del packed
     if not _differ_in_low_bits(ordered, index_mask):
         return order, ordered
-    in_order = ordered[np.argsort(order)] if sort_values else values  # the values as given
-    in_order = in_order[order]
+    in_order = values[order]
     tied = (in_order[1:] & ~index_mask) == (in_order[:-1] & ~index_mask)
     mixed = np.flatnonzero(tied & (in_order[1:] != in_order[:-1]))
     return _resorted_runs(order, in_order, tied, mixed), ordered
@@ -680,16 +678,15 @@ def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 _LOOKUP_BLOCK = 1 << 16
 
 
-def _text_shingle_keys(shingles: Shingles, own: bool = False) -> tuple[np.ndarray, int]:
+def _text_shingle_keys(shingles: Shingles) -> tuple[np.ndarray, int]:
     """Each text's distinct shingles as sorted keys ``text << bits | shingle number``
     (shingles numbered in hash order, fewer than ``2**bits`` of them), and bits.
 
     This is the near stage's largest allocation, made once per partition of candidates:
     buffers are reused and freed as soon as they are used, and the texts' bits are added a
     chunk at a time, so few arrays as large as the shingles are ever made (each one is
-    pages the kernel must fault in and zero: bench/scale.md). ``own``: the shingles'
-    hashes are this call's to overwrite (they are sorted in place)."""
-    order, ordered = _sorted_order(shingles.hashes, sort_values=own)
+    pages the kernel must fault in and zero: bench/scale.md)."""
+    order, ordered = _sorted_order(shingles.hashes)
     new = np.empty(len(order), dtype=bool)
     new[:1] = False
     np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
@@ -714,9 +711,8 @@ class ShingleSets:
     """Each text's distinct shingles, sorted once (keys ``text << bits | shingle number``),
     to compute exact Jaccard similarities of many pairs of them, in one call or several."""
 
-    def __init__(self, shingles: Shingles, own: bool = False):
-        """``own``: the shingles' hashes may be overwritten (an array made for this)."""
-        self.keys, self.bits = _text_shingle_keys(shingles, own)
+    def __init__(self, shingles: Shingles):
+        self.keys, self.bits = _text_shingle_keys(shingles)
         # text t's keys are those in [t << bits, (t + 1) << bits)
         bounds = np.searchsorted(
             self.keys, np.arange(len(shingles) + 1, dtype=np.uint64) << np.uint64(self.bits)

@@ -182,7 +182,7 @@ class NearStream:
     the leakage check); larger ones stream"""
     batch_rows: int = 65_536
     """rows shingled and signed at a time"""
-    pairs_per_partition: int = 1 << 24
+    pairs_per_partition: int = 1 << 23
     """candidate pairs (counted once per band) per partition, verified one at a time"""
     shared_shingles: int = 1 << 26
     """the texts of every partition's candidates have their sorted shingle sets made once,

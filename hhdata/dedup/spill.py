@@ -246,7 +246,7 @@ def verified_partitions(
     state = minhash.DropState.of(len(texts)) if drop_rule else None
     needed = np.unique(np.concatenate(passing)) if passing else np.empty(0, np.int64)
     if int(np.diff(spilled.offsets)[texts[needed]].sum()) <= shared_shingles:
-        sets = minhash.ShingleSets(spilled.shingles_of(texts[needed]), own=True)
+        sets = minhash.ShingleSets(spilled.shingles_of(texts[needed]))
         spilled.release()
         ready = ((candidates, needed, sets) for candidates in passing)
     else:
@@ -254,7 +254,7 @@ def verified_partitions(
         def prepared(candidates: np.ndarray):
             own = np.unique(candidates)
             memory.give_back()  # what malloc keeps free of the last partition's arrays
-            sets = minhash.ShingleSets(spilled.shingles_of(texts[own]), own=True)
+            sets = minhash.ShingleSets(spilled.shingles_of(texts[own]))
             spilled.release()
             return candidates, own, sets
 
