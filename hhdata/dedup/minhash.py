@@ -72,9 +72,7 @@ class Shingles:
         hashes = np.empty(offsets[-1], dtype=self.hashes.dtype)
         starts = self.offsets[:-1][texts]
         # gathered a chunk of texts at a time: the positions read are never all held at once
-        step = max(1, _CHUNK * len(texts) // max(len(hashes), 1))
-        for lo in range(0, len(texts), step):
-            hi = min(lo + step, len(texts))
+        for lo, hi in _text_chunks(len(texts), len(hashes)):
             part = counts[lo:hi]
             at = np.repeat(starts[lo:hi] - offsets[lo:hi], part)
             at += np.arange(offsets[lo], offsets[hi])
@@ -545,6 +543,14 @@ def _sorted_order(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _CHUNK = 1 << 20
 
 
+def _text_chunks(texts: int, shingles: int):
+    """Ranges (lo, hi) of ``texts`` texts holding about _CHUNK of their ``shingles``
+    shingles each (on average)."""
+    step = max(1, _CHUNK * texts // max(shingles, 1))
+    for lo in range(0, texts, step):
+        yield lo, min(lo + step, texts)
+
+
 def _differ_in_low_bits(ordered: np.ndarray, mask: np.uint64) -> bool:
     """Whether two neighbours of the sorted ``ordered`` differ in their ``mask`` bits only."""
     for start in range(0, len(ordered) - 1, _CHUNK):
@@ -698,9 +704,7 @@ def _text_shingle_keys(shingles: Shingles) -> tuple[np.ndarray, int]:
     # shingles and texts are each fewer than 2**32, so text and number fit in 64 bits
     bits = max(int(number.max(initial=0)).bit_length(), 1)
     offsets = shingles.offsets
-    step = max(1, _CHUNK * len(shingles) // max(len(number), 1))  # texts per chunk
-    for lo in range(0, len(shingles), step):
-        hi = min(lo + step, len(shingles))
+    for lo, hi in _text_chunks(len(shingles), len(number)):
         number[offsets[lo] : offsets[hi]] |= np.repeat(
             np.arange(lo, hi, dtype=np.uint64) << np.uint64(bits), np.diff(offsets[lo : hi + 1])
         )
