@@ -522,21 +522,22 @@ def _sorted_order(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return order, packed >> np.uint64(bits)
     # sorted by (high bits, index), beside a sort of the values themselves: the two agree
     # unless a run of equal high bits holds different values, which the values' sort shows
-    # (rare for hashes). No gather of the values in the packed order is then needed.
+    # as neighbours that differ in their low bits only (rare for hashes). Only those runs
+    # are sorted again; no gather of every value in the packed order is needed.
     packed = values & ~index_mask
     packed |= np.arange(n, dtype=np.uint64)
     ordered = values.copy()
     both = (packed, ordered)
     in_threads(lambda which, _: both[which].sort(), [(0, None), (1, None)])
+    mixed = _mixed_high_parts(ordered, index_mask)
+    starts = np.searchsorted(packed, mixed)
+    ends = np.searchsorted(packed, mixed | index_mask, side="right")
     packed &= index_mask
     order = packed.view(np.intp) if np.dtype(np.intp).itemsize == 8 else packed.astype(np.intp)
     del packed
-    if not _differ_in_low_bits(ordered, index_mask):
-        return order, ordered
-    in_order = values[order]
-    tied = (in_order[1:] & ~index_mask) == (in_order[:-1] & ~index_mask)
-    mixed = np.flatnonzero(tied & (in_order[1:] != in_order[:-1]))
-    return _resorted_runs(order, in_order, tied, mixed), ordered
+    if len(mixed):
+        _resort_runs(order, values, starts, ends)
+    return order, ordered
 
 
 # elements per chunk of the passes below: temporaries of 8 MB, which malloc reuses
@@ -551,29 +552,27 @@ def _text_chunks(texts: int, shingles: int):
         yield lo, min(lo + step, texts)
 
 
-def _differ_in_low_bits(ordered: np.ndarray, mask: np.uint64) -> bool:
-    """Whether two neighbours of the sorted ``ordered`` differ in their ``mask`` bits only."""
+def _mixed_high_parts(ordered: np.ndarray, mask: np.uint64) -> np.ndarray:
+    """The high parts (bits outside ``mask``) shared by two different values of the sorted
+    ``ordered``: where neighbours differ in their ``mask`` bits only. Sorted, each once."""
+    found = [np.empty(0, dtype=np.uint64)]
     for start in range(0, len(ordered) - 1, _CHUNK):
         part = ordered[start : start + _CHUNK + 1]
         step = part[1:] ^ part[:-1]
-        if ((step != 0) & (step <= mask)).any():
-            return True
-    return False
+        found.append(part[:-1][(step != 0) & (step <= mask)] & ~mask)
+    return np.unique(np.concatenate(found))
 
 
-def _resorted_runs(order, ordered, tied, mixed) -> np.ndarray:
-    """argsort_u64's repair: the runs of equal high bits (``tied`` between neighbours)
-    that hold different values (``mixed`` positions) sorted again by (value, index)."""
-    # run of each position: a new run starts wherever a position is not tied to the last
-    run = np.cumsum(np.r_[True, ~tied])
-    bad = np.isin(run, run[mixed])
-    at = np.flatnonzero(bad)
-    # runs are contiguous and ordered, so sorting these positions by (run, value, index)
+def _resort_runs(order: np.ndarray, values: np.ndarray, starts, ends) -> None:
+    """argsort_u64's repair, in place: the runs ``order[starts[r]:ends[r]]`` (equal high
+    bits, in index order) sorted again by (value, index)."""
+    counts = ends - starts
+    at = np.repeat(starts, counts) + _within(counts)
+    run = np.repeat(np.arange(len(counts)), counts)
+    index = order[at]
+    # runs are contiguous and ordered, so sorting their positions by (run, value, index)
     # keeps every run in its place
-    fixed = np.lexsort((order[at], ordered[at], run[at]))
-    order = order.copy()
-    order[at] = order[at][fixed]
-    return order
+    order[at] = index[np.lexsort((index, values[index], run))]
 
 
 def sorted_distinct(values: np.ndarray) -> np.ndarray:
