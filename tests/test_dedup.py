@@ -632,8 +632,32 @@ def test_streaming_near_stage_equals_the_in_memory_one(
             _SMALL_STREAM, temp_dir=str(tmp_path), shared_shingles=shared_shingles
         ),
     )
-    assert streamed.prompt_sketch is None
     assert streamed.kept.equals(reference.kept)
     assert streamed.drops.equals(reference.drops)
     assert streamed.report == reference.report
     assert list(tmp_path.iterdir()) == []  # the spilled files are gone
+    # below bounded_rows the prompts' sketch is kept, one per distinct prompt, and gives
+    # the leakage check the same sketch of every kept row as the in-memory run
+    sketch, expected = streamed.prompt_sketch, reference.prompt_sketch
+    assert len(sketch) == len(expected) == streamed.kept.num_rows
+    # held once per distinct prompt of the table (both fixtures repeat prompts)
+    assert len(sketch.distinct) < len(expected.distinct)
+    every = np.arange(len(sketch))
+    assert np.array_equal(sketch.take(every).signatures, expected.take(every).signatures)
+    got, want = sketch.take(every).shingles_of(every), expected.take(every).shingles_of(every)
+    assert np.array_equal(got.hashes, want.hashes) and np.array_equal(got.offsets, want.offsets)
+
+
+def test_a_streamed_run_from_bounded_rows_keeps_no_prompt_sketch_and_leaks_the_same(
+    two_shapes, tmp_path
+):
+    settings = DedupSettings()
+    table = two_shapes["dense"]
+    bounded = dataclasses.replace(_SMALL_STREAM, temp_dir=str(tmp_path), bounded_rows=0)
+    streamed = deduplicate(table, settings, stream=bounded)
+    kept = deduplicate(table, settings, stream=dataclasses.replace(bounded, bounded_rows=10**9))
+    assert streamed.prompt_sketch is None
+    assert streamed.kept.equals(kept.kept)
+    with_sketch = configs.leakage_report(kept.kept, settings, sketch=kept.prompt_sketch)
+    assert with_sketch["near"]["test_rows"] > 0  # the fixture leaks, so the check has work
+    assert configs.leakage_report(streamed.kept, settings) == with_sketch

@@ -72,7 +72,7 @@ def select_config(table: pa.Table, name: str) -> pa.Table:
 def prompt_clusters(
     table: pa.Table,
     settings: dedup.DedupSettings = dedup.DedupSettings(),
-    sketch: minhash.Sketch | None = None,
+    sketch: dedup.RowSketch | None = None,
 ):
     """Near-duplicate clusters of prompts: per row, the index of its cluster's first row.
 
@@ -125,7 +125,7 @@ def _unique_prompt_sketch(
     first_row: np.ndarray,
     rows: int,
     settings: dedup.DedupSettings,
-    sketch: minhash.Sketch | None,
+    sketch: dedup.RowSketch | None,
 ):
     """The sketch of each normalised prompt, taken from its first row's when one is given.
 
@@ -212,7 +212,7 @@ def leakage_report(
     table: pa.Table,
     settings: dedup.DedupSettings = dedup.DedupSettings(),
     examples: int = 3,
-    sketch: minhash.Sketch | None = None,
+    sketch: dedup.RowSketch | None = None,
 ) -> dict:
     """Prompts in both train and test, exact and near, per subset and across subsets.
 

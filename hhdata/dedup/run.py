@@ -158,18 +158,40 @@ class DedupSettings:
 
 
 @dataclass(frozen=True)
+class RowSketch:
+    """Per row of a table, the sketch of one of its texts, each distinct sketch held once:
+    row r's is text ``of_row[r]`` of ``distinct`` (rows share prompts). ``take`` gives the
+    rows' own minhash.Sketch; ``rows`` narrows the rows without copying any sketch."""
+
+    distinct: minhash.Sketch
+    of_row: np.ndarray  # int64, (rows,)
+
+    def __len__(self) -> int:
+        return len(self.of_row)
+
+    def take(self, rows: np.ndarray) -> minhash.Sketch:
+        """The sketch of the given rows, in that order."""
+        return self.distinct.take(self.of_row[np.asarray(rows, dtype=np.int64)])
+
+    def rows(self, rows: np.ndarray) -> RowSketch:
+        """The given rows only, in that order."""
+        return RowSketch(self.distinct, self.of_row[np.asarray(rows, dtype=np.int64)])
+
+
+@dataclass(frozen=True)
 class DedupResult:
     """Kept rows (with cluster_id), the drop log, a JSON report, and the settings used.
 
-    ``prompt_sketch`` (when near duplicates were looked for) holds the MinHash sketch of
-    each kept row's prompt, row for row, so configs.leakage_report need not make it again.
+    ``prompt_sketch`` (when near duplicates were looked for, and the table was smaller than
+    NearStream.bounded_rows) holds the MinHash sketch of each kept row's prompt, row for
+    row (a RowSketch), so configs.leakage_report need not make it again.
     """
 
     kept: pa.Table
     drops: pa.Table
     report: dict
     settings: DedupSettings
-    prompt_sketch: minhash.Sketch | None = None
+    prompt_sketch: RowSketch | None = None
 
 
 @dataclass(frozen=True)
@@ -178,8 +200,7 @@ class NearStream:
     these changes a result: only where the intermediate data lives."""
 
     min_rows: int = 250_000
-    """tables with fewer rows keep every sketch in memory (and hand the prompts' sketch to
-    the leakage check); larger ones stream"""
+    """tables with fewer rows keep every sketch in memory; larger ones stream"""
     batch_rows: int = 65_536
     """rows shingled and signed at a time"""
     pairs_per_partition: int = 1 << 23
@@ -191,9 +212,10 @@ class NearStream:
     bounded_rows: int = 1_000_000
     """tables with this many rows or more trade speed for a lower peak: the shingle sets
     are made per partition, malloc hands the large arrays it frees back to the system
-    (hhdata.memory.map_large_blocks), and hhdata.pipeline checks train/test leakage after
-    the data files are written, not beside the writer (side by side the two set the peak
-    at 10x HH size: 10.15 GB at 1.7M dense pairs, bench/scale.md)"""
+    (hhdata.memory.map_large_blocks), no prompt sketch is kept for the leakage check
+    (which then signs the distinct prompts itself), and hhdata.pipeline checks train/test
+    leakage after the data files are written, not beside the writer (side by side the two
+    set the peak at 10x HH size: 10.15 GB at 1.7M dense pairs, bench/scale.md)"""
     temp_dir: str | None = None
     """where the sketches and candidates are spilled (default: the system's temp folder,
     TMPDIR): about 1.8 KB a row for the sketches plus 8 bytes a candidate pair per band
@@ -518,15 +540,56 @@ def _near_inputs(pairs: pa.Table, settings: DedupSettings):
 
 def _spilled_inputs(pairs: pa.Table, settings: DedupSettings, stream: NearStream, folder: Path):
     """_near_inputs for a large table, in row batches written to ``folder``
-    (hhdata.dedup.spill): every row's sketch of its near text, and its prompt turns."""
+    (hhdata.dedup.spill): every row's sketch of its near text, and its prompt turns; and
+    below ``stream.bounded_rows`` rows the prompts' sketch (a RowSketch held in memory,
+    one sketch per distinct prompt; else None)."""
     spilled = spill.SpilledSketch(folder, settings.bands, settings.rows, settings.num_perm)
+    prompts = _DistinctPrompts(pairs) if pairs.num_rows < stream.bounded_rows else None
     for start in range(0, pairs.num_rows, stream.batch_rows):
         batch = pairs.slice(start, stream.batch_rows)
-        of_rows, _ = sketches(batch, settings)
+        of_rows, of_prompts = sketches(batch, settings)
         turns = pc.list_value_length(degenerate.one_array(batch["prompt"]))
         spilled.append(of_rows, turns.to_numpy(zero_copy_only=False))
-        del of_rows
-    return spilled.finish()
+        if prompts is not None:
+            prompts.add(start, of_prompts)
+        del of_rows, of_prompts
+    return spilled.finish(), prompts.finish() if prompts is not None else None
+
+
+class _DistinctPrompts:
+    """The prompts' RowSketch of a table sketched in row batches: of each batch only the
+    sketches of prompts first seen there are kept (copied out of the batch's), so memory
+    follows the distinct prompts (a quarter of the rows on the dense benchmark corpus)."""
+
+    def __init__(self, pairs: pa.Table):
+        _, first, inverse = np.unique(
+            near_text_identity(pairs, "prompt"), return_index=True, return_inverse=True
+        )
+        # distinct prompts numbered by first appearance: the order the batches add them
+        by_appearance = np.argsort(first, kind="stable")
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[by_appearance] = np.arange(len(first))
+        self._of_row = rank[inverse.ravel()]
+        self._firsts = first[by_appearance]
+        self._parts: list[minhash.Sketch] = []
+
+    def add(self, start: int, batch: minhash.Sketch) -> None:
+        """The sketch of the rows from ``start`` on (a batch, in order)."""
+        lo, hi = np.searchsorted(self._firsts, [start, start + len(batch)])
+        new = self._firsts[lo:hi] - start
+        self._parts.append(minhash.Sketch(batch.shingles_of(new), batch.signatures[new]))
+
+    def finish(self) -> RowSketch:
+        parts, self._parts = self._parts, []
+        offsets = [np.zeros(1, dtype=np.int64)]
+        for part in parts:
+            offsets.append(offsets[-1][-1] + part.shingles.offsets[1:])
+        # called after at least one batch: a streamed table has rows
+        shingles = minhash.Shingles(
+            np.concatenate([p.shingles.hashes for p in parts]), np.concatenate(offsets)
+        )
+        signatures = np.concatenate([p.signatures for p in parts])
+        return RowSketch(minhash.Sketch(shingles, signatures), self._of_row)
 
 
 def _spilled_similar(spilled: spill.SpilledSketch, texts, settings, stream, folder):
@@ -589,8 +652,8 @@ def _near_duplicates(
 ):
     """Near duplicates among ``rows`` (the exact survivors, in survivor order), numbered
     0..len(rows)-1: (dropped -> (kept, similarity)) in drop mode, the similar pairs of
-    kept ones, and the prompts' sketch of each (for the leakage check; None when
-    ``inputs`` were spilled to ``folder`` by _spilled_inputs). ``advance(1)`` after each
+    kept ones, and the prompts' RowSketch of the rows (for the leakage check; None when
+    ``inputs`` were spilled to ``folder`` by _spilled_inputs without one). ``advance(1)`` after each
     of its two steps: candidates banded and verified, survivors chosen.
 
     Rows with the same text are similar (1.0); each distinct text is compared once.
@@ -602,14 +665,15 @@ def _near_duplicates(
     rank[by_appearance] = np.arange(len(first_row))
     unique_of_row, first_row = rank[inverse.ravel()], first_row[by_appearance]
     order = np.arange(len(rows))
-    if isinstance(inputs, spill.SpilledSketch):  # a large table: no prompt sketch kept
+    if isinstance(inputs[0], spill.SpilledSketch):  # a large table, streamed
+        spilled, prompts = inputs
         unique_pairs, similarity = _spilled_similar(
-            inputs, rows[first_row], settings, stream, folder
+            spilled, rows[first_row], settings, stream, folder
         )
-        prompt_sketch = None
+        prompt_sketch = prompts.rows(rows) if prompts is not None else None
     else:
         of_all, prompts_of_all, turns = inputs
-        prompt_sketch = prompts_of_all.take(rows)
+        prompt_sketch = RowSketch(prompts_of_all, rows)
         # with same_turn_count, texts of different prompt lengths are never compared
         unique_pairs, similarity = minhash.similar_in_sketch(
             of_all.take(rows[first_row]),
@@ -665,7 +729,8 @@ def deduplicate(
     banding + verification); None draws them on a terminal outside CI (hhdata.progress).
     Tables of ``stream.min_rows`` rows or more are sketched in batches and their candidates
     verified per partition, spilled to a temporary folder (NearStream, hhdata.dedup.spill):
-    the same result in bounded memory, without ``prompt_sketch``. ``stream=None`` keeps
+    the same result in bounded memory (from ``stream.bounded_rows`` rows without
+    ``prompt_sketch``). ``stream=None`` keeps
     everything in memory at any size.
 
     Returns kept rows (PAIR_SCHEMA plus ``cluster_id``: the id of the cluster's
@@ -720,7 +785,7 @@ def deduplicate(
     finally:
         pool.shutdown(cancel_futures=True)
         if streaming and not sketching.cancelled() and sketching.exception() is None:
-            sketching.result().close()
+            sketching.result()[0].close()
         if folder is not None:
             folder.cleanup()
 
@@ -834,7 +899,7 @@ def _deduplicate(
     if survivor_sketch is not None:  # every kept row is a survivor of the exact stage
         local_of_row = np.full(n, -1, dtype=np.int64)
         local_of_row[order] = np.arange(len(order))
-        prompt_sketch = survivor_sketch.take(local_of_row[keep])
+        prompt_sketch = survivor_sketch.rows(local_of_row[keep])
     flags = degenerate.add_flags(
         degenerate.one_array(pairs["flags"]), {c: m & keep for c, m in flagged.items()}
     )
