@@ -5,7 +5,7 @@ Usage:
     .venv/bin/python bench/build_cli.py --corpus dense=/tmp/dense170k \\
         --corpus sparse=/tmp/synth170k --work /tmp/bc --md /tmp/bc/build_cli.md
     .venv/bin/python bench/build_cli.py --scale dense=42500,85000,170000 \\
-        --scale sparse=42500,85000,170000 --work /tmp/bc --md /tmp/bc/scale.md
+        --scale sparse=42500,85000,170000 --rounds 3 --work /tmp/bc --md /tmp/bc/scale.md
 
 Each command runs in a fresh process under /usr/bin/time (wall seconds, user and system
 CPU seconds, peak resident memory), one after another in one run:
@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -225,30 +226,54 @@ def make_corpus(shape: str, pairs: int, work: Path) -> Path:
     return out
 
 
-def scale(sizes: dict[str, list[int]], work: Path) -> list[str]:
-    """`hhdata build` over sizes of each shape; markdown lines with the ratios to the smallest."""
+def scale(sizes: dict[str, list[int]], work: Path, rounds: int = 1) -> list[str]:
+    """`hhdata build` over sizes of each shape, ``rounds`` times (each round runs every
+    size once, smallest first, so a burst of load on the shared machine lands on one round,
+    not on one size); markdown lines with each size's median and the ratios of the medians
+    to the smallest size's, and with several rounds the range of the ratios per round."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for number in range(rounds):
+        for shape, counts in sizes.items():
+            for pairs in counts:
+                corpus = make_corpus(shape, pairs, work)
+                out = work / f"scale-{shape}{pairs}"
+                shutil.rmtree(out, ignore_errors=True)
+                run = timed(build_command(corpus, out), work / f"scale-{shape}{pairs}.log")
+                shutil.rmtree(out, ignore_errors=True)
+                runs.setdefault((shape, pairs), []).append(run)
+                print(
+                    f"round {number + 1}: {shape} {pairs:,} pairs: {run['wall']:.1f} s wall, "
+                    f"{run['user']:.1f} user, {run['sys']:.1f} sys, {run['peak_mb']:,.0f} MB",
+                    flush=True,
+                )
     lines = [
+        f"{rounds} round(s); each figure is the median of its size's rounds"
+        + ("; in brackets the lowest and highest ratio of one round's runs" if rounds > 1 else ""),
+        "",
         "| corpus | pairs | wall s | user s | sys s | peak RSS MB | pairs vs first "
         "| time vs first | CPU vs first | memory vs first |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape, counts in sizes.items():
-        first = None
+        first = runs[shape, counts[0]]
         for pairs in counts:
-            corpus = make_corpus(shape, pairs, work)
-            out = work / f"scale-{shape}{pairs}"
-            shutil.rmtree(out, ignore_errors=True)
-            run = timed(build_command(corpus, out), work / f"scale-{shape}{pairs}.log")
-            shutil.rmtree(out, ignore_errors=True)
-            first = first or (pairs, run)
-            times, memory = run["wall"] / first[1]["wall"], run["peak_mb"] / first[1]["peak_mb"]
-            cpu = (run["user"] + run["sys"]) / (first[1]["user"] + first[1]["sys"])
+            these = runs[shape, pairs]
+            cells = {
+                key: statistics.median(r[key] for r in these)
+                for key in these[0]
+                if key != "command"
+            }
+            base = {key: statistics.median(r[key] for r in first) for key in cells}
+            cpu = (cells["user"] + cells["sys"]) / (base["user"] + base["sys"])
+            time_ratio = f"{cells['wall'] / base['wall']:.2f}x"
+            if rounds > 1:
+                per_round = [a["wall"] / b["wall"] for a, b in zip(these, first)]
+                time_ratio += f" [{min(per_round):.2f}-{max(per_round):.2f}]"
             lines.append(
-                f"| {shape} | {pairs:,} | {run['wall']:.1f} | {run['user']:.1f} | "
-                f"{run['sys']:.1f} | {run['peak_mb']:,.0f} | {pairs / first[0]:.1f}x | "
-                f"{times:.2f}x | {cpu:.2f}x | {memory:.2f}x |"
+                f"| {shape} | {pairs:,} | {cells['wall']:.1f} | {cells['user']:.1f} | "
+                f"{cells['sys']:.1f} | {cells['peak_mb']:,.0f} | {pairs / counts[0]:.1f}x | "
+                f"{time_ratio} | {cpu:.2f}x | {cells['peak_mb'] / base['peak_mb']:.2f}x |"
             )
-            print(lines[-1], flush=True)
     return lines
 
 
@@ -258,6 +283,9 @@ def main() -> None:
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--scale", action="append", default=[], metavar="SHAPE=N,N,N")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="--scale: runs of every size (medians reported)"
+    )
     parser.add_argument("--skip", action="append", default=[], choices=("datasketch",))
     parser.add_argument("--work", type=Path, default=Path("/tmp/build_cli"))
     parser.add_argument("--md", type=Path, help="append the tables to this markdown file")
@@ -284,7 +312,7 @@ def main() -> None:
         sizes = {
             s: [int(n) for n in v.split(",")] for s, v in (c.split("=", 1) for c in args.scale)
         }
-        lines += [""] + scale(sizes, args.work)
+        lines += [""] + scale(sizes, args.work, args.rounds)
     lines += ["", f"load after: `{uptime()}`", ""]
     print("\n".join(lines))
     if args.md:
