@@ -545,14 +545,26 @@ def _spilled_inputs(pairs: pa.Table, settings: DedupSettings, stream: NearStream
     one sketch per distinct prompt; else None)."""
     spilled = spill.SpilledSketch(folder, settings.bands, settings.rows, settings.num_perm)
     prompts = _DistinctPrompts(pairs) if pairs.num_rows < stream.bounded_rows else None
-    for start in range(0, pairs.num_rows, stream.batch_rows):
-        batch = pairs.slice(start, stream.batch_rows)
-        of_rows, of_prompts = sketches(batch, settings)
-        turns = pc.list_value_length(degenerate.one_array(batch["prompt"]))
+
+    def add(start: int, of_rows: minhash.Sketch, of_prompts: minhash.Sketch, turns) -> None:
         spilled.append(of_rows, turns.to_numpy(zero_copy_only=False))
         if prompts is not None:
             prompts.add(start, of_prompts)
-        del of_rows, of_prompts
+
+    # each batch is written (mostly system time: the files' pages) in a thread of its own
+    # while the next one is sketched; one batch waits at most
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hhdata-spill") as writer:
+        writing = None
+        for start in range(0, pairs.num_rows, stream.batch_rows):
+            batch = pairs.slice(start, stream.batch_rows)
+            sketched = sketches(batch, settings)
+            turns = pc.list_value_length(degenerate.one_array(batch["prompt"]))
+            if writing is not None:
+                writing.result()
+            writing = writer.submit(add, start, *sketched, turns)
+            del sketched
+        if writing is not None:
+            writing.result()
     return spilled.finish(), prompts.finish() if prompts is not None else None
 
 
