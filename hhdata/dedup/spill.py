@@ -234,7 +234,7 @@ def verified_partitions(
         path.unlink()
         candidates = np.stack([packed >> np.uint64(32), packed & _LOW32], axis=1).astype(np.int64)
         del packed
-        bound = threshold if verify == "estimate" else threshold - 0.15
+        bound = threshold if verify == "estimate" else threshold - minhash.ESTIMATE_MARGIN
         keep, estimate = _estimates_at_least(spilled, texts, candidates, bound)
         spilled.release()
         return candidates[keep], estimate
