@@ -2,7 +2,8 @@
 
 Each module in COMMAND_MODULES has `register(subparsers)`, which adds its verbs and sets
 `func` on each parser; `func(args)` returns the exit code: 0 ok, 1 the data has problems
-(reported), 2 usage or I/O error.
+(reported), 2 usage or I/O error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): the
+last two after the command's temporary files are removed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 
 from hhdata import __version__
+from hhdata.cli._signals import Terminated, sigterm_interrupts
 from hhdata.errors import HhDataError
 
 COMMAND_MODULES = (
@@ -41,12 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with sigterm_interrupts():
+            return args.func(args)
     except HhDataError as error:
         print(f"hhdata {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(
+            f"\nhhdata {args.command}: {how}; its temporary files were removed",
+            file=sys.stderr,
+        )
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import importlib.util
 import subprocess
 import sys
 
+from hhdata.cli._signals import Terminated
 from hhdata.errors import HhDataError
 
 # verb -> (module run by `python -m`, one line of help)
@@ -30,6 +31,8 @@ TRAINERS = {
 # what `pip install 'hhdata[train]'` adds that the trainers cannot start without
 TRAIN_EXTRA = ("torch", "transformers", "accelerate")
 INSTALL_HINT = "pip install 'hhdata[train]'"
+# how long an interrupted trainer may take to stop before it is killed
+_TRAINER_STOP_SECONDS = 60
 
 
 class TrainExtraMissing(HhDataError):
@@ -84,7 +87,18 @@ def run_train(args) -> int:
             f"install them with {INSTALL_HINT}"
         )
     command = [sys.executable, "-m", args.module, *args.argv]
+    trainer = subprocess.Popen(command)
     try:
-        return subprocess.run(command, check=False).returncode
-    except KeyboardInterrupt:  # the trainer got the same Ctrl-C; report it as a shell would
-        return 130
+        return trainer.wait()
+    except KeyboardInterrupt as stop:
+        # Ctrl-C reaches the trainer too (the terminal signals the whole process group);
+        # SIGTERM reached only this process: pass it on. Then give the trainer time to stop
+        # as it chooses (a checkpoint), and kill it only after that or on a second Ctrl-C
+        if isinstance(stop, Terminated):
+            trainer.terminate()
+        try:
+            trainer.wait(timeout=_TRAINER_STOP_SECONDS)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            trainer.kill()
+            trainer.wait()
+        raise

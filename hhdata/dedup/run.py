@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -538,11 +539,23 @@ def _near_inputs(pairs: pa.Table, settings: DedupSettings):
     return of_rows, of_prompts, turns.to_numpy(zero_copy_only=False)
 
 
-def _spilled_inputs(pairs: pa.Table, settings: DedupSettings, stream: NearStream, folder: Path):
+class _Stopped(Exception):
+    """The streamed sketching was stopped: the run it served ended first (an error, Ctrl-C
+    or SIGTERM in the main thread)."""
+
+
+def _spilled_inputs(
+    pairs: pa.Table,
+    settings: DedupSettings,
+    stream: NearStream,
+    folder: Path,
+    stop: threading.Event,
+):
     """_near_inputs for a large table, in row batches written to ``folder``
     (hhdata.dedup.spill): every row's sketch of its near text, and its prompt turns; and
     below ``stream.bounded_rows`` rows the prompts' sketch (a RowSketch held in memory,
-    one sketch per distinct prompt; else None)."""
+    one sketch per distinct prompt; else None). Raises _Stopped before the next batch once
+    ``stop`` is set, so a run that ends early waits for one batch, not the whole table."""
     spilled = spill.SpilledSketch(folder, settings.bands, settings.rows, settings.num_perm)
     prompts = _DistinctPrompts(pairs) if pairs.num_rows < stream.bounded_rows else None
 
@@ -556,6 +569,8 @@ def _spilled_inputs(pairs: pa.Table, settings: DedupSettings, stream: NearStream
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hhdata-spill") as writer:
         writing = None
         for start in range(0, pairs.num_rows, stream.batch_rows):
+            if stop.is_set():
+                raise _Stopped()
             batch = pairs.slice(start, stream.batch_rows)
             sketched = sketches(batch, settings)
             turns = pc.list_value_length(degenerate.one_array(batch["prompt"]))
@@ -767,23 +782,30 @@ def deduplicate(
     # degenerate pairs and exact duplicates (Arrow and numpy release the GIL); the near
     # stage then takes the rows that survive
     streaming = stream is not None and settings.near and n and n >= stream.min_rows
-    folder = (
-        tempfile.TemporaryDirectory(prefix="hhdata-near-", dir=stream.temp_dir)
-        if streaming
-        else None
-    )
-    if streaming and n >= stream.bounded_rows:
-        memory.map_large_blocks()  # for the rest of the large run: a lower peak
-        memory.give_back()  # and what malloc keeps free of the reading
     pool = ThreadPoolExecutor(max_workers=1)
-    sketching = None
-    if streaming:
-        sketching = pool.submit(_spilled_inputs, pairs, settings, stream, Path(folder.name))
-    elif settings.near and n:
-        sketching = pool.submit(_near_inputs, pairs, settings)
-    # without a near stage the second thread checks for degenerate pairs instead
-    checking = pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
+    stop = threading.Event()
+    folder = sketching = None
+    # everything from the spill folder on is inside the try: an interruption (Ctrl-C,
+    # SIGTERM) at any point stops the second thread before the folder is removed
     try:
+        # the second thread is started first, with nothing to do: an interruption that
+        # comes while a thread starts leaves it out of the threads that shutdown joins, and
+        # the thread that writes in the spill folder must be joined before it is removed
+        pool.submit(int).result()
+        if streaming:
+            folder = tempfile.TemporaryDirectory(prefix="hhdata-near-", dir=stream.temp_dir)
+            if n >= stream.bounded_rows:
+                memory.map_large_blocks()  # for the rest of the large run: a lower peak
+                memory.give_back()  # and what malloc keeps free of the reading
+            sketching = pool.submit(
+                _spilled_inputs, pairs, settings, stream, Path(folder.name), stop
+            )
+        elif settings.near and n:
+            sketching = pool.submit(_near_inputs, pairs, settings)
+        # without a near stage the second thread checks for degenerate pairs instead
+        checking = (
+            pool.submit(degenerate.find_degenerate, pairs) if n and not settings.near else None
+        )
         return _deduplicate(
             pairs,
             settings,
@@ -795,8 +817,14 @@ def deduplicate(
             Path(folder.name) if folder else None,
         )
     finally:
+        stop.set()  # a run that ended early waits for one batch of sketches, not all
         pool.shutdown(cancel_futures=True)
-        if streaming and not sketching.cancelled() and sketching.exception() is None:
+        if (
+            streaming
+            and sketching is not None
+            and not sketching.cancelled()
+            and sketching.exception() is None
+        ):
             sketching.result()[0].close()
         if folder is not None:
             folder.cleanup()
