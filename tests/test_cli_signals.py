@@ -45,6 +45,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _environment(temp: Path) -> dict[str, str]:
+    """This environment without CI, with TMPDIR ``temp`` and no progress bars."""
+    environment = {k: v for k, v in os.environ.items() if k != "CI"}
+    return environment | {"TMPDIR": str(temp), "HHDATA_NO_PROGRESS": "1"}
+
+
 def _spill_folders(temp: Path) -> list[Path]:
     return sorted(temp.glob("hhdata-near-*"))
 
@@ -52,12 +58,10 @@ def _spill_folders(temp: Path) -> list[Path]:
 def _interrupted(args: list[str], temp: Path, signum: int) -> tuple[int, str, list[Path]]:
     """Start the driver on ARGS, send ``signum`` once a spilled batch is on disk, and return
     (exit code, stderr, the spill folders seen while it ran)."""
-    environment = {k: v for k, v in os.environ.items() if k != "CI"}
-    environment |= {"TMPDIR": str(temp), "HHDATA_NO_PROGRESS": "1"}
     child = subprocess.Popen(
         [sys.executable, "-c", DRIVER, *args],
         cwd=ROOT,
-        env=environment,
+        env=_environment(temp),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -109,12 +113,10 @@ def test_the_driver_runs_to_the_end_without_a_signal(sample_path, tmp_path):
     test above stops a run that works."""
     temp = tmp_path / "tmp"
     temp.mkdir()
-    environment = {k: v for k, v in os.environ.items() if k != "CI"}
-    environment |= {"TMPDIR": str(temp), "HHDATA_NO_PROGRESS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, "dedup", str(sample_path)],
         cwd=ROOT,
-        env=environment,
+        env=_environment(temp),
         capture_output=True,
         text=True,
         timeout=300,

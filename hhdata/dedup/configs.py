@@ -84,15 +84,11 @@ def prompt_clusters(
     # prompts shared by several comparisons are joined and normalised once: the distinct
     # prompts are found by hashing them a batch of rows at a time (near_text_identity), so
     # the joined prompt of every row is never held at once (bench/scale.md, 10x HH size)
-    _, first_of_text, text_of_row = np.unique(
-        dedup.near_text_identity(table, "prompt"), return_index=True, return_inverse=True
-    )
     # the distinct texts in order of first appearance, as a dictionary encoding numbers them
-    by_appearance = np.argsort(first_of_text, kind="stable")
-    rank = np.empty(len(by_appearance), dtype=np.int64)
-    rank[by_appearance] = np.arange(len(by_appearance))
-    text_of_row = rank[text_of_row.ravel()]
-    firsts = table.select(["prompt"]).take(pa.array(first_of_text[by_appearance]))
+    text_of_row, first_of_text = dedup.by_first_appearance(
+        dedup.near_text_identity(table, "prompt")
+    )
+    firsts = table.select(["prompt"]).take(pa.array(first_of_text))
     texts = dedup.near_texts(firsts, "prompt")
     unique_of_text, forms = degenerate.normalized_forms(
         texts,

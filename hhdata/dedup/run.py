@@ -589,15 +589,8 @@ class _DistinctPrompts:
     follows the distinct prompts (a quarter of the rows on the dense benchmark corpus)."""
 
     def __init__(self, pairs: pa.Table):
-        _, first, inverse = np.unique(
-            near_text_identity(pairs, "prompt"), return_index=True, return_inverse=True
-        )
         # distinct prompts numbered by first appearance: the order the batches add them
-        by_appearance = np.argsort(first, kind="stable")
-        rank = np.empty(len(first), dtype=np.int64)
-        rank[by_appearance] = np.arange(len(first))
-        self._of_row = rank[inverse.ravel()]
-        self._firsts = first[by_appearance]
+        self._of_row, self._firsts = by_first_appearance(near_text_identity(pairs, "prompt"))
         self._parts: list[minhash.Sketch] = []
 
     def add(self, start: int, batch: minhash.Sketch) -> None:
@@ -663,6 +656,20 @@ def near_text_identity(
     return _row_labels(list(hashes)) if pairs.num_rows else np.zeros(0, dtype=np.int64)
 
 
+def by_first_appearance(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct labels numbered in order of first appearance (as a dictionary encoding
+    numbers them): each row's number, and each number's first row.
+
+    >>> by_first_appearance(np.array([7, 3, 7, 5, 3]))
+    (array([0, 1, 0, 2, 1]), array([0, 1, 3]))
+    """
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    by_appearance = np.argsort(first, kind="stable")
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[by_appearance] = np.arange(len(first))
+    return rank[inverse.ravel()], first[by_appearance]
+
+
 def _text_identity(pairs: pa.Table, settings: DedupSettings) -> np.ndarray:
     """A code per row's near text: equal codes, equal texts."""
     return near_text_identity(pairs, settings.near_scope)
@@ -686,11 +693,7 @@ def _near_duplicates(
     Rows with the same text are similar (1.0); each distinct text is compared once.
     """
     # distinct texts numbered by first appearance among the survivors
-    _, first_row, inverse = np.unique(identity[rows], return_index=True, return_inverse=True)
-    by_appearance = np.argsort(first_row, kind="stable")
-    rank = np.empty(len(first_row), dtype=np.int64)
-    rank[by_appearance] = np.arange(len(first_row))
-    unique_of_row, first_row = rank[inverse.ravel()], first_row[by_appearance]
+    unique_of_row, first_row = by_first_appearance(identity[rows])
     order = np.arange(len(rows))
     if isinstance(inputs[0], spill.SpilledSketch):  # a large table, streamed
         spilled, prompts = inputs
